@@ -1,0 +1,41 @@
+"""Validation of factory arguments: every bad value raises naming itself and the fix."""
+
+from __future__ import annotations
+
+import math
+
+NORMS = ("l2", "linf")
+
+
+def require_positive(name: str, value: float) -> float:
+    """Return ``value`` as a float, or raise ``ValueError`` unless it is finite and > 0."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name} must be a number, got {value!r} ({type(value).__name__})")
+    if not math.isfinite(value) or value <= 0:
+        raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
+    return float(value)
+
+
+def require_non_negative(name: str, value: float) -> float:
+    """Return ``value`` as a float, or raise ``ValueError`` unless it is finite and >= 0."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name} must be a number, got {value!r} ({type(value).__name__})")
+    if not math.isfinite(value) or value < 0:
+        raise ValueError(f"{name} must be a finite number >= 0 (0 turns it off), got {value!r}")
+    return float(value)
+
+
+def require_steps(name: str, value: int) -> int:
+    """Return ``value``, or raise unless it is an integer >= 1."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be an int >= 1, got {value!r} ({type(value).__name__})")
+    if value < 1:
+        raise ValueError(f"{name} must be >= 1, got {value!r}")
+    return value
+
+
+def require_norm(value: str) -> str:
+    """Return ``value``, or raise ``ValueError`` unless it names a known norm."""
+    if value not in NORMS:
+        raise ValueError(f"norm must be one of {NORMS}, got {value!r}")
+    return value

@@ -1,0 +1,150 @@
+"""Gradient engines: one forward+backward of ``PerturbedModel`` as a pure function.
+
+Two engines give the same numbers. The eager engine differentiates ``functional_call``
+with ``torch.autograd.grad`` on fresh leaves of its own: in eager mode that is cheaper
+than ``torch.func.grad``, whose per-operator dispatch costs 10–20% on a BERT step. The
+compiled engine differentiates with ``torch.func.grad_and_value`` and runs under
+``torch.compile(fullgraph=True)``, which removes that dispatch cost. Neither touches the
+caller's tensors, their ``.grad`` or the model's mode.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from typing import Any, NamedTuple
+
+import torch
+from torch import nn
+from torch.func import grad, grad_and_value
+
+from advfunc.forward import PerturbedModel
+from advfunc.parameters import Params
+from advfunc.targets import Delta, Layout, NamedParameters, Target
+
+
+class Pass(NamedTuple):
+    """What one forward+backward returns (everything detached)."""
+
+    loss: torch.Tensor  # [] the unscaled loss
+    logits: torch.Tensor | None  # [B, C] when the model returns logits
+    param_grads: Params  # ∂(scale·L)/∂θ for the trainable θ; {} when not asked
+    delta_grads: Delta  # ∂(scale·L)/∂δ; {} when not asked
+
+
+def perturbed_loss(
+    model: PerturbedModel,
+    target: Target,
+    params: Mapping[str, torch.Tensor],
+    kwargs: Mapping[str, Any],
+    layout: Layout,
+    delta: Delta,
+) -> tuple[torch.Tensor, Any]:
+    """L(θ, δ): the loss with ``delta`` applied where ``target`` puts it."""
+    if isinstance(target, NamedParameters):
+        moved = {**params, **{name: params[name] + delta[name] for name in target.names}}
+        return model.loss(moved, kwargs, None)
+    return model.loss(params, kwargs, target.offset(delta, layout))
+
+
+def _logits(outputs: Any) -> torch.Tensor | None:
+    logits = getattr(outputs, "logits", None)
+    return logits.detach() if isinstance(logits, torch.Tensor) else None
+
+
+class Engine:
+    """``full`` (grads of θ and optionally δ) and ``delta_only`` (grads of δ) passes."""
+
+    def __init__(self, model: PerturbedModel, target: Target, compiled: bool) -> None:
+        self.model = model
+        self.target = target
+        self.compiled = compiled
+        self._full_cache: dict[tuple[bool, float], Callable[..., Any]] = {}
+        self._delta_fn: Callable[..., Any] | None = None
+
+    def full(
+        self,
+        params: Params,
+        trainable: list[str],
+        kwargs: Mapping[str, Any],
+        layout: Layout,
+        delta: Delta,
+        with_delta_grad: bool,
+        scale: float = 1.0,
+    ) -> Pass:
+        """One forward+backward: ∂(scale·L(θ, δ))/∂θ for the trainable θ (and ∂/∂δ if asked)."""
+        if self.compiled:
+            fn = self._compiled_full(with_delta_grad, scale)
+            loss, logits, param_grads, delta_grads = fn(
+                {n: params[n] for n in trainable}, delta, params, kwargs, layout
+            )
+            return Pass(loss, logits, param_grads, delta_grads)
+        leaves = {n: params[n].detach().requires_grad_(True) for n in trainable}
+        delta_in = {k: v.detach().requires_grad_(with_delta_grad) for k, v in delta.items()}
+        loss, outputs = perturbed_loss(self.model, self.target, {**params, **leaves}, kwargs, layout, delta_in)
+        wrt = [*leaves.values(), *(delta_in.values() if with_delta_grad else ())]
+        grads = torch.autograd.grad(loss * scale if scale != 1.0 else loss, wrt, allow_unused=True, materialize_grads=True)
+        param_grads = dict(zip(leaves, grads[: len(leaves)]))
+        delta_grads = dict(zip(delta_in, grads[len(leaves) :])) if with_delta_grad else {}
+        return Pass(loss.detach(), _logits(outputs), param_grads, delta_grads)
+
+    def delta_only(self, params: Params, kwargs: Mapping[str, Any], layout: Layout, delta: Delta) -> Delta:
+        """One forward and a backward to δ only: ∂L(θ, δ)/∂δ. No parameter gradient is formed."""
+        if self.compiled:
+            return self.delta_grad_function()(params, kwargs, layout, delta)
+        return self._eager_delta_grad(params, kwargs, layout, delta)
+
+    def _eager_delta_grad(self, params: Params, kwargs: Mapping[str, Any], layout: Layout, delta: Delta) -> Delta:
+        delta_in = {k: v.detach().requires_grad_(True) for k, v in delta.items()}
+        detached = {n: p.detach() for n, p in params.items()}
+        loss, _ = perturbed_loss(self.model, self.target, detached, kwargs, layout, delta_in)
+        grads = torch.autograd.grad(loss, list(delta_in.values()), allow_unused=True, materialize_grads=True)
+        return dict(zip(delta_in, grads))
+
+    def delta_grad_function(self) -> Callable[[Params, Mapping[str, Any], Layout, Delta], Delta]:
+        """∂L/∂δ as a ``torch.func.grad`` function, traceable under ``torch.compile``."""
+        if self._delta_fn is None:
+
+            def loss_of_delta(delta: Delta, params: Params, kwargs: Mapping[str, Any], layout: Layout) -> torch.Tensor:
+                return perturbed_loss(self.model, self.target, params, kwargs, layout, delta)[0]
+
+            differentiate = grad(loss_of_delta)
+
+            def delta_grad(params: Params, kwargs: Mapping[str, Any], layout: Layout, delta: Delta) -> Delta:
+                return differentiate(delta, params, kwargs, layout)
+
+            self._delta_fn = delta_grad
+        return self._delta_fn
+
+    def _compiled_full(self, with_delta_grad: bool, scale: float) -> Callable[..., Any]:
+        key = (with_delta_grad, scale)
+        if key not in self._full_cache:
+
+            def scaled_loss(
+                leaves: Params, delta: Delta, params: Params, kwargs: Mapping[str, Any], layout: Layout
+            ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor | None]]:
+                loss, outputs = perturbed_loss(self.model, self.target, {**params, **leaves}, kwargs, layout, delta)
+                return loss * scale, (loss.detach(), _logits(outputs))
+
+            argnums = (0, 1) if with_delta_grad else 0
+            differentiate = grad_and_value(scaled_loss, argnums=argnums, has_aux=True)
+
+            def full_pass(
+                leaves: Params, delta: Delta, params: Params, kwargs: Mapping[str, Any], layout: Layout
+            ) -> tuple[torch.Tensor, torch.Tensor | None, Params, Delta]:
+                grads, (_, (loss, logits)) = differentiate(leaves, delta, params, kwargs, layout)
+                if with_delta_grad:
+                    return loss, logits, grads[0], grads[1]
+                return loss, logits, grads, {}
+
+            self._full_cache[key] = torch.compile(full_pass, fullgraph=True)
+        return self._full_cache[key]
+
+
+def resolve_compile(compile: bool | None, model: nn.Module) -> bool:
+    """``compile=None`` means: compile when the model's parameters live on CUDA."""
+    if compile is None:
+        first = next(model.parameters(), None)
+        return bool(first is not None and first.is_cuda)
+    if not isinstance(compile, bool):
+        raise TypeError(f"compile must be True, False or None (auto: CUDA only), got {compile!r}")
+    return compile

@@ -1,0 +1,151 @@
+"""The model as a pure function: loss(θ, batch, offset) through ``functional_call``.
+
+Embedding-space perturbations enter as an addition to the output of the model's
+input-embedding module, so the model still reads ``input_ids`` its own way (RoBERTa's
+padding-aware positions, GPT-2's last-token pooling). The offset travels into the call
+as a substituted attribute of the embedding module, read by a forward hook that exists
+only for the duration of a step: the model is the same object before and after.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import inspect
+from collections.abc import Callable, Iterator, Mapping
+from typing import Any
+
+import torch
+from torch import nn
+from torch.func import functional_call
+
+from advfunc.targets import input_embedding
+
+LossFn = Callable[[Any, Mapping[str, Any]], torch.Tensor]
+
+_OFFSET_ATTRIBUTE = "advfunc_offset"
+
+
+class _AddOffset:
+    """Forward hook: ``out + module.advfunc_offset`` while ``functional_call`` supplies it."""
+
+    def __init__(self) -> None:
+        self.calls = 0
+
+    def __call__(self, module: nn.Module, args: Any, output: torch.Tensor) -> torch.Tensor:
+        offset = getattr(module, _OFFSET_ATTRIBUTE, None)
+        if offset is None:
+            return output
+        self.calls += 1
+        if output.shape != offset.shape:
+            raise ValueError(
+                f"the input embedding returned shape {tuple(output.shape)} but the perturbation has "
+                f"{tuple(offset.shape)}: the model embeds something other than the batch's input_ids"
+            )
+        return output + offset.to(output.dtype)
+
+
+class PerturbedModel:
+    """``model`` seen as ``loss(params, batch, offset) -> (loss, outputs)``.
+
+    ``loss_fn(outputs, batch)`` replaces ``outputs.loss`` when given.
+    """
+
+    def __init__(self, model: nn.Module, loss_fn: LossFn | None = None) -> None:
+        self.model = model
+        self.loss_fn = loss_fn
+        self.embedding = input_embedding(model)
+        module_names = {module: name for name, module in model.named_modules()}
+        prefix = module_names.get(self.embedding)
+        if prefix is None:
+            raise ValueError("get_input_embeddings() returned a module that is not inside the model")
+        self.offset_key = f"{prefix}.{_OFFSET_ATTRIBUTE}" if prefix else _OFFSET_ATTRIBUTE
+        self.num_embeddings = getattr(self.embedding, "num_embeddings", None)
+        signature = inspect.signature(model.forward)
+        self.accepted = {
+            name
+            for name, p in signature.parameters.items()
+            if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)
+        }
+        self.pass_return_dict = "return_dict" in self.accepted
+
+    def check_batch(self, batch: Any, needs_ids: bool = True) -> dict[str, Any]:
+        """Validate ``batch`` against the model's forward signature; return the call kwargs."""
+        if not isinstance(batch, Mapping):
+            raise TypeError(
+                f"batch must be a mapping of the model's keyword arguments, got {type(batch).__name__}"
+            )
+        unknown = sorted(k for k in batch if k not in self.accepted)
+        if unknown:
+            raise TypeError(
+                f"batch keys {unknown} are not arguments of {type(self.model).__name__}.forward; "
+                f"it takes {sorted(self.accepted)}"
+            )
+        if needs_ids:
+            if "inputs_embeds" in batch and batch["inputs_embeds"] is not None:
+                raise ValueError(
+                    "batch has 'inputs_embeds': the model would skip its input embedding, where advfunc "
+                    "adds the perturbation; pass 'input_ids' instead"
+                )
+            ids = batch.get("input_ids")
+            if not isinstance(ids, torch.Tensor) or ids.dim() != 2:
+                raise ValueError(
+                    f"batch['input_ids'] must be a [batch, seq] integer tensor, got "
+                    f"{type(ids).__name__ if not isinstance(ids, torch.Tensor) else tuple(ids.shape)}"
+                )
+            if ids.dtype.is_floating_point:
+                raise TypeError(f"batch['input_ids'] must be integer token ids, got {ids.dtype}")
+            if self.num_embeddings is not None and ids.numel() and (
+                int(ids.min()) < 0 or int(ids.max()) >= self.num_embeddings
+            ):
+                raise ValueError(
+                    f"batch['input_ids'] holds ids in [{int(ids.min())}, {int(ids.max())}] but the "
+                    f"vocabulary has {self.num_embeddings} rows; tokenize with the model's tokenizer"
+                )
+            mask = batch.get("attention_mask")
+            if isinstance(mask, torch.Tensor) and mask.shape != ids.shape:
+                raise ValueError(
+                    f"batch['attention_mask'] has shape {tuple(mask.shape)}, input_ids {tuple(ids.shape)}"
+                )
+        if self.loss_fn is None and batch.get("labels") is None:
+            raise ValueError(
+                "batch has no 'labels', so the model returns no loss; add labels or give the factory "
+                "loss_fn(outputs, batch)"
+            )
+        kwargs = dict(batch)
+        if self.pass_return_dict:
+            kwargs["return_dict"] = True
+        return kwargs
+
+    @contextlib.contextmanager
+    def hooked(self) -> Iterator[_AddOffset]:
+        """Register the offset hook for the length of one step; removed whatever happens."""
+        hook = _AddOffset()
+        handle = self.embedding.register_forward_hook(hook)
+        try:
+            yield hook
+        finally:
+            handle.remove()
+
+    def loss(
+        self, params: Mapping[str, torch.Tensor], kwargs: Mapping[str, Any], offset: torch.Tensor | None
+    ) -> tuple[torch.Tensor, Any]:
+        """(loss, outputs) at ``params`` with ``offset`` [B, L, H] added to the embedding output.
+
+        Call inside ``hooked()``. One forward pass.
+        """
+        state = dict(params)
+        if offset is not None:
+            state[self.offset_key] = offset
+        outputs = functional_call(self.model, state, (), dict(kwargs), strict=False)
+        if self.loss_fn is not None:
+            loss = self.loss_fn(outputs, kwargs)
+        else:
+            loss = getattr(outputs, "loss", None)
+        if not isinstance(loss, torch.Tensor):
+            raise ValueError(
+                f"the model returned no loss tensor (got {type(loss).__name__}); pass labels in the batch "
+                "or give the factory loss_fn(outputs, batch)"
+            )
+        if loss.dim() != 0:
+            loss = loss.mean()
+        return loss, outputs

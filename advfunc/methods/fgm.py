@@ -1,0 +1,65 @@
+"""FGM: the fast gradient method on the embedding (Miyato et al., 2017)."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+from torch import nn
+
+from advfunc.arguments import require_positive
+from advfunc.engine import Engine, resolve_compile
+from advfunc.forward import LossFn, PerturbedModel
+from advfunc.norms import l2_direction
+from advfunc.step import Grads, Step, StepOutput, check_hook_fired, drop_if_skipped, prepare, report, summed, zero_delta
+from advfunc.targets import TargetSpec, resolve_target
+
+
+def fgm(
+    model: nn.Module,
+    epsilon: float = 1.0,
+    *,
+    target: TargetSpec = "weight",
+    loss_fn: LossFn | None = None,
+    compile: bool | None = None,
+) -> Step:
+    """Fast Gradient Method: one L2-normalised ascent step on the target, then train on both.
+
+    .. math::
+        G = ∇_δ L(θ, 0),\\quad r = ε · G / ‖G‖₂ \\;(r = 0 \\text{ when } ‖G‖ = 0),\\quad
+        \\text{grads} = ∇_θ L(θ, 0) + ∇_θ L(θ, r)
+
+    The norm is the target's: over the whole embedding-matrix gradient (``"weight"``, the
+    seed's), per example over (seq, hidden) (``"embeds"``), per parameter (names).
+    Cost: 2 forward+backward passes. Paper: Miyato, Dai & Goodfellow, "Adversarial
+    Training Methods for Semi-Supervised Text Classification", ICLR 2017.
+
+    Example::
+
+        step = advfunc.fgm(model, epsilon=1.0)
+        grads, out = step(advfunc.params_of(model), batch)  # out.delta: [N, H] rows
+    """
+    epsilon = require_positive("epsilon", epsilon)
+    chosen = resolve_target(model, target, allowed=("weight", "embeds", "names"))
+    perturbed = PerturbedModel(model, loss_fn)
+    engine = Engine(perturbed, chosen, resolve_compile(compile, model))
+
+    def step(params: Mapping[str, torch.Tensor], batch: Mapping[str, Any]) -> tuple[Grads, StepOutput]:
+        call = prepare(model, perturbed, chosen, params, batch)
+        zero = zero_delta(chosen, call)
+        with perturbed.hooked() as hook:
+            clean = engine.full(call.params, call.trainable, call.kwargs, call.layout, zero, with_delta_grad=True)
+            check_hook_fired(hook.calls, engine.compiled or chosen.kind == "params")
+            skipped = torch.zeros((), dtype=torch.bool, device=call.device)
+            r = {}
+            for key, g in clean.delta_grads.items():
+                direction, finite = l2_direction(g, chosen.norm_dims(g))
+                skipped = skipped | ~finite
+                r[key] = (epsilon * direction).to(zero[key].dtype)
+            r = drop_if_skipped(r, skipped)
+            adv = engine.full(call.params, call.trainable, call.kwargs, call.layout, r, with_delta_grad=False)
+        grads = summed(clean.param_grads, adv.param_grads)
+        return grads, report(chosen, call.layout, r, clean.loss, adv.loss, skipped, clean.logits)
+
+    return Step("fgm", 2, {"epsilon": epsilon, "target": chosen.kind}, step)

@@ -1,0 +1,139 @@
+"""The step contract shared by every method: ``step(params, batch) -> (grads, out)``."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any, NamedTuple
+
+import torch
+from torch import nn
+
+from advfunc.forward import PerturbedModel
+from advfunc.parameters import Params, params_of, trainable_names
+from advfunc.targets import Delta, Layout, NamedParameters, Target
+
+
+class StepOutput(NamedTuple):
+    """What a step reports beside its grads; every tensor is detached.
+
+    loss: [] clean loss (FreeLB: the mean of its K perturbed losses).
+    adv_loss: [] the last perturbed loss.
+    delta: the final perturbation: [N, H] embedding rows (``"weight"``; the token of each
+        row in ``delta_tokens``), [B, L, H] (``"embeds"``) or {name: tensor} (names).
+    skipped: [] bool: a non-finite target gradient made the step drop its perturbation.
+    logits: the clean pass's logits, [B, C], when the model returns them.
+    delta_tokens: [N] token id of each row of ``delta`` for ``"weight"``, −1 for unused rows.
+    """
+
+    loss: torch.Tensor
+    adv_loss: torch.Tensor
+    delta: torch.Tensor | dict[str, torch.Tensor]
+    skipped: torch.Tensor
+    logits: torch.Tensor | None = None
+    delta_tokens: torch.Tensor | None = None
+
+
+Grads = dict[str, torch.Tensor]
+
+
+@dataclass(frozen=True)
+class Step:
+    """A method bound to a model: call it as ``grads, out = step(params, batch)``.
+
+    ``passes`` is the cost in forward+backward passes (a pass that only differentiates
+    the perturbation counts as one), ``config`` the hyper-parameters it was built with.
+    """
+
+    method: str
+    passes: int
+    config: Mapping[str, Any]
+    fn: Callable[..., tuple[Grads, StepOutput]] = field(repr=False)
+
+    def __call__(self, params: Mapping[str, torch.Tensor], batch: Mapping[str, Any], *args: Any, **kwargs: Any) -> tuple[Grads, StepOutput]:
+        return self.fn(params, batch, *args, **kwargs)
+
+
+@dataclass(frozen=True)
+class Prepared:
+    """A validated call: full params, trainable names, model kwargs and the target layout."""
+
+    params: Params
+    trainable: list[str]
+    kwargs: dict[str, Any]
+    layout: Layout
+    device: torch.device
+
+
+def prepare(
+    model: nn.Module, perturbed: PerturbedModel, target: Target, params: Mapping[str, torch.Tensor], batch: Any
+) -> Prepared:
+    """Check ``params`` and ``batch`` and fill in the model's own tensors for missing names."""
+    if not isinstance(params, Mapping):
+        raise TypeError(f"params must be a mapping name -> tensor (advfunc.params_of(model)), got {type(params).__name__}")
+    own = params_of(model)
+    unknown = sorted(set(params) - set(own))
+    if unknown:
+        raise ValueError(f"params has names the model does not: {unknown[:5]}; build it with advfunc.params_of(model)")
+    for name, value in params.items():
+        if not isinstance(value, torch.Tensor) or value.shape != own[name].shape:
+            shape = tuple(value.shape) if isinstance(value, torch.Tensor) else type(value).__name__
+            raise ValueError(f"params[{name!r}] is {shape}, the model's parameter has shape {tuple(own[name].shape)}")
+    full = {**own, **params}
+    trainable = trainable_names(model)
+    if not trainable:
+        raise ValueError("the model has no parameter with requires_grad=True: nothing to train")
+    kwargs = perturbed.check_batch(batch, needs_ids=not isinstance(target, NamedParameters))
+    layout = target.layout(kwargs)
+    return Prepared(full, trainable, kwargs, layout, next(iter(full.values())).device)
+
+
+def zero_delta(target: Target, prepared: Prepared) -> Delta:
+    """δ = 0 in the target's shape."""
+    if isinstance(target, NamedParameters):
+        return target.zeros_for(prepared.params)
+    return target.zeros(prepared.layout, prepared.device)
+
+
+def drop_if_skipped(delta: Delta, skipped: torch.Tensor) -> Delta:
+    """δ, or 0 when ``skipped``: a non-finite gradient never becomes the perturbation."""
+    return {k: torch.where(skipped, torch.zeros_like(v), v) for k, v in delta.items()}
+
+
+def summed(first: Grads, second: Grads) -> Grads:
+    """first + second, reusing ``first``'s buffers: they are the step's own, never the caller's."""
+    return {name: first[name].add_(second[name]) for name in first}
+
+
+def check_hook_fired(calls: int, compiled: bool) -> None:
+    """Raise when the model never ran its input embedding: the perturbation would be a no-op."""
+    if not compiled and calls == 0:
+        raise ValueError(
+            "the model never called its input-embedding module, so the perturbation had no effect; "
+            "does the batch bypass it?"
+        )
+
+
+def report(
+    target: Target,
+    layout: Layout,
+    delta: Delta,
+    loss: torch.Tensor,
+    adv_loss: torch.Tensor,
+    skipped: torch.Tensor,
+    logits: torch.Tensor | None,
+) -> StepOutput:
+    """The ``StepOutput`` for a final ``delta``, in the target's public form."""
+    public: torch.Tensor | dict[str, torch.Tensor]
+    if isinstance(target, NamedParameters):
+        public = {k: v.detach() for k, v in delta.items()}
+    else:
+        public = next(iter(delta.values())).detach()
+    return StepOutput(
+        loss=loss.detach(),
+        adv_loss=adv_loss.detach(),
+        delta=public,
+        skipped=skipped.detach(),
+        logits=logits,
+        delta_tokens=layout.row_token,
+    )
