@@ -82,9 +82,11 @@ class Engine:
         delta_in = {k: v.detach().requires_grad_(with_delta_grad) for k, v in delta.items()}
         loss, outputs = perturbed_loss(self.model, self.target, {**params, **leaves}, kwargs, layout, delta_in)
         wrt = [*leaves.values(), *(delta_in.values() if with_delta_grad else ())]
-        grads = torch.autograd.grad(loss * scale if scale != 1.0 else loss, wrt, allow_unused=True, materialize_grads=True)
-        param_grads = dict(zip(leaves, grads[: len(leaves)]))
-        delta_grads = dict(zip(delta_in, grads[len(leaves) :])) if with_delta_grad else {}
+        grads = torch.autograd.grad(
+            loss * scale if scale != 1.0 else loss, wrt, allow_unused=True, materialize_grads=True
+        )
+        param_grads = dict(zip(leaves, grads[: len(leaves)], strict=False))
+        delta_grads = dict(zip(delta_in, grads[len(leaves) :], strict=False)) if with_delta_grad else {}
         return Pass(loss.detach(), _logits(outputs), param_grads, delta_grads)
 
     def delta_only(self, params: Params, kwargs: Mapping[str, Any], layout: Layout, delta: Delta) -> Delta:
@@ -98,7 +100,7 @@ class Engine:
         detached = {n: p.detach() for n, p in params.items()}
         loss, _ = perturbed_loss(self.model, self.target, detached, kwargs, layout, delta_in)
         grads = torch.autograd.grad(loss, list(delta_in.values()), allow_unused=True, materialize_grads=True)
-        return dict(zip(delta_in, grads))
+        return dict(zip(delta_in, grads, strict=False))
 
     def delta_grad_function(self) -> Callable[[Params, Mapping[str, Any], Layout, Delta], Delta]:
         """∂L/∂δ as a ``torch.func.grad`` function, traceable under ``torch.compile``."""

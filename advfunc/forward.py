@@ -62,18 +62,18 @@ class PerturbedModel:
         self.num_embeddings = getattr(self.embedding, "num_embeddings", None)
         signature = inspect.signature(model.forward)
         self.accepted = {
-            name
-            for name, p in signature.parameters.items()
-            if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)
+            name for name, p in signature.parameters.items() if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)
         }
         self.pass_return_dict = "return_dict" in self.accepted
 
-    def check_batch(self, batch: Any, needs_ids: bool = True) -> dict[str, Any]:
-        """Validate ``batch`` against the model's forward signature; return the call kwargs."""
+    def check_batch(self, batch: Any, needs_ids: bool = True, needs_loss: bool = True) -> dict[str, Any]:
+        """Validate ``batch`` against the model's forward signature; return the call kwargs.
+
+        ``needs_loss=False`` admits a batch without labels (for methods whose objective is
+        built from logits, such as VAT on unlabelled text).
+        """
         if not isinstance(batch, Mapping):
-            raise TypeError(
-                f"batch must be a mapping of the model's keyword arguments, got {type(batch).__name__}"
-            )
+            raise TypeError(f"batch must be a mapping of the model's keyword arguments, got {type(batch).__name__}")
         unknown = sorted(k for k in batch if k not in self.accepted)
         if unknown:
             raise TypeError(
@@ -94,8 +94,10 @@ class PerturbedModel:
                 )
             if ids.dtype.is_floating_point:
                 raise TypeError(f"batch['input_ids'] must be integer token ids, got {ids.dtype}")
-            if self.num_embeddings is not None and ids.numel() and (
-                int(ids.min()) < 0 or int(ids.max()) >= self.num_embeddings
+            if (
+                self.num_embeddings is not None
+                and ids.numel()
+                and (int(ids.min()) < 0 or int(ids.max()) >= self.num_embeddings)
             ):
                 raise ValueError(
                     f"batch['input_ids'] holds ids in [{int(ids.min())}, {int(ids.max())}] but the "
@@ -103,10 +105,8 @@ class PerturbedModel:
                 )
             mask = batch.get("attention_mask")
             if isinstance(mask, torch.Tensor) and mask.shape != ids.shape:
-                raise ValueError(
-                    f"batch['attention_mask'] has shape {tuple(mask.shape)}, input_ids {tuple(ids.shape)}"
-                )
-        if self.loss_fn is None and batch.get("labels") is None:
+                raise ValueError(f"batch['attention_mask'] has shape {tuple(mask.shape)}, input_ids {tuple(ids.shape)}")
+        if needs_loss and self.loss_fn is None and batch.get("labels") is None:
             raise ValueError(
                 "batch has no 'labels', so the model returns no loss; add labels or give the factory "
                 "loss_fn(outputs, batch)"
@@ -126,6 +126,18 @@ class PerturbedModel:
         finally:
             handle.remove()
 
+    def outputs(
+        self, params: Mapping[str, torch.Tensor], kwargs: Mapping[str, Any], offset: torch.Tensor | None
+    ) -> Any:
+        """The model's outputs at ``params`` with ``offset`` [B, L, H] added to the embedding output.
+
+        Call inside ``hooked()``. One forward pass.
+        """
+        state = dict(params)
+        if offset is not None:
+            state[self.offset_key] = offset
+        return functional_call(self.model, state, (), dict(kwargs), strict=False)
+
     def loss(
         self, params: Mapping[str, torch.Tensor], kwargs: Mapping[str, Any], offset: torch.Tensor | None
     ) -> tuple[torch.Tensor, Any]:
@@ -133,14 +145,8 @@ class PerturbedModel:
 
         Call inside ``hooked()``. One forward pass.
         """
-        state = dict(params)
-        if offset is not None:
-            state[self.offset_key] = offset
-        outputs = functional_call(self.model, state, (), dict(kwargs), strict=False)
-        if self.loss_fn is not None:
-            loss = self.loss_fn(outputs, kwargs)
-        else:
-            loss = getattr(outputs, "loss", None)
+        outputs = self.outputs(params, kwargs, offset)
+        loss: Any = self.loss_fn(outputs, kwargs) if self.loss_fn is not None else getattr(outputs, "loss", None)
         if not isinstance(loss, torch.Tensor):
             raise ValueError(
                 f"the model returned no loss tensor (got {type(loss).__name__}); pass labels in the batch "

@@ -42,8 +42,7 @@ def set_grads(model: nn.Module, grads: Mapping[str, torch.Tensor], *, accumulate
     for name, grad in grads.items():
         if grad.shape != parameters[name].shape:
             raise ValueError(
-                f"grad for {name!r} has shape {tuple(grad.shape)}, "
-                f"the parameter has {tuple(parameters[name].shape)}"
+                f"grad for {name!r} has shape {tuple(grad.shape)}, the parameter has {tuple(parameters[name].shape)}"
             )
     for name, grad in grads.items():
         param = parameters[name]

@@ -50,7 +50,9 @@ class Step:
     config: Mapping[str, Any]
     fn: Callable[..., tuple[Grads, StepOutput]] = field(repr=False)
 
-    def __call__(self, params: Mapping[str, torch.Tensor], batch: Mapping[str, Any], *args: Any, **kwargs: Any) -> tuple[Grads, StepOutput]:
+    def __call__(
+        self, params: Mapping[str, torch.Tensor], batch: Mapping[str, Any], *args: Any, **kwargs: Any
+    ) -> tuple[Grads, StepOutput]:
         return self.fn(params, batch, *args, **kwargs)
 
 
@@ -70,7 +72,9 @@ def prepare(
 ) -> Prepared:
     """Check ``params`` and ``batch`` and fill in the model's own tensors for missing names."""
     if not isinstance(params, Mapping):
-        raise TypeError(f"params must be a mapping name -> tensor (advfunc.params_of(model)), got {type(params).__name__}")
+        raise TypeError(
+            f"params must be a mapping name -> tensor (advfunc.params_of(model)), got {type(params).__name__}"
+        )
     own = params_of(model)
     unknown = sorted(set(params) - set(own))
     if unknown:

@@ -148,8 +148,7 @@ class NamedParameters:
         unknown = [n for n in names if n not in candidates]
         if unknown:
             raise ValueError(
-                f"target names {unknown} are not parameters of the model; candidates: "
-                f"{_preview(list(candidates))}"
+                f"target names {unknown} are not parameters of the model; candidates: {_preview(list(candidates))}"
             )
         if len(set(names)) != len(names):
             raise ValueError(f"target names repeat: {names}")
@@ -168,15 +167,11 @@ class NamedParameters:
 Target = EmbeddingRows | EmbeddingOutput | NamedParameters
 
 
-def resolve_target(
-    model: nn.Module, spec: TargetSpec, allowed: Sequence[str] = ("weight", "embeds")
-) -> Target:
+def resolve_target(model: nn.Module, spec: TargetSpec, allowed: Sequence[str] = ("weight", "embeds")) -> Target:
     """Build the target ``spec`` names for ``model``; raise ``ValueError`` listing candidates."""
     if isinstance(spec, str):
         if spec not in allowed:
-            raise ValueError(
-                f"unknown target {spec!r}; candidates: {list(allowed)} or a list of parameter names"
-            )
+            raise ValueError(f"unknown target {spec!r}; candidates: {list(allowed)} or a list of parameter names")
         embedding = input_embedding(model)
         if spec == "weight":
             _refuse_tied_embedding(model, embedding)

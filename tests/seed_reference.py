@@ -139,7 +139,7 @@ def seed_freelb_grads(model, batch, adv_K, adv_lr, adv_init_mag, adv_max_norm, a
             inputs["input_ids"] = None
             loss = model(**inputs).loss
         else:
-            handle = embedding.register_forward_hook(lambda module, args, out: out + delta)
+            handle = embedding.register_forward_hook(lambda module, args, out, delta=delta: out + delta)
             try:
                 loss = model(**batch).loss
             finally:

@@ -39,7 +39,9 @@ def lockstep(family, reference, step_factory):
         func_opt.step()
         seed_opt.zero_grad()
     # The models moved (the test exercised three different points) and stayed together.
-    moved = sum((p - q).abs().sum() for p, q in zip(seed_model.parameters(), tiny_model(family).parameters()))
+    moved = sum(
+        (p - q).abs().sum() for p, q in zip(seed_model.parameters(), tiny_model(family).parameters(), strict=True)
+    )
     assert moved > 0
 
 
@@ -82,15 +84,21 @@ def test_freelb_matches_official(family, norm, init_mag, max_norm):
     lockstep(
         family,
         lambda m, b: seed_freelb_grads(m, b, 3, 0.05, init_mag, max_norm, norm, seed_generator, via=via)[0],
-        lambda m: advfunc.freelb(m, steps=3, lr=0.05, init_mag=init_mag, max_norm=max_norm, norm=norm, generator=func_generator),
+        lambda m: advfunc.freelb(
+            m, steps=3, lr=0.05, init_mag=init_mag, max_norm=max_norm, norm=norm, generator=func_generator
+        ),
     )
 
 
 def test_freelb_final_delta_matches_official():
     model = tiny_model("bert")
     batch = padded_batch("bert")
-    _, expected = seed_freelb_grads(copy.deepcopy(model), batch, 3, 0.05, 1.0, 0.08, "l2", torch.Generator().manual_seed(1))
-    step = advfunc.freelb(model, steps=3, lr=0.05, init_mag=1.0, max_norm=0.08, generator=torch.Generator().manual_seed(1))
+    _, expected = seed_freelb_grads(
+        copy.deepcopy(model), batch, 3, 0.05, 1.0, 0.08, "l2", torch.Generator().manual_seed(1)
+    )
+    step = advfunc.freelb(
+        model, steps=3, lr=0.05, init_mag=1.0, max_norm=0.08, generator=torch.Generator().manual_seed(1)
+    )
     _, out = step(advfunc.params_of(model), batch)
     torch.testing.assert_close(out.delta, expected, rtol=1e-4, atol=1e-6)
 

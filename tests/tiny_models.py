@@ -18,7 +18,12 @@ from transformers import (
 VOCAB = 120
 FAMILIES = ("bert", "roberta", "distilbert", "gpt2")
 # The attribute the seed's classes match in parameter names, per family.
-EMBEDDING_NAME = {"bert": "word_embeddings", "roberta": "word_embeddings", "distilbert": "word_embeddings", "gpt2": "wte"}
+EMBEDDING_NAME = {
+    "bert": "word_embeddings",
+    "roberta": "word_embeddings",
+    "distilbert": "word_embeddings",
+    "gpt2": "wte",
+}
 PAD_ID = {"bert": 0, "roberta": 1, "distilbert": 0, "gpt2": 0}
 
 
@@ -26,29 +31,64 @@ def tiny_model(family: str, seed: int = 0, num_labels: int = 3, vocab: int = VOC
     torch.manual_seed(seed)
     if family == "bert":
         config = BertConfig(
-            vocab_size=vocab, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
-            max_position_embeddings=64, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
-            num_labels=num_labels, pad_token_id=0,
+            vocab_size=vocab,
+            hidden_size=32,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            intermediate_size=64,
+            max_position_embeddings=64,
+            hidden_dropout_prob=0.0,
+            attention_probs_dropout_prob=0.0,
+            num_labels=num_labels,
+            pad_token_id=0,
         )
         model = BertForSequenceClassification(config)
     elif family == "roberta":
         config = RobertaConfig(
-            vocab_size=vocab, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
-            max_position_embeddings=72, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
-            num_labels=num_labels, pad_token_id=1, bos_token_id=0, eos_token_id=2,
+            vocab_size=vocab,
+            hidden_size=32,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            intermediate_size=64,
+            max_position_embeddings=72,
+            hidden_dropout_prob=0.0,
+            attention_probs_dropout_prob=0.0,
+            num_labels=num_labels,
+            pad_token_id=1,
+            bos_token_id=0,
+            eos_token_id=2,
         )
         model = RobertaForSequenceClassification(config)
     elif family == "distilbert":
         config = DistilBertConfig(
-            vocab_size=vocab, dim=32, n_layers=2, n_heads=4, hidden_dim=64, max_position_embeddings=64,
-            dropout=0.0, attention_dropout=0.0, seq_classif_dropout=0.0, num_labels=num_labels, pad_token_id=0,
+            vocab_size=vocab,
+            dim=32,
+            n_layers=2,
+            n_heads=4,
+            hidden_dim=64,
+            max_position_embeddings=64,
+            dropout=0.0,
+            attention_dropout=0.0,
+            seq_classif_dropout=0.0,
+            num_labels=num_labels,
+            pad_token_id=0,
         )
         model = DistilBertForSequenceClassification(config)
     elif family == "gpt2":
         config = GPT2Config(
-            vocab_size=vocab, n_embd=32, n_layer=2, n_head=4, n_positions=64, resid_pdrop=0.0, embd_pdrop=0.0,
-            attn_pdrop=0.0, summary_first_dropout=0.0, num_labels=num_labels, pad_token_id=0,
-            bos_token_id=2, eos_token_id=2,
+            vocab_size=vocab,
+            n_embd=32,
+            n_layer=2,
+            n_head=4,
+            n_positions=64,
+            resid_pdrop=0.0,
+            embd_pdrop=0.0,
+            attn_pdrop=0.0,
+            summary_first_dropout=0.0,
+            num_labels=num_labels,
+            pad_token_id=0,
+            bos_token_id=2,
+            eos_token_id=2,
         )
         model = GPT2ForSequenceClassification(config)
     else:

@@ -13,7 +13,7 @@ from advfunc.engine import Engine, resolve_compile
 from advfunc.forward import LossFn, PerturbedModel
 from advfunc.norms import l2_direction, linf_direction
 from advfunc.projection import project_l2, project_linf
-from advfunc.step import Grads, Step, StepOutput, check_hook_fired, drop_if_skipped, prepare, report, zero_delta
+from advfunc.step import Grads, Step, StepOutput, check_hook_fired, drop_if_skipped, prepare, report
 from advfunc.targets import EmbeddingOutput, Layout, resolve_target
 
 # FreeLB's own guard against a zero gradient norm: G / clamp(‖G‖, min=1e-8).
@@ -21,7 +21,12 @@ NORM_FLOOR = 1e-8
 
 
 def freelb_init(
-    layout: Layout, init_mag: float, norm: str, dtype: torch.dtype, device: torch.device, generator: torch.Generator | None
+    layout: Layout,
+    init_mag: float,
+    norm: str,
+    dtype: torch.dtype,
+    device: torch.device,
+    generator: torch.Generator | None,
 ) -> torch.Tensor:
     """δ₀ [B, L, H], padding masked.
 
@@ -85,7 +90,11 @@ def freelb(
     ) -> tuple[Grads, StepOutput]:
         call = prepare(model, perturbed, chosen, params, batch)
         embeds = freelb_init(
-            call.layout, init_mag, norm, chosen.dtype, call.device,
+            call.layout,
+            init_mag,
+            norm,
+            chosen.dtype,
+            call.device,
             generator if generator is not None else default_generator,
         )
         skipped = torch.zeros((), dtype=torch.bool, device=call.device)
@@ -94,8 +103,13 @@ def freelb(
         with perturbed.hooked() as hook:
             for _ in range(steps):
                 at = engine.full(
-                    call.params, call.trainable, call.kwargs, call.layout, {"embeds": embeds},
-                    with_delta_grad=True, scale=1.0 / steps,
+                    call.params,
+                    call.trainable,
+                    call.kwargs,
+                    call.layout,
+                    {"embeds": embeds},
+                    with_delta_grad=True,
+                    scale=1.0 / steps,
                 )
                 check_hook_fired(hook.calls, engine.compiled)
                 total = {n: total[n].add_(g) for n, g in at.param_grads.items()} if total else at.param_grads

@@ -18,9 +18,7 @@ from advfunc.step import Grads, Step, StepOutput, check_hook_fired, drop_if_skip
 from advfunc.targets import Delta, Layout, Target, TargetSpec, resolve_target
 
 
-def pgd_ascent(
-    delta: Delta, grads: Delta, target: Target, epsilon: float, alpha: float
-) -> tuple[Delta, torch.Tensor]:
+def pgd_ascent(delta: Delta, grads: Delta, target: Target, epsilon: float, alpha: float) -> tuple[Delta, torch.Tensor]:
     """One PGD update, δ' = Π_ε(δ + α · G/‖G‖₂), and whether G was finite.
 
     A zero or non-finite G leaves δ where it is (the seed's ``if norm != 0``).
@@ -73,7 +71,9 @@ def pgd(
     perturbed = PerturbedModel(model, loss_fn)
     engine = Engine(perturbed, chosen, resolve_compile(compile, model))
 
-    def inner_step(params: Params, kwargs: Mapping[str, Any], layout: Layout, delta: Delta) -> tuple[Delta, torch.Tensor]:
+    def inner_step(
+        params: Params, kwargs: Mapping[str, Any], layout: Layout, delta: Delta
+    ) -> tuple[Delta, torch.Tensor]:
         return pgd_ascent(delta, engine.delta_only(params, kwargs, layout, delta), chosen, epsilon, alpha)
 
     inner = torch.compile(inner_step, fullgraph=True) if engine.compiled else inner_step
