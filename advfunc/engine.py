@@ -58,7 +58,7 @@ class Engine:
         self.model = model
         self.target = target
         self.compiled = compiled
-        self._full_cache: dict[tuple[bool, float], Callable[..., Any]] = {}
+        self._full_cache: dict[bool, Callable[..., Any]] = {}
         self._delta_fn: Callable[..., Any] | None = None
 
     def full(
@@ -69,60 +69,80 @@ class Engine:
         layout: Layout,
         delta: Delta,
         with_delta_grad: bool,
-        scale: float = 1.0,
+        scale: float | torch.Tensor = 1.0,
     ) -> Pass:
-        """One forward+backward: ∂(scale·L(θ, δ))/∂θ for the trainable θ (and ∂/∂δ if asked)."""
+        """One forward+backward: ∂(scale·L(θ, δ))/∂θ for the trainable θ (and ∂/∂δ if asked).
+
+        ``scale`` carries FreeLB's 1/K and a mixed-precision loss scale.
+        """
         if self.compiled:
-            fn = self._compiled_full(with_delta_grad, scale)
+            fn = self._compiled_full(with_delta_grad)
+            scale_tensor = torch.as_tensor(scale, dtype=torch.float32, device=next(iter(params.values())).device)
             loss, logits, param_grads, delta_grads = fn(
-                {n: params[n] for n in trainable}, delta, params, kwargs, layout
+                {n: params[n] for n in trainable}, delta, params, kwargs, layout, scale_tensor
             )
             return Pass(loss, logits, param_grads, delta_grads)
         leaves = {n: params[n].detach().requires_grad_(True) for n in trainable}
         delta_in = {k: v.detach().requires_grad_(with_delta_grad) for k, v in delta.items()}
         loss, outputs = perturbed_loss(self.model, self.target, {**params, **leaves}, kwargs, layout, delta_in)
         wrt = [*leaves.values(), *(delta_in.values() if with_delta_grad else ())]
-        grads = torch.autograd.grad(
-            loss * scale if scale != 1.0 else loss, wrt, allow_unused=True, materialize_grads=True
-        )
+        scaled = loss if isinstance(scale, float) and scale == 1.0 else loss * scale
+        grads = torch.autograd.grad(scaled, wrt, allow_unused=True, materialize_grads=True)
         param_grads = dict(zip(leaves, grads[: len(leaves)], strict=False))
         delta_grads = dict(zip(delta_in, grads[len(leaves) :], strict=False)) if with_delta_grad else {}
         return Pass(loss.detach(), _logits(outputs), param_grads, delta_grads)
 
-    def delta_only(self, params: Params, kwargs: Mapping[str, Any], layout: Layout, delta: Delta) -> Delta:
-        """One forward and a backward to δ only: ∂L(θ, δ)/∂δ. No parameter gradient is formed."""
-        if self.compiled:
-            return self.delta_grad_function()(params, kwargs, layout, delta)
-        return self._eager_delta_grad(params, kwargs, layout, delta)
+    def delta_only(
+        self, params: Params, kwargs: Mapping[str, Any], layout: Layout, delta: Delta, scale: torch.Tensor
+    ) -> Delta:
+        """One forward and a backward to δ only: ∂(scale·L(θ, δ))/∂δ. No parameter gradient is formed.
 
-    def _eager_delta_grad(self, params: Params, kwargs: Mapping[str, Any], layout: Layout, delta: Delta) -> Delta:
+        ``scale`` is a 0-dim tensor (a loss scale keeps fp16 activation gradients from
+        underflowing; the ascent direction does not depend on it).
+        """
+        if self.compiled:
+            return self.delta_grad_function()(params, kwargs, layout, delta, scale)
+        return self._eager_delta_grad(params, kwargs, layout, delta, scale)
+
+    def _eager_delta_grad(
+        self, params: Params, kwargs: Mapping[str, Any], layout: Layout, delta: Delta, scale: torch.Tensor
+    ) -> Delta:
         delta_in = {k: v.detach().requires_grad_(True) for k, v in delta.items()}
         detached = {n: p.detach() for n, p in params.items()}
         loss, _ = perturbed_loss(self.model, self.target, detached, kwargs, layout, delta_in)
-        grads = torch.autograd.grad(loss, list(delta_in.values()), allow_unused=True, materialize_grads=True)
+        grads = torch.autograd.grad(loss * scale, list(delta_in.values()), allow_unused=True, materialize_grads=True)
         return dict(zip(delta_in, grads, strict=False))
 
-    def delta_grad_function(self) -> Callable[[Params, Mapping[str, Any], Layout, Delta], Delta]:
+    def delta_grad_function(self) -> Callable[[Params, Mapping[str, Any], Layout, Delta, torch.Tensor], Delta]:
         """∂L/∂δ as a ``torch.func.grad`` function, traceable under ``torch.compile``."""
         if self._delta_fn is None:
 
-            def loss_of_delta(delta: Delta, params: Params, kwargs: Mapping[str, Any], layout: Layout) -> torch.Tensor:
-                return perturbed_loss(self.model, self.target, params, kwargs, layout, delta)[0]
+            def loss_of_delta(
+                delta: Delta, params: Params, kwargs: Mapping[str, Any], layout: Layout, scale: torch.Tensor
+            ) -> torch.Tensor:
+                return perturbed_loss(self.model, self.target, params, kwargs, layout, delta)[0] * scale
 
             differentiate = grad(loss_of_delta)
 
-            def delta_grad(params: Params, kwargs: Mapping[str, Any], layout: Layout, delta: Delta) -> Delta:
-                return differentiate(delta, params, kwargs, layout)
+            def delta_grad(
+                params: Params, kwargs: Mapping[str, Any], layout: Layout, delta: Delta, scale: torch.Tensor
+            ) -> Delta:
+                return differentiate(delta, params, kwargs, layout, scale)
 
             self._delta_fn = delta_grad
         return self._delta_fn
 
-    def _compiled_full(self, with_delta_grad: bool, scale: float) -> Callable[..., Any]:
-        key = (with_delta_grad, scale)
+    def _compiled_full(self, with_delta_grad: bool) -> Callable[..., Any]:
+        key = with_delta_grad
         if key not in self._full_cache:
 
             def scaled_loss(
-                leaves: Params, delta: Delta, params: Params, kwargs: Mapping[str, Any], layout: Layout
+                leaves: Params,
+                delta: Delta,
+                params: Params,
+                kwargs: Mapping[str, Any],
+                layout: Layout,
+                scale: torch.Tensor,
             ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor | None]]:
                 loss, outputs = perturbed_loss(self.model, self.target, {**params, **leaves}, kwargs, layout, delta)
                 return loss * scale, (loss.detach(), _logits(outputs))
@@ -131,9 +151,14 @@ class Engine:
             differentiate = grad_and_value(scaled_loss, argnums=argnums, has_aux=True)
 
             def full_pass(
-                leaves: Params, delta: Delta, params: Params, kwargs: Mapping[str, Any], layout: Layout
+                leaves: Params,
+                delta: Delta,
+                params: Params,
+                kwargs: Mapping[str, Any],
+                layout: Layout,
+                scale: torch.Tensor,
             ) -> tuple[torch.Tensor, torch.Tensor | None, Params, Delta]:
-                grads, (_, (loss, logits)) = differentiate(leaves, delta, params, kwargs, layout)
+                grads, (_, (loss, logits)) = differentiate(leaves, delta, params, kwargs, layout, scale)
                 if with_delta_grad:
                     return loss, logits, grads[0], grads[1]
                 return loss, logits, grads, {}

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import inspect
+import typing
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
@@ -25,23 +26,56 @@ LossFn = Callable[[Any, Mapping[str, Any]], torch.Tensor]
 _OFFSET_ATTRIBUTE = "advfunc_offset"
 
 
-class _AddOffset:
+def _add_offset(module: nn.Module, args: Any, output: torch.Tensor) -> torch.Tensor:
     """Forward hook: ``out + module.advfunc_offset`` while ``functional_call`` supplies it."""
+    offset = getattr(module, _OFFSET_ATTRIBUTE, None)
+    if offset is None:
+        return output
+    if output.shape != offset.shape:
+        raise ValueError(
+            f"the input embedding returned shape {tuple(output.shape)} but the perturbation has "
+            f"{tuple(offset.shape)}: the model embeds something other than the batch's input_ids"
+        )
+    return output + offset.to(output.dtype)
+
+
+class OffsetCalls:
+    """Counts the embedding calls that received an offset (eager steps only).
+
+    A compiled step uses the stateless hook: a counter would be a Python int that
+    ``torch.compile`` specialises on, recompiling at every call.
+    """
 
     def __init__(self) -> None:
         self.calls = 0
 
     def __call__(self, module: nn.Module, args: Any, output: torch.Tensor) -> torch.Tensor:
-        offset = getattr(module, _OFFSET_ATTRIBUTE, None)
-        if offset is None:
-            return output
-        self.calls += 1
-        if output.shape != offset.shape:
-            raise ValueError(
-                f"the input embedding returned shape {tuple(output.shape)} but the perturbation has "
-                f"{tuple(offset.shape)}: the model embeds something other than the batch's input_ids"
-            )
-        return output + offset.to(output.dtype)
+        if getattr(module, _OFFSET_ATTRIBUTE, None) is not None:
+            self.calls += 1
+        return _add_offset(module, args, output)
+
+
+def accepted_keywords(model: nn.Module) -> set[str]:
+    """The keyword arguments ``model.forward`` takes, including those of a typed ``**kwargs``.
+
+    Recent transformers declare flags such as ``output_hidden_states`` as
+    ``**kwargs: Unpack[TransformersKwargs]``; their keys count as accepted. An untyped
+    ``**kwargs`` accepts nothing extra: a misspelt key must not vanish silently.
+    """
+    signature = inspect.signature(model.forward)
+    accepted = {
+        name for name, p in signature.parameters.items() if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)
+    }
+    var_keyword = [name for name, p in signature.parameters.items() if p.kind == p.VAR_KEYWORD]
+    if var_keyword:
+        try:
+            hints = typing.get_type_hints(model.forward, include_extras=True)
+        except Exception:  # unresolvable annotations: keep the named arguments only
+            hints = {}
+        for arg in typing.get_args(hints.get(var_keyword[0])):
+            keys = getattr(arg, "__required_keys__", frozenset()) | getattr(arg, "__optional_keys__", frozenset())
+            accepted |= set(keys)
+    return accepted
 
 
 class PerturbedModel:
@@ -50,9 +84,14 @@ class PerturbedModel:
     ``loss_fn(outputs, batch)`` replaces ``outputs.loss`` when given.
     """
 
-    def __init__(self, model: nn.Module, loss_fn: LossFn | None = None) -> None:
+    def __init__(self, model: nn.Module, loss_fn: LossFn | None = None, autocast: torch.dtype | None = None) -> None:
+        if autocast not in (None, torch.bfloat16, torch.float16):
+            raise ValueError(f"autocast must be None, torch.bfloat16 or torch.float16, got {autocast!r}")
+        if loss_fn is not None and not callable(loss_fn):
+            raise TypeError(f"loss_fn must be callable as loss_fn(outputs, batch), got {type(loss_fn).__name__}")
         self.model = model
         self.loss_fn = loss_fn
+        self.autocast = autocast
         self.embedding = input_embedding(model)
         module_names = {module: name for name, module in model.named_modules()}
         prefix = module_names.get(self.embedding)
@@ -60,10 +99,7 @@ class PerturbedModel:
             raise ValueError("get_input_embeddings() returned a module that is not inside the model")
         self.offset_key = f"{prefix}.{_OFFSET_ATTRIBUTE}" if prefix else _OFFSET_ATTRIBUTE
         self.num_embeddings = getattr(self.embedding, "num_embeddings", None)
-        signature = inspect.signature(model.forward)
-        self.accepted = {
-            name for name, p in signature.parameters.items() if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)
-        }
+        self.accepted = accepted_keywords(model)
         self.pass_return_dict = "return_dict" in self.accepted
 
     def check_batch(self, batch: Any, needs_ids: bool = True, needs_loss: bool = True) -> dict[str, Any]:
@@ -117,12 +153,15 @@ class PerturbedModel:
         return kwargs
 
     @contextlib.contextmanager
-    def hooked(self) -> Iterator[_AddOffset]:
-        """Register the offset hook for the length of one step; removed whatever happens."""
-        hook = _AddOffset()
-        handle = self.embedding.register_forward_hook(hook)
+    def hooked(self, count: bool = True) -> Iterator[OffsetCalls | None]:
+        """Register the offset hook for the length of one step; removed whatever happens.
+
+        Yields an ``OffsetCalls`` counter when ``count`` (eager), else None (compiled).
+        """
+        counter = OffsetCalls() if count else None
+        handle = self.embedding.register_forward_hook(counter if counter is not None else _add_offset)
         try:
-            yield hook
+            yield counter
         finally:
             handle.remove()
 
@@ -131,12 +170,17 @@ class PerturbedModel:
     ) -> Any:
         """The model's outputs at ``params`` with ``offset`` [B, L, H] added to the embedding output.
 
-        Call inside ``hooked()``. One forward pass.
+        Call inside ``hooked()``. One forward pass, under ``torch.autocast`` when the model
+        was given an autocast dtype (the offset and all norms stay in float32).
         """
         state = dict(params)
         if offset is not None:
             state[self.offset_key] = offset
-        return functional_call(self.model, state, (), dict(kwargs), strict=False)
+        if self.autocast is None:
+            return functional_call(self.model, state, (), dict(kwargs), strict=False)
+        device_type = next(iter(state.values())).device.type
+        with torch.autocast(device_type=device_type, dtype=self.autocast):
+            return functional_call(self.model, state, (), dict(kwargs), strict=False)
 
     def loss(
         self, params: Mapping[str, torch.Tensor], kwargs: Mapping[str, Any], offset: torch.Tensor | None

@@ -9,7 +9,7 @@ from typing import Any, NamedTuple
 import torch
 from torch import nn
 
-from advfunc.forward import PerturbedModel
+from advfunc.forward import OffsetCalls, PerturbedModel
 from advfunc.parameters import Params, params_of, trainable_names
 from advfunc.targets import Delta, Layout, NamedParameters, Target
 
@@ -68,9 +68,17 @@ class Prepared:
 
 
 def prepare(
-    model: nn.Module, perturbed: PerturbedModel, target: Target, params: Mapping[str, torch.Tensor], batch: Any
+    model: nn.Module,
+    perturbed: PerturbedModel,
+    target: Target,
+    params: Mapping[str, torch.Tensor],
+    batch: Any,
+    needs_loss: bool = True,
 ) -> Prepared:
-    """Check ``params`` and ``batch`` and fill in the model's own tensors for missing names."""
+    """Check ``params`` and ``batch`` and fill in the model's own tensors for missing names.
+
+    ``needs_loss=False`` admits a batch without labels (VAT on unlabelled text).
+    """
     if not isinstance(params, Mapping):
         raise TypeError(
             f"params must be a mapping name -> tensor (advfunc.params_of(model)), got {type(params).__name__}"
@@ -87,7 +95,7 @@ def prepare(
     trainable = trainable_names(model)
     if not trainable:
         raise ValueError("the model has no parameter with requires_grad=True: nothing to train")
-    kwargs = perturbed.check_batch(batch, needs_ids=not isinstance(target, NamedParameters))
+    kwargs = perturbed.check_batch(batch, needs_ids=not isinstance(target, NamedParameters), needs_loss=needs_loss)
     layout = target.layout(kwargs)
     return Prepared(full, trainable, kwargs, layout, next(iter(full.values())).device)
 
@@ -109,9 +117,12 @@ def summed(first: Grads, second: Grads) -> Grads:
     return {name: first[name].add_(second[name]) for name in first}
 
 
-def check_hook_fired(calls: int, compiled: bool) -> None:
-    """Raise when the model never ran its input embedding: the perturbation would be a no-op."""
-    if not compiled and calls == 0:
+def check_hook_fired(counter: OffsetCalls | None) -> None:
+    """Raise when the model never ran its input embedding: the perturbation would be a no-op.
+
+    ``counter`` is None where nothing is counted (compiled steps, parameter targets).
+    """
+    if counter is not None and counter.calls == 0:
         raise ValueError(
             "the model never called its input-embedding module, so the perturbation had no effect; "
             "does the batch bypass it?"
@@ -141,3 +152,18 @@ def report(
         logits=logits,
         delta_tokens=layout.row_token,
     )
+
+
+def as_scale(loss_scale: float | torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A step's ``loss_scale`` as a 0-dim float32 tensor; grads are returned multiplied by it.
+
+    Mixed-precision users pass their scaler's current scale and unscale the grads; a
+    tensor keeps a compiled step from recompiling when the scale changes.
+    """
+    if isinstance(loss_scale, torch.Tensor):
+        if loss_scale.numel() != 1:
+            raise ValueError(f"loss_scale must be a scalar, got a tensor of shape {tuple(loss_scale.shape)}")
+        return loss_scale.detach().reshape(()).to(device=device, dtype=torch.float32)
+    if isinstance(loss_scale, bool) or not isinstance(loss_scale, (int, float)) or not loss_scale > 0:
+        raise ValueError(f"loss_scale must be a number > 0 (1.0 without mixed precision), got {loss_scale!r}")
+    return torch.tensor(float(loss_scale), dtype=torch.float32, device=device)

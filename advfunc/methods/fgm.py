@@ -12,7 +12,18 @@ from advfunc.arguments import require_positive
 from advfunc.engine import Engine, resolve_compile
 from advfunc.forward import LossFn, PerturbedModel
 from advfunc.norms import l2_direction
-from advfunc.step import Grads, Step, StepOutput, check_hook_fired, drop_if_skipped, prepare, report, summed, zero_delta
+from advfunc.step import (
+    Grads,
+    Step,
+    StepOutput,
+    as_scale,
+    check_hook_fired,
+    drop_if_skipped,
+    prepare,
+    report,
+    summed,
+    zero_delta,
+)
 from advfunc.targets import TargetSpec, resolve_target
 
 
@@ -22,6 +33,7 @@ def fgm(
     *,
     target: TargetSpec = "weight",
     loss_fn: LossFn | None = None,
+    autocast: torch.dtype | None = None,
     compile: bool | None = None,
 ) -> Step:
     """Fast Gradient Method: one L2-normalised ascent step on the target, then train on both.
@@ -42,15 +54,20 @@ def fgm(
     """
     epsilon = require_positive("epsilon", epsilon)
     chosen = resolve_target(model, target, allowed=("weight", "embeds", "names"))
-    perturbed = PerturbedModel(model, loss_fn)
+    perturbed = PerturbedModel(model, loss_fn, autocast)
     engine = Engine(perturbed, chosen, resolve_compile(compile, model))
 
-    def step(params: Mapping[str, torch.Tensor], batch: Mapping[str, Any]) -> tuple[Grads, StepOutput]:
+    def step(
+        params: Mapping[str, torch.Tensor], batch: Mapping[str, Any], *, loss_scale: float | torch.Tensor = 1.0
+    ) -> tuple[Grads, StepOutput]:
         call = prepare(model, perturbed, chosen, params, batch)
+        scale = as_scale(loss_scale, call.device)
         zero = zero_delta(chosen, call)
-        with perturbed.hooked() as hook:
-            clean = engine.full(call.params, call.trainable, call.kwargs, call.layout, zero, with_delta_grad=True)
-            check_hook_fired(hook.calls, engine.compiled or chosen.kind == "params")
+        with perturbed.hooked(count=not engine.compiled) as calls:
+            clean = engine.full(
+                call.params, call.trainable, call.kwargs, call.layout, zero, with_delta_grad=True, scale=scale
+            )
+            check_hook_fired(calls if chosen.kind != "params" else None)
             skipped = torch.zeros((), dtype=torch.bool, device=call.device)
             r = {}
             for key, g in clean.delta_grads.items():
@@ -58,7 +75,9 @@ def fgm(
                 skipped = skipped | ~finite
                 r[key] = (epsilon * direction).to(zero[key].dtype)
             r = drop_if_skipped(r, skipped)
-            adv = engine.full(call.params, call.trainable, call.kwargs, call.layout, r, with_delta_grad=False)
+            adv = engine.full(
+                call.params, call.trainable, call.kwargs, call.layout, r, with_delta_grad=False, scale=scale
+            )
         grads = summed(clean.param_grads, adv.param_grads)
         return grads, report(chosen, call.layout, r, clean.loss, adv.loss, skipped, clean.logits)
 

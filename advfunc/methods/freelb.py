@@ -13,7 +13,7 @@ from advfunc.engine import Engine, resolve_compile
 from advfunc.forward import LossFn, PerturbedModel
 from advfunc.norms import l2_direction, linf_direction
 from advfunc.projection import project_l2, project_linf
-from advfunc.step import Grads, Step, StepOutput, check_hook_fired, drop_if_skipped, prepare, report
+from advfunc.step import Grads, Step, StepOutput, as_scale, check_hook_fired, drop_if_skipped, prepare, report
 from advfunc.targets import EmbeddingOutput, Layout, resolve_target
 
 # FreeLB's own guard against a zero gradient norm: G / clamp(‖G‖, min=1e-8).
@@ -55,6 +55,7 @@ def freelb(
     generator: torch.Generator | None = None,
     *,
     loss_fn: LossFn | None = None,
+    autocast: torch.dtype | None = None,
     compile: bool | None = None,
 ) -> Step:
     """FreeLB (official algorithm) on the embedding output, per example.
@@ -80,15 +81,20 @@ def freelb(
         raise TypeError(f"generator must be a torch.Generator or None, got {type(generator).__name__}")
     chosen = resolve_target(model, "embeds", allowed=("embeds",))
     assert isinstance(chosen, EmbeddingOutput)
-    perturbed = PerturbedModel(model, loss_fn)
+    perturbed = PerturbedModel(model, loss_fn, autocast)
     engine = Engine(perturbed, chosen, resolve_compile(compile, model))
     direction_of = l2_direction if norm == "l2" else linf_direction
     default_generator = generator
 
     def step(
-        params: Mapping[str, torch.Tensor], batch: Mapping[str, Any], *, generator: torch.Generator | None = None
+        params: Mapping[str, torch.Tensor],
+        batch: Mapping[str, Any],
+        *,
+        generator: torch.Generator | None = None,
+        loss_scale: float | torch.Tensor = 1.0,
     ) -> tuple[Grads, StepOutput]:
         call = prepare(model, perturbed, chosen, params, batch)
+        scale = as_scale(loss_scale, call.device) / steps
         embeds = freelb_init(
             call.layout,
             init_mag,
@@ -100,7 +106,7 @@ def freelb(
         skipped = torch.zeros((), dtype=torch.bool, device=call.device)
         total: Grads = {}
         losses = []
-        with perturbed.hooked() as hook:
+        with perturbed.hooked(count=not engine.compiled) as calls:
             for _ in range(steps):
                 at = engine.full(
                     call.params,
@@ -109,9 +115,9 @@ def freelb(
                     call.layout,
                     {"embeds": embeds},
                     with_delta_grad=True,
-                    scale=1.0 / steps,
+                    scale=scale,
                 )
-                check_hook_fired(hook.calls, engine.compiled)
+                check_hook_fired(calls)
                 total = {n: total[n].add_(g) for n, g in at.param_grads.items()} if total else at.param_grads
                 losses.append(at.loss)
                 direction, finite = direction_of(at.delta_grads["embeds"], (1, 2), NORM_FLOOR)

@@ -14,7 +14,18 @@ from advfunc.forward import LossFn, PerturbedModel
 from advfunc.norms import l2_direction
 from advfunc.parameters import Params
 from advfunc.projection import project_l2
-from advfunc.step import Grads, Step, StepOutput, check_hook_fired, drop_if_skipped, prepare, report, summed, zero_delta
+from advfunc.step import (
+    Grads,
+    Step,
+    StepOutput,
+    as_scale,
+    check_hook_fired,
+    drop_if_skipped,
+    prepare,
+    report,
+    summed,
+    zero_delta,
+)
 from advfunc.targets import Delta, Layout, Target, TargetSpec, resolve_target
 
 
@@ -41,6 +52,7 @@ def pgd(
     *,
     target: TargetSpec = "weight",
     loss_fn: LossFn | None = None,
+    autocast: torch.dtype | None = None,
     compile: bool | None = None,
 ) -> Step:
     """Projected Gradient Descent adversarial training, the seed's K-step loop.
@@ -68,30 +80,41 @@ def pgd(
     alpha = require_positive("alpha", alpha)
     steps = require_steps("steps", steps)
     chosen = resolve_target(model, target, allowed=("weight", "embeds", "names"))
-    perturbed = PerturbedModel(model, loss_fn)
+    perturbed = PerturbedModel(model, loss_fn, autocast)
     engine = Engine(perturbed, chosen, resolve_compile(compile, model))
 
     def inner_step(
-        params: Params, kwargs: Mapping[str, Any], layout: Layout, delta: Delta
+        params: Params, kwargs: Mapping[str, Any], layout: Layout, delta: Delta, scale: torch.Tensor
     ) -> tuple[Delta, torch.Tensor]:
-        return pgd_ascent(delta, engine.delta_only(params, kwargs, layout, delta), chosen, epsilon, alpha)
+        return pgd_ascent(delta, engine.delta_only(params, kwargs, layout, delta, scale), chosen, epsilon, alpha)
 
     inner = torch.compile(inner_step, fullgraph=True) if engine.compiled else inner_step
 
-    def step(params: Mapping[str, torch.Tensor], batch: Mapping[str, Any]) -> tuple[Grads, StepOutput]:
+    def step(
+        params: Mapping[str, torch.Tensor], batch: Mapping[str, Any], *, loss_scale: float | torch.Tensor = 1.0
+    ) -> tuple[Grads, StepOutput]:
         call = prepare(model, perturbed, chosen, params, batch)
-        with perturbed.hooked() as hook:
+        scale = as_scale(loss_scale, call.device)
+        with perturbed.hooked(count=not engine.compiled) as calls:
             clean = engine.full(
-                call.params, call.trainable, call.kwargs, call.layout, zero_delta(chosen, call), with_delta_grad=True
+                call.params,
+                call.trainable,
+                call.kwargs,
+                call.layout,
+                zero_delta(chosen, call),
+                with_delta_grad=True,
+                scale=scale,
             )
-            check_hook_fired(hook.calls, engine.compiled or chosen.kind == "params")
+            check_hook_fired(calls if chosen.kind != "params" else None)
             delta, finite = pgd_ascent(zero_delta(chosen, call), clean.delta_grads, chosen, epsilon, alpha)
             skipped = ~finite
             for _ in range(steps - 1):
-                delta, finite = inner(call.params, call.kwargs, call.layout, delta)
+                delta, finite = inner(call.params, call.kwargs, call.layout, delta, scale)
                 skipped = skipped | ~finite
             delta = drop_if_skipped(delta, skipped)
-            adv = engine.full(call.params, call.trainable, call.kwargs, call.layout, delta, with_delta_grad=False)
+            adv = engine.full(
+                call.params, call.trainable, call.kwargs, call.layout, delta, with_delta_grad=False, scale=scale
+            )
         grads = summed(clean.param_grads, adv.param_grads)
         return grads, report(chosen, call.layout, delta, clean.loss, adv.loss, skipped, clean.logits)
 
