@@ -46,6 +46,24 @@ def perturbed_loss(
     return model.loss(params, kwargs, target.offset(delta, layout))
 
 
+def owned(grads: Params) -> Params:
+    """``grads`` with every tensor contiguous and in storage of its own, safe to add into.
+
+    autograd may hand back one tensor for two inputs (the backward of ``a + b``) or a
+    broadcast view (the backward of ``sum``); accumulating in place into those would
+    corrupt a neighbour. Ordinary gradients pass through without a copy.
+    """
+    seen: set[int] = set()
+    safe: Params = {}
+    for name, tensor in grads.items():
+        if not tensor.is_contiguous() or tensor._base is not None or tensor.data_ptr() in seen:
+            tensor = tensor.clone(memory_format=torch.contiguous_format)
+        if tensor.numel():
+            seen.add(tensor.data_ptr())
+        safe[name] = tensor
+    return safe
+
+
 def _logits(outputs: Any) -> torch.Tensor | None:
     logits = getattr(outputs, "logits", None)
     return logits.detach() if isinstance(logits, torch.Tensor) else None
@@ -70,10 +88,15 @@ class Engine:
         delta: Delta,
         with_delta_grad: bool,
         scale: float | torch.Tensor = 1.0,
+        accumulate_into: Params | None = None,
     ) -> Pass:
         """One forward+backward: ∂(scale·L(θ, δ))/∂θ for the trainable θ (and ∂/∂δ if asked).
 
-        ``scale`` carries FreeLB's 1/K and a mixed-precision loss scale.
+        ``scale`` carries FreeLB's 1/K and a mixed-precision loss scale. With
+        ``accumulate_into`` (the step's own gradient buffers from an earlier pass), the
+        parameter gradients are added into those buffers, which are returned: the eager
+        engine adds each parameter's gradient as soon as backward produces it, so a step
+        never holds two full gradient dicts at once.
         """
         if self.compiled:
             fn = self._compiled_full(with_delta_grad)
@@ -81,15 +104,27 @@ class Engine:
             loss, logits, param_grads, delta_grads = fn(
                 {n: params[n] for n in trainable}, delta, params, kwargs, layout, scale_tensor
             )
+            if accumulate_into is not None:
+                param_grads = {n: accumulate_into[n].add_(g) for n, g in param_grads.items()}
             return Pass(loss, logits, param_grads, delta_grads)
         leaves = {n: params[n].detach().requires_grad_(True) for n in trainable}
+        if accumulate_into is not None:
+            for name, leaf in leaves.items():
+                # The hook's result is what autograd.grad captures: the buffer itself, so
+                # the fresh gradient is freed right after it is added.
+                leaf.register_hook(accumulate_into[name].add_)
         delta_in = {k: v.detach().requires_grad_(with_delta_grad) for k, v in delta.items()}
         loss, outputs = perturbed_loss(self.model, self.target, {**params, **leaves}, kwargs, layout, delta_in)
         wrt = [*leaves.values(), *(delta_in.values() if with_delta_grad else ())]
         scaled = loss if isinstance(scale, float) and scale == 1.0 else loss * scale
         grads = torch.autograd.grad(scaled, wrt, allow_unused=True, materialize_grads=True)
-        param_grads = dict(zip(leaves, grads[: len(leaves)], strict=False))
-        delta_grads = dict(zip(delta_in, grads[len(leaves) :], strict=False)) if with_delta_grad else {}
+        # An unused parameter's hook never runs; its buffer already holds the right sum.
+        param_grads = (
+            dict(accumulate_into)
+            if accumulate_into is not None
+            else owned(dict(zip(leaves, grads[: len(leaves)], strict=True)))
+        )
+        delta_grads = dict(zip(delta_in, grads[len(leaves) :], strict=True)) if with_delta_grad else {}
         return Pass(loss.detach(), _logits(outputs), param_grads, delta_grads)
 
     def delta_only(

@@ -21,7 +21,6 @@ from advfunc.step import (
     drop_if_skipped,
     prepare,
     report,
-    summed,
     zero_delta,
 )
 from advfunc.targets import TargetSpec, resolve_target
@@ -76,9 +75,16 @@ def fgm(
                 r[key] = (epsilon * direction).to(zero[key].dtype)
             r = drop_if_skipped(r, skipped)
             adv = engine.full(
-                call.params, call.trainable, call.kwargs, call.layout, r, with_delta_grad=False, scale=scale
+                call.params,
+                call.trainable,
+                call.kwargs,
+                call.layout,
+                r,
+                with_delta_grad=False,
+                scale=scale,
+                accumulate_into=clean.param_grads,
             )
-        grads = summed(clean.param_grads, adv.param_grads)
+        grads = adv.param_grads  # clean + adversarial, summed in the clean pass's buffers
         return grads, report(chosen, call.layout, r, clean.loss, adv.loss, skipped, clean.logits)
 
     return Step("fgm", 2, {"epsilon": epsilon, "target": chosen.kind}, step)

@@ -116,9 +116,10 @@ def freelb(
                     {"embeds": embeds},
                     with_delta_grad=True,
                     scale=scale,
+                    accumulate_into=total or None,
                 )
                 check_hook_fired(calls)
-                total = {n: total[n].add_(g) for n, g in at.param_grads.items()} if total else at.param_grads
+                total = at.param_grads
                 losses.append(at.loss)
                 direction, finite = direction_of(at.delta_grads["embeds"], (1, 2), NORM_FLOOR)
                 skipped = skipped | ~finite

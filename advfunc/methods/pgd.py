@@ -23,7 +23,6 @@ from advfunc.step import (
     drop_if_skipped,
     prepare,
     report,
-    summed,
     zero_delta,
 )
 from advfunc.targets import Delta, Layout, Target, TargetSpec, resolve_target
@@ -113,9 +112,16 @@ def pgd(
                 skipped = skipped | ~finite
             delta = drop_if_skipped(delta, skipped)
             adv = engine.full(
-                call.params, call.trainable, call.kwargs, call.layout, delta, with_delta_grad=False, scale=scale
+                call.params,
+                call.trainable,
+                call.kwargs,
+                call.layout,
+                delta,
+                with_delta_grad=False,
+                scale=scale,
+                accumulate_into=clean.param_grads,
             )
-        grads = summed(clean.param_grads, adv.param_grads)
+        grads = adv.param_grads  # clean + adversarial, summed in the clean pass's buffers
         return grads, report(chosen, call.layout, delta, clean.loss, adv.loss, skipped, clean.logits)
 
     return Step("pgd", steps + 1, {"epsilon": epsilon, "alpha": alpha, "steps": steps, "target": chosen.kind}, step)
