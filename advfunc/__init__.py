@@ -9,23 +9,40 @@ Every method is a pure function of ``(params, batch)`` built on ``torch.func``::
     optimizer.step()
 """
 
+from advfunc.divergence import kl_logits, symmetric_kl
+from advfunc.methods.awp import awp, awp_parameters
 from advfunc.methods.fgm import fgm
+from advfunc.methods.free_at import free_at
 from advfunc.methods.freelb import freelb
 from advfunc.methods.pgd import pgd
+from advfunc.methods.r3f import r3f
+from advfunc.methods.smart import smart
+from advfunc.methods.vat import vat
 from advfunc.parameters import params_of, set_grads, trainable_names
 from advfunc.projection import project_l2, project_linf
 from advfunc.step import Step, StepOutput
+from advfunc.teacher import ema, teacher_of
 
 __all__ = [
     "Step",
     "StepOutput",
+    "awp",
+    "awp_parameters",
+    "ema",
     "fgm",
+    "free_at",
     "freelb",
+    "kl_logits",
     "params_of",
     "pgd",
     "project_l2",
     "project_linf",
+    "r3f",
     "set_grads",
+    "smart",
+    "symmetric_kl",
+    "teacher_of",
     "trainable_names",
+    "vat",
 ]
 __version__ = "0.1.0"

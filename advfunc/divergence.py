@@ -1,0 +1,60 @@
+"""KL divergences between the categorical distributions two sets of logits define.
+
+VAT's virtual adversarial loss, SMART's smoothness and proximal terms and R3F's
+regulariser all compare ``softmax(logits)`` of two forwards. The class axis is the last
+one; every leading position ([B] for sequence classification, [B, L] for token
+classification) counts equally in the mean, the ``batchmean`` of ``F.kl_div``. Logits
+must be finite. Everything is computed in float32, whatever the model's dtype.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+
+def logits_of(outputs: Any) -> torch.Tensor:
+    """``outputs.logits``, or a ``ValueError`` saying the method needs them."""
+    logits = getattr(outputs, "logits", None)
+    if not isinstance(logits, torch.Tensor):
+        raise ValueError(
+            f"the model's outputs ({type(outputs).__name__}) have no 'logits' tensor; VAT, SMART and R3F "
+            "compare the output distributions of two forwards, so the model must return logits"
+        )
+    return logits
+
+
+def kl_logits(p_logits: torch.Tensor, q_logits: torch.Tensor) -> torch.Tensor:
+    """KL(p ‖ q) with p = softmax(p_logits), q = softmax(q_logits), averaged over positions.
+
+    .. math::
+        \\mathrm{KL}(p ‖ q) = \\operatorname{mean}_{\\text{positions}} \\sum_c
+            \\big[p_c (\\log p_c − \\log q_c) + q_c − p_c\\big]
+
+    The added q_c − p_c sums to 0 (both are distributions), so the value and gradient
+    are KL's; what it buys is that every summand is >= 0 (log x <= x − 1), so the result
+    is >= 0 despite round-off, and exactly 0 when the logits are equal. Summands that
+    round-off makes negative are clamped at 0: they lie where p_c = q_c to float32
+    precision, so their gradient is at round-off level too.
+
+    ``p_logits``, ``q_logits``: [..., C] of equal shape. Returns a 0-dim float32 tensor;
+    gradients flow to both arguments (detach one to hold it fixed).
+    """
+    if p_logits.shape != q_logits.shape:
+        raise ValueError(
+            f"KL needs logits of equal shape, got {tuple(p_logits.shape)} and {tuple(q_logits.shape)}; "
+            "both forwards must see the same batch"
+        )
+    log_p = torch.log_softmax(p_logits.float(), dim=-1)  # [..., C]
+    log_q = torch.log_softmax(q_logits.float(), dim=-1)  # [..., C]
+    p = log_p.exp()
+    q = log_q.exp()
+    summands = p * (log_p - log_q) + (q - p)  # [..., C], each >= 0 in exact arithmetic
+    per_position = summands.clamp_min(0).sum(dim=-1)  # [...]
+    return per_position.mean()
+
+
+def symmetric_kl(p_logits: torch.Tensor, q_logits: torch.Tensor) -> torch.Tensor:
+    """KL(p ‖ q) + KL(q ‖ p), the symmetric KL of SMART and R3F; >= 0, 0 at equal logits."""
+    return kl_logits(p_logits, q_logits) + kl_logits(q_logits, p_logits)
