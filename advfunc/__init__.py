@@ -9,6 +9,8 @@ Every method is a pure function of ``(params, batch)`` built on ``torch.func``::
     optimizer.step()
 """
 
+from advfunc import distributed, precision
+from advfunc.accumulation import Accumulated, accumulate, split_batch
 from advfunc.divergence import kl_logits, symmetric_kl
 from advfunc.methods.awp import awp, awp_parameters
 from advfunc.methods.fgm import fgm
@@ -19,15 +21,20 @@ from advfunc.methods.r3f import r3f
 from advfunc.methods.smart import smart
 from advfunc.methods.vat import vat
 from advfunc.parameters import params_of, set_grads, trainable_names
+from advfunc.precision import LossScale
 from advfunc.projection import project_l2, project_linf
 from advfunc.step import Step, StepOutput
 from advfunc.teacher import ema, teacher_of
 
 __all__ = [
+    "Accumulated",
+    "LossScale",
     "Step",
     "StepOutput",
+    "accumulate",
     "awp",
     "awp_parameters",
+    "distributed",
     "ema",
     "fgm",
     "free_at",
@@ -35,11 +42,13 @@ __all__ = [
     "kl_logits",
     "params_of",
     "pgd",
+    "precision",
     "project_l2",
     "project_linf",
     "r3f",
     "set_grads",
     "smart",
+    "split_batch",
     "symmetric_kl",
     "teacher_of",
     "trainable_names",

@@ -19,6 +19,7 @@ import torch
 from torch import nn
 from torch.func import functional_call
 
+from advfunc.distributed import refuse_sharded
 from advfunc.targets import input_embedding
 
 LossFn = Callable[[Any, Mapping[str, Any]], torch.Tensor]
@@ -89,6 +90,7 @@ class PerturbedModel:
             raise ValueError(f"autocast must be None, torch.bfloat16 or torch.float16, got {autocast!r}")
         if loss_fn is not None and not callable(loss_fn):
             raise TypeError(f"loss_fn must be callable as loss_fn(outputs, batch), got {type(loss_fn).__name__}")
+        refuse_sharded(model)  # FSDP/ZeRO-3 hooks would bypass functional_call: zero grads, no error
         self.model = model
         self.loss_fn = loss_fn
         self.autocast = autocast
