@@ -1,0 +1,237 @@
+"""Test-time attacks as pure functions of ``(params, batch)``: nothing is mutated.
+
+* :func:`embedding_pgd`: L2 PGD on the output of the input-embedding module, one ball of
+  radius r per example over (seq, hidden), padding never perturbed.
+* :func:`hotflip`: gradient-guided word substitution (Ebrahimi et al., 2018, "HotFlip"):
+  greedy first-order flips of whole-word tokens into whole-word neighbours, at most
+  ``budget`` changed tokens per example.
+
+Both differentiate only the perturbation (``torch.autograd.grad`` on a leaf of their
+own), never the parameters, and read the model through ``PerturbedModel`` so a model
+keeps reading ``input_ids`` its own way. Put the model in eval mode first: an attack is
+aimed at the network the user deploys, without dropout.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from advfunc.forward import PerturbedModel
+from advfunc.norms import l2_direction
+from advfunc.projection import project_l2
+
+
+def logits_of(outputs: Any) -> torch.Tensor:
+    """The classifier's logits [B, C] from a model's outputs."""
+    logits = getattr(outputs, "logits", None)
+    if logits is None and isinstance(outputs, (tuple, list)) and outputs:
+        logits = outputs[0]
+    if not isinstance(logits, torch.Tensor) or logits.dim() != 2:
+        raise ValueError("the attacks need a sequence classifier returning logits [batch, classes]")
+    return logits
+
+
+def _frozen(params: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {name: value.detach() for name, value in params.items()}
+
+
+def _width(perturbed: PerturbedModel) -> int:
+    embedding = perturbed.embedding
+    dim = getattr(embedding, "embedding_dim", None)
+    if dim is None:
+        weight = getattr(embedding, "weight", None)
+        if not isinstance(weight, torch.Tensor):
+            raise ValueError(f"cannot tell the output width of the input embedding {type(embedding).__name__}")
+        dim = weight.shape[-1]
+    return int(dim)
+
+
+def embedding_pgd(
+    perturbed: PerturbedModel,
+    params: Mapping[str, torch.Tensor],
+    batch: Mapping[str, Any],
+    radius: float,
+    steps: int,
+    step_size: float | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """L2 PGD on the embedding output: (offset [B, L, H], broken [B] bool).
+
+    .. math::
+        δ_0 = 0,\\quad δ_t = Π_r\\big(δ_{t-1} + α · G_t/‖G_t‖₂\\big),\\quad
+        G_t = ∇_δ \\sum_b \\mathrm{CE}(f(x_b + δ_b), y_b)
+
+    with per-example norms over (seq, hidden) and padding masked, α = 2.5·r/steps unless
+    ``step_size`` is given (Madry et al., 2018). ``broken[b]`` is true when example b is
+    misclassified at any iterate δ_0..δ_K: each iterate lies in the ball, so any of them
+    is a valid attack. The returned offset is δ_K as the model saw it (masked).
+    Cost: steps + 1 forwards and ``steps`` backwards to δ only.
+    """
+    if not radius > 0:
+        raise ValueError(f"radius must be > 0, got {radius!r}")
+    if steps < 1:
+        raise ValueError(f"steps must be >= 1, got {steps!r}")
+    kwargs = perturbed.check_batch(batch)
+    labels = kwargs["labels"]
+    ids = kwargs["input_ids"]
+    mask = kwargs.get("attention_mask")
+    mask = (mask if mask is not None else torch.ones_like(ids)).unsqueeze(-1).float()  # [B, L, 1]
+    alpha = step_size if step_size is not None else 2.5 * radius / steps
+    frozen = _frozen(params)
+    delta = torch.zeros((*ids.shape, _width(perturbed)), device=ids.device)
+    broken = torch.zeros(ids.shape[0], dtype=torch.bool, device=ids.device)
+    with perturbed.hooked():
+        for t in range(steps + 1):
+            leaf = delta.detach().requires_grad_(t < steps)
+            logits = logits_of(perturbed.outputs(frozen, kwargs, leaf * mask))
+            broken = broken | (logits.argmax(-1) != labels)
+            if t == steps:
+                break
+            loss = F.cross_entropy(logits.float(), labels, reduction="sum")
+            (grad,) = torch.autograd.grad(loss, [leaf])
+            direction, _ = l2_direction(grad * mask, (1, 2))  # zero where the gradient is zero or not finite
+            delta = project_l2(delta + alpha * direction, radius, (1, 2))
+    return (delta * mask).detach(), broken
+
+
+@dataclass(frozen=True)
+class WordVocabulary:
+    """Which tokens are whole words (substitutes), and which continue the previous token's word.
+
+    WordPiece (``##`` pieces), byte-level BPE (``Ġ`` word starts) and SentencePiece
+    (``▁`` word starts) vocabularies are recognised; special tokens are never words.
+    """
+
+    is_word: torch.Tensor  # [V] bool
+    continues: torch.Tensor  # [V] bool
+
+    @classmethod
+    def of(cls, tokenizer: Any, size: int) -> WordVocabulary:
+        """The vocabulary of ``tokenizer`` over ``size`` embedding rows (extra rows are no words)."""
+        known = min(size, len(tokenizer))
+        tokens = tokenizer.convert_ids_to_tokens(list(range(known)))
+        special = set(tokenizer.all_special_ids)
+        present = [t for t in tokens if t]
+        wordpiece = any(t.startswith("##") for t in present)
+        marker = None
+        if not wordpiece:
+            for candidate in ("Ġ", "▁"):
+                if sum(t.startswith(candidate) for t in present) > 0.1 * max(1, len(present)):
+                    marker = candidate
+        is_word = torch.zeros(size, dtype=torch.bool)
+        continues = torch.zeros(size, dtype=torch.bool)
+        for i, token in enumerate(tokens):
+            if not token or i in special:
+                continue
+            if wordpiece:
+                continues[i] = token.startswith("##")
+                is_word[i] = not continues[i] and token.isalpha()
+            elif marker is not None:
+                continues[i] = not token.startswith(marker)
+                is_word[i] = not continues[i] and token[len(marker) :].isalpha()
+            else:
+                is_word[i] = token.isalpha()
+        return cls(is_word, continues)
+
+
+def _neighbours(weight: torch.Tensor, tokens: torch.Tensor, words: torch.Tensor, count: int) -> torch.Tensor:
+    """[U, count] the ``count`` words nearest to each token by cosine in the embedding (itself excluded)."""
+    unit = F.normalize(weight.float(), dim=1)
+    sims = unit[tokens] @ unit[words].T  # [U, W]
+    sims[words.unsqueeze(0) == tokens.unsqueeze(1)] = float("-inf")
+    top = sims.topk(min(count, max(1, words.numel() - 1)), dim=1).indices
+    return words[top]
+
+
+def hotflip(
+    perturbed: PerturbedModel,
+    params: Mapping[str, torch.Tensor],
+    batch: Mapping[str, Any],
+    vocabulary: WordVocabulary,
+    budget: int,
+    neighbours: int = 50,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Greedy HotFlip word substitution: (flips [B] long, adversarial input_ids [B, L]).
+
+    At each round every example not yet misclassified changes one more word: over the
+    eligible positions i (a whole-word token not followed by a piece of the same word,
+    not changed before) and candidates c (the ``neighbours`` nearest whole words to the
+    original by cosine in the model's input-embedding matrix), it takes the largest
+    first-order loss increase (E[c] − E[x_i]) · ∂L/∂e_i. ``flips[b]`` is the number of
+    changes after which b was misclassified (0: already wrong on the clean text),
+    ``budget + 1`` when it survived ``budget`` changes. Cost: ``budget + 1`` forwards and
+    ``budget`` backwards to the embedding output, on the examples still standing.
+    """
+    if budget < 0:
+        raise ValueError(f"budget must be >= 0, got {budget!r}")
+    if neighbours < 1:
+        raise ValueError(f"neighbours must be >= 1, got {neighbours!r}")
+    kwargs = perturbed.check_batch(batch)
+    labels = kwargs["labels"]
+    original = kwargs["input_ids"]
+    mask = kwargs.get("attention_mask")
+    mask = (mask if mask is not None else torch.ones_like(original)).bool()
+    matrix = getattr(perturbed.embedding, "weight", None)
+    if not isinstance(matrix, torch.Tensor) or matrix.dim() != 2:
+        raise ValueError("HotFlip needs an input-embedding module with a [vocab, hidden] weight matrix")
+    weight = matrix.detach()
+    device = original.device
+    is_word = vocabulary.is_word.to(device)
+    continues = vocabulary.continues.to(device)
+    size, width = weight.shape
+    if is_word.numel() != size:
+        raise ValueError(f"the vocabulary covers {is_word.numel()} tokens, the embedding has {size} rows")
+
+    following = torch.cat([original[:, 1:], original[:, -1:]], dim=1)
+    following_real = torch.cat([mask[:, 1:], torch.zeros_like(mask[:, :1])], dim=1)
+    eligible = mask & is_word[original] & ~(continues[following] & following_real)
+    candidates = torch.full((*original.shape, neighbours), -1, dtype=torch.long, device=device)
+    words = is_word.nonzero().squeeze(1)
+    if eligible.any() and words.numel() > 1:
+        unique, inverse = torch.unique(original[eligible], return_inverse=True)
+        near = _neighbours(weight, unique, words, neighbours)  # [U, k]
+        candidates[eligible] = F.pad(near, (0, neighbours - near.shape[1]), value=-1)[inverse]
+
+    frozen = _frozen(params)
+    current = original.clone()
+    changed = torch.zeros_like(mask)
+    flips = torch.full((original.shape[0],), budget + 1, dtype=torch.long, device=device)
+    standing = torch.arange(original.shape[0], device=device)
+    with perturbed.hooked():
+        for round_ in range(budget + 1):
+            if standing.numel() == 0:
+                break
+            sub = {k: (v[standing] if isinstance(v, torch.Tensor) else v) for k, v in kwargs.items()}
+            sub["input_ids"] = current[standing]
+            leaf = torch.zeros((standing.numel(), original.shape[1], width), device=device)
+            leaf.requires_grad_(round_ < budget)
+            logits = logits_of(perturbed.outputs(frozen, sub, leaf))
+            wrong = logits.argmax(-1) != labels[standing]
+            flips[standing[wrong]] = round_
+            if round_ == budget:
+                break
+            (grad,) = torch.autograd.grad(F.cross_entropy(logits.float(), labels[standing], reduction="sum"), [leaf])
+            grad, standing = grad[~wrong], standing[~wrong]
+            open_ = (candidates[standing] >= 0) & ~changed[standing].unsqueeze(-1)  # [R, L, k]
+            where = open_.any(-1)  # [R, L] positions with a candidate left
+            if not where.any():
+                break
+            rows, cols = where.nonzero(as_tuple=True)
+            cands = candidates[standing[rows], cols]  # [P, k]
+            g = grad[rows, cols].float()  # [P, H]
+            gain = torch.einsum("ph,pkh->pk", g, weight[cands.clamp(min=0)].float())
+            gain = gain - (g * weight[current[standing[rows], cols]].float()).sum(-1, keepdim=True)
+            gain = gain.masked_fill(~open_[rows, cols], float("-inf"))
+            table = torch.full((standing.numel(), original.shape[1], neighbours), float("-inf"), device=device)
+            table[rows, cols] = gain
+            best = table.view(standing.numel(), -1).argmax(1)
+            has_move = table.view(standing.numel(), -1).amax(1) > float("-inf")
+            pos, choice = best // neighbours, best % neighbours
+            movers = standing[has_move]
+            current[movers, pos[has_move]] = candidates[movers, pos[has_move], choice[has_move]]
+            changed[movers, pos[has_move]] = True
+    return flips, current

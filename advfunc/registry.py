@@ -1,0 +1,211 @@
+"""Adversarial-training methods by name, for the CLI, the training loop and the Trainer.
+
+A method is one line of :data:`METHODS`: where its factory lives and how a training loop
+drives the step it returns. Its hyper-parameters are read from the factory's signature,
+so ``--method pgd:epsilon=0.5,steps=2`` works for every method without more code.
+A method whose module is not installed (yet) is listed nowhere and refused by name.
+"""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+import re
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import torch
+from torch import nn
+
+from advfunc.step import Step
+
+Driver = Literal["batch", "teacher", "replay"]
+
+
+@dataclass(frozen=True)
+class Method:
+    """A registered method.
+
+    ``factory``: ``"module:function"`` returning a ``Step``. ``driver``: how a training loop
+    calls the step: ``"batch"`` as ``step(params, batch)``; ``"teacher"`` as
+    ``step(params, batch, teacher)`` with an EMA teacher updated after each optimizer step
+    (SMART); ``"replay"`` as ``step(params, batch, delta)`` replayed on each batch with an
+    optimizer step between replays (free adversarial training).
+    """
+
+    factory: str
+    driver: Driver = "batch"
+
+
+METHODS: dict[str, Method] = {
+    "none": Method("advfunc.methods.plain:plain"),
+    "fgm": Method("advfunc.methods.fgm:fgm"),
+    "pgd": Method("advfunc.methods.pgd:pgd"),
+    "freelb": Method("advfunc.methods.freelb:freelb"),
+    "vat": Method("advfunc.methods.vat:vat"),
+    "r3f": Method("advfunc.methods.r3f:r3f"),
+    "awp": Method("advfunc.methods.awp:awp"),
+    "smart": Method("advfunc.methods.smart:smart", driver="teacher"),
+    "free_at": Method("advfunc.methods.free_at:free_at", driver="replay"),
+}
+
+# Options of the driver, not of the factory, given in the same method spec (smart:beta=0.999).
+DRIVER_OPTIONS: dict[str, dict[str, Any]] = {
+    "batch": {},
+    "teacher": {"beta": 0.99},  # SMART's EMA teacher, Jiang et al. 2020 §3.2
+    "replay": {"replays": 3},  # free AT's m; Shafahi et al. use 4–10 on images
+}
+
+# Factory arguments a training loop supplies itself, or that a command line cannot spell.
+_NOT_HYPERPARAMETERS = {"model", "loss_fn", "generator", "autocast", "compile", "names"}
+
+
+class MethodError(ValueError):
+    """An unknown method or hyper-parameter, or a value of the wrong type."""
+
+
+@dataclass(frozen=True)
+class Hyperparameter:
+    """One scalar argument of a factory: its name, default and the type its text parses to."""
+
+    name: str
+    default: Any
+    kind: type
+
+
+@dataclass(frozen=True)
+class MethodSpec:
+    """A method and the hyper-parameters given explicitly (the rest keep the factory defaults)."""
+
+    name: str
+    options: Mapping[str, Any] = field(default_factory=dict)
+    driver_options: Mapping[str, Any] = field(default_factory=dict)
+
+    @property
+    def label(self) -> str:
+        """``pgd`` or ``pgd(epsilon=0.5,steps=2)``: the name reports and folders use."""
+        given = {**self.options, **self.driver_options}
+        if not given:
+            return self.name
+        return f"{self.name}({','.join(f'{k}={v}' for k, v in sorted(given.items()))})"
+
+    @property
+    def method(self) -> Method:
+        return METHODS[self.name]
+
+    def driver_option(self, key: str) -> Any:
+        return self.driver_options.get(key, DRIVER_OPTIONS[self.method.driver][key])
+
+
+def available() -> list[str]:
+    """Names of the registered methods whose module can be imported here."""
+    names = []
+    for name in METHODS:
+        try:
+            factory_of(name)
+        except MethodError:
+            continue
+        names.append(name)
+    return names
+
+
+def factory_of(name: str) -> Callable[..., Step]:
+    """The factory function of method ``name``."""
+    if name not in METHODS:
+        raise MethodError(f"unknown method {name!r}; choose one of {available()}")
+    module_name, _, function = METHODS[name].factory.partition(":")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as error:
+        raise MethodError(f"method {name!r} is not available in this installation ({error})") from error
+    factory = getattr(module, function, None)
+    if not callable(factory):
+        raise MethodError(f"method {name!r}: {METHODS[name].factory} is not a function")
+    return factory
+
+
+def hyperparameters(name: str) -> dict[str, Hyperparameter]:
+    """The factory's scalar arguments (numbers, strings, flags) that a method spec can set."""
+    signature = inspect.signature(factory_of(name))
+    found = {}
+    for arg in signature.parameters.values():
+        if arg.name in _NOT_HYPERPARAMETERS or arg.kind in (arg.VAR_POSITIONAL, arg.VAR_KEYWORD):
+            continue
+        kind = _kind_of(arg)
+        if kind is not None:
+            found[arg.name] = Hyperparameter(arg.name, arg.default, kind)
+    return found
+
+
+def _kind_of(arg: inspect.Parameter) -> type | None:
+    default = arg.default
+    if isinstance(default, bool):
+        return bool
+    if isinstance(default, (int, float, str)):
+        return type(default)
+    if default is None:  # ``alpha: float | None = None``: the annotation says what the text means
+        words = set(re.findall(r"[A-Za-z_]+", str(arg.annotation)))
+        for kind in (float, int, str):
+            if kind.__name__ in words:
+                return kind
+    return None
+
+
+def parse_method(text: str) -> MethodSpec:
+    """Parse ``NAME`` or ``NAME:key=value,key=value`` into a checked ``MethodSpec``."""
+    name, _, rest = text.strip().partition(":")
+    name = name.strip()
+    known = hyperparameters(name)
+    driver_defaults = DRIVER_OPTIONS[METHODS[name].driver]
+    options: dict[str, Any] = {}
+    driver_options: dict[str, Any] = {}
+    for item in filter(None, (part.strip() for part in rest.split(","))):
+        key, sep, value = item.partition("=")
+        key = key.strip()
+        if not sep:
+            raise MethodError(f"method spec {text!r}: {item!r} is not key=value")
+        if key in known:
+            options[key] = _parse_value(name, known[key], value.strip())
+        elif key in driver_defaults:
+            default = driver_defaults[key]
+            driver_options[key] = _parse_value(name, Hyperparameter(key, default, type(default)), value.strip())
+        else:
+            candidates = sorted([*known, *driver_defaults])
+            raise MethodError(f"method {name!r} has no hyper-parameter {key!r}; it takes {candidates}")
+    return MethodSpec(name, options, driver_options)
+
+
+def _parse_value(method: str, hyper: Hyperparameter, text: str) -> Any:
+    if hyper.kind is bool:
+        lowered = text.lower()
+        if lowered in ("1", "true", "yes", "on"):
+            return True
+        if lowered in ("0", "false", "no", "off"):
+            return False
+        raise MethodError(f"{method}: {hyper.name} must be true or false, got {text!r}")
+    if hyper.kind is str:
+        return text
+    try:
+        return hyper.kind(text)
+    except ValueError:
+        what = "an integer" if hyper.kind is int else "a number"
+        raise MethodError(f"{method}: {hyper.name} must be {what}, got {text!r}") from None
+
+
+def build_step(spec: MethodSpec, model: nn.Module, seed: int = 0, **extra: Any) -> Step:
+    """Call the factory of ``spec`` on ``model``.
+
+    A factory that draws random numbers gets a generator seeded from ``seed``, so a run is
+    reproducible; ``extra`` arguments (``loss_fn``, ``autocast``) are passed where accepted.
+    Bad values raise the factory's own ``ValueError``/``TypeError``.
+    """
+    factory = factory_of(spec.name)
+    accepted = inspect.signature(factory).parameters
+    kwargs = dict(spec.options)
+    if "generator" in accepted:
+        first = next(model.parameters(), None)
+        device = first.device if first is not None else torch.device("cpu")
+        kwargs["generator"] = torch.Generator(device=device).manual_seed(10_000 + seed)
+    kwargs.update({k: v for k, v in extra.items() if k in accepted and v is not None})
+    return factory(model, **kwargs)

@@ -1,0 +1,160 @@
+"""The comparison report: ``results.json``, ``results.md`` (mean ± std over seeds) and a PNG plot.
+
+Every file is written atomically; the report is rewritten after each finished run, so a
+long comparison shows its progress and a killed one keeps what it finished.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+import statistics
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from advfunc import atomic
+
+RESULTS_JSON = "results.json"
+RESULTS_MD = "results.md"
+PLOT_PNG = "accuracy_vs_radius.png"
+
+
+def _metrics(run: Mapping[str, Any]) -> dict[str, float]:
+    """The numbers of one run that the table aggregates, flat."""
+    evaluation, training = run["eval"], run["train"]
+    flat = {
+        "clean": evaluation["clean_accuracy"],
+        "attack_clean": evaluation["attack_clean_accuracy"],
+        "time_per_step": training["time_per_step"],
+        "steps_per_second": training["steps_per_second"],
+        "train_minutes": training["seconds"] / 60,
+    }
+    flat.update({f"pgd@{r}": a for r, a in evaluation["robust"].items()})
+    flat.update({f"hotflip@{b}": a for b, a in evaluation["hotflip"].items()})
+    if run.get("validation_accuracy") is not None:
+        flat["validation"] = run["validation_accuracy"]
+    return flat
+
+
+def summarize(runs: Sequence[Mapping[str, Any]]) -> dict[str, dict[str, dict[str, float]]]:
+    """{method: {metric: {mean, std, n}}}; std is the sample standard deviation (0 for one seed)."""
+    grouped: dict[str, list[dict[str, float]]] = {}
+    for run in runs:
+        grouped.setdefault(run["method"], []).append(_metrics(run))
+    summary: dict[str, dict[str, dict[str, float]]] = {}
+    for method, rows in grouped.items():
+        summary[method] = {}
+        for key in rows[0]:
+            values = [row[key] for row in rows if key in row and math.isfinite(row[key])]
+            if values:
+                std = statistics.stdev(values) if len(values) > 1 else 0.0
+                summary[method][key] = {"mean": statistics.fmean(values), "std": std, "n": len(values)}
+    return summary
+
+
+def _cell(stats: Mapping[str, float] | None, digits: int = 3) -> str:
+    if stats is None:
+        return "—"
+    return f"{stats['mean']:.{digits}f} ± {stats['std']:.{digits}f}"
+
+
+def markdown(summary: Mapping[str, Mapping[str, Mapping[str, float]]], info: Mapping[str, Any]) -> str:
+    """The Markdown report: settings, then one row per method."""
+    radii = [str(r) for r in info["attack"]["radii"]]
+    budgets = [str(b) for b in range(1, info["attack"]["hotflip_budget"] + 1)]
+    head = ["method", "seeds", "clean acc (test)", *[f"PGD r={r}" for r in radii]]
+    head += [f"HotFlip ≤{b}" for b in budgets] + ["s / step", "steps / s"]
+    lines = [
+        f"# advfunc compare: {info['title']}",
+        "",
+        f"Command: `{info['command']}`",
+        "",
+        f"Model: {info['model']}. Data: {info['data']}. {info['sizes']}",
+        f"Training: {info['training']}",
+        f"Attacks ({info['attack']['examples']} test examples): {info['attack_text']}",
+        f"Finished runs: {info['finished_runs']} of {info['planned_runs']}, "
+        f"{info.get('elapsed_minutes', 0):.1f} min wall time. Machine: {info['machine']}.",
+        "",
+        "Cells are mean ± sample std over seeds. Robust accuracy counts an example as correct only if it is",
+        "correct clean and survives every attack up to that radius / budget.",
+        "",
+        "| " + " | ".join(head) + " |",
+        "|" + "|".join(["---"] * len(head)) + "|",
+    ]
+    for method, stats in summary.items():
+        seeds = int(stats["clean"]["n"]) if "clean" in stats else 0
+        row = [f"`{method}`", str(seeds), _cell(stats.get("clean"))]
+        row += [_cell(stats.get(f"pgd@{r}")) for r in radii]
+        row += [_cell(stats.get(f"hotflip@{b}")) for b in budgets]
+        row += [_cell(stats.get("time_per_step"), 2), _cell(stats.get("steps_per_second"), 2)]
+        lines.append("| " + " | ".join(row) + " |")
+    lines.append("")
+    return "\n".join(lines)
+
+
+def plot(summary: Mapping[str, Mapping[str, Mapping[str, float]]], info: Mapping[str, Any]) -> bytes:
+    """PNG bytes: accuracy against PGD radius (left) and HotFlip budget (right), one line per method."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # no display on a server; must precede pyplot
+    from matplotlib import pyplot as plt
+
+    radii = [float(r) for r in info["attack"]["radii"]]
+    budgets = list(range(0, info["attack"]["hotflip_budget"] + 1))
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.2))
+    for method, stats in summary.items():
+        if "attack_clean" not in stats:
+            continue
+        base = stats["attack_clean"]
+        series = [base] + [stats.get(f"pgd@{r}") for r in info["attack"]["radii"]]
+        xs = [0.0, *radii]
+        points = [(x, s) for x, s in zip(xs, series, strict=True) if s is not None]
+        left.errorbar(
+            [x for x, _ in points],
+            [s["mean"] for _, s in points],
+            yerr=[s["std"] for _, s in points],
+            marker="o",
+            capsize=3,
+            label=method,
+        )
+        flips = [base] + [stats.get(f"hotflip@{b}") for b in budgets[1:]]
+        pairs = [(b, s) for b, s in zip(budgets, flips, strict=True) if s is not None]
+        right.errorbar(
+            [b for b, _ in pairs],
+            [s["mean"] for _, s in pairs],
+            yerr=[s["std"] for _, s in pairs],
+            marker="o",
+            capsize=3,
+            label=method,
+        )
+    left.set_xlabel("embedding PGD radius (L2 per example)")
+    left.set_ylabel("accuracy")
+    left.set_title("Embedding-space PGD")
+    right.set_xlabel("changed words (HotFlip budget)")
+    right.set_title("Word substitution (HotFlip)")
+    right.set_xticks(budgets)
+    for axis in (left, right):
+        axis.set_ylim(0, 1)
+        axis.grid(alpha=0.3)
+    left.legend(fontsize=8)
+    fig.suptitle(f"{info['title']}: mean ± std over seeds, {info['attack']['examples']} test examples", fontsize=10)
+    fig.tight_layout()
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=110)
+    plt.close(fig)
+    return buffer.getvalue()
+
+
+def write(directory: str | Path, runs: Sequence[Mapping[str, Any]], info: Mapping[str, Any]) -> list[Path]:
+    """Write the three report files into ``directory``; return their paths."""
+    directory = Path(directory)
+    summary = summarize(runs)
+    document = {"info": dict(info), "summary": summary, "runs": list(runs)}
+    paths = [directory / RESULTS_JSON, directory / RESULTS_MD, directory / PLOT_PNG]
+    atomic.write_text(paths[0], json.dumps(document, indent=2) + "\n")
+    atomic.write_text(paths[1], markdown(summary, info))
+    image = plot(summary, info)
+    atomic.write_with(paths[2], lambda tmp: tmp.write_bytes(image))
+    return paths

@@ -1,0 +1,214 @@
+"""The benchmark's outputs: the run's metadata, Markdown tables and atomic file writes."""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import platform
+import sys
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+import transformers
+
+
+def environment(device: str, argv: Sequence[str], settings: dict[str, Any]) -> dict[str, Any]:
+    """What a reader needs to trust or reproduce the numbers: machine, versions, date, command."""
+    if torch.device(device).type == "cuda":
+        device_name = torch.cuda.get_device_name(torch.device(device))
+    else:
+        device_name = platform.processor() or platform.machine()
+        try:
+            with open("/proc/cpuinfo") as cpuinfo:
+                names = [line.split(":", 1)[1].strip() for line in cpuinfo if line.startswith("model name")]
+            if names:
+                device_name = names[0]
+        except OSError:
+            pass
+    return {
+        "device": device,
+        "device_name": device_name,
+        "cpu_count": os.cpu_count(),
+        "num_threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "command": " ".join(["python -m benchmarks.step", *argv]),
+        "settings": settings,
+    }
+
+
+def write_atomic(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` so that a reader sees the old file or the new one, never half."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as handle:
+            handle.write(text)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(temporary, path)
+    except BaseException:
+        Path(temporary).unlink(missing_ok=True)
+        raise
+
+
+def write_json(path: Path, payload: dict[str, Any]) -> None:
+    write_atomic(path, json.dumps(payload, indent=2, ensure_ascii=False) + "\n")
+
+
+def _cell(value: Any, digits: int = 2) -> str:
+    if value is None:
+        return "—"
+    if isinstance(value, float):
+        return f"{value:.{digits}f}"
+    return str(value)
+
+
+def _table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> list[str]:
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    lines += ["| " + " | ".join(_cell(v) for v in row) + " |" for row in rows]
+    return lines
+
+
+def _summary_rows(rows: list[dict[str, Any]], impls: Sequence[str]) -> list[list[Any]]:
+    """One line per method: floor, each implementation's ratio, advfunc against the seed."""
+    by_method: dict[str, dict[str, dict[str, Any]]] = {}
+    for row in rows:
+        if row["method"] != "plain":
+            by_method.setdefault(row["method"], {})[row["impl"]] = row
+    lines = []
+    for found in by_method.values():
+        first = next(iter(found.values()))
+        ratios = [found[i]["ratio"] if i in found else None for i in impls]
+        seed = found.get("seed", {}).get("ratio")
+        eager = found.get("eager", {}).get("ratio")
+        lines.append(
+            [
+                first["title"],
+                f"{first['floor']} ({first['floor_passes']})",
+                *ratios,
+                (eager / seed) if eager is not None and seed else None,
+            ]
+        )
+    return lines
+
+
+def markdown(payload: dict[str, Any]) -> str:
+    """The whole report as Markdown: metadata, then per workload a summary and the details."""
+    meta = payload["meta"]
+    impls = [i for i in payload["meta"]["settings"]["impls"] if i != "plain"]
+    out = [
+        "# advfunc step benchmark",
+        "",
+        f"- device: {meta['device']} ({meta['device_name']}), {meta['num_threads']} threads of "
+        f"{meta['cpu_count']} CPUs",
+        f"- torch {meta['torch']}, transformers {meta['transformers']}, Python {meta['python']}",
+        f"- date: {meta['date']}",
+        f"- command: `{meta['command']}`",
+        f"- timing: `torch.utils.benchmark.Timer.blocked_autorange`, {meta['settings']['repeats']} interleaved "
+        f"rounds of min_run_time={meta['settings']['min_run_time']} s after {meta['settings']['warmup']} warm-up "
+        "call(s); medians. Ratios are to the plain step (forward + `loss.backward()`) of the same run.",
+        "- floor: SPEC §5 pass count (full = forward+backward with parameter gradients, δ-only = backward "
+        "to the perturbation only); the number in brackets counts a δ-only pass as a full one.",
+        "",
+    ]
+    if payload.get("note"):
+        out += [f"> {payload['note']}", ""]
+    for group in payload["workloads"]:
+        w = group["workload"]
+        out += [
+            f"## {w['name']} (layers {w['layers']}, hidden {w['hidden']}, heads {w['heads']}, "
+            f"intermediate {w['intermediate']}), vocab {w['vocab']}, batch {w['batch']} × length {w['length']}, "
+            f"{w['dtype']}, {w['device']}",
+            "",
+            "Ratio to the plain step (lower is better):",
+            "",
+        ]
+        out += _table(["method", "floor", *impls, "eager / seed"], _summary_rows(group["rows"], impls))
+        out += ["", "Details:", ""]
+        detail_rows = [
+            [
+                row["title"],
+                row["impl"],
+                row["median_ms"],
+                row["iqr_ms"],
+                row["min_ms"],
+                row["runs"],
+                row["ratio"],
+                row["first_call_s"],
+                (row.get("memory") or {}).get("peak_mb"),
+                (row.get("memory") or {}).get("step_mb"),
+            ]
+            for row in group["rows"]
+        ]
+        out += _table(
+            [
+                "method",
+                "impl",
+                "median ms",
+                "IQR ms",
+                "min ms",
+                "runs",
+                "× plain",
+                "first call s",
+                "peak MiB",
+                "step MiB",
+            ],
+            detail_rows,
+        )
+        memory_source = {str(row["memory"]["source"]) for row in group["rows"] if row.get("memory")}
+        if memory_source:
+            out += [
+                "",
+                f"Memory: {', '.join(sorted(memory_source))}; peak = the whole process's high-water mark "
+                "(CPU: RSS of a fresh process per case), step = peak − the model-only baseline.",
+            ]
+        out += ["", "<details><summary>torch.utils.benchmark Compare</summary>", "", "```", group["compare"], "```"]
+        out += ["", "</details>", ""]
+    if payload.get("dynamic"):
+        out += _dynamic_markdown(payload["dynamic"])
+    if payload.get("skipped"):
+        out += ["## Not run", ""] + [f"- {line}" for line in payload["skipped"]] + [""]
+    return "\n".join(out)
+
+
+def _dynamic_markdown(study: dict[str, Any]) -> list[str]:
+    w = study["workload"]
+    out = [
+        f"## Dynamic sequence length: {study['title']}, {w['name']}, vocab {w['vocab']}, batch {w['batch']}, "
+        f"lengths {study['lengths']}",
+        "",
+        "First pass: every length once, compilation included; steady: the same batches again.",
+        "",
+    ]
+    rows = [
+        [
+            v["variant"],
+            v["graphs_compiled"],
+            v["first_pass_s"],
+            v["steady_ms_per_step"],
+            v["steady_vs_eager"],
+            v["padded_tokens_ratio"],
+        ]
+        for v in study["variants"]
+    ]
+    out += _table(
+        ["variant", "graphs compiled", "first pass s", "steady ms/step", "steady / eager", "tokens run / real"], rows
+    )
+    out += ["", study["how"], ""]
+    return out
+
+
+def print_stdout(text: str) -> None:
+    """Print without dying on a console that cannot encode δ."""
+    encoding = sys.stdout.encoding or "utf-8"
+    sys.stdout.write(text.encode(encoding, errors="replace").decode(encoding))
+    sys.stdout.write("\n")
+    sys.stdout.flush()

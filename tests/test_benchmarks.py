@@ -1,0 +1,82 @@
+"""The benchmark scripts run end to end on a tiny shape and write well-formed outputs.
+
+Benchmarks are not timed tests: nothing here asserts on speed, only on structure.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from benchmarks.cases import METHODS, available_methods
+from benchmarks.shapes import SHAPES, Workload, make_batch, pad_to_bucket
+from benchmarks.step import main
+
+# One interleaved round of one timed block per case, no compilation: seconds, not minutes.
+TINY = ["--model", "tiny", "--vocab", "128", "--batch-length", "2x8", "--threads", "1"]
+ONE_ITERATION = ["--repeats", "1", "--min-run-time", "0", "--warmup", "1"]
+
+
+def _run(out: Path, *extra: str) -> tuple[dict, dict, str]:
+    payload = main([*TINY, *ONE_ITERATION, "--out", str(out), *extra])
+    written = json.loads((out / "step.json").read_text(encoding="utf-8"))
+    table = (out / "step.md").read_text(encoding="utf-8")
+    return payload, written, table
+
+
+def test_step_benchmark_writes_json_and_markdown(tmp_path):
+    payload, written, table = _run(tmp_path, "--no-compile", "--no-memory")
+    methods, _ = available_methods()
+    assert written["meta"]["settings"]["methods"] == methods
+    for key in ("device", "device_name", "torch", "transformers", "date", "num_threads", "command", "settings"):
+        assert written["meta"][key] not in (None, ""), key
+    assert written["meta"]["num_threads"] == 1
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []  # no temporary file left behind
+
+    (group,) = written["workloads"]
+    assert group["workload"] == {
+        **{k: v for k, v in vars(SHAPES["tiny"]).items()},
+        "vocab": 128,
+        "batch": 2,
+        "length": 8,
+        "device": "cpu",
+        "dtype": "fp32",
+    }
+    rows = group["rows"]
+    assert rows[0]["method"] == "plain" and rows[0]["ratio"] == pytest.approx(1.0)
+    assert {(r["method"], r["impl"]) for r in rows[1:]} == {(m, i) for m in methods for i in ("seed", "eager")}
+    for row in rows:
+        assert row["median_ms"] > 0 and row["ratio"] > 0 and row["runs"] >= 1, row
+        assert row["floor_passes"] >= 1 and row["floor"]
+        assert row["memory"] is None
+    assert "tiny vocab=128 2x8" in group["compare"]
+
+    for method in methods:
+        title = METHODS[method].title
+        assert f"| {title} | {METHODS[method].floor.text} " in table  # summary line
+        assert f"| {title} | seed |" in table and f"| {title} | eager |" in table  # detail lines
+    assert written["meta"]["date"] in table and written["meta"]["torch"] in table
+    assert payload["workloads"][0]["rows"][0]["median_ms"] == rows[0]["median_ms"]
+
+
+@pytest.mark.slow
+def test_step_benchmark_measures_memory_in_subprocesses(tmp_path):
+    _, written, table = _run(tmp_path, "--no-compile", "--methods", "fgm", "--memory-calls", "1")
+    rows = written["workloads"][0]["rows"]
+    assert [(r["method"], r["impl"]) for r in rows] == [("plain", "plain"), ("fgm", "seed"), ("fgm", "eager")]
+    for row in rows:
+        memory = row["memory"]
+        assert memory["peak_mb"] > 0 and memory["base_mb"] > 0 and memory["source"], row
+    assert "peak MiB" in table
+
+
+def test_bucketing_pads_to_the_next_multiple():
+    workload = Workload(SHAPES["tiny"], 128, 3, 20, "cpu", None)
+    batch = make_batch(workload, seed=1)
+    padded = pad_to_bucket(batch, 16)
+    assert padded["input_ids"].shape == (3, 32)
+    assert padded["attention_mask"][:, 20:].sum() == 0 and padded["input_ids"][:, 20:].sum() == 0
+    assert (padded["input_ids"][:, :20] == batch["input_ids"]).all()
+    assert (padded["labels"] == batch["labels"]).all()

@@ -1,0 +1,209 @@
+"""The ``advfunc`` command end to end on a tiny random model: train, evaluate, compare, resume, errors."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file as load_safetensors
+from transformers import AutoModelForSequenceClassification
+
+from advfunc import checkpoint
+from advfunc.cli import main
+from tests.tiny_task import save_tiny_model, sentences, write_csv, write_jsonl
+
+QUIET = ["--threads", "1", "--no-progress"]
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    # Tiny models gain nothing from threads, and on a shared CPU spinning OpenMP threads cost 100x.
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def task(tmp_path_factory):
+    root = tmp_path_factory.mktemp("task")
+    save_tiny_model(root / "model")
+    write_csv(root / "train.csv", sentences(48, seed=0))
+    write_csv(root / "test.csv", sentences(32, seed=1))
+    write_csv(root / "all.csv", sentences(80, seed=2))
+    return root
+
+
+def _train(task: Path, output: Path, *extra: str) -> int:
+    args = [*QUIET, "train", "--model", str(task / "model"), "--data", str(task / "train.csv")]
+    args += ["--epochs", "2", "--batch-size", "8", "--lr", "3e-3", "--output", str(output), *extra]
+    return main(args)
+
+
+def _weights(directory: Path) -> dict[str, torch.Tensor]:
+    return load_safetensors(str(directory / "model.safetensors"))
+
+
+def test_train_checkpoint_evaluate_compare(task, tmp_path, capsys):
+    out = tmp_path / "fgm"
+    assert _train(task, out, "--method", "fgm:epsilon=0.05", "--max-grad-norm", "0.5") == 0
+    state = json.loads((out / checkpoint.STATE_FILE).read_text())
+    assert state["finished"] and state["step"] == state["total_steps"] == 12
+    assert state["config"]["method"] == "fgm:epsilon=0.05"
+    model = AutoModelForSequenceClassification.from_pretrained(out)  # a plain HF checkpoint
+    assert model.config.id2label == {0: "neg", 1: "pos"}
+
+    report_json = tmp_path / "eval.json"
+    args = [*QUIET, "evaluate", "--model", str(out), "--data", str(task / "test.csv"), "--radii", "0.1", "0.5"]
+    args += ["--attack-examples", "8", "--hotflip-budget", "1", "--output", str(report_json)]
+    assert main(args) == 0
+    result = json.loads(report_json.read_text())
+    assert result["examples"] == 32 and result["attack_examples"] == 8
+    assert set(result["robust"]) == {"0.1", "0.5"} and set(result["hotflip"]) == {"1"}
+    assert json.loads(capsys.readouterr().out)["clean_accuracy"] == result["clean_accuracy"]
+
+    folder = tmp_path / "report"
+    args = [*QUIET, "compare", "--model", str(task / "model"), "--data", str(task / "all.csv")]
+    args += ["--methods", "none", "fgm:epsilon=0.05", "--seeds", "0", "1", "--batch-size", "16", "--lr", "3e-3"]
+    args += ["--radii", "0.1", "0.5", "--attack-examples", "8", "--hotflip-budget", "1", "--output", str(folder)]
+    assert main(args) == 0
+    document = json.loads((folder / "results.json").read_text())
+    assert len(document["runs"]) == 4 and document["info"]["finished_runs"] == 4
+    assert set(document["summary"]) == {"none", "fgm(epsilon=0.05)"}
+    table = (folder / "results.md").read_text()
+    assert "| `none` | 2 |" in table and "±" in table and "PGD r=0.5" in table and "steps / s" in table
+    assert (folder / "accuracy_vs_radius.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert not [p for p in folder.rglob(".*")], "temporary files left behind"
+
+    capsys.readouterr()
+    assert main(args) == 0  # a rerun finds every run done and only rewrites the report
+    assert capsys.readouterr().err.count("already done") == 4
+
+
+def test_resume_continues_from_the_saved_step(task, tmp_path, capsys):
+    whole, part = tmp_path / "whole", tmp_path / "part"
+    assert _train(task, whole) == 0
+    assert _train(task, part, "--stop-after", "5") == 0
+    state = json.loads((part / checkpoint.STATE_FILE).read_text())
+    assert state["step"] == 5 and not state["finished"]
+
+    capsys.readouterr()
+    assert _train(task, part, "--resume") == 0
+    assert "from step 5 of 12" in capsys.readouterr().err
+    state = json.loads((part / checkpoint.STATE_FILE).read_text())
+    assert state["step"] == 12 and state["finished"] and len(state["losses"]) == 12
+    expected, resumed = _weights(whole), _weights(part)
+    for name, value in expected.items():
+        torch.testing.assert_close(resumed[name], value, rtol=1e-5, atol=1e-6, msg=name)
+
+    assert _train(task, part, "--resume") == 0  # finished: nothing to do, still success
+    fresh = tmp_path / "again"
+    assert _train(task, fresh, "--stop-after", "3") == 0
+    assert _train(task, fresh, "--resume", "--lr", "1e-3") == 2
+    assert "settings differ" in capsys.readouterr().err
+
+
+def test_a_failed_save_leaves_no_checkpoint_behind(task, tmp_path, monkeypatch):
+    loaded = checkpoint.load(task / "model")
+    target = tmp_path / "ckpt"
+    checkpoint.save(target, loaded.model, loaded.tokenizer, {"step": 1}, {"x": torch.zeros(1)})
+    before = _weights(target)
+
+    def broken_save(*args, **kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(checkpoint.torch, "save", broken_save)
+    with torch.no_grad():
+        next(loaded.model.parameters()).add_(1.0)
+    with pytest.raises(OSError, match="disk full"):
+        checkpoint.save(target, loaded.model, loaded.tokenizer, {"step": 2}, {"x": torch.zeros(1)})
+    assert json.loads((target / checkpoint.STATE_FILE).read_text()) == {"step": 1}  # the old one, whole
+    for name, value in _weights(target).items():
+        assert torch.equal(value, before[name])
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"], "a partial directory was left"
+    with pytest.raises(OSError):
+        checkpoint.save(tmp_path / "new", loaded.model, loaded.tokenizer, {"step": 1}, {"x": torch.zeros(1)})
+    assert not (tmp_path / "new").exists()
+
+
+def _bad_inputs(root: Path) -> dict[str, tuple[list[str], str]]:
+    write_csv(root / "empty.csv", [])
+    write_csv(root / "odd_label.csv", [("the movie was good", "pos"), ("it was fine", "meh")])
+    write_csv(root / "body.csv", sentences(8), columns=("body", "label"))
+    write_jsonl(root / "rows.jsonl", sentences(8))
+    (root / "not_a_model").mkdir(exist_ok=True)
+    (root / "not_a_model" / "notes.txt").write_text("hello")
+    return {
+        "missing file": (["--data", str(root / "nope.csv")], "does not exist"),
+        "missing column": (["--data", str(root / "body.csv")], "has no column 'text'"),
+        "missing jsonl column": (["--data", str(root / "rows.jsonl"), "--label-column", "y"], "has no column 'y'"),
+        "empty data set": (["--data", str(root / "empty.csv")], "is empty"),
+        "model dir that is not a model": (["--model", str(root / "not_a_model")], "not a Hugging Face model directory"),
+        "missing model dir": (["--model", str(root / "gone")], "does not exist"),
+        "unknown method": (["--method", "fancy"], "unknown method 'fancy'"),
+        "unknown hyper-parameter": (["--method", "pgd:radius=1"], "no hyper-parameter 'radius'"),
+        "bad hyper-parameter value": (["--method", "pgd:epsilon=-1"], "epsilon"),
+    }
+
+
+@pytest.mark.parametrize(
+    "case",
+    [
+        "missing file",
+        "missing column",
+        "missing jsonl column",
+        "empty data set",
+        "model dir that is not a model",
+        "missing model dir",
+        "unknown method",
+        "unknown hyper-parameter",
+        "bad hyper-parameter value",
+    ],
+)
+def test_bad_training_input_is_a_clear_error(task, tmp_path, capsys, case):
+    flags, message = _bad_inputs(tmp_path)[case]
+    args = [*QUIET, "train", "--model", str(task / "model"), "--data", str(task / "train.csv")]
+    args += ["--output", str(tmp_path / "out"), *flags]
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    last = err.strip().splitlines()[-1]
+    assert last.startswith("advfunc: error: ") and message in last, err
+    assert "Traceback" not in err
+    assert not (tmp_path / "out").exists(), "a failed run left an output behind"
+
+
+def test_unknown_label_at_evaluation_is_a_clear_error(task, tmp_path, capsys):
+    _bad_inputs(tmp_path)
+    out = tmp_path / "model"
+    assert _train(task, out, "--epochs", "1") == 0
+    args = [*QUIET, "evaluate", "--model", str(out), "--data", str(tmp_path / "odd_label.csv")]
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert "unknown label 'meh'" in err and "['neg', 'pos']" in err
+    # A base model without a classification head is refused instead of evaluated at random.
+    base = tmp_path / "base"
+    loaded = checkpoint.load(out)
+    loaded.model.bert.save_pretrained(base)
+    loaded.tokenizer.save_pretrained(base)
+    assert main([*QUIET, "evaluate", "--model", str(base), "--data", str(task / "test.csv")]) == 2
+    assert "no trained classification head" in capsys.readouterr().err
+
+
+def test_output_is_never_overwritten_by_accident(task, tmp_path, capsys):
+    out = tmp_path / "out"
+    assert _train(task, out, "--epochs", "1") == 0
+    assert _train(task, out, "--epochs", "1") == 2
+    assert "--overwrite" in capsys.readouterr().err
+    assert _train(task, out, "--epochs", "1", "--overwrite") == 0
+
+
+@pytest.mark.slow
+def test_python_dash_m_exits_non_zero(tmp_path):
+    command = [sys.executable, "-m", "advfunc", "--threads", "1", "train", "--data", str(tmp_path / "x.csv")]
+    done = subprocess.run([*command, "--output", str(tmp_path / "o")], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2
+    assert "x.csv does not exist" in done.stderr

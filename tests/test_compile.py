@@ -1,0 +1,84 @@
+"""The compiled path: PGD's passes trace with ``fullgraph=True``, match eager, never recompile on new data.
+
+Compiling on CPU costs tens of seconds per graph, so one compiled PGD step (clean pass,
+δ-only inner step, adversarial pass) is built once per module and shared by the tests.
+"""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import pytest
+import torch
+import torch._dynamo
+from torch._dynamo.utils import counters
+
+import advfunc
+from tests.parity import assert_grads_match
+from tests.tiny_models import padded_batch, tiny_model
+
+pytestmark = pytest.mark.slow
+
+# steps=3 runs the compiled inner (δ-only) step twice per call; epsilon < K·alpha makes
+# the projection active.
+PGD = {"epsilon": 0.5, "alpha": 0.3, "steps": 3}
+
+
+@pytest.fixture(scope="module")
+def pgd():
+    """An eager and a compiled PGD step on one tiny BERT, the compiled one warmed up."""
+    torch._dynamo.reset()  # other modules' compiled steps would count against the cache limit
+    model = tiny_model("bert")
+    eager = advfunc.pgd(model, **PGD, compile=False)
+    compiled = advfunc.pgd(model, **PGD, compile=True)
+    params = advfunc.params_of(model)
+    warm = padded_batch("bert", seed=0)
+    # transformers sets config.problem_type on the first forward; a compiled first call
+    # would see it change and recompile once. Let the eager step make that first call.
+    expected = eager(params, warm)
+    got = compiled(params, warm)
+    yield SimpleNamespace(
+        model=model,
+        eager=eager,
+        compiled=compiled,
+        params=params,
+        warm=warm,
+        expected=expected,
+        got=got,
+        graphs=counters["stats"]["unique_graphs"],
+    )
+    torch._dynamo.reset()
+
+
+def assert_steps_agree(got, expected, where):
+    (grads, out), (grads_eager, out_eager) = got, expected
+    assert_grads_match(grads, grads_eager, where=where)
+    torch.testing.assert_close(out.delta, out_eager.delta, rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(out.loss, out_eager.loss, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(out.adv_loss, out_eager.adv_loss, rtol=1e-5, atol=1e-6)
+    assert torch.equal(out.delta_tokens, out_eager.delta_tokens)
+    assert bool(out.skipped) == bool(out_eager.skipped) is False
+
+
+def test_compiled_pgd_traces_fullgraph_and_matches_eager(pgd):
+    # fullgraph=True turns any graph break into an error, so getting here means the clean
+    # pass, the inner δ-only step and the adversarial pass each traced as one graph.
+    assert pgd.graphs >= 3
+    assert not counters["graph_break"]
+    assert_steps_agree(pgd.got, pgd.expected, "compiled vs eager, warm-up batch")
+    assert float(pgd.got[1].delta.norm()) == pytest.approx(PGD["epsilon"], rel=1e-4)  # projected onto the ball
+
+
+def test_no_recompilation_when_only_the_data_changes(pgd):
+    torch._dynamo.config.error_on_recompile = True
+    try:
+        for seed in (1, 2, 3):
+            batch = padded_batch("bert", seed=seed)
+            for key in ("input_ids", "attention_mask", "labels"):
+                assert batch[key].shape == pgd.warm[key].shape
+                assert not torch.equal(batch[key], pgd.warm[key]), f"{key} must change for the test to mean anything"
+            got = pgd.compiled(pgd.params, batch)
+            assert_steps_agree(got, pgd.eager(pgd.params, batch), f"batch seed {seed}")
+    finally:
+        torch._dynamo.config.error_on_recompile = False
+    assert counters["stats"]["unique_graphs"] == pgd.graphs

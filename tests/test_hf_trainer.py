@@ -1,0 +1,169 @@
+"""``advfunc.hf.AdversarialTrainer`` against advfunc's own loop, with LoRA and with bf16."""
+
+from __future__ import annotations
+
+import copy
+from functools import partial
+
+import pytest
+import torch
+from transformers import TrainerCallback, TrainingArguments, default_data_collator
+
+import advfunc
+from advfunc import registry
+from advfunc.hf import AdversarialTrainer
+from advfunc.train import Loop, TrainConfig
+from tests.tiny_models import padded_batch, tiny_model
+
+pytest.importorskip("accelerate")  # Trainer needs it
+peft = pytest.importorskip("peft")
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def _examples(count: int, with_types: bool = False) -> list[dict[str, torch.Tensor]]:
+    batch = padded_batch("bert", batch=count, length=12, seed=3, num_labels=2)
+    if with_types:
+        batch["token_type_ids"] = torch.zeros_like(batch["input_ids"])
+    return [{k: v[i] for k, v in batch.items()} for i in range(count)]
+
+
+def _args(tmp_path, **overrides) -> TrainingArguments:
+    settings = {
+        "output_dir": str(tmp_path),
+        "per_device_train_batch_size": 2,
+        "gradient_accumulation_steps": 2,
+        "max_steps": 2,
+        "learning_rate": 1e-2,
+        "lr_scheduler_type": "linear",
+        "warmup_steps": 0,
+        "weight_decay": 0.0,
+        "max_grad_norm": 0.05,
+        "save_strategy": "no",
+        "report_to": [],
+        "use_cpu": True,
+        "seed": 0,
+        "disable_tqdm": True,
+        "logging_strategy": "no",
+        "remove_unused_columns": False,
+    }
+    settings.update(overrides)
+    return TrainingArguments(**settings)
+
+
+class RecordingTrainer(AdversarialTrainer):
+    """Keeps the micro-batches Trainer fed, in order, to replay them through advfunc's loop."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.seen: list[dict[str, torch.Tensor]] = []
+        self.autocast_seen: list[bool] = []
+
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        self.seen.append({k: v.detach().clone() for k, v in inputs.items()})
+        return super().training_step(model, inputs, num_items_in_batch)
+
+
+class GradsBeforeStep(TrainerCallback):
+    """The accumulated (and clipped) gradients Trainer hands to the optimizer, per step."""
+
+    def __init__(self, model):
+        self.model = model
+        self.grads: list[dict[str, torch.Tensor]] = []
+
+    def on_pre_optimizer_step(self, args, state, control, **kwargs):
+        self.grads.append({n: p.grad.clone() for n, p in self.model.named_parameters() if p.grad is not None})
+
+
+@pytest.mark.parametrize("max_grad_norm", [0.0, 0.05])
+def test_gradient_accumulation_matches_advfunc_loop(tmp_path, max_grad_norm):
+    # AdamW hides a constant gradient scale, so the gradients before each optimizer step are
+    # compared too; without clipping (0.0) they expose any 1/n_accum mistake.
+    model = tiny_model("bert", num_labels=2)
+    twin = copy.deepcopy(model)
+    start = copy.deepcopy(model)
+    method = "pgd:alpha=0.2,epsilon=0.5,steps=2,target=embeds"
+    recorder = GradsBeforeStep(model)
+    trainer = RecordingTrainer(
+        model=model,
+        args=_args(tmp_path, max_grad_norm=max_grad_norm),
+        train_dataset=_examples(8),
+        data_collator=default_data_collator,
+        callbacks=[recorder],
+        step_factory=partial(advfunc.pgd, epsilon=0.5, alpha=0.2, steps=2, target="embeds"),
+    )
+    trainer.train()
+    assert len(trainer.seen) == 4 and trainer.state.global_step == 2
+
+    config = TrainConfig(
+        method=method, lr=1e-2, warmup_ratio=0.0, weight_decay=0.0, max_grad_norm=max_grad_norm, grad_accum=2
+    )
+    loop = Loop(twin, config, total_units=2)
+    ours: list[dict[str, torch.Tensor]] = []
+    loop.optimizer.register_step_pre_hook(
+        lambda *_: ours.append({n: p.grad.clone() for n, p in twin.named_parameters() if p.grad is not None})
+    )
+    twin.train()
+    loop.run(trainer.seen[:2])
+    loop.run(trainer.seen[2:])
+    assert len(ours) == len(recorder.grads) == 2
+    for t, (mine, theirs) in enumerate(zip(ours, recorder.grads, strict=True)):
+        assert set(mine) == set(theirs)
+        for name in mine:
+            torch.testing.assert_close(theirs[name], mine[name], rtol=1e-5, atol=1e-7, msg=f"step {t} {name}")
+    with torch.no_grad():
+        for (name, ours_p), theirs_p in zip(twin.named_parameters(), model.parameters(), strict=True):
+            torch.testing.assert_close(theirs_p, ours_p, rtol=1e-5, atol=1e-6, msg=name)
+        assert sum(float((p - q).abs().sum()) for p, q in zip(model.parameters(), start.parameters(), strict=True)) > 0
+
+
+def test_lora_trains_only_the_adapter(tmp_path):
+    base = tiny_model("bert", num_labels=2)
+    config = peft.LoraConfig(task_type="SEQ_CLS", r=4, lora_alpha=8, target_modules=["query", "value"])
+    model = peft.get_peft_model(base, config)
+    assert not model.get_input_embeddings().weight.requires_grad
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    trainer = AdversarialTrainer(
+        model=model,
+        args=_args(tmp_path, max_grad_norm=1.0),
+        train_dataset=_examples(8, with_types=True),  # token_type_ids: the base model's forward takes them
+        data_collator=default_data_collator,
+        step_factory="fgm:epsilon=0.1,target=embeds",  # the CLI's method spec works too
+    )
+    trainer.train()
+    changed = {n for n, p in model.named_parameters() if not torch.equal(p, before[n])}
+    assert changed, "nothing trained"
+    assert changed <= trainable, f"frozen weights moved: {sorted(changed - trainable)[:3]}"
+    assert all("lora_" in n or "modules_to_save" in n for n in changed)
+    assert any("lora_B" in n for n in changed), "the LoRA B matrices (zero at start) must move"
+
+
+def test_bf16_runs_the_step_under_autocast(tmp_path):
+    model = tiny_model("bert", num_labels=2)
+    seen: list[bool] = []
+    model.classifier.register_forward_hook(lambda m, a, o: seen.append(torch.is_autocast_enabled("cpu")))
+    trainer = AdversarialTrainer(
+        model=model,
+        args=_args(tmp_path, bf16=True, gradient_accumulation_steps=1),
+        train_dataset=_examples(4),
+        data_collator=default_data_collator,
+        step_factory=partial(advfunc.fgm, epsilon=0.1),
+    )
+    trainer.train()
+    assert seen and all(seen), "the adversarial passes did not run under Trainer's bf16 autocast"
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+    assert all(p.dtype == torch.float32 for p in model.parameters()), "master weights stay fp32"
+
+
+def test_methods_needing_their_own_loop_are_refused():
+    if "smart" not in registry.available():
+        pytest.skip("smart is not installed here")
+    with pytest.raises(ValueError, match="teacher"):
+        AdversarialTrainer(model=tiny_model("bert"), step_factory="smart")
