@@ -410,6 +410,7 @@ def run_compare(args: argparse.Namespace) -> int:
             f"embedding-output L2 PGD, {attack.pgd_steps} steps, radii {list(attack.radii)}; HotFlip up to "
             f"{attack.hotflip_budget} words among {attack.neighbours} embedding neighbours."
         ),
+        "majority_accuracy": max(test_set.labels.count(name) for name in set(test_set.labels)) / len(test_set),
         "methods": [spec.label for spec in methods],
         "seeds": seeds,
         "planned_runs": len(methods) * len(seeds),

@@ -60,8 +60,12 @@ def _cell(stats: Mapping[str, float] | None, digits: int = 3) -> str:
     return f"{stats['mean']:.{digits}f} ± {stats['std']:.{digits}f}"
 
 
-def markdown(summary: Mapping[str, Mapping[str, Mapping[str, float]]], info: Mapping[str, Any]) -> str:
-    """The Markdown report: settings, then one row per method."""
+def markdown(
+    summary: Mapping[str, Mapping[str, Mapping[str, float]]],
+    info: Mapping[str, Any],
+    runs: Sequence[Mapping[str, Any]] = (),
+) -> str:
+    """The Markdown report: settings, one row per method, and the runs that learned nothing."""
     radii = [str(r) for r in info["attack"]["radii"]]
     budgets = [str(b) for b in range(1, info["attack"]["hotflip_budget"] + 1)]
     head = ["method", "seeds", "clean acc (test)", *[f"PGD r={r}" for r in radii]]
@@ -91,6 +95,20 @@ def markdown(summary: Mapping[str, Mapping[str, Mapping[str, float]]], info: Map
         row += [_cell(stats.get("time_per_step"), 2), _cell(stats.get("steps_per_second"), 2)]
         lines.append("| " + " | ".join(row) + " |")
     lines.append("")
+    majority = info.get("majority_accuracy")
+    if majority is not None:
+        # A model that answers the most frequent label everywhere looks "robust": no attack can
+        # change its answer. Name such runs so nobody reads them as robustness.
+        stuck = [f"`{r['method']}` seed {r['seed']}" for r in runs if r["eval"]["clean_accuracy"] <= majority + 0.005]
+        lines.append(
+            f"Always answering the most frequent test label scores {majority:.3f}. "
+            + (
+                f"At that level (did not learn; their robust accuracy means nothing): {', '.join(stuck)}."
+                if stuck
+                else "Every run is above it."
+            )
+        )
+        lines.append("")
     return "\n".join(lines)
 
 
@@ -154,7 +172,7 @@ def write(directory: str | Path, runs: Sequence[Mapping[str, Any]], info: Mappin
     document = {"info": dict(info), "summary": summary, "runs": list(runs)}
     paths = [directory / RESULTS_JSON, directory / RESULTS_MD, directory / PLOT_PNG]
     atomic.write_text(paths[0], json.dumps(document, indent=2) + "\n")
-    atomic.write_text(paths[1], markdown(summary, info))
+    atomic.write_text(paths[1], markdown(summary, info, runs))
     image = plot(summary, info)
     atomic.write_with(paths[2], lambda tmp: tmp.write_bytes(image))
     return paths
