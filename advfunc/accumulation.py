@@ -1,6 +1,6 @@
 """Gradient accumulation over micro-batches, each attacked with its own gradient.
 
-The imperative recipe (``loss.backward()`` per micro-batch into ``.grad``) aims each
+The imperative recipe (a backward per micro-batch accumulating into ``.grad``) aims each
 micro-batch's attack with ``.grad`` as it stands, which already holds the sum of the
 earlier micro-batches' gradients; FGM/PGD on ``target="weight"`` then perturb in the
 wrong direction from the second micro-batch on. An advfunc step is a pure function of
