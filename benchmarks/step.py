@@ -180,6 +180,7 @@ def _rows(cases: list[Timed], memory: dict[tuple[str | None, str], MemoryRecord]
                 "first_call_s": case.first_call_s,
                 "floor": spec.floor.text if spec else "1 full",
                 "floor_passes": spec.floor.passes if spec else 1,
+                "floor_estimate": spec.floor.estimate if spec else 1.0,
                 "floor_detail": asdict(spec.floor) if spec else {"full": 1, "delta_only": 0, "forward_only": 0},
                 "hyper": spec.hyper if spec else {},
                 "memory": asdict(record) if record else None,
