@@ -112,11 +112,6 @@ def drop_if_skipped(delta: Delta, skipped: torch.Tensor) -> Delta:
     return {k: torch.where(skipped, torch.zeros_like(v), v) for k, v in delta.items()}
 
 
-def summed(first: Grads, second: Grads) -> Grads:
-    """first + second, reusing ``first``'s buffers: they are the step's own, never the caller's."""
-    return {name: first[name].add_(second[name]) for name in first}
-
-
 def check_hook_fired(counter: OffsetCalls | None) -> None:
     """Raise when the model never ran its input embedding: the perturbation would be a no-op.
 

@@ -50,7 +50,6 @@ class EmbeddingRows:
     """
 
     kind = "weight"
-    per_example = False
 
     def __init__(self, embedding: nn.Module) -> None:
         weight = getattr(embedding, "weight", None)
@@ -102,7 +101,6 @@ class EmbeddingOutput:
     """
 
     kind = "embeds"
-    per_example = True
 
     def __init__(self, embedding: nn.Module) -> None:
         weight = getattr(embedding, "weight", None)
@@ -139,7 +137,6 @@ class NamedParameters:
     """
 
     kind = "params"
-    per_example = False
 
     def __init__(self, names: Sequence[str], candidates: Mapping[str, torch.Tensor]) -> None:
         names = list(names)
