@@ -1,30 +1,35 @@
 """advfunc: functional adversarial training for PyTorch transformer models.
 
-Every method is a pure function of ``(params, batch)`` built on ``torch.func``::
+Every attack is a pure function that returns a perturbation, and every method a pure
+step of ``(params, batch)`` built on ``torch.func``::
 
     params = advfunc.params_of(model)
+    delta = advfunc.attacks.pgd(model, epsilon=1.0, alpha=0.3, steps=3)(params, batch)
     pgd_step = advfunc.pgd(model, epsilon=1.0, alpha=0.3, steps=3)
     grads, out = pgd_step(params, batch)
     advfunc.set_grads(model, grads)
     optimizer.step()
 """
 
-from advfunc import distributed, precision
-from advfunc.accumulation import Accumulated, accumulate, split_batch
-from advfunc.divergence import kl_logits, symmetric_kl
-from advfunc.methods.awp import awp, awp_parameters
+from advfunc import attacks
+from advfunc.attacks.awp import awp_parameters
+from advfunc.core.divergence import kl_logits, symmetric_kl
+from advfunc.core.params import params_of, set_grads, trainable_names
+from advfunc.core.perturbed_loss import perturbed_loss
+from advfunc.core.projection import project_l2, project_linf
+from advfunc.core.step import Step, StepOutput
+from advfunc.methods.awp import awp
 from advfunc.methods.fgm import fgm
 from advfunc.methods.free_at import free_at
 from advfunc.methods.freelb import freelb
 from advfunc.methods.pgd import pgd
 from advfunc.methods.r3f import r3f
 from advfunc.methods.smart import smart
+from advfunc.methods.teacher import ema, teacher_of
 from advfunc.methods.vat import vat
-from advfunc.parameters import params_of, set_grads, trainable_names
-from advfunc.precision import LossScale
-from advfunc.projection import project_l2, project_linf
-from advfunc.step import Step, StepOutput
-from advfunc.teacher import ema, teacher_of
+from advfunc.scale import distributed, precision
+from advfunc.scale.accumulation import Accumulated, accumulate, split_batch
+from advfunc.scale.precision import LossScale
 
 __all__ = [
     "Accumulated",
@@ -32,6 +37,7 @@ __all__ = [
     "Step",
     "StepOutput",
     "accumulate",
+    "attacks",
     "awp",
     "awp_parameters",
     "distributed",
@@ -41,6 +47,7 @@ __all__ = [
     "freelb",
     "kl_logits",
     "params_of",
+    "perturbed_loss",
     "pgd",
     "precision",
     "project_l2",

@@ -41,9 +41,9 @@ import torch
 from torch import nn
 from transformers import Trainer
 
-from advfunc.parameters import params_of
-from advfunc.registry import build_step, parse_method
-from advfunc.step import Step
+from advfunc.core.params import params_of
+from advfunc.methods.registry import build_step, parse_method
+from advfunc.core.step import Step
 
 
 def _factory_from_spec(text: str) -> Callable[[nn.Module], Step]:

@@ -226,7 +226,7 @@ def _reference_r3f(model: nn.Module, workload: Workload, hyper: dict[str, Any]) 
 
 
 def _reference_awp(model: nn.Module, workload: Workload, hyper: dict[str, Any]) -> Callable[[Batch], None]:
-    from advfunc.methods.awp import awp_parameters
+    from advfunc.attacks.awp import awp_parameters
     from tests.reference_methods import ReferenceAWP
 
     attack = ReferenceAWP(model, awp_parameters(model), hyper["adv_lr"], hyper["adv_eps"], hyper["adv_steps"])

@@ -22,8 +22,8 @@ from torch.utils.data import DataLoader
 from transformers import BertConfig, BertForSequenceClassification
 
 import advfunc
-from advfunc import distributed as advdist
-from advfunc.accumulation import accumulate, split_batch
+from advfunc.scale import distributed as advdist
+from advfunc.scale.accumulation import accumulate, split_batch
 
 
 def main() -> None:

@@ -24,9 +24,9 @@ import torch.distributed as dist
 from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
 
 import advfunc
-from advfunc import distributed as advdist
-from advfunc import precision
-from advfunc.accumulation import accumulate, split_batch
+from advfunc.scale import distributed as advdist
+from advfunc.scale import precision
+from advfunc.scale.accumulation import accumulate, split_batch
 
 
 def parse_args() -> argparse.Namespace:

@@ -18,9 +18,9 @@ import torch.distributed as dist
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import advfunc
-from advfunc import distributed as advdist
-from advfunc import precision
-from advfunc.accumulation import split_batch
+from advfunc.scale import distributed as advdist
+from advfunc.scale import precision
+from advfunc.scale.accumulation import split_batch
 from tests.tiny_models import padded_batch, tiny_model
 
 STEPS = 2

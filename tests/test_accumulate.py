@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import advfunc
-from advfunc.accumulation import accumulate, split_batch
+from advfunc.scale.accumulation import accumulate, split_batch
 from tests.parity import assert_grads_match
 from tests.purity import assert_step_is_pure
 from tests.seed_reference import FGM

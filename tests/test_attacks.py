@@ -9,25 +9,17 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from advfunc import checkpoint
-from advfunc.attacks import WordVocabulary, embedding_pgd, hotflip
-from advfunc.data import Labels, TextDataset, encode
-from advfunc.evaluate import accuracy, hotflip_accuracy, robust_accuracy
-from advfunc.forward import PerturbedModel
-from advfunc.parameters import params_of
-from advfunc.train import TrainConfig, train
+from advfunc.app import checkpoint
+from advfunc.app.word_attacks import WordVocabulary, hotflip
+from advfunc.app.data import Labels, TextDataset, encode
+from advfunc.app.evaluate import accuracy, embedding_pgd, hotflip_accuracy, robust_accuracy
+from advfunc.core.model import PerturbedModel
+from advfunc.core.params import params_of
+from advfunc.app.train import TrainConfig, train
 from tests.purity import assert_step_is_pure
 from tests.tiny_task import VOCAB, save_tiny_model, sentences
 
 RADII = (0.05, 0.1, 0.2, 0.5, 1.0, 2.0)
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def _dataset(rows: list[tuple[str, str]]) -> TextDataset:
@@ -65,7 +57,7 @@ def test_embedding_attack_lowers_accuracy_monotonically(trained):
         correct = model(**batch).logits.argmax(-1) == batch["labels"]
     own = []
     for radius in RADII:
-        _, broken = embedding_pgd(perturbed, params, batch, radius, steps=5)
+        _, broken = embedding_pgd(model, params, batch, radius, steps=5)
         own.append(float((correct & ~broken).float().mean()))
     assert all(a >= b for a, b in itertools.pairwise(own)), own
 
@@ -90,7 +82,7 @@ def test_embedding_attack_never_leaves_its_ball(trained, radius, steps, step_sca
         "labels": torch.randint(0, 2, (batch_size,), generator=g),
     }
     step_size = None if step_scale is None else step_scale * radius
-    offset, broken = embedding_pgd(PerturbedModel(model), params_of(model), batch, radius, steps, step_size)
+    offset, broken = embedding_pgd(model, params_of(model), batch, radius, steps, step_size)
     norms = offset.flatten(1).norm(dim=1)
     assert bool((norms <= radius * (1 + 1e-5)).all()), (norms, radius)
     assert bool((offset[~mask.bool()] == 0).all()), "padding was perturbed"
@@ -102,7 +94,7 @@ def test_attacks_are_pure(trained):
     perturbed, params = PerturbedModel(model), params_of(model)
     batch = test.batch(list(range(8)))
     vocabulary = WordVocabulary.of(tokenizer, len(VOCAB))
-    assert_step_is_pure(model, lambda: embedding_pgd(perturbed, params, batch, 0.5, 3), params, batch)
+    assert_step_is_pure(model, lambda: embedding_pgd(model, params, batch, 0.5, 3), params, batch)
     assert_step_is_pure(model, lambda: hotflip(perturbed, params, batch, vocabulary, 2, 5), params, batch)
 
 

@@ -11,7 +11,8 @@ from hypothesis import strategies as st
 from torch import nn
 
 import advfunc
-from advfunc.methods.awp import awp, awp_parameters
+from advfunc.attacks.awp import awp_parameters
+from advfunc.methods.awp import awp
 from tests.method_harness import PassCounter, lockstep, short_run
 from tests.purity import assert_step_is_pure
 from tests.reference_methods import ReferenceAWP

@@ -12,20 +12,11 @@ import torch
 from safetensors.torch import load_file as load_safetensors
 from transformers import AutoModelForSequenceClassification
 
-from advfunc import checkpoint
-from advfunc.cli import main
+from advfunc.app import checkpoint
+from advfunc.app.cli import main
 from tests.tiny_task import save_tiny_model, sentences, write_csv, write_jsonl
 
 QUIET = ["--threads", "1", "--no-progress"]
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    # Tiny models gain nothing from threads, and on a shared CPU spinning OpenMP threads cost 100x.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")

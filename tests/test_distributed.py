@@ -16,8 +16,8 @@ import torch
 import torch.distributed as dist
 
 import advfunc
-from advfunc import distributed as advdist
-from advfunc.accumulation import split_batch
+from advfunc.scale import distributed as advdist
+from advfunc.scale.accumulation import split_batch
 from tests import distributed_worker as worker
 from tests.tiny_models import padded_batch, tiny_model
 

@@ -10,8 +10,9 @@ from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 
 import advfunc
-from advfunc.divergence import kl_logits, logits_of, symmetric_kl
-from advfunc.forward import PerturbedModel
+from advfunc.core.divergence import kl_logits, symmetric_kl
+from advfunc.core.model import logits_of
+from advfunc.core.model import PerturbedModel
 from tests.tiny_models import padded_batch, tiny_model
 
 finite = st.floats(-60.0, 60.0, width=32)

@@ -5,10 +5,10 @@ from __future__ import annotations
 import torch
 
 import advfunc
-from advfunc.engine import Engine, owned
-from advfunc.forward import PerturbedModel
-from advfunc.step import prepare, zero_delta
-from advfunc.targets import resolve_target
+from advfunc.core.engine import Engine, owned
+from advfunc.core.model import PerturbedModel
+from advfunc.core.step import prepare
+from advfunc.core.targets import resolve_target
 from tests.tiny_models import padded_batch, tiny_model
 
 
@@ -22,14 +22,12 @@ def _engine():
 
 def test_second_pass_accumulates_into_the_first_pass_buffers():
     engine, perturbed, target, call = _engine()
-    zero = zero_delta(target, call)
+    zero = call.zeros(target)
     with perturbed.hooked():
-        first = engine.full(call.params, call.trainable, call.kwargs, call.layout, zero, with_delta_grad=True)
+        first = engine.full(call, zero, with_delta_grad=True)
         expected = {n: 2 * g for n, g in first.param_grads.items()}
         pointers = {n: g.data_ptr() for n, g in first.param_grads.items()}
-        second = engine.full(
-            call.params, call.trainable, call.kwargs, call.layout, zero, False, accumulate_into=first.param_grads
-        )
+        second = engine.full(call, zero, with_delta_grad=False, accumulate_into=first.param_grads)
     for name, grad in second.param_grads.items():
         assert grad.data_ptr() == pointers[name]  # the same buffers: no second gradient dict
         torch.testing.assert_close(grad, expected[name])
@@ -59,9 +57,7 @@ def test_delta_only_pass_forms_no_parameter_gradient():
     ]
     try:
         with perturbed.hooked():
-            grads = engine.delta_only(
-                call.params, call.kwargs, call.layout, zero_delta(target, call), torch.tensor(1.0)
-            )
+            grads = engine.delta_only(call.params, call.kwargs, call.layout, call.zeros(target), torch.tensor(1.0))
     finally:
         for h in handles:
             h.remove()

@@ -10,21 +10,13 @@ import torch
 from transformers import TrainerCallback, TrainingArguments, default_data_collator
 
 import advfunc
-from advfunc import registry
+from advfunc.methods import registry
 from advfunc.hf import AdversarialTrainer
-from advfunc.train import Loop, TrainConfig
+from advfunc.app.train import Loop, TrainConfig
 from tests.tiny_models import padded_batch, tiny_model
 
 pytest.importorskip("accelerate")  # Trainer needs it
 peft = pytest.importorskip("peft")
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def _examples(count: int, with_types: bool = False) -> list[dict[str, torch.Tensor]]:

@@ -63,7 +63,7 @@ def test_huge_loss_scale_gives_a_finite_perturbation(method):
 
 
 def test_fp16_gradient_with_overflowing_square_norm():
-    from advfunc.norms import l2_direction
+    from advfunc.core.norms import l2_direction
 
     g = torch.full((2, 3, 4), 1000.0, dtype=torch.float16)  # 1000² = 1e6 > fp16 max 65504
     direction, finite = l2_direction(g)

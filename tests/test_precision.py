@@ -8,7 +8,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import advfunc
-from advfunc import precision
+from advfunc.scale import precision
 from tests.tiny_models import padded_batch, tiny_model
 
 FACTORIES = {

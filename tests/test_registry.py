@@ -7,17 +7,9 @@ import copy
 import pytest
 import torch
 
-from advfunc import registry
-from advfunc.train import Loop, TrainConfig
+from advfunc.methods import registry
+from advfunc.app.train import Loop, TrainConfig
 from tests.tiny_models import padded_batch, tiny_model
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def test_spec_parsing_and_labels():

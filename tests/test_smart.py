@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 
 import advfunc
 from advfunc.methods.smart import smart
-from advfunc.teacher import ema, teacher_of
+from advfunc.methods.teacher import ema, teacher_of
 from tests.method_harness import SHARPEN, PassCounter, lockstep, sharpened, short_run
 from tests.purity import assert_step_is_pure
 from tests.reference_methods import reference_ema_, reference_smart

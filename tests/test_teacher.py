@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import advfunc
-from advfunc.teacher import ema, teacher_of
+from advfunc.methods.teacher import ema, teacher_of
 from tests.reference_methods import reference_ema_
 from tests.tiny_models import tiny_model
 

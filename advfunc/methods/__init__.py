@@ -1,1 +1,1 @@
-"""One module per method; each exports a factory that returns a pure ``Step``."""
+"""Training steps: one module per method, each a recipe over its attack in ``advfunc.attacks``."""

@@ -8,9 +8,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from advfunc.forward import LossFn, PerturbedModel
-from advfunc.step import Grads, Step, StepOutput, prepare
-from advfunc.targets import resolve_target
+from advfunc.core.model import LossFn, PerturbedModel
+from advfunc.core.step import Grads, Step, StepOutput, prepare
+from advfunc.core.targets import resolve_target
 
 
 def plain(model: nn.Module, *, loss_fn: LossFn | None = None, autocast: torch.dtype | None = None) -> Step:
@@ -32,11 +32,13 @@ def plain(model: nn.Module, *, loss_fn: LossFn | None = None, autocast: torch.dt
     chosen = resolve_target(model, "embeds", allowed=("embeds",))
     perturbed = PerturbedModel(model, loss_fn, autocast)
 
-    def step(params: Mapping[str, torch.Tensor], batch: Mapping[str, Any]) -> tuple[Grads, StepOutput]:
-        call = prepare(model, perturbed, chosen, params, batch)
+    def step(
+        params: Mapping[str, torch.Tensor], batch: Mapping[str, Any], *, loss_scale: float | torch.Tensor = 1.0
+    ) -> tuple[Grads, StepOutput]:
+        call = prepare(model, perturbed, chosen, params, batch, loss_scale)
         leaves = {n: call.params[n].detach().requires_grad_(True) for n in call.trainable}
         loss, outputs = perturbed.loss({**call.params, **leaves}, call.kwargs, None)
-        grads = torch.autograd.grad(loss, list(leaves.values()), allow_unused=True, materialize_grads=True)
+        grads = torch.autograd.grad(loss * call.scale, list(leaves.values()), allow_unused=True, materialize_grads=True)
         logits = getattr(outputs, "logits", None)
         out = StepOutput(
             loss=loss.detach(),
@@ -47,4 +49,4 @@ def plain(model: nn.Module, *, loss_fn: LossFn | None = None, autocast: torch.dt
         )
         return dict(zip(leaves, grads, strict=True)), out
 
-    return Step("none", 1, {}, step)
+    return Step("none", 1, {"forward_only_passes": 0}, step)

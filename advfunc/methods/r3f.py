@@ -1,4 +1,4 @@
-"""R3F: noise on the embeddings and a symmetric-KL consistency term (Aghajanyan et al., 2021)."""
+"""R3F training: noise on the embeddings and a symmetric-KL consistency term (Aghajanyan et al., 2021)."""
 
 from __future__ import annotations
 
@@ -8,15 +8,13 @@ from typing import Any
 import torch
 from torch import nn
 
-from advfunc.arguments import require_positive
-from advfunc.divergence import logits_of, symmetric_kl
-from advfunc.forward import LossFn, PerturbedModel
-from advfunc.noise import gaussian, require_generator, uniform
-from advfunc.objective import fresh_leaves, gradient
-from advfunc.step import Grads, Step, StepOutput, as_scale, check_hook_fired, prepare
-from advfunc.targets import EmbeddingOutput, resolve_target
-
-NOISES = ("uniform", "normal")
+from advfunc import attacks
+from advfunc.core.arguments import require_positive
+from advfunc.core.divergence import symmetric_kl
+from advfunc.core.model import LossFn, logits_of
+from advfunc.core.noise import require_generator
+from advfunc.core.objective import fresh_leaves, gradient
+from advfunc.core.step import Grads, Step, StepOutput, check_hook_fired, prepare
 
 
 def r3f(
@@ -36,7 +34,8 @@ def r3f(
         \\text{grads} = ∇_θ\\big[L(θ) + λ · \\mathrm{sKL}(f(x;θ), f(x + z;θ))\\big]
 
     f gives logits, sKL(p, q) = KL(p‖q) + KL(q‖p) averaged over the batch, x is the
-    input-embedding output [B, L, H] and z [B, L, H] is zero at padding. There is no
+    input-embedding output [B, L, H] and z [B, L, H] (:func:`advfunc.attacks.r3f`) is
+    zero at padding. There is no
     ascent step; the gradient flows through both forwards (fairseq's R3F). ``noise`` is
     ``"uniform"`` (fairseq's default) or ``"normal"``; z comes from ``generator``
     (overridable per call: ``step(params, batch, generator=g)``).
@@ -44,7 +43,7 @@ def r3f(
     ``out``: ``loss`` the task loss, ``adv_loss`` sKL (before λ), ``delta`` z.
 
     Cost: 2 forward passes and one backward through both (2 forward+backward passes of
-    compute). Eager only (no ``compile``).
+    compute). Eager only: there is no δ-only pass to compile.
 
     Paper: Aghajanyan et al., "Better Fine-Tuning by Reducing Representational Collapse",
     ICLR 2021.
@@ -54,15 +53,9 @@ def r3f(
         r3f_step = advfunc.r3f(model, sigma=1e-5, lambda_=1.0, noise="uniform")
         grads, out = r3f_step(advfunc.params_of(model), batch)
     """
-    sigma = require_positive("sigma", sigma)
     lambda_ = require_positive("lambda_", lambda_)
-    if noise not in NOISES:
-        raise ValueError(f"noise must be one of {NOISES}, got {noise!r}")
-    default_generator = require_generator(generator)
-    chosen = resolve_target(model, "embeds", allowed=("embeds",))
-    assert isinstance(chosen, EmbeddingOutput)
-    perturbed = PerturbedModel(model, loss_fn, autocast)
-    draw = uniform if noise == "uniform" else gaussian
+    attack = attacks.r3f(model, sigma, noise, generator, loss_fn=loss_fn, autocast=autocast)
+    engine, target, perturbed = attack.engine, attack.target, attack.perturbed
 
     def step(
         params: Mapping[str, torch.Tensor],
@@ -71,27 +64,26 @@ def r3f(
         generator: torch.Generator | None = None,
         loss_scale: float | torch.Tensor = 1.0,
     ) -> tuple[Grads, StepOutput]:
-        call = prepare(model, perturbed, chosen, params, batch)
-        scale = as_scale(loss_scale, call.device)
-        draw_from = require_generator(generator) if generator is not None else default_generator
+        call = prepare(model, perturbed, target, params, batch, loss_scale)
+        draw_from = None if generator is None else require_generator(generator)
         leaves = fresh_leaves(call.params, call.trainable)
         live = {**call.params, **leaves}
         with perturbed.hooked() as calls:
             task_loss, clean_outputs = perturbed.loss(live, call.kwargs, None)
             clean = logits_of(clean_outputs)  # [B, C]
-            z = draw(call.layout, sigma, chosen.dtype, call.device, draw_from)  # [B, L, H]
-            noised = perturbed.outputs(live, call.kwargs, chosen.offset({"embeds": z}, call.layout))
-            check_hook_fired(calls)
+            z, skipped = attack.run(call, generator=draw_from)  # [B, L, H]
+            noised = engine.outputs(live, call.kwargs, call.layout, z)
+            check_hook_fired(calls, target)
             consistency = symmetric_kl(clean, logits_of(noised))
-            grads = gradient((task_loss + lambda_ * consistency) * scale, leaves)
+            grads = gradient((task_loss + lambda_ * consistency) * call.scale, leaves)
         out = StepOutput(
             loss=task_loss.detach(),
             adv_loss=consistency.detach(),
-            delta=z,
-            skipped=torch.zeros((), dtype=torch.bool, device=call.device),
+            delta=z["embeds"],
+            skipped=skipped,
             logits=clean.detach(),
         )
         return grads, out
 
-    config = {"sigma": sigma, "lambda_": lambda_, "noise": noise, "target": "embeds", "forward_only_passes": 0}
+    config = {**attack.config, "lambda_": lambda_, "forward_only_passes": 0}
     return Step("r3f", 2, config, step)

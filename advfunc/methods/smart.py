@@ -1,4 +1,4 @@
-"""SMART: smoothness-inducing adversarial regularisation with a Bregman proximal step (Jiang et al., 2020)."""
+"""SMART training: smoothness-inducing adversarial regularisation with a Bregman proximal step (Jiang et al., 2020)."""
 
 from __future__ import annotations
 
@@ -8,31 +8,14 @@ from typing import Any
 import torch
 from torch import nn
 
-from advfunc.arguments import require_non_negative, require_norm, require_positive, require_steps
-from advfunc.divergence import logits_of, symmetric_kl
-from advfunc.forward import LossFn, PerturbedModel
-from advfunc.noise import gaussian, require_generator
-from advfunc.norms import l2_direction, linf_direction
-from advfunc.objective import fresh_leaves, frozen, gradient
-from advfunc.parameters import Params
-from advfunc.projection import project_l2, project_linf
-from advfunc.step import Grads, Step, StepOutput, as_scale, check_hook_fired, drop_if_skipped, prepare
-from advfunc.targets import EmbeddingOutput, resolve_target
-
-
-def smart_ascent(
-    delta: torch.Tensor, grad: torch.Tensor, step_size: float, epsilon: float, norm: str
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """One SMART ascent step per token, δ' = Π_ε(δ + η · g/‖g‖), and whether g was finite.
-
-    ``delta``, ``grad``: [B, L, H]; ‖·‖ and Π_ε are per token over H (L∞: clamp, L2:
-    rescale). A zero or non-finite g leaves δ where it is.
-    """
-    direction_of = l2_direction if norm == "l2" else linf_direction
-    direction, finite = direction_of(grad, -1)  # [B, L, H] fp32, unit norm per token
-    moved = (delta.float() + step_size * direction).to(delta.dtype)
-    projected = project_l2(moved, epsilon, -1) if norm == "l2" else project_linf(moved, epsilon)
-    return projected, finite
+from advfunc import attacks
+from advfunc.core.arguments import require_non_negative, require_positive
+from advfunc.core.divergence import symmetric_kl
+from advfunc.core.model import LossFn, logits_of
+from advfunc.core.noise import require_generator
+from advfunc.core.objective import fresh_leaves, frozen, gradient
+from advfunc.core.params import Params
+from advfunc.core.step import Grads, Step, StepOutput, check_hook_fired, prepare
 
 
 def smart(
@@ -48,6 +31,7 @@ def smart(
     *,
     loss_fn: LossFn | None = None,
     autocast: torch.dtype | None = None,
+    compile: bool | None = None,
 ) -> Step:
     """SMART: task loss + λ_s · adversarial symmetric KL + μ · Bregman proximal term.
 
@@ -59,7 +43,7 @@ def smart(
             + μ · \\mathrm{sKL}(f(x;θ), f(x;θ̃))\\big]
 
     f gives logits, sKL(p, q) = KL(p‖q) + KL(q‖p) averaged over the batch, x is the
-    input-embedding output [B, L, H]. ‖·‖ and Π_ε are per token over the hidden axis:
+    input-embedding output [B, L, H], δ_K is :func:`advfunc.attacks.smart`. ‖·‖ and Π_ε are per token over the hidden axis:
     L∞ (``norm="linf"``, the paper's) or L2. δ_K is held fixed in the final gradient,
     which flows through both the clean and the perturbed outputs (the paper's R_s; the
     authors' mt-dnn code stops it in the reference side of each KL). σ is ``noise_var``:
@@ -73,7 +57,8 @@ def smart(
 
     Cost: K + 2 forward+backward passes (the clean pass, K ascent passes that
     differentiate δ only, the pass at δ_K; the last two share one backward) plus one
-    forward without backward for the teacher when μ > 0. Eager only (no ``compile``).
+    forward without backward for the teacher when μ > 0. With ``compile`` the K ascent
+    passes run as compiled graphs.
 
     Paper: Jiang et al., "SMART: Robust and Efficient Fine-Tuning for Pre-trained Natural
     Language Models through Principled Regularized Optimization", ACL 2020.
@@ -86,17 +71,13 @@ def smart(
         advfunc.set_grads(model, grads); optimizer.step()
         teacher = advfunc.ema(teacher, advfunc.params_of(model), beta=0.99)
     """
-    epsilon = require_positive("epsilon", epsilon)
-    step_size = require_positive("step_size", step_size)
-    steps = require_steps("steps", steps)
-    noise_var = require_non_negative("noise_var", noise_var)
     lambda_s = require_positive("lambda_s", lambda_s)
     mu = require_non_negative("mu", mu)
-    norm = require_norm(norm)
-    default_generator = require_generator(generator)
-    chosen = resolve_target(model, "embeds", allowed=("embeds",))
-    assert isinstance(chosen, EmbeddingOutput)
-    perturbed = PerturbedModel(model, loss_fn, autocast)
+    attack = attacks.smart(
+        model, epsilon, step_size, steps, noise_var, norm, generator,
+        loss_fn=loss_fn, autocast=autocast, compile=compile,
+    )
+    engine, target, perturbed = attack.engine, attack.target, attack.perturbed
 
     def step(
         params: Mapping[str, torch.Tensor],
@@ -106,56 +87,36 @@ def smart(
         generator: torch.Generator | None = None,
         loss_scale: float | torch.Tensor = 1.0,
     ) -> tuple[Grads, StepOutput]:
-        call = prepare(model, perturbed, chosen, params, batch)
+        call = prepare(model, perturbed, target, params, batch, loss_scale)
         teacher_params = _teacher_params(teacher, call.params, mu)
-        scale = as_scale(loss_scale, call.device)
-        draw_from = require_generator(generator) if generator is not None else default_generator
+        draw_from = None if generator is None else require_generator(generator)
         leaves = fresh_leaves(call.params, call.trainable)
         live = {**call.params, **leaves}
-        fixed = frozen(call.params)
-        with perturbed.hooked() as calls:
+        with perturbed.hooked(count=not attack.compiled) as calls:
             task_loss, clean_outputs = perturbed.loss(live, call.kwargs, None)
             clean = logits_of(clean_outputs)  # [B, C], carries θ's graph into the final backward
             reference = clean.detach()
-            delta = gaussian(call.layout, noise_var, chosen.dtype, call.device, draw_from)  # [B, L, H]
-            skipped = torch.zeros((), dtype=torch.bool, device=call.device)
-            for _ in range(steps):
-                leaf = delta.detach().requires_grad_(True)
-                probe = perturbed.outputs(fixed, call.kwargs, chosen.offset({"embeds": leaf}, call.layout))
-                check_hook_fired(calls)
-                grad = gradient(symmetric_kl(reference, logits_of(probe)) * scale, {"delta": leaf})["delta"]
-                delta, finite = smart_ascent(delta, grad, step_size, epsilon, norm)
-                skipped = skipped | ~finite
-            delta = drop_if_skipped({"embeds": delta}, skipped)["embeds"]
-            adversarial = perturbed.outputs(live, call.kwargs, chosen.offset({"embeds": delta}, call.layout))
+            delta, skipped = attack.run(call, generator=draw_from, reference=reference)  # [B, L, H]
+            check_hook_fired(calls, target)
+            adversarial = engine.outputs(live, call.kwargs, call.layout, delta)
             smoothness = symmetric_kl(clean, logits_of(adversarial))
             objective = task_loss + lambda_s * smoothness
             if teacher_params is not None:
                 with torch.no_grad():
                     anchor = logits_of(perturbed.outputs(teacher_params, call.kwargs, None))
                 objective = objective + mu * symmetric_kl(clean, anchor)
-            grads = gradient(objective * scale, leaves)
+            grads = gradient(objective * call.scale, leaves)
         out = StepOutput(
             loss=task_loss.detach(),
             adv_loss=smoothness.detach(),
-            delta=delta.detach(),
+            delta=delta["embeds"].detach(),
             skipped=skipped,
             logits=reference,
         )
         return grads, out
 
-    config = {
-        "epsilon": epsilon,
-        "step_size": step_size,
-        "steps": steps,
-        "noise_var": noise_var,
-        "lambda_s": lambda_s,
-        "mu": mu,
-        "norm": norm,
-        "target": "embeds",
-        "forward_only_passes": 1 if mu > 0 else 0,
-    }
-    return Step("smart", steps + 2, config, step)
+    config = {**attack.config, "lambda_s": lambda_s, "mu": mu, "forward_only_passes": 1 if mu > 0 else 0}
+    return Step("smart", steps + 2, config, step, driver="teacher")
 
 
 def _teacher_params(teacher: Any, params: Params, mu: float) -> Params | None:

@@ -21,12 +21,12 @@ from typing import Any
 import torch
 from torch import nn
 
-from advfunc import checkpoint
-from advfunc.data import Encoded, training_batches
-from advfunc.parameters import Params, params_of, set_grads
-from advfunc.progress import Progress
-from advfunc.registry import MethodSpec, build_step, parse_method
-from advfunc.step import Grads, Step, StepOutput
+from advfunc.app import checkpoint
+from advfunc.app.data import Encoded, training_batches
+from advfunc.core.params import Params, params_of, set_grads
+from advfunc.app.progress import Progress
+from advfunc.methods.registry import MethodSpec, build_step, parse_method
+from advfunc.core.step import Grads, Step, StepOutput
 
 log = logging.getLogger("advfunc")
 
@@ -162,7 +162,7 @@ class _TeacherDriver(_Driver):
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        from advfunc.teacher import teacher_of  # imported here: only SMART needs it
+        from advfunc.methods.teacher import teacher_of
 
         trainable = {n for n, p in self.model.named_parameters() if p.requires_grad}
         self.beta = float(self.spec.driver_option("beta"))
@@ -172,7 +172,7 @@ class _TeacherDriver(_Driver):
         return self.step(self.params, batch, self.teacher)
 
     def after_update(self) -> None:
-        from advfunc.teacher import ema
+        from advfunc.methods.teacher import ema
 
         self.teacher = ema(self.teacher, self.params, self.beta)
 

@@ -33,10 +33,11 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import torch
 
-from advfunc import atomic, checkpoint, registry, report
-from advfunc.data import DataError, Encoded, Labels, TextDataset, encode, fixed_split, load_file, rotten_tomatoes
-from advfunc.evaluate import AttackConfig, EvalResult, accuracy, evaluate
-from advfunc.train import TrainConfig, TrainResult, train
+from advfunc.app import atomic, checkpoint, report
+from advfunc.methods import registry
+from advfunc.app.data import DataError, Encoded, Labels, TextDataset, encode, fixed_split, load_file, rotten_tomatoes
+from advfunc.app.evaluate import AttackConfig, EvalResult, accuracy, evaluate
+from advfunc.app.train import TrainConfig, TrainResult, train
 
 log = logging.getLogger("advfunc")
 USER_ERRORS = (

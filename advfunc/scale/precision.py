@@ -31,7 +31,7 @@ from typing import NamedTuple
 
 import torch
 
-from advfunc.parameters import Params
+from advfunc.core.params import Params
 
 # torch.amp.GradScaler's defaults.
 INIT_SCALE = 2.0**16

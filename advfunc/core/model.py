@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import inspect
 import typing
+import weakref
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
@@ -19,8 +20,8 @@ import torch
 from torch import nn
 from torch.func import functional_call
 
-from advfunc.distributed import refuse_sharded
-from advfunc.targets import input_embedding
+from advfunc.core.sharding import refuse_sharded
+from advfunc.core.targets import input_embedding
 
 LossFn = Callable[[Any, Mapping[str, Any]], torch.Tensor]
 
@@ -40,20 +41,41 @@ def _add_offset(module: nn.Module, args: Any, output: torch.Tensor) -> torch.Ten
     return output + offset.to(output.dtype)
 
 
-class OffsetCalls:
-    """Counts the embedding calls that received an offset (eager steps only).
+class OffsetHook:
+    """The one offset hook of an embedding module, shared by every step running on it.
 
-    A compiled step uses the stateless hook: a counter would be a Python int that
-    ``torch.compile`` specialises on, recompiling at every call.
+    A step nested in another step's ``loss_fn`` runs while the outer step's hook is
+    registered; a second hook would add the inner offset twice. So the hook is
+    registered once per module and counted by the steps holding it; each forward adds
+    the offset of the innermost ``functional_call`` exactly once. ``calls`` counts the
+    forwards that received an offset (eager steps only: under ``torch.compile`` a Python
+    counter would be specialised on and recompile every call).
     """
 
-    def __init__(self) -> None:
+    def __init__(self, embedding: nn.Module, count: bool) -> None:
+        self.users = 0
         self.calls = 0
+        self.handle = embedding.register_forward_hook(self._counting if count else _add_offset)
 
-    def __call__(self, module: nn.Module, args: Any, output: torch.Tensor) -> torch.Tensor:
+    def _counting(self, module: nn.Module, args: Any, output: torch.Tensor) -> torch.Tensor:
         if getattr(module, _OFFSET_ATTRIBUTE, None) is not None:
             self.calls += 1
         return _add_offset(module, args, output)
+
+
+_ACTIVE_HOOKS: weakref.WeakKeyDictionary[nn.Module, OffsetHook] = weakref.WeakKeyDictionary()
+
+
+class OffsetCalls:
+    """The number of offset-carrying embedding calls since a step took the hook."""
+
+    def __init__(self, hook: OffsetHook) -> None:
+        self.hook = hook
+        self.start = hook.calls
+
+    @property
+    def calls(self) -> int:
+        return self.hook.calls - self.start
 
 
 def accepted_keywords(model: nn.Module) -> set[str]:
@@ -156,16 +178,21 @@ class PerturbedModel:
 
     @contextlib.contextmanager
     def hooked(self, count: bool = True) -> Iterator[OffsetCalls | None]:
-        """Register the offset hook for the length of one step; removed whatever happens.
+        """Hold the embedding's offset hook for the length of one step; removed with its last holder.
 
         Yields an ``OffsetCalls`` counter when ``count`` (eager), else None (compiled).
         """
-        counter = OffsetCalls() if count else None
-        handle = self.embedding.register_forward_hook(counter if counter is not None else _add_offset)
+        hook = _ACTIVE_HOOKS.get(self.embedding)
+        if hook is None:
+            hook = _ACTIVE_HOOKS[self.embedding] = OffsetHook(self.embedding, count)
+        hook.users += 1
         try:
-            yield counter
+            yield OffsetCalls(hook) if count else None
         finally:
-            handle.remove()
+            hook.users -= 1
+            if hook.users == 0:
+                hook.handle.remove()
+                del _ACTIVE_HOOKS[self.embedding]
 
     def outputs(
         self, params: Mapping[str, torch.Tensor], kwargs: Mapping[str, Any], offset: torch.Tensor | None
@@ -201,3 +228,14 @@ class PerturbedModel:
         if loss.dim() != 0:
             loss = loss.mean()
         return loss, outputs
+
+
+def logits_of(outputs: Any) -> torch.Tensor:
+    """``outputs.logits``, or a ``ValueError`` saying the caller needs them."""
+    logits = getattr(outputs, "logits", None)
+    if not isinstance(logits, torch.Tensor):
+        raise ValueError(
+            f"the model's outputs ({type(outputs).__name__}) have no 'logits' tensor; this method compares "
+            "or attacks the model's predictions, so the model must return logits"
+        )
+    return logits

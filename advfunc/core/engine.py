@@ -1,4 +1,4 @@
-"""Gradient engines: one forward+backward of ``PerturbedModel`` as a pure function.
+"""Gradient engines: one forward+backward of the perturbed model as a pure function.
 
 Two engines give the same numbers. The eager engine differentiates ``functional_call``
 with ``torch.autograd.grad`` on fresh leaves of its own: in eager mode that is cheaper
@@ -6,6 +6,8 @@ than ``torch.func.grad``, whose per-operator dispatch costs 10–20% on a BERT s
 compiled engine differentiates with ``torch.func.grad_and_value`` and runs under
 ``torch.compile(fullgraph=True)``, which removes that dispatch cost. Neither touches the
 caller's tensors, their ``.grad`` or the model's mode.
+
+Every pass takes a prepared :class:`~advfunc.core.step.Call` and a perturbation δ.
 """
 
 from __future__ import annotations
@@ -17,9 +19,12 @@ import torch
 from torch import nn
 from torch.func import grad, grad_and_value
 
-from advfunc.forward import PerturbedModel
-from advfunc.parameters import Params
-from advfunc.targets import Delta, Layout, NamedParameters, Target
+from advfunc.core.model import PerturbedModel, logits_of
+from advfunc.core.params import Params
+from advfunc.core.step import Call
+from advfunc.core.targets import Delta, Layout, Target
+
+Divergence = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
 class Pass(NamedTuple):
@@ -27,23 +32,8 @@ class Pass(NamedTuple):
 
     loss: torch.Tensor  # [] the unscaled loss
     logits: torch.Tensor | None  # [B, C] when the model returns logits
-    param_grads: Params  # ∂(scale·L)/∂θ for the trainable θ; {} when not asked
+    param_grads: Params  # ∂(scale·L)/∂θ for the trainable θ
     delta_grads: Delta  # ∂(scale·L)/∂δ; {} when not asked
-
-
-def perturbed_loss(
-    model: PerturbedModel,
-    target: Target,
-    params: Mapping[str, torch.Tensor],
-    kwargs: Mapping[str, Any],
-    layout: Layout,
-    delta: Delta,
-) -> tuple[torch.Tensor, Any]:
-    """L(θ, δ): the loss with ``delta`` applied where ``target`` puts it."""
-    if isinstance(target, NamedParameters):
-        moved = {**params, **{name: params[name] + delta[name] for name in target.names}}
-        return model.loss(moved, kwargs, None)
-    return model.loss(params, kwargs, target.offset(delta, layout))
 
 
 def owned(grads: Params) -> Params:
@@ -70,54 +60,97 @@ def _logits(outputs: Any) -> torch.Tensor | None:
 
 
 class Engine:
-    """``full`` (grads of θ and optionally δ) and ``delta_only`` (grads of δ) passes."""
+    """Passes of L(θ, δ) = the model's loss with δ placed by ``target``.
 
-    def __init__(self, model: PerturbedModel, target: Target, compiled: bool) -> None:
+    ``full`` gives ∂/∂θ (and ∂/∂δ when asked); ``delta_only`` gives ∂/∂δ and forms no
+    parameter gradient. With ``divergence`` the δ-only objective is
+    ``divergence(reference, logits(θ, δ))`` instead of the loss (VAT, SMART).
+    """
+
+    def __init__(
+        self, model: PerturbedModel, target: Target, compiled: bool, divergence: Divergence | None = None
+    ) -> None:
         self.model = model
         self.target = target
         self.compiled = compiled
+        self.divergence = divergence
         self._full_cache: dict[bool, Callable[..., Any]] = {}
-        self._delta_fn: Callable[..., Any] | None = None
+        differentiate = grad(self._delta_objective)
+
+        def delta_grad(
+            params: Params,
+            kwargs: Mapping[str, Any],
+            layout: Layout,
+            delta: Delta,
+            scale: torch.Tensor,
+            reference: torch.Tensor | None,
+        ) -> Delta:
+            return differentiate(delta, params, kwargs, layout, scale, reference)
+
+        self._func_delta_grad = delta_grad
+
+    def loss(
+        self, params: Mapping[str, torch.Tensor], kwargs: Mapping[str, Any], layout: Layout, delta: Delta
+    ) -> tuple[torch.Tensor, Any]:
+        """(L(θ, δ), the model's outputs): one forward with ``delta`` placed by the target."""
+        placed, offset = self.target.apply(params, layout, delta)
+        return self.model.loss(placed, kwargs, offset)
+
+    def outputs(self, params: Mapping[str, torch.Tensor], kwargs: Mapping[str, Any], layout: Layout, delta: Delta) -> Any:
+        """The model's outputs at (θ, δ), without a loss (divergence objectives)."""
+        placed, offset = self.target.apply(params, layout, delta)
+        return self.model.outputs(placed, kwargs, offset)
+
+    def _delta_objective(
+        self,
+        delta: Delta,
+        params: Params,
+        kwargs: Mapping[str, Any],
+        layout: Layout,
+        scale: torch.Tensor,
+        reference: torch.Tensor | None,
+    ) -> torch.Tensor:
+        if self.divergence is None:
+            return self.loss(params, kwargs, layout, delta)[0] * scale
+        assert reference is not None
+        return self.divergence(reference, logits_of(self.outputs(params, kwargs, layout, delta))) * scale
 
     def full(
         self,
-        params: Params,
-        trainable: list[str],
-        kwargs: Mapping[str, Any],
-        layout: Layout,
+        call: Call,
         delta: Delta,
+        *,
         with_delta_grad: bool,
-        scale: float | torch.Tensor = 1.0,
+        scale: torch.Tensor | None = None,
         accumulate_into: Params | None = None,
     ) -> Pass:
         """One forward+backward: ∂(scale·L(θ, δ))/∂θ for the trainable θ (and ∂/∂δ if asked).
 
-        ``scale`` carries FreeLB's 1/K and a mixed-precision loss scale. With
-        ``accumulate_into`` (the step's own gradient buffers from an earlier pass), the
-        parameter gradients are added into those buffers, which are returned: the eager
-        engine adds each parameter's gradient as soon as backward produces it, so a step
-        never holds two full gradient dicts at once.
+        ``scale`` (default: the call's loss scale) carries FreeLB's 1/K and a
+        mixed-precision loss scale. With ``accumulate_into`` (the step's own gradient
+        buffers from an earlier pass), the parameter gradients are added into those
+        buffers, which are returned: the eager engine adds each parameter's gradient as
+        soon as backward produces it, so a step never holds two full gradient dicts.
         """
+        scale = call.scale if scale is None else scale
         if self.compiled:
             fn = self._compiled_full(with_delta_grad)
-            scale_tensor = torch.as_tensor(scale, dtype=torch.float32, device=next(iter(params.values())).device)
             loss, logits, param_grads, delta_grads = fn(
-                {n: params[n] for n in trainable}, delta, params, kwargs, layout, scale_tensor
+                {n: call.params[n] for n in call.trainable}, delta, call.params, call.kwargs, call.layout, scale
             )
             if accumulate_into is not None:
                 param_grads = {n: accumulate_into[n].add_(g) for n, g in param_grads.items()}
             return Pass(loss, logits, param_grads, delta_grads)
-        leaves = {n: params[n].detach().requires_grad_(True) for n in trainable}
+        leaves = {n: call.params[n].detach().requires_grad_(True) for n in call.trainable}
         if accumulate_into is not None:
             for name, leaf in leaves.items():
                 # The hook's result is what autograd.grad captures: the buffer itself, so
                 # the fresh gradient is freed right after it is added.
                 leaf.register_hook(accumulate_into[name].add_)
         delta_in = {k: v.detach().requires_grad_(with_delta_grad) for k, v in delta.items()}
-        loss, outputs = perturbed_loss(self.model, self.target, {**params, **leaves}, kwargs, layout, delta_in)
+        loss, outputs = self.loss({**call.params, **leaves}, call.kwargs, call.layout, delta_in)
         wrt = [*leaves.values(), *(delta_in.values() if with_delta_grad else ())]
-        scaled = loss if isinstance(scale, float) and scale == 1.0 else loss * scale
-        grads = torch.autograd.grad(scaled, wrt, allow_unused=True, materialize_grads=True)
+        grads = torch.autograd.grad(loss * scale, wrt, allow_unused=True, materialize_grads=True)
         # An unused parameter's hook never runs; its buffer already holds the right sum.
         param_grads = (
             dict(accumulate_into)
@@ -128,44 +161,28 @@ class Engine:
         return Pass(loss.detach(), _logits(outputs), param_grads, delta_grads)
 
     def delta_only(
-        self, params: Params, kwargs: Mapping[str, Any], layout: Layout, delta: Delta, scale: torch.Tensor
+        self,
+        params: Params,
+        kwargs: Mapping[str, Any],
+        layout: Layout,
+        delta: Delta,
+        scale: torch.Tensor,
+        reference: torch.Tensor | None = None,
     ) -> Delta:
-        """One forward and a backward to δ only: ∂(scale·L(θ, δ))/∂δ. No parameter gradient is formed.
+        """One forward and a backward to δ only: ∂(scale·objective(θ, δ))/∂δ. No parameter gradient.
 
-        ``scale`` is a 0-dim tensor (a loss scale keeps fp16 activation gradients from
-        underflowing; the ascent direction does not depend on it).
+        Takes the call's pieces rather than the call, so that a compiled attack can trace
+        it. ``scale`` is a 0-dim tensor (a loss scale keeps fp16 activation gradients from
+        underflowing; an ascent direction does not depend on it). ``reference``: the clean
+        logits a divergence objective compares with.
         """
         if self.compiled:
-            return self.delta_grad_function()(params, kwargs, layout, delta, scale)
-        return self._eager_delta_grad(params, kwargs, layout, delta, scale)
-
-    def _eager_delta_grad(
-        self, params: Params, kwargs: Mapping[str, Any], layout: Layout, delta: Delta, scale: torch.Tensor
-    ) -> Delta:
+            return self._func_delta_grad(params, kwargs, layout, delta, scale, reference)
         delta_in = {k: v.detach().requires_grad_(True) for k, v in delta.items()}
         detached = {n: p.detach() for n, p in params.items()}
-        loss, _ = perturbed_loss(self.model, self.target, detached, kwargs, layout, delta_in)
-        grads = torch.autograd.grad(loss * scale, list(delta_in.values()), allow_unused=True, materialize_grads=True)
-        return dict(zip(delta_in, grads, strict=False))
-
-    def delta_grad_function(self) -> Callable[[Params, Mapping[str, Any], Layout, Delta, torch.Tensor], Delta]:
-        """∂L/∂δ as a ``torch.func.grad`` function, traceable under ``torch.compile``."""
-        if self._delta_fn is None:
-
-            def loss_of_delta(
-                delta: Delta, params: Params, kwargs: Mapping[str, Any], layout: Layout, scale: torch.Tensor
-            ) -> torch.Tensor:
-                return perturbed_loss(self.model, self.target, params, kwargs, layout, delta)[0] * scale
-
-            differentiate = grad(loss_of_delta)
-
-            def delta_grad(
-                params: Params, kwargs: Mapping[str, Any], layout: Layout, delta: Delta, scale: torch.Tensor
-            ) -> Delta:
-                return differentiate(delta, params, kwargs, layout, scale)
-
-            self._delta_fn = delta_grad
-        return self._delta_fn
+        objective = self._delta_objective(delta_in, detached, kwargs, layout, scale, reference)
+        grads = torch.autograd.grad(objective, list(delta_in.values()), allow_unused=True, materialize_grads=True)
+        return dict(zip(delta_in, grads, strict=True))
 
     def _compiled_full(self, with_delta_grad: bool) -> Callable[..., Any]:
         key = with_delta_grad
@@ -179,7 +196,7 @@ class Engine:
                 layout: Layout,
                 scale: torch.Tensor,
             ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor | None]]:
-                loss, outputs = perturbed_loss(self.model, self.target, {**params, **leaves}, kwargs, layout, delta)
+                loss, outputs = self.loss({**params, **leaves}, kwargs, layout, delta)
                 return loss * scale, (loss.detach(), _logits(outputs))
 
             argnums = (0, 1) if with_delta_grad else 0

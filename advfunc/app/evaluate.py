@@ -12,18 +12,20 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import torch
 from torch import nn
 
-from advfunc.attacks import WordVocabulary, embedding_pgd, hotflip
-from advfunc.data import Encoded, evaluation_batches
-from advfunc.forward import PerturbedModel
-from advfunc.parameters import params_of
-from advfunc.progress import Progress
+from advfunc import attacks
+from advfunc.app.data import Encoded, evaluation_batches
+from advfunc.app.progress import Progress
+from advfunc.app.word_attacks import WordVocabulary, hotflip
+from advfunc.core.model import PerturbedModel, logits_of
+from advfunc.core.params import params_of
+from advfunc.core.step import prepare
 
 log = logging.getLogger("advfunc")
 
@@ -102,11 +104,40 @@ def _trimmed(batch: dict[str, torch.Tensor], rows: torch.Tensor) -> dict[str, to
     return {k: (v[rows, :width] if v.dim() == 2 else v[rows]) for k, v in batch.items()}
 
 
+def embedding_pgd(
+    model: nn.Module,
+    params: Mapping[str, torch.Tensor],
+    batch: Mapping[str, Any],
+    radius: float,
+    steps: int,
+    step_size: float | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """L2 PGD on the embedding output, :func:`advfunc.attacks.pgd`: (δ [B, L, H], broken [B] bool).
+
+    .. math::
+        δ_0 = 0,\\quad δ_t = Π_r\\big(δ_{t-1} + α · G_t/‖G_t‖₂\\big),\\quad
+        G_t = ∇_δ \\mathrm{CE}(f(x + δ), y)
+
+    with per-example norms over (seq, hidden) and padding masked, α = 2.5·r/steps unless
+    ``step_size`` is given (Madry et al., 2018). ``broken[b]`` is true when example b is
+    misclassified clean or at δ_K. Cost: ``steps`` passes to δ only and two forwards.
+    """
+    alpha = step_size if step_size is not None else 2.5 * radius / steps
+    attack = attacks.pgd(model, epsilon=radius, alpha=alpha, steps=steps, target="embeds", compile=False)
+    delta = attack(params, batch)
+    call = prepare(model, attack.perturbed, attack.target, params, batch)
+    placed = attack.target.internal(delta, call.layout, call.params, "delta")
+    with torch.no_grad(), attack.perturbed.hooked(count=False):
+        clean = logits_of(attack.engine.outputs(call.params, call.kwargs, call.layout, call.zeros(attack.target)))
+        attacked = logits_of(attack.engine.outputs(call.params, call.kwargs, call.layout, placed))
+    labels = call.kwargs["labels"]
+    return delta, (clean.argmax(-1) != labels) | (attacked.argmax(-1) != labels)
+
+
 def robust_accuracy(
     model: nn.Module, data: Encoded, radii: Sequence[float], steps: int, batch_size: int = 32, progress: bool = False
 ) -> tuple[float, dict[float, float]]:
     """(clean accuracy, {radius: accuracy under embedding PGD within that radius}) on ``data``."""
-    perturbed = PerturbedModel(model)
     params = params_of(model)
     ordered = sorted(radii)
     standing = {r: 0 for r in ordered}
@@ -121,7 +152,7 @@ def robust_accuracy(
             for radius in ordered:
                 rows = alive.nonzero().squeeze(1)
                 if rows.numel():
-                    _, broken = embedding_pgd(perturbed, params, _trimmed(batch, rows), radius, steps)
+                    _, broken = embedding_pgd(model, params, _trimmed(batch, rows), radius, steps)
                     alive[rows[broken]] = False
                 standing[radius] += int(alive.sum())
             bar.update()

@@ -10,7 +10,7 @@ from collections.abc import Sequence
 
 import torch
 
-from advfunc.norms import l2_norm
+from advfunc.core.norms import l2_norm
 
 
 def project_l2(

@@ -7,7 +7,7 @@ from collections.abc import Mapping
 
 import torch
 
-from advfunc.parameters import Params
+from advfunc.core.params import Params
 
 
 def teacher_of(params: Mapping[str, torch.Tensor]) -> Params:

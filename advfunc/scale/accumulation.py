@@ -20,8 +20,8 @@ from typing import Any, Literal, NamedTuple
 
 import torch
 
-from advfunc.parameters import Params
-from advfunc.step import StepOutput
+from advfunc.core.params import Params
+from advfunc.core.step import StepOutput
 
 Reduction = Literal["sum", "mean"]
 

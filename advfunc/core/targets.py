@@ -4,21 +4,23 @@ A target turns a perturbation δ (a dict of tensors, the thing an attack differe
 and updates) into what the forward pass sees: an offset added to the output of the
 model's input-embedding module, or replaced parameters. It also fixes the norm groups
 of δ: one L2 norm over the whole of δ (``"weight"``), one per example (``"embeds"``),
-one per parameter (names).
+one per parameter (names), and converts δ to and from the form users see: one tensor
+for the embedding targets, a ``{name: tensor}`` dict for named parameters.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, Literal, Protocol
 
 import torch
 from torch import nn
 
-from advfunc.parameters import Params
+from advfunc.core.params import Params
 
 Delta = dict[str, torch.Tensor]
+PublicDelta = torch.Tensor | dict[str, torch.Tensor]
 TargetSpec = Literal["weight", "embeds"] | Sequence[str]
 
 
@@ -39,17 +41,42 @@ class Layout:
     mask: torch.Tensor | None = None
 
 
+class Target(Protocol):
+    """What every target implements; call sites never ask which target they hold."""
+
+    kind: str
+    reads_input_ids: bool  # the perturbation is placed by the batch's tokens
+
+    def layout(self, batch: Mapping[str, Any]) -> Layout: ...
+
+    def zeros(self, layout: Layout, params: Params) -> Delta: ...
+
+    def apply(self, params: Mapping[str, torch.Tensor], layout: Layout, delta: Delta) -> tuple[Params, Any]:
+        """(the parameters the forward sees, the offset [B, L, H] added to the embedding output or None)."""
+        ...
+
+    def norm_dims(self, tensor: torch.Tensor) -> tuple[int, ...] | None: ...
+
+    def public(self, delta: Delta) -> PublicDelta: ...
+
+    def internal(self, value: Any, layout: Layout, params: Params, what: str) -> Delta:
+        """``value`` in the public form, checked against this batch, as a ``Delta``."""
+        ...
+
+
 class EmbeddingRows:
-    """``target="weight"``: the seed's perturbation of the input-embedding matrix.
+    """``target="weight"``: the classic perturbation of the input-embedding matrix.
 
     Only the rows of the batch's tokens have a gradient, so δ is held as those rows:
-    ``rows`` [N, H] with N = B·L slots (unique tokens first, unused slots zero). The
-    forward sees ``embed(ids) + rows[row_of]``, which is ``embed`` evaluated at the
-    perturbed matrix. The padding_idx row gets no gradient, as in ``nn.Embedding``. The
-    norm is one L2 norm over all rows: the seed's norm of the whole matrix gradient.
+    ``rows`` [N, H] with N = B·L slots (unique tokens first, in increasing id order;
+    unused slots zero). The forward sees ``embed(ids) + rows[row_of]``, which is ``embed``
+    evaluated at the perturbed matrix. The padding_idx row gets no gradient, as in
+    ``nn.Embedding``. The norm is one L2 norm over all rows: the norm of the whole matrix
+    gradient.
     """
 
     kind = "weight"
+    reads_input_ids = True
 
     def __init__(self, embedding: nn.Module) -> None:
         weight = getattr(embedding, "weight", None)
@@ -82,15 +109,22 @@ class EmbeddingRows:
             row_token=row_token,
         )
 
-    def zeros(self, layout: Layout, device: torch.device) -> Delta:
+    def zeros(self, layout: Layout, params: Params) -> Delta:
+        device = next(iter(params.values())).device
         return {"rows": torch.zeros(layout.shape, dtype=self.dtype, device=device)}
 
-    def offset(self, delta: Delta, layout: Layout) -> torch.Tensor:
+    def apply(self, params: Mapping[str, torch.Tensor], layout: Layout, delta: Delta) -> tuple[Params, Any]:
         assert layout.row_live is not None and layout.row_of is not None
-        return (delta["rows"] * layout.row_live)[layout.row_of]  # [B, L, H]
+        return dict(params), (delta["rows"] * layout.row_live)[layout.row_of]  # [B, L, H]
 
     def norm_dims(self, tensor: torch.Tensor) -> tuple[int, ...] | None:
         return None
+
+    def public(self, delta: Delta) -> PublicDelta:
+        return delta["rows"]
+
+    def internal(self, value: Any, layout: Layout, params: Params, what: str) -> Delta:
+        return {"rows": _checked_tensor(value, layout.shape, what, "[B·L, H] rows of the batch's tokens")}
 
 
 class EmbeddingOutput:
@@ -101,6 +135,7 @@ class EmbeddingOutput:
     """
 
     kind = "embeds"
+    reads_input_ids = True
 
     def __init__(self, embedding: nn.Module) -> None:
         weight = getattr(embedding, "weight", None)
@@ -119,24 +154,34 @@ class EmbeddingOutput:
             mask = torch.ones_like(ids)
         return Layout(shape=(*ids.shape, self.hidden), mask=mask.unsqueeze(-1).to(self.dtype))
 
-    def zeros(self, layout: Layout, device: torch.device) -> Delta:
+    def zeros(self, layout: Layout, params: Params) -> Delta:
+        device = next(iter(params.values())).device
         return {"embeds": torch.zeros(layout.shape, dtype=self.dtype, device=device)}
 
-    def offset(self, delta: Delta, layout: Layout) -> torch.Tensor:
+    def apply(self, params: Mapping[str, torch.Tensor], layout: Layout, delta: Delta) -> tuple[Params, Any]:
         assert layout.mask is not None
-        return delta["embeds"] * layout.mask  # [B, L, H]
+        return dict(params), delta["embeds"] * layout.mask  # [B, L, H]
 
     def norm_dims(self, tensor: torch.Tensor) -> tuple[int, ...] | None:
         return tuple(range(1, tensor.dim()))
+
+    def public(self, delta: Delta) -> PublicDelta:
+        return delta["embeds"]
+
+    def internal(self, value: Any, layout: Layout, params: Params, what: str) -> Delta:
+        assert layout.mask is not None
+        # Padding is never perturbed: a given δ or gradient counts only at real tokens.
+        return {"embeds": _checked_tensor(value, layout.shape, what, "[batch, seq, hidden]") * layout.mask}
 
 
 class NamedParameters:
     """``target=[names]``: δ is a dict of parameter-shaped tensors, θ' = θ + δ.
 
-    Each parameter has its own L2 norm, as the seed's loop over matching names has.
+    Each parameter has its own L2 norm, as the classic loop over matching names has.
     """
 
     kind = "params"
+    reads_input_ids = False
 
     def __init__(self, names: Sequence[str], candidates: Mapping[str, torch.Tensor]) -> None:
         names = list(names)
@@ -154,28 +199,57 @@ class NamedParameters:
     def layout(self, batch: Mapping[str, Any]) -> Layout:
         return Layout(shape=())
 
-    def zeros_for(self, params: Params) -> Delta:
+    def zeros(self, layout: Layout, params: Params) -> Delta:
         return {name: torch.zeros_like(params[name]) for name in self.names}
+
+    def apply(self, params: Mapping[str, torch.Tensor], layout: Layout, delta: Delta) -> tuple[Params, Any]:
+        return {**params, **{name: params[name] + delta[name] for name in self.names}}, None
 
     def norm_dims(self, tensor: torch.Tensor) -> tuple[int, ...] | None:
         return None
 
+    def public(self, delta: Delta) -> PublicDelta:
+        return dict(delta)
 
-Target = EmbeddingRows | EmbeddingOutput | NamedParameters
+    def internal(self, value: Any, layout: Layout, params: Params, what: str) -> Delta:
+        if not isinstance(value, Mapping) or sorted(value) != sorted(self.names):
+            got = sorted(value) if isinstance(value, Mapping) else type(value).__name__
+            raise ValueError(f"{what} must be a dict with exactly the target's names {self.names}, got {got}")
+        return {name: _checked_tensor(value[name], tuple(params[name].shape), f"{what}[{name!r}]", "parameter-shaped")
+                for name in self.names}
 
 
-def resolve_target(model: nn.Module, spec: TargetSpec, allowed: Sequence[str] = ("weight", "embeds")) -> Target:
-    """Build the target ``spec`` names for ``model``; raise ``ValueError`` listing candidates."""
+def _checked_tensor(value: Any, shape: tuple[int, ...], what: str, form: str) -> torch.Tensor:
+    if not isinstance(value, torch.Tensor):
+        raise TypeError(f"{what} must be a tensor ({form}), got {type(value).__name__}")
+    if tuple(value.shape) != tuple(shape):
+        raise ValueError(f"{what} has shape {tuple(value.shape)}, this batch needs {tuple(shape)} ({form})")
+    if not value.is_floating_point():
+        raise TypeError(f"{what} must be a floating-point tensor, got {value.dtype}")
+    return value
+
+
+TARGET_NAMES = ("weight", "embeds")
+
+
+def resolve_target(model: nn.Module, spec: TargetSpec, allowed: Sequence[str] = TARGET_NAMES) -> Target:
+    """Build the target ``spec`` names for ``model``; raise ``ValueError`` listing candidates.
+
+    ``allowed`` lists the string targets a method supports; parameter names (a list) are
+    allowed when ``allowed`` contains ``"weight"`` (every rule that can perturb the
+    matrix can perturb any parameter).
+    """
     if isinstance(spec, str):
         if spec not in allowed:
-            raise ValueError(f"unknown target {spec!r}; candidates: {list(allowed)} or a list of parameter names")
+            lists = " or a list of exact parameter names" if "weight" in allowed else ""
+            raise ValueError(f"unknown target {spec!r}; candidates: {list(allowed)}{lists}")
         embedding = input_embedding(model)
         if spec == "weight":
             _refuse_tied_embedding(model, embedding)
             return EmbeddingRows(embedding)
         return EmbeddingOutput(embedding)
     if isinstance(spec, Sequence) and all(isinstance(n, str) for n in spec):
-        if "names" not in allowed:
+        if "weight" not in allowed:
             raise ValueError(f"this method takes target in {list(allowed)}, got parameter names {list(spec)}")
         return NamedParameters(spec, dict(model.named_parameters()))
     raise ValueError(f"target must be one of {list(allowed)} or a list of parameter names, got {spec!r}")

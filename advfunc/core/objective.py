@@ -13,8 +13,8 @@ from collections.abc import Mapping, Sequence
 
 import torch
 
-from advfunc.engine import owned
-from advfunc.parameters import Params
+from advfunc.core.engine import owned
+from advfunc.core.params import Params
 
 
 def fresh_leaves(params: Mapping[str, torch.Tensor], names: Sequence[str]) -> Params:

@@ -1,15 +1,11 @@
-"""Test-time attacks as pure functions of ``(params, batch)``: nothing is mutated.
+"""Word-substitution attacks as pure functions of ``(params, batch)``: nothing is mutated.
 
-* :func:`embedding_pgd`: L2 PGD on the output of the input-embedding module, one ball of
-  radius r per example over (seq, hidden), padding never perturbed.
-* :func:`hotflip`: gradient-guided word substitution (Ebrahimi et al., 2018, "HotFlip"):
-  greedy first-order flips of whole-word tokens into whole-word neighbours, at most
-  ``budget`` changed tokens per example.
-
-Both differentiate only the perturbation (``torch.autograd.grad`` on a leaf of their
-own), never the parameters, and read the model through ``PerturbedModel`` so a model
-keeps reading ``input_ids`` its own way. Put the model in eval mode first: an attack is
-aimed at the network the user deploys, without dropout.
+:func:`hotflip` is gradient-guided word substitution (Ebrahimi et al., 2018, "HotFlip"):
+greedy first-order flips of whole-word tokens into whole-word neighbours, at most
+``budget`` changed tokens per example. It differentiates only the embedding output (a
+leaf of its own), never the parameters, and reads the model through ``PerturbedModel``
+so a model keeps reading ``input_ids`` its own way. Put the model in eval mode first: an
+attack is aimed at the network the user deploys, without dropout.
 """
 
 from __future__ import annotations
@@ -21,81 +17,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from advfunc.forward import PerturbedModel
-from advfunc.norms import l2_direction
-from advfunc.projection import project_l2
-
-
-def logits_of(outputs: Any) -> torch.Tensor:
-    """The classifier's logits [B, C] from a model's outputs."""
-    logits = getattr(outputs, "logits", None)
-    if logits is None and isinstance(outputs, (tuple, list)) and outputs:
-        logits = outputs[0]
-    if not isinstance(logits, torch.Tensor) or logits.dim() != 2:
-        raise ValueError("the attacks need a sequence classifier returning logits [batch, classes]")
-    return logits
-
-
-def _frozen(params: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    return {name: value.detach() for name, value in params.items()}
-
-
-def _width(perturbed: PerturbedModel) -> int:
-    embedding = perturbed.embedding
-    dim = getattr(embedding, "embedding_dim", None)
-    if dim is None:
-        weight = getattr(embedding, "weight", None)
-        if not isinstance(weight, torch.Tensor):
-            raise ValueError(f"cannot tell the output width of the input embedding {type(embedding).__name__}")
-        dim = weight.shape[-1]
-    return int(dim)
-
-
-def embedding_pgd(
-    perturbed: PerturbedModel,
-    params: Mapping[str, torch.Tensor],
-    batch: Mapping[str, Any],
-    radius: float,
-    steps: int,
-    step_size: float | None = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """L2 PGD on the embedding output: (offset [B, L, H], broken [B] bool).
-
-    .. math::
-        δ_0 = 0,\\quad δ_t = Π_r\\big(δ_{t-1} + α · G_t/‖G_t‖₂\\big),\\quad
-        G_t = ∇_δ \\sum_b \\mathrm{CE}(f(x_b + δ_b), y_b)
-
-    with per-example norms over (seq, hidden) and padding masked, α = 2.5·r/steps unless
-    ``step_size`` is given (Madry et al., 2018). ``broken[b]`` is true when example b is
-    misclassified at any iterate δ_0..δ_K: each iterate lies in the ball, so any of them
-    is a valid attack. The returned offset is δ_K as the model saw it (masked).
-    Cost: steps + 1 forwards and ``steps`` backwards to δ only.
-    """
-    if not radius > 0:
-        raise ValueError(f"radius must be > 0, got {radius!r}")
-    if steps < 1:
-        raise ValueError(f"steps must be >= 1, got {steps!r}")
-    kwargs = perturbed.check_batch(batch)
-    labels = kwargs["labels"]
-    ids = kwargs["input_ids"]
-    mask = kwargs.get("attention_mask")
-    mask = (mask if mask is not None else torch.ones_like(ids)).unsqueeze(-1).float()  # [B, L, 1]
-    alpha = step_size if step_size is not None else 2.5 * radius / steps
-    frozen = _frozen(params)
-    delta = torch.zeros((*ids.shape, _width(perturbed)), device=ids.device)
-    broken = torch.zeros(ids.shape[0], dtype=torch.bool, device=ids.device)
-    with perturbed.hooked():
-        for t in range(steps + 1):
-            leaf = delta.detach().requires_grad_(t < steps)
-            logits = logits_of(perturbed.outputs(frozen, kwargs, leaf * mask))
-            broken = broken | (logits.argmax(-1) != labels)
-            if t == steps:
-                break
-            loss = F.cross_entropy(logits.float(), labels, reduction="sum")
-            (grad,) = torch.autograd.grad(loss, [leaf])
-            direction, _ = l2_direction(grad * mask, (1, 2))  # zero where the gradient is zero or not finite
-            delta = project_l2(delta + alpha * direction, radius, (1, 2))
-    return (delta * mask).detach(), broken
+from advfunc.core.model import PerturbedModel, logits_of
+from advfunc.core.objective import frozen
 
 
 @dataclass(frozen=True)
@@ -196,7 +119,7 @@ def hotflip(
         near = _neighbours(weight, unique, words, neighbours)  # [U, k]
         candidates[eligible] = F.pad(near, (0, neighbours - near.shape[1]), value=-1)[inverse]
 
-    frozen = _frozen(params)
+    fixed = frozen(params)
     current = original.clone()
     changed = torch.zeros_like(mask)
     flips = torch.full((original.shape[0],), budget + 1, dtype=torch.long, device=device)
@@ -209,7 +132,7 @@ def hotflip(
             sub["input_ids"] = current[standing]
             leaf = torch.zeros((standing.numel(), original.shape[1], width), device=device)
             leaf.requires_grad_(round_ < budget)
-            logits = logits_of(perturbed.outputs(frozen, sub, leaf))
+            logits = logits_of(perturbed.outputs(fixed, sub, leaf))
             wrong = logits.argmax(-1) != labels[standing]
             flips[standing[wrong]] = round_
             if round_ == budget:

@@ -19,8 +19,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from advfunc import atomic
-from advfunc.data import Labels
+from advfunc.app import atomic
+from advfunc.app.data import Labels
 
 log = logging.getLogger("advfunc")
 

@@ -1,14 +1,12 @@
 """Adversarial-training methods by name, for the CLI, the training loop and the Trainer.
 
-A method is one line of :data:`METHODS`: where its factory lives and how a training loop
-drives the step it returns. Its hyper-parameters are read from the factory's signature,
-so ``--method pgd:epsilon=0.5,steps=2`` works for every method without more code.
-A method whose module is not installed (yet) is listed nowhere and refused by name.
+A method is one line of :data:`METHODS`: its factory and how a training loop drives the
+step it returns. Its hyper-parameters are read from the factory's signature, so
+``--method pgd:epsilon=0.5,steps=2`` works for every method without more code.
 """
 
 from __future__ import annotations
 
-import importlib
 import inspect
 import re
 from collections.abc import Callable, Mapping
@@ -18,7 +16,16 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
-from advfunc.step import Step
+from advfunc.core.step import Step
+from advfunc.methods.awp import awp
+from advfunc.methods.fgm import fgm
+from advfunc.methods.free_at import free_at
+from advfunc.methods.freelb import freelb
+from advfunc.methods.pgd import pgd
+from advfunc.methods.plain import plain
+from advfunc.methods.r3f import r3f
+from advfunc.methods.smart import smart
+from advfunc.methods.vat import vat
 
 Driver = Literal["batch", "teacher", "replay"]
 
@@ -27,27 +34,27 @@ Driver = Literal["batch", "teacher", "replay"]
 class Method:
     """A registered method.
 
-    ``factory``: ``"module:function"`` returning a ``Step``. ``driver``: how a training loop
+    ``factory``: returns a ``Step``. ``driver``: how a training loop
     calls the step: ``"batch"`` as ``step(params, batch)``; ``"teacher"`` as
     ``step(params, batch, teacher)`` with an EMA teacher updated after each optimizer step
     (SMART); ``"replay"`` as ``step(params, batch, delta)`` replayed on each batch with an
     optimizer step between replays (free adversarial training).
     """
 
-    factory: str
+    factory: Callable[..., Step]
     driver: Driver = "batch"
 
 
 METHODS: dict[str, Method] = {
-    "none": Method("advfunc.methods.plain:plain"),
-    "fgm": Method("advfunc.methods.fgm:fgm"),
-    "pgd": Method("advfunc.methods.pgd:pgd"),
-    "freelb": Method("advfunc.methods.freelb:freelb"),
-    "vat": Method("advfunc.methods.vat:vat"),
-    "r3f": Method("advfunc.methods.r3f:r3f"),
-    "awp": Method("advfunc.methods.awp:awp"),
-    "smart": Method("advfunc.methods.smart:smart", driver="teacher"),
-    "free_at": Method("advfunc.methods.free_at:free_at", driver="replay"),
+    "none": Method(plain),
+    "fgm": Method(fgm),
+    "pgd": Method(pgd),
+    "freelb": Method(freelb),
+    "vat": Method(vat),
+    "r3f": Method(r3f),
+    "awp": Method(awp),
+    "smart": Method(smart, driver="teacher"),
+    "free_at": Method(free_at, driver="replay"),
 }
 
 # Options of the driver, not of the factory, given in the same method spec (smart:beta=0.999).
@@ -99,30 +106,15 @@ class MethodSpec:
 
 
 def available() -> list[str]:
-    """Names of the registered methods whose module can be imported here."""
-    names = []
-    for name in METHODS:
-        try:
-            factory_of(name)
-        except MethodError:
-            continue
-        names.append(name)
-    return names
+    """Names of the registered methods."""
+    return list(METHODS)
 
 
 def factory_of(name: str) -> Callable[..., Step]:
     """The factory function of method ``name``."""
     if name not in METHODS:
         raise MethodError(f"unknown method {name!r}; choose one of {available()}")
-    module_name, _, function = METHODS[name].factory.partition(":")
-    try:
-        module = importlib.import_module(module_name)
-    except ImportError as error:
-        raise MethodError(f"method {name!r} is not available in this installation ({error})") from error
-    factory = getattr(module, function, None)
-    if not callable(factory):
-        raise MethodError(f"method {name!r}: {METHODS[name].factory} is not a function")
-    return factory
+    return METHODS[name].factory
 
 
 def hyperparameters(name: str) -> dict[str, Hyperparameter]:

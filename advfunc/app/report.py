@@ -14,7 +14,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from advfunc import atomic
+from advfunc.app import atomic
 
 RESULTS_JSON = "results.json"
 RESULTS_MD = "results.md"

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from advfunc.targets import Layout
+from advfunc.core.targets import Layout
 
 
 def require_generator(generator: torch.Generator | None) -> torch.Generator | None:

@@ -9,20 +9,7 @@ must be finite. Everything is computed in float32, whatever the model's dtype.
 
 from __future__ import annotations
 
-from typing import Any
-
 import torch
-
-
-def logits_of(outputs: Any) -> torch.Tensor:
-    """``outputs.logits``, or a ``ValueError`` saying the method needs them."""
-    logits = getattr(outputs, "logits", None)
-    if not isinstance(logits, torch.Tensor):
-        raise ValueError(
-            f"the model's outputs ({type(outputs).__name__}) have no 'logits' tensor; VAT, SMART and R3F "
-            "compare the output distributions of two forwards, so the model must return logits"
-        )
-    return logits
 
 
 def kl_logits(p_logits: torch.Tensor, q_logits: torch.Tensor) -> torch.Tensor:

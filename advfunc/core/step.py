@@ -1,4 +1,8 @@
-"""The step contract shared by every method: ``step(params, batch) -> (grads, out)``."""
+"""The step contract shared by every method: ``step(params, batch) -> (grads, out)``.
+
+Also the prepared call every step and attack starts from: the caller's params and batch
+checked once, completed with the model's own tensors, and the target's layout.
+"""
 
 from __future__ import annotations
 
@@ -9,9 +13,9 @@ from typing import Any, NamedTuple
 import torch
 from torch import nn
 
-from advfunc.forward import OffsetCalls, PerturbedModel
-from advfunc.parameters import Params, params_of, trainable_names
-from advfunc.targets import Delta, Layout, NamedParameters, Target
+from advfunc.core.model import OffsetCalls, PerturbedModel
+from advfunc.core.params import Params, params_of, trainable_names
+from advfunc.core.targets import Delta, Layout, PublicDelta, Target
 
 
 class StepOutput(NamedTuple):
@@ -28,7 +32,7 @@ class StepOutput(NamedTuple):
 
     loss: torch.Tensor
     adv_loss: torch.Tensor
-    delta: torch.Tensor | dict[str, torch.Tensor]
+    delta: PublicDelta
     skipped: torch.Tensor
     logits: torch.Tensor | None = None
     delta_tokens: torch.Tensor | None = None
@@ -42,13 +46,18 @@ class Step:
     """A method bound to a model: call it as ``grads, out = step(params, batch)``.
 
     ``passes`` is the cost in forward+backward passes (a pass that only differentiates
-    the perturbation counts as one), ``config`` the hyper-parameters it was built with.
+    the perturbation counts as one), ``config`` the hyper-parameters it was built with,
+    ``driver`` how a training loop calls it: ``"batch"`` as ``step(params, batch)``,
+    ``"teacher"`` as ``step(params, batch, teacher)`` (SMART), ``"replay"`` as
+    ``step(params, batch, delta)`` replayed with an optimizer step between replays
+    (free adversarial training).
     """
 
     method: str
     passes: int
     config: Mapping[str, Any]
     fn: Callable[..., tuple[Grads, StepOutput]] = field(repr=False)
+    driver: str = "batch"
 
     def __call__(
         self, params: Mapping[str, torch.Tensor], batch: Mapping[str, Any], *args: Any, **kwargs: Any
@@ -57,14 +66,19 @@ class Step:
 
 
 @dataclass(frozen=True)
-class Prepared:
-    """A validated call: full params, trainable names, model kwargs and the target layout."""
+class Call:
+    """A validated call: full params, trainable names, model kwargs, the target layout, the loss scale."""
 
     params: Params
     trainable: list[str]
     kwargs: dict[str, Any]
     layout: Layout
     device: torch.device
+    scale: torch.Tensor  # [] float32: grads come back multiplied by it
+
+    def zeros(self, target: Target) -> Delta:
+        """δ = 0 in ``target``'s shape."""
+        return target.zeros(self.layout, self.params)
 
 
 def prepare(
@@ -73,8 +87,9 @@ def prepare(
     target: Target,
     params: Mapping[str, torch.Tensor],
     batch: Any,
+    loss_scale: float | torch.Tensor = 1.0,
     needs_loss: bool = True,
-) -> Prepared:
+) -> Call:
     """Check ``params`` and ``batch`` and fill in the model's own tensors for missing names.
 
     ``needs_loss=False`` admits a batch without labels (VAT on unlabelled text).
@@ -95,16 +110,9 @@ def prepare(
     trainable = trainable_names(model)
     if not trainable:
         raise ValueError("the model has no parameter with requires_grad=True: nothing to train")
-    kwargs = perturbed.check_batch(batch, needs_ids=not isinstance(target, NamedParameters), needs_loss=needs_loss)
-    layout = target.layout(kwargs)
-    return Prepared(full, trainable, kwargs, layout, next(iter(full.values())).device)
-
-
-def zero_delta(target: Target, prepared: Prepared) -> Delta:
-    """δ = 0 in the target's shape."""
-    if isinstance(target, NamedParameters):
-        return target.zeros_for(prepared.params)
-    return target.zeros(prepared.layout, prepared.device)
+    kwargs = perturbed.check_batch(batch, needs_ids=target.reads_input_ids, needs_loss=needs_loss)
+    device = next(iter(full.values())).device
+    return Call(full, trainable, kwargs, target.layout(kwargs), device, as_scale(loss_scale, device))
 
 
 def drop_if_skipped(delta: Delta, skipped: torch.Tensor) -> Delta:
@@ -112,12 +120,13 @@ def drop_if_skipped(delta: Delta, skipped: torch.Tensor) -> Delta:
     return {k: torch.where(skipped, torch.zeros_like(v), v) for k, v in delta.items()}
 
 
-def check_hook_fired(counter: OffsetCalls | None) -> None:
+def check_hook_fired(counter: OffsetCalls | None, target: Target) -> None:
     """Raise when the model never ran its input embedding: the perturbation would be a no-op.
 
-    ``counter`` is None where nothing is counted (compiled steps, parameter targets).
+    ``counter`` is None where nothing is counted (compiled steps); a parameter target
+    needs no hook.
     """
-    if counter is not None and counter.calls == 0:
+    if counter is not None and target.reads_input_ids and counter.calls == 0:
         raise ValueError(
             "the model never called its input-embedding module, so the perturbation had no effect; "
             "does the batch bypass it?"
@@ -134,17 +143,13 @@ def report(
     logits: torch.Tensor | None,
 ) -> StepOutput:
     """The ``StepOutput`` for a final ``delta``, in the target's public form."""
-    public: torch.Tensor | dict[str, torch.Tensor]
-    if isinstance(target, NamedParameters):
-        public = {k: v.detach() for k, v in delta.items()}
-    else:
-        public = next(iter(delta.values())).detach()
+    public = target.public({k: v.detach() for k, v in delta.items()})
     return StepOutput(
         loss=loss.detach(),
         adv_loss=adv_loss.detach(),
         delta=public,
         skipped=skipped.detach(),
-        logits=logits,
+        logits=None if logits is None else logits.detach(),
         delta_tokens=layout.row_token,
     )
 

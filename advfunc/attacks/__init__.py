@@ -1,0 +1,24 @@
+"""Attacks as pure functions: ``delta = attack(params, batch, grads=None)``.
+
+Each factory binds one perturbation rule (:class:`Rule`) to a model and returns an
+:class:`Attack`. ``grads`` is the gradient with respect to the perturbation at δ = 0 when
+the caller already has it; the delta is the same with and without it. Train on any
+objective around an attack with :func:`advfunc.perturbed_loss`::
+
+    attack = advfunc.attacks.pgd(model, epsilon=1.0, alpha=0.3, steps=3, target="embeds")
+    loss_at = advfunc.perturbed_loss(model, target="embeds")
+    delta = attack(params, batch)                                # [B, L, H]
+    grads = torch.func.grad(lambda p: loss_at(p, batch, 0 * delta) + loss_at(p, batch, delta))(params)
+"""
+
+from advfunc.attacks.attack import Attack, Rule
+from advfunc.attacks.awp import awp, awp_parameters
+from advfunc.attacks.fgm import fgm
+from advfunc.attacks.free_at import free_at
+from advfunc.attacks.freelb import freelb
+from advfunc.attacks.pgd import pgd
+from advfunc.attacks.r3f import r3f
+from advfunc.attacks.smart import smart
+from advfunc.attacks.vat import vat
+
+__all__ = ["Attack", "Rule", "awp", "awp_parameters", "fgm", "free_at", "freelb", "pgd", "r3f", "smart", "vat"]

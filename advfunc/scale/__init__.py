@@ -1,0 +1,1 @@
+"""Scaling a step out: data-parallel all-reduce, dynamic fp16 loss scaling, micro-batch accumulation."""

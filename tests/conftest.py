@@ -1,0 +1,19 @@
+"""Fixtures every test module shares."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Run each test on one intra-op thread, restored after.
+
+    The tests use tiny models, which gain nothing from threads, and on a shared CPU
+    spinning OpenMP threads make them many times slower.
+    """
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
