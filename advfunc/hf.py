@@ -42,8 +42,8 @@ from torch import nn
 from transformers import Trainer
 
 from advfunc.core.params import params_of
-from advfunc.methods.registry import build_step, parse_method
 from advfunc.core.step import Step
+from advfunc.methods.registry import build_step, parse_method
 
 
 def _factory_from_spec(text: str) -> Callable[[nn.Module], Step]:

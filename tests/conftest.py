@@ -6,12 +6,13 @@ import pytest
 import torch
 
 
-@pytest.fixture(autouse=True)
+@pytest.fixture(autouse=True, scope="session")
 def one_thread():
-    """Run each test on one intra-op thread, restored after.
+    """Run the tests on one intra-op thread, restored after.
 
     The tests use tiny models, which gain nothing from threads, and on a shared CPU
-    spinning OpenMP threads make them many times slower.
+    spinning OpenMP threads make them many times slower. Session-wide, so that a compiled
+    fixture of a module sees the same thread count as its tests (dynamo guards on it).
     """
     before = torch.get_num_threads()
     torch.set_num_threads(1)

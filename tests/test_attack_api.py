@@ -115,7 +115,9 @@ def test_freelb_step_averages_the_loss_gradient_over_the_attack_iterates(family,
 
     mask = batch["attention_mask"].unsqueeze(-1).float()
     layout = type("L", (), {"mask": mask, "shape": (*batch["input_ids"].shape, 32)})()
-    iterates = [freelb_init(layout, init_mag, "l2", torch.float32, torch.device("cpu"), torch.Generator().manual_seed(4))]
+    iterates = [
+        freelb_init(layout, init_mag, "l2", torch.float32, torch.device("cpu"), torch.Generator().manual_seed(4))
+    ]
     for t in range(1, steps + 1):
         attack = attacks.freelb(model, steps=t, lr=0.1, init_mag=init_mag)
         iterates.append(attack(params, batch, generator=torch.Generator().manual_seed(4)))
@@ -145,8 +147,12 @@ def test_vat_step_is_loss_plus_alpha_kl_at_the_attack(family):
     attack = attacks.vat(model, epsilon=0.5, xi=0.1)
     r = attack(params, batch, generator=torch.Generator().manual_seed(9))
     ce_at = advfunc.perturbed_loss(model, target="embeds")
-    given = attack(params, batch, _delta_grad(ce_at, params, batch, torch.zeros_like(r)),
-                   generator=torch.Generator().manual_seed(9))
+    given = attack(
+        params,
+        batch,
+        _delta_grad(ce_at, params, batch, torch.zeros_like(r)),
+        generator=torch.Generator().manual_seed(9),
+    )
     torch.testing.assert_close(given, r, rtol=0, atol=0)
 
     with torch.no_grad():

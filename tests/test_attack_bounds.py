@@ -42,13 +42,23 @@ seeds = st.integers(0, 2**16)
 
 
 @settings(max_examples=40, deadline=None)
-@given(target=st.sampled_from(["weight", "embeds", "names"]), epsilon=sizes, ratio=st.floats(0.01, 10.0),
-       steps=st.integers(1, 2), scale=scales, seed=seeds, method=st.sampled_from(["fgm", "pgd"]))
+@given(
+    target=st.sampled_from(["weight", "embeds", "names"]),
+    epsilon=sizes,
+    ratio=st.floats(0.01, 10.0),
+    steps=st.integers(1, 2),
+    scale=scales,
+    seed=seeds,
+    method=st.sampled_from(["fgm", "pgd"]),
+)
 def test_fgm_and_pgd_stay_in_the_l2_ball(target, epsilon, ratio, steps, scale, seed, method):
     model, params, batch = _setup()
     spec = NAMES if target == "names" else target
-    attack = (attacks.fgm(model, epsilon, target=spec) if method == "fgm"
-              else attacks.pgd(model, epsilon, ratio * epsilon, steps, target=spec))
+    attack = (
+        attacks.fgm(model, epsilon, target=spec)
+        if method == "fgm"
+        else attacks.pgd(model, epsilon, ratio * epsilon, steps, target=spec)
+    )
     if target == "names":
         grads = {n: _gradient(params[n].shape, seed + i, scale) for i, n in enumerate(NAMES)}
     elif target == "weight":
@@ -95,8 +105,14 @@ def test_freelb_stays_within_max_norm(max_norm, lr, norm, scale, seed):
 
 
 @settings(max_examples=30, deadline=None)
-@given(epsilon=sizes, ratio=st.floats(0.01, 10.0), norm=st.sampled_from(["l2", "linf"]), scale=scales, seed=seeds,
-       start_scale=st.floats(0.0, 10.0))
+@given(
+    epsilon=sizes,
+    ratio=st.floats(0.01, 10.0),
+    norm=st.sampled_from(["l2", "linf"]),
+    scale=scales,
+    seed=seeds,
+    start_scale=st.floats(0.0, 10.0),
+)
 def test_free_at_stays_in_its_ball_from_any_start(epsilon, ratio, norm, scale, seed, start_scale):
     model, params, batch = _setup()
     attack = attacks.free_at(model, epsilon, ratio * epsilon, norm)

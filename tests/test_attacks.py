@@ -10,12 +10,12 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from advfunc.app import checkpoint
-from advfunc.app.word_attacks import WordVocabulary, hotflip
 from advfunc.app.data import Labels, TextDataset, encode
 from advfunc.app.evaluate import accuracy, embedding_pgd, hotflip_accuracy, robust_accuracy
+from advfunc.app.train import TrainConfig, train
+from advfunc.app.word_attacks import WordVocabulary, hotflip
 from advfunc.core.model import PerturbedModel
 from advfunc.core.params import params_of
-from advfunc.app.train import TrainConfig, train
 from tests.purity import assert_step_is_pure
 from tests.tiny_task import VOCAB, save_tiny_model, sentences
 
@@ -29,7 +29,6 @@ def _dataset(rows: list[tuple[str, str]]) -> TextDataset:
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
     """(model in eval mode, tokenizer, test data): the tiny model trained to well above chance."""
-    torch.set_num_threads(1)
     directory = save_tiny_model(tmp_path_factory.mktemp("attack") / "model")
     train_set, test_set = _dataset(sentences(96, seed=0)), _dataset(sentences(48, seed=1))
     labels = Labels.from_data(train_set)
@@ -51,7 +50,7 @@ def test_embedding_attack_lowers_accuracy_monotonically(trained):
     assert robust[RADII[-1]] < clean - 0.3, "the largest radius should break most predictions"
 
     # Each radius attacked on its own (no envelope over smaller radii) is monotone too.
-    perturbed, params = PerturbedModel(model), params_of(model)
+    params = params_of(model)
     batch = test.batch(list(range(len(test))))
     with torch.no_grad():
         correct = model(**batch).logits.argmax(-1) == batch["labels"]

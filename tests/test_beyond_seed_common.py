@@ -10,8 +10,8 @@ from advfunc.methods.awp import awp
 from advfunc.methods.free_at import free_at
 from advfunc.methods.r3f import r3f
 from advfunc.methods.smart import smart
-from advfunc.methods.vat import vat
 from advfunc.methods.teacher import teacher_of
+from advfunc.methods.vat import vat
 from tests.tiny_models import padded_batch, tiny_model
 
 

@@ -11,8 +11,7 @@ from hypothesis.extra.numpy import arrays
 
 import advfunc
 from advfunc.core.divergence import kl_logits, symmetric_kl
-from advfunc.core.model import logits_of
-from advfunc.core.model import PerturbedModel
+from advfunc.core.model import PerturbedModel, logits_of
 from tests.tiny_models import padded_batch, tiny_model
 
 finite = st.floats(-60.0, 60.0, width=32)

@@ -10,9 +10,9 @@ import torch
 from transformers import TrainerCallback, TrainingArguments, default_data_collator
 
 import advfunc
-from advfunc.methods import registry
-from advfunc.hf import AdversarialTrainer
 from advfunc.app.train import Loop, TrainConfig
+from advfunc.hf import AdversarialTrainer
+from advfunc.methods import registry
 from tests.tiny_models import padded_batch, tiny_model
 
 pytest.importorskip("accelerate")  # Trainer needs it

@@ -34,10 +34,10 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import torch
 
 from advfunc.app import atomic, checkpoint, report
-from advfunc.methods import registry
 from advfunc.app.data import DataError, Encoded, Labels, TextDataset, encode, fixed_split, load_file, rotten_tomatoes
 from advfunc.app.evaluate import AttackConfig, EvalResult, accuracy, evaluate
 from advfunc.app.train import TrainConfig, TrainResult, train
+from advfunc.methods import registry
 
 log = logging.getLogger("advfunc")
 USER_ERRORS = (
@@ -69,7 +69,7 @@ class Preset:
 # the majority-class plateau; 28 were too few for seed 0), the full one 26 min. The whole
 # 10,154-example training split would take over 2 h there, so "full" trains on its first 1,440.
 # FGM and PGD attack the embedding output per example (target=embeds), the threat model the
-# evaluation measures, at a radius (0.1) inside the evaluated range. At the seed's defaults
+# evaluation measures, at a radius (0.1) inside the evaluated range. At the classic classes' defaults
 # (target=weight, epsilon=1) FGM did not leave the majority-class plateau within 50 steps.
 _COMPARED = (
     "none",

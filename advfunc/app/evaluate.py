@@ -131,7 +131,7 @@ def embedding_pgd(
         clean = logits_of(attack.engine.outputs(call.params, call.kwargs, call.layout, call.zeros(attack.target)))
         attacked = logits_of(attack.engine.outputs(call.params, call.kwargs, call.layout, placed))
     labels = call.kwargs["labels"]
-    return delta, (clean.argmax(-1) != labels) | (attacked.argmax(-1) != labels)
+    return placed["embeds"], (clean.argmax(-1) != labels) | (attacked.argmax(-1) != labels)
 
 
 def robust_accuracy(

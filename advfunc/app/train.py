@@ -23,10 +23,10 @@ from torch import nn
 
 from advfunc.app import checkpoint
 from advfunc.app.data import Encoded, training_batches
-from advfunc.core.params import Params, params_of, set_grads
 from advfunc.app.progress import Progress
-from advfunc.methods.registry import MethodSpec, build_step, parse_method
+from advfunc.core.params import Params, params_of, set_grads
 from advfunc.core.step import Grads, Step, StepOutput
+from advfunc.methods.registry import MethodSpec, build_step, parse_method
 
 log = logging.getLogger("advfunc")
 

@@ -159,7 +159,12 @@ class Attack:
         loss_scale: float | torch.Tensor = 1.0,
     ) -> PublicDelta:
         call = prepare(
-            self.model, self.perturbed, self.target, params, batch, loss_scale,
+            self.model,
+            self.perturbed,
+            self.target,
+            params,
+            batch,
+            loss_scale,
             needs_loss=self.engine.divergence is None,
         )
         given = None if grads is None else self.target.internal(grads, call.layout, call.params, "grads")

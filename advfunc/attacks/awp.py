@@ -100,7 +100,13 @@ def awp(
     if not selected:
         raise ValueError("AWP found no trainable weight to perturb (all frozen, embeddings or norms); pass names=[...]")
     chosen = NamedParameters(selected, dict(model.named_parameters()))
-    config = {"adv_lr": adv_lr, "adv_eps": adv_eps, "adv_steps": adv_steps, "names": tuple(selected), "target": "params"}
+    config = {
+        "adv_lr": adv_lr,
+        "adv_eps": adv_eps,
+        "adv_steps": adv_steps,
+        "names": tuple(selected),
+        "target": "params",
+    }
     rule = awp_rule(chosen, adv_lr, adv_eps, adv_steps)
     return Attack("awp", model, chosen, rule, config, loss_fn=loss_fn, autocast=autocast, compile=compile)
 

@@ -98,6 +98,13 @@ def freelb(
     config = {"steps": steps, "lr": lr, "init_mag": init_mag, "max_norm": max_norm, "norm": norm, "target": "embeds"}
     rule = freelb_rule(chosen, steps, lr, init_mag, max_norm, norm)
     return Attack(
-        "freelb", model, chosen, rule, config,
-        loss_fn=loss_fn, autocast=autocast, compile=compile, generator=generator,
+        "freelb",
+        model,
+        chosen,
+        rule,
+        config,
+        loss_fn=loss_fn,
+        autocast=autocast,
+        compile=compile,
+        generator=generator,
     )

@@ -72,11 +72,23 @@ def smart(
     chosen = resolve_target(model, "embeds", allowed=("embeds",))
     assert isinstance(chosen, EmbeddingOutput)
     config = {
-        "epsilon": epsilon, "step_size": step_size, "steps": steps, "noise_var": noise_var, "norm": norm,
+        "epsilon": epsilon,
+        "step_size": step_size,
+        "steps": steps,
+        "noise_var": noise_var,
+        "norm": norm,
         "target": "embeds",
     }
     rule = smart_rule(chosen, epsilon, step_size, steps, noise_var, norm)
     return Attack(
-        "smart", model, chosen, rule, config,
-        loss_fn=loss_fn, autocast=autocast, compile=compile, divergence=symmetric_kl, generator=generator,
+        "smart",
+        model,
+        chosen,
+        rule,
+        config,
+        loss_fn=loss_fn,
+        autocast=autocast,
+        compile=compile,
+        divergence=symmetric_kl,
+        generator=generator,
     )

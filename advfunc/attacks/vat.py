@@ -68,6 +68,14 @@ def vat(
     config = {"epsilon": epsilon, "xi": xi, "power_iters": power_iters, "target": "embeds"}
     rule = vat_rule(chosen, epsilon, xi, power_iters)
     return Attack(
-        "vat", model, chosen, rule, config,
-        loss_fn=loss_fn, autocast=autocast, compile=compile, divergence=kl_logits, generator=generator,
+        "vat",
+        model,
+        chosen,
+        rule,
+        config,
+        loss_fn=loss_fn,
+        autocast=autocast,
+        compile=compile,
+        divergence=kl_logits,
+        generator=generator,
     )

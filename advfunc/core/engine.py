@@ -96,7 +96,9 @@ class Engine:
         placed, offset = self.target.apply(params, layout, delta)
         return self.model.loss(placed, kwargs, offset)
 
-    def outputs(self, params: Mapping[str, torch.Tensor], kwargs: Mapping[str, Any], layout: Layout, delta: Delta) -> Any:
+    def outputs(
+        self, params: Mapping[str, torch.Tensor], kwargs: Mapping[str, Any], layout: Layout, delta: Delta
+    ) -> Any:
         """The model's outputs at (θ, δ), without a loss (divergence objectives)."""
         placed, offset = self.target.apply(params, layout, delta)
         return self.model.outputs(placed, kwargs, offset)

@@ -86,9 +86,7 @@ def accepted_keywords(model: nn.Module) -> set[str]:
     ``**kwargs`` accepts nothing extra: a misspelt key must not vanish silently.
     """
     signature = inspect.signature(model.forward)
-    accepted = {
-        name for name, p in signature.parameters.items() if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)
-    }
+    accepted = {name for name, p in signature.parameters.items() if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
     var_keyword = [name for name, p in signature.parameters.items() if p.kind == p.VAR_KEYWORD]
     if var_keyword:
         try:

@@ -45,7 +45,7 @@ def l2_direction(
 
     The direction is 0 where g = 0 or g is not finite; ``finite`` is a 0-dim bool tensor
     that is true when every entry of ``g`` is finite. ``floor`` > 0 reproduces FreeLB's
-    ``clamp(norm, min=1e-8)``; ``floor = 0`` is the seed's ``if norm != 0`` rule.
+    ``clamp(norm, min=1e-8)``; ``floor = 0`` is the classic FGM/PGD classes' ``if norm != 0`` rule.
     """
     unit, scale, finite = _scaled(g, dims)
     norm = unit.pow(2).sum(dim=_dims(g, dims), keepdim=True).sqrt()

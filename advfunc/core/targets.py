@@ -215,8 +215,10 @@ class NamedParameters:
         if not isinstance(value, Mapping) or sorted(value) != sorted(self.names):
             got = sorted(value) if isinstance(value, Mapping) else type(value).__name__
             raise ValueError(f"{what} must be a dict with exactly the target's names {self.names}, got {got}")
-        return {name: _checked_tensor(value[name], tuple(params[name].shape), f"{what}[{name!r}]", "parameter-shaped")
-                for name in self.names}
+        return {
+            name: _checked_tensor(value[name], tuple(params[name].shape), f"{what}[{name!r}]", "parameter-shaped")
+            for name in self.names
+        }
 
 
 def _checked_tensor(value: Any, shape: tuple[int, ...], what: str, form: str) -> torch.Tensor:

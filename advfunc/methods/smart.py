@@ -43,9 +43,9 @@ def smart(
             + μ · \\mathrm{sKL}(f(x;θ), f(x;θ̃))\\big]
 
     f gives logits, sKL(p, q) = KL(p‖q) + KL(q‖p) averaged over the batch, x is the
-    input-embedding output [B, L, H], δ_K is :func:`advfunc.attacks.smart`. ‖·‖ and Π_ε are per token over the hidden axis:
-    L∞ (``norm="linf"``, the paper's) or L2. δ_K is held fixed in the final gradient,
-    which flows through both the clean and the perturbed outputs (the paper's R_s; the
+    input-embedding output [B, L, H], δ_K is :func:`advfunc.attacks.smart`. ‖·‖ and Π_ε
+    are per token over the hidden axis: L∞ (``norm="linf"``, the paper's) or L2. δ_K is
+    held fixed in the final gradient, which flows through both the clean and the perturbed outputs (the paper's R_s; the
     authors' mt-dnn code stops it in the reference side of each KL). σ is ``noise_var``:
     as in the authors' code it multiplies a standard normal (the paper's σ = 1e-5).
     θ̃ (the teacher) is an input: ``step(params, batch, teacher)``; update it with
@@ -74,8 +74,16 @@ def smart(
     lambda_s = require_positive("lambda_s", lambda_s)
     mu = require_non_negative("mu", mu)
     attack = attacks.smart(
-        model, epsilon, step_size, steps, noise_var, norm, generator,
-        loss_fn=loss_fn, autocast=autocast, compile=compile,
+        model,
+        epsilon,
+        step_size,
+        steps,
+        noise_var,
+        norm,
+        generator,
+        loss_fn=loss_fn,
+        autocast=autocast,
+        compile=compile,
     )
     engine, target, perturbed = attack.engine, attack.target, attack.perturbed
 
