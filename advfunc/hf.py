@@ -45,14 +45,14 @@ from advfunc.core.params import params_of
 from advfunc.core.step import Step
 from advfunc.methods.registry import build_step, parse_method
 
+_DRIVEN = {
+    "teacher": "step(params, batch, teacher) with an EMA teacher updated after each optimizer step",
+    "replay": "step(params, batch, delta) replayed with an optimizer step between replays",
+}
+
 
 def _factory_from_spec(text: str) -> Callable[[nn.Module], Step]:
     spec = parse_method(text)
-    if spec.method.driver != "batch":
-        raise ValueError(
-            f"{spec.name} is driven by a {spec.method.driver!r} loop (teacher or replays), which a Trainer "
-            "training_step cannot express; use advfunc.train or a loop of your own"
-        )
     return lambda model: build_step(spec, model)
 
 
@@ -75,6 +75,7 @@ class AdversarialTrainer(Trainer):
         self.step_factory = step_factory
         self._step: Step | None = None
         self._step_model: nn.Module | None = None
+        self._current_step()  # refuse a step this Trainer cannot drive now, not at the first batch
 
     def adversarial_model(self) -> nn.Module:
         """The module the step runs on: the unwrapped model, or a PEFT model's adapted base model."""
@@ -93,6 +94,14 @@ class AdversarialTrainer(Trainer):
             step = self.step_factory(target)
             if not isinstance(step, Step):
                 raise TypeError(f"step_factory returned {type(step).__name__}, not an advfunc Step")
+            if step.driver != "batch":
+                # A replay step called as step(params, batch) trains with δ = None every time, i.e.
+                # without a method; a teacher step needs its EMA teacher as a third argument.
+                raise ValueError(
+                    f"step_factory built a {step.method!r} step, driven by a {step.driver!r} loop "
+                    f"({_DRIVEN[step.driver]}), which a Trainer training_step cannot express; "
+                    "use advfunc's own training loop (advfunc train) or a loop of your own"
+                )
             self._step, self._step_model = step, target
         assert self._step is not None
         return target, self._step

@@ -4,13 +4,25 @@ Every output of the CLI (checkpoints, results, plots) is first written under a h
 temporary name next to its destination and then renamed into place: a crash, a full
 disk or Ctrl-C leaves either the previous version or nothing, never a half-written file
 that a later run would mistake for a finished one.
+
+A process killed outright (SIGKILL, power loss) cannot clean up after itself: it may leave
+a hidden ``.NAME.partial-PID-*``, ``.NAME.old-PID-*`` or ``.NAME.tmp-PID-*`` next to NAME.
+The next write of NAME (and :func:`recover`, which ``advfunc train`` calls before it reads
+a checkpoint) removes those of processes no longer running; if the kill fell between the
+two renames of a directory, so that NAME is missing, the ``.old`` one is the previous
+complete version and is renamed back.
+
+Outputs are checked before the work that produces them (:func:`require_replaceable`,
+:func:`require_writable_folder`), so a path that cannot be written is reported at once.
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
+import re
 import shutil
+import tempfile
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -19,6 +31,96 @@ from pathlib import Path
 def temporary_sibling(path: Path, kind: str = "tmp") -> Path:
     """A hidden, unique name in ``path``'s directory: same file system, so rename is atomic."""
     return path.parent / f".{path.name}.{kind}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+
+
+class OutputError(ValueError):
+    """An output path that cannot be written; the message names it and says why."""
+
+
+def _running(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's live process
+        return True
+    return True
+
+
+def recover(path: Path) -> None:
+    """Remove the temporary siblings of ``path`` that dead processes left; restore a lost ``path``.
+
+    Only names of this module's form (``.NAME.KIND-PID-HEX``) whose process is gone are
+    touched, so a concurrent writer's files and anything a user wrote are left alone.
+    """
+    path = Path(path)
+    if not path.parent.is_dir():
+        return
+    pattern = re.compile(rf"^\.{re.escape(path.name)}\.(tmp|partial|old)-(\d+)-[0-9a-f]{{8}}$")
+    leftovers = [
+        (m.group(1), int(m.group(2)), entry) for entry in path.parent.iterdir() if (m := pattern.match(entry.name))
+    ]
+    for kind, pid, entry in sorted(leftovers, key=lambda item: item[0] != "old"):
+        if _running(pid):
+            continue
+        if kind == "old" and not path.exists():
+            os.rename(entry, path)  # killed between the two renames: this is the last complete version
+        elif entry.is_dir() and not entry.is_symlink():
+            shutil.rmtree(entry, ignore_errors=True)
+        else:
+            entry.unlink(missing_ok=True)
+
+
+def _nearest_existing(path: Path) -> Path:
+    path = Path(os.path.abspath(path))
+    while not path.exists():
+        path = path.parent
+    return path
+
+
+def _probe(directory: Path, flag: str, path: Path) -> None:
+    """Raise ``OutputError`` unless a file can be created in ``directory`` (or in the folder that will hold it)."""
+    existing = _nearest_existing(directory)
+    if not existing.is_dir():
+        raise OutputError(f"{flag} {path}: {existing} is a file, not a directory; choose another {flag}")
+    try:
+        handle, name = tempfile.mkstemp(prefix=".advfunc-probe-", dir=existing)
+    except OSError as error:
+        raise OutputError(
+            f"{flag} {path} cannot be written ({existing}: {error.strerror}); choose another {flag}"
+        ) from None
+    os.close(handle)
+    os.unlink(name)
+
+
+def require_replaceable(path: Path, flag: str, *, directory: bool) -> None:
+    """Raise ``OutputError`` unless ``path`` can be written as a whole and renamed into place.
+
+    ``directory`` says whether the output is a directory (a checkpoint) or a file.
+    """
+    path = Path(path)
+    absolute = Path(os.path.abspath(path))
+    if absolute == absolute.parent or Path.cwd().is_relative_to(absolute):
+        raise OutputError(
+            f"{flag} {path} is the current directory or one above it, which cannot be replaced as a whole; "
+            f"name a new {'directory' if directory else 'file'}"
+        )
+    if path.exists() and path.is_dir() != directory:
+        raise OutputError(
+            f"{flag} {path} is a {'directory' if path.is_dir() else 'file'}; give a "
+            f"{'directory' if directory else 'file'} path"
+        )
+    _probe(absolute.parent, flag, path)
+
+
+def require_writable_folder(path: Path, flag: str) -> None:
+    """Raise ``OutputError`` unless files can be written inside the folder ``path`` (made if missing)."""
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise OutputError(f"{flag} {path} is a file; give a directory path")
+    _probe(path, flag, path)
 
 
 def write_text(path: Path, text: str) -> None:
@@ -30,6 +132,7 @@ def write_with(path: Path, writer: Callable[[Path], object]) -> None:
     """Call ``writer(tmp)`` to produce the file at a temporary name, then rename it to ``path``."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    recover(path)
     tmp = temporary_sibling(path)
     try:
         writer(tmp)
@@ -49,6 +152,7 @@ def directory(path: Path) -> Iterator[Path]:
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    recover(path)
     tmp = temporary_sibling(path, "partial")
     tmp.mkdir()
     try:

@@ -98,6 +98,13 @@ def load(path: str | Path, labels: Labels | None = None) -> Loaded:
         tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
     except (OSError, ValueError, TypeError) as error:
         raise ModelError(f"{path} has no usable tokenizer (save it next to the model): {error}") from error
+    # Without vocabulary files transformers builds an empty tokenizer of the model's family,
+    # which maps every word to its unknown token: training would see no text at all.
+    if len(tokenizer.get_vocab()) <= len(set(tokenizer.all_special_tokens)):
+        raise ModelError(
+            f"{path} has no usable tokenizer: it knows only its special tokens {tokenizer.all_special_tokens}; "
+            "save the model's tokenizer next to it (tokenizer.save_pretrained(DIR))"
+        )
     kwargs: dict[str, Any] = {}
     if labels is not None and Labels.from_config(config).names != labels.names:
         kwargs = {

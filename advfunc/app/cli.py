@@ -15,6 +15,7 @@ import dataclasses
 import inspect
 import json
 import logging
+import math
 import os
 import platform
 import re
@@ -24,7 +25,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 # Before transformers is imported anywhere: never reach the network for a model.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -81,59 +82,105 @@ SHORT = Preset("short", _COMPARED, (0, 1), 512, 300, 32, 2e-4, 16)
 FULL = Preset("full", _COMPARED, (0, 1, 2), 1440, None, 96, 2e-4, 32)
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse with one-line errors (exit status 2) and negative numbers read as values.
+
+    argparse takes ``-1e-5`` for an option name (its pattern knows only ``-1`` and ``-.5``),
+    so ``--lr -1e-5`` failed with "expected one argument"; here it reaches the range check.
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._negative_number_matcher = re.compile(r"^-(\d+\.?\d*|\.\d+)(e[-+]?\d+)?$|^-(inf|infinity|nan)$", re.I)
+
+    def error(self, message: str) -> NoReturn:
+        sys.stderr.write(f"advfunc: error: {message}\n")
+        raise SystemExit(2)
+
+
+def _number(kind: type, minimum: float, *, inclusive: bool = True, below: float | None = None) -> Any:
+    """An argparse ``type``: text to a finite ``kind`` in [minimum, below) (or (minimum, ...) if not inclusive)."""
+    lower = f">= {minimum:g}" if inclusive else f"> {minimum:g}"
+    what = f"an integer {lower}" if kind is int else f"a finite number {lower}"
+    if below is not None:
+        what = f"a finite number in [{minimum:g}, {below:g})"
+
+    def convert(text: str) -> Any:
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"must be {what}, got {text!r}") from None
+        in_range = value >= minimum if inclusive else value > minimum
+        if not (math.isfinite(value) and in_range and (below is None or value < below)):
+            raise argparse.ArgumentTypeError(f"must be {what}, got {text!r}")
+        return value
+
+    convert.__name__ = kind.__name__  # argparse names the type in its own messages
+    return convert
+
+
+COUNT = _number(int, 1)  # sizes, steps, epochs
+NATURAL = _number(int, 0)  # seeds, budgets; 0 allowed
+POSITIVE = _number(float, 0, inclusive=False)  # learning rate, radii
+NON_NEGATIVE = _number(float, 0)  # 0 turns it off
+FRACTION = _number(float, 0, below=1)
+
+
 def _add_data_flags(parser: argparse.ArgumentParser, what: str) -> None:
     group = parser.add_argument_group("data")
     group.add_argument("--data", type=Path, help=f"{what} (.csv, .tsv, .jsonl); default: embedded Rotten Tomatoes")
     group.add_argument("--text-column", default="text", help="column with the text (default: text)")
     group.add_argument("--label-column", default="label", help="column with the label (default: label)")
     group.add_argument("--pair-column", help="column with the second text of sentence pairs (optional)")
-    group.add_argument("--max-length", type=int, default=64, help="truncate to this many tokens (default: 64)")
+    group.add_argument(
+        "--max-length", type=_number(int, 2), default=64, help="truncate to this many tokens (default: 64)"
+    )
 
 
 def _add_training_flags(parser: argparse.ArgumentParser, preset: bool = False) -> None:
     group = parser.add_argument_group("training")
     defaults = TrainConfig()
-    group.add_argument("--epochs", type=int, default=defaults.epochs, help="epochs (default: %(default)s)")
+    group.add_argument("--epochs", type=COUNT, default=defaults.epochs, help="epochs (default: %(default)s)")
     group.add_argument(
         "--batch-size",
-        type=int,
+        type=COUNT,
         default=None if preset else defaults.batch_size,
         help="batch size" + ("" if preset else " (default: %(default)s)"),
     )
-    group.add_argument("--grad-accum", type=int, default=defaults.grad_accum, help="micro-batches per optimizer step")
+    group.add_argument("--grad-accum", type=COUNT, default=defaults.grad_accum, help="micro-batches per optimizer step")
     group.add_argument(
-        "--lr", type=float, default=None if preset else defaults.lr, help="peak learning rate (default: 5e-5)"
+        "--lr", type=POSITIVE, default=None if preset else defaults.lr, help="peak learning rate (default: 5e-5)"
     )
-    group.add_argument("--warmup-ratio", type=float, default=defaults.warmup_ratio, help="share of steps warming up")
-    group.add_argument("--weight-decay", type=float, default=defaults.weight_decay, help="AdamW weight decay")
-    group.add_argument("--max-grad-norm", type=float, default=defaults.max_grad_norm, help="clip norm (0: off)")
-    group.add_argument("--train-size", type=int, default=None, help="use the first N training examples")
+    group.add_argument("--warmup-ratio", type=FRACTION, default=defaults.warmup_ratio, help="share of steps warming up")
+    group.add_argument("--weight-decay", type=NON_NEGATIVE, default=defaults.weight_decay, help="AdamW weight decay")
+    group.add_argument("--max-grad-norm", type=NON_NEGATIVE, default=defaults.max_grad_norm, help="clip norm (0: off)")
+    group.add_argument("--train-size", type=COUNT, default=None, help="use the first N training examples")
 
 
 def _add_attack_flags(parser: argparse.ArgumentParser, preset: bool = False) -> None:
     group = parser.add_argument_group("attacks")
     defaults = AttackConfig()
     group.add_argument(
-        "--radii", type=float, nargs="+", default=list(defaults.radii), help="embedding PGD L2 radii per example"
+        "--radii", type=POSITIVE, nargs="+", default=list(defaults.radii), help="embedding PGD L2 radii per example"
     )
-    group.add_argument("--pgd-steps", type=int, default=defaults.pgd_steps, help="PGD iterations per radius")
-    group.add_argument("--hotflip-budget", type=int, default=defaults.hotflip_budget, help="max changed words")
-    group.add_argument("--neighbours", type=int, default=defaults.neighbours, help="HotFlip candidates per word")
+    group.add_argument("--pgd-steps", type=COUNT, default=defaults.pgd_steps, help="PGD iterations per radius")
+    group.add_argument("--hotflip-budget", type=NATURAL, default=defaults.hotflip_budget, help="max changed words")
+    group.add_argument("--neighbours", type=COUNT, default=defaults.neighbours, help="HotFlip candidates per word")
     group.add_argument(
         "--attack-examples",
-        type=int,
+        type=COUNT,
         default=None if preset else defaults.examples,
         help="attack the first N evaluation examples" + ("" if preset else " (default: %(default)s)"),
     )
-    group.add_argument("--test-size", type=int, default=None, help="evaluate on the first N examples")
+    group.add_argument("--test-size", type=COUNT, default=None, help="evaluate on the first N examples")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="advfunc",
         description="Functional adversarial fine-tuning of Hugging Face classifiers: train, attack, compare.",
     )
-    parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
+    parser.add_argument("--threads", type=COUNT, help="torch CPU threads (default: torch's choice)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars or progress lines")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
@@ -143,9 +190,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--output", type=Path, required=True, help="checkpoint directory (from_pretrained reads it)")
     t.add_argument("--resume", action="store_true", help="continue the unfinished checkpoint in --output")
     t.add_argument("--overwrite", action="store_true", help="replace an existing --output")
-    t.add_argument("--save-steps", type=int, default=0, help="also checkpoint every N optimizer steps")
-    t.add_argument("--stop-after", type=int, help="stop with a checkpoint at step N (resume later)")
-    t.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
+    t.add_argument("--save-steps", type=NATURAL, default=0, help="also checkpoint every N optimizer steps")
+    t.add_argument("--stop-after", type=COUNT, help="stop with a checkpoint at step N (resume later)")
+    t.add_argument("--seed", type=NATURAL, default=0, help="random seed (default: 0)")
     t.add_argument("--validation-data", type=Path, help="validation file (default data: the validation split)")
     _add_data_flags(t, "training file")
     _add_training_flags(t)
@@ -154,7 +201,7 @@ def build_parser() -> argparse.ArgumentParser:
     e = commands.add_parser("evaluate", help="clean accuracy and accuracy under attack")
     e.add_argument("--model", type=Path, required=True, help="a fine-tuned checkpoint directory")
     e.add_argument("--output", type=Path, help="also write the results to this JSON file")
-    e.add_argument("--batch-size", type=int, default=AttackConfig().batch_size, help="attack batch size")
+    e.add_argument("--batch-size", type=COUNT, default=AttackConfig().batch_size, help="attack batch size")
     _add_data_flags(e, "evaluation file (default: the test split)")
     _add_attack_flags(e)
     e.set_defaults(handler=run_evaluate)
@@ -165,7 +212,7 @@ def build_parser() -> argparse.ArgumentParser:
     size.add_argument("--quick", action="store_true", help="the short comparison (the default), a few minutes")
     c.add_argument("--model", type=Path, help="local Hugging Face model directory (default: all-MiniLM-L6-v2)")
     c.add_argument("--methods", nargs="+", help="method specs (default: none, fgm, pgd, freelb; see docs)")
-    c.add_argument("--seeds", type=int, nargs="+", help="seeds (default: 0 1; --full: 0 1 2)")
+    c.add_argument("--seeds", type=NATURAL, nargs="+", help="seeds (default: 0 1; --full: 0 1 2)")
     c.add_argument("--eval-data", type=Path, help="test file; without it --data is split 80/10/10 by text hash")
     c.add_argument(
         "--output", "--out", type=Path, help="report folder (default: runs/compare-short or runs/compare-full)"
@@ -206,8 +253,6 @@ def _configure(args: argparse.Namespace) -> None:
     transformers.logging.set_verbosity_error()  # the load reports would bury advfunc's own lines
     transformers.utils.logging.disable_progress_bar()
     if args.threads is not None:
-        if args.threads < 1:
-            raise SystemExit("advfunc: error: --threads must be >= 1")
         torch.set_num_threads(args.threads)
 
 
@@ -260,6 +305,8 @@ def run_train(args: argparse.Namespace) -> int:
     config = _train_config(args, args.method, args.seed, args.lr)
     config.check()
     output: Path = args.output
+    atomic.require_replaceable(output, "--output", directory=True)
+    atomic.recover(output)  # a run killed before may have left temporary copies, or the checkpoint aside
     if args.resume:
         state = checkpoint.read_state(output)
         if state is None:
@@ -267,10 +314,16 @@ def run_train(args: argparse.Namespace) -> int:
         if state.get("finished"):
             log.info("%s is already finished (step %s); nothing to do", output, state.get("step"))
             return 0
-    elif output.exists() and any(output.iterdir()) and not args.overwrite:
-        raise checkpoint.CheckpointError(
-            f"--output {output} exists and is not empty; pass --resume to continue it or --overwrite to replace it"
-        )
+    elif output.exists() and any(output.iterdir()):
+        if checkpoint.read_state(output) is None:
+            raise checkpoint.CheckpointError(
+                f"--output {output} holds files that advfunc did not write (it is not an advfunc checkpoint), "
+                "so it is never replaced, even with --overwrite; choose another --output"
+            )
+        if not args.overwrite:
+            raise checkpoint.CheckpointError(
+                f"--output {output} exists and is not empty; pass --resume to continue it or --overwrite to replace it"
+            )
     if args.data is None:
         splits = fixed_split(rotten_tomatoes())
         train_set = splits["train"]
@@ -278,8 +331,9 @@ def run_train(args: argparse.Namespace) -> int:
     else:
         train_set = _load_data(args, args.data)
         validation_set = _load_data(args, args.validation_data) if args.validation_data else None
+    full_train_set = train_set
     train_set = train_set.head(args.train_size)
-    labels = Labels.from_data(train_set)
+    labels = _labels(full_train_set, train_set, args.train_size)
     torch.manual_seed(args.seed)  # the fresh classification head is part of the seeded run
     loaded = checkpoint.load(output if args.resume else _model_dir(args.model), labels)
     if loaded.labels.names != labels.names:
@@ -327,6 +381,8 @@ def _attack_config(args: argparse.Namespace, examples: int) -> AttackConfig:
 
 def run_evaluate(args: argparse.Namespace) -> int:
     """``advfunc evaluate``."""
+    if args.output is not None:
+        atomic.require_replaceable(args.output, "--output", directory=False)
     loaded = checkpoint.load(args.model)
     state = checkpoint.read_state(args.model)
     if state is not None and not state.get("finished", True):
@@ -370,6 +426,9 @@ def run_compare(args: argparse.Namespace) -> int:
     if args.batch_size is None:
         args.batch_size = preset.batch_size
     output: Path = args.output or Path("runs") / f"compare-{preset.title}"
+    _refuse_repeats("--seeds", seeds, seeds)
+    _refuse_repeats("--methods", [spec.label for spec in methods], [spec.identity for spec in methods])
+    atomic.require_writable_folder(output, "--output")
     for spec in methods:  # refuse a bad setting before the first long run, not after it
         _train_config(args, _spec_text(spec), 0, lr).check()
 
@@ -384,9 +443,11 @@ def run_compare(args: argparse.Namespace) -> int:
         data_text = f"train {args.data}, test {args.eval_data}"
     train_set = splits["train"].head(train_size)
     test_set = splits["test"].head(test_size)
-    labels = Labels.from_data(train_set)
+    labels = _labels(splits["train"], train_set, train_size)
     model_dir = _model_dir(args.model)
     probe = checkpoint.load(model_dir, labels)  # fails fast on a bad model; its tokenizer encodes once for all
+    for spec in methods:  # every factory checks its values now, not when its turn comes hours later
+        registry.build_step(spec, probe.model)
     train_data = _encode(train_set, probe, args.max_length)
     test_data = _encode(test_set, probe, args.max_length)
     attack = _attack_config(args, args.attack_examples or preset.attack_examples)
@@ -463,6 +524,29 @@ def run_compare(args: argparse.Namespace) -> int:
     paths = report.write(output, runs, info)
     log.info("report: %s (%.1f min)", ", ".join(str(p) for p in paths), info["elapsed_minutes"])
     return 0
+
+
+def _refuse_repeats(flag: str, shown: Sequence[Any], identities: Sequence[Any]) -> None:
+    """Raise ``ValueError`` when two entries of ``flag`` are one run: it would be counted twice."""
+    seen: dict[Any, Any] = {}
+    for text, identity in zip(shown, identities, strict=True):
+        if identity in seen:
+            raise ValueError(f"{flag} lists one run twice ({seen[identity]} and {text}); give each once")
+        seen[identity] = text
+
+
+def _labels(whole: TextDataset, head: TextDataset, size: int | None) -> Labels:
+    """The labels of ``head``, the first ``size`` examples of ``whole``; an error that names --train-size."""
+    try:
+        return Labels.from_data(head)
+    except DataError:
+        if size is None or len(set(whole.labels)) < 2:
+            raise
+        raise DataError(
+            f"--train-size {size}: the first {len(head)} training examples of {whole.source} all have label "
+            f"{head.labels[0]!r} (the file has {len(set(whole.labels))} labels); a classifier needs 2 or more, so "
+            "raise --train-size or shuffle the file"
+        ) from None
 
 
 def _spec_text(spec: registry.MethodSpec) -> str:

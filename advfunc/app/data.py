@@ -133,14 +133,37 @@ def _cell(row: Mapping[str, Any], column: str) -> str:
 
 
 def _read_csv(path: Path, delimiter: str) -> tuple[list[dict[str, Any]], set[str]]:
+    """Rows of a CSV (quotes as RFC 4180) or TSV (no quoting: GLUE-style files hold bare quotes).
+
+    A row with more or fewer fields than the header is an error naming its line: a stray
+    quote or delimiter must never merge two rows or shift a label into the text.
+    """
+    rows: list[dict[str, Any]] = []
     try:
         with path.open(newline="", encoding="utf-8-sig") as handle:
-            reader = csv.DictReader(handle, delimiter=delimiter)
-            columns = set(reader.fieldnames or ())
-            rows = list(reader)
-    except (UnicodeDecodeError, csv.Error) as error:
-        raise DataError(f"data file {path} is not readable UTF-8 CSV: {error}") from error
-    return rows, columns
+            if delimiter == "\t":
+                reader = csv.reader(handle, delimiter=delimiter, quoting=csv.QUOTE_NONE, strict=True)
+            else:
+                reader = csv.reader(handle, delimiter=delimiter, quoting=csv.QUOTE_MINIMAL, strict=True)
+            header = next(reader, None)
+            columns = [name.strip() for name in header or ()]
+            for fields in reader:
+                if not any(field.strip() for field in fields):
+                    continue  # a blank line
+                if len(fields) != len(columns):
+                    hint = " (an unbalanced quote?)" if delimiter == "," else ""
+                    raise DataError(
+                        f"data file {path}, line {reader.line_num}: {len(fields)} fields, the header has "
+                        f"{len(columns)}{hint}; fix that row"
+                    )
+                rows.append(dict(zip(columns, fields, strict=True)))
+    except UnicodeDecodeError as error:
+        raise DataError(f"data file {path}, line {len(rows) + 2} or near it: not UTF-8 ({error.reason})") from error
+    except csv.Error as error:
+        raise DataError(
+            f"data file {path}, line {reader.line_num}: unreadable field ({error}); fix that row"
+        ) from error
+    return rows, set(columns)
 
 
 def _read_jsonl(path: Path) -> tuple[list[dict[str, Any]], set[str]]:
@@ -311,11 +334,26 @@ def encode(dataset: TextDataset, tokenizer: Any, labels: Labels, max_length: int
         truncation=True,
         max_length=max_length,
     )
+    _refuse_unknown_only(dataset, tokenizer, encoded["input_ids"])
     pad = tokenizer.pad_token_id
     if pad is None:
         pad = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else 0
     types = encoded.get("token_type_ids") if token_types else None
     return Encoded(list(encoded["input_ids"]), list(types) if types is not None else None, label_ids, int(pad))
+
+
+def _refuse_unknown_only(dataset: TextDataset, tokenizer: Any, input_ids: Sequence[Sequence[int]]) -> None:
+    """Raise ``DataError`` when every word became the unknown token: the tokenizer does not fit the text."""
+    unknown = getattr(tokenizer, "unk_token_id", None)
+    if unknown is None:
+        return
+    special = set(getattr(tokenizer, "all_special_ids", ())) - {unknown}
+    words = [token for ids in input_ids for token in ids if token not in special]
+    if words and all(token == unknown for token in words):
+        raise DataError(
+            f"{dataset.source}: the tokenizer maps every word to its unknown token {tokenizer.unk_token!r}; "
+            "it does not belong to this model or text (save the model's own tokenizer next to it)"
+        )
 
 
 def training_batches(lengths: Sequence[int], batch_size: int, seed: int, epoch: int) -> list[list[int]]:

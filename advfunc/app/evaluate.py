@@ -23,6 +23,7 @@ from advfunc import attacks
 from advfunc.app.data import Encoded, evaluation_batches
 from advfunc.app.progress import Progress
 from advfunc.app.word_attacks import WordVocabulary, hotflip
+from advfunc.core.arguments import require_positive, require_steps
 from advfunc.core.model import PerturbedModel, logits_of
 from advfunc.core.params import params_of
 from advfunc.core.step import prepare
@@ -43,13 +44,15 @@ class AttackConfig:
     batch_size: int = 32
 
     def check(self) -> None:
-        if not self.radii or any(not r > 0 for r in self.radii):
-            raise ValueError(f"radii must be numbers > 0, got {list(self.radii)}")
+        """Raise ``ValueError`` naming the first setting that is not a finite number in its range."""
+        if not self.radii:
+            raise ValueError("radii is empty; give at least one radius")
+        for radius in self.radii:
+            require_positive("radius", radius)
         for name in ("pgd_steps", "neighbours", "examples", "batch_size"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
-        if self.hotflip_budget < 0:
-            raise ValueError(f"hotflip-budget must be >= 0, got {self.hotflip_budget}")
+            require_steps(name.replace("_", "-"), getattr(self, name))
+        if isinstance(self.hotflip_budget, bool) or not isinstance(self.hotflip_budget, int) or self.hotflip_budget < 0:
+            raise ValueError(f"hotflip-budget must be an integer >= 0, got {self.hotflip_budget!r}")
 
 
 @dataclass
@@ -121,15 +124,24 @@ def embedding_pgd(
     with per-example norms over (seq, hidden) and padding masked, α = 2.5·r/steps unless
     ``step_size`` is given (Madry et al., 2018). ``broken[b]`` is true when example b is
     misclassified clean or at δ_K. Cost: ``steps`` passes to δ only and two forwards.
+
+    Raises ``FloatingPointError`` when the attack's arithmetic overflowed (a non-finite
+    gradient, which makes the attack drop δ, or non-finite logits at δ_K): a broken attack
+    must not be reported as an attack that changed nothing.
     """
     alpha = step_size if step_size is not None else 2.5 * radius / steps
     attack = attacks.pgd(model, epsilon=radius, alpha=alpha, steps=steps, target="embeds", compile=False)
-    delta = attack(params, batch)
     call = prepare(model, attack.perturbed, attack.target, params, batch)
-    placed = attack.target.internal(delta, call.layout, call.params, "delta")
-    with torch.no_grad(), attack.perturbed.hooked(count=False):
-        clean = logits_of(attack.engine.outputs(call.params, call.kwargs, call.layout, call.zeros(attack.target)))
-        attacked = logits_of(attack.engine.outputs(call.params, call.kwargs, call.layout, placed))
+    with attack.perturbed.hooked(count=False):
+        placed, skipped = attack.run(call)
+        with torch.no_grad():
+            clean = logits_of(attack.engine.outputs(call.params, call.kwargs, call.layout, call.zeros(attack.target)))
+            attacked = logits_of(attack.engine.outputs(call.params, call.kwargs, call.layout, placed))
+    if bool(skipped) or not bool(torch.isfinite(attacked).all()):
+        raise FloatingPointError(
+            f"embedding PGD at radius {radius:g} overflowed (non-finite gradients or logits), so it cannot say "
+            "whether the model is robust there; use smaller --radii"
+        )
     labels = call.kwargs["labels"]
     return placed["embeds"], (clean.argmax(-1) != labels) | (attacked.argmax(-1) != labels)
 

@@ -25,8 +25,8 @@ from advfunc.app import checkpoint
 from advfunc.app.data import Encoded, training_batches
 from advfunc.app.progress import Progress
 from advfunc.core.params import Params, params_of, set_grads
-from advfunc.core.step import Grads, Step, StepOutput
-from advfunc.methods.registry import MethodSpec, build_step, parse_method
+from advfunc.core.step import Grads, Step, StepOutput, all_finite
+from advfunc.methods.registry import MethodSpec, build_step, draws_noise, parse_method, seeded_generator
 
 log = logging.getLogger("advfunc")
 
@@ -116,6 +116,14 @@ def make_optimizer(model: nn.Module, lr: float, weight_decay: float) -> torch.op
     return torch.optim.AdamW([g for g in groups if g["params"]], lr=lr)
 
 
+def refuse_non_finite(spec: MethodSpec, grads: Grads) -> None:
+    """Raise ``FloatingPointError`` rather than let inf/NaN gradients reach the weights."""
+    if not bool(all_finite(grads)):
+        raise FloatingPointError(
+            f"{spec.label} produced non-finite gradients from finite inputs; lower its radii or step sizes (or --lr)"
+        )
+
+
 class _Driver:
     """Runs a method's step on one unit of work (a group of micro-batches) and steps the optimizer.
 
@@ -139,6 +147,7 @@ class _Driver:
         losses = []
         for i, batch in enumerate(micro):
             grads, out = self.call(batch)
+            refuse_non_finite(self.spec, grads)
             if len(micro) > 1:  # a mean of micro-batch means, as Trainer does without num_items_in_batch
                 grads = {n: g.mul_(1.0 / len(micro)) for n, g in grads.items()}
             set_grads(self.model, grads, accumulate=i > 0)
@@ -198,6 +207,7 @@ class _ReplayDriver(_Driver):
         losses = []
         for _ in range(self.replays):
             grads, out = self.step(self.params, batch, delta)
+            refuse_non_finite(self.spec, grads)
             set_grads(self.model, grads)
             losses.append(float(out.loss))
             self.update()
@@ -224,7 +234,10 @@ class Loop:
         self.params = params_of(model)  # shares storage: the optimizer's in-place updates show through
         self.optimizer = make_optimizer(model, config.lr, config.weight_decay)
         self.trainable = [p for p in model.parameters() if p.requires_grad]
-        step = build_step(self.spec, model, seed=config.seed)
+        # The loop holds the method's generator so that a checkpoint can carry its state:
+        # re-seeding it on resume would repeat the noise of the first steps.
+        self.generator = seeded_generator(model, config.seed) if draws_noise(self.spec) else None
+        step = build_step(self.spec, model, generator=self.generator)
         self.driver = _DRIVERS[self.spec.method.driver](self.spec, step, model, self.params, self._update)
         self.total_steps = total_units * self.driver.replays
         warmup = round(config.warmup_ratio * self.total_steps)
@@ -250,6 +263,7 @@ class Loop:
             "scheduler": self.scheduler.state_dict(),
             "rng": torch.get_rng_state(),
             "driver": self.driver.state(),
+            **({"method_rng": self.generator.get_state()} if self.generator is not None else {}),
         }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
@@ -257,6 +271,13 @@ class Loop:
         self.scheduler.load_state_dict(state["scheduler"])
         self.driver.load_state(state.get("driver", {}))
         torch.set_rng_state(state["rng"])
+        if self.generator is not None:
+            if "method_rng" not in state:
+                raise checkpoint.CheckpointError(
+                    f"the checkpoint lacks the random state of {self.spec.name}'s noise, so resuming it would not "
+                    "be exact; train again without --resume"
+                )
+            self.generator.set_state(state["method_rng"])
 
 
 def _config_changes(saved: Mapping[str, Any], config: TrainConfig) -> list[str]:

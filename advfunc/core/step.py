@@ -25,7 +25,8 @@ class StepOutput(NamedTuple):
     adv_loss: [] the last perturbed loss.
     delta: the final perturbation: [N, H] embedding rows (``"weight"``; the token of each
         row in ``delta_tokens``), [B, L, H] (``"embeds"``) or {name: tensor} (names).
-    skipped: [] bool: a non-finite target gradient made the step drop its perturbation.
+    skipped: [] bool: a non-finite target gradient made the step drop its perturbation, or
+        the step's grads are not finite (skip the optimizer update; lower the method's radii).
     logits: the clean pass's logits, [B, C], when the model returns them.
     delta_tokens: [N] token id of each row of ``delta`` for ``"weight"``, −1 for unused rows.
     """
@@ -62,7 +63,16 @@ class Step:
     def __call__(
         self, params: Mapping[str, torch.Tensor], batch: Mapping[str, Any], *args: Any, **kwargs: Any
     ) -> tuple[Grads, StepOutput]:
-        return self.fn(params, batch, *args, **kwargs)
+        grads, out = self.fn(params, batch, *args, **kwargs)
+        # Finite inputs can still overflow (a radius of 1e30): such grads are reported, never passed off as good.
+        return grads, out._replace(skipped=out.skipped | ~all_finite(grads))
+
+
+def all_finite(grads: Mapping[str, torch.Tensor]) -> torch.Tensor:
+    """[] bool: every entry of every tensor in ``grads`` is finite. No host sync."""
+    if not grads:
+        raise ValueError("grads is empty: there is nothing to check; pass the grads a step returned")
+    return torch.stack([torch.isfinite(g).all() for g in grads.values()]).all()
 
 
 @dataclass(frozen=True)
@@ -106,13 +116,51 @@ def prepare(
         if not isinstance(value, torch.Tensor) or value.shape != own[name].shape:
             shape = tuple(value.shape) if isinstance(value, torch.Tensor) else type(value).__name__
             raise ValueError(f"params[{name!r}] is {shape}, the model's parameter has shape {tuple(own[name].shape)}")
+        if value.dtype != own[name].dtype or value.device != own[name].device:
+            raise ValueError(
+                f"params[{name!r}] is {value.dtype} on {value.device}, the model's parameter {own[name].dtype} on "
+                f"{own[name].device}; move the model (model.to(...)) and take advfunc.params_of(model) again"
+            )
     full = {**own, **params}
     trainable = trainable_names(model)
     if not trainable:
         raise ValueError("the model has no parameter with requires_grad=True: nothing to train")
     kwargs = perturbed.check_batch(batch, needs_ids=target.reads_input_ids, needs_loss=needs_loss)
     device = next(iter(full.values())).device
+    check_batch_tensors(kwargs, device)
     return Call(full, trainable, kwargs, target.layout(kwargs), device, as_scale(loss_scale, device))
+
+
+_PER_TOKEN = ("input_ids", "attention_mask", "token_type_ids", "position_ids")
+
+
+def check_batch_tensors(batch: Mapping[str, Any], device: torch.device) -> None:
+    """Raise ``ValueError`` naming the key unless the batch's tensors agree with each other and the model.
+
+    Every target gets this check (a parameter target reads no ``input_ids`` of its own):
+    at least one example of one token, one ``[batch, seq]`` shape for the per-token keys,
+    as many labels as examples, and every tensor on the model's device.
+    """
+    tensors = {k: v for k, v in batch.items() if isinstance(v, torch.Tensor)}
+    for key, value in tensors.items():
+        if value.device != device:
+            raise ValueError(f"batch[{key!r}] is on {value.device}, the model on {device}; move the batch there")
+    shaped = {k: tuple(tensors[k].shape) for k in _PER_TOKEN if k in tensors}
+    if not shaped:
+        return
+    first, shape = next(iter(shaped.items()))
+    if len(shape) != 2 or 0 in shape:
+        raise ValueError(
+            f"batch[{first!r}] has shape {shape}; it must be [batch, seq] with at least one example and one token"
+        )
+    for key, other in shaped.items():
+        if other != shape:
+            raise ValueError(
+                f"batch[{key!r}] has shape {other}, batch[{first!r}] {shape}; every per-token key must match"
+            )
+    labels = tensors.get("labels")
+    if labels is not None and (labels.dim() == 0 or labels.shape[0] != shape[0]):
+        raise ValueError(f"batch['labels'] has shape {tuple(labels.shape)}, but the batch has {shape[0]} examples")
 
 
 def drop_if_skipped(delta: Delta, skipped: torch.Tensor) -> Delta:

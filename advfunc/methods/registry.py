@@ -8,6 +8,7 @@ step it returns. Its hyper-parameters are read from the factory's signature, so
 from __future__ import annotations
 
 import inspect
+import math
 import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -16,6 +17,7 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
+from advfunc.core.arguments import require_steps
 from advfunc.core.step import Step
 from advfunc.methods.awp import awp
 from advfunc.methods.fgm import fgm
@@ -104,6 +106,14 @@ class MethodSpec:
     def driver_option(self, key: str) -> Any:
         return self.driver_options.get(key, DRIVER_OPTIONS[self.method.driver][key])
 
+    @property
+    def identity(self) -> tuple[str, tuple[tuple[str, Any], ...]]:
+        """The method with every default filled in: ``fgm`` and ``fgm:epsilon=1.0`` are one identity."""
+        settings = {k: h.default for k, h in hyperparameters(self.name).items()}
+        settings.update(DRIVER_OPTIONS[self.method.driver])
+        settings.update({**self.options, **self.driver_options})
+        return self.name, tuple(sorted(settings.items()))
+
 
 def available() -> list[str]:
     """Names of the registered methods."""
@@ -162,10 +172,18 @@ def parse_method(text: str) -> MethodSpec:
         elif key in driver_defaults:
             default = driver_defaults[key]
             driver_options[key] = _parse_value(name, Hyperparameter(key, default, type(default)), value.strip())
+            _check_driver_option(name, key, driver_options[key])
         else:
             candidates = sorted([*known, *driver_defaults])
             raise MethodError(f"method {name!r} has no hyper-parameter {key!r}; it takes {candidates}")
     return MethodSpec(name, options, driver_options)
+
+
+def _check_driver_option(method: str, key: str, value: Any) -> None:
+    if key == "replays":
+        require_steps(f"{method}: replays", value)
+    elif key == "beta" and not (math.isfinite(value) and 0 <= value < 1):
+        raise MethodError(f"{method}: beta must be a finite number in [0, 1) (the EMA teacher's decay), got {value!r}")
 
 
 def _parse_value(method: str, hyper: Hyperparameter, text: str) -> Any:
@@ -179,25 +197,42 @@ def _parse_value(method: str, hyper: Hyperparameter, text: str) -> Any:
     if hyper.kind is str:
         return text
     try:
-        return hyper.kind(text)
+        value = hyper.kind(text)
     except ValueError:
         what = "an integer" if hyper.kind is int else "a number"
         raise MethodError(f"{method}: {hyper.name} must be {what}, got {text!r}") from None
+    if hyper.kind is float and not math.isfinite(value):
+        raise MethodError(f"{method}: {hyper.name} must be a finite number, got {text!r}")
+    return value
 
 
-def build_step(spec: MethodSpec, model: nn.Module, seed: int = 0, **extra: Any) -> Step:
+def draws_noise(spec: MethodSpec) -> bool:
+    """Whether the method's factory takes a generator (VAT, FreeLB, R3F, SMART draw from it)."""
+    return "generator" in inspect.signature(factory_of(spec.name)).parameters
+
+
+def seeded_generator(model: nn.Module, seed: int) -> torch.Generator:
+    """The generator a method draws from in a run with ``seed``, on the model's device."""
+    first = next(model.parameters(), None)
+    device = first.device if first is not None else torch.device("cpu")
+    return torch.Generator(device=device).manual_seed(10_000 + seed)
+
+
+def build_step(
+    spec: MethodSpec, model: nn.Module, seed: int = 0, generator: torch.Generator | None = None, **extra: Any
+) -> Step:
     """Call the factory of ``spec`` on ``model``.
 
-    A factory that draws random numbers gets a generator seeded from ``seed``, so a run is
-    reproducible; ``extra`` arguments (``loss_fn``, ``autocast``) are passed where accepted.
-    Bad values raise the factory's own ``ValueError``/``TypeError``.
+    A factory that draws random numbers gets ``generator``, by default one seeded from
+    ``seed`` (:func:`seeded_generator`), so a run is reproducible; a training loop that
+    checkpoints passes its own and saves its state. ``extra`` arguments (``loss_fn``,
+    ``autocast``) are passed where accepted. Bad values raise the factory's own
+    ``ValueError``/``TypeError``.
     """
     factory = factory_of(spec.name)
     accepted = inspect.signature(factory).parameters
     kwargs = dict(spec.options)
     if "generator" in accepted:
-        first = next(model.parameters(), None)
-        device = first.device if first is not None else torch.device("cpu")
-        kwargs["generator"] = torch.Generator(device=device).manual_seed(10_000 + seed)
+        kwargs["generator"] = generator if generator is not None else seeded_generator(model, seed)
     kwargs.update({k: v for k, v in extra.items() if k in accepted and v is not None})
     return factory(model, **kwargs)

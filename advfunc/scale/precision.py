@@ -32,12 +32,17 @@ from typing import NamedTuple
 import torch
 
 from advfunc.core.params import Params
+from advfunc.core.step import all_finite
 
 # torch.amp.GradScaler's defaults.
 INIT_SCALE = 2.0**16
 GROWTH_FACTOR = 2.0
 BACKOFF_FACTOR = 0.5
 GROWTH_INTERVAL = 2000
+# The scale never backs off below this. Unfloored, 166 overflows in a row reach 0 in float32,
+# and 1/0 makes every later unscaled gradient inf or NaN. 2**-24 is fp16's smallest subnormal:
+# a loss scaled below it is 0 in fp16 anyway, and its reciprocal is an exact, finite 2**24.
+MIN_SCALE = 2.0**-24
 
 
 class LossScale(NamedTuple):
@@ -66,13 +71,6 @@ def init_loss_scale(init_scale: float = INIT_SCALE, device: torch.device | str |
     )
 
 
-def all_finite(grads: Mapping[str, torch.Tensor]) -> torch.Tensor:
-    """[] bool: every entry of every tensor in ``grads`` is finite. No host sync."""
-    if not grads:
-        raise ValueError("grads is empty: there is nothing to check; pass the grads a step returned")
-    return torch.stack([torch.isfinite(g).all() for g in grads.values()]).all()
-
-
 def update_scale(
     state: LossScale,
     finite: torch.Tensor,
@@ -88,7 +86,8 @@ def update_scale(
         \\\\ s & \\text{otherwise}\\end{cases}
 
     with b = ``backoff_factor``, g = ``growth_factor``, N = ``growth_interval``. A grown
-    scale that would be infinite keeps the old one. Pure: ``state`` is not modified.
+    scale that would be infinite keeps the old one; a backed-off scale never falls below
+    ``MIN_SCALE``. Pure: ``state`` is not modified.
     """
     _check_config(growth_factor, backoff_factor, growth_interval)
     scale, tracker = state
@@ -97,7 +96,8 @@ def update_scale(
     grow = finite & (streak >= growth_interval)
     grown = scale * growth_factor
     grown = torch.where(torch.isfinite(grown), grown, scale)
-    new_scale = torch.where(finite, torch.where(grow, grown, scale), scale * backoff_factor)
+    backed_off = torch.clamp(scale * backoff_factor, min=MIN_SCALE)
+    new_scale = torch.where(finite, torch.where(grow, grown, scale), backed_off)
     new_tracker = torch.where(grow, torch.zeros_like(streak), streak)
     return LossScale(new_scale, new_tracker)
 
@@ -125,12 +125,14 @@ def unscale_and_check(
     if not isinstance(state, LossScale):
         raise TypeError(f"state must be a LossScale (advfunc.precision.init_loss_scale()), got {type(state).__name__}")
     _check_config(growth_factor, backoff_factor, growth_interval)
-    finite = all_finite(grads)
     inverse = state.scale.float().reciprocal()  # exact for the powers of two the default rule produces
-    unscaled: Params = {}
-    for name, g in grads.items():
-        value = g.float() * inverse.to(g.device)
-        unscaled[name] = torch.where(finite.to(g.device), value, torch.zeros_like(value)).to(g.dtype)
+    # Checked after unscaling: a scale of 0 or a denormal one turns finite scaled grads into inf/NaN.
+    values = {name: g.float() * inverse.to(g.device) for name, g in grads.items()}
+    finite = all_finite(grads) & all_finite(values)
+    unscaled: Params = {
+        name: torch.where(finite.to(value.device), value, torch.zeros_like(value)).to(grads[name].dtype)
+        for name, value in values.items()
+    }
     new_state = update_scale(
         state, finite, growth_factor=growth_factor, backoff_factor=backoff_factor, growth_interval=growth_interval
     )
