@@ -157,3 +157,28 @@ def test_bad_settings_are_refused():
         attack_texts(["a"], [0], BagOfWords({}), letters, wordnet(), SynonymAttackConfig(max_change=0.0))
     with pytest.raises(ValueError, match="order"):
         attack_texts(["a"], [0], BagOfWords({}), letters, wordnet(), SynonymAttackConfig(order="random"))  # type: ignore[arg-type]
+
+
+def test_the_victim_classifies_texts_and_ranks_words_by_gradient(tmp_path):
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    from advfunc.app.victim import Victim
+    from tests.tiny_task import save_tiny_model
+
+    folder = save_tiny_model(tmp_path / "model")
+    model = AutoModelForSequenceClassification.from_pretrained(folder).eval()
+    victim = Victim(model, AutoTokenizer.from_pretrained(folder), max_length=32, batch_size=2)
+    texts = ["the movie was boring", "a good film", "great acting and a fine story"]
+    probabilities = victim(texts)
+    assert probabilities.shape == (3, 2)
+    torch.testing.assert_close(probabilities.sum(1), torch.ones(3))
+    with torch.no_grad():  # the same numbers as one batch through the model itself
+        batch = victim.tokenizer(texts, padding=True, return_tensors="pt")
+        expected = torch.softmax(model(**batch).logits, -1)
+    torch.testing.assert_close(probabilities, expected, rtol=1e-5, atol=1e-6)
+    spans = word_spans(texts[0])
+    scores = victim.gradient_importance(texts[0], spans, 1)
+    assert scores.shape == (4,) and bool((scores > 0).all())
+    config = SynonymAttackConfig(similarity=-1.0, query_budget=40, order="gradient")
+    results = attack_texts(texts, [0, 1, 1], victim, letters, wordnet(), config, victim.gradient_importance)
+    assert all(r.queries <= 40 for r in results)
