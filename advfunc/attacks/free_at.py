@@ -11,7 +11,7 @@ from advfunc.core.model import LossFn
 from advfunc.core.norms import l2_direction
 from advfunc.core.params import Params
 from advfunc.core.projection import project_l2, project_linf
-from advfunc.core.targets import Delta, EmbeddingOutput, Layout, resolve_target
+from advfunc.core.targets import Delta, EmbeddingOutput, Layout, input_embedding
 
 
 def free_at_rule(target: EmbeddingOutput, epsilon: float, alpha: float, norm: str) -> Rule:
@@ -58,8 +58,7 @@ def free_at(
     epsilon = require_positive("epsilon", epsilon)
     alpha = epsilon if alpha is None else require_positive("alpha", alpha)
     norm = require_norm(norm)
-    chosen = resolve_target(model, "embeds", allowed=("embeds",))
-    assert isinstance(chosen, EmbeddingOutput)
+    chosen = EmbeddingOutput(input_embedding(model))
     config = {"epsilon": epsilon, "alpha": alpha, "norm": norm, "target": "embeds"}
     rule = free_at_rule(chosen, epsilon, alpha, norm)
     return Attack("free_at", model, chosen, rule, config, loss_fn=loss_fn, autocast=autocast, compile=compile)

@@ -11,7 +11,7 @@ from advfunc.core.model import LossFn
 from advfunc.core.norms import l2_direction, linf_direction
 from advfunc.core.params import Params
 from advfunc.core.projection import project_l2, project_linf
-from advfunc.core.targets import Delta, EmbeddingOutput, Layout, resolve_target
+from advfunc.core.targets import Delta, EmbeddingOutput, Layout, input_embedding
 
 # FreeLB's own guard against a zero gradient norm: G / clamp(‖G‖, min=1e-8).
 NORM_FLOOR = 1e-8
@@ -93,8 +93,7 @@ def freelb(
     init_mag = require_non_negative("init_mag", init_mag)
     max_norm = require_non_negative("max_norm", max_norm)
     norm = require_norm(norm)
-    chosen = resolve_target(model, "embeds", allowed=("embeds",))
-    assert isinstance(chosen, EmbeddingOutput)
+    chosen = EmbeddingOutput(input_embedding(model))
     config = {"steps": steps, "lr": lr, "init_mag": init_mag, "max_norm": max_norm, "norm": norm, "target": "embeds"}
     rule = freelb_rule(chosen, steps, lr, init_mag, max_norm, norm)
     return Attack(

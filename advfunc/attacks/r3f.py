@@ -10,7 +10,7 @@ from advfunc.core.arguments import require_positive
 from advfunc.core.model import LossFn
 from advfunc.core.noise import gaussian, uniform
 from advfunc.core.params import Params
-from advfunc.core.targets import Delta, EmbeddingOutput, Layout, resolve_target
+from advfunc.core.targets import Delta, EmbeddingOutput, Layout, input_embedding
 
 NOISES = ("uniform", "normal")
 
@@ -51,8 +51,7 @@ def r3f(
     sigma = require_positive("sigma", sigma)
     if noise not in NOISES:
         raise ValueError(f"noise must be one of {NOISES}, got {noise!r}")
-    chosen = resolve_target(model, "embeds", allowed=("embeds",))
-    assert isinstance(chosen, EmbeddingOutput)
+    chosen = EmbeddingOutput(input_embedding(model))
     config = {"sigma": sigma, "noise": noise, "target": "embeds"}
     rule = r3f_rule(chosen, sigma, noise)
     return Attack("r3f", model, chosen, rule, config, loss_fn=loss_fn, autocast=autocast, generator=generator)

@@ -13,7 +13,7 @@ from advfunc.core.noise import gaussian
 from advfunc.core.norms import l2_direction, linf_direction
 from advfunc.core.params import Params
 from advfunc.core.projection import project_l2, project_linf
-from advfunc.core.targets import Delta, EmbeddingOutput, Layout, resolve_target
+from advfunc.core.targets import Delta, EmbeddingOutput, Layout, input_embedding
 
 
 def smart_rule(
@@ -69,8 +69,7 @@ def smart(
     steps = require_steps("steps", steps)
     noise_var = require_non_negative("noise_var", noise_var)
     norm = require_norm(norm)
-    chosen = resolve_target(model, "embeds", allowed=("embeds",))
-    assert isinstance(chosen, EmbeddingOutput)
+    chosen = EmbeddingOutput(input_embedding(model))
     config = {
         "epsilon": epsilon,
         "step_size": step_size,

@@ -12,7 +12,7 @@ from advfunc.core.model import LossFn
 from advfunc.core.noise import gaussian
 from advfunc.core.norms import l2_direction
 from advfunc.core.params import Params
-from advfunc.core.targets import Delta, EmbeddingOutput, Layout, resolve_target
+from advfunc.core.targets import Delta, EmbeddingOutput, Layout, input_embedding
 
 
 def vat_rule(target: EmbeddingOutput, epsilon: float, xi: float, power_iters: int) -> Rule:
@@ -63,8 +63,7 @@ def vat(
     epsilon = require_positive("epsilon", epsilon)
     xi = require_positive("xi", xi)
     power_iters = require_steps("power_iters", power_iters)
-    chosen = resolve_target(model, "embeds", allowed=("embeds",))
-    assert isinstance(chosen, EmbeddingOutput)
+    chosen = EmbeddingOutput(input_embedding(model))
     config = {"epsilon": epsilon, "xi": xi, "power_iters": power_iters, "target": "embeds"}
     rule = vat_rule(chosen, epsilon, xi, power_iters)
     return Attack(
