@@ -159,3 +159,18 @@ def test_methods_needing_their_own_loop_are_refused():
         pytest.skip("smart is not installed here")
     with pytest.raises(ValueError, match="teacher"):
         AdversarialTrainer(model=tiny_model("bert"), step_factory="smart")
+
+
+@pytest.mark.parametrize(
+    "factory",
+    [
+        partial(advfunc.free_at, epsilon=0.01),
+        partial(advfunc.smart),
+        lambda model: advfunc.free_at(model),
+    ],
+    ids=["partial free_at", "partial smart", "lambda free_at"],
+)
+def test_steps_the_trainer_cannot_drive_are_refused_however_given(factory):
+    """A replay step called as step(params, batch) would train with δ = None, i.e. as no method at all."""
+    with pytest.raises(ValueError, match="Trainer training_step cannot express"):
+        AdversarialTrainer(model=tiny_model("bert"), step_factory=factory)

@@ -142,3 +142,21 @@ def test_bad_scaler_inputs_are_named():
         precision.unscale_and_check({"a": torch.ones(2)}, 65536.0)  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="empty"):
         precision.unscale_and_check({}, precision.init_loss_scale())
+
+
+def test_the_scale_never_falls_to_zero_and_unscaled_grads_are_checked():
+    """166 overflows in a row took an unfloored scale to 0 in float32, and 1/0 made finite grads NaN."""
+    state = precision.init_loss_scale()
+    for _ in range(200):
+        state = precision.update_scale(state, torch.tensor(False))
+    assert float(state.scale) == precision.MIN_SCALE > 0
+    grads = {"w": torch.tensor([1e-3, -2.0])}
+    unscaled, finite, _ = precision.unscale_and_check(grads, state)
+    assert bool(finite)
+    torch.testing.assert_close(unscaled["w"], grads["w"] / precision.MIN_SCALE)
+    # A state whose scale is already 0 (built by hand, or saved by an older version): finite
+    # scaled grads become inf after unscaling, which must read as an overflow.
+    broken = precision.LossScale(torch.tensor(0.0), torch.zeros((), dtype=torch.int32))
+    unscaled, finite, _ = precision.unscale_and_check(grads, broken)
+    assert not bool(finite)
+    assert torch.equal(unscaled["w"], torch.zeros(2))

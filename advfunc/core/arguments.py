@@ -6,13 +6,19 @@ import math
 
 NORMS = ("l2", "linf")
 
+# Hyper-parameters enter float32 arithmetic, where a uniform draw spans 2·bound, a normal one
+# reaches several σ and a step adds to a value of the same size: above about float32's
+# maximum (3.4e38) over 16, torch raises raw overflow errors instead of computing. 2**120
+# (1.3e36) leaves that headroom; a larger radius or step means nothing for a network anyway.
+LARGEST = 2.0**120
+
 
 def require_positive(name: str, value: float) -> float:
     """Return ``value`` as a float, or raise ``ValueError`` unless it is finite and > 0."""
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise TypeError(f"{name} must be a number, got {value!r} ({type(value).__name__})")
-    if not math.isfinite(value) or value <= 0:
-        raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
+    if not math.isfinite(value) or value <= 0 or value > LARGEST:
+        raise ValueError(f"{name} must be a finite number > 0 and at most {LARGEST:.2g}, got {value!r}")
     return float(value)
 
 
@@ -20,8 +26,10 @@ def require_non_negative(name: str, value: float) -> float:
     """Return ``value`` as a float, or raise ``ValueError`` unless it is finite and >= 0."""
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise TypeError(f"{name} must be a number, got {value!r} ({type(value).__name__})")
-    if not math.isfinite(value) or value < 0:
-        raise ValueError(f"{name} must be a finite number >= 0 (0 turns it off), got {value!r}")
+    if not math.isfinite(value) or value < 0 or value > LARGEST:
+        raise ValueError(
+            f"{name} must be a finite number >= 0 and at most {LARGEST:.2g} (0 turns it off), got {value!r}"
+        )
     return float(value)
 
 
