@@ -229,7 +229,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``advfunc`` console script and ``python -m advfunc``."""
-    args = build_parser().parse_args(argv)
+    try:
+        args = build_parser().parse_args(argv)
+    except SystemExit as exit:  # a usage error (one line already printed), or --help
+        return exit.code if isinstance(exit.code, int) else 2
     args.command_line = list(argv) if argv is not None else sys.argv[1:]
     _configure(args)
     try:
@@ -338,6 +341,7 @@ def run_train(args: argparse.Namespace) -> int:
     loaded = checkpoint.load(output if args.resume else _model_dir(args.model), labels)
     if loaded.labels.names != labels.names:
         raise checkpoint.CheckpointError(f"{output} was trained for labels {list(loaded.labels.names)}, not these")
+    registry.build_step(registry.parse_method(config.method), loaded.model)  # the factory checks its values now
     data = _encode(train_set, loaded, args.max_length)
     validation = _encode(validation_set, loaded, args.max_length) if validation_set is not None else None
     log.info("training %s on %d examples (%s), model %s", config.method, len(train_set), train_set.source, loaded.path)
