@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import shutil
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -288,3 +291,46 @@ def test_threads_and_attack_flags_are_range_checked(task, capsys):
         _one_line_error(capsys, flags[0])
     assert main(["--threads", "0", "methods"]) == 2
     _one_line_error(capsys, "--threads")
+
+
+# ---- the crash test: SIGKILL at random moments, then --resume ---------------------------------------------------
+
+
+@pytest.mark.slow
+def test_sigkill_at_random_moments_then_resume_is_bitwise_exact_and_leaves_nothing_behind(task, tmp_path):
+    """Three SIGKILLs, each a random 0–0.25 s after a random one of the first checkpoints of a process.
+
+    Training steps and checkpoint writes each take tens of milliseconds here, so the kills
+    land inside steps, inside the writing of a checkpoint and between its two renames.
+    FreeLB with ``init_mag`` draws noise every step: a resume that re-seeded its generator
+    would differ from the uninterrupted run.
+    """
+    method = ["--method", "freelb:init_mag=0.1,steps=2", "--save-steps", "1"]
+    whole, out = tmp_path / "whole", tmp_path / "crashed"
+    assert main(_train_args(task, whole, *method)) == 0
+    command = [sys.executable, "-m", "advfunc", *_train_args(task, out, *method)]
+    environment = {**os.environ, "OMP_WAIT_POLICY": "PASSIVE", "HF_HUB_OFFLINE": "1"}
+    rng = random.Random(1234)
+    kills = 0
+    for _ in range(3):
+        resume = ["--resume"] if out.exists() or any(tmp_path.glob(".crashed.old-*")) else []
+        process = subprocess.Popen([*command, *resume], stderr=subprocess.PIPE, text=True, env=environment)
+        assert process.stderr is not None
+        wanted, seen = rng.randint(1, 3), 0
+        for line in process.stderr:
+            seen += "checkpoint at step" in line
+            if seen == wanted:
+                time.sleep(rng.uniform(0.0, 0.25))
+                process.send_signal(signal.SIGKILL)
+                kills += 1
+                break
+        process.wait(timeout=120)
+        process.stderr.close()
+    assert kills >= 2, "the runs finished before they could be killed; the test no longer tests a crash"
+    resume = ["--resume"] if out.exists() or any(tmp_path.glob(".crashed.old-*")) else []
+    assert main([*_train_args(task, out, *method), *resume]) == 0
+    assert json.loads((out / checkpoint.STATE_FILE).read_text())["finished"]
+    expected, resumed = _weights(whole), _weights(out)
+    for name, value in expected.items():
+        assert torch.equal(resumed[name], value), f"{name} differs after {kills} kills and resumes"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["crashed", "whole"], "a temporary directory was left"
