@@ -54,6 +54,13 @@ def owned(grads: Params) -> Params:
     return safe
 
 
+def _plus(offset: torch.Tensor | None, probe: torch.Tensor | None) -> torch.Tensor | None:
+    """offset + probe, either of which may be absent."""
+    if probe is None:
+        return offset
+    return probe if offset is None else offset + probe
+
+
 def _logits(outputs: Any) -> torch.Tensor | None:
     logits = getattr(outputs, "logits", None)
     return logits.detach() if isinstance(logits, torch.Tensor) else None
@@ -74,7 +81,7 @@ class Engine:
         self.target = target
         self.compiled = compiled
         self.divergence = divergence
-        self._full_cache: dict[bool, Callable[..., Any]] = {}
+        self._full_cache: dict[tuple[bool, str | None], Callable[..., Any]] = {}
         differentiate = grad(self._delta_objective)
 
         def delta_grad(
@@ -90,18 +97,71 @@ class Engine:
         self._func_delta_grad = delta_grad
 
     def loss(
-        self, params: Mapping[str, torch.Tensor], kwargs: Mapping[str, Any], layout: Layout, delta: Delta
+        self,
+        params: Mapping[str, torch.Tensor],
+        kwargs: Mapping[str, Any],
+        layout: Layout,
+        delta: Delta,
+        probe: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, Any]:
-        """(L(θ, δ), the model's outputs): one forward with ``delta`` placed by the target."""
+        """(L(θ, δ), the model's outputs): one forward with ``delta`` placed by the target.
+
+        ``probe`` [B, L, H] (a zero leaf, :meth:`PerturbedModel.probe`) is added to the
+        embedding output too, so that its gradient is ∂L/∂(embedding output).
+        """
         placed, offset = self.target.apply(params, layout, delta)
-        return self.model.loss(placed, kwargs, offset)
+        return self.model.loss(placed, kwargs, _plus(offset, probe))
 
     def outputs(
-        self, params: Mapping[str, torch.Tensor], kwargs: Mapping[str, Any], layout: Layout, delta: Delta
+        self,
+        params: Mapping[str, torch.Tensor],
+        kwargs: Mapping[str, Any],
+        layout: Layout,
+        delta: Delta,
+        probe: torch.Tensor | None = None,
     ) -> Any:
-        """The model's outputs at (θ, δ), without a loss (divergence objectives)."""
+        """The model's outputs at (θ, δ), without a loss (divergence objectives); ``probe`` as in :meth:`loss`."""
         placed, offset = self.target.apply(params, layout, delta)
-        return self.model.outputs(placed, kwargs, offset)
+        return self.model.outputs(placed, kwargs, _plus(offset, probe))
+
+    def rows_name(self, call: Call) -> str | None:
+        """The embedding matrix's name when a pass of ``call`` forms its gradient by rows, else None.
+
+        By rows: the matrix is not a leaf; a zero probe [B, L, H] at the embedding output
+        takes ∂L/∂(W[ids]) and :meth:`PerturbedModel.rows_gradient` adds it into the
+        step's [V, H] buffer by token id, so no pass allocates a second vocabulary-sized
+        gradient. Needs the offset hook in place (inside ``hooked()``), 2-D ``input_ids``
+        and a matrix the target does not perturb itself.
+        """
+        name = self.model.rows_name
+        ids = call.kwargs.get("input_ids")
+        if (
+            name is None
+            or name not in call.trainable
+            or name in getattr(self.target, "names", ())
+            or not isinstance(ids, torch.Tensor)
+            or ids.dim() != 2
+            or not self.model.hook_active()
+        ):
+            return None
+        return name
+
+    def objective(
+        self,
+        params: Mapping[str, torch.Tensor],
+        kwargs: Mapping[str, Any],
+        layout: Layout,
+        delta: Delta,
+        probe: torch.Tensor | None = None,
+        reference: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, Any]:
+        """(objective, outputs): L(θ, δ), or divergence(reference, logits(θ, δ)) when ``reference`` is given."""
+        if reference is None:
+            return self.loss(params, kwargs, layout, delta, probe)
+        if self.divergence is None:
+            raise ValueError("a reference for the objective needs an engine built with a divergence")
+        outputs = self.outputs(params, kwargs, layout, delta, probe)
+        return self.divergence(reference, logits_of(outputs)), outputs
 
     def _delta_objective(
         self,
@@ -112,10 +172,9 @@ class Engine:
         scale: torch.Tensor,
         reference: torch.Tensor | None,
     ) -> torch.Tensor:
-        if self.divergence is None:
-            return self.loss(params, kwargs, layout, delta)[0] * scale
-        assert reference is not None
-        return self.divergence(reference, logits_of(self.outputs(params, kwargs, layout, delta))) * scale
+        if self.divergence is not None and reference is None:
+            raise ValueError("this engine's δ-only objective is a divergence from reference logits; none given")
+        return self.objective(params, kwargs, layout, delta, None, reference)[0] * scale
 
     def full(
         self,
@@ -125,33 +184,41 @@ class Engine:
         with_delta_grad: bool,
         scale: torch.Tensor | None = None,
         accumulate_into: Params | None = None,
+        reference: torch.Tensor | None = None,
     ) -> Pass:
         """One forward+backward: ∂(scale·L(θ, δ))/∂θ for the trainable θ (and ∂/∂δ if asked).
 
+        With ``reference`` [B, C] the objective is divergence(reference, logits(θ, δ))
+        instead of L (VAT's adversarial pass); ``Pass.loss`` is then that divergence.
         ``scale`` (default: the call's loss scale) carries FreeLB's 1/K and a
         mixed-precision loss scale. With ``accumulate_into`` (the step's own gradient
         buffers from an earlier pass), the parameter gradients are added into those
-        buffers, which are returned: the eager engine adds each parameter's gradient as
-        soon as backward produces it, so a step never holds two full gradient dicts.
+        buffers, which are returned: each parameter's gradient is added as soon as
+        backward produces it (compiled: inside the compiled graph), and the embedding
+        matrix's gradient is added by rows (:meth:`rows_name`), so a step holds one
+        gradient dict and one [V, H] buffer. Cost: one forward + one backward.
         """
         scale = call.scale if scale is None else scale
+        rows = self.rows_name(call)
         if self.compiled:
-            fn = self._compiled_full(with_delta_grad)
+            fn = self._compiled_full(with_delta_grad, rows)
+            leaves = {n: call.params[n] for n in call.trainable if n != rows}
+            probe = self.model.probe(call.kwargs["input_ids"]) if rows else None
             loss, logits, param_grads, delta_grads = fn(
-                {n: call.params[n] for n in call.trainable}, delta, call.params, call.kwargs, call.layout, scale
+                leaves, probe, delta, call.params, call.kwargs, call.layout, scale, accumulate_into, reference
             )
-            if accumulate_into is not None:
-                param_grads = {n: accumulate_into[n].add_(g) for n, g in param_grads.items()}
-            return Pass(loss, logits, param_grads, delta_grads)
-        leaves = {n: call.params[n].detach().requires_grad_(True) for n in call.trainable}
+            return Pass(loss, logits, {n: param_grads[n] for n in call.trainable}, delta_grads)
+        leaves = {n: call.params[n].detach().requires_grad_(True) for n in call.trainable if n != rows}
         if accumulate_into is not None:
             for name, leaf in leaves.items():
                 # The hook's result is what autograd.grad captures: the buffer itself, so
                 # the fresh gradient is freed right after it is added.
                 leaf.register_hook(accumulate_into[name].add_)
+        probe = self.model.probe(call.kwargs["input_ids"]).requires_grad_(True) if rows else None
+        probes = [] if probe is None else [probe]
         delta_in = {k: v.detach().requires_grad_(with_delta_grad) for k, v in delta.items()}
-        loss, outputs = self.loss({**call.params, **leaves}, call.kwargs, call.layout, delta_in)
-        wrt = [*leaves.values(), *(delta_in.values() if with_delta_grad else ())]
+        loss, outputs = self.objective({**call.params, **leaves}, call.kwargs, call.layout, delta_in, probe, reference)
+        wrt = [*leaves.values(), *probes, *(delta_in.values() if with_delta_grad else ())]
         grads = torch.autograd.grad(loss * scale, wrt, allow_unused=True, materialize_grads=True)
         # An unused parameter's hook never runs; its buffer already holds the right sum.
         param_grads = (
@@ -159,8 +226,11 @@ class Engine:
             if accumulate_into is not None
             else owned(dict(zip(leaves, grads[: len(leaves)], strict=True)))
         )
-        delta_grads = dict(zip(delta_in, grads[len(leaves) :], strict=True)) if with_delta_grad else {}
-        return Pass(loss.detach(), _logits(outputs), param_grads, delta_grads)
+        if rows:
+            into = None if accumulate_into is None else accumulate_into[rows]
+            param_grads[rows] = self.model.rows_gradient(call.kwargs["input_ids"], grads[len(leaves)], into)
+        delta_grads = dict(zip(delta_in, grads[len(leaves) + len(probes) :], strict=True)) if with_delta_grad else {}
+        return Pass(loss.detach(), _logits(outputs), {n: param_grads[n] for n in call.trainable}, delta_grads)
 
     def delta_only(
         self,
@@ -186,36 +256,52 @@ class Engine:
         grads = torch.autograd.grad(objective, list(delta_in.values()), allow_unused=True, materialize_grads=True)
         return dict(zip(delta_in, grads, strict=True))
 
-    def _compiled_full(self, with_delta_grad: bool) -> Callable[..., Any]:
-        key = with_delta_grad
+    def _compiled_full(self, with_delta_grad: bool, rows: str | None) -> Callable[..., Any]:
+        """The full pass as one ``torch.compile(fullgraph=True)`` graph, accumulation included.
+
+        Adding into the step's buffers inside the graph lets Inductor write each sum in
+        place, so no second gradient dict leaves the graph.
+        """
+        key = (with_delta_grad, rows)
         if key not in self._full_cache:
 
             def scaled_loss(
                 leaves: Params,
+                probe: torch.Tensor | None,
                 delta: Delta,
                 params: Params,
                 kwargs: Mapping[str, Any],
                 layout: Layout,
                 scale: torch.Tensor,
+                reference: torch.Tensor | None,
             ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor | None]]:
-                loss, outputs = self.loss({**params, **leaves}, kwargs, layout, delta)
+                loss, outputs = self.objective({**params, **leaves}, kwargs, layout, delta, probe, reference)
                 return loss * scale, (loss.detach(), _logits(outputs))
 
-            argnums = (0, 1) if with_delta_grad else 0
+            argnums = (0, *((1,) if rows else ()), *((2,) if with_delta_grad else ()))
             differentiate = grad_and_value(scaled_loss, argnums=argnums, has_aux=True)
 
             def full_pass(
                 leaves: Params,
+                probe: torch.Tensor | None,
                 delta: Delta,
                 params: Params,
                 kwargs: Mapping[str, Any],
                 layout: Layout,
                 scale: torch.Tensor,
+                into: Params | None,
+                reference: torch.Tensor | None,
             ) -> tuple[torch.Tensor, torch.Tensor | None, Params, Delta]:
-                grads, (_, (loss, logits)) = differentiate(leaves, delta, params, kwargs, layout, scale)
-                if with_delta_grad:
-                    return loss, logits, grads[0], grads[1]
-                return loss, logits, grads, {}
+                grads, (_, (loss, logits)) = differentiate(
+                    leaves, probe, delta, params, kwargs, layout, scale, reference
+                )
+                param_grads = dict(grads[0])
+                if into is not None:
+                    param_grads = {n: into[n].add_(g) for n, g in param_grads.items()}
+                if rows:
+                    buffer = None if into is None else into[rows]
+                    param_grads[rows] = self.model.rows_gradient(kwargs["input_ids"], grads[1], buffer)
+                return loss, logits, param_grads, grads[-1] if with_delta_grad else {}
 
             self._full_cache[key] = torch.compile(full_pass, fullgraph=True)
         return self._full_cache[key]

@@ -121,6 +121,7 @@ class PerturbedModel:
             raise ValueError("get_input_embeddings() returned a module that is not inside the model")
         self.offset_key = f"{prefix}.{_OFFSET_ATTRIBUTE}" if prefix else _OFFSET_ATTRIBUTE
         self.num_embeddings = getattr(self.embedding, "num_embeddings", None)
+        self.rows_name = _rows_name(model, self.embedding)
         self.accepted = accepted_keywords(model)
         self.pass_return_dict = "return_dict" in self.accepted
 
@@ -152,15 +153,8 @@ class PerturbedModel:
                 )
             if ids.dtype.is_floating_point:
                 raise TypeError(f"batch['input_ids'] must be integer token ids, got {ids.dtype}")
-            if (
-                self.num_embeddings is not None
-                and ids.numel()
-                and (int(ids.min()) < 0 or int(ids.max()) >= self.num_embeddings)
-            ):
-                raise ValueError(
-                    f"batch['input_ids'] holds ids in [{int(ids.min())}, {int(ids.max())}] but the "
-                    f"vocabulary has {self.num_embeddings} rows; tokenize with the model's tokenizer"
-                )
+            if self.num_embeddings is not None and ids.numel():
+                self._check_ids_in_range(ids)
             mask = batch.get("attention_mask")
             if isinstance(mask, torch.Tensor) and mask.shape != ids.shape:
                 raise ValueError(f"batch['attention_mask'] has shape {tuple(mask.shape)}, input_ids {tuple(ids.shape)}")
@@ -173,6 +167,24 @@ class PerturbedModel:
         if self.pass_return_dict:
             kwargs["return_dict"] = True
         return kwargs
+
+    def _check_ids_in_range(self, ids: torch.Tensor) -> None:
+        """0 ≤ ids < vocabulary, asserted on the ids' device without reading a value back.
+
+        Reading ``ids.min()`` on the host would stall a CUDA stream every step, so the
+        check is a device-side assert: on CUDA a bad id fails the stream asynchronously
+        (as ``nn.Embedding``'s own bounds check would); on CPU it raises here, and only
+        then are the values read, for the message.
+        """
+        assert self.num_embeddings is not None
+        in_range = (ids.min() >= 0) & (ids.max() < self.num_embeddings)  # [] bool, on ids' device
+        try:
+            torch._assert_async(in_range, "batch['input_ids'] holds ids outside the vocabulary")
+        except RuntimeError:
+            raise ValueError(
+                f"batch['input_ids'] holds ids in [{int(ids.min())}, {int(ids.max())}] but the "
+                f"vocabulary has {self.num_embeddings} rows; tokenize with the model's tokenizer"
+            ) from None
 
     @contextlib.contextmanager
     def hooked(self, count: bool = True) -> Iterator[OffsetCalls | None]:
@@ -191,6 +203,32 @@ class PerturbedModel:
             if hook.users == 0:
                 hook.handle.remove()
                 del _ACTIVE_HOOKS[self.embedding]
+
+    def hook_active(self) -> bool:
+        """Whether the offset hook is registered (inside ``hooked()``): a probe can reach the model."""
+        return self.embedding in _ACTIVE_HOOKS
+
+    def probe(self, ids: torch.Tensor) -> torch.Tensor:
+        """Zeros [B, L, H] to add to the embedding output: differentiated, they give ∂L/∂(W[ids])."""
+        weight = typing.cast(torch.Tensor, self.embedding.weight)
+        return torch.zeros((*ids.shape, weight.shape[1]), dtype=weight.dtype, device=weight.device)
+
+    def rows_gradient(self, ids: torch.Tensor, grad: torch.Tensor, into: torch.Tensor | None) -> torch.Tensor:
+        """∂L/∂W = Σ_{b,l} e_{ids[b,l]} grad[b,l]ᵀ from grad = ∂L/∂(W[ids]) [B, L, H]; [V, H].
+
+        What ``nn.Embedding``'s backward computes (the padding_idx row gets nothing), but
+        added in place into ``into`` (the step's buffer from an earlier pass) when given,
+        so no second vocabulary-sized tensor exists. ``index_add_`` is deterministic
+        under ``torch.use_deterministic_algorithms(True)``, as the embedding backward is.
+        """
+        weight = typing.cast(torch.Tensor, self.embedding.weight)
+        flat = ids.reshape(-1)
+        rows = grad.reshape(flat.numel(), -1).to(weight.dtype)  # [B·L, H]
+        padding_idx = getattr(self.embedding, "padding_idx", None)
+        if padding_idx is not None:
+            rows = rows * (flat != padding_idx).unsqueeze(1).to(rows.dtype)
+        base = torch.zeros_like(weight) if into is None else into
+        return base.index_add_(0, flat, rows)
 
     def outputs(
         self, params: Mapping[str, torch.Tensor], kwargs: Mapping[str, Any], offset: torch.Tensor | None
@@ -226,6 +264,28 @@ class PerturbedModel:
         if loss.dim() != 0:
             loss = loss.mean()
         return loss, outputs
+
+
+def _rows_name(model: nn.Module, embedding: nn.Module) -> str | None:
+    """The input-embedding matrix's name when its gradient can be formed from ∂L/∂(embedding output).
+
+    That holds when the matrix W is read only as ``nn.Embedding``'s own lookup W[ids]: a
+    subclass may scale its output, ``max_norm`` renormalises W, ``scale_grad_by_freq`` and
+    ``sparse`` change the gradient, and a tied output head (any second name for W) reads
+    W itself. Otherwise None: W stays an autograd leaf with its dense gradient.
+    """
+    weight = getattr(embedding, "weight", None)
+    if (
+        type(embedding).forward is not nn.Embedding.forward
+        or not isinstance(weight, nn.Parameter)
+        or not weight.requires_grad
+        or getattr(embedding, "max_norm", None) is not None
+        or getattr(embedding, "scale_grad_by_freq", False)
+        or getattr(embedding, "sparse", False)
+    ):
+        return None
+    names = [name for name, p in model.named_parameters(remove_duplicate=False) if p is weight]
+    return names[0] if len(names) == 1 else None
 
 
 def logits_of(outputs: Any) -> torch.Tensor:

@@ -1,10 +1,10 @@
 """One backward of an objective built from several forwards, on fresh leaves.
 
-The engine differentiates the loss of one forward. VAT, SMART and R3F differentiate a
-task loss plus divergences between two or three forwards, so they build that objective
+The engine differentiates the loss of one forward. SMART and R3F differentiate a task
+loss plus divergences between two or three forwards, so they build that objective
 themselves and differentiate it once here, the way the eager engine does: fresh leaves
-for the trainable parameters (never the caller's tensors, never a ``.grad``) and
-``torch.autograd.grad``.
+for the trainable parameters (never the caller's tensors, never a ``.grad``), the
+embedding matrix by rows (one probe per forward), and ``torch.autograd.grad``.
 """
 
 from __future__ import annotations
@@ -13,8 +13,9 @@ from collections.abc import Mapping, Sequence
 
 import torch
 
-from advfunc.core.engine import owned
+from advfunc.core.engine import Engine, owned
 from advfunc.core.params import Params
+from advfunc.core.step import Call
 
 
 def fresh_leaves(params: Mapping[str, torch.Tensor], names: Sequence[str]) -> Params:
@@ -31,11 +32,43 @@ def frozen(params: Mapping[str, torch.Tensor]) -> Params:
     return {name: value.detach() for name, value in params.items()}
 
 
-def gradient(objective: torch.Tensor, wrt: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """∂objective/∂wrt[name] for every name; zeros where the objective does not depend on it.
+class Leaves:
+    """The leaves of one backward over several forwards of ``call``.
 
-    Each tensor has storage of its own: autograd may return one tensor for two inputs,
-    and a caller that clips ``p.grad`` in place must not scale a neighbour's as well.
+    Fresh leaves for the trainable parameters, except the embedding matrix W when
+    :meth:`Engine.rows_name` allows: each forward then gets a zero probe [B, L, H] at the
+    embedding output (:meth:`probe`), and W's gradient is the probes' gradients added by
+    token id into one [V, H] tensor, with no dense [V, H] gradient per forward.
     """
-    grads = torch.autograd.grad(objective, list(wrt.values()), allow_unused=True, materialize_grads=True)
-    return owned(dict(zip(wrt, grads, strict=True)))
+
+    def __init__(self, engine: Engine, call: Call) -> None:
+        self.model = engine.model
+        self.rows = engine.rows_name(call)
+        self.ids = call.kwargs.get("input_ids")
+        self.order = list(call.trainable)
+        self.named = fresh_leaves(call.params, [n for n in call.trainable if n != self.rows])
+        self.params = {**call.params, **self.named}  # what the forwards read
+        self.probes: list[torch.Tensor] = []
+
+    def probe(self) -> torch.Tensor | None:
+        """A new probe for one more forward, or None when W is an ordinary leaf."""
+        if self.rows is None:
+            return None
+        assert self.ids is not None  # rows_name requires input_ids
+        probe = self.model.probe(self.ids).requires_grad_(True)
+        self.probes.append(probe)
+        return probe
+
+    def gradient(self, objective: torch.Tensor) -> Params:
+        """∂objective/∂θ for every trainable θ, in ``call.trainable`` order."""
+        wrt = [*self.named.values(), *self.probes]
+        grads = torch.autograd.grad(objective, wrt, allow_unused=True, materialize_grads=True)
+        # owned: autograd may return one tensor for two inputs; a caller clipping in place
+        # must not scale a neighbour's gradient too.
+        result = owned(dict(zip(self.named, grads[: len(self.named)], strict=True)))
+        if self.rows is not None:
+            assert self.ids is not None
+            at_output = grads[len(self.named) :] or (self.model.probe(self.ids),)  # no forward: zero
+            total = sum(at_output[1:], at_output[0])  # [B, L, H]: W[ids] summed over the forwards
+            result[self.rows] = self.model.rows_gradient(self.ids, total, None)
+        return {name: result[name] for name in self.order}

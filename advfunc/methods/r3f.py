@@ -13,7 +13,7 @@ from advfunc.core.arguments import require_positive
 from advfunc.core.divergence import symmetric_kl
 from advfunc.core.model import LossFn, logits_of
 from advfunc.core.noise import require_generator
-from advfunc.core.objective import fresh_leaves, gradient
+from advfunc.core.objective import Leaves
 from advfunc.core.step import Grads, Step, StepOutput, check_hook_fired, prepare
 
 
@@ -66,16 +66,15 @@ def r3f(
     ) -> tuple[Grads, StepOutput]:
         call = prepare(model, perturbed, target, params, batch, loss_scale)
         draw_from = None if generator is None else require_generator(generator)
-        leaves = fresh_leaves(call.params, call.trainable)
-        live = {**call.params, **leaves}
         with perturbed.hooked() as calls:
-            task_loss, clean_outputs = perturbed.loss(live, call.kwargs, None)
+            leaves = Leaves(engine, call)
+            task_loss, clean_outputs = perturbed.loss(leaves.params, call.kwargs, leaves.probe())
             clean = logits_of(clean_outputs)  # [B, C]
             z, skipped = attack.run(call, generator=draw_from)  # [B, L, H]
-            noised = engine.outputs(live, call.kwargs, call.layout, z)
+            noised = engine.outputs(leaves.params, call.kwargs, call.layout, z, leaves.probe())
             check_hook_fired(calls, target)
             consistency = symmetric_kl(clean, logits_of(noised))
-            grads = gradient((task_loss + lambda_ * consistency) * call.scale, leaves)
+            grads = leaves.gradient((task_loss + lambda_ * consistency) * call.scale)
         out = StepOutput(
             loss=task_loss.detach(),
             adv_loss=consistency.detach(),

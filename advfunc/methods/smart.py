@@ -13,7 +13,7 @@ from advfunc.core.arguments import require_non_negative, require_positive
 from advfunc.core.divergence import symmetric_kl
 from advfunc.core.model import LossFn, logits_of
 from advfunc.core.noise import require_generator
-from advfunc.core.objective import fresh_leaves, frozen, gradient
+from advfunc.core.objective import Leaves, frozen
 from advfunc.core.params import Params
 from advfunc.core.step import Grads, Step, StepOutput, check_hook_fired, prepare
 
@@ -98,22 +98,21 @@ def smart(
         call = prepare(model, perturbed, target, params, batch, loss_scale)
         teacher_params = _teacher_params(teacher, call.params, mu)
         draw_from = None if generator is None else require_generator(generator)
-        leaves = fresh_leaves(call.params, call.trainable)
-        live = {**call.params, **leaves}
         with perturbed.hooked(count=not attack.compiled) as calls:
-            task_loss, clean_outputs = perturbed.loss(live, call.kwargs, None)
+            leaves = Leaves(engine, call)
+            task_loss, clean_outputs = perturbed.loss(leaves.params, call.kwargs, leaves.probe())
             clean = logits_of(clean_outputs)  # [B, C], carries θ's graph into the final backward
             reference = clean.detach()
             delta, skipped = attack.run(call, generator=draw_from, reference=reference)  # [B, L, H]
             check_hook_fired(calls, target)
-            adversarial = engine.outputs(live, call.kwargs, call.layout, delta)
+            adversarial = engine.outputs(leaves.params, call.kwargs, call.layout, delta, leaves.probe())
             smoothness = symmetric_kl(clean, logits_of(adversarial))
             objective = task_loss + lambda_s * smoothness
             if teacher_params is not None:
                 with torch.no_grad():
                     anchor = logits_of(perturbed.outputs(teacher_params, call.kwargs, None))
                 objective = objective + mu * symmetric_kl(clean, anchor)
-            grads = gradient(objective * call.scale, leaves)
+            grads = leaves.gradient(objective * call.scale)
         out = StepOutput(
             loss=task_loss.detach(),
             adv_loss=smoothness.detach(),

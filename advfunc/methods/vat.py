@@ -10,10 +10,9 @@ from torch import nn
 
 from advfunc import attacks
 from advfunc.core.arguments import require_positive
-from advfunc.core.divergence import kl_logits
 from advfunc.core.model import LossFn, logits_of
 from advfunc.core.noise import require_generator
-from advfunc.core.objective import fresh_leaves, frozen, gradient
+from advfunc.core.objective import frozen
 from advfunc.core.step import Grads, Step, StepOutput, check_hook_fired, prepare
 
 
@@ -54,7 +53,10 @@ def vat(
 
     Cost: K + 2 forward+backward passes (K = ``power_iters``): the clean pass, K passes
     that differentiate r only, one full pass at r_vadv. Without labels the clean pass is
-    a forward only. With ``compile`` the K power iterations run as compiled graphs.
+    a forward only. The clean pass's backward runs before the power iteration (p is fixed,
+    so ∇_θ L and ∇_θ KL are separate backwards) and the full pass at r_vadv adds into its
+    buffers: at most one model graph and one gradient dict are alive at a time. With
+    ``compile`` every pass runs as a compiled graph.
 
     Paper: Miyato, Dai & Goodfellow, "Adversarial Training Methods for Semi-Supervised
     Text Classification", ICLR 2017; the method: Miyato et al., "Virtual Adversarial
@@ -81,22 +83,22 @@ def vat(
         call = prepare(model, perturbed, target, params, batch, loss_scale, needs_loss=False)
         draw_from = None if generator is None else require_generator(generator)
         supervised = loss_fn is not None or call.kwargs.get("labels") is not None
-        leaves = fresh_leaves(call.params, call.trainable)
-        live = {**call.params, **leaves}
         with perturbed.hooked(count=not attack.compiled) as calls:
+            # p is held fixed, so ∇_θ L and ∇_θ KL are separate backwards: the clean graph is
+            # freed before the power iteration, as in the imperative loop.
             if supervised:
-                clean_loss, clean_outputs = perturbed.loss(live, call.kwargs, None)
+                first = engine.full(call, call.zeros(target), with_delta_grad=False)
+                clean_loss, clean, buffers = first.loss, logits_of(first), first.param_grads  # a Pass has .logits
             else:
                 with torch.no_grad():
-                    clean_outputs = perturbed.outputs(frozen(call.params), call.kwargs, None)
-                clean_loss = torch.full((), float("nan"), device=call.device)
-            clean = logits_of(clean_outputs).detach()  # p(y|x), held fixed
+                    clean = logits_of(perturbed.outputs(frozen(call.params), call.kwargs, None)).detach()
+                clean_loss, buffers = torch.full((), float("nan"), device=call.device), None
             r_vadv, skipped = attack.run(call, generator=draw_from, reference=clean)  # [B, L, H]
             check_hook_fired(calls, target)
-            adversarial = engine.outputs(live, call.kwargs, call.layout, r_vadv)
-            vat_loss = kl_logits(clean, logits_of(adversarial))
-            objective = alpha * vat_loss + clean_loss if supervised else alpha * vat_loss
-            grads = gradient(objective * call.scale, leaves)
+            adversarial = engine.full(
+                call, r_vadv, with_delta_grad=False, scale=alpha * call.scale, accumulate_into=buffers, reference=clean
+            )
+            grads, vat_loss = adversarial.param_grads, adversarial.loss
         out = StepOutput(
             loss=clean_loss.detach(),
             adv_loss=vat_loss.detach(),
