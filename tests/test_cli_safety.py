@@ -15,10 +15,11 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file as load_safetensors
+from transformers import BertTokenizerFast
 
 from advfunc.app import atomic, checkpoint
 from advfunc.app.cli import main
-from advfunc.app.data import DataError, load_file
+from advfunc.app.data import DataError, Labels, encode, load_file
 from advfunc.app.evaluate import embedding_pgd
 from advfunc.core.params import params_of
 from tests.tiny_task import save_tiny_model, sentences, write_csv
@@ -103,6 +104,13 @@ def test_unreadable_csv_field_names_its_line(tmp_path):
         load_file(path)
 
 
+def test_bytes_that_are_not_utf8_name_their_line(tmp_path):
+    path = tmp_path / "latin1.csv"
+    path.write_bytes("text,label\ngood,pos\nbad,neg\ncaf\u00e9,pos\n".encode("latin-1"))
+    with pytest.raises(DataError, match=r"line 4: not UTF-8"):
+        load_file(path)
+
+
 def test_one_class_in_the_first_rows_blames_train_size(task, tmp_path, capsys):
     rows = sorted(sentences(24), key=lambda row: row[1])  # all "neg" first
     write_csv(tmp_path / "sorted.csv", rows)
@@ -126,6 +134,18 @@ def test_model_directory_without_tokenizer_is_refused_for_train_and_evaluate(tas
     _one_line_error(capsys, "no usable tokenizer")
     assert main([*QUIET, "evaluate", "--model", str(bare), "--data", str(task / "numbered.csv")]) == 2
     _one_line_error(capsys, "no usable tokenizer")
+
+
+def test_a_tokenizer_that_knows_none_of_the_words_is_an_error(tmp_path):
+    """A tokenizer of another model passes the load check but turns every word into [UNK]."""
+    tokenizer = BertTokenizerFast(
+        vocab={t: i for i, t in enumerate(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "zz"])}
+    )
+    data = load_file(write_csv(tmp_path / "d.csv", sentences(6)))
+    with pytest.raises(DataError, match="unknown token"):
+        encode(data, tokenizer, Labels.from_data(data), max_length=16)
+    known = BertTokenizerFast(vocab={t: i for i, t in enumerate(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "the"])})
+    assert len(encode(data, known, Labels.from_data(data), max_length=16)) == 6  # one known word is enough
 
 
 # ---- points 7 and 13: exact resume for methods that draw noise, leftovers removed ---------------------------------

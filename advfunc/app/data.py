@@ -132,33 +132,40 @@ def _cell(row: Mapping[str, Any], column: str) -> str:
     return str(value).strip()
 
 
+def _text_of(path: Path) -> str:
+    """The file as UTF-8 text (a BOM dropped); ``DataError`` naming the line of the first bad byte."""
+    raw = path.read_bytes()
+    try:
+        return raw.decode("utf-8-sig")
+    except UnicodeDecodeError as error:
+        line = raw.count(b"\n", 0, error.start) + 1
+        raise DataError(f"data file {path}, line {line}: not UTF-8 ({error.reason}); save it as UTF-8") from None
+
+
 def _read_csv(path: Path, delimiter: str) -> tuple[list[dict[str, Any]], set[str]]:
     """Rows of a CSV (quotes as RFC 4180) or TSV (no quoting: GLUE-style files hold bare quotes).
 
     A row with more or fewer fields than the header is an error naming its line: a stray
     quote or delimiter must never merge two rows or shift a label into the text.
     """
+    handle = io.StringIO(_text_of(path), newline="")
+    if delimiter == "\t":
+        reader = csv.reader(handle, delimiter=delimiter, quoting=csv.QUOTE_NONE, strict=True)
+    else:
+        reader = csv.reader(handle, delimiter=delimiter, quoting=csv.QUOTE_MINIMAL, strict=True)
     rows: list[dict[str, Any]] = []
     try:
-        with path.open(newline="", encoding="utf-8-sig") as handle:
-            if delimiter == "\t":
-                reader = csv.reader(handle, delimiter=delimiter, quoting=csv.QUOTE_NONE, strict=True)
-            else:
-                reader = csv.reader(handle, delimiter=delimiter, quoting=csv.QUOTE_MINIMAL, strict=True)
-            header = next(reader, None)
-            columns = [name.strip() for name in header or ()]
-            for fields in reader:
-                if not any(field.strip() for field in fields):
-                    continue  # a blank line
-                if len(fields) != len(columns):
-                    hint = " (an unbalanced quote?)" if delimiter == "," else ""
-                    raise DataError(
-                        f"data file {path}, line {reader.line_num}: {len(fields)} fields, the header has "
-                        f"{len(columns)}{hint}; fix that row"
-                    )
-                rows.append(dict(zip(columns, fields, strict=True)))
-    except UnicodeDecodeError as error:
-        raise DataError(f"data file {path}, line {len(rows) + 2} or near it: not UTF-8 ({error.reason})") from error
+        columns = [name.strip() for name in next(reader, None) or ()]
+        for fields in reader:
+            if not any(field.strip() for field in fields):
+                continue  # a blank line
+            if len(fields) != len(columns):
+                hint = " (an unbalanced quote?)" if delimiter == "," else ""
+                raise DataError(
+                    f"data file {path}, line {reader.line_num}: {len(fields)} fields, the header has "
+                    f"{len(columns)}{hint}; fix that row"
+                )
+            rows.append(dict(zip(columns, fields, strict=True)))
     except csv.Error as error:
         raise DataError(
             f"data file {path}, line {reader.line_num}: unreadable field ({error}); fix that row"
@@ -167,10 +174,7 @@ def _read_csv(path: Path, delimiter: str) -> tuple[list[dict[str, Any]], set[str
 
 
 def _read_jsonl(path: Path) -> tuple[list[dict[str, Any]], set[str]]:
-    try:
-        text = path.read_text(encoding="utf-8-sig")
-    except UnicodeDecodeError as error:
-        raise DataError(f"data file {path} is not UTF-8: {error}") from error
+    text = _text_of(path)
     stripped = text.lstrip()
     if stripped.startswith("["):  # a .json file holding one array of objects
         try:
