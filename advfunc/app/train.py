@@ -24,6 +24,7 @@ from torch import nn
 from advfunc.app import checkpoint
 from advfunc.app.data import Encoded, training_batches
 from advfunc.app.progress import Progress
+from advfunc.core.arguments import require_non_negative, require_positive
 from advfunc.core.params import Params, params_of, set_grads
 from advfunc.core.step import Grads, Step, StepOutput, all_finite
 from advfunc.methods.registry import MethodSpec, build_step, draws_noise, parse_method, seeded_generator
@@ -52,12 +53,11 @@ class TrainConfig:
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name.replace('_', '-')} must be an integer >= 1, got {value!r}")
-        if not (self.lr > 0 and math.isfinite(self.lr)):
-            raise ValueError(f"lr must be a finite number > 0, got {self.lr!r}")
-        if not 0 <= self.warmup_ratio < 1:
-            raise ValueError(f"warmup-ratio must be in [0, 1), got {self.warmup_ratio!r}")
-        if self.weight_decay < 0 or self.max_grad_norm < 0:
-            raise ValueError("weight-decay and max-grad-norm must be >= 0 (0 turns them off)")
+        require_positive("lr", self.lr)
+        if not require_non_negative("warmup-ratio", self.warmup_ratio) < 1:
+            raise ValueError(f"warmup-ratio must be a finite number in [0, 1), got {self.warmup_ratio!r}")
+        require_non_negative("weight-decay", self.weight_decay)
+        require_non_negative("max-grad-norm", self.max_grad_norm)
         spec = parse_method(self.method)
         if spec.method.driver == "replay" and self.grad_accum != 1:
             raise ValueError(f"{spec.name} replays each batch with an optimizer step in between; use grad-accum 1")
