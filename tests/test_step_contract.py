@@ -199,8 +199,16 @@ def test_any_numeric_arguments_are_refused_by_name_or_give_finite_grads_or_skip(
 
 @pytest.mark.parametrize(
     ("field", "value"),
-    [("lr", float("nan")), ("lr", -1.0), ("warmup_ratio", float("nan")), ("warmup_ratio", 1.0)]
-    + [("weight_decay", float("nan")), ("weight_decay", -0.1), ("max_grad_norm", float("nan")), ("epochs", 0)],
+    [
+        ("lr", float("nan")),
+        ("lr", -1.0),
+        ("warmup_ratio", float("nan")),
+        ("warmup_ratio", 1.0),
+        ("weight_decay", float("nan")),
+        ("weight_decay", -0.1),
+        ("max_grad_norm", float("nan")),
+        ("epochs", 0),
+    ],
 )
 def test_train_config_refuses_every_bad_number_by_name(field, value):
     with pytest.raises(ValueError, match=field.replace("_", "-")):
