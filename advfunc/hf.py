@@ -42,7 +42,7 @@ from torch import nn
 from transformers import Trainer
 
 from advfunc.core.params import params_of
-from advfunc.core.step import Step
+from advfunc.core.step import Step, all_finite
 from advfunc.methods.registry import build_step, parse_method
 
 _DRIVEN = {
@@ -118,6 +118,13 @@ class AdversarialTrainer(Trainer):
         inputs = self._prepare_inputs(inputs)
         with self.accelerator.autocast():
             grads, out = step(params_of(target), inputs)
+        # fp16: Trainer's GradScaler sees the overflow in the surrogate and skips the update.
+        # Otherwise non-finite grads would reach the weights silently: one host sync to refuse them.
+        if not self.args.fp16 and not bool(all_finite(grads)):
+            raise FloatingPointError(
+                f"the {step.method} step produced non-finite gradients from finite inputs "
+                f"(config {dict(step.config)}); lower its radii or step sizes"
+            )
         accumulation = getattr(self, "current_gradient_accumulation_steps", None)
         accumulation = accumulation or self.args.gradient_accumulation_steps
         parameters = dict(target.named_parameters())

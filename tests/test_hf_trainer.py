@@ -174,3 +174,19 @@ def test_steps_the_trainer_cannot_drive_are_refused_however_given(factory):
     """A replay step called as step(params, batch) would train with δ = None, i.e. as no method at all."""
     with pytest.raises(ValueError, match="Trainer training_step cannot express"):
         AdversarialTrainer(model=tiny_model("bert"), step_factory=factory)
+
+
+def test_non_finite_step_grads_never_reach_the_weights(tmp_path):
+    model = tiny_model("bert", num_labels=2)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    trainer = AdversarialTrainer(
+        model=model,
+        args=_args(tmp_path),
+        train_dataset=_examples(8),
+        data_collator=default_data_collator,
+        step_factory=partial(advfunc.fgm, epsilon=1e30),
+    )
+    with pytest.raises(FloatingPointError, match="non-finite gradients"):
+        trainer.train()
+    for name, value in model.named_parameters():
+        assert torch.equal(value, before[name]), name
