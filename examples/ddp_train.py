@@ -37,7 +37,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--batch-size", type=int, default=16, help="per rank, per optimizer step")
     parser.add_argument("--steps", type=int, default=100, help="optimizer steps")
     parser.add_argument("--lr", type=float, default=1e-3)
-    # The seed's ε = 1 suits BERT-base, whose embedding rows have norm ≈ 1; the tiny model's are ≈ 0.15.
+    # The classic ε = 1 suits BERT-base, whose embedding rows have norm ≈ 1; the tiny model's are ≈ 0.15.
     parser.add_argument("--epsilon", type=float, default=0.1, help="FGM/PGD radius (PGD's α = 0.3 ε)")
     parser.add_argument("--bucket-mb", type=float, default=advdist.DEFAULT_BUCKET_MB)
     parser.add_argument("--model", default=None, help="a local Hugging Face checkpoint directory (default: tiny BERT)")

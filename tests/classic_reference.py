@@ -1,4 +1,4 @@
-"""The seed's imperative FGM, PGD and FreeLB, kept as an oracle for the parity tests.
+"""The classic imperative FGM, PGD and FreeLB classes, kept as an oracle for the parity tests.
 
 FGM and PGD are the blog post's classes as written (they mutate ``param.data`` and back
 up gradients). FreeLB follows the official FreeLB loop: the 1/K loss scaling the
@@ -80,8 +80,8 @@ class PGD:
                 param.grad = self.grad_backup[name]
 
 
-def seed_fgm_grads(model, batch, emb_name, epsilon):
-    """The seed's FGM training loop up to ``optimizer.step()``; returns the ``.grad`` it leaves."""
+def classic_fgm_grads(model, batch, emb_name, epsilon):
+    """The classic FGM training loop up to ``optimizer.step()``; returns the ``.grad`` it leaves."""
     fgm = FGM(model, epsilon=epsilon, emb_name=emb_name)
     model.zero_grad()
     loss = model(**batch).loss
@@ -93,8 +93,8 @@ def seed_fgm_grads(model, batch, emb_name, epsilon):
     return _grads(model)
 
 
-def seed_pgd_grads(model, batch, emb_name, epsilon, alpha, K):
-    """The seed's PGD training loop up to ``optimizer.step()``."""
+def classic_pgd_grads(model, batch, emb_name, epsilon, alpha, K):
+    """The classic PGD training loop up to ``optimizer.step()``."""
     pgd = PGD(model, emb_name=emb_name, epsilon=epsilon, alpha=alpha)
     model.zero_grad()
     loss = model(**batch).loss
@@ -112,7 +112,7 @@ def seed_pgd_grads(model, batch, emb_name, epsilon, alpha, K):
     return _grads(model)
 
 
-def seed_freelb_grads(model, batch, adv_K, adv_lr, adv_init_mag, adv_max_norm, adv_norm_type, generator, via="hook"):
+def classic_freelb_grads(model, batch, adv_K, adv_lr, adv_init_mag, adv_max_norm, adv_norm_type, generator, via="hook"):
     """Official FreeLB's loop up to ``optimizer.step()``; returns (grads, final delta)."""
     model.zero_grad()
     embedding = model.get_input_embeddings()

@@ -74,7 +74,7 @@ def lockstep(
     """Two copies of one model take ``steps`` SGD steps, one on each implementation's grads.
 
     ``reference(model, batch)`` returns the ``.grad`` dict it leaves; ``functional(model,
-    batch)`` returns advfunc's ``(grads, out)``. Grads must agree at every step (SPEC §3
+    batch)`` returns advfunc's ``(grads, out)``. Grads must agree at every step (tests/parity.py
     tolerances: whole-vector relative error <= 1e-4). ``sharpen`` uses :func:`sharpened`
     models (for the KL-based methods). Returns the ``out`` of each step.
     """

@@ -11,7 +11,7 @@ import advfunc
 from advfunc.scale.accumulation import accumulate, split_batch
 from tests.parity import assert_grads_match
 from tests.purity import assert_step_is_pure
-from tests.seed_reference import FGM
+from tests.classic_reference import FGM
 from tests.tiny_models import EMBEDDING_NAME, padded_batch, tiny_model
 
 FACTORIES = {
@@ -57,13 +57,13 @@ def test_accumulate_is_pure():
     assert all(torch.equal(second[k], second_before[k]) for k in second)
 
 
-def test_the_seed_aims_later_micro_batches_with_earlier_gradients():
+def test_the_classic_loop_aims_later_micro_batches_with_earlier_gradients():
     """The imperative recipe without zero_grad aims micro-batch 2's attack with ∇(1)+∇(2); advfunc does not."""
     model = tiny_model("bert")
     micro = micro_batches()
     expected, _ = accumulate(advfunc.fgm(model, epsilon=1.0), advfunc.params_of(model), micro)
 
-    def seed_accumulation(own_gradient: bool) -> dict[str, torch.Tensor]:
+    def classic_accumulation(own_gradient: bool) -> dict[str, torch.Tensor]:
         copy_ = copy.deepcopy(model)
         fgm = FGM(copy_, EMBEDDING_NAME["bert"], epsilon=1.0)
         total = {n: torch.zeros_like(p) for n, p in copy_.named_parameters()}
@@ -78,8 +78,8 @@ def test_the_seed_aims_later_micro_batches_with_earlier_gradients():
                 total = {n: total[n] + p.grad for n, p in copy_.named_parameters()}
         return total if own_gradient else {n: p.grad for n, p in copy_.named_parameters()}
 
-    assert_grads_match(expected, seed_accumulation(own_gradient=True), "own gradient per micro-batch")
-    naive = seed_accumulation(own_gradient=False)
+    assert_grads_match(expected, classic_accumulation(own_gradient=True), "own gradient per micro-batch")
+    naive = classic_accumulation(own_gradient=False)
     a = torch.cat([expected[n].flatten() for n in expected])
     b = torch.cat([naive[n].flatten() for n in expected])
     assert ((a - b).norm() / a.norm()).item() > 1e-3, "the naive recipe should differ measurably"

@@ -14,6 +14,7 @@ import torch._dynamo
 from torch._dynamo.utils import counters
 
 import advfunc
+from benchmarks.shapes import pad_to_bucket
 from tests.method_harness import sharpened
 from tests.parity import assert_grads_match
 from tests.tiny_models import padded_batch, tiny_model
@@ -80,6 +81,27 @@ def test_no_recompilation_when_only_the_data_changes(pgd):
                 assert not torch.equal(batch[key], pgd.warm[key]), f"{key} must change for the test to mean anything"
             got = pgd.compiled(pgd.params, batch)
             assert_steps_agree(got, pgd.eager(pgd.params, batch), f"batch seed {seed}")
+    finally:
+        torch._dynamo.config.error_on_recompile = False
+    assert counters["stats"]["unique_graphs"] == pgd.graphs
+
+
+def test_lengths_bucketed_to_the_compiled_length_reuse_its_graphs(pgd):
+    """Varying lengths meet a static compiled step through buckets: padded up, they add no graph.
+
+    Extra padding columns (id = padding_idx, mask 0) change no loss or gradient, so the
+    compiled step on the bucketed batch equals the eager step on the exact one.
+    """
+    bucket = pgd.warm["input_ids"].shape[1]
+    torch._dynamo.config.error_on_recompile = True
+    try:
+        for seed, length in ((4, 5), (5, 8), (6, 11)):
+            exact = padded_batch("bert", length=length, seed=seed)
+            bucketed = pad_to_bucket(exact, bucket)
+            assert bucketed["input_ids"].shape == pgd.warm["input_ids"].shape
+            (grads, out), (grads_eager, out_eager) = pgd.compiled(pgd.params, bucketed), pgd.eager(pgd.params, exact)
+            assert_grads_match(grads, grads_eager, where=f"length {length} bucketed to {bucket}")
+            torch.testing.assert_close(out.adv_loss, out_eager.adv_loss, rtol=1e-5, atol=1e-6)
     finally:
         torch._dynamo.config.error_on_recompile = False
     assert counters["stats"]["unique_graphs"] == pgd.graphs

@@ -1,4 +1,4 @@
-"""FGM's cost; its parity with the classic FGM class is in test_parity_seed.py."""
+"""FGM's cost; its parity with the classic FGM class is in test_parity_classic.py."""
 
 from __future__ import annotations
 

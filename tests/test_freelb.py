@@ -1,4 +1,4 @@
-"""FreeLB's cost; its parity with the official FreeLB loop is in test_parity_seed.py."""
+"""FreeLB's cost; its parity with the official FreeLB loop is in test_parity_classic.py."""
 
 from __future__ import annotations
 

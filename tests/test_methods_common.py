@@ -1,4 +1,4 @@
-"""What every method beyond the seed shares: families, trainable-only grads, loss_scale, compile."""
+"""What VAT, SMART, R3F, AWP and FreeAT share: families, trainable-only grads, loss_scale, compile."""
 
 from __future__ import annotations
 

@@ -1,8 +1,8 @@
-"""advfunc's FGM, PGD and FreeLB against the seed's imperative loops, in lockstep.
+"""advfunc's FGM, PGD and FreeLB against the classic imperative loops, in lockstep.
 
 Two copies of one model train side by side for three SGD steps on different batches:
-one with the seed's classes, one with advfunc's pure step + ``set_grads``. At every
-step the gradients must agree to float32 round-off (SPEC §3).
+one with the classic FGM/PGD/FreeLB classes, one with advfunc's pure step + ``set_grads``. At every
+step the gradients must agree to float32 round-off (tests/parity.py gives the tolerances).
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ import torch
 
 import advfunc
 from tests.parity import assert_grads_match
-from tests.seed_reference import seed_fgm_grads, seed_freelb_grads, seed_pgd_grads
+from tests.classic_reference import classic_fgm_grads, classic_freelb_grads, classic_pgd_grads
 from tests.tiny_models import EMBEDDING_NAME, padded_batch, tiny_model
 
 STEPS = 3
@@ -23,44 +23,44 @@ LR = 0.5  # large enough that the three steps visit clearly different parameters
 
 def lockstep(family, reference, step_factory):
     """Run ``reference(model, batch)`` and advfunc's step side by side; compare every step."""
-    seed_model = tiny_model(family)
-    func_model = copy.deepcopy(seed_model)
-    seed_opt = torch.optim.SGD(seed_model.parameters(), lr=LR)
+    classic_model = tiny_model(family)
+    func_model = copy.deepcopy(classic_model)
+    classic_opt = torch.optim.SGD(classic_model.parameters(), lr=LR)
     func_opt = torch.optim.SGD(func_model.parameters(), lr=LR)
     step = step_factory(func_model)
     for t in range(STEPS):
         batch = padded_batch(family, seed=t)
-        expected = reference(seed_model, batch)
+        expected = reference(classic_model, batch)
         grads, out = step(advfunc.params_of(func_model), batch)
         assert_grads_match(grads, expected, where=f"{family} step {t}")
         assert not bool(out.skipped)
-        seed_opt.step()
+        classic_opt.step()
         advfunc.set_grads(func_model, grads)
         func_opt.step()
-        seed_opt.zero_grad()
+        classic_opt.zero_grad()
     # The models moved (the test exercised three different points) and stayed together.
     moved = sum(
-        (p - q).abs().sum() for p, q in zip(seed_model.parameters(), tiny_model(family).parameters(), strict=True)
+        (p - q).abs().sum() for p, q in zip(classic_model.parameters(), tiny_model(family).parameters(), strict=True)
     )
     assert moved > 0
 
 
 @pytest.mark.parametrize("family", ["bert", "roberta", "distilbert", "gpt2"])
-def test_fgm_matches_seed(family):
+def test_fgm_matches_the_classic_class(family):
     lockstep(
         family,
-        lambda m, b: seed_fgm_grads(m, b, EMBEDDING_NAME[family], epsilon=1.0),
+        lambda m, b: classic_fgm_grads(m, b, EMBEDDING_NAME[family], epsilon=1.0),
         lambda m: advfunc.fgm(m, epsilon=1.0),
     )
 
 
 @pytest.mark.parametrize("steps", [1, 3])
 @pytest.mark.parametrize("family", ["bert", "roberta", "gpt2"])
-def test_pgd_matches_seed(family, steps):
+def test_pgd_matches_the_classic_class(family, steps):
     # epsilon below K·alpha so the projection is active on the later steps
     lockstep(
         family,
-        lambda m, b: seed_pgd_grads(m, b, EMBEDDING_NAME[family], epsilon=0.5, alpha=0.3, K=steps),
+        lambda m, b: classic_pgd_grads(m, b, EMBEDDING_NAME[family], epsilon=0.5, alpha=0.3, K=steps),
         lambda m: advfunc.pgd(m, epsilon=0.5, alpha=0.3, steps=steps),
     )
 
@@ -79,11 +79,11 @@ FREELB_CASES = [
 @pytest.mark.parametrize("family", ["bert", "roberta", "gpt2"])
 def test_freelb_matches_official(family, norm, init_mag, max_norm):
     via = "inputs_embeds" if family == "bert" else "hook"
-    seed_generator = torch.Generator().manual_seed(7)
+    classic_generator = torch.Generator().manual_seed(7)
     func_generator = torch.Generator().manual_seed(7)
     lockstep(
         family,
-        lambda m, b: seed_freelb_grads(m, b, 3, 0.05, init_mag, max_norm, norm, seed_generator, via=via)[0],
+        lambda m, b: classic_freelb_grads(m, b, 3, 0.05, init_mag, max_norm, norm, classic_generator, via=via)[0],
         lambda m: advfunc.freelb(
             m, steps=3, lr=0.05, init_mag=init_mag, max_norm=max_norm, norm=norm, generator=func_generator
         ),
@@ -93,7 +93,7 @@ def test_freelb_matches_official(family, norm, init_mag, max_norm):
 def test_freelb_final_delta_matches_official():
     model = tiny_model("bert")
     batch = padded_batch("bert")
-    _, expected = seed_freelb_grads(
+    _, expected = classic_freelb_grads(
         copy.deepcopy(model), batch, 3, 0.05, 1.0, 0.08, "l2", torch.Generator().manual_seed(1)
     )
     step = advfunc.freelb(
@@ -103,26 +103,26 @@ def test_freelb_final_delta_matches_official():
     torch.testing.assert_close(out.delta, expected, rtol=1e-4, atol=1e-6)
 
 
-def test_pgd_delta_is_the_seed_weight_perturbation():
-    """The rows advfunc holds are exactly the seed's change to the embedding matrix."""
+def test_pgd_delta_is_the_classic_weight_perturbation():
+    """The rows advfunc holds are exactly the classic FGM's change to the embedding matrix."""
     model = tiny_model("bert")
     batch = padded_batch("bert")
-    seed_model = copy.deepcopy(model)
-    from tests.seed_reference import PGD
+    classic_model = copy.deepcopy(model)
+    from tests.classic_reference import PGD
 
-    pgd = PGD(seed_model, emb_name="word_embeddings", epsilon=0.5, alpha=0.3)
-    seed_model.zero_grad()
-    seed_model(**batch).loss.backward()
+    pgd = PGD(classic_model, emb_name="word_embeddings", epsilon=0.5, alpha=0.3)
+    classic_model.zero_grad()
+    classic_model(**batch).loss.backward()
     for t in range(3):
         pgd.attack(is_first_attack=(t == 0))
         if t != 2:
-            seed_model.zero_grad()
-            seed_model(**batch).loss.backward()
-    weight = seed_model.get_input_embeddings().weight.detach()
-    seed_delta = weight - pgd.emb_backup["bert.embeddings.word_embeddings.weight"]
+            classic_model.zero_grad()
+            classic_model(**batch).loss.backward()
+    weight = classic_model.get_input_embeddings().weight.detach()
+    classic_delta = weight - pgd.emb_backup["bert.embeddings.word_embeddings.weight"]
     _, out = advfunc.pgd(model, epsilon=0.5, alpha=0.3, steps=3)(advfunc.params_of(model), batch)
     dense = torch.zeros_like(weight)
     used = out.delta_tokens >= 0
     dense[out.delta_tokens[used]] = out.delta[used]
-    torch.testing.assert_close(dense, seed_delta, rtol=1e-3, atol=2e-6)
+    torch.testing.assert_close(dense, classic_delta, rtol=1e-3, atol=2e-6)
     assert out.delta.shape[0] == batch["input_ids"].numel()  # held as rows, never vocabulary-sized

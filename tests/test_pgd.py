@@ -1,4 +1,4 @@
-"""PGD's cost; its parity with the classic PGD class is in test_parity_seed.py."""
+"""PGD's cost; its parity with the classic PGD class is in test_parity_classic.py."""
 
 from __future__ import annotations
 

@@ -141,9 +141,7 @@ class HostReads(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         if func.overloadpacket.__name__ in HOST_READS:
-            frames = [
-                f for f in traceback.extract_stack() if "/torch/" not in f.filename and f.filename != __file__
-            ]
+            frames = [f for f in traceback.extract_stack() if "/torch/" not in f.filename and f.filename != __file__]
             self.where.append(f"{frames[-1].filename}:{frames[-1].lineno}")
         return func(*args, **(kwargs or {}))
 

@@ -9,7 +9,7 @@ import torch
 
 import advfunc
 from tests.parity import assert_grads_match
-from tests.seed_reference import seed_fgm_grads
+from tests.classic_reference import classic_fgm_grads
 from tests.tiny_models import PAD_ID, padded_batch, tiny_model
 
 
@@ -69,12 +69,12 @@ def test_freelb_one_example_alone_equals_it_inside_the_batch():
     torch.testing.assert_close(out.delta[2:3], out_alone.delta, rtol=1e-4, atol=1e-6)
 
 
-def test_named_parameters_target_matches_seed_with_that_name():
-    """target=[name] is the seed's FGM with an emb_name that matches exactly that parameter."""
+def test_named_parameters_target_matches_the_classic_fgm_with_that_name():
+    """target=[name] is the classic FGM with an emb_name that matches exactly that parameter."""
     model = tiny_model("bert")
     batch = padded_batch("bert")
     name = "bert.encoder.layer.0.attention.self.query.weight"
-    expected = seed_fgm_grads(copy.deepcopy(model), batch, "layer.0.attention.self.query.weight", epsilon=0.3)
+    expected = classic_fgm_grads(copy.deepcopy(model), batch, "layer.0.attention.self.query.weight", epsilon=0.3)
     grads, out = advfunc.fgm(model, epsilon=0.3, target=[name])(advfunc.params_of(model), batch)
     assert_grads_match(grads, expected)
     assert set(out.delta) == {name}

@@ -17,7 +17,7 @@ from transformers import (
 
 VOCAB = 120
 FAMILIES = ("bert", "roberta", "distilbert", "gpt2")
-# The attribute the seed's classes match in parameter names, per family.
+# The attribute the classic FGM/PGD classes match in parameter names, per family.
 EMBEDDING_NAME = {
     "bert": "word_embeddings",
     "roberta": "word_embeddings",
