@@ -304,6 +304,11 @@ def test_every_bad_number_is_one_line_naming_it(task, tmp_path, capsys, flags):
     assert not (tmp_path / "out").exists()
 
 
+def test_max_length_beyond_the_models_positions_is_refused(task, tmp_path, capsys):
+    assert main(_train_args(task, tmp_path / "out", "--max-length", "65")) == 2  # the tiny BERT has 64
+    _one_line_error(capsys, "--max-length 65", "64 positions")
+
+
 def test_threads_and_attack_flags_are_range_checked(task, capsys):
     evaluate = [*QUIET, "evaluate", "--model", str(task / "model")]
     for flags in (["--pgd-steps", "0"], ["--hotflip-budget", "-1"], ["--neighbours", "0"], ["--test-size", "-2"]):

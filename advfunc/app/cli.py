@@ -273,6 +273,12 @@ def _uses_token_types(model: Any) -> bool:
 
 
 def _encode(dataset: TextDataset, loaded: checkpoint.Loaded, max_length: int) -> Encoded:
+    # Longer inputs would index past the model's position embeddings: a raw IndexError mid-run.
+    limit = getattr(loaded.tokenizer, "model_max_length", None)
+    if not isinstance(limit, int) or limit > 1_000_000:  # transformers' "no limit" sentinel
+        limit = getattr(loaded.model.config, "max_position_embeddings", None)
+    if isinstance(limit, int) and max_length > limit:
+        raise ValueError(f"--max-length {max_length} exceeds the {limit} positions {loaded.path} can embed; lower it")
     return encode(dataset, loaded.tokenizer, loaded.labels, max_length, _uses_token_types(loaded.model))
 
 
