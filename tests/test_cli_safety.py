@@ -97,6 +97,13 @@ def test_csv_row_that_would_merge_or_shift_is_an_error_naming_its_line(tmp_path)
         load_file(extra)
 
 
+def test_a_header_naming_a_column_twice_is_an_error(tmp_path):
+    path = tmp_path / "twice.csv"
+    path.write_text("text,label,text\ngood,pos,bad\n", encoding="utf-8")
+    with pytest.raises(DataError, match=r"line 1: .*\['text'\] twice"):
+        load_file(path)
+
+
 def test_unreadable_csv_field_names_its_line(tmp_path):
     path = tmp_path / "huge.csv"
     path.write_text("text,label\ngood,pos\nbad,neg\n" + "x" * 200_000 + ",pos\n", encoding="utf-8")

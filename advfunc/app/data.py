@@ -156,6 +156,9 @@ def _read_csv(path: Path, delimiter: str) -> tuple[list[dict[str, Any]], set[str
     rows: list[dict[str, Any]] = []
     try:
         columns = [name.strip() for name in next(reader, None) or ()]
+        repeated = sorted({name for name in columns if columns.count(name) > 1})
+        if repeated:
+            raise DataError(f"data file {path}, line 1: the header names column(s) {repeated} twice; rename them")
         for fields in reader:
             if not any(field.strip() for field in fields):
                 continue  # a blank line
