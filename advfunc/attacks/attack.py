@@ -5,7 +5,7 @@ A :class:`Rule` is three pure functions and a count, in the manner of an optax
 attack's objective at δ and returns the next δ, ``finish`` maps the last iterate to the
 attack's output. An :class:`Attack` runs the rule's loop on a model::
 
-    δ₀ = init(layout, params, generator)         # or the caller's start
+    δ₀ = init(call, generator)                   # or the caller's start
     δ_t = ascend(δ_{t-1}, ∇_δ objective(θ, δ_{t-1}), params, layout),   t = 1..steps
     δ = finish(δ_steps)
 
@@ -31,12 +31,12 @@ from advfunc.core.params import Params
 from advfunc.core.step import Call, check_hook_fired, drop_if_skipped, prepare
 from advfunc.core.targets import Delta, Layout, PublicDelta, Target
 
-Init = Callable[[Layout, Params, "torch.Generator | None"], Delta]
+Init = Callable[[Call, "torch.Generator | None"], Delta]
 Ascend = Callable[[Delta, Delta, Params, Layout], tuple[Delta, torch.Tensor]]
 
 
 class Rule(NamedTuple):
-    """A perturbation rule: δ₀ = init(...), δ_t = ascend(δ_{t-1}, g_t, ...), δ = finish(δ_steps).
+    """A perturbation rule: δ₀ = init(call, generator), δ_t = ascend(δ_{t-1}, g_t, ...), δ = finish(δ_steps).
 
     ``ascend`` also returns a 0-dim bool that is false when its gradient was not finite
     (the attack then returns δ = 0). ``reads_grads``: the first ascent uses the gradient
@@ -55,8 +55,8 @@ class Rule(NamedTuple):
 def zero_init(target: Target) -> Init:
     """δ₀ = 0 in the target's shape."""
 
-    def init(layout: Layout, params: Params, generator: torch.Generator | None) -> Delta:
-        return target.zeros(layout, params)
+    def init(call: Call, generator: torch.Generator | None) -> Delta:
+        return call.zeros(target)
 
     return init
 
@@ -129,7 +129,7 @@ class Attack:
         pass as ``grads`` and, for a divergence rule, its clean logits as ``reference``.
         """
         draw_from = self.generator if generator is None else generator
-        delta = self.rule.init(call.layout, call.params, draw_from) if start is None else start
+        delta = self.rule.init(call, draw_from) if start is None else start
         skipped = torch.zeros((), dtype=torch.bool, device=call.device)
         for t in range(self.rule.steps):
             if t == 0 and grads is not None and (self.rule.reads_grads or start is not None):

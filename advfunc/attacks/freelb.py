@@ -11,6 +11,7 @@ from advfunc.core.model import LossFn
 from advfunc.core.norms import l2_direction, linf_direction
 from advfunc.core.params import Params
 from advfunc.core.projection import project_l2, project_linf
+from advfunc.core.step import Call
 from advfunc.core.targets import Delta, EmbeddingOutput, Layout, input_embedding
 
 # FreeLB's own guard against a zero gradient norm: G / clamp(‖G‖, min=1e-8).
@@ -46,9 +47,8 @@ def freelb_rule(target: EmbeddingOutput, steps: int, lr: float, init_mag: float,
     """δ₀ from :func:`freelb_init`; δ_t = Π_{max_norm}(δ_{t-1} + lr · G_t / max(‖G_t‖, 1e-8))."""
     direction_of = l2_direction if norm == "l2" else linf_direction
 
-    def init(layout: Layout, params: Params, generator: torch.Generator | None) -> Delta:
-        device = next(iter(params.values())).device
-        return {"embeds": freelb_init(layout, init_mag, norm, target.dtype, device, generator)}
+    def init(call: Call, generator: torch.Generator | None) -> Delta:
+        return {"embeds": freelb_init(call.layout, init_mag, norm, target.dtype, call.device, generator)}
 
     def ascend(delta: Delta, grads: Delta, params: Params, layout: Layout) -> tuple[Delta, torch.Tensor]:
         embeds = delta["embeds"]  # [B, L, H]

@@ -10,6 +10,7 @@ from advfunc.core.arguments import require_positive
 from advfunc.core.model import LossFn
 from advfunc.core.noise import gaussian, uniform
 from advfunc.core.params import Params
+from advfunc.core.step import Call
 from advfunc.core.targets import Delta, EmbeddingOutput, Layout, input_embedding
 
 NOISES = ("uniform", "normal")
@@ -19,9 +20,8 @@ def r3f_rule(target: EmbeddingOutput, sigma: float, noise: str) -> Rule:
     """z ~ U(−σ, σ) or N(0, σ²I), zero at padding; no ascent step."""
     draw = uniform if noise == "uniform" else gaussian
 
-    def init(layout: Layout, params: Params, generator: torch.Generator | None) -> Delta:
-        device = next(iter(params.values())).device
-        return {"embeds": draw(layout, sigma, target.dtype, device, generator)}  # [B, L, H]
+    def init(call: Call, generator: torch.Generator | None) -> Delta:
+        return {"embeds": draw(call.layout, sigma, target.dtype, call.device, generator)}  # [B, L, H]
 
     def ascend(delta: Delta, grads: Delta, params: Params, layout: Layout) -> tuple[Delta, torch.Tensor]:
         raise AssertionError("R3F takes no ascent step")

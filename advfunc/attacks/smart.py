@@ -13,6 +13,7 @@ from advfunc.core.noise import gaussian
 from advfunc.core.norms import l2_direction, linf_direction
 from advfunc.core.params import Params
 from advfunc.core.projection import project_l2, project_linf
+from advfunc.core.step import Call
 from advfunc.core.targets import Delta, EmbeddingOutput, Layout, input_embedding
 
 
@@ -22,9 +23,8 @@ def smart_rule(
     """δ₀ = σ·N(0, I); δ_k = Π_ε(δ_{k-1} + η · g_k/‖g_k‖), norms and ball per token over H."""
     direction_of = l2_direction if norm == "l2" else linf_direction
 
-    def init(layout: Layout, params: Params, generator: torch.Generator | None) -> Delta:
-        device = next(iter(params.values())).device
-        return {"embeds": gaussian(layout, noise_var, target.dtype, device, generator)}  # [B, L, H]
+    def init(call: Call, generator: torch.Generator | None) -> Delta:
+        return {"embeds": gaussian(call.layout, noise_var, target.dtype, call.device, generator)}  # [B, L, H]
 
     def ascend(delta: Delta, grads: Delta, params: Params, layout: Layout) -> tuple[Delta, torch.Tensor]:
         current = delta["embeds"]

@@ -12,15 +12,15 @@ from advfunc.core.model import LossFn
 from advfunc.core.noise import gaussian
 from advfunc.core.norms import l2_direction
 from advfunc.core.params import Params
+from advfunc.core.step import Call
 from advfunc.core.targets import Delta, EmbeddingOutput, Layout, input_embedding
 
 
 def vat_rule(target: EmbeddingOutput, epsilon: float, xi: float, power_iters: int) -> Rule:
     """r₀ = ξ·d₀/‖d₀‖, d₀ ~ N(0, I); r_k = ξ·d_k/‖d_k‖ with d_k = ∇_r KL at r_{k-1}; r = (ε/ξ)·r_K."""
 
-    def init(layout: Layout, params: Params, generator: torch.Generator | None) -> Delta:
-        device = next(iter(params.values())).device
-        d = gaussian(layout, 1.0, target.dtype, device, generator)  # [B, L, H]
+    def init(call: Call, generator: torch.Generator | None) -> Delta:
+        d = gaussian(call.layout, 1.0, target.dtype, call.device, generator)  # [B, L, H]
         unit, _ = l2_direction(d, (1, 2))
         return {"embeds": (xi * unit).to(target.dtype)}
 

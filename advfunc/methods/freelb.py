@@ -60,7 +60,7 @@ def freelb(
         call = prepare(model, attack.perturbed, target, params, batch, loss_scale)
         scale = call.scale / steps
         draw_from = attack.generator if generator is None else require_generator(generator)
-        delta = rule.init(call.layout, call.params, draw_from)
+        delta = rule.init(call, draw_from)
         skipped = torch.zeros((), dtype=torch.bool, device=call.device)
         total: Grads = {}
         losses = []
