@@ -22,6 +22,7 @@ from advfunc.methods.awp import awp
 from advfunc.methods.fgm import fgm
 from advfunc.methods.free_at import free_at
 from advfunc.methods.freelb import freelb
+from advfunc.methods.neftune import neftune
 from advfunc.methods.pgd import pgd
 from advfunc.methods.r3f import r3f
 from advfunc.methods.smart import smart
@@ -46,6 +47,7 @@ __all__ = [
     "free_at",
     "freelb",
     "kl_logits",
+    "neftune",
     "params_of",
     "perturbed_loss",
     "pgd",

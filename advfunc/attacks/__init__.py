@@ -16,9 +16,23 @@ from advfunc.attacks.awp import awp, awp_parameters
 from advfunc.attacks.fgm import fgm
 from advfunc.attacks.free_at import free_at
 from advfunc.attacks.freelb import freelb
+from advfunc.attacks.neftune import neftune
 from advfunc.attacks.pgd import pgd
 from advfunc.attacks.r3f import r3f
 from advfunc.attacks.smart import smart
 from advfunc.attacks.vat import vat
 
-__all__ = ["Attack", "Rule", "awp", "awp_parameters", "fgm", "free_at", "freelb", "pgd", "r3f", "smart", "vat"]
+__all__ = [
+    "Attack",
+    "Rule",
+    "awp",
+    "awp_parameters",
+    "fgm",
+    "free_at",
+    "freelb",
+    "neftune",
+    "pgd",
+    "r3f",
+    "smart",
+    "vat",
+]
