@@ -112,7 +112,8 @@ def test_a_failed_save_leaves_no_checkpoint_behind(task, tmp_path, monkeypatch):
         next(loaded.model.parameters()).add_(1.0)
     with pytest.raises(OSError, match="disk full"):
         checkpoint.save(target, loaded.model, loaded.tokenizer, {"step": 2}, {"x": torch.zeros(1)})
-    assert json.loads((target / checkpoint.STATE_FILE).read_text()) == {"step": 1}  # the old one, whole
+    files = sorted(p.name for p in target.iterdir())
+    assert json.loads((target / checkpoint.STATE_FILE).read_text()) == {"step": 1, "files": files}  # the old one
     for name, value in _weights(target).items():
         assert torch.equal(value, before[name])
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"], "a partial directory was left"

@@ -73,6 +73,18 @@ def test_overwrite_refuses_a_directory_that_is_not_an_advfunc_checkpoint(task, t
     assert (folder / "notes.txt").read_text() == "keep me"
 
 
+def test_overwrite_keeps_a_file_a_user_added_to_a_checkpoint(task, tmp_path, capsys):
+    out = tmp_path / "out"
+    assert main(_train_args(task, out, "--stop-after", "1")) == 0
+    (out / "my_notes.txt").write_text("keep me")
+    capsys.readouterr()
+    assert main(_train_args(task, out, "--overwrite")) == 2
+    _one_line_error(capsys, "my_notes.txt", "did not write")
+    assert (out / "my_notes.txt").read_text() == "keep me"
+    (out / "my_notes.txt").unlink()
+    assert main(_train_args(task, out, "--overwrite")) == 0  # its own files only: replaced
+
+
 # ---- points 2 and 17: readers fail loudly and name the row -----------------------------------------------------------
 
 

@@ -139,13 +139,30 @@ def load(path: str | Path, labels: Labels | None = None) -> Loaded:
 def save(
     directory: str | Path, model: Any, tokenizer: Any, state: dict[str, Any], training: dict[str, Any] | None
 ) -> None:
-    """Write a checkpoint atomically; ``advfunc_state.json`` is written last inside it."""
+    """Write a checkpoint atomically; ``advfunc_state.json`` is written last inside it.
+
+    The state lists the checkpoint's own entries under ``"files"``, so that replacing it
+    later can tell them from files a user put there (:func:`foreign_entries`).
+    """
     with atomic.directory(Path(directory)) as tmp:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         if training is not None:
             torch.save(training, tmp / TRAINING_FILE)
-        (tmp / STATE_FILE).write_text(json.dumps(state, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+        files = sorted([*(entry.name for entry in tmp.iterdir()), STATE_FILE])
+        document = {**state, "files": files}
+        (tmp / STATE_FILE).write_text(json.dumps(document, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+
+
+def foreign_entries(directory: str | Path) -> list[str]:
+    """Names in ``directory`` that advfunc did not write there: all of them unless it is an advfunc checkpoint."""
+    directory = Path(directory)
+    present = sorted(entry.name for entry in directory.iterdir())
+    state = read_state(directory)
+    if state is None:
+        return present
+    ours = state.get("files")
+    return [name for name in present if name not in ours] if isinstance(ours, list) else []
 
 
 def read_state(directory: str | Path) -> dict[str, Any] | None:

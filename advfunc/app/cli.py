@@ -324,10 +324,12 @@ def run_train(args: argparse.Namespace) -> int:
             log.info("%s is already finished (step %s); nothing to do", output, state.get("step"))
             return 0
     elif output.exists() and any(output.iterdir()):
-        if checkpoint.read_state(output) is None:
+        foreign = checkpoint.foreign_entries(output)
+        if foreign:
             raise checkpoint.CheckpointError(
-                f"--output {output} holds files that advfunc did not write (it is not an advfunc checkpoint), "
-                "so it is never replaced, even with --overwrite; choose another --output"
+                f"--output {output} holds files that advfunc did not write ({', '.join(foreign[:3])}"
+                f"{', ...' if len(foreign) > 3 else ''}), so it is never replaced, even with --overwrite; "
+                "move them or choose another --output"
             )
         if not args.overwrite:
             raise checkpoint.CheckpointError(
