@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 
 import advfunc
-from advfunc.core.divergence import kl_logits, symmetric_kl
+from advfunc.core.divergence import kl_logits, label_positions, symmetric_kl
 from advfunc.core.model import PerturbedModel, logits_of
 from tests.tiny_models import padded_batch, tiny_model
 
@@ -69,3 +69,19 @@ def test_kl_refuses_mismatched_shapes_and_outputs_without_logits():
         kl_logits(torch.zeros(2, 3), torch.zeros(2, 4))
     with pytest.raises(ValueError, match="logits"):
         logits_of(object())
+
+
+def test_kl_over_counted_positions_equals_kl_of_those_positions_alone():
+    g = torch.Generator().manual_seed(0)
+    p, q = torch.randn(3, 7, 11, generator=g), torch.randn(3, 7, 11, generator=g)
+    labels = torch.full((3, 7), -100)
+    labels[0, 3:6] = 5
+    labels[2, 1:7] = 2
+    positions = label_positions(labels)
+    # logits at t score token t + 1: row 0 counts t = 2, 3, 4; row 2 counts t = 0..5; row 1 nothing
+    assert positions.nonzero().tolist() == [[0, 2], [0, 3], [0, 4], [2, 0], [2, 1], [2, 2], [2, 3], [2, 4], [2, 5]]
+    torch.testing.assert_close(kl_logits(p, q, positions), kl_logits(p[positions], q[positions]))
+    torch.testing.assert_close(symmetric_kl(p, q, positions), symmetric_kl(p[positions], q[positions]))
+    assert float(kl_logits(p, q, torch.zeros(3, 7, dtype=torch.bool))) == 0.0
+    with pytest.raises(ValueError, match="positions has shape"):
+        kl_logits(p, q, positions[:, :3])

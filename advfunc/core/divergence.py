@@ -12,7 +12,9 @@ from __future__ import annotations
 import torch
 
 
-def kl_logits(p_logits: torch.Tensor, q_logits: torch.Tensor) -> torch.Tensor:
+def kl_logits(
+    p_logits: torch.Tensor, q_logits: torch.Tensor, positions: torch.Tensor | None = None
+) -> torch.Tensor:
     """KL(p ‖ q) with p = softmax(p_logits), q = softmax(q_logits), averaged over positions.
 
     .. math::
@@ -25,7 +27,9 @@ def kl_logits(p_logits: torch.Tensor, q_logits: torch.Tensor) -> torch.Tensor:
     round-off makes negative are clamped at 0: they lie where p_c = q_c to float32
     precision, so their gradient is at round-off level too.
 
-    ``p_logits``, ``q_logits``: [..., C] of equal shape. Returns a 0-dim float32 tensor;
+    ``p_logits``, ``q_logits``: [..., C] of equal shape. ``positions``: [...] bool, the
+    positions that count (a causal LM's completion tokens, :func:`label_positions`); all
+    of them when None. Returns a 0-dim float32 tensor (0 when no position counts);
     gradients flow to both arguments (detach one to hold it fixed).
     """
     if p_logits.shape != q_logits.shape:
@@ -39,9 +43,32 @@ def kl_logits(p_logits: torch.Tensor, q_logits: torch.Tensor) -> torch.Tensor:
     q = log_q.exp()
     summands = p * (log_p - log_q) + (q - p)  # [..., C], each >= 0 in exact arithmetic
     per_position = summands.clamp_min(0).sum(dim=-1)  # [...]
-    return per_position.mean()
+    if positions is None:
+        return per_position.mean()
+    if positions.shape != per_position.shape:
+        raise ValueError(
+            f"positions has shape {tuple(positions.shape)}, the logits have positions {tuple(per_position.shape)}"
+        )
+    weights = positions.to(per_position.dtype)  # [...]
+    return (per_position * weights).sum() / weights.sum().clamp(min=1)
 
 
-def symmetric_kl(p_logits: torch.Tensor, q_logits: torch.Tensor) -> torch.Tensor:
+def symmetric_kl(
+    p_logits: torch.Tensor, q_logits: torch.Tensor, positions: torch.Tensor | None = None
+) -> torch.Tensor:
     """KL(p ‖ q) + KL(q ‖ p), the symmetric KL of SMART and R3F; >= 0, 0 at equal logits."""
-    return kl_logits(p_logits, q_logits) + kl_logits(q_logits, p_logits)
+    return kl_logits(p_logits, q_logits, positions) + kl_logits(q_logits, p_logits, positions)
+
+
+def label_positions(labels: torch.Tensor) -> torch.Tensor:
+    """[B, L] bool: the positions whose logits a causal LM's loss scores.
+
+    The logits at position t predict token t + 1, so t counts when ``labels[:, t + 1]``
+    is not −100: prompt, padding and the last position never count, as in the model's
+    own shifted cross-entropy.
+    """
+    if labels.dim() != 2:
+        raise ValueError(f"a causal LM's labels are [batch, seq], got shape {tuple(labels.shape)}")
+    counted = torch.zeros_like(labels, dtype=torch.bool)
+    counted[:, :-1] = labels[:, 1:] != -100
+    return counted
