@@ -310,7 +310,8 @@ BAD_FLAGS = [
     ["--method", "pgd:steps=0"],
     ["--method", "freelb:init_mag=-1"],
     ["--method", "free_at:replays=0"],
-    ["--method", "smart:beta=1"],
+    ["--method", "smart:beta=1.5"],
+    ["--method", "smart:beta=nan"],
 ]
 
 

@@ -213,3 +213,10 @@ def test_any_numeric_arguments_are_refused_by_name_or_give_finite_grads_or_skip(
 def test_train_config_refuses_every_bad_number_by_name(field, value):
     with pytest.raises(ValueError, match=field.replace("_", "-")):
         TrainConfig(**{field: value}).check()
+
+
+@pytest.mark.parametrize("loss_scale", [float("inf"), float("nan"), 0.0, -1.0])
+def test_a_loss_scale_that_is_not_a_finite_positive_number_is_refused(loss_scale):
+    model = tiny_model("bert")
+    with pytest.raises(ValueError, match="loss_scale must be a finite number > 0"):
+        advfunc.fgm(model)(advfunc.params_of(model), padded_batch("bert"), loss_scale=loss_scale)

@@ -6,6 +6,7 @@ checked once, completed with the model's own tensors, and the target's layout.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
@@ -212,6 +213,6 @@ def as_scale(loss_scale: float | torch.Tensor, device: torch.device) -> torch.Te
         if loss_scale.numel() != 1:
             raise ValueError(f"loss_scale must be a scalar, got a tensor of shape {tuple(loss_scale.shape)}")
         return loss_scale.detach().reshape(()).to(device=device, dtype=torch.float32)
-    if isinstance(loss_scale, bool) or not isinstance(loss_scale, (int, float)) or not loss_scale > 0:
-        raise ValueError(f"loss_scale must be a number > 0 (1.0 without mixed precision), got {loss_scale!r}")
+    if isinstance(loss_scale, bool) or not isinstance(loss_scale, (int, float)) or not 0 < loss_scale < math.inf:
+        raise ValueError(f"loss_scale must be a finite number > 0 (1.0 without mixed precision), got {loss_scale!r}")
     return torch.tensor(float(loss_scale), dtype=torch.float32, device=device)

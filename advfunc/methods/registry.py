@@ -182,8 +182,8 @@ def parse_method(text: str) -> MethodSpec:
 def _check_driver_option(method: str, key: str, value: Any) -> None:
     if key == "replays":
         require_steps(f"{method}: replays", value)
-    elif key == "beta" and not (math.isfinite(value) and 0 <= value < 1):
-        raise MethodError(f"{method}: beta must be a finite number in [0, 1) (the EMA teacher's decay), got {value!r}")
+    elif key == "beta" and not (math.isfinite(value) and 0 <= value <= 1):
+        raise MethodError(f"{method}: beta must be a finite number in [0, 1] (the EMA teacher's decay), got {value!r}")
 
 
 def _parse_value(method: str, hyper: Hyperparameter, text: str) -> Any:
