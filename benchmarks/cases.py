@@ -3,7 +3,7 @@
 An implementation (``impl``) is one of:
 
 - ``plain``: one ordinary forward + ``loss.backward()`` on the module (the unit of cost);
-- ``seed``: the imperative reference the parity tests use (``tests/seed_reference.py`` for
+- ``seed``: the imperative reference the parity tests use (``tests/classic_reference.py`` for
   FGM, PGD, FreeLB; ``tests/reference_methods.py`` for the other methods);
 - ``eager``: advfunc's pure step, ``compile=False``;
 - ``compiled``: advfunc's pure step, ``compile=True`` (methods whose factory takes ``compile``).
@@ -109,7 +109,7 @@ def _generator(workload: Workload, seed: int = 0) -> torch.Generator:
 
 
 def _seed_fgm(model: nn.Module, workload: Workload, hyper: dict[str, Any]) -> Callable[[Batch], None]:
-    from tests.seed_reference import FGM
+    from tests.classic_reference import FGM
 
     attack = FGM(model, emb_name=BERT_EMBEDDING_NAME, epsilon=hyper["epsilon"])
 
@@ -128,7 +128,7 @@ def _seed_fgm(model: nn.Module, workload: Workload, hyper: dict[str, Any]) -> Ca
 
 
 def _seed_pgd(model: nn.Module, workload: Workload, hyper: dict[str, Any]) -> Callable[[Batch], None]:
-    from tests.seed_reference import PGD
+    from tests.classic_reference import PGD
 
     attack = PGD(model, emb_name=BERT_EMBEDDING_NAME, epsilon=hyper["epsilon"], alpha=hyper["alpha"])
     steps = hyper["steps"]
@@ -153,7 +153,7 @@ def _seed_pgd(model: nn.Module, workload: Workload, hyper: dict[str, Any]) -> Ca
 
 
 def _seed_freelb(model: nn.Module, workload: Workload, hyper: dict[str, Any]) -> Callable[[Batch], None]:
-    from tests.seed_reference import seed_freelb_grads
+    from tests.classic_reference import classic_freelb_grads
 
     generator = _generator(workload)
 
@@ -161,7 +161,7 @@ def _seed_freelb(model: nn.Module, workload: Workload, hyper: dict[str, Any]) ->
         # BERT takes inputs_embeds, so this is the official FreeLB loop literally. Its
         # final copy of every gradient (for the parity tests) is part of the timing.
         with autocast_context(workload):
-            seed_freelb_grads(
+            classic_freelb_grads(
                 model,
                 batch,
                 hyper["steps"],
@@ -383,9 +383,13 @@ def build_step(method: str, model: nn.Module, workload: Workload, compiled: bool
     return factory(model, **kwargs)
 
 
-def _advfunc_runner(method: str, model: nn.Module, workload: Workload, compiled: bool) -> Callable[[Batch], None]:
+def _advfunc_runner(
+    method: str, model: nn.Module, workload: Workload, compiled: bool, passes_only: bool = False
+) -> Callable[[Batch], None]:
     spec = METHODS[method]
-    step = build_step(method, model, workload, compiled)
+    built = build_step(method, model, workload, compiled)
+    # passes_only: the method's passes without Step.__call__'s checks of the returned grads.
+    step = built.fn if passes_only else built
     if spec.extra == "teacher":
         # advfunc.teacher_of once exported; its module until then.
         teacher_of = getattr(advfunc, "teacher_of", None) or importlib.import_module("advfunc.teacher").teacher_of
@@ -422,8 +426,13 @@ def _plain(model: nn.Module, workload: Workload) -> Callable[[Batch], None]:
     return run
 
 
-def make_runner(method: str | None, impl: str, model: nn.Module, workload: Workload, batch: Batch) -> Runner:
-    """One training step of ``impl`` (``method`` None: the plain step) bound to ``batch``."""
+def make_runner(
+    method: str | None, impl: str, model: nn.Module, workload: Workload, batch: Batch, passes_only: bool = False
+) -> Runner:
+    """One training step of ``impl`` (``method`` None: the plain step) bound to ``batch``.
+
+    ``passes_only``: an advfunc step without ``Step.__call__``'s checks of its grads (diagnostic).
+    """
     if not has_impl(method, impl, workload):
         raise ValueError(f"no {impl!r} implementation of {method or 'plain'} on {workload.device}")
     if method is None:
@@ -432,7 +441,7 @@ def make_runner(method: str | None, impl: str, model: nn.Module, workload: Workl
         spec = METHODS[method]
         inner = spec.reference(model, workload, spec.hyper)
     else:
-        inner = _advfunc_runner(method, model, workload, compiled=impl == "compiled")
+        inner = _advfunc_runner(method, model, workload, compiled=impl == "compiled", passes_only=passes_only)
 
     def run() -> None:
         model.zero_grad(set_to_none=True)

@@ -18,6 +18,7 @@ happens inside the call. Variants:
 
 from __future__ import annotations
 
+import re
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -64,6 +65,26 @@ def default_lengths(length: int) -> list[int]:
     low = max(2, length // 4)
     drawn = torch.randint(low, length + 1, (7,), generator=generator).tolist()
     return [length, *drawn]
+
+
+def rotten_tomatoes_lengths(batch: int, count: int, cap: int, seed: int = 0) -> list[int]:
+    """Padded lengths of ``count`` batches of ``batch`` random Rotten Tomatoes snippets.
+
+    Each batch is padded to its longest example, as the CLI's loader does. A snippet's
+    length is its count of words and punctuation marks + 2 ([CLS], [SEP]): wordpiece
+    splits a few rare words further, and no tokenizer is downloaded. Capped at ``cap``.
+    The corpus is the CLI's default (``advfunc.app.data.rotten_tomatoes``).
+    """
+    from advfunc.app.data import rotten_tomatoes
+
+    texts = rotten_tomatoes().texts
+    generator = torch.Generator().manual_seed(seed)
+    lengths = []
+    for _ in range(count):
+        chosen = torch.randint(0, len(texts), (batch,), generator=generator).tolist()
+        longest = max(len(re.findall(r"\w+|[^\w\s]", texts[i])) + 2 for i in chosen)
+        lengths.append(min(longest, cap))
+    return lengths
 
 
 def _timed_pass(run: Callable[[Batch], None], batches: list[Batch], device: str) -> list[float]:

@@ -72,13 +72,15 @@ def _rss_mb() -> float:
     return kib / 1024
 
 
-def measure_cpu_in_this_process(method: str | None, impl: str, workload: Workload, calls: int) -> MemoryRecord:
+def measure_cpu_in_this_process(
+    method: str | None, impl: str, workload: Workload, calls: int, passes_only: bool = False
+) -> MemoryRecord:
     """Run the case here and report this process's peak RSS; meant for a fresh process."""
     model = build_model(workload)
     batch = make_batch(workload)
     gc.collect()
     base = _rss_mb()
-    run = make_runner(method, impl, model, workload, batch)
+    run = make_runner(method, impl, model, workload, batch, passes_only)
     run()  # warm-up: compiles a compiled step, allocates a method's persistent state
     model.zero_grad(set_to_none=True)
     gc.collect()
@@ -167,6 +169,9 @@ def main(argv: list[str] | None = None) -> MemoryRecord:
     parser.add_argument("--impl", default="plain")
     parser.add_argument("--calls", type=int, default=2, help="measured calls after one warm-up call")
     parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument(
+        "--passes-only", action="store_true", help="advfunc: the method's passes without Step's checks of the grads"
+    )
     args = parser.parse_args(argv)
     if args.threads is not None:
         torch.set_num_threads(args.threads)
@@ -176,7 +181,7 @@ def main(argv: list[str] | None = None) -> MemoryRecord:
     if torch.device(args.device).type == "cuda":
         record = measure_cuda(args.method, args.impl, workload, args.calls)
     else:
-        record = measure_cpu_in_this_process(args.method, args.impl, workload, args.calls)
+        record = measure_cpu_in_this_process(args.method, args.impl, workload, args.calls, args.passes_only)
     print(MARKER + json.dumps(asdict(record)), flush=True)
     return record
 

@@ -29,6 +29,8 @@ SHAPES = {
     # For the smoke test only: small enough to run every method in seconds.
     "tiny": ModelShape("tiny", layers=2, hidden=32, heads=4, intermediate=64),
     "minilm": ModelShape("minilm", layers=6, hidden=384, heads=12, intermediate=1536),
+    # Small enough that per-pass overhead (Python, leaves, hooks) shows beside the matmuls.
+    "small": ModelShape("small", layers=4, hidden=256, heads=4, intermediate=1024),
     "base": ModelShape("base", layers=12, hidden=768, heads=12, intermediate=3072),
 }
 VOCABS = (30_522, 250_002)

@@ -27,7 +27,7 @@ import torch._dynamo
 from torch.utils.benchmark import Compare, Measurement, Timer
 
 from benchmarks.cases import IMPLS, METHODS, Runner, available_methods, case_names, make_runner
-from benchmarks.dynamic import dynamic_study
+from benchmarks.dynamic import dynamic_study, rotten_tomatoes_lengths
 from benchmarks.memory import MemoryRecord, measure_cuda, measure_in_subprocess
 from benchmarks.report import environment, markdown, print_stdout, write_atomic, write_json
 from benchmarks.shapes import (
@@ -102,7 +102,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--dynamic", action="store_true", help="also run the dynamic sequence-length study")
     parser.add_argument("--dynamic-method", default="pgd", help="method of the dynamic study")
     parser.add_argument(
-        "--dynamic-lengths", default=None, help="comma list of lengths (default: 8 lengths in [L/4, L])"
+        "--dynamic-lengths",
+        default=None,
+        help="comma list of lengths, or 'rt': 8 batches of Rotten Tomatoes snippets (default: 8 in [L/4, L])",
     )
     parser.add_argument("--bucket", type=int, default=16, help="bucket multiple of the dynamic study")
     parser.add_argument("--note", default=None, help="a line to print at the top of the Markdown report")
@@ -259,7 +261,10 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         name, vocab = _csv(args.model)[0], int(_csv(args.vocab)[0])
         batch, length = _batches(args.batch_length, device)[0]
         workload = Workload(SHAPES[name], vocab, batch, length, device, autocast)
-        lengths = [int(v) for v in _csv(args.dynamic_lengths)] if args.dynamic_lengths else None
+        if args.dynamic_lengths == "rt":
+            lengths: list[int] | None = rotten_tomatoes_lengths(batch, 8, length)
+        else:
+            lengths = [int(v) for v in _csv(args.dynamic_lengths)] if args.dynamic_lengths else None
         torch._dynamo.reset()
         payload["dynamic"] = dynamic_study(workload, args.dynamic_method, lengths, args.bucket)
     text = markdown(payload)
