@@ -116,6 +116,13 @@ def test_a_header_naming_a_column_twice_is_an_error(tmp_path):
         load_file(path)
 
 
+def test_a_json_list_where_a_text_belongs_is_an_error(tmp_path):
+    path = tmp_path / "nested.jsonl"
+    path.write_text('{"text": "fine", "label": "pos"}\n{"text": ["a", "b"], "label": "neg"}\n', encoding="utf-8")
+    with pytest.raises(DataError, match=r"row 2: column 'text' holds a JSON list"):
+        load_file(path)
+
+
 def test_unreadable_csv_field_names_its_line(tmp_path):
     path = tmp_path / "huge.csv"
     path.write_text("text,label\ngood,pos\nbad,neg\n" + "x" * 200_000 + ",pos\n", encoding="utf-8")

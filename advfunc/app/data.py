@@ -109,6 +109,10 @@ def load_file(
             )
     texts, labels, pairs = [], [], []
     for number, row in enumerate(rows, start=1):
+        for _, column in wanted:
+            if isinstance(row.get(column), (list, dict)):  # JSON: the text of a list is not a text
+                kind = type(row[column]).__name__
+                raise DataError(f"data file {path}, row {number}: column {column!r} holds a JSON {kind}, not a value")
         text, label = _cell(row, text_column), _cell(row, label_column)
         if not text:
             raise DataError(f"data file {path}, row {number}: column {text_column!r} is empty")
