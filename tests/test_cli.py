@@ -51,22 +51,31 @@ def test_train_checkpoint_evaluate_compare(task, tmp_path, capsys):
     report_json = tmp_path / "eval.json"
     args = [*QUIET, "evaluate", "--model", str(out), "--data", str(task / "test.csv"), "--radii", "0.1", "0.5"]
     args += ["--attack-examples", "8", "--hotflip-budget", "1", "--output", str(report_json)]
+    args += ["--encoder", str(task / "model"), "--synonym-queries", "40", "--similarity", "0.5"]
     assert main(args) == 0
     result = json.loads(report_json.read_text())
     assert result["examples"] == 32 and result["attack_examples"] == 8
     assert set(result["robust"]) == {"0.1", "0.5"} and set(result["hotflip"]) == {"1"}
+    synonym = result["synonym"]
+    fields = {"clean_accuracy", "accuracy_under_attack", "success_rate", "changed_share", "queries", "examples"}
+    assert set(synonym) == fields
+    assert synonym["clean_accuracy"] == result["attack_clean_accuracy"]
+    assert 0 <= synonym["accuracy_under_attack"] <= synonym["clean_accuracy"] and 0 < synonym["queries"] <= 40
     assert json.loads(capsys.readouterr().out)["clean_accuracy"] == result["clean_accuracy"]
 
     folder = tmp_path / "report"
     args = [*QUIET, "compare", "--model", str(task / "model"), "--data", str(task / "all.csv")]
     args += ["--methods", "none", "fgm:epsilon=0.05", "--seeds", "0", "1", "--batch-size", "16", "--lr", "3e-3"]
     args += ["--radii", "0.1", "0.5", "--attack-examples", "8", "--hotflip-budget", "1", "--output", str(folder)]
+    args += ["--encoder", str(task / "model"), "--synonym-queries", "40"]
     assert main(args) == 0
     document = json.loads((folder / "results.json").read_text())
     assert len(document["runs"]) == 4 and document["info"]["finished_runs"] == 4
     assert set(document["summary"]) == {"none", "fgm(epsilon=0.05)"}
     table = (folder / "results.md").read_text()
     assert "| `none` | 2 |" in table and "±" in table and "PGD r=0.5" in table and "steps / s" in table
+    assert "synonym acc" in table and "synonym success" in table
+    assert all(run["eval"]["synonym"]["queries"] <= 40 for run in document["runs"])
     assert (folder / "accuracy_vs_radius.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert not [p for p in folder.rglob(".*")], "temporary files left behind"
 

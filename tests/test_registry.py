@@ -50,6 +50,7 @@ SPECS = {
     "fgm": "fgm:epsilon=0.1",
     "pgd": "pgd:epsilon=0.1,alpha=0.05,steps=2",
     "freelb": "freelb:steps=2,lr=0.01",
+    "neftune": "neftune:alpha=5",
     "vat": "vat:epsilon=0.1",
     "r3f": "r3f",
     "awp": "awp",

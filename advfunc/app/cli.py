@@ -37,6 +37,7 @@ import torch
 from advfunc.app import atomic, checkpoint, report
 from advfunc.app.data import DataError, Encoded, Labels, TextDataset, encode, fixed_split, load_file, rotten_tomatoes
 from advfunc.app.evaluate import AttackConfig, EvalResult, accuracy, evaluate
+from advfunc.app.synonym_attack import SynonymAttackConfig
 from advfunc.app.train import TrainConfig, TrainResult, train
 from advfunc.methods import registry
 
@@ -166,6 +167,24 @@ def _add_attack_flags(parser: argparse.ArgumentParser, preset: bool = False) -> 
     group.add_argument("--pgd-steps", type=COUNT, default=defaults.pgd_steps, help="PGD iterations per radius")
     group.add_argument("--hotflip-budget", type=NATURAL, default=defaults.hotflip_budget, help="max changed words")
     group.add_argument("--neighbours", type=COUNT, default=defaults.neighbours, help="HotFlip candidates per word")
+    synonym = SynonymAttackConfig()
+    group.add_argument("--no-synonym", action="store_true", help="skip the WordNet synonym-substitution attack")
+    group.add_argument(
+        "--synonym-change", type=FRACTION, default=synonym.max_change, help="max share of a text's words changed"
+    )
+    group.add_argument(
+        "--synonym-queries", type=COUNT, default=synonym.query_budget, help="synonym attack query budget per text"
+    )
+    group.add_argument(
+        "--synonym-candidates", type=COUNT, default=synonym.max_candidates, help="WordNet synonyms tried per word"
+    )
+    group.add_argument(
+        "--similarity", type=float, default=synonym.similarity, help="min cosine of the sentence embeddings"
+    )
+    group.add_argument(
+        "--word-order", choices=("delete", "gradient"), default=synonym.order, help="how words are ranked"
+    )
+    group.add_argument("--encoder", type=Path, default=None, help="sentence encoder folder (default: all-MiniLM-L6-v2)")
     group.add_argument(
         "--attack-examples",
         type=COUNT,
@@ -386,6 +405,16 @@ def _attack_config(args: argparse.Namespace, examples: int) -> AttackConfig:
         neighbours=args.neighbours,
         examples=examples,
         batch_size=getattr(args, "batch_size", None) or AttackConfig().batch_size,
+        synonym=None
+        if args.no_synonym
+        else SynonymAttackConfig(
+            max_candidates=args.synonym_candidates,
+            max_change=args.synonym_change,
+            query_budget=args.synonym_queries,
+            similarity=args.similarity,
+            order=args.word_order,
+        ),
+        encoder=None if args.encoder is None else str(args.encoder),
     )
     config.check()
     return config
@@ -403,7 +432,13 @@ def run_evaluate(args: argparse.Namespace) -> int:
     dataset = dataset.head(args.test_size)
     data = _encode(dataset, loaded, args.max_length)
     result = evaluate(
-        loaded.model, loaded.tokenizer, data, _attack_config(args, args.attack_examples), not args.no_progress
+        loaded.model,
+        loaded.tokenizer,
+        data,
+        _attack_config(args, args.attack_examples),
+        not args.no_progress,
+        texts=dataset.texts,
+        max_length=args.max_length,
     )
     document = {"model": str(args.model), "data": dataset.source, **result.as_dict()}
     text = json.dumps(document, indent=2)
@@ -482,7 +517,15 @@ def run_compare(args: argparse.Namespace) -> int:
         "attack": dataclasses.asdict(attack),
         "attack_text": (
             f"embedding-output L2 PGD, {attack.pgd_steps} steps, radii {list(attack.radii)}; HotFlip up to "
-            f"{attack.hotflip_budget} words among {attack.neighbours} embedding neighbours."
+            f"{attack.hotflip_budget} words among {attack.neighbours} embedding neighbours"
+            + (
+                ""
+                if attack.synonym is None
+                else f"; WordNet synonym substitution ({attack.synonym.order} word order, at most "
+                f"{attack.synonym.max_change:.0%} of the words, {attack.synonym.max_candidates} synonyms per word, "
+                f"{attack.synonym.query_budget} queries, sentence cosine >= {attack.synonym.similarity:g})"
+            )
+            + "."
         ),
         "majority_accuracy": max(test_set.labels.count(name) for name in set(test_set.labels)) / len(test_set),
         "methods": [spec.label for spec in methods],
@@ -517,7 +560,13 @@ def run_compare(args: argparse.Namespace) -> int:
             loaded = checkpoint.load(model_dir, labels)
             trained = train(loaded.model, loaded.tokenizer, train_data, config, progress=not args.no_progress)
             evaluated: EvalResult = evaluate(
-                loaded.model, loaded.tokenizer, test_data, attack, progress=not args.no_progress
+                loaded.model,
+                loaded.tokenizer,
+                test_data,
+                attack,
+                progress=not args.no_progress,
+                texts=test_set.texts,
+                max_length=args.max_length,
             )
             run = {
                 "method": spec.label,

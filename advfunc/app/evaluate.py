@@ -10,6 +10,7 @@ in a fixed pseudo-random order), clean accuracy on the whole set.
 
 from __future__ import annotations
 
+import functools
 import logging
 import time
 from collections.abc import Mapping, Sequence
@@ -20,9 +21,13 @@ import torch
 from torch import nn
 
 from advfunc import attacks
+from advfunc.app import checkpoint
 from advfunc.app.data import Encoded, evaluation_batches
 from advfunc.app.progress import Progress
+from advfunc.app.synonym_attack import AttackSummary, SynonymAttackConfig, attack_text
+from advfunc.app.victim import SentenceEncoder, Victim
 from advfunc.app.word_attacks import WordVocabulary, hotflip
+from advfunc.app.wordnet import WordNet
 from advfunc.core.arguments import require_positive, require_steps
 from advfunc.core.model import PerturbedModel, logits_of
 from advfunc.core.params import params_of
@@ -42,6 +47,8 @@ class AttackConfig:
     neighbours: int = 50
     examples: int = 256
     batch_size: int = 32
+    synonym: SynonymAttackConfig | None = field(default_factory=SynonymAttackConfig)  # None: not run
+    encoder: str | None = None  # the similarity constraint's sentence encoder; None: all-MiniLM-L6-v2
 
     def check(self) -> None:
         """Raise ``ValueError`` naming the first setting that is not a finite number in its range."""
@@ -53,6 +60,8 @@ class AttackConfig:
             require_steps(name.replace("_", "-"), getattr(self, name))
         if isinstance(self.hotflip_budget, bool) or not isinstance(self.hotflip_budget, int) or self.hotflip_budget < 0:
             raise ValueError(f"hotflip-budget must be an integer >= 0, got {self.hotflip_budget!r}")
+        if self.synonym is not None:
+            self.synonym.check()
 
 
 @dataclass
@@ -65,6 +74,7 @@ class EvalResult:
     attack_clean_accuracy: float
     robust: dict[float, float] = field(default_factory=dict)  # radius -> accuracy
     hotflip: dict[int, float] = field(default_factory=dict)  # changed tokens -> accuracy
+    synonym: dict[str, Any] | None = None  # the synonym attack's summary (AttackSummary's fields)
     seconds: float = 0.0
 
     def as_dict(self) -> dict[str, Any]:
@@ -198,10 +208,58 @@ def hotflip_accuracy(
     return {b: survived[b] / len(data) for b in range(budget + 1)}
 
 
+@functools.cache
+def _wordnet() -> WordNet:
+    return WordNet()  # a few seconds to parse: once per process
+
+
+@functools.cache
+def _sentence_encoder(folder: str, max_length: int) -> SentenceEncoder:
+    return SentenceEncoder(folder, max_length)
+
+
+def synonym_attack(
+    model: nn.Module,
+    tokenizer: Any,
+    texts: Sequence[str],
+    labels: Sequence[int],
+    config: SynonymAttackConfig,
+    max_length: int,
+    encoder: str | None = None,
+    progress: bool = False,
+) -> AttackSummary:
+    """The synonym-substitution attack (:mod:`advfunc.app.synonym_attack`) on each (text, label).
+
+    The similarity constraint embeds texts with ``encoder`` (a folder; all-MiniLM-L6-v2,
+    mean-pooled, when None).
+    """
+    config.check()
+    victim = Victim(model, tokenizer, max_length)
+    encode = _sentence_encoder(str(encoder if encoder is not None else checkpoint.default_model_dir()), max_length)
+    wordnet = _wordnet()
+    importance = victim.gradient_importance if config.order == "gradient" else None
+    results = []
+    with _EvalMode(model), Progress(len(texts), "attack synonyms", progress) as bar:
+        for text, label in zip(texts, labels, strict=True):
+            results.append(attack_text(text, int(label), victim, encode, wordnet, config, importance))
+            bar.update()
+    return AttackSummary.of(results)
+
+
 def evaluate(
-    model: nn.Module, tokenizer: Any, data: Encoded, config: AttackConfig, progress: bool = True
+    model: nn.Module,
+    tokenizer: Any,
+    data: Encoded,
+    config: AttackConfig,
+    progress: bool = True,
+    texts: Sequence[str] | None = None,
+    max_length: int = 64,
 ) -> EvalResult:
-    """Clean accuracy on ``data``; both attacks on its first ``config.examples`` examples."""
+    """Clean accuracy on ``data``; the attacks on its first ``config.examples`` examples.
+
+    The synonym attack needs the raw ``texts`` of ``data`` (same order); it is skipped
+    when they are not given or ``config.synonym`` is None.
+    """
     config.check()
     started = time.perf_counter()
     clean = accuracy(model, data, max(config.batch_size, 64), progress)
@@ -210,6 +268,14 @@ def evaluate(
     flipped = hotflip_accuracy(
         model, tokenizer, subset, config.hotflip_budget, config.neighbours, config.batch_size, progress
     )
+    synonym = None
+    if config.synonym is not None and texts is not None:
+        if len(texts) != len(data):
+            raise ValueError(f"{len(texts)} texts for {len(data)} encoded examples; pass the data set's own texts")
+        summary = synonym_attack(
+            model, tokenizer, texts[: len(subset)], subset.labels, config.synonym, max_length, config.encoder, progress
+        )
+        synonym = asdict(summary)
     result = EvalResult(
         clean_accuracy=clean,
         examples=len(data),
@@ -217,6 +283,7 @@ def evaluate(
         attack_clean_accuracy=subset_clean,
         robust=robust,
         hotflip={b: a for b, a in flipped.items() if b > 0},
+        synonym=synonym,
         seconds=time.perf_counter() - started,
     )
     log.info(

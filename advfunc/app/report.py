@@ -33,6 +33,12 @@ def _metrics(run: Mapping[str, Any]) -> dict[str, float]:
     }
     flat.update({f"pgd@{r}": a for r, a in evaluation["robust"].items()})
     flat.update({f"hotflip@{b}": a for b, a in evaluation["hotflip"].items()})
+    synonym = evaluation.get("synonym")
+    if synonym is not None:
+        flat["synonym"] = synonym["accuracy_under_attack"]
+        flat["synonym_success"] = synonym["success_rate"]
+        flat["synonym_changed"] = synonym["changed_share"]
+        flat["synonym_queries"] = synonym["queries"]
     if run.get("validation_accuracy") is not None:
         flat["validation"] = run["validation_accuracy"]
     return flat
@@ -69,7 +75,8 @@ def markdown(
     radii = [str(r) for r in info["attack"]["radii"]]
     budgets = [str(b) for b in range(1, info["attack"]["hotflip_budget"] + 1)]
     head = ["method", "seeds", "clean acc (test)", *[f"PGD r={r}" for r in radii]]
-    head += [f"HotFlip ≤{b}" for b in budgets] + ["s / step", "steps / s"]
+    head += [f"HotFlip ≤{b}" for b in budgets]
+    head += ["synonym acc", "synonym success", "words changed", "queries", "s / step", "steps / s"]
     lines = [
         f"# advfunc compare: {info['title']}",
         "",
@@ -92,6 +99,8 @@ def markdown(
         row = [f"`{method}`", str(seeds), _cell(stats.get("clean"))]
         row += [_cell(stats.get(f"pgd@{r}")) for r in radii]
         row += [_cell(stats.get(f"hotflip@{b}")) for b in budgets]
+        row += [_cell(stats.get(key)) for key in ("synonym", "synonym_success", "synonym_changed")]
+        row += [_cell(stats.get("synonym_queries"), 1)]
         row += [_cell(stats.get("time_per_step"), 2), _cell(stats.get("steps_per_second"), 2)]
         lines.append("| " + " | ".join(row) + " |")
     lines.append("")
@@ -108,6 +117,15 @@ def markdown(
                 else "Every run is above it."
             )
         )
+        lines.append("")
+    examples = [(r, e) for r in runs for e in (r["eval"].get("synonym") or {}).get("examples", [])][:5]
+    if examples:
+        lines += ["Successful synonym substitutions (original → changed, label → prediction):", ""]
+        for run, example in examples:
+            lines.append(
+                f'- `{run["method"]}` seed {run["seed"]}: "{example["original"]}" → "{example["adversarial"]}" '
+                f"({', '.join(example['changes'])}; label {example['label']} → {example['prediction']})"
+            )
         lines.append("")
     return "\n".join(lines)
 

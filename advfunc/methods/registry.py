@@ -23,6 +23,7 @@ from advfunc.methods.awp import awp
 from advfunc.methods.fgm import fgm
 from advfunc.methods.free_at import free_at
 from advfunc.methods.freelb import freelb
+from advfunc.methods.neftune import neftune
 from advfunc.methods.pgd import pgd
 from advfunc.methods.plain import plain
 from advfunc.methods.r3f import r3f
@@ -52,6 +53,7 @@ METHODS: dict[str, Method] = {
     "fgm": Method(fgm),
     "pgd": Method(pgd),
     "freelb": Method(freelb),
+    "neftune": Method(neftune),
     "vat": Method(vat),
     "r3f": Method(r3f),
     "awp": Method(awp),
