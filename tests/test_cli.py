@@ -67,7 +67,7 @@ def test_train_checkpoint_evaluate_compare(task, tmp_path, capsys):
     args = [*QUIET, "compare", "--model", str(task / "model"), "--data", str(task / "all.csv")]
     args += ["--methods", "none", "fgm:epsilon=0.05", "--seeds", "0", "1", "--batch-size", "16", "--lr", "3e-3"]
     args += ["--radii", "0.1", "0.5", "--attack-examples", "8", "--hotflip-budget", "1", "--output", str(folder)]
-    args += ["--encoder", str(task / "model"), "--synonym-queries", "40"]
+    args += ["--encoder", str(task / "model"), "--synonym-queries", "40", "--synonym"]
     assert main(args) == 0
     document = json.loads((folder / "results.json").read_text())
     assert len(document["runs"]) == 4 and document["info"]["finished_runs"] == 4
