@@ -41,6 +41,7 @@ class TrainConfig:
     batch_size: int = 32
     grad_accum: int = 1
     lr: float = 5e-5
+    head_lr: float | None = None  # the task head's peak learning rate; None: lr
     warmup_ratio: float = 0.1
     weight_decay: float = 0.01
     max_grad_norm: float = 1.0  # 0 turns clipping off
@@ -54,6 +55,8 @@ class TrainConfig:
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name.replace('_', '-')} must be an integer >= 1, got {value!r}")
         require_positive("lr", self.lr)
+        if self.head_lr is not None:
+            require_positive("head-lr", self.head_lr)
         if not require_non_negative("warmup-ratio", self.warmup_ratio) < 1:
             raise ValueError(f"warmup-ratio must be a finite number in [0, 1), got {self.warmup_ratio!r}")
         require_non_negative("weight-decay", self.weight_decay)
@@ -103,17 +106,33 @@ def linear_schedule(warmup: int, total: int) -> Callable[[int], float]:
     return factor
 
 
-def make_optimizer(model: nn.Module, lr: float, weight_decay: float) -> torch.optim.AdamW:
-    """AdamW over the trainable parameters; no decay on biases and LayerNorm weights (BERT recipe)."""
+def make_optimizer(model: nn.Module, lr: float, weight_decay: float, head_lr: float | None = None) -> torch.optim.AdamW:
+    """AdamW over the trainable parameters; no decay on biases and LayerNorm weights (BERT recipe).
+
+    The task head (the parameters outside ``model.base_model``: a classifier initialised
+    at random when fine-tuning starts) learns at ``head_lr`` (None: ``lr``). Adam moves
+    each weight by about its learning rate per step, so a random head at an encoder's
+    rate of 2e-4 barely turns in a few dozen steps and the model answers one class; the
+    short comparison gives it 1e-2.
+    """
     norm_params = {id(p) for module in model.modules() if isinstance(module, nn.LayerNorm) for p in module.parameters()}
-    decay: list[nn.Parameter] = []
-    no_decay: list[nn.Parameter] = []
+    base = getattr(model, "base_model", model)
+    body = {id(p) for p in base.parameters()} if isinstance(base, nn.Module) and base is not model else None
+    groups: dict[tuple[bool, bool], list[nn.Parameter]] = {}
     for name, param in model.named_parameters():
         if not param.requires_grad:
             continue
-        (no_decay if name.endswith("bias") or id(param) in norm_params else decay).append(param)
-    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    return torch.optim.AdamW([g for g in groups if g["params"]], lr=lr)
+        decays = not (name.endswith("bias") or id(param) in norm_params)
+        in_head = body is not None and id(param) not in body
+        groups.setdefault((decays, in_head), []).append(param)
+    head = lr if head_lr is None else head_lr
+    return torch.optim.AdamW(
+        [
+            {"params": params, "weight_decay": weight_decay if decays else 0.0, "lr": head if in_head else lr}
+            for (decays, in_head), params in groups.items()
+        ],
+        lr=lr,
+    )
 
 
 def refuse_non_finite(spec: MethodSpec, grads: Grads) -> None:
@@ -232,7 +251,7 @@ class Loop:
         self.config = config
         self.model = model
         self.params = params_of(model)  # shares storage: the optimizer's in-place updates show through
-        self.optimizer = make_optimizer(model, config.lr, config.weight_decay)
+        self.optimizer = make_optimizer(model, config.lr, config.weight_decay, config.head_lr)
         self.trainable = [p for p in model.parameters() if p.requires_grad]
         # The loop holds the method's generator so that a checkpoint can carry its state:
         # re-seeding it on resume would repeat the noise of the first steps.
