@@ -185,6 +185,7 @@ class Engine:
         scale: torch.Tensor | None = None,
         accumulate_into: Params | None = None,
         reference: torch.Tensor | None = None,
+        final: bool = True,
     ) -> Pass:
         """One forward+backward: ∂(scale·L(θ, δ))/∂θ for the trainable θ (and ∂/∂δ if asked).
 
@@ -194,43 +195,59 @@ class Engine:
         mixed-precision loss scale. With ``accumulate_into`` (the step's own gradient
         buffers from an earlier pass), the parameter gradients are added into those
         buffers, which are returned: each parameter's gradient is added as soon as
-        backward produces it (compiled: inside the compiled graph), and the embedding
-        matrix's gradient is added by rows (:meth:`rows_name`), so a step holds one
-        gradient dict and one [V, H] buffer. Cost: one forward + one backward.
+        backward produces it (compiled: inside the compiled graph), so a step holds one
+        gradient dict. The embedding matrix W, when taken by rows (:meth:`rows_name`),
+        gets ∂L/∂(W[ids]) [B, L, H]; ``final=False`` leaves W's entry in that form for a
+        later pass of the same call to add into, and the final pass adds the sum by token
+        id into W's [V, H] gradient, after the earlier passes' activations are gone: the
+        step's only vocabulary-sized tensor. Cost: one forward + one backward.
         """
         scale = call.scale if scale is None else scale
         rows = self.rows_name(call)
+        into = accumulate_into
         if self.compiled:
             fn = self._compiled_full(with_delta_grad, rows)
             leaves = {n: call.params[n] for n in call.trainable if n != rows}
             probe = self.model.probe(call.kwargs["input_ids"]) if rows else None
-            loss, logits, param_grads, delta_grads = fn(
-                leaves, probe, delta, call.params, call.kwargs, call.layout, scale, accumulate_into, reference
+            others = None if into is None else {n: t for n, t in into.items() if n != rows}
+            loss, logits, param_grads, at_output, delta_grads = fn(
+                leaves, probe, delta, call.params, call.kwargs, call.layout, scale, others, reference
             )
-            return Pass(loss, logits, {n: param_grads[n] for n in call.trainable}, delta_grads)
-        leaves = {n: call.params[n].detach().requires_grad_(True) for n in call.trainable if n != rows}
-        if accumulate_into is not None:
-            for name, leaf in leaves.items():
-                # The hook's result is what autograd.grad captures: the buffer itself, so
-                # the fresh gradient is freed right after it is added.
-                leaf.register_hook(accumulate_into[name].add_)
-        probe = self.model.probe(call.kwargs["input_ids"]).requires_grad_(True) if rows else None
-        probes = [] if probe is None else [probe]
-        delta_in = {k: v.detach().requires_grad_(with_delta_grad) for k, v in delta.items()}
-        loss, outputs = self.objective({**call.params, **leaves}, call.kwargs, call.layout, delta_in, probe, reference)
-        wrt = [*leaves.values(), *probes, *(delta_in.values() if with_delta_grad else ())]
-        grads = torch.autograd.grad(loss * scale, wrt, allow_unused=True, materialize_grads=True)
-        # An unused parameter's hook never runs; its buffer already holds the right sum.
-        param_grads = (
-            dict(accumulate_into)
-            if accumulate_into is not None
-            else owned(dict(zip(leaves, grads[: len(leaves)], strict=True)))
-        )
+        else:
+            leaves = {n: call.params[n].detach().requires_grad_(True) for n in call.trainable if n != rows}
+            if into is not None:
+                for name, leaf in leaves.items():
+                    # The hook's result is what autograd.grad captures: the buffer itself, so
+                    # the fresh gradient is freed right after it is added.
+                    leaf.register_hook(into[name].add_)
+            probe = self.model.probe(call.kwargs["input_ids"]).requires_grad_(True) if rows else None
+            probes = [] if probe is None else [probe]
+            delta_in = {k: v.detach().requires_grad_(with_delta_grad) for k, v in delta.items()}
+            loss, outputs = self.objective(
+                {**call.params, **leaves}, call.kwargs, call.layout, delta_in, probe, reference
+            )
+            wrt = [*leaves.values(), *probes, *(delta_in.values() if with_delta_grad else ())]
+            grads = torch.autograd.grad(loss * scale, wrt, allow_unused=True, materialize_grads=True)
+            # An unused parameter's hook never runs; its buffer already holds the right sum.
+            named = grads[: len(leaves)]
+            param_grads = dict(into) if into is not None else owned(dict(zip(leaves, named, strict=True)))
+            at_output = grads[len(leaves)] if rows else None
+            at_delta = grads[len(leaves) + len(probes) :]
+            delta_grads = dict(zip(delta_in, at_delta, strict=True)) if with_delta_grad else {}
+            loss, logits = loss.detach(), _logits(outputs)
         if rows:
-            into = None if accumulate_into is None else accumulate_into[rows]
-            param_grads[rows] = self.model.rows_gradient(call.kwargs["input_ids"], grads[len(leaves)], into)
-        delta_grads = dict(zip(delta_in, grads[len(leaves) + len(probes) :], strict=True)) if with_delta_grad else {}
-        return Pass(loss.detach(), _logits(outputs), {n: param_grads[n] for n in call.trainable}, delta_grads)
+            assert at_output is not None
+            param_grads[rows] = self._add_rows(call, at_output, None if into is None else into[rows], final)
+        return Pass(loss, logits, {n: param_grads[n] for n in call.trainable}, delta_grads)
+
+    def _add_rows(self, call: Call, at_output: torch.Tensor, into: torch.Tensor | None, final: bool) -> torch.Tensor:
+        """W's entry after a pass: the running ∂L/∂(W[ids]) [B, L, H], or (``final``) W's [V, H] gradient."""
+        ids = call.kwargs["input_ids"]
+        if into is not None and into.dim() == 2:  # an earlier pass already formed [V, H]: add by rows
+            return self.model.rows_gradient(ids, at_output, into)
+        # The clone: autograd may hand the same tensor to another input (the offset's δ).
+        pending = at_output.clone() if into is None else into.add_(at_output)  # [B, L, H]
+        return self.model.rows_gradient(ids, pending, None) if final else pending
 
     def delta_only(
         self,
@@ -291,17 +308,15 @@ class Engine:
                 scale: torch.Tensor,
                 into: Params | None,
                 reference: torch.Tensor | None,
-            ) -> tuple[torch.Tensor, torch.Tensor | None, Params, Delta]:
+            ) -> tuple[torch.Tensor, torch.Tensor | None, Params, torch.Tensor | None, Delta]:
                 grads, (_, (loss, logits)) = differentiate(
                     leaves, probe, delta, params, kwargs, layout, scale, reference
                 )
                 param_grads = dict(grads[0])
                 if into is not None:
                     param_grads = {n: into[n].add_(g) for n, g in param_grads.items()}
-                if rows:
-                    buffer = None if into is None else into[rows]
-                    param_grads[rows] = self.model.rows_gradient(kwargs["input_ids"], grads[1], buffer)
-                return loss, logits, param_grads, grads[-1] if with_delta_grad else {}
+                at_output = grads[1] if rows else None  # [B, L, H]: added into W's entry outside
+                return loss, logits, param_grads, at_output, grads[-1] if with_delta_grad else {}
 
             self._full_cache[key] = torch.compile(full_pass, fullgraph=True)
         return self._full_cache[key]

@@ -65,8 +65,11 @@ def freelb(
         total: Grads = {}
         losses = []
         with attack.perturbed.hooked(count=not attack.compiled) as calls:
-            for _ in range(steps):
-                at = engine.full(call, delta, with_delta_grad=True, scale=scale, accumulate_into=total or None)
+            for t in range(steps):
+                last = t == steps - 1  # the embedding gradient stays [B, L, H] until then
+                at = engine.full(
+                    call, delta, with_delta_grad=True, scale=scale, accumulate_into=total or None, final=last
+                )
                 check_hook_fired(calls, target)
                 total = at.param_grads
                 losses.append(at.loss)

@@ -31,7 +31,8 @@ def clean_and_adversarial(method: str, attack: Attack, passes: int) -> Step:
     ) -> tuple[Grads, StepOutput]:
         call = prepare(attack.model, attack.perturbed, target, params, batch, loss_scale)
         with attack.perturbed.hooked(count=not attack.compiled) as calls:
-            clean = engine.full(call, call.zeros(target), with_delta_grad=True)
+            # final=False: the embedding gradient stays [B, L, H] until the adversarial pass ends.
+            clean = engine.full(call, call.zeros(target), with_delta_grad=True, final=False)
             check_hook_fired(calls, target)
             delta, skipped = attack.run(call, clean.delta_grads)
             adv = engine.full(call, delta, with_delta_grad=False, accumulate_into=clean.param_grads)

@@ -87,7 +87,7 @@ def vat(
             # p is held fixed, so ∇_θ L and ∇_θ KL are separate backwards: the clean graph is
             # freed before the power iteration, as in the imperative loop.
             if supervised:
-                first = engine.full(call, call.zeros(target), with_delta_grad=False)
+                first = engine.full(call, call.zeros(target), with_delta_grad=False, final=False)
                 clean_loss, clean, buffers = first.loss, logits_of(first), first.param_grads  # a Pass has .logits
             else:
                 with torch.no_grad():
