@@ -220,3 +220,29 @@ def test_a_loss_scale_that_is_not_a_finite_positive_number_is_refused(loss_scale
     model = tiny_model("bert")
     with pytest.raises(ValueError, match="loss_scale must be a finite number > 0"):
         advfunc.fgm(model)(advfunc.params_of(model), padded_batch("bert"), loss_scale=loss_scale)
+
+
+def test_the_finiteness_check_sees_nan_and_both_infinities_without_a_gradient_sized_temporary():
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from advfunc.core.step import all_finite
+
+    class Largest(TorchDispatchMode):
+        def __init__(self) -> None:
+            super().__init__()
+            self.largest = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            if isinstance(out, torch.Tensor):
+                self.largest = max(self.largest, out.numel())
+            return out
+
+    grads = {"big": torch.randn(300, 64), "small": torch.randn(3), "empty": torch.zeros(0)}
+    with Largest() as seen:
+        assert bool(all_finite(grads))
+    assert seen.largest < 64, "the check allocated a gradient-sized tensor"
+    for bad in (float("nan"), float("inf"), float("-inf")):
+        broken = {k: v.clone() for k, v in grads.items()}
+        broken["big"][7, 5] = bad
+        assert not bool(all_finite(broken)), bad
