@@ -1,9 +1,9 @@
-"""Benchmarks of advfunc's steps against a plain step and the seed's imperative classes.
+"""Benchmarks of advfunc's steps against a plain step and the classic imperative classes.
 
 Entry points (run from the repository root, so ``tests`` is importable for the references):
 
 - ``python -m benchmarks.step``: timing table, ratios to the plain step, pass-count floors,
-  peak memory, optionally the dynamic-sequence-length study (SPEC §5, issue 5).
+  peak memory, optionally the dynamic-sequence-length study.
 - ``python -m benchmarks.memory``: one case's peak memory in a fresh process (called by
   ``benchmarks.step`` on CPU, one subprocess per case).
 - ``python -m benchmarks.profile``: ``torch.profiler`` top-ops tables of a plain step and

@@ -11,7 +11,7 @@ An implementation (``impl``) is one of:
 Every callable is one training step up to ``optimizer.step()``: it starts from
 ``model.zero_grad(set_to_none=True)`` (what a loop's ``optimizer.zero_grad()`` does) and
 leaves the gradient in ``p.grad`` (advfunc through ``advfunc.set_grads``), so the plain
-step, the seed and advfunc do the same work around the method itself.
+step, the classic implementation and advfunc do the same work around the method itself.
 """
 
 from __future__ import annotations
@@ -33,13 +33,13 @@ from benchmarks.shapes import Workload
 Runner = Callable[[], None]
 Batch = Mapping[str, torch.Tensor]
 IMPLS = ("plain", "seed", "eager", "compiled")
-# The seed's classes find the embedding matrix by this substring of its parameter name.
+# The classic classes find the embedding matrix by this substring of its parameter name.
 BERT_EMBEDDING_NAME = "word_embeddings"
 
 
 @dataclass(frozen=True)
 class Floor:
-    """A method's pass-count floor (SPEC §5) in passes of the plain step's kind.
+    """A method's pass-count floor (its forward+backward passes) in passes of the plain step's kind.
 
     ``delta_only``: passes that differentiate the perturbation only (no parameter
     gradient); ``forward_only``: passes with no backward at all (SMART's teacher).

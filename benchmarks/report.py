@@ -79,7 +79,7 @@ def _table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> list[str]:
 
 
 def _summary_rows(rows: list[dict[str, Any]], impls: Sequence[str]) -> list[list[Any]]:
-    """One line per method: floor, each implementation's ratio, advfunc against the seed."""
+    """One line per method: floor, each implementation's ratio, advfunc against the classic implementation."""
     by_method: dict[str, dict[str, dict[str, Any]]] = {}
     for row in rows:
         if row["method"] != "plain":
@@ -116,7 +116,7 @@ def markdown(payload: dict[str, Any]) -> str:
         f"- timing: `torch.utils.benchmark.Timer.blocked_autorange`, {meta['settings']['repeats']} interleaved "
         f"rounds of min_run_time={meta['settings']['min_run_time']} s after {meta['settings']['warmup']} warm-up "
         "call(s); medians. Ratios are to the plain step (forward + `loss.backward()`) of the same run.",
-        "- floor: SPEC §5 pass count (full = forward+backward with parameter gradients, δ-only = forward + "
+        "- floor: the method's pass count (full = forward+backward with parameter gradients, δ-only = forward + "
         "backward to the perturbation only, fwd-only = forward without backward); in brackets the floor in "
         "plain steps, counting a δ-only pass as 2/3 and a forward-only pass as 1/3 of a plain step "
         "(forward 1 unit, backward 2).",

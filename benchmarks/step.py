@@ -1,4 +1,4 @@
-"""Time every advfunc method against a plain step and the seed's imperative implementation.
+"""Time every advfunc method against a plain step and its classic imperative implementation.
 
 ``python -m benchmarks.step --out benchmarks/results/cpu`` (run from the repository root).
 For each workload (shape × vocabulary × batch) it builds one random BERT classifier and,
@@ -6,7 +6,7 @@ in one process, interleaves round by round: the plain step, then for each method
 imperative reference (``seed``), advfunc eager and advfunc compiled. Each round times each
 case with ``torch.utils.benchmark.Timer.blocked_autorange``; the rounds of a case are
 merged and its median is reported as a ratio to the plain step's median, beside the
-method's pass-count floor (SPEC §5). Peak memory is measured per case afterwards (CPU: a
+method's pass-count floor (its forward+backward passes). Peak memory is measured per case afterwards (CPU: a
 fresh process per case). Outputs ``step.json`` and ``step.md`` in ``--out``, both written
 atomically.
 """
