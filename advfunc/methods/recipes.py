@@ -32,9 +32,11 @@ def clean_and_adversarial(method: str, attack: Attack, passes: int) -> Step:
         call = prepare(attack.model, attack.perturbed, target, params, batch, loss_scale)
         with attack.perturbed.hooked(count=not attack.compiled) as calls:
             # final=False: the embedding gradient stays [B, L, H] until the adversarial pass ends.
-            clean = engine.full(call, call.zeros(target), with_delta_grad=True, final=False)
+            zero = call.zeros(target)
+            clean = engine.full(call, zero, with_delta_grad=True, final=False)
             check_hook_fired(calls, target)
-            delta, skipped = attack.run(call, clean.delta_grads)
+            # The rules of these methods start at δ = 0: the clean pass's zeros are that start.
+            delta, skipped = attack.run(call, clean.delta_grads, start=zero)
             adv = engine.full(call, delta, with_delta_grad=False, accumulate_into=clean.param_grads)
         grads = adv.param_grads  # clean + adversarial, summed in the clean pass's buffers
         return grads, report(target, call.layout, delta, clean.loss, adv.loss, skipped, clean.logits)
