@@ -159,6 +159,7 @@ def main() -> None:
         print(
             f"{world} ranks, {args.method}, {args.precision}: {per_step * 1000:.0f} ms/step, replicas agree: {in_sync}"
         )
+    dist.barrier()  # no rank tears its gloo pairs down while a peer still talks to it
     dist.destroy_process_group()
     if not in_sync:
         raise SystemExit("replicas drifted apart")
