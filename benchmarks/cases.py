@@ -6,7 +6,9 @@ An implementation (``impl``) is one of:
 - ``seed``: the imperative reference the parity tests use (``tests/classic_reference.py`` for
   FGM, PGD, FreeLB; ``tests/reference_methods.py`` for the other methods);
 - ``eager``: advfunc's pure step, ``compile=False``;
-- ``compiled``: advfunc's pure step, ``compile=True`` (methods whose factory takes ``compile``).
+- ``compiled``: advfunc's pure step, ``compile=True`` (methods whose factory takes ``compile``);
+- ``baseline``: another revision's eager step (``python -m benchmarks.step --baseline REV``), to
+  show a change made no method slower, measured in the same process as this checkout's.
 
 Every callable is one training step up to ``optimizer.step()``: it starts from
 ``model.zero_grad(set_to_none=True)`` (what a loop's ``optimizer.zero_grad()`` does) and
@@ -22,6 +24,7 @@ import importlib
 import inspect
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
+from types import ModuleType
 from typing import Any
 
 import torch
@@ -322,17 +325,18 @@ METHODS: dict[str, MethodSpec] = {
 # ---------------------------------------------------------------------------- advfunc
 
 
-def factory_of(method: str) -> Callable[..., advfunc.Step] | None:
-    """advfunc's factory for ``method``: ``advfunc.<method>``, else ``advfunc.methods.<method>``.
+def factory_of(method: str, lib: ModuleType = advfunc) -> Callable[..., advfunc.Step] | None:
+    """``lib``'s factory for ``method``: ``lib.<method>``, else ``lib.methods.<method>``.
 
+    ``lib`` is this checkout's advfunc or another revision's (:mod:`benchmarks.baseline`).
     The fallback finds a method whose module exists before it is exported. None when
-    neither exists (the method is not in this checkout).
+    neither exists (the method is not in that revision).
     """
-    found = getattr(advfunc, method, None)
+    found = getattr(lib, method, None)
     if callable(found):
         return found
     try:
-        module = importlib.import_module(f"advfunc.methods.{method}")
+        module = importlib.import_module(f"{lib.__name__}.methods.{method}")
     except ModuleNotFoundError:
         return None
     found = getattr(module, method, None)
@@ -349,16 +353,18 @@ def available_methods(requested: list[str] | None = None) -> tuple[list[str], li
     return present, [m for m in wanted if m not in present]
 
 
-def supports_compile(method: str) -> bool:
-    """Whether the method's factory takes ``compile=``."""
-    factory = factory_of(method)
+def supports_compile(method: str, lib: ModuleType = advfunc) -> bool:
+    """Whether the method's factory in ``lib`` takes ``compile=``."""
+    factory = factory_of(method, lib)
     return factory is not None and "compile" in inspect.signature(factory).parameters
 
 
-def has_impl(method: str | None, impl: str, workload: Workload) -> bool:
+def has_impl(method: str | None, impl: str, workload: Workload, baseline: ModuleType | None = None) -> bool:
     """Whether ``impl`` exists for ``method`` on the workload's device (None: the plain step)."""
     if method is None:
         return impl == "plain"
+    if impl == "baseline":
+        return baseline is not None and factory_of(method, baseline) is not None
     if impl == "seed":
         return torch.device(workload.device).type in METHODS[method].reference_devices
     if impl == "compiled":
@@ -366,53 +372,60 @@ def has_impl(method: str | None, impl: str, workload: Workload) -> bool:
     return impl == "eager"
 
 
-def build_step(method: str, model: nn.Module, workload: Workload, compiled: bool) -> advfunc.Step:
-    """advfunc's step for ``method`` with the benchmark's hyper-parameters."""
+def build_step(
+    method: str, model: nn.Module, workload: Workload, compiled: bool, lib: ModuleType = advfunc
+) -> advfunc.Step:
+    """``lib``'s step for ``method`` with the benchmark's hyper-parameters."""
     spec = METHODS[method]
-    factory = factory_of(method)
+    factory = factory_of(method, lib)
     if factory is None:
-        raise ValueError(f"advfunc has no method {method!r} in this checkout")
+        raise ValueError(f"{lib.__name__} has no method {method!r}")
     kwargs: dict[str, Any] = dict(spec.hyper)
     if spec.takes_generator:
         kwargs["generator"] = _generator(workload)
     kwargs["autocast"] = workload.autocast
-    if supports_compile(method):
+    if supports_compile(method, lib):
         kwargs["compile"] = compiled
     elif compiled:
-        raise ValueError(f"advfunc.{method} takes no compile= option")
+        raise ValueError(f"{lib.__name__}.{method} takes no compile= option")
     return factory(model, **kwargs)
 
 
 def _advfunc_runner(
-    method: str, model: nn.Module, workload: Workload, compiled: bool, passes_only: bool = False
+    method: str,
+    model: nn.Module,
+    workload: Workload,
+    compiled: bool,
+    passes_only: bool = False,
+    lib: ModuleType = advfunc,
 ) -> Callable[[Batch], None]:
     spec = METHODS[method]
-    built = build_step(method, model, workload, compiled)
+    built = build_step(method, model, workload, compiled, lib)
     # passes_only: the method's passes without Step.__call__'s checks of the returned grads.
     step = built.fn if passes_only else built
     if spec.extra == "teacher":
-        # advfunc.teacher_of once exported; its module until then.
-        teacher_of = getattr(advfunc, "teacher_of", None) or importlib.import_module("advfunc.teacher").teacher_of
-        teacher = teacher_of(advfunc.params_of(model))
+        # teacher_of is exported by later revisions; earlier ones keep it in their teacher module.
+        teacher_of = getattr(lib, "teacher_of", None) or importlib.import_module(f"{lib.__name__}.teacher").teacher_of
+        teacher = teacher_of(lib.params_of(model))
 
         def run_with_teacher(batch: Batch) -> None:
-            grads, _ = step(advfunc.params_of(model), batch, teacher)
-            advfunc.set_grads(model, grads)
+            grads, _ = step(lib.params_of(model), batch, teacher)
+            lib.set_grads(model, grads)
 
         return run_with_teacher
     if spec.extra == "delta":
         state: dict[str, Any] = {"delta": None}
 
         def run_with_delta(batch: Batch) -> None:
-            grads, out = step(advfunc.params_of(model), batch, state["delta"])
+            grads, out = step(lib.params_of(model), batch, state["delta"])
             state["delta"] = out.delta
-            advfunc.set_grads(model, grads)
+            lib.set_grads(model, grads)
 
         return run_with_delta
 
     def run(batch: Batch) -> None:
-        grads, _ = step(advfunc.params_of(model), batch)
-        advfunc.set_grads(model, grads)
+        grads, _ = step(lib.params_of(model), batch)
+        lib.set_grads(model, grads)
 
     return run
 
@@ -427,19 +440,29 @@ def _plain(model: nn.Module, workload: Workload) -> Callable[[Batch], None]:
 
 
 def make_runner(
-    method: str | None, impl: str, model: nn.Module, workload: Workload, batch: Batch, passes_only: bool = False
+    method: str | None,
+    impl: str,
+    model: nn.Module,
+    workload: Workload,
+    batch: Batch,
+    passes_only: bool = False,
+    baseline: ModuleType | None = None,
 ) -> Runner:
     """One training step of ``impl`` (``method`` None: the plain step) bound to ``batch``.
 
     ``passes_only``: an advfunc step without ``Step.__call__``'s checks of its grads (diagnostic).
+    ``baseline``: another revision of advfunc (:mod:`benchmarks.baseline`), run eagerly by impl ``"baseline"``.
     """
-    if not has_impl(method, impl, workload):
+    if not has_impl(method, impl, workload, baseline):
         raise ValueError(f"no {impl!r} implementation of {method or 'plain'} on {workload.device}")
     if method is None:
         inner = _plain(model, workload)
     elif impl == "seed":
         spec = METHODS[method]
         inner = spec.reference(model, workload, spec.hyper)
+    elif impl == "baseline":
+        assert baseline is not None  # has_impl checked it
+        inner = _advfunc_runner(method, model, workload, compiled=False, passes_only=passes_only, lib=baseline)
     else:
         inner = _advfunc_runner(method, model, workload, compiled=impl == "compiled", passes_only=passes_only)
 
@@ -450,10 +473,12 @@ def make_runner(
     return run
 
 
-def case_names(methods: list[str], impls: list[str], workload: Workload) -> Iterator[tuple[str | None, str]]:
+def case_names(
+    methods: list[str], impls: list[str], workload: Workload, baseline: ModuleType | None = None
+) -> Iterator[tuple[str | None, str]]:
     """The (method, impl) pairs to run, the plain step first (the denominator of every ratio)."""
     yield None, "plain"
     for method in methods:
         for impl in impls:
-            if impl != "plain" and has_impl(method, impl, workload):
+            if impl != "plain" and has_impl(method, impl, workload, baseline):
                 yield method, impl

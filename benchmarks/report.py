@@ -90,14 +90,16 @@ def _summary_rows(rows: list[dict[str, Any]], impls: Sequence[str]) -> list[list
         ratios = [found[i]["ratio"] if i in found else None for i in impls]
         seed = found.get("seed", {}).get("ratio")
         eager = found.get("eager", {}).get("ratio")
-        lines.append(
-            [
-                first["title"],
-                f"{first['floor']} (≈{first['floor_estimate']:.2f})",
-                *ratios,
-                (eager / seed) if eager is not None and seed else None,
-            ]
-        )
+        line = [
+            first["title"],
+            f"{first['floor']} (≈{first['floor_estimate']:.2f})",
+            *ratios,
+            (eager / seed) if eager is not None and seed else None,
+        ]
+        if "baseline" in impls:
+            previous = found.get("baseline", {}).get("ratio")
+            line.append((eager / previous) if eager is not None and previous else None)
+        lines.append(line)
     return lines
 
 
@@ -134,7 +136,8 @@ def markdown(payload: dict[str, Any]) -> str:
             "Ratio to the plain step (lower is better):",
             "",
         ]
-        out += _table(["method", "floor", *impls, "eager / seed"], _summary_rows(group["rows"], impls))
+        against = ["eager / baseline"] if "baseline" in impls else []
+        out += _table(["method", "floor", *impls, "eager / seed", *against], _summary_rows(group["rows"], impls))
         out += ["", "Details:", ""]
         detail_rows = [
             [

@@ -6,7 +6,9 @@ in one process, interleaves round by round: the plain step, then for each method
 imperative reference (``seed``), advfunc eager and advfunc compiled. Each round times each
 case with ``torch.utils.benchmark.Timer.blocked_autorange``; the rounds of a case are
 merged and its median is reported as a ratio to the plain step's median, beside the
-method's pass-count floor (its forward+backward passes). Peak memory is measured per case afterwards (CPU: a
+method's pass-count floor (its forward+backward passes). ``--baseline REV`` adds another
+revision's eager step (``benchmarks.baseline``) to the same rounds: "eager / baseline" then says
+whether a change made a method slower. Peak memory is measured per case afterwards (CPU: a
 fresh process per case). Outputs ``step.json`` and ``step.md`` in ``--out``, both written
 atomically.
 """
@@ -20,12 +22,14 @@ import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from types import ModuleType
 from typing import Any
 
 import torch
 import torch._dynamo
 from torch.utils.benchmark import Compare, Measurement, Timer
 
+from benchmarks.baseline import import_revision
 from benchmarks.cases import IMPLS, METHODS, Runner, available_methods, case_names, make_runner
 from benchmarks.dynamic import dynamic_study, rotten_tomatoes_lengths
 from benchmarks.memory import MemoryRecord, measure_cuda, measure_in_subprocess
@@ -93,6 +97,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--methods", default=None, help=f"comma list of {list(METHODS)} (default: all present)")
     parser.add_argument("--impls", default=",".join(IMPLS), help=f"comma list of {list(IMPLS)}")
     parser.add_argument("--no-compile", action="store_true", help="skip the compiled implementation")
+    parser.add_argument(
+        "--baseline", default=None, help="a git revision whose eager steps are timed in the same rounds (impl baseline)"
+    )
     parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory measurements")
     parser.add_argument("--memory-calls", type=int, default=2, help="measured calls per memory case")
     parser.add_argument("--repeats", type=int, default=5, help="interleaved rounds per case")
@@ -115,7 +122,11 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 
 
 def time_workload(
-    workload: Workload, methods: list[str], impls: list[str], args: argparse.Namespace
+    workload: Workload,
+    methods: list[str],
+    impls: list[str],
+    args: argparse.Namespace,
+    baseline: ModuleType | None = None,
 ) -> tuple[list[Timed], str]:
     """Time every case of ``workload`` interleaved; returns the cases and the Compare table.
 
@@ -123,8 +134,10 @@ def time_workload(
     """
     model = build_model(workload)
     batch = make_batch(workload)
-    pairs = list(case_names(methods, impls, workload))
-    runs: list[Runner] = [make_runner(method, impl, model, workload, batch) for method, impl in pairs]
+    pairs = list(case_names(methods, impls, workload, baseline))
+    runs: list[Runner] = [
+        make_runner(method, impl, model, workload, batch, baseline=baseline) for method, impl in pairs
+    ]
     titles = ["plain" if method is None else METHODS[method].title for method, _ in pairs]
     first_call = []
     for (_, impl), title, run in zip(pairs, titles, runs, strict=True):
@@ -217,7 +230,10 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     impls = [i for i in _csv(args.impls) if not (args.no_compile and i == "compiled")]
     unknown = sorted(set(impls) - set(IMPLS))
     if unknown:
-        raise ValueError(f"unknown impls {unknown}; known: {list(IMPLS)}")
+        raise ValueError(f"unknown impls {unknown}; known: {list(IMPLS)} (and baseline, with --baseline)")
+    baseline = import_revision(args.baseline) if args.baseline else None
+    if baseline is not None:
+        impls.append("baseline")
     methods, missing = available_methods(_csv(args.methods) if args.methods else None)
     torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, RECOMPILE_LIMIT)
     torch._dynamo.config.fail_on_recompile_limit_hit = True  # never report an eager run as compiled
@@ -244,9 +260,10 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
                 workload = Workload(SHAPES[name], vocab, batch, length, device, autocast)
                 print(f"{workload.label}", flush=True)
                 torch._dynamo.reset()
-                cases, compare = time_workload(workload, methods, impls, args)
+                cases, compare = time_workload(workload, methods, impls, args, baseline)
                 gc.collect()
-                pairs = [(case.method, case.impl) for case in cases]
+                # A fresh process cannot import the baseline: its memory is not measured.
+                pairs = [(case.method, case.impl) for case in cases if case.impl != "baseline"]
                 memory = {} if args.no_memory else measure_memory(workload, pairs, args)
                 payload["workloads"].append(
                     {

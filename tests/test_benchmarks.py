@@ -10,6 +10,8 @@ from pathlib import Path
 
 import pytest
 
+import advfunc
+from benchmarks.baseline import import_revision
 from benchmarks.cases import METHODS, available_methods
 from benchmarks.shapes import SHAPES, Workload, make_batch, pad_to_bucket
 from benchmarks.step import main
@@ -70,6 +72,22 @@ def test_step_benchmark_measures_memory_in_subprocesses(tmp_path):
         memory = row["memory"]
         assert memory["peak_mb"] > 0 and memory["base_mb"] > 0 and memory["source"], row
     assert "peak MiB" in table
+
+
+def test_a_baseline_revision_runs_in_the_same_rounds(tmp_path):
+    _, written, table = _run(tmp_path, "--no-compile", "--no-memory", "--methods", "fgm,free_at", "--baseline", "HEAD")
+    rows = written["workloads"][0]["rows"]
+    assert [(r["method"], r["impl"]) for r in rows] == [
+        ("plain", "plain"),
+        *[(m, i) for m in ("fgm", "free_at") for i in ("seed", "eager", "baseline")],
+    ]
+    assert "eager / baseline" in table and "| FGM | baseline |" in table
+    baseline = import_revision("HEAD")
+    # The revision imports itself, never this checkout: its classes are its own.
+    assert baseline.__name__ == "advfunc_HEAD" and baseline.Step is not advfunc.Step
+    assert Path(baseline.__file__).parent.name == "advfunc_HEAD"
+    with pytest.raises(ValueError, match="no-such-revision"):
+        import_revision("no-such-revision")
 
 
 def test_bucketing_pads_to_the_next_multiple():
