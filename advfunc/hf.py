@@ -1,18 +1,43 @@
-"""Hugging Face ``Trainer`` integration: adversarial training with any advfunc step factory.
+"""Hugging Face ``Trainer`` integration: adversarial training with any advfunc step, on one or many processes.
 
-``AdversarialTrainer`` replaces only ``Trainer.training_step``. For each micro-batch it
-runs the pure step, then hands the step's gradients to Trainer's own backward machinery
-through a surrogate ``Σ ⟨θ, g⟩ / n_accum`` whose gradient with respect to θ is exactly
-``g / n_accum``. Everything Trainer does around a backward therefore applies unchanged:
-accumulation over micro-batches into ``p.grad``, the fp16 ``GradScaler`` (the surrogate
-is scaled like a loss), clipping of the accumulated gradient, the optimizer and the
-schedule. The step itself runs under ``accelerator.autocast()``, so ``bf16=True`` /
-``fp16=True`` give the same mixed precision as Trainer's plain forward.
+``AdversarialTrainer`` replaces ``Trainer.training_step``. For each micro-batch it runs the
+pure step on the bare model and adds ``g / n_accum`` to a gradient sum of its own; on the
+last micro-batch of an optimizer step it all-reduces that sum once (several processes),
+then hands it to Trainer's own backward through a surrogate ``Σ ⟨θ, ḡ⟩`` whose gradient
+with respect to θ is exactly ḡ. Everything Trainer does around a backward therefore
+applies unchanged: the fp16 ``GradScaler`` (the surrogate is scaled like a loss),
+clipping, the optimizer, the schedule, logging and checkpoints. The step runs under
+``accelerator.autocast()``, so ``bf16=True`` / ``fp16=True`` give the same mixed
+precision as Trainer's plain forward.
+
+Several processes (``torchrun``, ``accelerate launch``: DDP): each optimizer step's
+gradient is the mean over every process's micro-batches,
+
+.. math::
+    ḡ = \\frac1R \\sum_{r=1}^{R} \\frac1A \\sum_{a=1}^{A} g_{r,a}
+
+by one bucketed all-reduce (:func:`advfunc.scale.distributed.all_reduce_grads`, one
+collective per 25 MiB bucket) after the A micro-batches, none inside an attack or
+between micro-batches. The grads are summed here rather than through DDP's ``no_sync``:
+the step differentiates fresh leaves, not DDP's parameters, so DDP's reducer never
+fires for it, and the surrogate's backward does not run through DDP's forward either;
+the sum of the step's own grads is exact and costs no extra pass. A non-finite gradient
+on one process makes the reduced sum non-finite on all, so every process refuses it (or,
+with fp16, skips the update) together. FSDP and DeepSpeed are refused: ZeRO-3 and FSDP
+shard the parameters the step substitutes, and DeepSpeed reduces gradients in its own
+backward.
+
+Methods with state of their own are driven here too: SMART's teacher θ̃ ← β θ̃ + (1 − β) θ
+after each optimizer step, free AT's replays (each process's batch comes back ``replays``
+times in a row, one optimizer step each, δ carried between them; an epoch is then
+``replays`` optimizer steps per batch). That state and the method's random generator
+(method specs given as text) are saved in each Trainer checkpoint (one file per process)
+and restored by ``trainer.train(resume_from_checkpoint=...)``.
 
 Gradient accumulation follows Trainer's rule for a per-batch mean loss: each
-micro-batch's gradient is divided by the number of micro-batches in the step, so an
-optimizer step sees the mean of the micro-batch gradients (``num_items_in_batch`` token
-re-weighting is not applied; sequence classification has one item per example).
+micro-batch's gradient is divided by the number of micro-batches in the step
+(``num_items_in_batch`` token re-weighting is not applied; sequence classification has
+one item per example).
 
 With a PEFT model (LoRA and the other adapter methods, not prompt learning) the step is
 built on the adapted base model, whose forward takes every tokenizer output: only the
@@ -26,56 +51,106 @@ Example::
         model=model, args=TrainingArguments(...), train_dataset=train, data_collator=collator,
         step_factory=partial(advfunc.pgd, epsilon=1.0, alpha=0.3, steps=3, target="embeds"),
     )
-    trainer.train()
-
-Single process only: under DDP/FSDP the surrogate's backward does not run through the
-wrapped module's forward, so no gradient all-reduce would happen (see advfunc.distributed).
+    trainer.train()          # torchrun --nproc_per_node 4 train.py: the same script, data parallel
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import math
+import os
+from collections.abc import Callable, Iterator, Mapping
+from pathlib import Path
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from torch import nn
-from transformers import Trainer
+from torch.utils.data import Sampler
+from transformers import Trainer, TrainerCallback
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
-from advfunc.core.params import params_of
-from advfunc.core.step import Step, all_finite
-from advfunc.methods.registry import build_step, parse_method
+from advfunc.core.params import Params, params_of
+from advfunc.core.step import Grads, Step, StepOutput, all_finite
+from advfunc.methods.registry import DRIVER_OPTIONS, build_step, draws_noise, parse_method, seeded_generator
+from advfunc.methods.teacher import ema, teacher_of
+from advfunc.scale.distributed import DEFAULT_BUCKET_MB, all_reduce_grads
 
-_DRIVEN = {
-    "teacher": "step(params, batch, teacher) with an EMA teacher updated after each optimizer step",
-    "replay": "step(params, batch, delta) replayed with an optimizer step between replays",
-}
-
-
-def _factory_from_spec(text: str) -> Callable[[nn.Module], Step]:
-    spec = parse_method(text)
-    return lambda model: build_step(spec, model)
+METHOD_STATE = "advfunc_method"
 
 
 class AdversarialTrainer(Trainer):
-    """A ``Trainer`` whose training step is an advfunc method.
+    """A ``Trainer`` whose training step is an advfunc method, on one process or several (DDP).
 
     ``step_factory(model) -> Step``, e.g. ``functools.partial(advfunc.fgm, epsilon=1.0)``
     or ``lambda m: advfunc.freelb(m, steps=2)``, or a method spec as the CLI takes it
-    (``"pgd:epsilon=1.0,target=embeds"``). It is called once, on the model that the step
-    differentiates (the base model of a PEFT adapter model). SMART (teacher) and free AT
-    (replays) need a loop of their own and are refused here.
+    (``"pgd:epsilon=1.0,target=embeds"``, ``"smart:beta=0.999"``, ``"free_at:replays=4"``).
+    It is called once, on the model that the step differentiates (the base model of a
+    PEFT adapter model). A spec's method draws its noise from a generator seeded from
+    ``args.seed`` (and the process index), saved in checkpoints; a factory of your own
+    keeps its generator to itself.
+
+    ``beta``: SMART's teacher decay (default: the spec's, else 0.99). ``replays``: free
+    AT's m (default: the spec's, else 3); free AT needs ``gradient_accumulation_steps=1``
+    and a dataset with a length.
     """
 
-    def __init__(self, *args: Any, step_factory: Callable[[nn.Module], Step] | str, **kwargs: Any) -> None:
+    def __init__(
+        self,
+        *args: Any,
+        step_factory: Callable[[nn.Module], Step] | str,
+        beta: float | None = None,
+        replays: int | None = None,
+        **kwargs: Any,
+    ) -> None:
+        options: dict[str, Any] = {}
+        self._generator: torch.Generator | None = None
         if isinstance(step_factory, str):
-            step_factory = _factory_from_spec(step_factory)
-        if not callable(step_factory):
+            spec = parse_method(step_factory)
+            options = {**DRIVER_OPTIONS[spec.method.driver], **spec.driver_options}
+            noisy = draws_noise(spec)
+
+            def from_spec(model: nn.Module) -> Step:
+                if noisy and self._generator is None:
+                    # each process its own draws: shards of one global batch should not share their noise
+                    self._generator = seeded_generator(model, self.args.seed + 100_003 * self.args.process_index)
+                return build_step(spec, model, generator=self._generator)
+
+            factory: Callable[[nn.Module], Step] = from_spec
+        elif callable(step_factory):
+            factory = step_factory
+        else:
             raise TypeError(f"step_factory must be callable as step_factory(model) -> Step, got {step_factory!r}")
         super().__init__(*args, **kwargs)
-        self.step_factory = step_factory
+        if self.is_fsdp_enabled or self.is_deepspeed_enabled:
+            raise ValueError(
+                "AdversarialTrainer runs under DDP only: FSDP and DeepSpeed ZeRO-3 shard the parameters that "
+                "advfunc's functional step substitutes (its gradients would be zero), and DeepSpeed reduces "
+                "gradients in its own backward; launch without --fsdp / --deepspeed (plain torchrun or "
+                "accelerate launch give DDP)"
+            )
+        self.step_factory = factory
         self._step: Step | None = None
         self._step_model: nn.Module | None = None
-        self._current_step()  # refuse a step this Trainer cannot drive now, not at the first batch
+        self._pending: Grads | None = None  # Σ g / n_accum over the micro-batches of this optimizer step
+        self._teacher: Params | None = None
+        self._delta: torch.Tensor | None = None
+        self.beta = float(options.get("beta", 0.99) if beta is None else beta)
+        self.replays = int(options.get("replays", 3) if replays is None else replays)
+        step = self._current_step()[1]  # refuse a bad step now, not at the first batch
+        self._check_driver(step)
+        self.add_callback(_AfterOptimizerStep(self))
+
+    def _check_driver(self, step: Step) -> None:
+        if step.driver == "teacher" and not (math.isfinite(self.beta) and 0 <= self.beta <= 1):
+            raise ValueError(f"beta must be a finite number in [0, 1] (SMART's teacher decay, 0.99), got {self.beta!r}")
+        if step.driver == "replay":
+            if isinstance(self.replays, bool) or self.replays < 1:
+                raise ValueError(f"replays must be an integer >= 1 (free AT's m), got {self.replays!r}")
+            if self.args.gradient_accumulation_steps != 1:
+                raise ValueError(
+                    f"{step.method} replays each batch with an optimizer step in between; "
+                    f"use gradient_accumulation_steps=1, not {self.args.gradient_accumulation_steps}"
+                )
 
     def adversarial_model(self) -> nn.Module:
         """The module the step runs on: the unwrapped model, or a PEFT model's adapted base model."""
@@ -94,17 +169,24 @@ class AdversarialTrainer(Trainer):
             step = self.step_factory(target)
             if not isinstance(step, Step):
                 raise TypeError(f"step_factory returned {type(step).__name__}, not an advfunc Step")
-            if step.driver != "batch":
-                # A replay step called as step(params, batch) trains with δ = None every time, i.e.
-                # without a method; a teacher step needs its EMA teacher as a third argument.
-                raise ValueError(
-                    f"step_factory built a {step.method!r} step, driven by a {step.driver!r} loop "
-                    f"({_DRIVEN[step.driver]}), which a Trainer training_step cannot express; "
-                    "use advfunc's own training loop (advfunc train) or a loop of your own"
-                )
             self._step, self._step_model = step, target
         assert self._step is not None
         return target, self._step
+
+    def _run_step(self, step: Step, target: nn.Module, inputs: Mapping[str, Any]) -> tuple[Grads, StepOutput]:
+        """The step as its driver calls it: with the teacher (SMART) or the carried δ (free AT)."""
+        params = params_of(target)
+        if step.driver == "teacher":
+            if self._teacher is None:
+                self._teacher = teacher_of({n: p for n, p in target.named_parameters() if p.requires_grad})
+            return step(params, inputs, self._teacher)
+        if step.driver == "replay":
+            # The sampler repeats each batch `replays` times, so the replay index follows the step count.
+            first = self.state.global_step % self.replays == 0
+            grads, out = step(params, inputs, None if first else self._delta)
+            self._delta = out.delta if isinstance(out.delta, torch.Tensor) else None
+            return grads, out
+        return step(params, inputs)
 
     def training_step(
         self,
@@ -112,12 +194,29 @@ class AdversarialTrainer(Trainer):
         inputs: dict[str, torch.Tensor | Any],
         num_items_in_batch: torch.Tensor | int | None = None,
     ) -> torch.Tensor:
-        """One micro-batch: the advfunc step, then Trainer's backward of the gradient surrogate."""
+        """One micro-batch: the advfunc step; on an optimizer step's last one, the all-reduce and the backward."""
         target, step = self._current_step()
         model.train()
         inputs = self._prepare_inputs(inputs)
         with self.accelerator.autocast():
-            grads, out = step(params_of(target), inputs)
+            grads, out = self._run_step(step, target, inputs)
+        accumulation = getattr(self, "current_gradient_accumulation_steps", None)
+        accumulation = accumulation or self.args.gradient_accumulation_steps
+        if self._pending is None:
+            self._pending = {n: g.div_(accumulation) if accumulation > 1 else g for n, g in grads.items()}
+        else:
+            for name, grad in grads.items():
+                self._pending[name].add_(grad, alpha=1.0 / accumulation)
+        if self.accelerator.sync_gradients:
+            total, self._pending = self._pending, None
+            self._backward(step, target, total)
+        return out.loss.detach().float() / accumulation
+
+    def _backward(self, step: Step, target: nn.Module, grads: Grads) -> None:
+        """All-reduce the optimizer step's gradient once, then Trainer's backward of its surrogate."""
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            # DDP's own bucket size, when TrainingArguments sets one (ddp_bucket_cap_mb)
+            grads = all_reduce_grads(grads, bucket_mb=self.args.ddp_bucket_cap_mb or DEFAULT_BUCKET_MB)
         # fp16: Trainer's GradScaler sees the overflow in the surrogate and skips the update.
         # Otherwise non-finite grads would reach the weights silently: one host sync to refuse them.
         if not self.args.fp16 and not bool(all_finite(grads)):
@@ -125,12 +224,137 @@ class AdversarialTrainer(Trainer):
                 f"the {step.method} step produced non-finite gradients from finite inputs "
                 f"(config {dict(step.config)}); lower its radii or step sizes"
             )
-        accumulation = getattr(self, "current_gradient_accumulation_steps", None)
-        accumulation = accumulation or self.args.gradient_accumulation_steps
         parameters = dict(target.named_parameters())
         # d/dθ Σ⟨θ, g⟩ = g: Trainer's backward (and its loss scaler) sees an ordinary loss.
         surrogate = torch.stack(
             [(parameters[name] * grad.detach().to(parameters[name].dtype)).sum() for name, grad in grads.items()]
         ).sum()
-        self.accelerator.backward(surrogate / accumulation)
-        return out.loss.detach().float() / accumulation
+        self.accelerator.backward(surrogate)
+
+    def after_optimizer_step(self) -> None:
+        """SMART: θ̃ ← β · θ̃ + (1 − β) · θ, once per optimizer step (Jiang et al., 2020, §3.2)."""
+        if self._teacher is not None:
+            self._teacher = ema(self._teacher, params_of(self.adversarial_model()), self.beta)
+
+    def _get_train_sampler(self, train_dataset: Any = None) -> Sampler[int] | None:
+        sampler = super()._get_train_sampler(train_dataset)
+        step = self._current_step()[1]
+        if step.driver != "replay" or self.replays == 1:
+            return sampler
+        if sampler is None or self.args.train_sampling_strategy == "batch_rebalance":
+            raise ValueError(
+                f"{step.method} replays each batch: it needs a training dataset with a length, sampled per "
+                f"example (train_sampling_strategy {self.args.train_sampling_strategy!r})"
+            )
+        return ReplaySampler(
+            sampler,
+            self._train_batch_size,
+            self.args.world_size,
+            self.replays,
+            drop_last=self.args.dataloader_drop_last,
+        )
+
+    def method_state(self) -> dict[str, Any]:
+        """The method's own training state on this process: teacher, carried δ, generator state."""
+        state: dict[str, Any] = {}
+        if self._teacher is not None:
+            state["teacher"] = self._teacher
+        if self._delta is not None:
+            state["delta"] = self._delta
+        if self._generator is not None:
+            state["generator"] = self._generator.get_state()
+        return state
+
+    def load_method_state(self, state: Mapping[str, Any]) -> None:
+        """Restore what :meth:`method_state` returned."""
+        device = next(self.adversarial_model().parameters()).device
+        teacher = state.get("teacher")
+        self._teacher = None if teacher is None else {n: t.to(device) for n, t in teacher.items()}
+        self._delta = None if state.get("delta") is None else state["delta"].to(device)
+        if "generator" in state:
+            if self._generator is None:
+                raise ValueError("the checkpoint holds a method generator's state, but this method draws no noise")
+            self._generator.set_state(state["generator"])
+
+    def _method_file(self, folder: str | os.PathLike[str]) -> Path:
+        suffix = f"_{self.args.process_index}" if self.args.world_size > 1 else ""
+        return Path(folder) / f"{METHOD_STATE}{suffix}.pt"
+
+    def _save_checkpoint(self, model: nn.Module, trial: Any) -> None:
+        super()._save_checkpoint(model, trial)
+        state = self.method_state()
+        if state and not self.args.save_only_model:
+            folder = Path(self._get_output_dir(trial=trial)) / f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
+            folder.mkdir(parents=True, exist_ok=True)
+            path = self._method_file(folder)
+            temporary = path.with_name(path.name + ".tmp")
+            torch.save(state, temporary)
+            temporary.replace(path)
+
+    def _load_from_checkpoint(self, resume_from_checkpoint: str, model: nn.Module | None = None) -> None:
+        super()._load_from_checkpoint(resume_from_checkpoint, model)
+        self._current_step()  # the generator exists before its state is set
+        path = self._method_file(resume_from_checkpoint)
+        if path.is_file():
+            self.load_method_state(torch.load(path, map_location="cpu", weights_only=True))
+        elif self.method_state() or self._current_step()[1].driver != "batch":
+            raise ValueError(
+                f"{resume_from_checkpoint} has no {path.name}, the {self._current_step()[1].method} method's "
+                "teacher, replay perturbation or generator state; resuming without it would not continue the run"
+            )
+
+
+class _AfterOptimizerStep(TrainerCallback):
+    """Calls the trainer's method update after each optimizer step."""
+
+    def __init__(self, trainer: AdversarialTrainer) -> None:
+        self.trainer = trainer
+
+    def on_optimizer_step(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        self.trainer.after_optimizer_step()
+
+
+class ReplaySampler(Sampler[int]):
+    """An index order in which each process gets each of its batches ``replays`` times in a row.
+
+    The wrapped sampler's order is cut into groups of ``batch_size · processes`` indices
+    (one batch per process, as accelerate deals consecutive batches out to processes) and
+    each group is repeated ``replays`` times. An incomplete last group is filled from the
+    start of the order (as accelerate's ``even_batches`` does), or dropped with
+    ``drop_last``: a short batch repeated would straddle the batch boundaries. Epoch
+    setting and the shuffling generator reach the wrapped sampler.
+    """
+
+    def __init__(self, inner: Any, batch_size: int, processes: int, replays: int, *, drop_last: bool = False) -> None:
+        self.inner = inner
+        self.group = batch_size * processes
+        self.replays = replays
+        self.drop_last = drop_last
+
+    @property
+    def generator(self) -> torch.Generator | None:
+        return getattr(self.inner, "generator", None)
+
+    @generator.setter
+    def generator(self, value: torch.Generator | None) -> None:
+        self.inner.generator = value
+
+    def set_epoch(self, epoch: int) -> None:
+        if hasattr(self.inner, "set_epoch"):
+            self.inner.set_epoch(epoch)
+
+    def _groups(self, count: int) -> int:
+        return count // self.group if self.drop_last else -(-count // self.group)
+
+    def __len__(self) -> int:
+        return self._groups(len(self.inner)) * self.group * self.replays
+
+    def __iter__(self) -> Iterator[int]:
+        order = list(self.inner)
+        groups = self._groups(len(order))
+        while order and len(order) < groups * self.group:
+            order += order[: groups * self.group - len(order)]
+        for g in range(groups):
+            chunk = order[g * self.group : (g + 1) * self.group]
+            for _ in range(self.replays):
+                yield from chunk

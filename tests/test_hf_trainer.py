@@ -1,4 +1,4 @@
-"""``advfunc.hf.AdversarialTrainer`` against advfunc's own loop, with LoRA and with bf16."""
+"""``advfunc.hf.AdversarialTrainer`` against advfunc's own loop, with LoRA, bf16, SMART, free AT and resume."""
 
 from __future__ import annotations
 
@@ -154,26 +154,77 @@ def test_bf16_runs_the_step_under_autocast(tmp_path):
     assert all(p.dtype == torch.float32 for p in model.parameters()), "master weights stay fp32"
 
 
-def test_methods_needing_their_own_loop_are_refused():
-    if "smart" not in registry.available():
-        pytest.skip("smart is not installed here")
-    with pytest.raises(ValueError, match="teacher"):
-        AdversarialTrainer(model=tiny_model("bert"), step_factory="smart")
+@pytest.mark.parametrize(
+    "method",
+    ["smart:beta=0.9,step_size=0.01,epsilon=0.01", "free_at:epsilon=0.05,replays=3"],
+    ids=["smart teacher", "free_at replays"],
+)
+def test_methods_with_their_own_state_match_advfunc_loop(tmp_path, method):
+    """SMART's EMA teacher and free AT's replays, driven by the Trainer, against advfunc's own loop."""
+    if method.partition(":")[0] not in registry.available():
+        pytest.skip(f"{method} is not installed here")
+    model = tiny_model("bert", num_labels=2)
+    twin = copy.deepcopy(model)
+    replays = 3 if method.startswith("free_at") else 1
+    trainer = RecordingTrainer(
+        model=model,
+        args=_args(tmp_path, gradient_accumulation_steps=1, max_steps=2 * replays, max_grad_norm=1.0),
+        train_dataset=_examples(4),
+        data_collator=default_data_collator,
+        step_factory=method,
+    )
+    trainer.train()
+    assert len(trainer.seen) == 2 * replays
+    batches = trainer.seen[::replays]
+    for k, batch in enumerate(batches):  # each batch comes back `replays` times in a row
+        for again in trainer.seen[k * replays : (k + 1) * replays]:
+            assert all(torch.equal(again[key], batch[key]) for key in batch)
+    loop = Loop(twin, TrainConfig(method=method, lr=1e-2, warmup_ratio=0.0, weight_decay=0.0), total_units=2)
+    twin.train()
+    for batch in batches:
+        loop.run([batch])
+    # A key bias's gradient is zero up to rounding (softmax ignores a shift of all of a query's
+    # scores), and Adam scales that rounding up to steps of about lr: those are compared loosely.
+    keys = {id(layer.attention.self.key.bias) for layer in model.bert.encoder.layer}
+    keys |= {id(layer.attention.self.key.bias) for layer in twin.bert.encoder.layer}
+    with torch.no_grad():
+        for (name, ours), theirs in zip(twin.named_parameters(), model.parameters(), strict=True):
+            atol = 1e-4 if id(ours) in keys else 1e-6
+            torch.testing.assert_close(theirs, ours, rtol=1e-5, atol=atol, msg=name)
 
 
 @pytest.mark.parametrize(
-    "factory",
-    [
-        partial(advfunc.free_at, epsilon=0.01),
-        partial(advfunc.smart),
-        lambda model: advfunc.free_at(model),
-    ],
-    ids=["partial free_at", "partial smart", "lambda free_at"],
+    "method", ["smart:step_size=0.01,epsilon=0.01", "free_at:epsilon=0.05,replays=3"], ids=["smart", "free_at"]
 )
-def test_steps_the_trainer_cannot_drive_are_refused_however_given(factory):
-    """A replay step called as step(params, batch) would train with δ = None, i.e. as no method at all."""
-    with pytest.raises(ValueError, match="Trainer training_step cannot express"):
-        AdversarialTrainer(model=tiny_model("bert"), step_factory=factory)
+def test_resume_from_a_checkpoint_equals_the_uninterrupted_run(tmp_path, method):
+    """Teacher, carried δ (step 2 of 3 replays) and the noise generator come back from the checkpoint."""
+    if method.partition(":")[0] not in registry.available():
+        pytest.skip(f"{method} is not installed here")
+
+    def run(resume=None):
+        model = tiny_model("bert", num_labels=2)
+        trainer = AdversarialTrainer(
+            model=model,
+            args=_args(
+                tmp_path / "run", gradient_accumulation_steps=1, max_steps=5, save_strategy="steps", save_steps=2
+            ),
+            train_dataset=_examples(12),
+            data_collator=default_data_collator,
+            step_factory=method,
+        )
+        trainer.train(resume_from_checkpoint=resume)
+        return trainer, {n: p.detach().clone() for n, p in model.named_parameters()}
+
+    first, whole = run()
+    assert first.method_state(), "the method kept no state to checkpoint"
+    saved = sorted(p.name for p in (tmp_path / "run" / "checkpoint-2").iterdir())
+    assert "advfunc_method.pt" in saved, saved
+    _, resumed = run(resume=str(tmp_path / "run" / "checkpoint-2"))
+    for name, value in whole.items():
+        torch.testing.assert_close(resumed[name], value, rtol=0, atol=0, msg=name)
+    (tmp_path / "run" / "checkpoint-2" / "advfunc_method.pt").unlink()
+    with pytest.raises(ValueError, match=r"advfunc_method\.pt"):
+        run(resume=str(tmp_path / "run" / "checkpoint-2"))
 
 
 def test_non_finite_step_grads_never_reach_the_weights(tmp_path):
