@@ -13,15 +13,19 @@ step of ``(params, batch)`` built on ``torch.func``::
 
 from advfunc import attacks
 from advfunc.attacks.awp import awp_parameters
-from advfunc.core.divergence import kl_logits, symmetric_kl
+from advfunc.core.completion import ADV_LABELS, away_loss
+from advfunc.core.divergence import kl_logits, label_positions, symmetric_kl
 from advfunc.core.params import params_of, set_grads, trainable_names
 from advfunc.core.perturbed_loss import perturbed_loss
 from advfunc.core.projection import project_l2, project_linf
 from advfunc.core.step import Step, StepOutput
+from advfunc.core.targets import PERTURB_MASK
 from advfunc.methods.awp import awp
+from advfunc.methods.cat import cat
 from advfunc.methods.fgm import fgm
 from advfunc.methods.free_at import free_at
 from advfunc.methods.freelb import freelb
+from advfunc.methods.lat import lat
 from advfunc.methods.neftune import neftune
 from advfunc.methods.pgd import pgd
 from advfunc.methods.r3f import r3f
@@ -33,20 +37,26 @@ from advfunc.scale.accumulation import Accumulated, accumulate, split_batch
 from advfunc.scale.precision import LossScale
 
 __all__ = [
+    "ADV_LABELS",
+    "PERTURB_MASK",
     "Accumulated",
     "LossScale",
     "Step",
     "StepOutput",
     "accumulate",
     "attacks",
+    "away_loss",
     "awp",
     "awp_parameters",
+    "cat",
     "distributed",
     "ema",
     "fgm",
     "free_at",
     "freelb",
     "kl_logits",
+    "label_positions",
+    "lat",
     "neftune",
     "params_of",
     "perturbed_loss",

@@ -59,7 +59,8 @@ SPECS = {
 }
 
 
-@pytest.mark.parametrize("name", list(registry.METHODS))
+# CAT and LAT train a causal LM on an adversary's completion (tests/test_cat.py, tests/test_lat.py).
+@pytest.mark.parametrize("name", [n for n, m in registry.METHODS.items() if not m.batch_keys])
 def test_each_method_trains_through_the_loop(name):
     model = tiny_model("bert", num_labels=2)
     start = copy.deepcopy(model)

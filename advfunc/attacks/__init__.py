@@ -13,9 +13,11 @@ objective around an attack with :func:`advfunc.perturbed_loss`::
 
 from advfunc.attacks.attack import Attack, Rule
 from advfunc.attacks.awp import awp, awp_parameters
+from advfunc.attacks.cat import CompletionAttack, cat
 from advfunc.attacks.fgm import fgm
 from advfunc.attacks.free_at import free_at
 from advfunc.attacks.freelb import freelb
+from advfunc.attacks.lat import lat
 from advfunc.attacks.neftune import neftune
 from advfunc.attacks.pgd import pgd
 from advfunc.attacks.r3f import r3f
@@ -24,12 +26,15 @@ from advfunc.attacks.vat import vat
 
 __all__ = [
     "Attack",
+    "CompletionAttack",
     "Rule",
     "awp",
     "awp_parameters",
+    "cat",
     "fgm",
     "free_at",
     "freelb",
+    "lat",
     "neftune",
     "pgd",
     "r3f",

@@ -94,7 +94,7 @@ class Attack:
         self.rule = rule
         self.config = dict(config)
         self.generator = require_generator(generator)
-        self.perturbed = PerturbedModel(model, loss_fn, autocast)
+        self.perturbed = PerturbedModel(model, loss_fn, autocast, target.modules)
         self.engine = Engine(self.perturbed, target, resolve_compile(compile, model), divergence)
         self._inner = torch.compile(self._inner_step, fullgraph=True) if self.engine.compiled else self._inner_step
 
@@ -148,6 +148,14 @@ class Attack:
         with torch.no_grad():
             return logits_of(self.perturbed.outputs(frozen(call.params), call.kwargs, None)).detach()
 
+    def prepare(
+        self, params: Mapping[str, torch.Tensor], batch: Mapping[str, Any], loss_scale: float | torch.Tensor
+    ) -> Call:
+        """The checked call whose objective the attack's δ-only passes differentiate."""
+        return prepare(
+            self.model, self.perturbed, self.target, params, batch, loss_scale, self.engine.divergence is None
+        )
+
     def __call__(
         self,
         params: Mapping[str, torch.Tensor],
@@ -158,15 +166,7 @@ class Attack:
         generator: torch.Generator | None = None,
         loss_scale: float | torch.Tensor = 1.0,
     ) -> PublicDelta:
-        call = prepare(
-            self.model,
-            self.perturbed,
-            self.target,
-            params,
-            batch,
-            loss_scale,
-            needs_loss=self.engine.divergence is None,
-        )
+        call = self.prepare(params, batch, loss_scale)
         given = None if grads is None else self.target.internal(grads, call.layout, call.params, "grads")
         first = None if start is None else self.target.internal(start, call.layout, call.params, "start")
         if first is not None:

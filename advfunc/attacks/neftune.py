@@ -40,7 +40,9 @@ def neftune_rule(target: EmbeddingOutput, alpha: float) -> Rule:
         scale = scale * (lengths > 0)
         noise = torch.empty(call.layout.shape, dtype=target.dtype, device=call.device)
         noise.uniform_(-1, 1, generator=generator)  # [B, L, H]
-        return {"embeds": noise * scale.unsqueeze(-1).to(target.dtype)}
+        # The layout's mask also holds a position restriction (the batch's perturb_mask).
+        assert call.layout.mask is not None
+        return {"embeds": noise * scale.unsqueeze(-1).to(target.dtype) * call.layout.mask}
 
     def ascend(delta: Delta, grads: Delta, params: Params, layout: Layout) -> tuple[Delta, torch.Tensor]:
         raise AssertionError("NEFTune takes no ascent step")

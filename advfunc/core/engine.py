@@ -24,7 +24,8 @@ from advfunc.core.params import Params
 from advfunc.core.step import Call
 from advfunc.core.targets import Delta, Layout, Target
 
-Divergence = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+# divergence(reference, logits, positions): positions [B, L] bool or None (all count)
+Divergence = Callable[[torch.Tensor, torch.Tensor, torch.Tensor | None], torch.Tensor]
 
 
 class Pass(NamedTuple):
@@ -155,13 +156,18 @@ class Engine:
         probe: torch.Tensor | None = None,
         reference: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, Any]:
-        """(objective, outputs): L(θ, δ), or divergence(reference, logits(θ, δ)) when ``reference`` is given."""
+        """(objective, outputs): L(θ, δ), or divergence(reference, logits(θ, δ)) when ``reference`` is given.
+
+        The divergence counts a causal LM's completion positions only
+        (:meth:`PerturbedModel.counted_positions`).
+        """
         if reference is None:
             return self.loss(params, kwargs, layout, delta, probe)
         if self.divergence is None:
             raise ValueError("a reference for the objective needs an engine built with a divergence")
         outputs = self.outputs(params, kwargs, layout, delta, probe)
-        return self.divergence(reference, logits_of(outputs)), outputs
+        logits = logits_of(outputs)
+        return self.divergence(reference, logits, self.model.counted_positions(kwargs, logits)), outputs
 
     def _delta_objective(
         self,

@@ -4,7 +4,9 @@ Embedding-space perturbations enter as an addition to the output of the model's
 input-embedding module, so the model still reads ``input_ids`` its own way (RoBERTa's
 padding-aware positions, GPT-2's last-token pooling). The offset travels into the call
 as a substituted attribute of the embedding module, read by a forward hook that exists
-only for the duration of a step: the model is the same object before and after.
+only for the duration of a step: the model is the same object before and after. A
+module target (a decoder layer's output) is reached the same way, by a hook on that
+module.
 """
 
 from __future__ import annotations
@@ -20,25 +22,33 @@ import torch
 from torch import nn
 from torch.func import functional_call
 
+from advfunc.core.divergence import label_positions
 from advfunc.core.sharding import refuse_sharded
+from advfunc.core.targets import OFFSET_ATTRIBUTE as _OFFSET_ATTRIBUTE
 from advfunc.core.targets import input_embedding
 
 LossFn = Callable[[Any, Mapping[str, Any]], torch.Tensor]
 
-_OFFSET_ATTRIBUTE = "advfunc_offset"
 
+def _add_offset(module: nn.Module, args: Any, output: Any) -> Any:
+    """Forward hook: ``out + module.advfunc_offset`` while ``functional_call`` supplies it.
 
-def _add_offset(module: nn.Module, args: Any, output: torch.Tensor) -> torch.Tensor:
-    """Forward hook: ``out + module.advfunc_offset`` while ``functional_call`` supplies it."""
+    A module returning a tuple (a decoder layer with its attention weights or cache)
+    gets the offset on its first element, the hidden states.
+    """
     offset = getattr(module, _OFFSET_ATTRIBUTE, None)
     if offset is None:
         return output
-    if output.shape != offset.shape:
+    hidden = output[0] if isinstance(output, tuple) else output
+    if not isinstance(hidden, torch.Tensor) or hidden.shape != offset.shape:
+        got = tuple(hidden.shape) if isinstance(hidden, torch.Tensor) else type(hidden).__name__
         raise ValueError(
-            f"the input embedding returned shape {tuple(output.shape)} but the perturbation has "
-            f"{tuple(offset.shape)}: the model embeds something other than the batch's input_ids"
+            f"{type(module).__name__} returned {got} but the perturbation has {tuple(offset.shape)}: "
+            "an embedding must embed the batch's input_ids, a module target must return hidden states "
+            "[batch, seq, hidden_size]"
         )
-    return output + offset.to(output.dtype)
+    moved = hidden + offset.to(hidden.dtype)
+    return (moved, *output[1:]) if isinstance(output, tuple) else moved
 
 
 class OffsetHook:
@@ -57,7 +67,7 @@ class OffsetHook:
         self.calls = 0
         self.handle = embedding.register_forward_hook(self._counting if count else _add_offset)
 
-    def _counting(self, module: nn.Module, args: Any, output: torch.Tensor) -> torch.Tensor:
+    def _counting(self, module: nn.Module, args: Any, output: Any) -> Any:
         if getattr(module, _OFFSET_ATTRIBUTE, None) is not None:
             self.calls += 1
         return _add_offset(module, args, output)
@@ -67,15 +77,15 @@ _ACTIVE_HOOKS: weakref.WeakKeyDictionary[nn.Module, OffsetHook] = weakref.WeakKe
 
 
 class OffsetCalls:
-    """The number of offset-carrying embedding calls since a step took the hook."""
+    """The number of offset-carrying calls of the hooked modules since a step took their hooks."""
 
-    def __init__(self, hook: OffsetHook) -> None:
-        self.hook = hook
-        self.start = hook.calls
+    def __init__(self, hooks: list[OffsetHook]) -> None:
+        self.hooks = hooks
+        self.start = sum(hook.calls for hook in hooks)
 
     @property
     def calls(self) -> int:
-        return self.hook.calls - self.start
+        return sum(hook.calls for hook in self.hooks) - self.start
 
 
 def accepted_keywords(model: nn.Module) -> set[str]:
@@ -102,10 +112,18 @@ def accepted_keywords(model: nn.Module) -> set[str]:
 class PerturbedModel:
     """``model`` seen as ``loss(params, batch, offset) -> (loss, outputs)``.
 
-    ``loss_fn(outputs, batch)`` replaces ``outputs.loss`` when given.
+    ``loss_fn(outputs, batch)`` replaces ``outputs.loss`` when given. ``modules``: the
+    submodules a module target adds offsets to; their hooks are held with the
+    embedding's.
     """
 
-    def __init__(self, model: nn.Module, loss_fn: LossFn | None = None, autocast: torch.dtype | None = None) -> None:
+    def __init__(
+        self,
+        model: nn.Module,
+        loss_fn: LossFn | None = None,
+        autocast: torch.dtype | None = None,
+        modules: tuple[nn.Module, ...] = (),
+    ) -> None:
         if autocast not in (None, torch.bfloat16, torch.float16):
             raise ValueError(f"autocast must be None, torch.bfloat16 or torch.float16, got {autocast!r}")
         if loss_fn is not None and not callable(loss_fn):
@@ -124,6 +142,26 @@ class PerturbedModel:
         self.rows_name = _rows_name(model, self.embedding)
         self.accepted = accepted_keywords(model)
         self.pass_return_dict = "return_dict" in self.accepted
+        self.hooked_modules = (self.embedding, *(m for m in modules if m is not self.embedding))
+        self.causal = is_causal_lm(model)
+
+    def counted_positions(self, kwargs: Mapping[str, Any], logits: torch.Tensor) -> torch.Tensor | None:
+        """[B, L] bool: the positions a KL between two forwards of a causal LM compares; None: all.
+
+        A causal LM's logits [B, L, V] count where its loss does: at the completion tokens
+        the labels mark (:func:`~advfunc.core.divergence.label_positions`), never at the
+        prompt or padding; without labels, at every real token. Other models (one logit
+        vector per example, or per token for token classification) count every position.
+        """
+        if not self.causal or logits.dim() != 3:
+            return None
+        labels = kwargs.get("labels")
+        if isinstance(labels, torch.Tensor) and labels.shape == logits.shape[:-1]:
+            return label_positions(labels)
+        mask = kwargs.get("attention_mask")
+        if isinstance(mask, torch.Tensor) and mask.shape == logits.shape[:-1]:
+            return mask.bool()
+        return None
 
     def check_batch(self, batch: Any, needs_ids: bool = True, needs_loss: bool = True) -> dict[str, Any]:
         """Validate ``batch`` against the model's forward signature; return the call kwargs.
@@ -192,17 +230,21 @@ class PerturbedModel:
 
         Yields an ``OffsetCalls`` counter when ``count`` (eager), else None (compiled).
         """
-        hook = _ACTIVE_HOOKS.get(self.embedding)
-        if hook is None:
-            hook = _ACTIVE_HOOKS[self.embedding] = OffsetHook(self.embedding, count)
-        hook.users += 1
+        hooks = []
+        for module in self.hooked_modules:
+            hook = _ACTIVE_HOOKS.get(module)
+            if hook is None:
+                hook = _ACTIVE_HOOKS[module] = OffsetHook(module, count)
+            hook.users += 1
+            hooks.append((module, hook))
         try:
-            yield OffsetCalls(hook) if count else None
+            yield OffsetCalls([hook for _, hook in hooks]) if count else None
         finally:
-            hook.users -= 1
-            if hook.users == 0:
-                hook.handle.remove()
-                del _ACTIVE_HOOKS[self.embedding]
+            for module, hook in hooks:
+                hook.users -= 1
+                if hook.users == 0:
+                    hook.handle.remove()
+                    del _ACTIVE_HOOKS[module]
 
     def hook_active(self) -> bool:
         """Whether the offset hook is registered (inside ``hooked()``): a probe can reach the model."""
@@ -286,6 +328,20 @@ def _rows_name(model: nn.Module, embedding: nn.Module) -> str | None:
         return None
     names = [name for name, p in model.named_parameters(remove_duplicate=False) if p is weight]
     return names[0] if len(names) == 1 else None
+
+
+def is_causal_lm(model: nn.Module) -> bool:
+    """Whether ``model`` is a decoder-only language model (its logits at t predict token t + 1).
+
+    Hugging Face marks generative models with ``can_generate()``; encoder-decoders
+    generate too but score their decoder labels unshifted. A PEFT wrapper is judged by
+    the model it wraps.
+    """
+    unwrap: Any = getattr(model, "get_base_model", None)
+    inner = unwrap() if callable(unwrap) else model
+    can_generate = getattr(inner, "can_generate", None)
+    config = getattr(inner, "config", None)
+    return bool(callable(can_generate) and can_generate() and not getattr(config, "is_encoder_decoder", False))
 
 
 def logits_of(outputs: Any) -> torch.Tensor:

@@ -30,7 +30,8 @@ def perturbed_loss(
 
     ``delta`` has the target's public form: [B·L, H] rows of the batch's tokens
     (``"weight"``, as an attack returns them), [B, L, H] added to the embedding output
-    (``"embeds"``), or {name: tensor} added to those parameters. ``params`` may hold only
+    (``"embeds"``) or to a submodule's output (a module name), or {name: tensor} added to
+    those parameters. ``params`` may hold only
     some names (the rest are the model's own). One forward; differentiate it with
     ``torch.func.grad`` or ``torch.autograd.grad`` to write any objective around an attack::
 
@@ -38,7 +39,7 @@ def perturbed_loss(
         g_theta, g_delta = torch.func.grad(loss_at, argnums=(0, 2))(params, batch, delta)
     """
     chosen = resolve_target(model, target)
-    perturbed = PerturbedModel(model, loss_fn, autocast)
+    perturbed = PerturbedModel(model, loss_fn, autocast, chosen.modules)
     engine = Engine(perturbed, chosen, compiled=False)
 
     def loss_at(params: Mapping[str, torch.Tensor], batch: Mapping[str, Any], delta: PublicDelta) -> torch.Tensor:

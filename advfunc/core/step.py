@@ -16,7 +16,7 @@ from torch import nn
 
 from advfunc.core.model import OffsetCalls, PerturbedModel
 from advfunc.core.params import Params, params_of, trainable_names
-from advfunc.core.targets import Delta, Layout, PublicDelta, Target
+from advfunc.core.targets import PERTURB_MASK, Delta, Layout, PublicDelta, Target
 
 
 class StepOutput(NamedTuple):
@@ -111,7 +111,8 @@ def prepare(
 ) -> Call:
     """Check ``params`` and ``batch`` and fill in the model's own tensors for missing names.
 
-    ``needs_loss=False`` admits a batch without labels (VAT on unlabelled text).
+    ``needs_loss=False`` admits a batch without labels (VAT on unlabelled text). Batch
+    keys the target consumes (``perturb_mask``) shape the layout and never reach the model.
     """
     if not isinstance(params, Mapping):
         raise TypeError(
@@ -134,10 +135,19 @@ def prepare(
     trainable = trainable_names(model)
     if not trainable:
         raise ValueError("the model has no parameter with requires_grad=True: nothing to train")
+    consumed = {k: batch[k] for k in target.batch_keys if isinstance(batch, Mapping) and k in batch}
+    if consumed:
+        batch = {k: v for k, v in batch.items() if k not in consumed}
+    elif isinstance(batch, Mapping) and PERTURB_MASK in batch:
+        raise ValueError(
+            f"batch[{PERTURB_MASK!r}] restricts a per-token perturbation, but target {target.kind!r} has no "
+            "token positions; use target='embeds' or a module name"
+        )
     kwargs = perturbed.check_batch(batch, needs_ids=target.reads_input_ids, needs_loss=needs_loss)
     device = next(iter(full.values())).device
-    check_batch_tensors(kwargs, device)
-    return Call(full, trainable, kwargs, target.layout(kwargs), device, as_scale(loss_scale, device))
+    check_batch_tensors({**kwargs, **consumed}, device)
+    layout = target.layout({**kwargs, **consumed})
+    return Call(full, trainable, kwargs, layout, device, as_scale(loss_scale, device))
 
 
 _PER_TOKEN = ("input_ids", "attention_mask", "token_type_ids", "position_ids")

@@ -1,11 +1,19 @@
-"""Where a perturbation lives: embedding rows, embedding output, or named parameters.
+"""Where a perturbation lives: embedding rows, embedding output, a module's output, or named parameters.
 
 A target turns a perturbation δ (a dict of tensors, the thing an attack differentiates
 and updates) into what the forward pass sees: an offset added to the output of the
-model's input-embedding module, or replaced parameters. It also fixes the norm groups
-of δ: one L2 norm over the whole of δ (``"weight"``), one per example (``"embeds"``),
-one per parameter (names), and converts δ to and from the form users see: one tensor
-for the embedding targets, a ``{name: tensor}`` dict for named parameters.
+model's input-embedding module or of named submodules (the residual stream of a
+decoder layer), or replaced parameters. It also fixes the norm groups of δ: one L2
+norm over the whole of δ (``"weight"``), one per example (``"embeds"``, modules), one
+per parameter (names), and converts δ to and from the form users see: one tensor for
+the embedding targets and a single module, a ``{name: tensor}`` dict for several
+modules and for named parameters.
+
+Token positions: a per-token target perturbs the real (non-padding) tokens; the
+``"@prompt"`` suffix (``"embeds@prompt"``, ``"model.layers.4@prompt"``) restricts it to
+the prompt, the positions whose label is −100; and a batch may carry a ``[B, L]`` mask
+under :data:`PERTURB_MASK`, which restricts it further. advfunc consumes that key and
+never passes it to the model.
 """
 
 from __future__ import annotations
@@ -21,7 +29,11 @@ from advfunc.core.params import Params
 
 Delta = dict[str, torch.Tensor]
 PublicDelta = torch.Tensor | dict[str, torch.Tensor]
-TargetSpec = Literal["weight", "embeds"] | Sequence[str]
+TargetSpec = Literal["weight", "embeds"] | str | Sequence[str]
+
+PERTURB_MASK = "perturb_mask"  # batch key: [B, L] 1 where a per-token perturbation may act
+OFFSET_ATTRIBUTE = "advfunc_offset"  # the module attribute an offset hook reads
+PROMPT_SUFFIX = "@prompt"
 
 
 @dataclass(frozen=True)
@@ -31,7 +43,8 @@ class Layout:
     ``row_of``: [B, L] slot of each token's embedding row (``"weight"``).
     ``row_live``: [N, 1] 1 for a slot holding a real, non-padding-idx row, else 0.
     ``row_token``: [N] the token id in each slot, −1 for unused slots.
-    ``mask``: [B, L, 1] attention mask as the embedding dtype (``"embeds"``).
+    ``mask``: [B, L, 1] 1 at the tokens a per-token δ acts on (real tokens, restricted to
+    the prompt and to the batch's :data:`PERTURB_MASK` when asked), as the δ dtype.
     """
 
     shape: tuple[int, ...]
@@ -46,6 +59,8 @@ class Target(Protocol):
 
     kind: str
     reads_input_ids: bool  # the perturbation is placed by the batch's tokens
+    batch_keys: tuple[str, ...]  # batch keys the target consumes; never passed to the model
+    modules: tuple[nn.Module, ...]  # modules whose output receives an offset (besides the embedding)
 
     def layout(self, batch: Mapping[str, Any]) -> Layout: ...
 
@@ -77,6 +92,8 @@ class EmbeddingRows:
 
     kind = "weight"
     reads_input_ids = True
+    batch_keys: tuple[str, ...] = ()
+    modules: tuple[nn.Module, ...] = ()
 
     def __init__(self, embedding: nn.Module) -> None:
         weight = getattr(embedding, "weight", None)
@@ -127,17 +144,47 @@ class EmbeddingRows:
         return {"rows": _checked_tensor(value, layout.shape, what, "[B·L, H] rows of the batch's tokens")}
 
 
+def token_mask(batch: Mapping[str, Any], prompt: bool, dtype: torch.dtype) -> torch.Tensor:
+    """[B, L, 1] the tokens a per-token δ acts on: real tokens, ∧ prompt, ∧ the batch's mask.
+
+    The prompt is the real tokens whose label is −100 (a causal LM with completion-only
+    labels). ``batch[PERTURB_MASK]`` ([B, L], nonzero where allowed) restricts further.
+    """
+    ids = batch["input_ids"]
+    mask = batch.get("attention_mask")
+    allowed = torch.ones_like(ids, dtype=torch.bool) if mask is None else mask.bool()
+    if prompt:
+        labels = batch.get("labels")
+        if not isinstance(labels, torch.Tensor) or labels.shape != ids.shape:
+            got = tuple(labels.shape) if isinstance(labels, torch.Tensor) else type(labels).__name__
+            raise ValueError(
+                f"a target restricted to the prompt needs labels [batch, seq] with −100 at the prompt "
+                f"(completion-only labels), got {got}"
+            )
+        allowed = allowed & (labels == -100)
+    given = batch.get(PERTURB_MASK)
+    if given is not None:
+        if not isinstance(given, torch.Tensor) or given.shape != ids.shape:
+            got = tuple(given.shape) if isinstance(given, torch.Tensor) else type(given).__name__
+            raise ValueError(f"batch[{PERTURB_MASK!r}] must be a [batch, seq] tensor like input_ids, got {got}")
+        allowed = allowed & given.bool()
+    return allowed.unsqueeze(-1).to(dtype)
+
+
 class EmbeddingOutput:
     """``target="embeds"``: δ [B, L, H] added to the input-embedding output, padding masked.
 
     Norms are per example over (seq, hidden). The embedding matrix itself is never
-    read for δ, so this works when it is frozen (LoRA/PEFT) or sharded.
+    read for δ, so this works when it is frozen (LoRA/PEFT) or sharded. ``prompt``
+    restricts δ to the prompt tokens (:func:`token_mask`).
     """
 
     kind = "embeds"
     reads_input_ids = True
+    batch_keys: tuple[str, ...] = (PERTURB_MASK,)
+    modules: tuple[nn.Module, ...] = ()
 
-    def __init__(self, embedding: nn.Module) -> None:
+    def __init__(self, embedding: nn.Module, prompt: bool = False) -> None:
         weight = getattr(embedding, "weight", None)
         dim = getattr(embedding, "embedding_dim", None)
         if dim is None and isinstance(weight, torch.Tensor):
@@ -146,13 +193,11 @@ class EmbeddingOutput:
             raise ValueError(f"cannot tell the output width of the input embedding {type(embedding).__name__}")
         self.hidden = int(dim)
         self.dtype = weight.dtype if isinstance(weight, torch.Tensor) else torch.float32
+        self.prompt = prompt
 
     def layout(self, batch: Mapping[str, Any]) -> Layout:
         ids = batch["input_ids"]
-        mask = batch.get("attention_mask")
-        if mask is None:
-            mask = torch.ones_like(ids)
-        return Layout(shape=(*ids.shape, self.hidden), mask=mask.unsqueeze(-1).to(self.dtype))
+        return Layout(shape=(*ids.shape, self.hidden), mask=token_mask(batch, self.prompt, self.dtype))
 
     def zeros(self, layout: Layout, params: Params) -> Delta:
         device = next(iter(params.values())).device
@@ -174,6 +219,69 @@ class EmbeddingOutput:
         return {"embeds": _checked_tensor(value, layout.shape, what, "[batch, seq, hidden]") * layout.mask}
 
 
+class ModuleOutput:
+    """``target="model.layers.4"``: δ [B, L, H] added to the output of named submodules.
+
+    Latent adversarial training perturbs the residual stream: the hidden states a
+    decoder layer returns (the first element when it returns a tuple). δ holds one
+    [B, L, H] tensor per module, keyed by its name, masked like ``"embeds"`` (padding,
+    and the prompt with ``prompt``); norms are per example over (seq, hidden). H is the
+    model's ``config.hidden_size`` (a module returning another width is refused at its
+    first forward). The offset travels into ``functional_call`` as a substituted
+    attribute of each module, which a forward hook held for the step adds.
+    """
+
+    kind = "module"
+    reads_input_ids = True
+    batch_keys: tuple[str, ...] = (PERTURB_MASK,)
+
+    def __init__(self, model: nn.Module, names: Sequence[str], prompt: bool = False) -> None:
+        found = dict(model.named_modules())
+        self.module_names = list(names)
+        self.modules = tuple(found[name] for name in self.module_names)
+        hidden = getattr(getattr(model, "config", None), "hidden_size", None)
+        if not isinstance(hidden, int):
+            raise ValueError(
+                f"a module target needs the model's config.hidden_size (the width of the hidden states), "
+                f"but {type(model).__name__} has none"
+            )
+        self.hidden = hidden
+        weight = getattr(input_embedding(model), "weight", None)
+        self.dtype = weight.dtype if isinstance(weight, torch.Tensor) else torch.float32
+        self.prompt = prompt
+
+    def layout(self, batch: Mapping[str, Any]) -> Layout:
+        ids = batch["input_ids"]
+        return Layout(shape=(*ids.shape, self.hidden), mask=token_mask(batch, self.prompt, self.dtype))
+
+    def zeros(self, layout: Layout, params: Params) -> Delta:
+        device = next(iter(params.values())).device
+        return {name: torch.zeros(layout.shape, dtype=self.dtype, device=device) for name in self.module_names}
+
+    def apply(self, params: Mapping[str, torch.Tensor], layout: Layout, delta: Delta) -> tuple[Params, Any]:
+        assert layout.mask is not None
+        offsets = {f"{name}.{OFFSET_ATTRIBUTE}": delta[name] * layout.mask for name in self.module_names}
+        return {**params, **offsets}, None
+
+    def norm_dims(self, tensor: torch.Tensor) -> tuple[int, ...] | None:
+        return tuple(range(1, tensor.dim()))
+
+    def public(self, delta: Delta) -> PublicDelta:
+        return delta[self.module_names[0]] if len(self.module_names) == 1 else dict(delta)
+
+    def internal(self, value: Any, layout: Layout, params: Params, what: str) -> Delta:
+        assert layout.mask is not None
+        if len(self.module_names) == 1 and isinstance(value, torch.Tensor):
+            value = {self.module_names[0]: value}
+        if not isinstance(value, Mapping) or sorted(value) != sorted(self.module_names):
+            got = sorted(value) if isinstance(value, Mapping) else type(value).__name__
+            raise ValueError(f"{what} must be a dict with exactly the target's modules {self.module_names}, got {got}")
+        return {
+            name: _checked_tensor(value[name], layout.shape, f"{what}[{name!r}]", "[batch, seq, hidden]") * layout.mask
+            for name in self.module_names
+        }
+
+
 class NamedParameters:
     """``target=[names]``: δ is a dict of parameter-shaped tensors, θ' = θ + δ.
 
@@ -182,6 +290,8 @@ class NamedParameters:
 
     kind = "params"
     reads_input_ids = False
+    batch_keys: tuple[str, ...] = ()
+    modules: tuple[nn.Module, ...] = ()
 
     def __init__(self, names: Sequence[str], candidates: Mapping[str, torch.Tensor]) -> None:
         names = list(names)
@@ -239,22 +349,63 @@ def resolve_target(model: nn.Module, spec: TargetSpec, allowed: Sequence[str] = 
 
     ``allowed`` lists the string targets a method supports; parameter names (a list) are
     allowed when ``allowed`` contains ``"weight"`` (every rule that can perturb the
-    matrix can perturb any parameter).
+    matrix can perturb any parameter), and submodule names (a string, or a list of
+    them) when it contains ``"embeds"`` (δ has the same [B, L, H] form). A per-token
+    spec ending in ``"@prompt"`` perturbs the prompt only.
     """
     if isinstance(spec, str):
-        if spec not in allowed:
-            lists = " or a list of exact parameter names" if "weight" in allowed else ""
-            raise ValueError(f"unknown target {spec!r}; candidates: {list(allowed)}{lists}")
-        embedding = input_embedding(model)
-        if spec == "weight":
-            _refuse_tied_embedding(model, embedding)
-            return EmbeddingRows(embedding)
-        return EmbeddingOutput(embedding)
+        name, prompt = (spec[: -len(PROMPT_SUFFIX)], True) if spec.endswith(PROMPT_SUFFIX) else (spec, False)
+        if name in allowed:
+            embedding = input_embedding(model)
+            if name == "weight":
+                if prompt:
+                    raise ValueError(
+                        "target='weight@prompt': the embedding matrix has no token positions; "
+                        "use target='embeds@prompt'"
+                    )
+                _refuse_tied_embedding(model, embedding)
+                return EmbeddingRows(embedding)
+            return EmbeddingOutput(embedding, prompt)
+        if "embeds" in allowed:
+            return ModuleOutput(model, _module_names(model, [name], allowed), prompt)
+        lists = " or a list of exact parameter names" if "weight" in allowed else ""
+        raise ValueError(f"unknown target {spec!r}; candidates: {list(allowed)}{lists}")
     if isinstance(spec, Sequence) and all(isinstance(n, str) for n in spec):
-        if "weight" not in allowed:
-            raise ValueError(f"this method takes target in {list(allowed)}, got parameter names {list(spec)}")
-        return NamedParameters(spec, dict(model.named_parameters()))
+        modules = dict(model.named_modules())
+        stripped = [n.removesuffix(PROMPT_SUFFIX) for n in spec]
+        if "embeds" in allowed and stripped and ("weight" not in allowed or all(n in modules for n in stripped)):
+            prompts = {n.endswith(PROMPT_SUFFIX) for n in spec}
+            if len(prompts) != 1:
+                raise ValueError(f"target modules {list(spec)}: give '@prompt' on every name or on none")
+            return ModuleOutput(model, _module_names(model, stripped, allowed), prompts.pop())
+        if "weight" in allowed:
+            return NamedParameters(spec, dict(model.named_parameters()))
     raise ValueError(f"target must be one of {list(allowed)} or a list of parameter names, got {spec!r}")
+
+
+def _module_names(model: nn.Module, names: list[str], allowed: Sequence[str]) -> list[str]:
+    """``names`` checked as submodules of ``model`` whose output δ can be added to."""
+    modules = dict(model.named_modules())
+    parameters = dict(model.named_parameters())
+    for name in names:
+        if name in parameters:
+            raise ValueError(
+                f"target {name!r} is a parameter, not a module; perturb parameters with the list form target=[{name!r}]"
+            )
+        if name not in modules or name == "":
+            raise ValueError(
+                f"unknown target {name!r}: neither one of {list(allowed)} nor a submodule of "
+                f"{type(model).__name__}; candidates: {_preview(_layer_like(modules))}"
+            )
+    if len(set(names)) != len(names):
+        raise ValueError(f"target modules repeat: {names}")
+    return names
+
+
+def _layer_like(modules: Mapping[str, nn.Module]) -> list[str]:
+    """Module names to suggest: the repeated blocks first (a decoder's layers), then the rest."""
+    layers = [f"{name}.{i}" for name, m in modules.items() if isinstance(m, nn.ModuleList) for i in range(len(m))]
+    return layers + [name for name in modules if name and name not in layers]
 
 
 def input_embedding(model: nn.Module) -> nn.Module:

@@ -33,7 +33,8 @@ def r3f(
         z \\sim U(−σ, σ) \\text{ or } N(0, σ^2 I),\\quad
         \\text{grads} = ∇_θ\\big[L(θ) + λ · \\mathrm{sKL}(f(x;θ), f(x + z;θ))\\big]
 
-    f gives logits, sKL(p, q) = KL(p‖q) + KL(q‖p) averaged over the batch, x is the
+    f gives logits, sKL(p, q) = KL(p‖q) + KL(q‖p) averaged over the batch (for a causal
+    LM over the completion positions its labels mark, never prompt or padding), x is the
     input-embedding output [B, L, H] and z [B, L, H] (:func:`advfunc.attacks.r3f`) is
     zero at padding. There is no
     ascent step; the gradient flows through both forwards (fairseq's R3F). ``noise`` is
@@ -73,7 +74,8 @@ def r3f(
             z, skipped = attack.run(call, generator=draw_from)  # [B, L, H]
             noised = engine.outputs(leaves.params, call.kwargs, call.layout, z, leaves.probe())
             check_hook_fired(calls, target)
-            consistency = symmetric_kl(clean, logits_of(noised))
+            positions = perturbed.counted_positions(call.kwargs, clean)  # a causal LM: completion only
+            consistency = symmetric_kl(clean, logits_of(noised), positions)
             grads = leaves.gradient((task_loss + lambda_ * consistency) * call.scale)
         out = StepOutput(
             loss=task_loss.detach(),

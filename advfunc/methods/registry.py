@@ -18,11 +18,14 @@ import torch
 from torch import nn
 
 from advfunc.core.arguments import require_steps
+from advfunc.core.completion import ADV_LABELS
 from advfunc.core.step import Step
 from advfunc.methods.awp import awp
+from advfunc.methods.cat import cat
 from advfunc.methods.fgm import fgm
 from advfunc.methods.free_at import free_at
 from advfunc.methods.freelb import freelb
+from advfunc.methods.lat import lat
 from advfunc.methods.neftune import neftune
 from advfunc.methods.pgd import pgd
 from advfunc.methods.plain import plain
@@ -41,11 +44,14 @@ class Method:
     calls the step: ``"batch"`` as ``step(params, batch)``; ``"teacher"`` as
     ``step(params, batch, teacher)`` with an EMA teacher updated after each optimizer step
     (SMART); ``"replay"`` as ``step(params, batch, delta)`` replayed on each batch with an
-    optimizer step between replays (free adversarial training).
+    optimizer step between replays (free adversarial training). ``batch_keys``: keys the
+    batch must carry beyond the model's arguments (CAT and LAT: the adversary's completion
+    of a causal LM, ``adv_labels``).
     """
 
     factory: Callable[..., Step]
     driver: Driver = "batch"
+    batch_keys: tuple[str, ...] = ()
 
 
 METHODS: dict[str, Method] = {
@@ -54,6 +60,8 @@ METHODS: dict[str, Method] = {
     "pgd": Method(pgd),
     "freelb": Method(freelb),
     "neftune": Method(neftune),
+    "cat": Method(cat, batch_keys=(ADV_LABELS,)),
+    "lat": Method(lat, batch_keys=(ADV_LABELS,)),
     "vat": Method(vat),
     "r3f": Method(r3f),
     "awp": Method(awp),

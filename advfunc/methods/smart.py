@@ -42,7 +42,8 @@ def smart(
         \\text{grads} = ∇_θ\\big[L(θ) + λ_s · \\mathrm{sKL}(f(x;θ), f(x + δ_K;θ))
             + μ · \\mathrm{sKL}(f(x;θ), f(x;θ̃))\\big]
 
-    f gives logits, sKL(p, q) = KL(p‖q) + KL(q‖p) averaged over the batch, x is the
+    f gives logits, sKL(p, q) = KL(p‖q) + KL(q‖p) averaged over the batch (for a causal
+    LM over the completion positions its labels mark, never prompt or padding), x is the
     input-embedding output [B, L, H], δ_K is :func:`advfunc.attacks.smart`. ‖·‖ and Π_ε
     are per token over the hidden axis: L∞ (``norm="linf"``, the paper's) or L2. δ_K is
     held fixed in the final gradient, which flows through both the clean and the perturbed outputs (the paper's R_s; the
@@ -96,7 +97,7 @@ def smart(
         loss_scale: float | torch.Tensor = 1.0,
     ) -> tuple[Grads, StepOutput]:
         call = prepare(model, perturbed, target, params, batch, loss_scale)
-        teacher_params = _teacher_params(teacher, call.params, mu)
+        theta_tilde = teacher_params(teacher, call.params, mu)
         draw_from = None if generator is None else require_generator(generator)
         with perturbed.hooked(count=not attack.compiled) as calls:
             leaves = Leaves(engine, call)
@@ -106,12 +107,13 @@ def smart(
             delta, skipped = attack.run(call, generator=draw_from, reference=reference)  # [B, L, H]
             check_hook_fired(calls, target)
             adversarial = engine.outputs(leaves.params, call.kwargs, call.layout, delta, leaves.probe())
-            smoothness = symmetric_kl(clean, logits_of(adversarial))
+            positions = perturbed.counted_positions(call.kwargs, clean)  # a causal LM: completion only
+            smoothness = symmetric_kl(clean, logits_of(adversarial), positions)
             objective = task_loss + lambda_s * smoothness
-            if teacher_params is not None:
+            if theta_tilde is not None:
                 with torch.no_grad():
-                    anchor = logits_of(perturbed.outputs(teacher_params, call.kwargs, None))
-                objective = objective + mu * symmetric_kl(clean, anchor)
+                    anchor = logits_of(perturbed.outputs(theta_tilde, call.kwargs, None))
+                objective = objective + mu * symmetric_kl(clean, anchor, positions)
             grads = leaves.gradient(objective * call.scale)
         out = StepOutput(
             loss=task_loss.detach(),
@@ -126,8 +128,11 @@ def smart(
     return Step("smart", steps + 2, config, step, driver="teacher")
 
 
-def _teacher_params(teacher: Any, params: Params, mu: float) -> Params | None:
-    """θ̃ as a full params dict (names it lacks from ``params``), or None when μ = 0."""
+def teacher_params(teacher: Any, params: Params, mu: float) -> Params | None:
+    """θ̃ as a full params dict (names it lacks from ``params``), or None when μ = 0.
+
+    Also the reference parameters of LAT's KL retain term (μ > 0 there whenever given).
+    """
     if teacher is None:
         if mu > 0:
             raise ValueError(

@@ -39,7 +39,9 @@ def vat(
     x is the input-embedding output [B, L, H]; ‖·‖₂ is per example over (seq, hidden) with
     padding excluded (d is masked); r_vadv is :func:`advfunc.attacks.vat`. p is held
     fixed (stop-gradient) and so is r_vadv.
-    The KL is averaged over the batch (:func:`advfunc.divergence.kl_logits`). On a batch
+    The KL is averaged over the batch (:func:`advfunc.kl_logits`); for a causal LM over
+    the completion positions its labels mark (every real token without labels), never
+    prompt or padding. On a batch
     without ``labels`` (and no ``loss_fn``) L is dropped: the grads are those of the
     virtual adversarial term alone and ``out.loss`` is NaN.
 
