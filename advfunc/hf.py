@@ -2,11 +2,12 @@
 
 ``AdversarialTrainer`` replaces ``Trainer.training_step``. For each micro-batch it runs the
 pure step on the bare model and adds ``g / n_accum`` to a gradient sum of its own; on the
-last micro-batch of an optimizer step it all-reduces that sum once (several processes),
-then hands it to Trainer's own backward through a surrogate ``Σ ⟨θ, ḡ⟩`` whose gradient
-with respect to θ is exactly ḡ. Everything Trainer does around a backward therefore
-applies unchanged: the fp16 ``GradScaler`` (the surrogate is scaled like a loss),
-clipping, the optimizer, the schedule, logging and checkpoints. The step runs under
+last micro-batch of an optimizer step it all-reduces that sum once (several processes)
+and writes it to ``p.grad`` (``advfunc.set_grads``); with fp16 it goes through Trainer's
+own backward instead, of a surrogate ``Σ ⟨θ, ḡ⟩`` whose gradient with respect to θ is
+exactly ḡ, so that the ``GradScaler`` scales it like a loss. Everything Trainer does
+around a backward therefore applies unchanged: the loss scaler, clipping, the optimizer,
+the schedule, logging and checkpoints. The step runs under
 ``accelerator.autocast()``, so ``bf16=True`` / ``fp16=True`` give the same mixed
 precision as Trainer's plain forward.
 
@@ -17,11 +18,11 @@ gradient is the mean over every process's micro-batches,
     ḡ = \\frac1R \\sum_{r=1}^{R} \\frac1A \\sum_{a=1}^{A} g_{r,a}
 
 by one bucketed all-reduce (:func:`advfunc.scale.distributed.all_reduce_grads`, one
-collective per 25 MiB bucket) after the A micro-batches, none inside an attack or
-between micro-batches. The grads are summed here rather than through DDP's ``no_sync``:
-the step differentiates fresh leaves, not DDP's parameters, so DDP's reducer never
-fires for it, and the surrogate's backward does not run through DDP's forward either;
-the sum of the step's own grads is exact and costs no extra pass. A non-finite gradient
+collective per ``ddp_bucket_cap_mb`` bucket, 25 MiB by default) after the A
+micro-batches, none inside an attack or between micro-batches. The grads are summed
+here rather than through DDP's ``no_sync``: the step differentiates fresh leaves, not
+DDP's parameters, and nothing runs DDP's forward, so DDP's reducer never fires; the sum
+of the step's own grads is exact and costs no extra pass. A non-finite gradient
 on one process makes the reduced sum non-finite on all, so every process refuses it (or,
 with fp16, skips the update) together. FSDP and DeepSpeed are refused: ZeRO-3 and FSDP
 shard the parameters the step substitutes, and DeepSpeed reduces gradients in its own
@@ -69,7 +70,7 @@ from torch.utils.data import Sampler
 from transformers import Trainer, TrainerCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
-from advfunc.core.params import Params, params_of
+from advfunc.core.params import Params, params_of, set_grads
 from advfunc.core.step import Grads, Step, StepOutput, all_finite
 from advfunc.methods.registry import DRIVER_OPTIONS, build_step, draws_noise, parse_method, seeded_generator
 from advfunc.methods.teacher import ema, teacher_of
@@ -213,7 +214,7 @@ class AdversarialTrainer(Trainer):
         return out.loss.detach().float() / accumulation
 
     def _backward(self, step: Step, target: nn.Module, grads: Grads) -> None:
-        """All-reduce the optimizer step's gradient once, then Trainer's backward of its surrogate."""
+        """All-reduce the optimizer step's gradient once, then hand it to ``p.grad`` (fp16: through the scaler)."""
         if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
             # DDP's own bucket size, when TrainingArguments sets one (ddp_bucket_cap_mb)
             grads = all_reduce_grads(grads, bucket_mb=self.args.ddp_bucket_cap_mb or DEFAULT_BUCKET_MB)
@@ -224,6 +225,11 @@ class AdversarialTrainer(Trainer):
                 f"the {step.method} step produced non-finite gradients from finite inputs "
                 f"(config {dict(step.config)}); lower its radii or step sizes"
             )
+        if self.accelerator.scaler is None:
+            # Without a loss scaler the gradient goes to p.grad as it is: the surrogate's backward
+            # would cost one more sweep over every parameter (13% of a MiniLM step on CPU).
+            set_grads(target, grads, accumulate=True)
+            return
         parameters = dict(target.named_parameters())
         # d/dθ Σ⟨θ, g⟩ = g: Trainer's backward (and its loss scaler) sees an ordinary loss.
         surrogate = torch.stack(
