@@ -218,24 +218,24 @@ class AdversarialTrainer(Trainer):
         if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
             # DDP's own bucket size, when TrainingArguments sets one (ddp_bucket_cap_mb)
             grads = all_reduce_grads(grads, bucket_mb=self.args.ddp_bucket_cap_mb or DEFAULT_BUCKET_MB)
-        # fp16: Trainer's GradScaler sees the overflow in the surrogate and skips the update.
-        # Otherwise non-finite grads would reach the weights silently: one host sync to refuse them.
-        if not self.args.fp16 and not bool(all_finite(grads)):
+        if self.accelerator.scaler is not None:
+            # fp16's GradScaler scales the surrogate like a loss, and an overflow in it skips the update.
+            parameters = dict(target.named_parameters())
+            # d/dθ Σ⟨θ, g⟩ = g: Trainer's backward sees an ordinary loss.
+            surrogate = torch.stack(
+                [(parameters[n] * g.detach().to(parameters[n].dtype)).sum() for n, g in grads.items()]
+            ).sum()
+            self.accelerator.backward(surrogate)
+            return
+        # Non-finite grads would otherwise reach the weights silently: one host sync to refuse them.
+        if not bool(all_finite(grads)):
             raise FloatingPointError(
                 f"the {step.method} step produced non-finite gradients from finite inputs "
                 f"(config {dict(step.config)}); lower its radii or step sizes"
             )
-        if self.accelerator.scaler is None:
-            # Without a loss scaler the gradient goes to p.grad as it is: the surrogate's backward
-            # would cost one more sweep over every parameter (13% of a MiniLM step on CPU).
-            set_grads(target, grads, accumulate=True)
-            return
-        parameters = dict(target.named_parameters())
-        # d/dθ Σ⟨θ, g⟩ = g: Trainer's backward (and its loss scaler) sees an ordinary loss.
-        surrogate = torch.stack(
-            [(parameters[name] * grad.detach().to(parameters[name].dtype)).sum() for name, grad in grads.items()]
-        ).sum()
-        self.accelerator.backward(surrogate)
+        # Without a scaler the gradient goes to p.grad as it is: the surrogate's backward would
+        # cost one more sweep over every parameter (13% of a MiniLM step on CPU).
+        set_grads(target, grads, accumulate=True)
 
     def after_optimizer_step(self) -> None:
         """SMART: θ̃ ← β · θ̃ + (1 − β) · θ, once per optimizer step (Jiang et al., 2020, §3.2)."""

@@ -241,3 +241,43 @@ def test_non_finite_step_grads_never_reach_the_weights(tmp_path):
         trainer.train()
     for name, value in model.named_parameters():
         assert torch.equal(value, before[name]), name
+
+
+class ScaledTrainer(AdversarialTrainer):
+    """fp16's GradScaler as accelerate gives it on a GPU, here on CPU (accelerate makes none there)."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.accelerator.scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10)
+
+
+def test_with_a_loss_scaler_the_update_is_unchanged_and_an_overflow_skips_it(tmp_path):
+    """The scaler path (the surrogate through Trainer's backward) against the plain one."""
+    plain, scaled = tiny_model("bert", num_labels=2), tiny_model("bert", num_labels=2)
+    settings = {"optim": "sgd", "learning_rate": 0.5, "max_grad_norm": 0.0}  # the scaler unscales inside step()
+    for cls, model in ((AdversarialTrainer, plain), (ScaledTrainer, scaled)):
+        cls(
+            model=model,
+            args=_args(tmp_path / cls.__name__, **settings),
+            train_dataset=_examples(8),
+            data_collator=default_data_collator,
+            step_factory="pgd:alpha=0.2,epsilon=0.5,steps=2,target=embeds",
+        ).train()
+    start = tiny_model("bert", num_labels=2)
+    assert not torch.equal(plain.classifier.weight, start.classifier.weight)
+    for (name, want), got in zip(plain.named_parameters(), scaled.parameters(), strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-7, msg=name)  # a power-of-two scale is exact
+
+    model = tiny_model("bert", num_labels=2)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    trainer = ScaledTrainer(
+        model=model,
+        args=_args(tmp_path / "overflow", **settings),
+        train_dataset=_examples(8),
+        data_collator=default_data_collator,
+        step_factory=partial(advfunc.fgm, epsilon=1e30),
+    )
+    trainer.train()  # no error: the scaler skips each overflowing update and lowers its scale
+    assert trainer.accelerator.scaler.get_scale() < 2.0**10
+    for name, value in model.named_parameters():
+        assert torch.equal(value, before[name]), name
