@@ -203,6 +203,17 @@ def test_output_is_never_overwritten_by_accident(task, tmp_path, capsys):
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("command", ["train", "compare"])
+def test_a_multi_process_launch_is_refused_before_any_work(task, tmp_path, capsys, monkeypatch, command):
+    """Under torchrun every process would train the whole run and write the same output."""
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    out = tmp_path / "out"
+    args = [*QUIET, command, "--model", str(task / "model"), "--data", str(task / "train.csv"), "--output", str(out)]
+    assert main(args) == 2
+    assert "WORLD_SIZE is 2" in capsys.readouterr().err
+    assert not out.exists()
+
+
 def test_python_dash_m_exits_non_zero(tmp_path):
     command = [sys.executable, "-m", "advfunc", "--threads", "1", "train", "--data", str(tmp_path / "x.csv")]
     done = subprocess.run([*command, "--output", str(tmp_path / "o")], capture_output=True, text=True, timeout=120)

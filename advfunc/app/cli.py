@@ -345,8 +345,20 @@ def _training_summary(result: TrainResult) -> dict[str, Any]:
     }
 
 
+def _refuse_several_processes(command: str) -> None:
+    """Raise ``ValueError`` under a multi-process launcher: every process would run the whole job."""
+    world = os.environ.get("WORLD_SIZE", "1")
+    if world.strip() not in ("", "1"):
+        raise ValueError(
+            f"advfunc {command} trains in one process, but WORLD_SIZE is {world} (torchrun or accelerate launch): "
+            f"each process would train the whole run on all the data and write the same output. Run "
+            f"`advfunc {command}` as one process, or train on several with advfunc.hf.AdversarialTrainer"
+        )
+
+
 def run_train(args: argparse.Namespace) -> int:
     """``advfunc train``."""
+    _refuse_several_processes("train")
     config = _train_config(args, args.method, args.seed, args.lr)
     config.check()
     output: Path = args.output
@@ -481,6 +493,7 @@ def _machine() -> str:
 
 def run_compare(args: argparse.Namespace) -> int:
     """``advfunc compare``: every method × seed, trained and attacked; the report after each run."""
+    _refuse_several_processes("compare")
     preset = FULL if args.full else SHORT
     methods = [registry.parse_method(text) for text in (args.methods or preset.methods)]
     seeds = list(args.seeds if args.seeds is not None else preset.seeds)
