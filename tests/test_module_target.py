@@ -64,7 +64,8 @@ def test_pgd_in_the_residual_stream(family):
     assert delta.shape == (3, 10, HIDDEN)
     assert bool((delta[batch["attention_mask"] == 0] == 0).all())
     assert float(delta.flatten(1).norm(dim=1).max()) <= 0.5 * (1 + 1e-5)
-    assert float(_hooked_loss(model, batch, name, delta)) > float(model(**batch).loss)
+    with torch.no_grad():
+        assert float(_hooked_loss(model, batch, name, delta)) > float(model(**batch).loss)
     grads, out = advfunc.pgd(model, epsilon=0.5, alpha=0.2, steps=3, target=name)(params, batch)
     torch.testing.assert_close(out.delta, delta)
     torch.testing.assert_close(out.adv_loss, _hooked_loss(model, batch, name, delta).detach())
