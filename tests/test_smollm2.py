@@ -59,3 +59,37 @@ def test_a_neftune_step_with_completion_only_labels_trains_the_real_model(smollm
     assert all(bool(torch.isfinite(g).all()) for g in grads.values())
     assert float(next(iter(grads.values())).abs().sum()) > 0
     assert not bool(out.skipped) and 0 < float(out.loss) < 20
+
+
+def test_cat_and_lat_attack_the_real_model_at_the_prompt_and_train_it(smollm2):
+    model, tokenizer = smollm2
+    prompt = tokenizer("Review: a warm, funny film.\nSentiment:", return_tensors="pt")["input_ids"][0]
+    good = tokenizer(" positive", return_tensors="pt")["input_ids"][0]
+    bad = tokenizer(" negative", return_tensors="pt")["input_ids"][0]
+    assert len(good) == len(bad)  # one answer position, shared by both completions
+    ids = torch.cat([prompt, good]).unsqueeze(0)  # [1, L]
+    labels = torch.full_like(ids, -100)
+    adv_labels = torch.full_like(ids, -100)
+    labels[0, len(prompt) :] = good
+    adv_labels[0, len(prompt) :] = bad
+    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels, "adv_labels": adv_labels}
+    for p in model.parameters():
+        p.requires_grad_(False)
+    model.model.norm.weight.requires_grad_(True)
+    params = advfunc.params_of(model)
+    adversary = {"input_ids": torch.cat([prompt, bad]).unsqueeze(0), "attention_mask": torch.ones_like(ids)}
+    adversary["labels"] = adv_labels
+    middle = f"model.layers.{model.config.num_hidden_layers // 2}"
+    steps = {
+        "embeds": advfunc.cat(model, epsilon=0.5, alpha=0.05, steps=2),
+        middle: advfunc.lat(model, layers=middle, epsilon=4.0, alpha=2.0, steps=2),
+    }
+    for target, step in steps.items():
+        grads, out = step(params, batch)
+        assert set(grads) == {"model.norm.weight"} and bool(torch.isfinite(grads["model.norm.weight"]).all())
+        assert not bool(out.skipped) and 0 < float(out.loss) < 20 and 0 < float(out.adv_loss) < 20
+        delta = out.delta  # [1, L, 576], the attack's
+        assert bool((delta[0, len(prompt) :] == 0).all()) and float(delta[0, : len(prompt)].abs().max()) > 0
+        loss_at = advfunc.perturbed_loss(model, target=target)
+        with torch.no_grad():  # the adversary has lowered the loss of its completion
+            assert float(loss_at(params, adversary, delta)) < float(loss_at(params, adversary, 0 * delta))
