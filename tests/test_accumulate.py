@@ -9,9 +9,9 @@ import torch
 
 import advfunc
 from advfunc.scale.accumulation import accumulate, split_batch
+from tests.classic_reference import FGM
 from tests.parity import assert_grads_match
 from tests.purity import assert_step_is_pure
-from tests.classic_reference import FGM
 from tests.tiny_models import EMBEDDING_NAME, padded_batch, tiny_model
 
 FACTORIES = {

@@ -127,7 +127,7 @@ def test_params_with_foreign_names_or_shapes(model):
     batch = padded_batch("bert")
     with pytest.raises(ValueError, match="names the model does not"):
         _step(model)({"other.weight": torch.zeros(2)}, batch)
-    with pytest.raises(ValueError, match="classifier.weight"):
+    with pytest.raises(ValueError, match=r"classifier\.weight"):
         _step(model)({"classifier.weight": torch.zeros(2, 2)}, batch)
 
 

@@ -96,4 +96,3 @@ def test_batches_are_deterministic_cover_everything_and_group_lengths():
     padded = sum(max(lengths[i] for i in b) * len(b) for b in first)
     assert padded < 1.1 * sum(lengths), "length grouping should keep padding small"
     assert sorted(i for b in evaluation_batches(lengths, 64) for i in b) == list(range(500))
-

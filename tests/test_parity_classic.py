@@ -13,8 +13,8 @@ import pytest
 import torch
 
 import advfunc
-from tests.parity import assert_grads_match
 from tests.classic_reference import classic_fgm_grads, classic_freelb_grads, classic_pgd_grads
+from tests.parity import assert_grads_match
 from tests.tiny_models import EMBEDDING_NAME, padded_batch, tiny_model
 
 STEPS = 3

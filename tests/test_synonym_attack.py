@@ -54,8 +54,21 @@ def letters(texts) -> torch.Tensor:
     return torch.stack(counts)
 
 
-SENTIMENT = {"good": 1.0, "great": 1.5, "fine": 0.5, "bad": -1.5, "dull": -1.0, "movie": 0.5, "film": -3.0,
-             "story": 0.5, "plot": 0.2, "funny": 1.0, "amusing": -2.0, "terrible": -2.0, "awful": 0.5}
+SENTIMENT = {
+    "good": 1.0,
+    "great": 1.5,
+    "fine": 0.5,
+    "bad": -1.5,
+    "dull": -1.0,
+    "movie": 0.5,
+    "film": -3.0,
+    "story": 0.5,
+    "plot": 0.2,
+    "funny": 1.0,
+    "amusing": -2.0,
+    "terrible": -2.0,
+    "awful": 0.5,
+}
 TEXTS = [
     "A good movie with a funny story.",
     "The film is dull and the plot is terrible.",
@@ -131,8 +144,9 @@ def test_one_known_synonym_that_flips_the_prediction_is_found(order):
     text = "A great movie."
 
     def gradient_importance(text, spans, label):  # the model is linear: |weight| is the saliency
-        return torch.tensor([abs(model.embedding.weight[model.vocabulary.get(text[s:e].lower(), 0), 0].item())
-                             for s, e in spans])
+        return torch.tensor(
+            [abs(model.embedding.weight[model.vocabulary.get(text[s:e].lower(), 0), 0].item()) for s, e in spans]
+        )
 
     config = SynonymAttackConfig(similarity=-1.0, order=order)
     (result,) = attack_texts([text], [1], model, letters, wordnet(), config, gradient_importance)

@@ -8,8 +8,8 @@ import pytest
 import torch
 
 import advfunc
-from tests.parity import assert_grads_match
 from tests.classic_reference import classic_fgm_grads
+from tests.parity import assert_grads_match
 from tests.tiny_models import PAD_ID, padded_batch, tiny_model
 
 

@@ -12,9 +12,7 @@ from __future__ import annotations
 import torch
 
 
-def kl_logits(
-    p_logits: torch.Tensor, q_logits: torch.Tensor, positions: torch.Tensor | None = None
-) -> torch.Tensor:
+def kl_logits(p_logits: torch.Tensor, q_logits: torch.Tensor, positions: torch.Tensor | None = None) -> torch.Tensor:
     """KL(p ‖ q) with p = softmax(p_logits), q = softmax(q_logits), averaged over positions.
 
     .. math::
@@ -53,9 +51,7 @@ def kl_logits(
     return (per_position * weights).sum() / weights.sum().clamp(min=1)
 
 
-def symmetric_kl(
-    p_logits: torch.Tensor, q_logits: torch.Tensor, positions: torch.Tensor | None = None
-) -> torch.Tensor:
+def symmetric_kl(p_logits: torch.Tensor, q_logits: torch.Tensor, positions: torch.Tensor | None = None) -> torch.Tensor:
     """KL(p ‖ q) + KL(q ‖ p), the symmetric KL of SMART and R3F; >= 0, 0 at equal logits."""
     return kl_logits(p_logits, q_logits, positions) + kl_logits(q_logits, p_logits, positions)
 
