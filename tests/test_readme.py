@@ -1,4 +1,4 @@
-"""The README's custom-loop example runs as written, on a tiny model."""
+"""The README's custom-loop examples run as written, on tiny models, in at most 12 lines."""
 
 from __future__ import annotations
 
@@ -7,17 +7,22 @@ from pathlib import Path
 
 import torch
 
+from tests.tiny_decoders import LAYER, completion_batch, tiny_decoder
 from tests.tiny_models import padded_batch, tiny_model
 
 README = Path(__file__).resolve().parent.parent / "README.md"
 
 
+def _loop_code(heading: str, last: bool = False) -> str:
+    """The first (``last``: the last) Python block of the README's text under ``heading``, up to the next heading."""
+    section = re.split(r"\n#{2,3} ", README.read_text().split(f"{heading}\n", 1)[1], maxsplit=1)[0]
+    blocks = re.findall(r"```python\n(.*?)```", section, re.S)
+    assert blocks, f"the README lost the example under {heading!r}"
+    return blocks[-1 if last else 0]
+
+
 def _custom_loop_code() -> str:
-    text = README.read_text()
-    section = text.split("## A custom training loop", 1)[1]
-    match = re.search(r"```python\n(.*?)```", section, re.S)
-    assert match, "the README lost its custom-loop example"
-    return match.group(1)
+    return _loop_code("## A custom training loop")
 
 
 def test_readme_custom_loop_trains(capsys):
@@ -30,3 +35,26 @@ def test_readme_custom_loop_trains(capsys):
     moved = [n for n, p in model.named_parameters() if not torch.equal(p, before[n])]
     assert "classifier.weight" in moved and "bert.embeddings.word_embeddings.weight" in moved
     assert capsys.readouterr().out.count("adversarial") == 2
+
+
+def _run_loop(code: str, model: torch.nn.Module, loader: list) -> list[str]:
+    assert len(code.strip().splitlines()) <= 12
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    exec(compile(code, str(README), "exec"), {"model": model, "loader": loader})
+    return [n for n, p in model.named_parameters() if not torch.equal(p, before[n])]
+
+
+def test_readme_attack_api_loop_trains():
+    code = _loop_code("### The same loop on the attack API")
+    assert "advfunc.attacks." in code and "perturbed_loss" in code
+    moved = _run_loop(code, tiny_model("bert"), [padded_batch("bert", seed=s) for s in range(2)])
+    assert "classifier.weight" in moved and "bert.embeddings.word_embeddings.weight" in moved
+
+
+def test_readme_decoder_loop_trains():
+    code = _loop_code("## Decoder LLMs", last=True)
+    assert "advfunc.attacks.lat" in code
+    loader = [completion_batch("right", seed=s, adversary=True) for s in range(2)]
+    moved = _run_loop(code.replace("model.layers.4", LAYER["llama"]), tiny_decoder("llama"), loader)
+    assert "lm_head.weight" in moved or "model.embed_tokens.weight" in moved
+    assert any(".layers.0." in name for name in moved)
