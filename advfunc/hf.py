@@ -70,8 +70,10 @@ from torch.utils.data import Sampler
 from transformers import Trainer, TrainerCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
+from advfunc.core.completion import ADV_LABELS
 from advfunc.core.params import Params, params_of, set_grads
 from advfunc.core.step import Grads, Step, StepOutput, all_finite
+from advfunc.core.targets import PERTURB_MASK
 from advfunc.methods.registry import DRIVER_OPTIONS, build_step, draws_noise, parse_method, seeded_generator
 from advfunc.methods.teacher import ema, teacher_of
 from advfunc.scale.distributed import DEFAULT_BUCKET_MB, all_reduce_grads
@@ -236,6 +238,13 @@ class AdversarialTrainer(Trainer):
         # Without a scaler the gradient goes to p.grad as it is: the surrogate's backward would
         # cost one more sweep over every parameter (13% of a MiniLM step on CPU).
         set_grads(target, grads, accumulate=True)
+
+    def _set_signature_columns_if_needed(self) -> None:
+        # Trainer keeps only the keys the model's forward takes (remove_unused_columns); the
+        # keys advfunc consumes itself must reach the step, or a perturb_mask would vanish silently.
+        super()._set_signature_columns_if_needed()
+        assert self._signature_columns is not None
+        self._signature_columns += [k for k in (PERTURB_MASK, ADV_LABELS) if k not in self._signature_columns]
 
     def after_optimizer_step(self) -> None:
         """SMART: θ̃ ← β · θ̃ + (1 − β) · θ, once per optimizer step (Jiang et al., 2020, §3.2)."""

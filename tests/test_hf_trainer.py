@@ -281,3 +281,21 @@ def test_with_a_loss_scaler_the_update_is_unchanged_and_an_overflow_skips_it(tmp
     assert trainer.accelerator.scaler.get_scale() < 2.0**10
     for name, value in model.named_parameters():
         assert torch.equal(value, before[name]), name
+
+
+def test_batch_keys_advfunc_consumes_survive_trainers_column_removal(tmp_path):
+    # Trainer drops every batch key the model's forward does not take (remove_unused_columns,
+    # on by default): a perturb_mask dropped there would silently perturb every token.
+    examples = _examples(4)
+    for example in examples:
+        example["perturb_mask"] = torch.zeros_like(example["input_ids"])
+        example["adv_labels"] = torch.full_like(example["input_ids"], -100)
+    trainer = AdversarialTrainer(
+        model=tiny_model("bert", num_labels=2),
+        args=_args(tmp_path, remove_unused_columns=True),
+        train_dataset=examples,
+        data_collator=default_data_collator,
+        step_factory="pgd:epsilon=0.5,alpha=0.2,steps=1,target=embeds",
+    )
+    batch = next(iter(trainer.get_train_dataloader()))
+    assert {"perturb_mask", "adv_labels", "input_ids", "labels"} <= set(batch)
