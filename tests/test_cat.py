@@ -11,6 +11,7 @@ import advfunc
 from advfunc import attacks
 from advfunc.methods.registry import METHODS, build_step, parse_method
 from tests.completion_reference import reference_step
+from tests.method_harness import PassCounter
 from tests.parity import assert_grads_match
 from tests.purity import assert_step_is_pure
 from tests.tiny_decoders import completion_batch, prompt_of, tiny_decoder
@@ -125,3 +126,13 @@ def test_cat_is_registered():
     assert "cat" in METHODS and METHODS["cat"].batch_keys == (advfunc.ADV_LABELS,)
     step = build_step(parse_method("cat:steps=2,away=0.5"), tiny_decoder("gpt2"))
     assert step.method == "cat" and step.config["steps"] == 2 and step.passes == 5
+
+
+@pytest.mark.parametrize(("away", "utility"), [(1.0, 1.0), (0.0, 1.0), (1.0, 0.0), (0.0, 0.0)])
+def test_cat_cost_is_the_documented_passes(away, utility):
+    model = tiny_decoder("llama")
+    step = advfunc.cat(model, steps=2, away=away, utility=utility)
+    with PassCounter(model) as count:
+        step(advfunc.params_of(model), completion_batch("right", adversary=True))
+    assert count.forwards == step.passes + step.config["forward_only_passes"]
+    assert count.backwards == step.passes

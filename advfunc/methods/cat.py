@@ -47,7 +47,8 @@ def cat(
     [B, L, H], zero outside the prompt.
 
     Cost: K + 3 passes: K that differentiate δ only, then three forwards (toward, away,
-    utility) with one shared backward (K + 2 and a forward-only pass with ``utility=0``).
+    utility) with one shared backward; one pass fewer with ``away=0``, and with
+    ``utility=0`` the utility forward runs without backward (for ``out.loss``).
 
     Paper: Xhonneux et al., "Efficient Adversarial Training in LLMs with Continuous
     Attacks", NeurIPS 2024.
@@ -59,4 +60,4 @@ def cat(
     """
     toward, away, utility = weights(toward, away, utility, "utility")
     attack = attacks.cat(model, epsilon, alpha, steps, norm, loss_fn=loss_fn, autocast=autocast, compile=compile)
-    return toward_away_step("cat", attack, toward, away, utility, passes=steps + 3)
+    return toward_away_step("cat", attack, toward, away, utility, steps)

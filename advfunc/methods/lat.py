@@ -51,8 +51,9 @@ def lat(
     (one tensor for one layer, a dict for several).
 
     Cost: K + 3 passes: K that differentiate δ only, then three forwards (toward, away,
-    retain) with one shared backward; one more forward without backward for the
-    reference when given.
+    retain) with one shared backward; one pass fewer with ``away=0``, and with
+    ``retain=0`` the retain forward runs without backward (for ``out.loss``); one more
+    forward without backward for the reference when given.
 
     Paper: Sheshadri et al., "Latent Adversarial Training Improves Robustness to
     Persistent Harmful Behaviors in LLMs", 2024.
@@ -64,4 +65,4 @@ def lat(
     """
     toward, away, retain = weights(toward, away, retain, "retain")
     attack = attacks.lat(model, layers, epsilon, alpha, steps, loss_fn=loss_fn, autocast=autocast, compile=compile)
-    return toward_away_step("lat", attack, toward, away, retain, passes=steps + 3)
+    return toward_away_step("lat", attack, toward, away, retain, steps)

@@ -42,9 +42,14 @@ def weights(toward: float, away: float, clean: float, clean_name: str) -> tuple[
 
 
 def toward_away_step(
-    method: str, attack: CompletionAttack, toward: float, away: float, clean: float, passes: int
+    method: str, attack: CompletionAttack, toward: float, away: float, clean: float, steps: int
 ) -> Step:
     """The step ``grads, out = step(params, batch, reference=None)`` for ``attack`` (module docstring).
+
+    Cost: the attack's K = ``steps`` passes, then one forward and backward for the toward
+    term and for each of the away and clean terms whose weight is not 0 (a clean term of
+    weight 0 is still computed for ``out.loss``, forward only); a reference adds one
+    forward without backward.
 
     ``out``: ``loss`` the clean loss of y, ``adv_loss`` L(θ, δ; x, y), ``delta`` δ in the
     attack's public form, ``logits`` the clean logits.
@@ -97,5 +102,6 @@ def toward_away_step(
         )
         return grads, out
 
+    passes = steps + 1 + (away > 0) + (clean > 0)
     forward_only = 1 if clean == 0 else 0
     return Step(method, passes, {**attack.config, "forward_only_passes": forward_only}, step)
