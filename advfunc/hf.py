@@ -70,11 +70,17 @@ from torch.utils.data import Sampler
 from transformers import Trainer, TrainerCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
-from advfunc.core.completion import ADV_LABELS
 from advfunc.core.params import Params, params_of, set_grads
 from advfunc.core.step import Grads, Step, StepOutput, all_finite
 from advfunc.core.targets import PERTURB_MASK
-from advfunc.methods.registry import DRIVER_OPTIONS, build_step, draws_noise, parse_method, seeded_generator
+from advfunc.methods.registry import (
+    DRIVER_OPTIONS,
+    METHODS,
+    build_step,
+    draws_noise,
+    parse_method,
+    seeded_generator,
+)
 from advfunc.methods.teacher import ema, teacher_of
 from advfunc.scale.distributed import DEFAULT_BUCKET_MB, all_reduce_grads
 
@@ -244,7 +250,9 @@ class AdversarialTrainer(Trainer):
         # keys advfunc consumes itself must reach the step, or a perturb_mask would vanish silently.
         super()._set_signature_columns_if_needed()
         assert self._signature_columns is not None
-        self._signature_columns += [k for k in (PERTURB_MASK, ADV_LABELS) if k not in self._signature_columns]
+        method = METHODS.get(self._current_step()[1].method)
+        consumed = (PERTURB_MASK, *(() if method is None else method.batch_keys))
+        self._signature_columns += [k for k in consumed if k not in self._signature_columns]
 
     def after_optimizer_step(self) -> None:
         """SMART: θ̃ ← β · θ̃ + (1 − β) · θ, once per optimizer step (Jiang et al., 2020, §3.2)."""

@@ -13,6 +13,7 @@ import advfunc
 from advfunc.app.train import Loop, TrainConfig
 from advfunc.hf import AdversarialTrainer
 from advfunc.methods import registry
+from tests.tiny_decoders import completion_batch, tiny_decoder
 from tests.tiny_models import padded_batch, tiny_model
 
 pytest.importorskip("accelerate")  # Trainer needs it
@@ -296,6 +297,19 @@ def test_batch_keys_advfunc_consumes_survive_trainers_column_removal(tmp_path):
         train_dataset=examples,
         data_collator=default_data_collator,
         step_factory="pgd:epsilon=0.5,alpha=0.2,steps=1,target=embeds",
+    )
+    batch = next(iter(trainer.get_train_dataloader()))
+    assert {"perturb_mask", "input_ids", "labels"} <= set(batch)
+    assert "adv_labels" not in batch  # PGD takes no adversary's completion; CAT and LAT do
+    decoder = tiny_decoder("llama")
+    rows = completion_batch("right", adversary=True)
+    rows["perturb_mask"] = torch.ones_like(rows["input_ids"])
+    trainer = AdversarialTrainer(
+        model=decoder,
+        args=_args(tmp_path, remove_unused_columns=True),
+        train_dataset=[{k: v[i] for k, v in rows.items()} for i in range(3)],
+        data_collator=default_data_collator,
+        step_factory=partial(advfunc.cat, steps=1),
     )
     batch = next(iter(trainer.get_train_dataloader()))
     assert {"perturb_mask", "adv_labels", "input_ids", "labels"} <= set(batch)
