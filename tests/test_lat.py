@@ -103,7 +103,7 @@ def test_bad_input_is_refused():
     model = tiny_decoder("llama")
     with pytest.raises(ValueError, match=r"model\.layers\.0"):
         advfunc.lat(model, layers="model.layer.9")
-    with pytest.raises(ValueError, match=r"target=\["):
+    with pytest.raises(ValueError, match=r"not a module; name the module .*'model\.layers\.0\.mlp\.up_proj'"):
         advfunc.lat(model, layers="model.layers.0.mlp.up_proj.weight")
     with pytest.raises(ValueError, match="retain"):
         advfunc.lat(model, toward=0.0, away=0.0, retain=0.0)

@@ -67,3 +67,17 @@ def test_a_target_without_positions_refuses_the_mask_and_the_prompt():
         attacks.pgd(model, target="embeds@prompt", loss_fn=lambda o, b: o.logits.sum())(params, unlabelled)
     with pytest.raises(ValueError, match=advfunc.PERTURB_MASK):
         attacks.pgd(model, target="embeds")(params, {**batch, advfunc.PERTURB_MASK: torch.ones(3, 4)})
+
+
+def test_a_row_without_a_prompt_is_refused_not_left_unperturbed():
+    # Labels copied from input_ids (no −100 at the prompt) would leave a prompt target nothing to perturb.
+    model = tiny_decoder("llama")
+    params, batch = advfunc.params_of(model), completion_batch("right", seed=3, adversary=True)
+    labels = batch["labels"].clone()
+    labels[1] = torch.where(batch["attention_mask"][1].bool(), batch["input_ids"][1], -100)
+    unprompted = {**batch, "labels": labels}
+    with pytest.raises(ValueError, match=r"row 1 .*prompt"):
+        advfunc.cat(model, steps=1)(params, unprompted)
+    unprompted.pop("adv_labels")
+    with pytest.raises(ValueError, match=r"row 1 .*prompt"):
+        attacks.pgd(model, epsilon=1.0, alpha=0.4, steps=1, target="model.layers.0@prompt")(params, unprompted)

@@ -148,7 +148,8 @@ def token_mask(batch: Mapping[str, Any], prompt: bool, dtype: torch.dtype) -> to
     """[B, L, 1] the tokens a per-token δ acts on: real tokens, ∧ prompt, ∧ the batch's mask.
 
     The prompt is the real tokens whose label is −100 (a causal LM with completion-only
-    labels). ``batch[PERTURB_MASK]`` ([B, L], nonzero where allowed) restricts further.
+    labels; a row without one is refused). ``batch[PERTURB_MASK]`` ([B, L], nonzero
+    where allowed) restricts further.
     """
     ids = batch["input_ids"]
     mask = batch.get("attention_mask")
@@ -162,6 +163,13 @@ def token_mask(batch: Mapping[str, Any], prompt: bool, dtype: torch.dtype) -> to
                 f"(completion-only labels), got {got}"
             )
         allowed = allowed & (labels == -100)
+        # Labels copied from input_ids leave no prompt: δ would be 0 there and the attack a silent no-op.
+        empty = (~allowed.any(dim=1)).nonzero().flatten().tolist()
+        if empty:
+            raise ValueError(
+                f"row {empty[0]} of the batch has no prompt token (a real token whose label is −100): a target "
+                "restricted to the prompt needs completion-only labels, −100 at the prompt"
+            )
     given = batch.get(PERTURB_MASK)
     if given is not None:
         if not isinstance(given, torch.Tensor) or given.shape != ids.shape:
@@ -389,9 +397,12 @@ def _module_names(model: nn.Module, names: list[str], allowed: Sequence[str]) ->
     parameters = dict(model.named_parameters())
     for name in names:
         if name in parameters:
-            raise ValueError(
-                f"target {name!r} is a parameter, not a module; perturb parameters with the list form target=[{name!r}]"
+            fix = (
+                f"perturb parameters with the list form target=[{name!r}]"
+                if "weight" in allowed
+                else f"name the module that holds it, {name.rpartition('.')[0]!r}, or a layer"
             )
+            raise ValueError(f"target {name!r} is a parameter, not a module; {fix}")
         if name not in modules or name == "":
             raise ValueError(
                 f"unknown target {name!r}: neither one of {list(allowed)} nor a submodule of "
