@@ -19,7 +19,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from advfunc.app import atomic
+from advfunc.app import atomic, mean_pooled
 from advfunc.app.data import Labels
 
 log = logging.getLogger("advfunc")
@@ -61,6 +61,7 @@ class Loaded:
     tokenizer: Any
     model: nn.Module
     labels: Labels
+    fresh_head: bool = False  # the classification head was initialised here, not read
 
 
 def check_model_dir(path: Path) -> None:
@@ -78,13 +79,15 @@ def check_model_dir(path: Path) -> None:
         raise ModelError(f"{path} has a config.json but no weights (none of {list(_WEIGHT_FILES)})")
 
 
-def load(path: str | Path, labels: Labels | None = None) -> Loaded:
+def load(path: str | Path, labels: Labels | None = None, pooling: str = "cls") -> Loaded:
     """Read tokenizer and ``AutoModelForSequenceClassification`` from a local directory.
 
     With ``labels`` (training) the classification head is sized for them, freshly
     initialised when the checkpoint's head has other labels or none. Without (evaluation)
     the model must carry a trained head and its labels come from its config.
-    Never downloads: ``local_files_only``.
+    ``pooling="mean"`` with ``labels`` puts a fresh head on the mean of the encoder's token
+    states (:mod:`advfunc.app.mean_pooled`) unless the directory already holds such a model;
+    a saved model is read as what it is. Never downloads: ``local_files_only``.
     """
     from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer
 
@@ -114,9 +117,18 @@ def load(path: str | Path, labels: Labels | None = None) -> Loaded:
             "ignore_mismatched_sizes": True,
         }
     try:
-        model, info = AutoModelForSequenceClassification.from_pretrained(
-            path, local_files_only=True, output_loading_info=True, **kwargs
-        )
+        if pooling == "mean" and labels is not None and config.model_type != mean_pooled.MODEL_TYPE:
+            model = mean_pooled.from_encoder(
+                path,
+                num_labels=len(labels.names),
+                id2label=dict(enumerate(labels.names)),
+                label2id={name: i for i, name in enumerate(labels.names)},
+            )
+            info: dict[str, Any] = {"missing_keys": ["classifier.weight", "classifier.bias"]}
+        else:
+            model, info = AutoModelForSequenceClassification.from_pretrained(
+                path, local_files_only=True, output_loading_info=True, **kwargs
+            )
     except (OSError, ValueError, KeyError, RuntimeError) as error:
         raise ModelError(f"cannot load a sequence classifier from {path}: {error}") from error
     fresh = [k for k in [*info.get("missing_keys", ()), *info.get("mismatched_keys", ())] if k]
@@ -127,13 +139,11 @@ def load(path: str | Path, labels: Labels | None = None) -> Loaded:
                 "fine-tune it first with `advfunc train`"
             )
         labels = Labels.from_config(model.config)
-    elif fresh:
-        log.info("classification head for labels %s is newly initialised", list(labels.names))
     if tokenizer.pad_token_id is None and tokenizer.eos_token is not None:
         # GPT-style tokenizers have no pad token; the model must know which one pads.
         tokenizer.pad_token = tokenizer.eos_token
         model.config.pad_token_id = tokenizer.pad_token_id
-    return Loaded(path, tokenizer, model, labels)
+    return Loaded(path, tokenizer, model, labels, fresh_head=bool(fresh))
 
 
 def save(

@@ -55,9 +55,38 @@ def summarize(runs: Sequence[Mapping[str, Any]]) -> dict[str, dict[str, dict[str
         for key in rows[0]:
             values = [row[key] for row in rows if key in row and math.isfinite(row[key])]
             if values:
-                std = statistics.stdev(values) if len(values) > 1 else 0.0
-                summary[method][key] = {"mean": statistics.fmean(values), "std": std, "n": len(values)}
+                summary[method][key] = _stats(values)
     return summary
+
+
+def _stats(values: Sequence[float]) -> dict[str, float]:
+    std = statistics.stdev(values) if len(values) > 1 else 0.0
+    return {"mean": statistics.fmean(values), "std": std, "n": len(values)}
+
+
+def differences(runs: Sequence[Mapping[str, Any]], plain: str = "none") -> dict[str, dict[str, dict[str, float]]]:
+    """{method: {metric: {mean, std, n}}} of (method − ``plain``) over the seeds both ran.
+
+    Paired by seed (same data order, head initialisation and split), so the spread is that
+    of the difference itself, not of either method's accuracy. Empty without ``plain`` runs.
+    """
+    by_seed = {run["seed"]: _metrics(run) for run in runs if run["method"] == plain}
+    paired: dict[str, dict[str, list[float]]] = {}
+    for run in runs:
+        reference = by_seed.get(run["seed"])
+        if run["method"] == plain or reference is None:
+            continue
+        metrics = paired.setdefault(run["method"], {})
+        for key, value in _metrics(run).items():
+            if key in reference and math.isfinite(value) and math.isfinite(reference[key]):
+                metrics.setdefault(key, []).append(value - reference[key])
+    return {method: {key: _stats(values) for key, values in metrics.items()} for method, metrics in paired.items()}
+
+
+def _signed(stats: Mapping[str, float] | None) -> str:
+    if stats is None:
+        return "—"
+    return f"{stats['mean']:+.3f} ± {stats['std']:.3f}"
 
 
 def _cell(stats: Mapping[str, float] | None, digits: int = 3) -> str:
@@ -117,6 +146,21 @@ def markdown(
                 else "Every run is above it."
             )
         )
+        lines.append("")
+    delta = differences(runs)
+    if delta:
+        compared = ["clean", *[f"pgd@{r}" for r in radii], f"hotflip@{budgets[-1]}" if budgets else "", "synonym"]
+        titles = ["clean", *[f"PGD r={r}" for r in radii], f"HotFlip ≤{budgets[-1]}" if budgets else "", "synonym acc"]
+        kept = [(key, title) for key, title in zip(compared, titles, strict=True) if key]
+        lines += [
+            "Difference to plain fine-tuning (`none`), paired by seed: mean ± sample std of (method − none).",
+            "",
+            "| method | seeds | " + " | ".join(title for _, title in kept) + " |",
+            "|" + "|".join(["---"] * (len(kept) + 2)) + "|",
+        ]
+        for method, stats in delta.items():
+            seeds = int(stats["clean"]["n"]) if "clean" in stats else 0
+            lines.append(f"| `{method}` | {seeds} | " + " | ".join(_signed(stats.get(key)) for key, _ in kept) + " |")
         lines.append("")
     examples = [(r, e) for r in runs for e in (r["eval"].get("synonym") or {}).get("examples", [])][:5]
     if examples:
@@ -187,7 +231,7 @@ def write(directory: str | Path, runs: Sequence[Mapping[str, Any]], info: Mappin
     """Write the three report files into ``directory``; return their paths."""
     directory = Path(directory)
     summary = summarize(runs)
-    document = {"info": dict(info), "summary": summary, "runs": list(runs)}
+    document = {"info": dict(info), "summary": summary, "differences": differences(runs), "runs": list(runs)}
     paths = [directory / RESULTS_JSON, directory / RESULTS_MD, directory / PLOT_PNG]
     atomic.write_text(paths[0], json.dumps(document, indent=2) + "\n")
     atomic.write_text(paths[1], markdown(summary, info, runs))

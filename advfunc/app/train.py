@@ -30,6 +30,7 @@ from advfunc.core.step import Grads, Step, StepOutput, all_finite
 from advfunc.methods.registry import MethodSpec, build_step, draws_noise, parse_method, seeded_generator
 
 log = logging.getLogger("advfunc")
+POOLINGS = ("cls", "mean")
 
 
 @dataclass(frozen=True)
@@ -47,6 +48,7 @@ class TrainConfig:
     max_grad_norm: float = 1.0  # 0 turns clipping off
     max_length: int = 64
     seed: int = 0
+    pooling: str = "cls"  # what the head reads: "cls" (the model's own head) or "mean" (advfunc.app.mean_pooled)
 
     def check(self) -> MethodSpec:
         """Validate every field; return the parsed method spec."""
@@ -61,6 +63,8 @@ class TrainConfig:
             raise ValueError(f"warmup-ratio must be a finite number in [0, 1), got {self.warmup_ratio!r}")
         require_non_negative("weight-decay", self.weight_decay)
         require_non_negative("max-grad-norm", self.max_grad_norm)
+        if self.pooling not in POOLINGS:
+            raise ValueError(f"pooling must be one of {list(POOLINGS)}, got {self.pooling!r}")
         spec = parse_method(self.method)
         if spec.method.driver == "replay" and self.grad_accum != 1:
             raise ValueError(f"{spec.name} replays each batch with an optimizer step in between; use grad-accum 1")
