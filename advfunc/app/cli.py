@@ -69,10 +69,9 @@ class Preset:
     pooling: str = "cls"
 
 
-# Sized on the 2-core CPU this was built on (docs/results/compare-full), shared with other jobs:
-# the short one took ~8 min (batch 16: about 32 steps are the fewest after which MiniLM leaves
-# the majority-class plateau; 28 were too few for seed 0), the full one 26 min. The whole
-# 10,154-example training split would take over 2 h there, so "full" trains on its first 1,440.
+# Sized on the 2-core CPU this was built on (docs/results/compare-full): the short one takes
+# about 6.5 min, the full one 26 min. The whole 10,154-example training split would take over
+# 2 h there, so "full" trains on its first 1,440.
 # FGM and PGD attack the embedding output per example (target=embeds), the threat model the
 # evaluation measures, at a radius (0.1) inside the evaluated range. At the classic classes' defaults
 # (target=weight, epsilon=1) FGM did not leave the majority-class plateau within 50 steps.
@@ -84,11 +83,11 @@ _COMPARED = (
 )
 # The synonym attack costs about 2 s per attacked text here, 8 minutes over the short
 # comparison's 8 runs: the short one leaves it out (evaluate and --full run it).
-# In 32 steps a random head at the encoder's 2e-4 leaves some runs at the majority class
-# (with a zero-initialised head every run stays there); at 1e-2 every run measured learned.
-# [CLS]'s pooler output, which AutoModelForSequenceClassification classifies, is not what the
-# mean-pooled sentence encoder MiniLM was trained to produce: a linear head on it learns nothing
-# in 32 steps (0.56 on the test snippets, majority 0.597), on the mean token state 0.71.
+# Why 32 steps of 16 learn: the head reads the mean token state, what the mean-pooled sentence
+# encoder MiniLM was trained to produce (a linear head on the [CLS] pooler output that
+# AutoModelForSequenceClassification classifies scores 0.56 on the test snippets after 32 steps,
+# majority 0.597; on the mean token state 0.71), and a fresh head learns at 1e-2, not at the
+# encoder's 2e-4 (where it leaves some runs at the majority class).
 SHORT = Preset("short", _COMPARED, (0, 1), 512, 300, 32, 2e-4, 16, synonym=False, head_lr=1e-2, pooling="mean")
 FULL = Preset("full", _COMPARED, (0, 1, 2), 1440, None, 96, 2e-4, 32, synonym=True)
 
