@@ -66,7 +66,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 from torch import nn
-from torch.utils.data import Sampler
+from torch.utils.data import DataLoader, Sampler
 from transformers import Trainer, TrainerCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
@@ -245,14 +245,20 @@ class AdversarialTrainer(Trainer):
         # cost one more sweep over every parameter (13% of a MiniLM step on CPU).
         set_grads(target, grads, accumulate=True)
 
-    def _set_signature_columns_if_needed(self) -> None:
+    def get_train_dataloader(self) -> DataLoader[Any]:
         # Trainer keeps only the keys the model's forward takes (remove_unused_columns); the
-        # keys advfunc consumes itself must reach the step, or a perturb_mask would vanish silently.
-        super()._set_signature_columns_if_needed()
-        assert self._signature_columns is not None
+        # keys advfunc consumes itself must reach the step, or a perturb_mask would vanish
+        # silently. Evaluation calls the model directly, so there they are still removed.
+        self._set_signature_columns_if_needed()
+        model_columns: list[str] = list(self._signature_columns or [])
         method = METHODS.get(self._current_step()[1].method)
         consumed = (PERTURB_MASK, *(() if method is None else method.batch_keys))
-        self._signature_columns += [k for k in consumed if k not in self._signature_columns]
+        # Trainer's __init__ sets the attribute to None (mypy's type for it) and fills it lazily.
+        self._signature_columns = model_columns + [k for k in consumed if k not in model_columns]  # type: ignore[assignment]
+        try:
+            return super().get_train_dataloader()
+        finally:
+            self._signature_columns = model_columns  # type: ignore[assignment]
 
     def after_optimizer_step(self) -> None:
         """SMART: θ̃ ← β · θ̃ + (1 − β) · θ, once per optimizer step (Jiang et al., 2020, §3.2)."""

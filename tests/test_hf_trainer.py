@@ -301,6 +301,8 @@ def test_batch_keys_advfunc_consumes_survive_trainers_column_removal(tmp_path):
     batch = next(iter(trainer.get_train_dataloader()))
     assert {"perturb_mask", "input_ids", "labels"} <= set(batch)
     assert "adv_labels" not in batch  # PGD takes no adversary's completion; CAT and LAT do
+    evaluated = next(iter(trainer.get_eval_dataloader(examples)))  # the model's own forward: its keys only
+    assert "perturb_mask" not in evaluated and "input_ids" in evaluated
     decoder = tiny_decoder("llama")
     rows = completion_batch("right", adversary=True)
     rows["perturb_mask"] = torch.ones_like(rows["input_ids"])
