@@ -12,7 +12,6 @@ from transformers import TrainerCallback, TrainingArguments, default_data_collat
 import advfunc
 from advfunc.app.train import Loop, TrainConfig
 from advfunc.hf import AdversarialTrainer
-from advfunc.methods import registry
 from tests.tiny_decoders import completion_batch, tiny_decoder
 from tests.tiny_models import padded_batch, tiny_model
 
@@ -162,8 +161,6 @@ def test_bf16_runs_the_step_under_autocast(tmp_path):
 )
 def test_methods_with_their_own_state_match_advfunc_loop(tmp_path, method):
     """SMART's EMA teacher and free AT's replays, driven by the Trainer, against advfunc's own loop."""
-    if method.partition(":")[0] not in registry.available():
-        pytest.skip(f"{method} is not installed here")
     model = tiny_model("bert", num_labels=2)
     twin = copy.deepcopy(model)
     replays = 3 if method.startswith("free_at") else 1
@@ -199,8 +196,6 @@ def test_methods_with_their_own_state_match_advfunc_loop(tmp_path, method):
 )
 def test_resume_from_a_checkpoint_equals_the_uninterrupted_run(tmp_path, method):
     """Teacher, carried δ (step 2 of 3 replays) and the noise generator come back from the checkpoint."""
-    if method.partition(":")[0] not in registry.available():
-        pytest.skip(f"{method} is not installed here")
 
     def run(resume=None):
         model = tiny_model("bert", num_labels=2)
