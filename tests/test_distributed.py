@@ -20,6 +20,7 @@ from advfunc.scale import distributed as advdist
 from advfunc.scale.accumulation import split_batch
 from tests import distributed_worker as worker
 from tests.tiny_models import padded_batch, tiny_model
+from tests.torchrun import run_torchrun
 
 ROOT = Path(__file__).resolve().parents[1]
 WORLD = 2
@@ -178,22 +179,8 @@ def test_unwrap_peels_wrappers_and_the_step_refuses_a_wrapper():
 @pytest.mark.slow
 def test_the_ddp_example_runs_under_torchrun():
     """examples/ddp_train.py, 2 gloo ranks, fp16 with accumulation: exits 0 with replicas in sync."""
-    command = [
-        *(sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(WORLD)),
-        *(str(ROOT / "examples" / "ddp_train.py"), "--steps", "3", "--precision", "fp16", "--accumulate", "2"),
-        *("--method", "pgd", "--bucket-mb", "0.2"),
-    ]
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
-    # a new session, so that a timeout can end torchrun and the ranks it started, by group id
-    proc = subprocess.Popen(
-        command, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True
-    )
-    try:
-        log = proc.communicate(timeout=TIMEOUT_S)[0]
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, 9)
-        proc.wait()
-        pytest.fail(f"torchrun did not finish in {TIMEOUT_S} s")
-    assert proc.returncode == 0, log[-4000:]
+    example = ROOT / "examples" / "ddp_train.py"
+    options = ["--steps", "3", "--precision", "fp16", "--accumulate", "2", "--method", "pgd", "--bucket-mb", "0.2"]
+    log = run_torchrun(example, *options, processes=WORLD, timeout_s=TIMEOUT_S)
     assert "all_reduce calls 2" in log, log[-2000:]
     assert "replicas agree: True" in log, log[-2000:]

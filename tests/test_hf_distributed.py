@@ -1,25 +1,19 @@
 """``AdversarialTrainer`` on two gloo processes (torchrun, DDP) against one process on the same global batches.
 
-The ranks run tests/hf_distributed_worker.py under ``torch.distributed.run``, started in
-a session of their own so that a timeout ends torchrun and both ranks by process group.
+The ranks run tests/hf_distributed_worker.py under ``torch.distributed.run`` (tests/torchrun.py).
 """
 
 from __future__ import annotations
-
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 import torch.distributed as dist
 
 from tests import hf_distributed_worker as worker
+from tests.torchrun import ROOT, run_torchrun
 
 pytest.importorskip("accelerate")  # Trainer needs it
 
-ROOT = Path(__file__).resolve().parents[1]
 WORLD = 2
 TIMEOUT_S = 240
 
@@ -30,21 +24,7 @@ def ranks(tmp_path_factory):
     if not (dist.is_available() and dist.is_gloo_available()):
         pytest.skip("torch.distributed with gloo is not available")
     out = tmp_path_factory.mktemp("hf_ranks")
-    command = [
-        *(sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(WORLD)),
-        *(str(ROOT / "tests" / "hf_distributed_worker.py"), str(out)),
-    ]
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
-    proc = subprocess.Popen(
-        command, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True
-    )
-    try:
-        log = proc.communicate(timeout=TIMEOUT_S)[0]
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, 9)
-        proc.wait()
-        pytest.fail(f"torchrun did not finish in {TIMEOUT_S} s")
-    assert proc.returncode == 0, log[-6000:]
+    run_torchrun(ROOT / "tests" / "hf_distributed_worker.py", str(out), processes=WORLD, timeout_s=TIMEOUT_S)
     return [torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(WORLD)]
 
 
