@@ -7,31 +7,13 @@ import math
 import pytest
 import torch
 from torch.func import grad
-from transformers import LlamaConfig, LlamaForCausalLM
 
 import advfunc
 from advfunc import attacks
 from advfunc.attacks.neftune import sequence_lengths
 from tests.method_harness import PassCounter
 from tests.purity import assert_step_is_pure
-
-HIDDEN = 32
-
-
-def tiny_llama(seed: int = 0) -> LlamaForCausalLM:
-    torch.manual_seed(seed)
-    config = LlamaConfig(
-        vocab_size=120,
-        hidden_size=HIDDEN,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=64,
-        pad_token_id=0,
-        tie_word_embeddings=False,
-    )
-    return LlamaForCausalLM(config).train()
+from tests.tiny_decoders import HIDDEN, tiny_decoder
 
 
 def completion_batch(padding: str, seed: int = 0) -> dict[str, torch.Tensor]:
@@ -57,7 +39,7 @@ def _expected_scale(lengths: list[list[int]], alpha: float) -> torch.Tensor:
 
 @pytest.mark.parametrize("padding", ["right", "left"])
 def test_the_noise_scale_counts_each_sequence_real_tokens(padding):
-    model = tiny_llama()
+    model = tiny_decoder("llama")
     params, batch = advfunc.params_of(model), completion_batch(padding)
     z = attacks.neftune(model, alpha=5.0)(params, batch, generator=torch.Generator().manual_seed(3))
     uniform = torch.empty(3, 12, HIDDEN).uniform_(-1, 1, generator=torch.Generator().manual_seed(3))
@@ -71,7 +53,7 @@ def test_the_noise_scale_counts_each_sequence_real_tokens(padding):
 
 
 def test_packed_sequences_each_get_their_own_scale():
-    model = tiny_llama()
+    model = tiny_decoder("llama")
     params = advfunc.params_of(model)
     ids = torch.randint(3, 120, (2, 10), generator=torch.Generator().manual_seed(1))
     position_ids = torch.tensor([[0, 1, 2, 3, 4, 0, 1, 2, 0, 0], [0, 1, 2, 3, 4, 5, 6, 7, 8, 9]])
@@ -91,7 +73,7 @@ def test_packed_sequences_each_get_their_own_scale():
 
 @pytest.mark.parametrize("padding", ["right", "left"])
 def test_the_step_is_the_loss_gradient_at_the_noise_and_costs_one_pass(padding):
-    model = tiny_llama()
+    model = tiny_decoder("llama")
     params, batch = advfunc.params_of(model), completion_batch(padding, seed=4)
     step = advfunc.neftune(model, alpha=5.0)
     with PassCounter(model) as count:
@@ -112,4 +94,4 @@ def test_the_step_is_the_loss_gradient_at_the_noise_and_costs_one_pass(padding):
 
 def test_bad_alpha_is_refused():
     with pytest.raises(ValueError, match="alpha"):
-        advfunc.neftune(tiny_llama(), alpha=0.0)
+        advfunc.neftune(tiny_decoder("llama"), alpha=0.0)
