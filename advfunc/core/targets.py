@@ -179,7 +179,31 @@ def token_mask(batch: Mapping[str, Any], prompt: bool, dtype: torch.dtype) -> to
     return allowed.unsqueeze(-1).to(dtype)
 
 
-class EmbeddingOutput:
+class _TokenStates:
+    """Per-token hidden states [B, L, H] per perturbed place (``delta_names``), masked like the batch's tokens.
+
+    Norms are per example over (seq, hidden); padding, and the prompt's complement with
+    ``prompt``, are never perturbed.
+    """
+
+    hidden: int
+    dtype: torch.dtype
+    prompt: bool
+    delta_names: tuple[str, ...]
+
+    def layout(self, batch: Mapping[str, Any]) -> Layout:
+        ids = batch["input_ids"]
+        return Layout(shape=(*ids.shape, self.hidden), mask=token_mask(batch, self.prompt, self.dtype))
+
+    def zeros(self, layout: Layout, params: Params) -> Delta:
+        device = next(iter(params.values())).device
+        return {name: torch.zeros(layout.shape, dtype=self.dtype, device=device) for name in self.delta_names}
+
+    def norm_dims(self, tensor: torch.Tensor) -> tuple[int, ...] | None:
+        return tuple(range(1, tensor.dim()))
+
+
+class EmbeddingOutput(_TokenStates):
     """``target="embeds"``: δ [B, L, H] added to the input-embedding output, padding masked.
 
     Norms are per example over (seq, hidden). The embedding matrix itself is never
@@ -188,6 +212,7 @@ class EmbeddingOutput:
     """
 
     kind = "embeds"
+    delta_names = ("embeds",)
     reads_input_ids = True
     batch_keys: tuple[str, ...] = (PERTURB_MASK,)
     modules: tuple[nn.Module, ...] = ()
@@ -203,20 +228,9 @@ class EmbeddingOutput:
         self.dtype = weight.dtype if isinstance(weight, torch.Tensor) else torch.float32
         self.prompt = prompt
 
-    def layout(self, batch: Mapping[str, Any]) -> Layout:
-        ids = batch["input_ids"]
-        return Layout(shape=(*ids.shape, self.hidden), mask=token_mask(batch, self.prompt, self.dtype))
-
-    def zeros(self, layout: Layout, params: Params) -> Delta:
-        device = next(iter(params.values())).device
-        return {"embeds": torch.zeros(layout.shape, dtype=self.dtype, device=device)}
-
     def apply(self, params: Mapping[str, torch.Tensor], layout: Layout, delta: Delta) -> tuple[Params, Any]:
         assert layout.mask is not None
         return dict(params), delta["embeds"] * layout.mask  # [B, L, H]
-
-    def norm_dims(self, tensor: torch.Tensor) -> tuple[int, ...] | None:
-        return tuple(range(1, tensor.dim()))
 
     def public(self, delta: Delta) -> PublicDelta:
         return delta["embeds"]
@@ -227,7 +241,7 @@ class EmbeddingOutput:
         return {"embeds": _checked_tensor(value, layout.shape, what, "[batch, seq, hidden]") * layout.mask}
 
 
-class ModuleOutput:
+class ModuleOutput(_TokenStates):
     """``target="model.layers.4"``: δ [B, L, H] added to the output of named submodules.
 
     Latent adversarial training perturbs the residual stream: the hidden states a
@@ -246,6 +260,7 @@ class ModuleOutput:
     def __init__(self, model: nn.Module, names: Sequence[str], prompt: bool = False) -> None:
         found = dict(model.named_modules())
         self.module_names = list(names)
+        self.delta_names = tuple(self.module_names)
         self.modules = tuple(found[name] for name in self.module_names)
         hidden = getattr(getattr(model, "config", None), "hidden_size", None)
         if not isinstance(hidden, int):
@@ -258,21 +273,10 @@ class ModuleOutput:
         self.dtype = weight.dtype if isinstance(weight, torch.Tensor) else torch.float32
         self.prompt = prompt
 
-    def layout(self, batch: Mapping[str, Any]) -> Layout:
-        ids = batch["input_ids"]
-        return Layout(shape=(*ids.shape, self.hidden), mask=token_mask(batch, self.prompt, self.dtype))
-
-    def zeros(self, layout: Layout, params: Params) -> Delta:
-        device = next(iter(params.values())).device
-        return {name: torch.zeros(layout.shape, dtype=self.dtype, device=device) for name in self.module_names}
-
     def apply(self, params: Mapping[str, torch.Tensor], layout: Layout, delta: Delta) -> tuple[Params, Any]:
         assert layout.mask is not None
         offsets = {f"{name}.{OFFSET_ATTRIBUTE}": delta[name] * layout.mask for name in self.module_names}
         return {**params, **offsets}, None
-
-    def norm_dims(self, tensor: torch.Tensor) -> tuple[int, ...] | None:
-        return tuple(range(1, tensor.dim()))
 
     def public(self, delta: Delta) -> PublicDelta:
         return delta[self.module_names[0]] if len(self.module_names) == 1 else dict(delta)
