@@ -124,14 +124,14 @@ def load(path: str | Path, labels: Labels | None = None, pooling: str = "cls") -
                 id2label=dict(enumerate(labels.names)),
                 label2id={name: i for i, name in enumerate(labels.names)},
             )
-            info: dict[str, Any] = {"missing_keys": ["classifier.weight", "classifier.bias"]}
+            fresh = ["classifier.weight", "classifier.bias"]
         else:
             model, info = AutoModelForSequenceClassification.from_pretrained(
                 path, local_files_only=True, output_loading_info=True, **kwargs
             )
+            fresh = [k for k in [*info.get("missing_keys", ()), *info.get("mismatched_keys", ())] if k]
     except (OSError, ValueError, KeyError, RuntimeError) as error:
         raise ModelError(f"cannot load a sequence classifier from {path}: {error}") from error
-    fresh = [k for k in [*info.get("missing_keys", ()), *info.get("mismatched_keys", ())] if k]
     if labels is None:
         if fresh:
             raise ModelError(
