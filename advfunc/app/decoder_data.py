@@ -1,0 +1,135 @@
+"""A two-class text task as instructions for a causal LM: prompt, answer word, completion-only labels.
+
+Each text becomes the plain prompt ``"Review: {text}\\nSentiment:"`` and each label an
+answer word (Rotten Tomatoes: ``fresh`` → ``" positive"``, ``rotten`` → ``" negative"``).
+The prompt is plain rather than the model's chat template: the question is the
+instruction itself, and the template of an instruct model adds a system prompt that
+would triple the length of these short snippets (and the cost of every pass).
+
+An example's ``input_ids`` are the prompt's tokens followed by its answer's; ``labels``
+are −100 at the prompt and the answer's tokens after it, so the loss is the answer's
+alone (completion-only). ``adv_labels`` (:data:`advfunc.ADV_LABELS`) hold the wrong
+answer at the same positions: the adversary's completion for CAT and LAT. A review is
+cut at the end, never the instruction, so that prompt and answer fit ``max_length``
+tokens. Batches are padded on the right.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from advfunc.app.data import DataError, TextDataset
+from advfunc.core.completion import ADV_LABELS
+
+PROMPT_HEAD = "Review:"
+PROMPT_TAIL = "\nSentiment:"
+ROTTEN_TOMATOES_ANSWERS = {"fresh": " positive", "rotten": " negative"}
+
+
+@dataclass(frozen=True)
+class Answers:
+    """The two labels in class order and the token ids of their answers (class i answers ``ids[i]``)."""
+
+    labels: tuple[str, ...]
+    words: tuple[str, ...]
+    ids: tuple[tuple[int, ...], ...]
+
+    @classmethod
+    def of(cls, words: Mapping[str, str], tokenizer: Any) -> Answers:
+        """Tokenize each label's answer word; their first tokens must differ (the answer is a next-token choice)."""
+        if len(words) != 2:
+            raise DataError(f"the decoder task has two answers, got {len(words)}: {dict(words)}; give LABEL=WORD twice")
+        ids = tuple(tuple(tokenizer(word, add_special_tokens=False)["input_ids"]) for word in words.values())
+        empty = [word for word, tokens in zip(words.values(), ids, strict=True) if not tokens]
+        if empty:
+            raise DataError(f"answer {empty[0]!r} tokenizes to nothing; choose another answer word")
+        if ids[0][0] == ids[1][0]:
+            raise DataError(
+                f"answers {list(words.values())} begin with the same token {ids[0][0]}, so the next token cannot "
+                "tell them apart; choose answer words that start differently"
+            )
+        return cls(tuple(words), tuple(words.values()), ids)
+
+    @property
+    def first(self) -> tuple[int, ...]:
+        """The first token of each class's answer: the two logits the answer is read from."""
+        return tuple(tokens[0] for tokens in self.ids)
+
+    def encode_labels(self, dataset: TextDataset) -> list[int]:
+        """Class ids of ``dataset``; ``DataError`` naming the first label without an answer."""
+        index = {label: i for i, label in enumerate(self.labels)}
+        for row, label in enumerate(dataset.labels, start=1):
+            if label not in index:
+                raise DataError(
+                    f"{dataset.source}, row {row}: label {label!r} has no answer word; the answers are "
+                    f"{dict(zip(self.labels, self.words, strict=True))} (set them with --answer LABEL=WORD)"
+                )
+        return [index[label] for label in dataset.labels]
+
+
+@dataclass(frozen=True)
+class Prompts:
+    """Tokenized prompts (unpadded) with each one's class."""
+
+    prompts: list[list[int]]
+    classes: list[int]
+
+    def __len__(self) -> int:
+        return len(self.prompts)
+
+    def select(self, indices: Sequence[int]) -> Prompts:
+        return Prompts([self.prompts[i] for i in indices], [self.classes[i] for i in indices])
+
+
+def prompts(texts: Sequence[str], classes: Sequence[int], tokenizer: Any, answers: Answers, max_length: int) -> Prompts:
+    """``"Review: {text}\\nSentiment:"`` as tokens, the review cut so that prompt and answer fit ``max_length``."""
+    head = tokenizer(PROMPT_HEAD, add_special_tokens=False)["input_ids"]
+    tail = tokenizer(PROMPT_TAIL, add_special_tokens=False)["input_ids"]
+    room = max_length - len(head) - len(tail) - max(len(ids) for ids in answers.ids)
+    if room < 1:
+        raise DataError(
+            f"max length {max_length} leaves no token for the review after the instruction "
+            f"({len(head) + len(tail)} tokens) and the answer; raise it"
+        )
+    if not texts:
+        raise DataError("no texts to encode: there is nothing to train or evaluate on")
+    bodies = tokenizer([" " + text for text in texts], add_special_tokens=False)["input_ids"]
+    return Prompts([head + body[:room] + tail for body in bodies], list(classes))
+
+
+def batch(
+    data: Prompts, answers: Answers, indices: Sequence[int], pad_id: int, adversary: bool
+) -> dict[str, torch.Tensor]:
+    """Rows ``indices`` as model arguments, right-padded: prompt + answer, labels on the answer only.
+
+    ``adversary`` adds ``adv_labels``, the other class's answer after the prompt.
+    """
+    rows = [(data.prompts[i], answers.ids[data.classes[i]], answers.ids[1 - data.classes[i]]) for i in indices]
+    width = max(len(prompt) + max(len(good), len(bad)) for prompt, good, bad in rows)
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    labels = torch.full((len(rows), width), -100, dtype=torch.long)
+    adv_labels = torch.full((len(rows), width), -100, dtype=torch.long)
+    for row, (prompt, good, bad) in enumerate(rows):
+        n, end = len(prompt), len(prompt) + len(good)
+        ids[row, :n] = torch.tensor(prompt)
+        ids[row, n:end] = torch.tensor(good)
+        mask[row, :end] = 1
+        labels[row, n:end] = torch.tensor(good)
+        adv_labels[row, n : n + len(bad)] = torch.tensor(bad)
+    out = {"input_ids": ids, "attention_mask": mask, "labels": labels}
+    if adversary:
+        out[ADV_LABELS] = adv_labels
+    return out
+
+
+def pad_id(tokenizer: Any) -> int:
+    """The tokenizer's padding id, else its end-of-sequence id (causal LMs often have no pad token), else 0."""
+    for token in (tokenizer.pad_token_id, tokenizer.eos_token_id):
+        if token is not None:
+            return int(token)
+    return 0
