@@ -517,33 +517,16 @@ def run_decoder(args: argparse.Namespace) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m advfunc.app.decoder_job [FLAGS]``: the ``decoder`` command on its own."""
+    """``python -m advfunc.app.decoder_job [FLAGS]``: the same as ``advfunc decoder [FLAGS]``."""
     from advfunc.app import cli
 
-    parser = cli._Parser(prog="advfunc", description="LoRA fine-tuning of a decoder LLM, methods compared.")
-    parser.add_argument("--threads", type=cli.COUNT, help="torch CPU threads (default: torch's choice)")
-    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
-    add_commands(parser.add_subparsers(dest="command", required=True, metavar="COMMAND"))
     words = list(sys.argv[1:] if argv is None else argv)
     at = 0  # the global flags come first, as in `advfunc --no-progress decoder ...`
     while at < len(words) and words[at] in ("--threads", "--no-progress"):
         at += 2 if words[at] == "--threads" else 1
     if words[at : at + 1] != ["decoder"]:
         words.insert(at, "decoder")
-    try:
-        args = parser.parse_args(words)
-    except SystemExit as exit:
-        return exit.code if isinstance(exit.code, int) else 2
-    args.command_line = words
-    cli._configure(args)
-    try:
-        return int(args.handler(args))
-    except cli.USER_ERRORS as error:
-        print(f"advfunc: error: {error}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("advfunc: interrupted; finished runs are saved, run the command again to go on", file=sys.stderr)
-        return 130
+    return cli.main(words)
 
 
 if __name__ == "__main__":
