@@ -111,11 +111,15 @@ def robust_accuracy(
     radii: Sequence[float],
     steps: int,
     batch_size: int = 16,
+    clean: torch.Tensor | None = None,
 ) -> tuple[float, dict[float, float]]:
-    """(clean accuracy, {radius: accuracy under prompt PGD within that radius}) on ``data``."""
+    """(clean accuracy, {radius: accuracy under prompt PGD within that radius}) on ``data``.
+
+    ``clean``: [N] bool, :func:`correct` of ``data`` when the caller has it already.
+    """
     params = params_of(model)
-    alive = correct(model, data, answers, pad, batch_size)  # [N]
-    clean = float(alive.float().mean())
+    alive = (correct(model, data, answers, pad, batch_size) if clean is None else clean).clone()  # [N]
+    accuracy = float(alive.float().mean())
     standing: dict[float, float] = {}
     with _EvalMode(model):
         for radius in sorted(radii):
@@ -126,7 +130,7 @@ def robust_accuracy(
                 _, choice = prompt_pgd(model, params, inputs, answers, radius, steps)
                 alive[chunk] &= choice == torch.tensor([data.classes[i] for i in chunk])
             standing[radius] = float(alive.float().mean())
-    return clean, standing
+    return accuracy, standing
 
 
 class DecoderVictim:

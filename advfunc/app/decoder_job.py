@@ -139,11 +139,11 @@ def add_commands(subparsers: Any) -> None:
     )
     data.add_argument("--max-length", type=_number(int, 4), default=32, help="prompt + answer tokens (default: 32)")
     data.add_argument("--train-size", type=count, default=48, help="first N training examples (default: 48)")
-    data.add_argument("--test-size", type=count, default=48, help="first N test examples (default: 48)")
+    data.add_argument("--test-size", type=count, default=128, help="first N test examples (default: 128)")
     train = p.add_argument_group("training")
     train.add_argument("--epochs", type=count, default=1, help="epochs (default: 1)")
     train.add_argument("--batch-size", type=count, default=8, help="batch size (default: 8)")
-    train.add_argument("--lr", type=positive, default=3e-3, help="peak learning rate of the adapters (default: 3e-3)")
+    train.add_argument("--lr", type=positive, default=2e-3, help="peak learning rate of the adapters (default: 2e-3)")
     train.add_argument("--warmup-ratio", type=fraction, default=0.0, help="share of steps warming up (default: 0)")
     train.add_argument("--max-grad-norm", type=_number(float, 0), default=1.0, help="clip norm (0: off; default: 1)")
     train.add_argument("--lora-r", type=count, default=8, help="LoRA rank, alpha = 2·rank (default: 8)")
@@ -153,10 +153,10 @@ def add_commands(subparsers: Any) -> None:
     )
     attack.add_argument("--pgd-steps", type=count, default=2, help="PGD iterations per radius (default: 2)")
     attack.add_argument("--attack-examples", type=count, default=16, help="PGD on the first N test examples")
-    attack.add_argument("--synonym-examples", type=count, default=4, help="synonym attack on the first N")
+    attack.add_argument("--synonym-examples", type=count, default=3, help="synonym attack on the first N")
     attack.add_argument("--no-synonym", action="store_true", help="skip the WordNet synonym attack")
     synonym = SynonymAttackConfig()
-    attack.add_argument("--synonym-queries", type=count, default=60, help="queries per text (default: 60)")
+    attack.add_argument("--synonym-queries", type=count, default=40, help="queries per text (default: 40)")
     attack.add_argument(
         "--synonym-candidates", type=count, default=synonym.max_candidates, help="WordNet synonyms tried per word"
     )
@@ -302,9 +302,11 @@ def evaluate(
     started = time.perf_counter()
     base = model.get_base_model()  # the adapted model itself: its forward is the LM's, adapters included
     pad = pad_id(tokenizer)
-    answer_accuracy = float(correct(base, test, answers, pad).float().mean())
+    answered = correct(base, test, answers, pad)  # [N] bool
     subset = test.select(range(min(settings.attack_examples, len(test))))
-    attack_clean, pgd = robust_accuracy(base, subset, answers, pad, settings.radii, settings.pgd_steps)
+    attack_clean, pgd = robust_accuracy(
+        base, subset, answers, pad, settings.radii, settings.pgd_steps, clean=answered[: len(subset)]
+    )
     synonym = None
     if settings.synonym is not None:
         count = min(settings.synonym_examples, len(test))
@@ -320,12 +322,12 @@ def evaluate(
             example["prediction"] = answers.words[int(example["prediction"])].strip()
     log.info(
         "answer accuracy %.3f; prompt PGD %s%s",
-        answer_accuracy,
+        float(answered.float().mean()),
         " ".join(f"r={r:g}:{a:.3f}" for r, a in pgd.items()),
         "" if synonym is None else f"; synonym {synonym['accuracy_under_attack']:.3f}",
     )
     return {
-        "answer_accuracy": answer_accuracy,
+        "answer_accuracy": float(answered.float().mean()),
         "examples": len(test),
         "attack_examples": len(subset),
         "attack_clean_accuracy": attack_clean,

@@ -113,10 +113,17 @@ def markdown(info: Mapping[str, Any], runs: Sequence[Mapping[str, Any]]) -> str:
         row += [_cell(stats.get(key)) for key in (*accuracy_keys, "synonym_success")]
         row += [_cell(stats.get(key), 2) for key in ("seconds_per_step", "train_minutes", "eval_minutes")]
         lines.append("| " + " | ".join(row) + " |")
+    # A model that gives one answer to everything looks robust: no attack can change its answer.
+    stuck = [f"`{r['method']}` seed {r['seed']}" for r in runs if metrics(r)["answer"] <= info["majority_accuracy"]]
     lines += [
         "",
         f"Always giving the test split's most frequent answer scores {info['majority_accuracy']:.3f}"
-        f" (answer acc); on the {info['attack_examples']} attacked examples {info['attack_majority']:.3f}.",
+        f" (answer acc); on the {info['attack_examples']} attacked examples {info['attack_majority']:.3f}. "
+        + (
+            f"At or below it (their robust accuracy means nothing): {', '.join(stuck)}."
+            if stuck
+            else "Every run is above it."
+        ),
         "",
     ]
     delta = differences(runs)
