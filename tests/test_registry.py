@@ -6,8 +6,9 @@ import copy
 
 import pytest
 import torch
+from transformers import TrainingArguments, default_data_collator
 
-from advfunc.app.train import Loop, TrainConfig
+from advfunc.hf import AdversarialTrainer
 from advfunc.methods import registry
 from tests.tiny_models import padded_batch, tiny_model
 
@@ -61,16 +62,28 @@ SPECS = {
 
 # CAT and LAT train a causal LM on an adversary's completion (tests/test_cat.py, tests/test_lat.py).
 @pytest.mark.parametrize("name", [n for n, m in registry.METHODS.items() if not m.batch_keys])
-def test_each_method_trains_through_the_loop(name):
+def test_each_method_trains_through_the_trainer(name, tmp_path):
     model = tiny_model("bert", num_labels=2)
     start = copy.deepcopy(model)
-    loop = Loop(model, TrainConfig(method=SPECS[name], lr=1e-2, warmup_ratio=0.0), total_units=3)
-    losses = []
-    for t in range(3):
-        losses += loop.run([padded_batch("bert", batch=4, seed=t, num_labels=2)])
-    expected_steps = 3 * (2 if name == "free_at" else 1)
-    assert len(losses) == expected_steps and all(torch.isfinite(torch.tensor(losses)))
-    assert loop.scheduler.last_epoch == expected_steps
+    batch = padded_batch("bert", batch=12, seed=0, num_labels=2)
+    rows = [{k: v[i] for k, v in batch.items()} for i in range(12)]
+    args = TrainingArguments(
+        output_dir=str(tmp_path),
+        per_device_train_batch_size=4,
+        num_train_epochs=1,
+        learning_rate=1e-2,
+        save_strategy="no",
+        report_to=[],
+        use_cpu=True,
+        disable_tqdm=True,
+        logging_strategy="no",
+        remove_unused_columns=False,
+    )
+    trainer = AdversarialTrainer(
+        model=model, args=args, train_dataset=rows, data_collator=default_data_collator, step_factory=SPECS[name]
+    )
+    trainer.train()
+    assert trainer.state.global_step == 3 * (2 if name == "free_at" else 1)
     with torch.no_grad():
         moved = sum(float((p - q).abs().sum()) for p, q in zip(model.parameters(), start.parameters(), strict=True))
     assert moved > 0

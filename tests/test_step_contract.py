@@ -10,7 +10,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import advfunc
-from advfunc.app.train import Loop, TrainConfig
+from advfunc.app.train import TrainConfig
 from advfunc.methods import registry
 from tests.tiny_models import padded_batch, tiny_model
 
@@ -62,16 +62,6 @@ def test_an_overflowing_step_is_flagged_not_just_tolerated():
     assert bool(out.skipped)
     _, fine = advfunc.fgm(model, epsilon=0.1)(advfunc.params_of(model), padded_batch("bert"))
     assert not bool(fine.skipped)
-
-
-def test_the_training_loop_refuses_non_finite_grads_before_they_reach_the_weights():
-    model = tiny_model("bert", num_labels=3)
-    before = {n: p.detach().clone() for n, p in model.named_parameters()}
-    loop = Loop(model, TrainConfig(method="fgm:epsilon=1e30", lr=1e-3), total_units=2)
-    with pytest.raises(FloatingPointError, match="non-finite gradients"):
-        loop.run([padded_batch("bert")])
-    for name, value in model.named_parameters():
-        assert torch.equal(value, before[name]), name
 
 
 # ---- nesting (point 5) and targets (point 6) ----------------------------------------------------------------------

@@ -8,6 +8,7 @@ timer or a memory counter.
 from __future__ import annotations
 
 import traceback
+import warnings
 from pathlib import Path
 
 import pytest
@@ -20,21 +21,27 @@ from advfunc.core.engine import Engine
 from advfunc.core.model import PerturbedModel
 from advfunc.methods.plain import plain
 from tests.parity import assert_grads_match
+from tests.tiny_decoders import completion_batch, tiny_decoder
 from tests.tiny_models import padded_batch, tiny_model
 
 LARGE_VOCAB = 50_000  # [V, H] = 50,000 × 32: no other tensor of a tiny BERT has V rows
 
+
+def _seeded(model: torch.nn.Module) -> torch.Generator:
+    return torch.Generator(next(model.parameters()).device).manual_seed(0)
+
+
 STEPS = {
-    "fgm": lambda m: advfunc.fgm(m, epsilon=1.0),
-    "fgm-embeds": lambda m: advfunc.fgm(m, epsilon=1.0, target="embeds"),
-    "pgd": lambda m: advfunc.pgd(m, epsilon=0.5, alpha=0.3, steps=3),
-    "freelb": lambda m: advfunc.freelb(m, steps=3, init_mag=1.0, generator=torch.Generator().manual_seed(0)),
-    "vat": lambda m: advfunc.vat(m, epsilon=1.0, xi=1.0, generator=torch.Generator().manual_seed(0)),
-    "smart": lambda m: advfunc.smart(m, epsilon=1e-2, step_size=1e-2, generator=torch.Generator().manual_seed(0)),
-    "r3f": lambda m: advfunc.r3f(m, sigma=1e-2, generator=torch.Generator().manual_seed(0)),
-    "awp": lambda m: advfunc.awp(m, adv_steps=2),
-    "free_at": lambda m: advfunc.free_at(m, epsilon=0.01),
-    "plain": lambda m: plain(m),
+    "fgm": lambda m, **kw: advfunc.fgm(m, epsilon=1.0, **kw),
+    "fgm-embeds": lambda m, **kw: advfunc.fgm(m, epsilon=1.0, target="embeds", **kw),
+    "pgd": lambda m, **kw: advfunc.pgd(m, epsilon=0.5, alpha=0.3, steps=3, **kw),
+    "freelb": lambda m, **kw: advfunc.freelb(m, steps=3, init_mag=1.0, generator=_seeded(m), **kw),
+    "vat": lambda m, **kw: advfunc.vat(m, epsilon=1.0, xi=1.0, generator=_seeded(m), **kw),
+    "smart": lambda m, **kw: advfunc.smart(m, epsilon=1e-2, step_size=1e-2, generator=_seeded(m), **kw),
+    "r3f": lambda m, **kw: advfunc.r3f(m, sigma=1e-2, generator=_seeded(m)),  # no δ-only pass: nothing to compile
+    "awp": lambda m, **kw: advfunc.awp(m, adv_steps=2, **kw),
+    "free_at": lambda m, **kw: advfunc.free_at(m, epsilon=0.01, **kw),
+    "plain": lambda m, **kw: plain(m),
 }
 
 
@@ -127,8 +134,19 @@ def test_rows_path_only_where_the_matrix_is_read_by_the_lookup_alone():
 
 
 # Every read of a tensor's value on the host (.item(), int(), bool(), a data-dependent
-# shape) lowers to one of these; on CUDA each one waits for the stream.
-HOST_READS = {"_local_scalar_dense", "is_nonzero", "equal", "nonzero", "_unique2", "unique_dim", "masked_select"}
+# shape) lowers to one of these; on CUDA each one waits for the stream. So does a tensor
+# made from a host value (torch.tensor(x, device=...): lift_fresh), a copy from pageable
+# host memory on CUDA.
+HOST_READS = {
+    "_local_scalar_dense",
+    "is_nonzero",
+    "equal",
+    "nonzero",
+    "_unique2",
+    "unique_dim",
+    "masked_select",
+    "lift_fresh",
+}
 ADVFUNC = str(Path(advfunc.__file__).parent)
 
 
@@ -163,6 +181,24 @@ def test_no_step_reads_a_tensor_value_on_the_host(method):
     assert not ours, ours
 
 
+PROMPT_STEPS = {
+    "pgd@prompt": lambda m: advfunc.pgd(m, epsilon=0.5, alpha=0.3, steps=2, target="embeds@prompt"),
+    "cat": lambda m: advfunc.cat(m, steps=2),
+    "lat": lambda m: advfunc.lat(m, layers="model.layers.0", steps=2),
+}
+
+
+@pytest.mark.parametrize("method", sorted(PROMPT_STEPS))
+def test_prompt_steps_read_no_tensor_value_on_the_host(method):
+    """Prompt targets and the adversary's completion check their rows on the device, not by reading them back."""
+    model = tiny_decoder("llama")
+    step = PROMPT_STEPS[method](model)
+    with HostReads() as reads:
+        step(advfunc.params_of(model), completion_batch("left", adversary=method != "pgd@prompt"))
+    ours = [where for where in reads.where if where.startswith(ADVFUNC)]
+    assert not ours, ours
+
+
 def test_the_host_read_proxy_sees_a_read_in_advfunc():
     """The batch check reads values only to word its error, and the proxy sees that read."""
     model = tiny_model("bert")
@@ -170,3 +206,46 @@ def test_the_host_read_proxy_sees_a_read_in_advfunc():
     with HostReads() as reads, pytest.raises(ValueError, match="vocabulary"):
         PerturbedModel(model).check_batch(batch)
     assert any(where.startswith(ADVFUNC) for where in reads.where)
+
+
+TORCH = str(Path(torch.__file__).parent)
+
+
+def _innermost_caller() -> str:
+    """The innermost Python frame outside torch and the warnings machinery that called this."""
+    stack = traceback.extract_stack()[:-2]  # less this function and the showwarning hook
+    frames = [f for f in stack if not f.filename.startswith(TORCH) and f.filename != warnings.__file__]
+    return f"{frames[-1].filename}:{frames[-1].lineno}" if frames else "?"
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device: the CPU proxy above stands in")
+@pytest.mark.parametrize("compile", [False, None], ids=["eager", "default"])
+@pytest.mark.parametrize("method", sorted(STEPS))
+def test_no_step_synchronises_a_cuda_stream(method, compile):
+    """On CUDA, torch's sync debug mode flags every synchronising call; none is advfunc's own.
+
+    ``compile=None`` is the default, compiled on CUDA. Each warning is attributed to the
+    innermost Python frame active when it is issued (the model's own synchronising calls
+    are left to the model). A read in this test, under the same mode, shows the check is
+    not blind.
+    """
+    torch._dynamo.reset()  # each test compiles a new model: stay under dynamo's recompile limit
+    model = tiny_model("bert").cuda()
+    params = advfunc.params_of(model)
+    batch = {k: v.cuda() for k, v in padded_batch("bert").items()}
+    step = STEPS[method](model, compile=compile)
+    _run(method, step, params, batch)  # transformers sets config.problem_type on its first forward
+    torch.cuda.synchronize()
+    seen: list[str] = []
+    with warnings.catch_warnings():
+        warnings.simplefilter("always")
+        warnings.showwarning = lambda *args, **kwargs: seen.append(_innermost_caller())
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            control = float(batch["labels"].sum())  # a host read here: must be seen
+            _run(method, step, params, batch)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    assert control >= 0 and any(where.startswith(__file__) for where in seen), seen
+    ours = [where for where in seen if where.startswith(ADVFUNC)]
+    assert not ours, ours

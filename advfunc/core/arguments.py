@@ -1,8 +1,11 @@
-"""Validation of factory arguments: every bad value raises naming itself and the fix."""
+"""Validation of factory arguments and batch values: every bad value raises naming itself and the fix."""
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
+
+import torch
 
 NORMS = ("l2", "linf")
 
@@ -47,3 +50,17 @@ def require_norm(value: str) -> str:
     if value not in NORMS:
         raise ValueError(f"norm must be one of {NORMS}, got {value!r}")
     return value
+
+
+def require_on_device(holds: torch.Tensor, error: Callable[[], Exception]) -> None:
+    """Raise ``error()`` unless the 0-dim bool ``holds`` is true, without reading it back on CUDA.
+
+    Checking a batch's values with ``bool(...)`` would wait for the CUDA stream on every
+    step. ``torch._assert_async`` asserts on the device instead: on CUDA a false ``holds``
+    fails the stream later (as ``nn.Embedding``'s own bounds check does); on CPU it raises
+    at once, and only then does ``error`` read values to word its message.
+    """
+    try:
+        torch._assert_async(holds, "advfunc: a batch check failed on the device")
+    except RuntimeError:
+        raise error() from None

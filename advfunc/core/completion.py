@@ -16,6 +16,7 @@ from typing import Any
 
 import torch
 
+from advfunc.core.arguments import require_on_device
 from advfunc.core.divergence import label_positions
 
 ADV_LABELS = "adv_labels"  # batch key: the adversary's completion, [B, L], −100 elsewhere
@@ -42,13 +43,17 @@ def adversary_kwargs(kwargs: Mapping[str, Any], adv_labels: Any) -> dict[str, An
     mask = kwargs.get("attention_mask")
     real = torch.ones_like(ids, dtype=torch.bool) if mask is None else mask.bool()
     marked = adv_labels != -100
-    if bool((marked & real & (labels == -100)).any()):
-        raise ValueError(
+    require_on_device(
+        ~(marked & real & (labels == -100)).any(),
+        lambda: ValueError(
             f"batch[{ADV_LABELS!r}] marks prompt positions (real tokens whose label is −100); the adversary's "
             "completion must follow the prompt, at or after the desired completion's first position"
-        )
-    if not bool(marked[:, 1:].any(dim=1).all()):
-        raise ValueError(f"batch[{ADV_LABELS!r}] has a row with no completion token after its first position")
+        ),
+    )
+    require_on_device(
+        marked[:, 1:].any(dim=1).all(),
+        lambda: ValueError(f"batch[{ADV_LABELS!r}] has a row with no completion token after its first position"),
+    )
     adversary = dict(kwargs)
     adversary["input_ids"] = torch.where(marked, adv_labels, ids)
     adversary["labels"] = adv_labels

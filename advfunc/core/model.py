@@ -22,6 +22,7 @@ import torch
 from torch import nn
 from torch.func import functional_call
 
+from advfunc.core.arguments import require_on_device
 from advfunc.core.divergence import label_positions
 from advfunc.core.sharding import refuse_sharded
 from advfunc.core.targets import OFFSET_ATTRIBUTE as _OFFSET_ATTRIBUTE
@@ -207,22 +208,16 @@ class PerturbedModel:
         return kwargs
 
     def _check_ids_in_range(self, ids: torch.Tensor) -> None:
-        """0 ≤ ids < vocabulary, asserted on the ids' device without reading a value back.
-
-        Reading ``ids.min()`` on the host would stall a CUDA stream every step, so the
-        check is a device-side assert: on CUDA a bad id fails the stream asynchronously
-        (as ``nn.Embedding``'s own bounds check would); on CPU it raises here, and only
-        then are the values read, for the message.
-        """
+        """0 ≤ ids < vocabulary, asserted on the ids' device without reading a value back."""
         assert self.num_embeddings is not None
-        in_range = (ids.min() >= 0) & (ids.max() < self.num_embeddings)  # [] bool, on ids' device
-        try:
-            torch._assert_async(in_range, "batch['input_ids'] holds ids outside the vocabulary")
-        except RuntimeError:
-            raise ValueError(
+        vocabulary = self.num_embeddings
+        require_on_device(
+            (ids.min() >= 0) & (ids.max() < vocabulary),
+            lambda: ValueError(
                 f"batch['input_ids'] holds ids in [{int(ids.min())}, {int(ids.max())}] but the "
-                f"vocabulary has {self.num_embeddings} rows; tokenize with the model's tokenizer"
-            ) from None
+                f"vocabulary has {vocabulary} rows; tokenize with the model's tokenizer"
+            ),
+        )
 
     @contextlib.contextmanager
     def hooked(self, count: bool = True) -> Iterator[OffsetCalls | None]:

@@ -233,4 +233,5 @@ def as_scale(loss_scale: float | torch.Tensor, device: torch.device) -> torch.Te
         return loss_scale.detach().reshape(()).to(device=device, dtype=torch.float32)
     if isinstance(loss_scale, bool) or not isinstance(loss_scale, (int, float)) or not 0 < loss_scale < math.inf:
         raise ValueError(f"loss_scale must be a finite number > 0 (1.0 without mixed precision), got {loss_scale!r}")
-    return torch.tensor(float(loss_scale), dtype=torch.float32, device=device)
+    # A fill on the device: torch.tensor(value, device=cuda) copies from the host and waits for the stream.
+    return torch.full((), float(loss_scale), dtype=torch.float32, device=device)

@@ -25,6 +25,7 @@ from typing import Any, Literal, Protocol
 import torch
 from torch import nn
 
+from advfunc.core.arguments import require_on_device
 from advfunc.core.params import Params
 
 Delta = dict[str, torch.Tensor]
@@ -164,12 +165,14 @@ def token_mask(batch: Mapping[str, Any], prompt: bool, dtype: torch.dtype) -> to
             )
         allowed = allowed & (labels == -100)
         # Labels copied from input_ids leave no prompt: δ would be 0 there and the attack a silent no-op.
-        empty = (~allowed.any(dim=1)).nonzero().flatten().tolist()
-        if empty:
-            raise ValueError(
-                f"row {empty[0]} of the batch has no prompt token (a real token whose label is −100): a target "
-                "restricted to the prompt needs completion-only labels, −100 at the prompt"
-            )
+        has_prompt = allowed.any(dim=1)  # [B]
+        require_on_device(
+            has_prompt.all(),
+            lambda: ValueError(
+                f"row {int((~has_prompt).nonzero()[0, 0])} of the batch has no prompt token (a real token whose "
+                "label is −100): a target restricted to the prompt needs completion-only labels, −100 at the prompt"
+            ),
+        )
     given = batch.get(PERTURB_MASK)
     if given is not None:
         if not isinstance(given, torch.Tensor) or given.shape != ids.shape:
