@@ -107,27 +107,26 @@ def test_resume_continues_from_the_saved_step(task, tmp_path, capsys):
     assert "settings differ" in capsys.readouterr().err
 
 
-def test_a_failed_save_leaves_no_checkpoint_behind(task, tmp_path, monkeypatch):
-    loaded = checkpoint.load(task / "model")
+def test_a_failed_save_leaves_the_previous_checkpoint_and_nothing_else(task, tmp_path, monkeypatch):
     target = tmp_path / "ckpt"
-    checkpoint.save(target, loaded.model, loaded.tokenizer, {"step": 1}, {"x": torch.zeros(1)})
-    before = _weights(target)
+    assert _train(task, target, "--stop-after", "3") == 0
+    before, files = _weights(target), sorted(p.name for p in target.iterdir())
+    state = json.loads((target / checkpoint.STATE_FILE).read_text())
+    assert state["step"] == 3 and state["files"] == files
 
     def broken_save(*args, **kwargs):
         raise OSError("disk full")
 
-    monkeypatch.setattr(checkpoint.torch, "save", broken_save)
-    with torch.no_grad():
-        next(loaded.model.parameters()).add_(1.0)
+    monkeypatch.setattr(torch, "save", broken_save)  # the optimizer's and the random state's files
     with pytest.raises(OSError, match="disk full"):
-        checkpoint.save(target, loaded.model, loaded.tokenizer, {"step": 2}, {"x": torch.zeros(1)})
-    files = sorted(p.name for p in target.iterdir())
-    assert json.loads((target / checkpoint.STATE_FILE).read_text()) == {"step": 1, "files": files}  # the old one
+        _train(task, target, "--resume")  # trains to step 6, then fails to write its checkpoint
+    assert json.loads((target / checkpoint.STATE_FILE).read_text()) == state  # the old one
+    assert sorted(p.name for p in target.iterdir()) == files
     for name, value in _weights(target).items():
         assert torch.equal(value, before[name])
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"], "a partial directory was left"
-    with pytest.raises(OSError):
-        checkpoint.save(tmp_path / "new", loaded.model, loaded.tokenizer, {"step": 1}, {"x": torch.zeros(1)})
+    with pytest.raises(OSError, match="disk full"):
+        _train(task, tmp_path / "new", "--stop-after", "1")
     assert not (tmp_path / "new").exists()
 
 
@@ -204,8 +203,8 @@ def test_output_is_never_overwritten_by_accident(task, tmp_path, capsys):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("command", ["train", "compare"])
-def test_a_multi_process_launch_is_refused_before_any_work(task, tmp_path, capsys, monkeypatch, command):
-    """Under torchrun every process would train the whole run and write the same output."""
+def test_a_launch_compare_or_train_cannot_run_is_refused_before_any_work(task, tmp_path, capsys, monkeypatch, command):
+    """compare runs in one process; train refuses a WORLD_SIZE that no launcher set up (no process group)."""
     monkeypatch.setenv("WORLD_SIZE", "2")
     out = tmp_path / "out"
     args = [*QUIET, command, "--model", str(task / "model"), "--data", str(task / "train.csv"), "--output", str(out)]

@@ -1,4 +1,4 @@
-"""``advfunc.hf.AdversarialTrainer`` against advfunc's own loop, with LoRA, bf16, SMART, free AT and resume."""
+"""``advfunc.hf.AdversarialTrainer`` against a hand-written loop, with LoRA, bf16, SMART, free AT and resume."""
 
 from __future__ import annotations
 
@@ -10,8 +10,8 @@ import torch
 from transformers import TrainerCallback, TrainingArguments, default_data_collator
 
 import advfunc
-from advfunc.app.train import Loop, TrainConfig
 from advfunc.hf import AdversarialTrainer
+from advfunc.methods import registry
 from tests.tiny_decoders import completion_batch, tiny_decoder
 from tests.tiny_models import padded_batch, tiny_model
 
@@ -49,8 +49,50 @@ def _args(tmp_path, **overrides) -> TrainingArguments:
     return TrainingArguments(**settings)
 
 
+def reference_run(model, method, batches, *, accumulate=1, replays=1, max_grad_norm=0.0, lr=1e-2, beta=0.9):
+    """The loop a user writes around an advfunc step (README), by hand; the gradients before each optimizer step.
+
+    Each ``accumulate`` batches make one optimizer step on the mean of their gradients,
+    replayed ``replays`` times (free AT, δ carried); then clipping, AdamW (no weight decay),
+    a linear decay to zero and SMART's teacher θ̃ ← β θ̃ + (1 − β) θ. The noise generator is
+    the one a spec's run draws from (seed 0).
+    """
+    spec = registry.parse_method(method)
+    noise = registry.seeded_generator(model, 0) if registry.draws_noise(spec) else None
+    step = registry.build_step(spec, model, generator=noise)
+    params = advfunc.params_of(model)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    teacher = advfunc.teacher_of({n: p for n, p in model.named_parameters() if p.requires_grad})
+    optimizer = torch.optim.AdamW(trainable, lr=lr, weight_decay=0.0)
+    total = len(batches) // accumulate * replays
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda t: max(0.0, (total - t) / total))
+    before_steps = []
+    model.train()
+    for k in range(0, len(batches), accumulate):
+        group, delta = batches[k : k + accumulate], None
+        for _ in range(replays):
+            for i, batch in enumerate(group):
+                if step.driver == "teacher":
+                    grads, out = step(params, batch, teacher)
+                elif step.driver == "replay":
+                    grads, out = step(params, batch, delta)
+                    delta = out.delta
+                else:
+                    grads, out = step(params, batch)
+                advfunc.set_grads(model, {n: g / len(group) for n, g in grads.items()}, accumulate=i > 0)
+            if max_grad_norm > 0:
+                torch.nn.utils.clip_grad_norm_(trainable, max_grad_norm)
+            before_steps.append({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
+            optimizer.step()
+            schedule.step()
+            optimizer.zero_grad(set_to_none=True)
+            if step.driver == "teacher":
+                teacher = advfunc.ema(teacher, params, beta)
+    return before_steps
+
+
 class RecordingTrainer(AdversarialTrainer):
-    """Keeps the micro-batches Trainer fed, in order, to replay them through advfunc's loop."""
+    """Keeps the micro-batches Trainer fed, in order, to replay them through the hand-written loop."""
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
@@ -74,7 +116,7 @@ class GradsBeforeStep(TrainerCallback):
 
 
 @pytest.mark.parametrize("max_grad_norm", [0.0, 0.05])
-def test_gradient_accumulation_matches_advfunc_loop(tmp_path, max_grad_norm):
+def test_gradient_accumulation_matches_a_hand_written_loop(tmp_path, max_grad_norm):
     # AdamW hides a constant gradient scale, so the gradients before each optimizer step are
     # compared too; without clipping (0.0) they expose any 1/n_accum mistake.
     model = tiny_model("bert", num_labels=2)
@@ -93,17 +135,7 @@ def test_gradient_accumulation_matches_advfunc_loop(tmp_path, max_grad_norm):
     trainer.train()
     assert len(trainer.seen) == 4 and trainer.state.global_step == 2
 
-    config = TrainConfig(
-        method=method, lr=1e-2, warmup_ratio=0.0, weight_decay=0.0, max_grad_norm=max_grad_norm, grad_accum=2
-    )
-    loop = Loop(twin, config, total_units=2)
-    ours: list[dict[str, torch.Tensor]] = []
-    loop.optimizer.register_step_pre_hook(
-        lambda *_: ours.append({n: p.grad.clone() for n, p in twin.named_parameters() if p.grad is not None})
-    )
-    twin.train()
-    loop.run(trainer.seen[:2])
-    loop.run(trainer.seen[2:])
+    ours = reference_run(twin, method, trainer.seen, accumulate=2, max_grad_norm=max_grad_norm)
     assert len(ours) == len(recorder.grads) == 2
     for t, (mine, theirs) in enumerate(zip(ours, recorder.grads, strict=True)):
         assert set(mine) == set(theirs)
@@ -159,8 +191,8 @@ def test_bf16_runs_the_step_under_autocast(tmp_path):
     ["smart:beta=0.9,step_size=0.01,epsilon=0.01", "free_at:epsilon=0.05,replays=3"],
     ids=["smart teacher", "free_at replays"],
 )
-def test_methods_with_their_own_state_match_advfunc_loop(tmp_path, method):
-    """SMART's EMA teacher and free AT's replays, driven by the Trainer, against advfunc's own loop."""
+def test_methods_with_their_own_state_match_a_hand_written_loop(tmp_path, method):
+    """SMART's EMA teacher and free AT's replays, driven by the Trainer, against the hand-written loop."""
     model = tiny_model("bert", num_labels=2)
     twin = copy.deepcopy(model)
     replays = 3 if method.startswith("free_at") else 1
@@ -177,10 +209,7 @@ def test_methods_with_their_own_state_match_advfunc_loop(tmp_path, method):
     for k, batch in enumerate(batches):  # each batch comes back `replays` times in a row
         for again in trainer.seen[k * replays : (k + 1) * replays]:
             assert all(torch.equal(again[key], batch[key]) for key in batch)
-    loop = Loop(twin, TrainConfig(method=method, lr=1e-2, warmup_ratio=0.0, weight_decay=0.0), total_units=2)
-    twin.train()
-    for batch in batches:
-        loop.run([batch])
+    reference_run(twin, method, batches, replays=replays, max_grad_norm=1.0)
     # A key bias's gradient is zero up to rounding (softmax ignores a shift of all of a query's
     # scores), and Adam scales that rounding up to steps of about lr: those are compared loosely.
     keys = {id(layer.attention.self.key.bias) for layer in model.bert.encoder.layer}

