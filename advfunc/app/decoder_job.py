@@ -22,9 +22,13 @@ embeddings have L2 norm ≈ 3, its middle layer's hidden states ≈ 180 per toke
 * ``fgm`` / ``pgd``: the prompt's input embeddings (``target=embeds@prompt``), per-example
   L2 radius 0.1 (plain fine-tuning leaves answers that a prompt perturbation of 0.25 flips);
 * ``cat``: CAT, the adversary's completion the wrong answer, per-token L2 ball 0.05
-  (about 0.27 per example over a 30-token prompt);
+  (about 0.27 per example over a 30-token prompt), one sign step;
 * ``lat``: targeted LAT at the middle decoder layer's output, the prompt's positions,
-  per-token L2 ball 4.
+  per-token L2 ball 4, one step.
+
+CAT and LAT take one attack step and PGD two, so that the short comparison (six methods,
+three seeds) fits about an hour on a 2-core CPU, where a SmolLM2 forward and backward of
+8 prompts takes about 8 s and CAT's or LAT's step four times that.
 
 Each finished run is saved under ``OUTPUT/runs/`` and the report (``report.md``,
 ``results.json``) rewritten; a second invocation with the same settings skips the runs
@@ -67,8 +71,8 @@ DEFAULT_METHODS = (
     "neftune:alpha=5.0",
     "fgm:epsilon=0.1,target=embeds@prompt",
     "pgd:alpha=0.06,epsilon=0.1,steps=2,target=embeds@prompt",
-    "cat:alpha=0.0015,epsilon=0.05,steps=2",
-    "lat:alpha=2.0,epsilon=4.0,steps=2",
+    "cat:alpha=0.0025,epsilon=0.05,steps=1",
+    "lat:alpha=4.0,epsilon=4.0,steps=1",
 )
 
 
@@ -138,7 +142,7 @@ def add_commands(subparsers: Any) -> None:
         help="a label's answer word, written after a space (twice; default: fresh=positive rotten=negative)",
     )
     data.add_argument("--max-length", type=_number(int, 4), default=32, help="prompt + answer tokens (default: 32)")
-    data.add_argument("--train-size", type=count, default=48, help="first N training examples (default: 48)")
+    data.add_argument("--train-size", type=count, default=40, help="first N training examples (default: 40)")
     data.add_argument("--test-size", type=count, default=128, help="first N test examples (default: 128)")
     train = p.add_argument_group("training")
     train.add_argument("--epochs", type=count, default=1, help="epochs (default: 1)")
@@ -158,7 +162,7 @@ def add_commands(subparsers: Any) -> None:
     synonym = SynonymAttackConfig()
     attack.add_argument("--synonym-queries", type=count, default=40, help="queries per text (default: 40)")
     attack.add_argument(
-        "--synonym-candidates", type=count, default=synonym.max_candidates, help="WordNet synonyms tried per word"
+        "--synonym-candidates", type=count, default=10, help="WordNet synonyms tried per word (default: 10)"
     )
     attack.add_argument(
         "--synonym-change", type=fraction, default=synonym.max_change, help="max share of a text's words changed"
