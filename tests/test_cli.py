@@ -203,8 +203,8 @@ def test_output_is_never_overwritten_by_accident(task, tmp_path, capsys):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("command", ["train", "compare"])
-def test_a_launch_compare_or_train_cannot_run_is_refused_before_any_work(task, tmp_path, capsys, monkeypatch, command):
-    """compare runs in one process; train refuses a WORLD_SIZE that no launcher set up (no process group)."""
+def test_a_world_size_without_a_launcher_is_refused_before_any_work(task, tmp_path, capsys, monkeypatch, command):
+    """WORLD_SIZE without the launcher's RANK, LOCAL_RANK and MASTER_ADDR: no process group could form."""
     monkeypatch.setenv("WORLD_SIZE", "2")
     out = tmp_path / "out"
     args = [*QUIET, command, "--model", str(task / "model"), "--data", str(task / "train.csv"), "--output", str(out)]

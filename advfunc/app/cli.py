@@ -359,15 +359,16 @@ def _training_summary(result: TrainResult) -> dict[str, Any]:
     }
 
 
-def _refuse_several_processes(command: str) -> None:
-    """Raise ``ValueError`` under a multi-process launcher for a command that runs in one process."""
-    world = os.environ.get("WORLD_SIZE", "1")
-    if world.strip() not in ("", "1"):
+def _require_launcher() -> bool:
+    """Whether this is the first (reporting) process; ``ValueError`` for a ``WORLD_SIZE`` no launcher set up."""
+    world = os.environ.get("WORLD_SIZE", "1").strip()
+    if world not in ("", "1") and not all(os.environ.get(key) for key in ("RANK", "LOCAL_RANK", "MASTER_ADDR")):
         raise ValueError(
-            f"advfunc {command} runs in one process, but WORLD_SIZE is {world} (torchrun or accelerate launch): "
-            f"each process would run every run and write the same report. Run `advfunc {command}` as one "
-            "process; `advfunc train` trains one run on several"
+            f"WORLD_SIZE is {world}, but RANK, LOCAL_RANK or MASTER_ADDR is not set, so no process group can form: "
+            "start several processes with `torchrun --nproc_per_node N -m advfunc ...` (or accelerate launch), "
+            "or unset WORLD_SIZE"
         )
+    return os.environ.get("RANK", "0") == "0"
 
 
 def run_train(args: argparse.Namespace) -> int:
@@ -376,13 +377,7 @@ def run_train(args: argparse.Namespace) -> int:
     config.check()
     output: Path = args.output
     atomic.require_replaceable(output, "--output", directory=True)
-    world = os.environ.get("WORLD_SIZE", "1").strip()
-    if world not in ("", "1") and not all(os.environ.get(key) for key in ("RANK", "LOCAL_RANK", "MASTER_ADDR")):
-        raise ValueError(
-            f"WORLD_SIZE is {world}, but RANK, LOCAL_RANK or MASTER_ADDR is not set, so no process group can form: "
-            "start several processes with `torchrun --nproc_per_node N -m advfunc train ...` (or accelerate "
-            "launch), or unset WORLD_SIZE"
-        )
+    _require_launcher()
     arguments = training_arguments(config, output)  # under torchrun: joins the other processes
     with arguments.main_process_first(local=False, desc="recover"):
         if arguments.process_index == 0:
@@ -518,8 +513,12 @@ def _machine() -> str:
 
 
 def run_compare(args: argparse.Namespace) -> int:
-    """``advfunc compare``: every method × seed, trained and attacked; the report after each run."""
-    _refuse_several_processes("compare")
+    """``advfunc compare``: every method × seed, trained and attacked; the report after each run.
+
+    Under ``torchrun`` / ``accelerate launch`` every process trains each run (data parallel);
+    the first one attacks it and writes the run's file and the report, while the others go on.
+    """
+    reporting = _require_launcher()
     preset = FULL if args.full else SHORT
     methods = [registry.parse_method(text) for text in (args.methods or preset.methods)]
     seeds = list(args.seeds if args.seeds is not None else preset.seeds)
@@ -620,6 +619,8 @@ def run_compare(args: argparse.Namespace) -> int:
             torch.manual_seed(seed)
             loaded = checkpoint.load(model_dir, labels, config.pooling)
             trained = train(loaded.model, loaded.tokenizer, train_data, config, progress=not args.no_progress)
+            if not reporting:
+                continue
             evaluated: EvalResult = evaluate(
                 loaded.model,
                 loaded.tokenizer,
@@ -641,6 +642,8 @@ def run_compare(args: argparse.Namespace) -> int:
             info["finished_runs"] = len(runs)
             info["elapsed_minutes"] = (time.perf_counter() - started) / 60
             report.write(output, runs, info)
+    if not reporting:
+        return 0
     info["finished_runs"] = len(runs)
     info["elapsed_minutes"] = (time.perf_counter() - started) / 60
     paths = report.write(output, runs, info)
