@@ -43,6 +43,7 @@ DYNAMIC: dict[str, Any] = {"assume_static_by_default": False}  # torch.compile(d
 class Variant:
     """How a compiled step meets varying lengths: padding multiple and dynamo settings."""
 
+    key: str  # how --dynamic-variants names it
     name: str
     compiled: bool
     bucket: int | None
@@ -51,12 +52,15 @@ class Variant:
 
 def variants(bucket: int) -> list[Variant]:
     return [
-        Variant("eager, exact lengths", False, None, {}),
-        Variant("compiled, exact lengths, default (automatic dynamic)", True, None, {}),
-        Variant(f"compiled, bucketed to ×{bucket}, default (automatic dynamic)", True, bucket, {}),
-        Variant(f"compiled, bucketed to ×{bucket}, static (dynamic=False)", True, bucket, STATIC),
-        Variant("compiled, exact lengths, dynamic=True", True, None, DYNAMIC),
+        Variant("eager", "eager, exact lengths", False, None, {}),
+        Variant("static", f"compiled, bucketed to ×{bucket}, static (dynamic=False)", True, bucket, STATIC),
+        Variant("bucketed", f"compiled, bucketed to ×{bucket}, default (automatic dynamic)", True, bucket, {}),
+        Variant("exact", "compiled, exact lengths, default (automatic dynamic)", True, None, {}),
+        Variant("dynamic", "compiled, exact lengths, dynamic=True", True, None, DYNAMIC),
     ]
+
+
+VARIANT_KEYS = tuple(v.key for v in variants(1))
 
 
 def default_lengths(length: int) -> list[int]:
@@ -141,8 +145,17 @@ def run_variant(
     }
 
 
-def dynamic_study(workload: Workload, method: str, lengths: list[int] | None, bucket: int) -> dict[str, Any]:
-    """Compare the ways a compiled step can meet varying sequence lengths (see module docstring)."""
+def dynamic_study(
+    workload: Workload, method: str, lengths: list[int] | None, bucket: int, keys: tuple[str, ...] = VARIANT_KEYS
+) -> dict[str, Any]:
+    """Compare the ways a compiled step can meet varying sequence lengths (see module docstring).
+
+    ``keys`` selects variants (:data:`VARIANT_KEYS`); the eager one, the reference of
+    "steady / eager", always runs first.
+    """
+    unknown = sorted(set(keys) - set(VARIANT_KEYS))
+    if unknown:
+        raise ValueError(f"unknown dynamic variants {unknown}; choose from {list(VARIANT_KEYS)}")
     if not supports_compile(method):
         raise ValueError(f"advfunc.{method} takes no compile= option; pick a compiled method")
     lengths = lengths or default_lengths(workload.length)
@@ -151,8 +164,11 @@ def dynamic_study(workload: Workload, method: str, lengths: list[int] | None, bu
     real_tokens = sum(b["input_ids"].numel() for b in batches)
     results = []
     for variant in variants(bucket):
+        if variant.key != "eager" and variant.key not in keys:
+            continue
         print(f"  dynamic: {variant.name}", flush=True)
         results.append(run_variant(variant, method, model, workload, batches))
+        print(f"  dynamic: {results[-1]}", flush=True)  # a run stopped later keeps this variant's numbers
     eager = results[0].get("steady_ms_per_step")
     for result in results:
         if "error" in result:

@@ -31,7 +31,7 @@ from torch.utils.benchmark import Compare, Measurement, Timer
 
 from benchmarks.baseline import import_revision
 from benchmarks.cases import IMPLS, METHODS, Runner, available_methods, case_names, make_runner
-from benchmarks.dynamic import dynamic_study, rotten_tomatoes_lengths
+from benchmarks.dynamic import VARIANT_KEYS, dynamic_study, rotten_tomatoes_lengths
 from benchmarks.memory import MemoryRecord, measure_cuda, measure_in_subprocess
 from benchmarks.report import environment, markdown, print_stdout, write_atomic, write_json
 from benchmarks.shapes import (
@@ -114,6 +114,11 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         help="comma list of lengths, or 'rt': 8 batches of Rotten Tomatoes snippets (default: 8 in [L/4, L])",
     )
     parser.add_argument("--bucket", type=int, default=16, help="bucket multiple of the dynamic study")
+    parser.add_argument(
+        "--dynamic-variants",
+        default=",".join(VARIANT_KEYS),
+        help=f"comma list of {list(VARIANT_KEYS)} (eager always runs: the reference)",
+    )
     parser.add_argument("--note", default=None, help="a line to print at the top of the Markdown report")
     args = parser.parse_args(argv)
     if args.warmup < 1:
@@ -283,7 +288,9 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         else:
             lengths = [int(v) for v in _csv(args.dynamic_lengths)] if args.dynamic_lengths else None
         torch._dynamo.reset()
-        payload["dynamic"] = dynamic_study(workload, args.dynamic_method, lengths, args.bucket)
+        payload["dynamic"] = dynamic_study(
+            workload, args.dynamic_method, lengths, args.bucket, tuple(_csv(args.dynamic_variants))
+        )
     text = markdown(payload)
     write_json(args.out / "step.json", payload)
     write_atomic(args.out / "step.md", text)

@@ -107,6 +107,29 @@ def test_lengths_bucketed_to_the_compiled_length_reuse_its_graphs(pgd):
     assert counters["stats"]["unique_graphs"] == pgd.graphs
 
 
+def test_a_second_bucket_compiles_once_and_then_no_length_adds_a_graph(pgd):
+    """Graphs are bounded by the buckets: after one batch of a second bucket, lengths in either add none.
+
+    Exact lengths would not be: inside ``torch.func.grad`` dynamo specialises the sequence
+    length (at ``F.linear`` and the attention), so each new length compiles again, with
+    automatic dynamic shapes or ``dynamic=True`` alike (``python -m benchmarks.step --dynamic``).
+    """
+    bucket = pgd.warm["input_ids"].shape[1]
+    pgd.compiled(pgd.params, pad_to_bucket(padded_batch("bert", length=bucket + 5, seed=7), bucket))
+    graphs = counters["stats"]["unique_graphs"]
+    torch._dynamo.config.error_on_recompile = True
+    try:
+        for seed, length in ((8, 2 * bucket - 1), (9, 4), (10, bucket + 1), (11, bucket)):
+            exact = padded_batch("bert", length=length, seed=seed)
+            bucketed = pad_to_bucket(exact, bucket)
+            (grads, out), (grads_eager, out_eager) = pgd.compiled(pgd.params, bucketed), pgd.eager(pgd.params, exact)
+            assert_grads_match(grads, grads_eager, where=f"length {length} bucketed to a multiple of {bucket}")
+            torch.testing.assert_close(out.adv_loss, out_eager.adv_loss, rtol=1e-5, atol=1e-6)
+    finally:
+        torch._dynamo.config.error_on_recompile = False
+    assert counters["stats"]["unique_graphs"] == graphs
+
+
 @pytest.mark.parametrize("method", ["awp", "vat"])
 def test_compile_means_the_same_for_every_method(method):
     """AWP's and VAT's δ-only loops compile too, and the compiled step equals the eager one."""
