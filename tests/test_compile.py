@@ -130,6 +130,13 @@ def test_a_second_bucket_compiles_once_and_then_no_length_adds_a_graph(pgd):
     assert counters["stats"]["unique_graphs"] == graphs
 
 
+def test_a_step_past_dynamos_recompile_limit_says_why_and_what_to_do(pgd):
+    """fullgraph=True cannot fall back to eager at the recompile limit; the error names the lengths and the fix."""
+    new_length = padded_batch("bert", length=7, seed=12)
+    with torch._dynamo.config.patch(recompile_limit=1), pytest.raises(ValueError, match="pad_to_multiple_of=16"):
+        pgd.compiled(pgd.params, new_length)
+
+
 @pytest.mark.parametrize("method", ["awp", "vat"])
 def test_compile_means_the_same_for_every_method(method):
     """AWP's and VAT's δ-only loops compile too, and the compiled step equals the eager one."""

@@ -23,7 +23,7 @@ from typing import Any, NamedTuple
 import torch
 from torch import nn
 
-from advfunc.core.engine import Divergence, Engine, resolve_compile
+from advfunc.core.engine import Divergence, Engine, compile_pass, resolve_compile
 from advfunc.core.model import LossFn, PerturbedModel, logits_of
 from advfunc.core.noise import require_generator
 from advfunc.core.objective import frozen
@@ -96,7 +96,7 @@ class Attack:
         self.generator = require_generator(generator)
         self.perturbed = PerturbedModel(model, loss_fn, autocast, target.modules)
         self.engine = Engine(self.perturbed, target, resolve_compile(compile, model), divergence)
-        self._inner = torch.compile(self._inner_step, fullgraph=True) if self.engine.compiled else self._inner_step
+        self._inner = compile_pass(self._inner_step) if self.engine.compiled else self._inner_step
 
     @property
     def compiled(self) -> bool:

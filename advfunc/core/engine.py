@@ -324,8 +324,32 @@ class Engine:
                 at_output = grads[1] if rows else None  # [B, L, H]: added into W's entry outside
                 return loss, logits, param_grads, at_output, grads[-1] if with_delta_grad else {}
 
-            self._full_cache[key] = torch.compile(full_pass, fullgraph=True)
+            self._full_cache[key] = compile_pass(full_pass)
         return self._full_cache[key]
+
+
+def compile_pass(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """``torch.compile(fn, fullgraph=True)``; past dynamo's recompile limit, an error that says why and what to do.
+
+    A compiled pass is traced per input shape, and inside ``torch.func.grad`` dynamo
+    specialises the sequence length, so batches padded each to its own longest example
+    compile new graphs at every new length until ``torch._dynamo.config.recompile_limit``
+    stops them, where ``fullgraph=True`` can only fail.
+    """
+    compiled = torch.compile(fn, fullgraph=True)
+
+    def call(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return compiled(*args, **kwargs)
+        except torch._dynamo.exc.FailOnRecompileLimitHit as error:
+            raise ValueError(
+                "the compiled step has been traced for more input shapes than torch._dynamo.config.recompile_limit "
+                f"({torch._dynamo.config.recompile_limit}) allows: every new sequence length compiles new graphs. "
+                "Pad each batch to a multiple of a bucket (pad_to_multiple_of=16 in the tokenizer or "
+                "DataCollatorWithPadding), raise the limit, or build the step with compile=False"
+            ) from error
+
+    return call
 
 
 def resolve_compile(compile: bool | None, model: nn.Module) -> bool:
