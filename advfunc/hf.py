@@ -35,6 +35,13 @@ times in a row, one optimizer step each, δ carried between them; an epoch is th
 (method specs given as text) are saved in each Trainer checkpoint (one file per process)
 and restored by ``trainer.train(resume_from_checkpoint=...)``.
 
+On CUDA a step compiles by default (``compile=None``) and traces one graph per sequence
+length (``torch.func.grad`` specialises it): batches padded each to its own longest
+example compile new graphs for every new length until dynamo's recompile limit stops the
+run. Give the Trainer a collator that pads to a multiple of 16, e.g.
+``DataCollatorWithPadding(tokenizer, pad_to_multiple_of=16)``, which bounds the graphs by
+the widths (``advfunc train`` does so on a GPU), or build the step with ``compile=False``.
+
 Gradient accumulation follows Trainer's rule for a per-batch mean loss: each
 micro-batch's gradient is divided by the number of micro-batches in the step
 (``num_items_in_batch`` token re-weighting is not applied; sequence classification has

@@ -12,8 +12,11 @@ import torch
 from safetensors.torch import load_file as load_safetensors
 from transformers import AutoModelForSequenceClassification
 
+import advfunc
 from advfunc.app import checkpoint
 from advfunc.app.cli import main
+from advfunc.app.train import padded
+from tests.tiny_models import PAD_ID, padded_batch, tiny_model
 from tests.tiny_task import save_tiny_model, sentences, write_csv, write_jsonl
 
 QUIET = ["--threads", "1", "--no-progress"]
@@ -225,3 +228,22 @@ def test_python_dash_m_exits_non_zero(tmp_path):
     done = subprocess.run([*command, "--output", str(tmp_path / "o")], capture_output=True, text=True, timeout=120)
     assert done.returncode == 2
     assert "x.csv does not exist" in done.stderr
+
+
+@pytest.mark.parametrize("family", ["bert", "gpt2"])
+def test_batches_padded_to_a_multiple_of_16_give_the_same_loss_and_gradients(family):
+    """Where steps compile (CUDA) the command pads batches to widths in multiples of 16: masked columns only."""
+    model = tiny_model(family, num_labels=2)
+    batch = padded_batch(family, batch=4, length=10, seed=1, num_labels=2)
+    wide = padded(batch, PAD_ID[family], 16)
+    assert wide["input_ids"].shape == (4, 16) and torch.equal(wide["input_ids"][:, :10], batch["input_ids"])
+    assert not wide["attention_mask"][:, 10:].any() and bool((wide["input_ids"][:, 10:] == PAD_ID[family]).all())
+    assert torch.equal(wide["labels"], batch["labels"])
+    assert padded(batch, PAD_ID[family], 16, limit=12)["input_ids"].shape == (4, 12)  # never past --max-length
+    assert padded(wide, PAD_ID[family], 16) is wide
+    step = advfunc.fgm(model, epsilon=0.1, target="embeds")
+    grads, out = step(advfunc.params_of(model), batch)
+    wide_grads, wide_out = step(advfunc.params_of(model), wide)
+    torch.testing.assert_close(wide_out.loss, out.loss)
+    for name, grad in grads.items():
+        torch.testing.assert_close(wide_grads[name], grad, rtol=1e-5, atol=1e-6, msg=name)

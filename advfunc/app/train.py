@@ -26,6 +26,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.nn import functional as F
 from torch.utils.data import Sampler
 from transformers import PrinterCallback, TrainerCallback, TrainingArguments
 from transformers.trainer_callback import TrainerControl, TrainerState
@@ -167,6 +168,26 @@ def training_arguments(config: TrainConfig, output: Path | None = None) -> Train
         dataloader_pin_memory=gpu,
         use_cpu=not gpu,
     )
+
+
+def padded(batch: dict[str, torch.Tensor], pad_id: int, multiple: int = 16, limit: int = 0) -> dict[str, torch.Tensor]:
+    """``batch`` right-padded to a width that is a multiple of ``multiple``, but not past ``limit`` (0: none).
+
+    A compiled step (the default on CUDA) traces one graph per sequence length: inside
+    ``torch.func.grad`` the length is specialised, so padding each batch to its own
+    longest example compiles new graphs for every new length, until dynamo's recompile
+    limit stops training. Widths in multiples of 16 bound the graphs by ⌈max length / 16⌉.
+    The new columns hold the pad id in ``input_ids`` and 0 elsewhere (attention mask 0), so
+    no loss or gradient changes. 2-D entries ``[B, L]`` are padded, others (labels ``[B]``) kept.
+    """
+    width = batch["input_ids"].shape[1]
+    target = -(-width // multiple) * multiple
+    if limit:
+        target = min(target, max(width, limit))
+    if target == width:
+        return batch
+    fill = {"input_ids": pad_id}
+    return {k: F.pad(v, (0, target - width), value=fill.get(k, 0)) if v.dim() == 2 else v for k, v in batch.items()}
 
 
 class LengthGroupedOrder(Sampler[int]):
@@ -411,11 +432,17 @@ def train(
         "losses": result.losses,
         **(extra_state or {}),
     }
+    collate = data.batch
+    if arguments.device.type == "cuda":  # where steps compile: a few widths, a few graphs
+
+        def collate(indices: Sequence[int]) -> dict[str, torch.Tensor]:
+            return padded(data.batch(indices), data.pad_id, 16, config.max_length)
+
     trainer = _CommandLineTrainer(
         model=model,
         args=arguments,
         train_dataset=list(range(len(data))),  # example i is its index: the collator pads from `data`
-        data_collator=data.batch,
+        data_collator=collate,
         processing_class=tokenizer,
         optimizers=(make_optimizer(model, config.lr, config.weight_decay, config.head_lr), None),
         step_factory=config.method,
