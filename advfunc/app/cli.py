@@ -15,7 +15,6 @@ import dataclasses
 import inspect
 import json
 import logging
-import math
 import os
 import platform
 import re
@@ -37,6 +36,7 @@ import torch
 from advfunc.app import atomic, checkpoint, decoder_job, report
 from advfunc.app.data import DataError, Encoded, Labels, TextDataset, encode, fixed_split, load_file, rotten_tomatoes
 from advfunc.app.evaluate import AttackConfig, EvalResult, accuracy, evaluate
+from advfunc.app.flags import COUNT, FRACTION, NATURAL, NON_NEGATIVE, POSITIVE, number
 from advfunc.app.synonym_attack import SynonymAttackConfig
 from advfunc.app.train import POOLINGS, TrainConfig, TrainResult, train, training_arguments
 from advfunc.methods import registry
@@ -108,34 +108,6 @@ class _Parser(argparse.ArgumentParser):
         raise SystemExit(2)
 
 
-def _number(kind: type, minimum: float, *, inclusive: bool = True, below: float | None = None) -> Any:
-    """An argparse ``type``: text to a finite ``kind`` in [minimum, below) (or (minimum, ...) if not inclusive)."""
-    lower = f">= {minimum:g}" if inclusive else f"> {minimum:g}"
-    what = f"an integer {lower}" if kind is int else f"a finite number {lower}"
-    if below is not None:
-        what = f"a finite number in [{minimum:g}, {below:g})"
-
-    def convert(text: str) -> Any:
-        try:
-            value = kind(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"must be {what}, got {text!r}") from None
-        in_range = value >= minimum if inclusive else value > minimum
-        if not (math.isfinite(value) and in_range and (below is None or value < below)):
-            raise argparse.ArgumentTypeError(f"must be {what}, got {text!r}")
-        return value
-
-    convert.__name__ = kind.__name__  # argparse names the type in its own messages
-    return convert
-
-
-COUNT = _number(int, 1)  # sizes, steps, epochs
-NATURAL = _number(int, 0)  # seeds, budgets; 0 allowed
-POSITIVE = _number(float, 0, inclusive=False)  # learning rate, radii
-NON_NEGATIVE = _number(float, 0)  # 0 turns it off
-FRACTION = _number(float, 0, below=1)
-
-
 def _add_data_flags(parser: argparse.ArgumentParser, what: str) -> None:
     group = parser.add_argument_group("data")
     group.add_argument("--data", type=Path, help=f"{what} (.csv, .tsv, .jsonl); default: embedded Rotten Tomatoes")
@@ -143,7 +115,7 @@ def _add_data_flags(parser: argparse.ArgumentParser, what: str) -> None:
     group.add_argument("--label-column", default="label", help="column with the label (default: label)")
     group.add_argument("--pair-column", help="column with the second text of sentence pairs (optional)")
     group.add_argument(
-        "--max-length", type=_number(int, 2), default=64, help="truncate to this many tokens (default: 64)"
+        "--max-length", type=number(int, 2), default=64, help="truncate to this many tokens (default: 64)"
     )
 
 

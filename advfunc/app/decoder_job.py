@@ -60,6 +60,7 @@ from advfunc.app import atomic, decoder_report, smollm2
 from advfunc.app.data import DataError, TextDataset, fixed_split, load_file, rotten_tomatoes
 from advfunc.app.decoder_data import ROTTEN_TOMATOES_ANSWERS, Answers, Prompts, batch, pad_id, prompts
 from advfunc.app.decoder_eval import DecoderVictim, correct, robust_accuracy
+from advfunc.app.flags import COUNT, FRACTION, NATURAL, NON_NEGATIVE, POSITIVE, number
 from advfunc.app.synonym_attack import AttackSummary, SynonymAttackConfig, attack_text
 from advfunc.core.completion import ADV_LABELS
 from advfunc.methods import registry
@@ -100,12 +101,6 @@ class Settings:
     synonym: SynonymAttackConfig | None
 
 
-def _number(kind: type, minimum: float, *, inclusive: bool = True, below: float | None = None) -> Any:
-    from advfunc.app import cli  # imported here: cli registers this module's command
-
-    return cli._number(kind, minimum, inclusive=inclusive, below=below)
-
-
 def _answer(text: str) -> tuple[str, str]:
     label, sep, word = text.partition("=")
     if not sep or not label.strip() or not word.strip():
@@ -115,8 +110,6 @@ def _answer(text: str) -> tuple[str, str]:
 
 def add_commands(subparsers: Any) -> None:
     """Add ``decoder`` to the ``advfunc`` command's subparsers."""
-    count, natural, positive = _number(int, 1), _number(int, 0), _number(float, 0, inclusive=False)
-    fraction = _number(float, 0, below=1)
     p = subparsers.add_parser(
         "decoder",
         help="LoRA fine-tune a causal LM on an instruction task with each method over seeds; write a report",
@@ -126,9 +119,9 @@ def add_commands(subparsers: Any) -> None:
     )
     p.add_argument("--model", type=Path, help="causal LM folder (default: the converted SmolLM2-135M-Instruct)")
     p.add_argument("--methods", nargs="+", default=list(DEFAULT_METHODS), help="method specs (see `advfunc methods`)")
-    p.add_argument("--seeds", type=natural, nargs="+", default=[0, 1, 2], help="seeds (default: 0 1 2)")
+    p.add_argument("--seeds", type=NATURAL, nargs="+", default=[0, 1, 2], help="seeds (default: 0 1 2)")
     p.add_argument("--output", "--out", type=Path, default=Path("runs/decoder-short"), help="report folder")
-    p.add_argument("--stop-after", type=count, help="stop after N new runs (run the command again to go on)")
+    p.add_argument("--stop-after", type=COUNT, help="stop after N new runs (run the command again to go on)")
     data = p.add_argument_group("data")
     data.add_argument("--data", type=Path, help="labelled file (.csv, .tsv, .jsonl); default: Rotten Tomatoes")
     data.add_argument("--eval-data", type=Path, help="test file; without it --data is split 80/10/10 by text hash")
@@ -141,31 +134,31 @@ def add_commands(subparsers: Any) -> None:
         metavar="LABEL=WORD",
         help="a label's answer word, written after a space (twice; default: fresh=positive rotten=negative)",
     )
-    data.add_argument("--max-length", type=_number(int, 4), default=32, help="prompt + answer tokens (default: 32)")
-    data.add_argument("--train-size", type=count, default=40, help="first N training examples (default: 40)")
-    data.add_argument("--test-size", type=count, default=128, help="first N test examples (default: 128)")
+    data.add_argument("--max-length", type=number(int, 4), default=32, help="prompt + answer tokens (default: 32)")
+    data.add_argument("--train-size", type=COUNT, default=40, help="first N training examples (default: 40)")
+    data.add_argument("--test-size", type=COUNT, default=128, help="first N test examples (default: 128)")
     train = p.add_argument_group("training")
-    train.add_argument("--epochs", type=count, default=1, help="epochs (default: 1)")
-    train.add_argument("--batch-size", type=count, default=8, help="batch size (default: 8)")
-    train.add_argument("--lr", type=positive, default=2e-3, help="peak learning rate of the adapters (default: 2e-3)")
-    train.add_argument("--warmup-ratio", type=fraction, default=0.0, help="share of steps warming up (default: 0)")
-    train.add_argument("--max-grad-norm", type=_number(float, 0), default=1.0, help="clip norm (0: off; default: 1)")
-    train.add_argument("--lora-r", type=count, default=8, help="LoRA rank, alpha = 2·rank (default: 8)")
+    train.add_argument("--epochs", type=COUNT, default=1, help="epochs (default: 1)")
+    train.add_argument("--batch-size", type=COUNT, default=8, help="batch size (default: 8)")
+    train.add_argument("--lr", type=POSITIVE, default=2e-3, help="peak learning rate of the adapters (default: 2e-3)")
+    train.add_argument("--warmup-ratio", type=FRACTION, default=0.0, help="share of steps warming up (default: 0)")
+    train.add_argument("--max-grad-norm", type=NON_NEGATIVE, default=1.0, help="clip norm (0: off; default: 1)")
+    train.add_argument("--lora-r", type=COUNT, default=8, help="LoRA rank, alpha = 2·rank (default: 8)")
     attack = p.add_argument_group("attacks")
     attack.add_argument(
-        "--radii", type=positive, nargs="+", default=[0.05, 0.1, 0.2], help="prompt PGD L2 radii per example"
+        "--radii", type=POSITIVE, nargs="+", default=[0.05, 0.1, 0.2], help="prompt PGD L2 radii per example"
     )
-    attack.add_argument("--pgd-steps", type=count, default=2, help="PGD iterations per radius (default: 2)")
-    attack.add_argument("--attack-examples", type=count, default=16, help="PGD on the first N test examples")
-    attack.add_argument("--synonym-examples", type=count, default=3, help="synonym attack on the first N")
+    attack.add_argument("--pgd-steps", type=COUNT, default=2, help="PGD iterations per radius (default: 2)")
+    attack.add_argument("--attack-examples", type=COUNT, default=16, help="PGD on the first N test examples")
+    attack.add_argument("--synonym-examples", type=COUNT, default=3, help="synonym attack on the first N")
     attack.add_argument("--no-synonym", action="store_true", help="skip the WordNet synonym attack")
     synonym = SynonymAttackConfig()
-    attack.add_argument("--synonym-queries", type=count, default=40, help="queries per text (default: 40)")
+    attack.add_argument("--synonym-queries", type=COUNT, default=40, help="queries per text (default: 40)")
     attack.add_argument(
-        "--synonym-candidates", type=count, default=10, help="WordNet synonyms tried per word (default: 10)"
+        "--synonym-candidates", type=COUNT, default=10, help="WordNet synonyms tried per word (default: 10)"
     )
     attack.add_argument(
-        "--synonym-change", type=fraction, default=synonym.max_change, help="max share of a text's words changed"
+        "--synonym-change", type=FRACTION, default=synonym.max_change, help="max share of a text's words changed"
     )
     attack.add_argument("--similarity", type=float, default=synonym.similarity, help="min sentence cosine")
     attack.add_argument("--encoder", type=Path, help="sentence encoder folder (default: all-MiniLM-L6-v2)")
