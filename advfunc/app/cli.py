@@ -16,7 +16,6 @@ import inspect
 import json
 import logging
 import os
-import platform
 import re
 import shlex
 import sys
@@ -475,15 +474,6 @@ def _safe(label: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.=-]+", "_", label)
 
 
-def _machine() -> str:
-    cpus = os.cpu_count() or 0
-    wait = os.environ.get("OMP_WAIT_POLICY", "unset")
-    threads = torch.get_num_threads()
-    return (
-        f"{platform.machine()} CPU, {cpus} cores, torch {torch.__version__}, {threads} threads, OMP_WAIT_POLICY {wait}"
-    )
-
-
 def run_compare(args: argparse.Namespace) -> int:
     """``advfunc compare``: every method × seed, trained and attacked; the report after each run.
 
@@ -563,7 +553,7 @@ def run_compare(args: argparse.Namespace) -> int:
         "methods": [spec.label for spec in methods],
         "seeds": seeds,
         "planned_runs": len(methods) * len(seeds),
-        "machine": _machine(),
+        "machine": report.machine(),
     }
     runs: list[dict[str, Any]] = []
     started = time.perf_counter()
@@ -582,7 +572,7 @@ def run_compare(args: argparse.Namespace) -> int:
                 )
             )
             run_file = output / "runs" / f"{_safe(spec.label)}-seed{seed}.json"
-            previous = _read_run(run_file)
+            previous = report.read_run(run_file)
             if previous is not None and previous.get("key") == key:
                 log.info("%s seed %d: already done (%s)", spec.label, seed, run_file)
                 runs.append(previous)
@@ -650,14 +640,6 @@ def _spec_text(spec: registry.MethodSpec) -> str:
     """The spec back as text (``pgd:epsilon=0.5``), the form ``TrainConfig.method`` holds."""
     given = {**spec.options, **spec.driver_options}
     return spec.name + (":" + ",".join(f"{k}={v}" for k, v in sorted(given.items())) if given else "")
-
-
-def _read_run(path: Path) -> dict[str, Any] | None:
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError):
-        return None
-    return data if isinstance(data, dict) else None
 
 
 def run_methods(args: argparse.Namespace) -> int:

@@ -17,6 +17,7 @@ from torch import nn
 
 from advfunc import attacks
 from advfunc.app.decoder_data import Answers, Prompts, batch, prompts
+from advfunc.app.evaluate import EvalMode
 from advfunc.core.model import logits_of
 from advfunc.core.params import params_of
 from advfunc.core.step import prepare
@@ -38,24 +39,10 @@ def batches(count: int, size: int) -> list[list[int]]:
     return [list(range(start, min(start + size, count))) for start in range(0, count, size)]
 
 
-class _EvalMode:
-    """Eval mode for the block, the previous mode restored after."""
-
-    def __init__(self, model: nn.Module) -> None:
-        self.model = model
-        self.was_training = model.training
-
-    def __enter__(self) -> None:
-        self.model.eval()
-
-    def __exit__(self, *exc: object) -> None:
-        self.model.train(self.was_training)
-
-
 def correct(model: nn.Module, data: Prompts, answers: Answers, pad: int, batch_size: int = 32) -> torch.Tensor:
     """[N] bool: whether the model answers each prompt with its class's answer (eval mode, no gradients)."""
     found = []
-    with _EvalMode(model), torch.inference_mode():
+    with EvalMode(model), torch.inference_mode():
         for indices in batches(len(data), batch_size):
             inputs = batch(data, answers, indices, pad, adversary=False)
             choice = answer_logits(model(**inputs).logits, inputs["labels"], answers).argmax(-1)  # [B]
@@ -121,7 +108,7 @@ def robust_accuracy(
     alive = (correct(model, data, answers, pad, batch_size) if clean is None else clean).clone()  # [N]
     accuracy = float(alive.float().mean())
     standing: dict[float, float] = {}
-    with _EvalMode(model):
+    with EvalMode(model):
         for radius in sorted(radii):
             survivors = alive.nonzero().squeeze(1).tolist()
             for start in range(0, len(survivors), batch_size):
@@ -153,7 +140,7 @@ class DecoderVictim:
     def __call__(self, texts: Sequence[str]) -> torch.Tensor:
         data = prompts(texts, [0] * len(texts), self.tokenizer, self.answers, self.max_length)
         found = []
-        with _EvalMode(self.model), torch.inference_mode():
+        with EvalMode(self.model), torch.inference_mode():
             for indices in batches(len(data), self.batch_size):
                 inputs = batch(data, self.answers, indices, self.pad, adversary=False)
                 logits = answer_logits(self.model(**inputs).logits, inputs["labels"], self.answers)

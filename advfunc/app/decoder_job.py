@@ -39,11 +39,8 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import functools
 import json
 import logging
-import os
-import platform
 import re
 import shlex
 import sys
@@ -60,7 +57,9 @@ from advfunc.app import atomic, decoder_report, smollm2
 from advfunc.app.data import DataError, TextDataset, fixed_split, load_file, rotten_tomatoes
 from advfunc.app.decoder_data import ROTTEN_TOMATOES_ANSWERS, Answers, Prompts, batch, pad_id, prompts
 from advfunc.app.decoder_eval import DecoderVictim, correct, robust_accuracy
+from advfunc.app.evaluate import shared_sentence_encoder, shared_wordnet
 from advfunc.app.flags import COUNT, FRACTION, NATURAL, NON_NEGATIVE, POSITIVE, number
+from advfunc.app.report import machine, read_run
 from advfunc.app.synonym_attack import AttackSummary, SynonymAttackConfig, attack_text
 from advfunc.core.completion import ADV_LABELS
 from advfunc.methods import registry
@@ -270,20 +269,6 @@ def fine_tune(
     return model, summary
 
 
-@functools.cache
-def _wordnet() -> Any:
-    from advfunc.app.wordnet import WordNet
-
-    return WordNet()  # a few seconds to parse: once per process
-
-
-@functools.cache
-def _encoder(folder: str, max_length: int) -> Any:
-    from advfunc.app.victim import SentenceEncoder
-
-    return SentenceEncoder(folder, max_length)
-
-
 def evaluate(
     model: Any,
     tokenizer: Any,
@@ -308,9 +293,9 @@ def evaluate(
     if settings.synonym is not None:
         count = min(settings.synonym_examples, len(test))
         victim = DecoderVictim(base, tokenizer, answers, settings.max_length, pad)
-        encode = _encoder(str(encoder if encoder is not None else checkpoint.default_model_dir()), 128)
+        encode = shared_sentence_encoder(str(encoder if encoder is not None else checkpoint.default_model_dir()), 128)
         results = [
-            attack_text(text, label, victim, encode, _wordnet(), settings.synonym)
+            attack_text(text, label, victim, encode, shared_wordnet(), settings.synonym)
             for text, label in zip(test_set.texts[:count], test.classes[:count], strict=True)
         ]
         synonym = dataclasses.asdict(AttackSummary.of(results))
@@ -336,22 +321,6 @@ def evaluate(
 
 def _safe(label: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.=@-]+", "_", label)
-
-
-def _machine() -> str:
-    wait = os.environ.get("OMP_WAIT_POLICY", "unset")
-    return (
-        f"{platform.machine()} CPU, {os.cpu_count() or 0} cores, torch {torch.__version__}, "
-        f"{torch.get_num_threads()} threads, OMP_WAIT_POLICY {wait}"
-    )
-
-
-def _read_run(path: Path) -> dict[str, Any] | None:
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError):
-        return None
-    return data if isinstance(data, dict) else None
 
 
 def _data(args: argparse.Namespace) -> tuple[TextDataset, TextDataset, str]:
@@ -474,7 +443,7 @@ def run_decoder(args: argparse.Namespace) -> int:
         "methods": [spec.label for spec in specs],
         "seeds": list(args.seeds),
         "planned_runs": len(specs) * len(args.seeds),
-        "machine": _machine(),
+        "machine": machine(),
     }
     # Through JSON, as the run file stores it: tuples become lists on the way back.
     common = json.loads(
@@ -493,7 +462,7 @@ def run_decoder(args: argparse.Namespace) -> int:
         for spec, text in zip(specs, args.methods, strict=True):
             key = {**common, "method": text, "seed": seed}
             run_file = output / "runs" / f"{_safe(spec.label)}-seed{seed}.json"
-            previous = _read_run(run_file)
+            previous = read_run(run_file)
             if previous is not None and previous.get("key") == key:
                 log.info("%s seed %d: already done (%s)", spec.label, seed, run_file)
                 runs.append(previous)

@@ -84,7 +84,7 @@ class EvalResult:
         return data
 
 
-class _EvalMode:
+class EvalMode:
     """Eval mode for the block, the previous mode restored after (training may continue)."""
 
     def __init__(self, model: nn.Module) -> None:
@@ -102,7 +102,7 @@ def accuracy(model: nn.Module, data: Encoded, batch_size: int = 64, progress: bo
     """Fraction of ``data`` the model classifies correctly (eval mode, no gradients)."""
     correct = 0
     batches = evaluation_batches(data.lengths(), batch_size)
-    with _EvalMode(model), torch.inference_mode(), Progress(len(batches), "clean", progress) as bar:
+    with EvalMode(model), torch.inference_mode(), Progress(len(batches), "clean", progress) as bar:
         for indices in batches:
             batch = data.batch(indices)
             logits = model(**batch).logits
@@ -165,7 +165,7 @@ def robust_accuracy(
     standing = {r: 0 for r in ordered}
     clean = 0
     batches = evaluation_batches(data.lengths(), batch_size)
-    with _EvalMode(model), Progress(len(batches), "attack embedding-pgd", progress) as bar:
+    with EvalMode(model), Progress(len(batches), "attack embedding-pgd", progress) as bar:
         for indices in batches:
             batch = data.batch(indices)
             with torch.no_grad():
@@ -199,7 +199,7 @@ def hotflip_accuracy(
     vocabulary = WordVocabulary.of(tokenizer, weight.shape[0])
     survived = [0] * (budget + 1)
     batches = evaluation_batches(data.lengths(), batch_size)
-    with _EvalMode(model), Progress(len(batches), "attack hotflip", progress) as bar:
+    with EvalMode(model), Progress(len(batches), "attack hotflip", progress) as bar:
         for indices in batches:
             flips, _ = hotflip(perturbed, params, data.batch(indices), vocabulary, budget, neighbours)
             for b in range(budget + 1):
@@ -209,12 +209,12 @@ def hotflip_accuracy(
 
 
 @functools.cache
-def _wordnet() -> WordNet:
+def shared_wordnet() -> WordNet:
     return WordNet()  # a few seconds to parse: once per process
 
 
 @functools.cache
-def _sentence_encoder(folder: str, max_length: int) -> SentenceEncoder:
+def shared_sentence_encoder(folder: str, max_length: int) -> SentenceEncoder:
     return SentenceEncoder(folder, max_length)
 
 
@@ -235,11 +235,12 @@ def synonym_attack(
     """
     config.check()
     victim = Victim(model, tokenizer, max_length)
-    encode = _sentence_encoder(str(encoder if encoder is not None else checkpoint.default_model_dir()), max_length)
-    wordnet = _wordnet()
+    folder = encoder if encoder is not None else checkpoint.default_model_dir()
+    encode = shared_sentence_encoder(str(folder), max_length)
+    wordnet = shared_wordnet()
     importance = victim.gradient_importance if config.order == "gradient" else None
     results = []
-    with _EvalMode(model), Progress(len(texts), "attack synonyms", progress) as bar:
+    with EvalMode(model), Progress(len(texts), "attack synonyms", progress) as bar:
         for text, label in zip(texts, labels, strict=True):
             results.append(attack_text(text, int(label), victim, encode, wordnet, config, importance))
             bar.update()

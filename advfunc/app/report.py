@@ -9,16 +9,38 @@ from __future__ import annotations
 import io
 import json
 import math
+import os
+import platform
 import statistics
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
+
+import torch
 
 from advfunc.app import atomic
 
 RESULTS_JSON = "results.json"
 RESULTS_MD = "results.md"
 PLOT_PNG = "accuracy_vs_radius.png"
+
+
+def machine() -> str:
+    """The CPU, core count, torch version, threads and OMP wait policy a run's timings were taken under."""
+    wait = os.environ.get("OMP_WAIT_POLICY", "unset")
+    return (
+        f"{platform.machine()} CPU, {os.cpu_count() or 0} cores, torch {torch.__version__}, "
+        f"{torch.get_num_threads()} threads, OMP_WAIT_POLICY {wait}"
+    )
+
+
+def read_run(path: Path) -> dict[str, Any] | None:
+    """A finished run's saved JSON object, or None when the file is missing, unreadable or not an object."""
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError):
+        return None
+    return data if isinstance(data, dict) else None
 
 
 def _metrics(run: Mapping[str, Any]) -> dict[str, float]:
