@@ -7,17 +7,15 @@ its progress and a killed one keeps what it finished.
 from __future__ import annotations
 
 import json
-import math
-import statistics
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from advfunc.app import atomic
+from advfunc.app import atomic, report
+from advfunc.app.report import cell
 
 RESULTS_JSON = "results.json"
 REPORT_MD = "report.md"
-Stats = dict[str, float]
 
 
 def metrics(run: Mapping[str, Any]) -> dict[str, float]:
@@ -39,53 +37,9 @@ def metrics(run: Mapping[str, Any]) -> dict[str, float]:
     return flat
 
 
-def _stats(values: Sequence[float]) -> Stats:
-    return {
-        "mean": statistics.fmean(values),
-        "std": statistics.stdev(values) if len(values) > 1 else 0.0,
-        "n": len(values),
-    }
-
-
-def summarize(runs: Sequence[Mapping[str, Any]]) -> dict[str, dict[str, Stats]]:
-    """{method: {metric: {mean, std, n}}}; std is the sample standard deviation over seeds (0 for one)."""
-    grouped: dict[str, dict[str, list[float]]] = {}
-    for run in runs:
-        found = grouped.setdefault(run["method"], {})
-        for key, value in metrics(run).items():
-            if math.isfinite(value):
-                found.setdefault(key, []).append(value)
-    return {method: {key: _stats(values) for key, values in found.items()} for method, found in grouped.items()}
-
-
-def differences(runs: Sequence[Mapping[str, Any]], plain: str = "none") -> dict[str, dict[str, Stats]]:
-    """{method: {metric: {mean, std, n}}} of (method − ``plain``), paired by seed over the seeds both ran.
-
-    A seed fixes the data order and the adapters' initialisation, so the spread is that of
-    the difference itself. Empty without ``plain`` runs.
-    """
-    reference = {run["seed"]: metrics(run) for run in runs if run["method"] == plain}
-    paired: dict[str, dict[str, list[float]]] = {}
-    for run in runs:
-        base = reference.get(run["seed"])
-        if run["method"] == plain or base is None:
-            continue
-        found = paired.setdefault(run["method"], {})
-        for key, value in metrics(run).items():
-            if key in base and math.isfinite(value) and math.isfinite(base[key]):
-                found.setdefault(key, []).append(value - base[key])
-    return {method: {key: _stats(values) for key, values in found.items()} for method, found in paired.items()}
-
-
-def _cell(stats: Mapping[str, float] | None, digits: int = 3, signed: bool = False) -> str:
-    if stats is None:
-        return "—"
-    return f"{stats['mean']:{'+' if signed else ''}.{digits}f} ± {stats['std']:.{digits}f}"
-
-
 def markdown(info: Mapping[str, Any], runs: Sequence[Mapping[str, Any]]) -> str:
     """The Markdown report: command, settings, one row per method, paired differences, examples."""
-    summary = summarize(runs)
+    summary = report.summarize(runs, metrics)
     radii = [str(r) for r in info["radii"]]
     accuracy_keys = ["answer", *[f"pgd@{r}" for r in radii], "synonym"]
     accuracy_titles = ["answer acc", *[f"PGD r={r}" for r in radii], "synonym acc"]
@@ -110,8 +64,8 @@ def markdown(info: Mapping[str, Any], runs: Sequence[Mapping[str, Any]]) -> str:
     ]
     for method, stats in summary.items():
         row = [f"`{method}`", str(int(stats["answer"]["n"]))]
-        row += [_cell(stats.get(key)) for key in (*accuracy_keys, "synonym_success")]
-        row += [_cell(stats.get(key), 2) for key in ("seconds_per_step", "train_minutes", "eval_minutes")]
+        row += [cell(stats.get(key)) for key in (*accuracy_keys, "synonym_success")]
+        row += [cell(stats.get(key), 2) for key in ("seconds_per_step", "train_minutes", "eval_minutes")]
         lines.append("| " + " | ".join(row) + " |")
     # A model that gives one answer to everything looks robust: no attack can change its answer.
     stuck = [f"`{r['method']}` seed {r['seed']}" for r in runs if metrics(r)["answer"] <= info["majority_accuracy"]]
@@ -126,7 +80,7 @@ def markdown(info: Mapping[str, Any], runs: Sequence[Mapping[str, Any]]) -> str:
         ),
         "",
     ]
-    delta = differences(runs)
+    delta = report.differences(runs, metrics=metrics)
     if delta:
         lines += [
             "Difference to plain fine-tuning (`none`), paired by seed: mean ± sample std of (method − none).",
@@ -135,7 +89,7 @@ def markdown(info: Mapping[str, Any], runs: Sequence[Mapping[str, Any]]) -> str:
             "|" + "|".join(["---"] * (len(accuracy_titles) + 2)) + "|",
         ]
         for method, stats in delta.items():
-            cells = [_cell(stats.get(key), signed=True) for key in accuracy_keys]
+            cells = [cell(stats.get(key), signed=True) for key in accuracy_keys]
             lines.append(f"| `{method}` | {int(stats['answer']['n'])} | " + " | ".join(cells) + " |")
         lines.append("")
     examples = [(r, e) for r in runs for e in (r["eval"].get("synonym") or {}).get("examples", [])][:5]
@@ -153,7 +107,8 @@ def markdown(info: Mapping[str, Any], runs: Sequence[Mapping[str, Any]]) -> str:
 def write(directory: str | Path, runs: Sequence[Mapping[str, Any]], info: Mapping[str, Any]) -> list[Path]:
     """Write ``results.json`` and ``report.md`` into ``directory``; return their paths."""
     directory = Path(directory)
-    document = {"info": dict(info), "summary": summarize(runs), "differences": differences(runs), "runs": list(runs)}
+    summary, delta = report.summarize(runs, metrics), report.differences(runs, metrics=metrics)
+    document = {"info": dict(info), "summary": summary, "differences": delta, "runs": list(runs)}
     paths = [directory / RESULTS_JSON, directory / REPORT_MD]
     atomic.write_text(paths[0], json.dumps(document, indent=2) + "\n")
     atomic.write_text(paths[1], markdown(info, runs))

@@ -12,7 +12,7 @@ import math
 import os
 import platform
 import statistics
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -66,55 +66,52 @@ def _metrics(run: Mapping[str, Any]) -> dict[str, float]:
     return flat
 
 
-def summarize(runs: Sequence[Mapping[str, Any]]) -> dict[str, dict[str, dict[str, float]]]:
-    """{method: {metric: {mean, std, n}}}; std is the sample standard deviation (0 for one seed)."""
-    grouped: dict[str, list[dict[str, float]]] = {}
+Metrics = Callable[[Mapping[str, Any]], dict[str, float]]
+Stats = dict[str, float]
+
+
+def summarize(runs: Sequence[Mapping[str, Any]], metrics: Metrics = _metrics) -> dict[str, dict[str, Stats]]:
+    """{method: {metric: {mean, std, n}}} of ``metrics(run)``; std is the sample standard deviation (0 for one seed)."""
+    grouped: dict[str, dict[str, list[float]]] = {}
     for run in runs:
-        grouped.setdefault(run["method"], []).append(_metrics(run))
-    summary: dict[str, dict[str, dict[str, float]]] = {}
-    for method, rows in grouped.items():
-        summary[method] = {}
-        for key in rows[0]:
-            values = [row[key] for row in rows if key in row and math.isfinite(row[key])]
-            if values:
-                summary[method][key] = _stats(values)
-    return summary
+        found = grouped.setdefault(run["method"], {})
+        for key, value in metrics(run).items():
+            if math.isfinite(value):
+                found.setdefault(key, []).append(value)
+    return {method: {key: _stats(values) for key, values in found.items()} for method, found in grouped.items()}
 
 
-def _stats(values: Sequence[float]) -> dict[str, float]:
+def _stats(values: Sequence[float]) -> Stats:
     std = statistics.stdev(values) if len(values) > 1 else 0.0
     return {"mean": statistics.fmean(values), "std": std, "n": len(values)}
 
 
-def differences(runs: Sequence[Mapping[str, Any]], plain: str = "none") -> dict[str, dict[str, dict[str, float]]]:
+def differences(
+    runs: Sequence[Mapping[str, Any]], plain: str = "none", metrics: Metrics = _metrics
+) -> dict[str, dict[str, Stats]]:
     """{method: {metric: {mean, std, n}}} of (method − ``plain``) over the seeds both ran.
 
-    Paired by seed (same data order, head initialisation and split), so the spread is that
-    of the difference itself, not of either method's accuracy. Empty without ``plain`` runs.
+    Paired by seed (same data order, initialisation and split), so the spread is that of
+    the difference itself, not of either method's accuracy. Empty without ``plain`` runs.
     """
-    by_seed = {run["seed"]: _metrics(run) for run in runs if run["method"] == plain}
+    by_seed = {run["seed"]: metrics(run) for run in runs if run["method"] == plain}
     paired: dict[str, dict[str, list[float]]] = {}
     for run in runs:
         reference = by_seed.get(run["seed"])
         if run["method"] == plain or reference is None:
             continue
-        metrics = paired.setdefault(run["method"], {})
-        for key, value in _metrics(run).items():
+        found = paired.setdefault(run["method"], {})
+        for key, value in metrics(run).items():
             if key in reference and math.isfinite(value) and math.isfinite(reference[key]):
-                metrics.setdefault(key, []).append(value - reference[key])
-    return {method: {key: _stats(values) for key, values in metrics.items()} for method, metrics in paired.items()}
+                found.setdefault(key, []).append(value - reference[key])
+    return {method: {key: _stats(values) for key, values in found.items()} for method, found in paired.items()}
 
 
-def _signed(stats: Mapping[str, float] | None) -> str:
+def cell(stats: Mapping[str, float] | None, digits: int = 3, signed: bool = False) -> str:
+    """``mean ± std`` of a summary entry (``+``/``−`` shown when ``signed``), ``—`` when absent."""
     if stats is None:
         return "—"
-    return f"{stats['mean']:+.3f} ± {stats['std']:.3f}"
-
-
-def _cell(stats: Mapping[str, float] | None, digits: int = 3) -> str:
-    if stats is None:
-        return "—"
-    return f"{stats['mean']:.{digits}f} ± {stats['std']:.{digits}f}"
+    return f"{stats['mean']:{'+' if signed else ''}.{digits}f} ± {stats['std']:.{digits}f}"
 
 
 def markdown(
@@ -147,12 +144,12 @@ def markdown(
     ]
     for method, stats in summary.items():
         seeds = int(stats["clean"]["n"]) if "clean" in stats else 0
-        row = [f"`{method}`", str(seeds), _cell(stats.get("clean"))]
-        row += [_cell(stats.get(f"pgd@{r}")) for r in radii]
-        row += [_cell(stats.get(f"hotflip@{b}")) for b in budgets]
-        row += [_cell(stats.get(key)) for key in ("synonym", "synonym_success", "synonym_changed")]
-        row += [_cell(stats.get("synonym_queries"), 1)]
-        row += [_cell(stats.get("time_per_step"), 2), _cell(stats.get("steps_per_second"), 2)]
+        row = [f"`{method}`", str(seeds), cell(stats.get("clean"))]
+        row += [cell(stats.get(f"pgd@{r}")) for r in radii]
+        row += [cell(stats.get(f"hotflip@{b}")) for b in budgets]
+        row += [cell(stats.get(key)) for key in ("synonym", "synonym_success", "synonym_changed")]
+        row += [cell(stats.get("synonym_queries"), 1)]
+        row += [cell(stats.get("time_per_step"), 2), cell(stats.get("steps_per_second"), 2)]
         lines.append("| " + " | ".join(row) + " |")
     lines.append("")
     majority = info.get("majority_accuracy")
@@ -182,7 +179,8 @@ def markdown(
         ]
         for method, stats in delta.items():
             seeds = int(stats["clean"]["n"]) if "clean" in stats else 0
-            lines.append(f"| `{method}` | {seeds} | " + " | ".join(_signed(stats.get(key)) for key, _ in kept) + " |")
+            cells = " | ".join(cell(stats.get(key), signed=True) for key, _ in kept)
+            lines.append(f"| `{method}` | {seeds} | {cells} |")
         lines.append("")
     examples = [(r, e) for r in runs for e in (r["eval"].get("synonym") or {}).get("examples", [])][:5]
     if examples:
