@@ -51,7 +51,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch.utils.data import Dataset
 
 from advfunc.app import atomic, decoder_report, smollm2
 from advfunc.app.data import DataError, TextDataset, fixed_split, load_file, rotten_tomatoes
@@ -190,19 +189,6 @@ def _load(folder: Path) -> tuple[Any, Any]:
     return model, tokenizer
 
 
-class _Indices(Dataset[int]):
-    """Example ``i`` is its index: the collator builds the padded batch from the prompts directly."""
-
-    def __init__(self, count: int) -> None:
-        self.count = count
-
-    def __len__(self) -> int:
-        return self.count
-
-    def __getitem__(self, index: int) -> int:
-        return index
-
-
 def fine_tune(
     folder: Path, answers: Answers, data: Prompts, method: str, seed: int, settings: Settings, progress: bool
 ) -> tuple[Any, dict[str, Any]]:
@@ -247,7 +233,7 @@ def fine_tune(
         trainer = AdversarialTrainer(
             model=model,
             args=args,
-            train_dataset=_Indices(len(data)),
+            train_dataset=list(range(len(data))),  # example i is its index: the collator pads from `data`
             data_collator=lambda indices: batch(data, answers, indices, pad, adversary),
             step_factory=method,
         )
