@@ -346,11 +346,8 @@ def encode(dataset: TextDataset, tokenizer: Any, labels: Labels, max_length: int
         max_length=max_length,
     )
     _refuse_unknown_only(dataset, tokenizer, encoded["input_ids"])
-    pad = tokenizer.pad_token_id
-    if pad is None:
-        pad = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else 0
     types = encoded.get("token_type_ids") if token_types else None
-    return Encoded(list(encoded["input_ids"]), list(types) if types is not None else None, label_ids, int(pad))
+    return Encoded(list(encoded["input_ids"]), list(types) if types is not None else None, label_ids, pad_id(tokenizer))
 
 
 def _refuse_unknown_only(dataset: TextDataset, tokenizer: Any, input_ids: Sequence[Sequence[int]]) -> None:
@@ -390,3 +387,11 @@ def evaluation_batches(lengths: Sequence[int], batch_size: int) -> list[list[int
     """All examples in batches of similar length (order does not matter for accuracy)."""
     order = sorted(range(len(lengths)), key=lambda i: lengths[i])
     return [order[k : k + batch_size] for k in range(0, len(order), batch_size)]
+
+
+def pad_id(tokenizer: Any) -> int:
+    """The tokenizer's padding id, else its end-of-sequence id (causal LMs often have no pad token), else 0."""
+    for token in (tokenizer.pad_token_id, tokenizer.eos_token_id):
+        if token is not None:
+            return int(token)
+    return 0

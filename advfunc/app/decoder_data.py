@@ -125,11 +125,3 @@ def batch(
     if adversary:
         out[ADV_LABELS] = adv_labels
     return out
-
-
-def pad_id(tokenizer: Any) -> int:
-    """The tokenizer's padding id, else its end-of-sequence id (causal LMs often have no pad token), else 0."""
-    for token in (tokenizer.pad_token_id, tokenizer.eos_token_id):
-        if token is not None:
-            return int(token)
-    return 0

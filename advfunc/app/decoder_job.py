@@ -53,8 +53,8 @@ from typing import Any
 import torch
 
 from advfunc.app import atomic, decoder_report, smollm2
-from advfunc.app.data import DataError, TextDataset, fixed_split, load_file, rotten_tomatoes
-from advfunc.app.decoder_data import ROTTEN_TOMATOES_ANSWERS, Answers, Prompts, batch, pad_id, prompts
+from advfunc.app.data import DataError, TextDataset, fixed_split, load_file, pad_id, rotten_tomatoes
+from advfunc.app.decoder_data import ROTTEN_TOMATOES_ANSWERS, Answers, Prompts, batch, prompts
 from advfunc.app.decoder_eval import DecoderVictim, correct, robust_accuracy
 from advfunc.app.evaluate import shared_sentence_encoder, shared_wordnet
 from advfunc.app.flags import COUNT, FRACTION, NATURAL, NON_NEGATIVE, POSITIVE, number
