@@ -69,8 +69,17 @@ def test_the_head_is_new_and_the_encoder_is_the_pretrained_one(encoder_dir):
     assert not isinstance(plain, mean_pooled.MeanPooledForSequenceClassification) and hasattr(plain.bert, "pooler")
 
 
+def test_a_new_head_starts_at_zero_so_the_first_step_leaves_the_encoder_alone(encoder_dir):
+    model = mean_pooled.from_encoder(encoder_dir, **LABELS)
+    assert not model.classifier.weight.any() and not model.classifier.bias.any()
+    model(**_batch()).loss.backward()
+    assert model.classifier.weight.grad.abs().sum() > 0
+    assert all(not p.grad.any() for name, p in model.named_parameters() if not name.startswith("classifier."))
+
+
 def test_an_advfunc_step_trains_encoder_and_head(encoder_dir):
     model = mean_pooled.from_encoder(encoder_dir, **LABELS)
+    torch.nn.init.normal_(model.classifier.weight, std=0.02, generator=torch.Generator().manual_seed(0))
     grads, out = advfunc.pgd(model, epsilon=0.1, alpha=0.05, steps=2, target="embeds")(
         advfunc.params_of(model), _batch()
     )
