@@ -138,3 +138,31 @@ def test_the_report_pairs_each_method_with_plain_training_by_seed():
     assert delta["fgm"]["clean"]["std"] == pytest.approx(torch.tensor([0.02, -0.02]).std().item())
     assert delta["fgm"]["pgd@0.1"]["mean"] == pytest.approx(0.075)
     assert delta["pgd"]["clean"] == {"mean": pytest.approx(0.01), "std": 0.0, "n": 1}
+
+
+def _majority_line(*cleans: float) -> str:
+    runs = [_run("none", seed, clean, 0.3) for seed, clean in enumerate(cleans)]
+    info = {
+        "title": "t",
+        "command": "advfunc compare",
+        "model": "m",
+        "data": "d",
+        "sizes": "s",
+        "training": "t",
+        "attack": {"radii": [0.1], "hotflip_budget": 0, "examples": 4},
+        "attack_text": "a",
+        "machine": "cpu",
+        "majority_accuracy": 0.6,
+        "finished_runs": len(runs),
+        "planned_runs": len(runs),
+        "elapsed_minutes": 1.0,
+    }
+    text = report.markdown(report.summarize(runs), info, runs)
+    return next(line for line in text.splitlines() if line.startswith("Always answering"))
+
+
+def test_the_report_names_runs_that_did_not_clear_the_majority_class_by_ten_points():
+    assert _majority_line(0.75, 0.71).endswith("Every run is at least 10 points above it (the lowest: 0.710).")
+    line = _majority_line(0.75, 0.69, 0.602)
+    assert "did not learn" in line and "`none` seed 2" in line.split("did not learn")[1].split(".")[0]
+    assert line.endswith("Less than 10 points above it: `none` seed 1.")

@@ -157,13 +157,18 @@ def markdown(
         # A model that answers the most frequent label everywhere looks "robust": no attack can
         # change its answer. Name such runs so nobody reads them as robustness.
         stuck = [f"`{r['method']}` seed {r['seed']}" for r in runs if r["eval"]["clean_accuracy"] <= majority + 0.005]
+        # Ten points above it is the least this project calls "learned".
+        weak = [
+            f"`{r['method']}` seed {r['seed']}"
+            for r in runs
+            if majority + 0.005 < r["eval"]["clean_accuracy"] < majority + 0.1 - 1e-9
+        ]
+        lowest = min(r["eval"]["clean_accuracy"] for r in runs)
         lines.append(
             f"Always answering the most frequent test label scores {majority:.3f}. "
-            + (
-                f"At that level (did not learn; their robust accuracy means nothing): {', '.join(stuck)}."
-                if stuck
-                else "Every run is above it."
-            )
+            + (f"At that level (did not learn; their robust accuracy means nothing): {', '.join(stuck)}. " if stuck else "")
+            + (f"Less than 10 points above it: {', '.join(weak)}." if weak else "")
+            + ("" if stuck or weak else f"Every run is at least 10 points above it (the lowest: {lowest:.3f}).")
         )
         lines.append("")
     delta = differences(runs)
