@@ -91,9 +91,32 @@ _COMPARED = (
 # Its attacks (a quarter of its time) take the first 24 test examples, and its embedding PGD stops at
 # radius 0.2: at 0.4 every run of it kept 0-2 of 32 attacked examples.
 SHORT = Preset(
-    "short", _COMPARED, (0, 1), 384, 300, 24, 1e-4, 16, synonym=False, head_lr=1e-2, pooling="mean", radii=(0.05, 0.1, 0.2)
+    "short",
+    _COMPARED,
+    seeds=(0, 1),
+    train_size=384,
+    test_size=300,
+    attack_examples=24,
+    lr=1e-4,
+    batch_size=16,
+    synonym=False,
+    head_lr=1e-2,
+    pooling="mean",
+    radii=(0.05, 0.1, 0.2),
 )
-FULL = Preset("full", _COMPARED, (0, 1, 2), None, None, None, 1e-4, 32, synonym=True, head_lr=1e-3, pooling="mean")
+FULL = Preset(
+    "full",
+    _COMPARED,
+    seeds=(0, 1, 2),
+    train_size=None,
+    test_size=None,
+    attack_examples=None,
+    lr=1e-4,
+    batch_size=32,
+    synonym=True,
+    head_lr=1e-3,
+    pooling="mean",
+)
 
 
 class _Parser(argparse.ArgumentParser):

@@ -164,12 +164,14 @@ def markdown(
             if majority + 0.005 < r["eval"]["clean_accuracy"] < majority + 0.1 - 1e-9
         ]
         lowest = min(r["eval"]["clean_accuracy"] for r in runs)
-        lines.append(
-            f"Always answering the most frequent test label scores {majority:.3f}. "
-            + (f"At that level (did not learn; their robust accuracy means nothing): {', '.join(stuck)}. " if stuck else "")
-            + (f"Less than 10 points above it: {', '.join(weak)}." if weak else "")
-            + ("" if stuck or weak else f"Every run is at least 10 points above it (the lowest: {lowest:.3f}).")
-        )
+        verdicts = [f"Always answering the most frequent test label scores {majority:.3f}."]
+        if stuck:
+            verdicts.append(f"At that level (did not learn; their robust accuracy means nothing): {', '.join(stuck)}.")
+        if weak:
+            verdicts.append(f"Less than 10 points above it: {', '.join(weak)}.")
+        if not stuck and not weak:
+            verdicts.append(f"Every run is at least 10 points above it (the lowest: {lowest:.3f}).")
+        lines.append(" ".join(verdicts))
         lines.append("")
     delta = differences(runs)
     if delta:
