@@ -107,7 +107,9 @@ class AdversarialTrainer(Trainer):
 
     ``beta``: SMART's teacher decay (default: the spec's, else 0.99). ``replays``: free
     AT's m (default: the spec's, else 3); free AT needs ``gradient_accumulation_steps=1``
-    and a dataset with a length.
+    and a dataset with a length. ``compile``: for a spec, ``False`` builds eager steps on
+    CUDA too (None: the method's default, compiled on CUDA; compiling costs seconds to a
+    minute per graph, which a short run may not win back).
     """
 
     def __init__(
@@ -116,6 +118,7 @@ class AdversarialTrainer(Trainer):
         step_factory: Callable[[nn.Module], Step] | str,
         beta: float | None = None,
         replays: int | None = None,
+        compile: bool | None = None,
         **kwargs: Any,
     ) -> None:
         options: dict[str, Any] = {}
@@ -129,7 +132,7 @@ class AdversarialTrainer(Trainer):
                 if noisy and self._generator is None:
                     # each process its own draws: shards of one global batch should not share their noise
                     self._generator = seeded_generator(model, self.args.seed + 100_003 * self.args.process_index)
-                return build_step(spec, model, generator=self._generator)
+                return build_step(spec, model, generator=self._generator, compile=compile)
 
             factory: Callable[[nn.Module], Step] = from_spec
         elif callable(step_factory):

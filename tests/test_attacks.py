@@ -121,3 +121,20 @@ def test_hotflip_changes_at_most_budget_whole_words(trained):
     values = [curve[b] for b in range(4)]
     assert values[0] == accuracy(model, test)
     assert all(a >= b for a, b in itertools.pairwise(values)), values
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_evaluation_runs_where_the_model_is_and_agrees_with_the_cpu(trained):
+    """On a GPU the batches are built on the model's device; the counts match the CPU's."""
+    import copy
+
+    model, tokenizer, test = trained
+    on_gpu = copy.deepcopy(model).cuda()
+    assert accuracy(on_gpu, test) == accuracy(model, test)
+    (clean_gpu, robust_gpu), (clean_cpu, robust_cpu) = (
+        robust_accuracy(m, test, (0.1, 1.0), steps=5) for m in (on_gpu, model)
+    )
+    assert clean_gpu == clean_cpu
+    assert all(abs(robust_gpu[r] - robust_cpu[r]) <= 1 / len(test) for r in robust_cpu), (robust_gpu, robust_cpu)
+    flipped_gpu, flipped_cpu = (hotflip_accuracy(m, tokenizer, test, 2, 8) for m in (on_gpu, model))
+    assert all(abs(flipped_gpu[b] - flipped_cpu[b]) <= 1 / len(test) for b in flipped_cpu), (flipped_gpu, flipped_cpu)

@@ -339,3 +339,24 @@ def test_batch_keys_advfunc_consumes_survive_trainers_column_removal(tmp_path):
     )
     batch = next(iter(trainer.get_train_dataloader()))
     assert {"perturb_mask", "adv_labels", "input_ids", "labels"} <= set(batch)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("compile", [True, False])
+def test_a_specs_step_compiles_as_the_trainer_is_told(tmp_path, compile):
+    """``compile`` reaches the spec's step: True compiles even on the CPU, False stays eager (on CUDA too)."""
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    counters.clear()
+    model = tiny_model("bert", num_labels=2)
+    trainer = AdversarialTrainer(
+        model=model,
+        args=_args(tmp_path, max_steps=1, gradient_accumulation_steps=1),
+        train_dataset=_examples(2),
+        data_collator=default_data_collator,
+        step_factory="fgm:epsilon=0.1,target=embeds",
+        compile=compile,
+    )
+    trainer.train()
+    assert (counters["stats"]["unique_graphs"] > 0) is compile

@@ -125,6 +125,7 @@ def test_train_and_evaluate_with_a_mean_pooled_head(encoder_dir, tmp_path):
 
 def _run(method: str, seed: int, clean: float, robust: float) -> dict:
     evaluation = {"clean_accuracy": clean, "attack_clean_accuracy": clean, "robust": {"0.1": robust}, "hotflip": {}}
+    evaluation["seconds"] = 30.0
     training = {"time_per_step": 1.0, "steps_per_second": 1.0, "seconds": 60.0}
     return {"method": method, "seed": seed, "eval": evaluation, "train": training}
 
@@ -140,7 +141,7 @@ def test_the_report_pairs_each_method_with_plain_training_by_seed():
     assert delta["pgd"]["clean"] == {"mean": pytest.approx(0.01), "std": 0.0, "n": 1}
 
 
-def _majority_line(*cleans: float) -> str:
+def _report(*cleans: float) -> str:
     runs = [_run("none", seed, clean, 0.3) for seed, clean in enumerate(cleans)]
     info = {
         "title": "t",
@@ -155,10 +156,20 @@ def _majority_line(*cleans: float) -> str:
         "majority_accuracy": 0.6,
         "finished_runs": len(runs),
         "planned_runs": len(runs),
-        "elapsed_minutes": 1.0,
+        "elapsed_minutes": 0.0,
     }
-    text = report.markdown(report.summarize(runs), info, runs)
-    return next(line for line in text.splitlines() if line.startswith("Always answering"))
+    return report.markdown(report.summarize(runs), info, runs)
+
+
+def _majority_line(*cleans: float) -> str:
+    return next(line for line in _report(*cleans).splitlines() if line.startswith("Always answering"))
+
+
+def test_the_report_sums_the_run_time_of_its_runs_whichever_invocation_ran_them():
+    """A report rebuilt from finished run files (0.0 min of its own) still says what the runs cost."""
+    line = next(line for line in _report(0.75, 0.71).splitlines() if line.startswith("Finished runs"))
+    assert line.startswith("Finished runs: 2 of 2, 3.0 min of run time")  # 2 × (60 s training + 30 s attacks)
+    assert "this invocation 0.0 min wall time" in line
 
 
 def test_the_report_names_runs_that_did_not_clear_the_majority_class_by_ten_points():

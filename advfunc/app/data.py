@@ -313,8 +313,8 @@ class Encoded:
         types = [self.token_type_ids[i] for i in chosen] if self.token_type_ids is not None else None
         return Encoded([self.input_ids[i] for i in chosen], types, [self.labels[i] for i in chosen], self.pad_id)
 
-    def batch(self, indices: Sequence[int]) -> dict[str, torch.Tensor]:
-        """The examples at ``indices`` as model keyword arguments, right-padded to the longest."""
+    def batch(self, indices: Sequence[int], device: torch.device | str = "cpu") -> dict[str, torch.Tensor]:
+        """The examples at ``indices`` as model keyword arguments on ``device``, right-padded to the longest."""
         width = max(len(self.input_ids[i]) for i in indices)
         ids = torch.full((len(indices), width), self.pad_id, dtype=torch.long)
         mask = torch.zeros((len(indices), width), dtype=torch.long)
@@ -329,7 +329,7 @@ class Encoded:
         if types is not None:
             batch["token_type_ids"] = types
         batch["labels"] = torch.tensor([self.labels[i] for i in indices], dtype=torch.long)
-        return batch
+        return {k: v.to(device) for k, v in batch.items()}
 
 
 def encode(dataset: TextDataset, tokenizer: Any, labels: Labels, max_length: int, token_types: bool = True) -> Encoded:

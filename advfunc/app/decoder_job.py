@@ -279,7 +279,8 @@ def evaluate(
     if settings.synonym is not None:
         count = min(settings.synonym_examples, len(test))
         victim = DecoderVictim(base, tokenizer, answers, settings.max_length, pad)
-        encode = shared_sentence_encoder(str(encoder if encoder is not None else checkpoint.default_model_dir()), 128)
+        folder = encoder if encoder is not None else checkpoint.default_model_dir()
+        encode = shared_sentence_encoder(str(folder), 128, next(base.parameters()).device)
         results = [
             attack_text(text, label, victim, encode, shared_wordnet(), settings.synonym)
             for text, label in zip(test_set.texts[:count], test.classes[:count], strict=True)

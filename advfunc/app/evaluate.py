@@ -98,13 +98,19 @@ class EvalMode:
         self.model.train(self.was_training)
 
 
+def _device_of(model: nn.Module) -> torch.device:
+    """Where ``model``'s weights are: evaluation batches are built there."""
+    return next(model.parameters()).device
+
+
 def accuracy(model: nn.Module, data: Encoded, batch_size: int = 64, progress: bool = False) -> float:
     """Fraction of ``data`` the model classifies correctly (eval mode, no gradients)."""
     correct = 0
+    device = _device_of(model)
     batches = evaluation_batches(data.lengths(), batch_size)
     with EvalMode(model), torch.inference_mode(), Progress(len(batches), "clean", progress) as bar:
         for indices in batches:
-            batch = data.batch(indices)
+            batch = data.batch(indices, device)
             logits = model(**batch).logits
             correct += int((logits.argmax(-1) == batch["labels"]).sum())
             bar.update()
@@ -161,13 +167,14 @@ def robust_accuracy(
 ) -> tuple[float, dict[float, float]]:
     """(clean accuracy, {radius: accuracy under embedding PGD within that radius}) on ``data``."""
     params = params_of(model)
+    device = _device_of(model)
     ordered = sorted(radii)
     standing = {r: 0 for r in ordered}
     clean = 0
     batches = evaluation_batches(data.lengths(), batch_size)
     with EvalMode(model), Progress(len(batches), "attack embedding-pgd", progress) as bar:
         for indices in batches:
-            batch = data.batch(indices)
+            batch = data.batch(indices, device)
             with torch.no_grad():
                 alive = model(**batch).logits.argmax(-1) == batch["labels"]
             clean += int(alive.sum())
@@ -198,10 +205,11 @@ def hotflip_accuracy(
         raise ValueError("HotFlip needs an input-embedding module with a weight matrix")
     vocabulary = WordVocabulary.of(tokenizer, weight.shape[0])
     survived = [0] * (budget + 1)
+    device = _device_of(model)
     batches = evaluation_batches(data.lengths(), batch_size)
     with EvalMode(model), Progress(len(batches), "attack hotflip", progress) as bar:
         for indices in batches:
-            flips, _ = hotflip(perturbed, params, data.batch(indices), vocabulary, budget, neighbours)
+            flips, _ = hotflip(perturbed, params, data.batch(indices, device), vocabulary, budget, neighbours)
             for b in range(budget + 1):
                 survived[b] += int((flips > b).sum())
             bar.update()
@@ -214,8 +222,8 @@ def shared_wordnet() -> WordNet:
 
 
 @functools.cache
-def shared_sentence_encoder(folder: str, max_length: int) -> SentenceEncoder:
-    return SentenceEncoder(folder, max_length)
+def shared_sentence_encoder(folder: str, max_length: int, device: torch.device | str = "cpu") -> SentenceEncoder:
+    return SentenceEncoder(folder, max_length, device=device)
 
 
 def synonym_attack(
@@ -236,7 +244,7 @@ def synonym_attack(
     config.check()
     victim = Victim(model, tokenizer, max_length)
     folder = encoder if encoder is not None else checkpoint.default_model_dir()
-    encode = shared_sentence_encoder(str(folder), max_length)
+    encode = shared_sentence_encoder(str(folder), max_length, _device_of(model))
     wordnet = shared_wordnet()
     importance = victim.gradient_importance if config.order == "gradient" else None
     results = []

@@ -26,10 +26,11 @@ PLOT_PNG = "accuracy_vs_radius.png"
 
 
 def machine() -> str:
-    """The CPU, core count, torch version, threads and OMP wait policy a run's timings were taken under."""
+    """The GPU (if any), CPU, cores, torch version, threads and OMP wait policy a run's timings were taken under."""
     wait = os.environ.get("OMP_WAIT_POLICY", "unset")
+    gpu = f"{torch.cuda.get_device_name()} GPU, " if torch.cuda.is_available() else ""
     return (
-        f"{platform.machine()} CPU, {os.cpu_count() or 0} cores, torch {torch.__version__}, "
+        f"{gpu}{platform.machine()} CPU, {os.cpu_count() or 0} cores, torch {torch.__version__}, "
         f"{torch.get_num_threads()} threads, OMP_WAIT_POLICY {wait}"
     )
 
@@ -41,6 +42,11 @@ def read_run(path: Path) -> dict[str, Any] | None:
     except (OSError, json.JSONDecodeError):
         return None
     return data if isinstance(data, dict) else None
+
+
+def _run_minutes(runs: Sequence[Mapping[str, Any]]) -> float:
+    """Training plus evaluation time of ``runs``: what the report cost, whichever invocation ran them."""
+    return sum(run["train"]["seconds"] + run["eval"]["seconds"] for run in runs) / 60
 
 
 def _metrics(run: Mapping[str, Any]) -> dict[str, float]:
@@ -133,8 +139,9 @@ def markdown(
         f"Model: {info['model']}. Data: {info['data']}. {info['sizes']}",
         f"Training: {info['training']}",
         f"Attacks ({info['attack']['examples']} test examples): {info['attack_text']}",
-        f"Finished runs: {info['finished_runs']} of {info['planned_runs']}, "
-        f"{info.get('elapsed_minutes', 0):.1f} min wall time. Machine: {info['machine']}.",
+        f"Finished runs: {info['finished_runs']} of {info['planned_runs']}, {_run_minutes(runs):.1f} min of run time "
+        f"(training and evaluation, summed over runs; this invocation {info.get('elapsed_minutes', 0):.1f} min "
+        f"wall time). Machine: {info['machine']}.",
         "",
         "Cells are mean ± sample std over seeds. Robust accuracy counts an example as correct only if it is",
         "correct clean and survives every attack up to that radius / budget.",

@@ -18,7 +18,7 @@ import logging
 import math
 import tempfile
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -386,6 +386,7 @@ def train(
     progress: bool = True,
     extra_state: Mapping[str, Any] | None = None,
     arguments: TrainingArguments | None = None,
+    compile: bool = True,
 ) -> TrainResult:
     """Fine-tune ``model`` on ``data`` with ``config.method``; checkpoint to ``output``.
 
@@ -394,7 +395,9 @@ def train(
     written at the end of each epoch, every ``save_every`` optimizer steps (0: never), at
     ``stop_after`` (stop there with a checkpoint, keeping the full run's schedule, to
     continue later) and at the end. ``arguments``: :func:`training_arguments` of
-    ``config`` when the caller built them already. The model ends on the CPU.
+    ``config`` when the caller built them already. ``compile=False``: eager steps on CUDA
+    too (the results do not depend on it, so it is not a setting a resumed run must keep).
+    The model stays on the device it trained on.
     """
     spec = config.check()
     if len(data) == 0:
@@ -435,8 +438,8 @@ def train(
         "losses": result.losses,
         **(extra_state or {}),
     }
-    collate = data.batch
-    if arguments.device.type == "cuda":  # where steps compile: a few widths, a few graphs
+    collate: Callable[[Sequence[int]], dict[str, torch.Tensor]] = data.batch
+    if compile and arguments.device.type == "cuda":  # where steps compile: a few widths, a few graphs
 
         def collate(indices: Sequence[int]) -> dict[str, torch.Tensor]:
             return padded(data.batch(indices), data.pad_id, 16, config.max_length)
@@ -449,6 +452,7 @@ def train(
         processing_class=tokenizer,
         optimizers=(make_optimizer(model, config.lr, config.weight_decay, config.head_lr), None),
         step_factory=config.method,
+        compile=None if compile else False,
         lengths=data.lengths(),
         output=output,
         state=state,
@@ -456,5 +460,4 @@ def train(
     trainer.remove_callback(PrinterCallback)  # it prints Trainer's final metrics to stdout
     trainer.add_callback(_Run(trainer, result, save_every, stop_after, progress))
     trainer.train(resume_from_checkpoint=str(output) if resume else None)
-    model.to("cpu")  # evaluation runs on the CPU
     return result

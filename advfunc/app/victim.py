@@ -76,9 +76,12 @@ class Victim:
 class SentenceEncoder:
     """Mean-pooled, L2-normalised sentence embeddings of a transformer encoder: ``[N] texts -> [N, D]``."""
 
-    def __init__(self, folder: str | Path, max_length: int = 128, batch_size: int = 64) -> None:
+    def __init__(
+        self, folder: str | Path, max_length: int = 128, batch_size: int = 64, device: torch.device | str = "cpu"
+    ) -> None:
         self.tokenizer = AutoTokenizer.from_pretrained(folder)
-        self.model = AutoModel.from_pretrained(folder).eval()
+        self.model = AutoModel.from_pretrained(folder).eval().to(device)
+        self.device = torch.device(device)
         self.max_length = max_length
         self.batch_size = batch_size
 
@@ -92,9 +95,9 @@ class SentenceEncoder:
                     max_length=self.max_length,
                     padding=True,
                     return_tensors="pt",
-                )
+                ).to(self.device)
                 hidden = self.model(**batch).last_hidden_state  # [B, L, H]
                 mask = batch["attention_mask"].unsqueeze(-1).to(hidden.dtype)  # [B, L, 1]
                 pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1)  # [B, H]
-                embeddings.append(torch.nn.functional.normalize(pooled, dim=-1))
+                embeddings.append(torch.nn.functional.normalize(pooled, dim=-1).cpu())
         return torch.cat(embeddings)
