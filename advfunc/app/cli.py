@@ -41,6 +41,7 @@ from advfunc.app.train import POOLINGS, TrainConfig, TrainResult, train, trainin
 from advfunc.methods import registry
 
 log = logging.getLogger("advfunc")
+EVALUATION_DEVICE = "cuda" if torch.cuda.is_available() else "cpu"  # the attacks are most of a comparison's time
 USER_ERRORS = (
     DataError,
     checkpoint.ModelError,
@@ -482,7 +483,7 @@ def run_evaluate(args: argparse.Namespace) -> int:
     if args.output is not None:
         atomic.require_replaceable(args.output, "--output", directory=False)
     loaded = checkpoint.load(args.model)
-    loaded.model.to("cuda" if torch.cuda.is_available() else "cpu")
+    loaded.model.to(EVALUATION_DEVICE)
     state = checkpoint.read_state(args.model)
     if state is not None and not state.get("finished", True):
         log.warning("%s is an unfinished run (step %s of %s)", args.model, state.get("step"), state.get("total_steps"))
@@ -630,7 +631,7 @@ def run_compare(args: argparse.Namespace) -> int:
             if not reporting:
                 continue
             evaluated: EvalResult = evaluate(
-                loaded.model,
+                loaded.model.to(EVALUATION_DEVICE),
                 loaded.tokenizer,
                 test_data,
                 attack,

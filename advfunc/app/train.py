@@ -397,7 +397,7 @@ def train(
     continue later) and at the end. ``arguments``: :func:`training_arguments` of
     ``config`` when the caller built them already. ``compile=False``: eager steps on CUDA
     too (the results do not depend on it, so it is not a setting a resumed run must keep).
-    The model stays on the device it trained on.
+    The model ends on the CPU (the caller moves it where it evaluates).
     """
     spec = config.check()
     if len(data) == 0:
@@ -460,4 +460,5 @@ def train(
     trainer.remove_callback(PrinterCallback)  # it prints Trainer's final metrics to stdout
     trainer.add_callback(_Run(trainer, result, save_every, stop_after, progress))
     trainer.train(resume_from_checkpoint=str(output) if resume else None)
+    model.to("cpu")
     return result
