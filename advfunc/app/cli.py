@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import datetime
 import inspect
 import json
 import logging
@@ -516,9 +517,10 @@ def run_compare(args: argparse.Namespace) -> int:
     """``advfunc compare``: every method × seed, trained and attacked; the report after each run.
 
     Under ``torchrun`` / ``accelerate launch`` every process trains each run (data parallel);
-    the first one attacks it and writes the run's file and the report, while the others go on.
+    the first one attacks it and writes the run's file and the report, while the others wait.
     """
     reporting = _require_launcher()
+    waiting: Any = None  # _waiting_group(), once a training has formed the process group
     preset = FULL if args.full else SHORT
     methods = [registry.parse_method(text) for text in (args.methods or preset.methods)]
     seeds = list(args.seeds if args.seeds is not None else preset.seeds)
@@ -628,36 +630,56 @@ def run_compare(args: argparse.Namespace) -> int:
                 progress=not args.no_progress,
                 compile=not args.no_compile,
             )
-            if not reporting:
-                continue
-            evaluated: EvalResult = evaluate(
-                loaded.model.to(EVALUATION_DEVICE),
-                loaded.tokenizer,
-                test_data,
-                attack,
-                progress=not args.no_progress,
-                texts=test_set.texts,
-                max_length=args.max_length,
-            )
-            run = {
-                "method": spec.label,
-                "seed": seed,
-                "key": key,
-                "train": _training_summary(trained),
-                "eval": evaluated.as_dict(),
-            }
-            atomic.write_text(run_file, json.dumps(run, indent=2) + "\n")
-            runs.append(run)
-            info["finished_runs"] = len(runs)
-            info["elapsed_minutes"] = (time.perf_counter() - started) / 60
-            report.write(output, runs, info)
-    if not reporting:
-        return 0
-    info["finished_runs"] = len(runs)
-    info["elapsed_minutes"] = (time.perf_counter() - started) / 60
-    paths = report.write(output, runs, info)
-    log.info("report: %s (%.1f min)", ", ".join(str(p) for p in paths), info["elapsed_minutes"])
+            if waiting is None:
+                waiting = _waiting_group()
+            if reporting:
+                evaluated: EvalResult = evaluate(
+                    loaded.model.to(EVALUATION_DEVICE),
+                    loaded.tokenizer,
+                    test_data,
+                    attack,
+                    progress=not args.no_progress,
+                    texts=test_set.texts,
+                    max_length=args.max_length,
+                )
+                run = {
+                    "method": spec.label,
+                    "seed": seed,
+                    "key": key,
+                    "train": _training_summary(trained),
+                    "eval": evaluated.as_dict(),
+                }
+                atomic.write_text(run_file, json.dumps(run, indent=2) + "\n")
+                runs.append(run)
+                info["finished_runs"] = len(runs)
+                info["elapsed_minutes"] = (time.perf_counter() - started) / 60
+                report.write(output, runs, info)
+            if waiting is not None:  # the others wait here while the first attacks
+                torch.distributed.barrier(group=waiting)
+    if reporting:
+        info["finished_runs"] = len(runs)
+        info["elapsed_minutes"] = (time.perf_counter() - started) / 60
+        paths = report.write(output, runs, info)
+        log.info("report: %s (%.1f min)", ", ".join(str(p) for p in paths), info["elapsed_minutes"])
+    if waiting is not None:
+        torch.distributed.barrier(group=waiting)
     return 0
+
+
+def _waiting_group() -> Any:
+    """Under a launcher, a gloo group with a day's timeout on which the others wait for the first's attacks.
+
+    The attacks of a whole test split outlast the default group's timeout (30 minutes), which
+    a process waiting for the next run's training would hit; and a process that exits while
+    the first still attacks can abort in gloo's teardown (``terminate called without an
+    active exception``), failing the launch. So every process waits here after each run and
+    before it ends. Created right after a training, where every process is.
+    """
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return None
+    if torch.distributed.get_world_size() == 1:
+        return None
+    return torch.distributed.new_group(backend="gloo", timeout=datetime.timedelta(days=1))
 
 
 def _refuse_repeats(flag: str, shown: Sequence[Any], identities: Sequence[Any]) -> None:
