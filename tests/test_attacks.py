@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import itertools
 
 import pytest
@@ -126,8 +127,6 @@ def test_hotflip_changes_at_most_budget_whole_words(trained):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_evaluation_runs_where_the_model_is_and_agrees_with_the_cpu(trained):
     """On a GPU the batches are built on the model's device; the counts match the CPU's."""
-    import copy
-
     model, tokenizer, test = trained
     on_gpu = copy.deepcopy(model).cuda()
     assert accuracy(on_gpu, test) == accuracy(model, test)

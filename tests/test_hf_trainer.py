@@ -7,6 +7,7 @@ from functools import partial
 
 import pytest
 import torch
+from torch._dynamo.utils import counters
 from transformers import TrainerCallback, TrainingArguments, default_data_collator
 
 import advfunc
@@ -345,8 +346,6 @@ def test_batch_keys_advfunc_consumes_survive_trainers_column_removal(tmp_path):
 @pytest.mark.parametrize("compile", [True, False])
 def test_a_specs_step_compiles_as_the_trainer_is_told(tmp_path, compile):
     """``compile`` reaches the spec's step: True compiles even on the CPU, False stays eager (on CUDA too)."""
-    from torch._dynamo.utils import counters
-
     torch._dynamo.reset()
     counters.clear()
     model = tiny_model("bert", num_labels=2)

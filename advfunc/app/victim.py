@@ -81,7 +81,6 @@ class SentenceEncoder:
     ) -> None:
         self.tokenizer = AutoTokenizer.from_pretrained(folder)
         self.model = AutoModel.from_pretrained(folder).eval().to(device)
-        self.device = torch.device(device)
         self.max_length = max_length
         self.batch_size = batch_size
 
@@ -95,7 +94,7 @@ class SentenceEncoder:
                     max_length=self.max_length,
                     padding=True,
                     return_tensors="pt",
-                ).to(self.device)
+                ).to(self.model.device)
                 hidden = self.model(**batch).last_hidden_state  # [B, L, H]
                 mask = batch["attention_mask"].unsqueeze(-1).to(hidden.dtype)  # [B, L, 1]
                 pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1)  # [B, H]
