@@ -85,3 +85,17 @@ def test_kl_over_counted_positions_equals_kl_of_those_positions_alone():
     assert float(kl_logits(p, q, torch.zeros(3, 7, dtype=torch.bool))) == 0.0
     with pytest.raises(ValueError, match="positions has shape"):
         kl_logits(p, q, positions[:, :3])
+
+
+@pytest.mark.parametrize("scale", [1e-7, 1e-5, 1e-3])
+def test_kl_gradient_near_equal_logits_is_that_of_float64(scale):
+    # Near p = q the gradient q − p lies below the probabilities' rounding: it must still
+    # point where float64 says, or VAT and SMART find no direction.
+    g = torch.Generator().manual_seed(1)
+    p = torch.randn(6, 5, generator=g)
+    q = (p + scale * torch.randn(6, 5, generator=g)).requires_grad_()
+    (ours,) = torch.autograd.grad(kl_logits(p, q), q)
+    q64 = q.detach().double().requires_grad_()
+    exact = F.kl_div(F.log_softmax(q64, -1), F.softmax(p.double(), -1), reduction="sum") / 6
+    (expected,) = torch.autograd.grad(exact, q64)
+    torch.testing.assert_close(ours.double(), expected, rtol=1e-3, atol=1e-3 * expected.abs().max().item())

@@ -181,3 +181,19 @@ def test_vat_short_run_decreases_the_loss():
 
     before, after = short_run(make)
     assert after < before
+
+
+@pytest.mark.parametrize("xi", [1e-6, 1e-3, 0.1])
+def test_vat_moves_every_example_by_epsilon_on_a_near_uniform_head(xi):
+    # A classifier scaled towards zero gives near-uniform probabilities, where the KL's
+    # per-class terms round below zero: the power iteration must still find a direction
+    # for every example (a KL whose gradient dies with its rounded value gives δ = 0).
+    model = tiny_model("bert")
+    with torch.no_grad():
+        model.classifier.weight.mul_(1e-3)
+        model.classifier.bias.zero_()
+    batch = padded_batch("bert", batch=8, seed=3)
+    attack = advfunc.attacks.vat(model, epsilon=0.5, xi=xi, generator=torch.Generator().manual_seed(0))
+    delta = attack(advfunc.params_of(model), unlabelled(batch))
+    norms = delta.flatten(1).norm(dim=1)  # [B]
+    torch.testing.assert_close(norms, torch.full_like(norms, 0.5), rtol=1e-5, atol=0)
