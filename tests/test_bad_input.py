@@ -6,6 +6,8 @@ import pytest
 import torch
 
 import advfunc
+from tests.method_harness import PassCounter
+from tests.support.catalogue import CATALOGUE
 from tests.tiny_models import padded_batch, tiny_model
 
 
@@ -156,3 +158,84 @@ def test_loss_fn_replaces_outputs_loss(model):
 def test_bad_loss_scale(model):
     with pytest.raises(ValueError, match="loss_scale"):
         _step(model)(advfunc.params_of(model), padded_batch("bert"), loss_scale=0.0)
+
+
+def _corrupt_labels(batch, value):
+    labels = batch["labels"].clone()
+    labels[labels != -100] = labels[labels != -100].clamp(max=0)  # in range for every model
+    labels.view(-1)[(labels.view(-1) != -100).nonzero()[0]] = value
+    return dict(batch, labels=labels)
+
+
+CORRUPTIONS = {
+    "labels int32": (lambda b, classes: dict(b, labels=b["labels"].int()), r"labels.*torch\.long.*int32"),
+    "labels float": (lambda b, classes: dict(b, labels=b["labels"].float()), r"labels.*torch\.long"),
+    "label past the classes": (lambda b, classes: _corrupt_labels(b, classes), r"labels.*\[{classes}\].*-100"),
+    "negative label": (lambda b, classes: _corrupt_labels(b, -7), r"labels.*\[-7\].*-100"),
+    "float ids": (lambda b, classes: dict(b, input_ids=b["input_ids"].float()), r"input_ids.*integer"),
+    "id past the vocabulary": (
+        lambda b, classes: dict(b, input_ids=b["input_ids"] + 10_000),
+        r"input_ids.*vocabulary has 120 rows",
+    ),
+}
+
+
+@pytest.mark.parametrize("corruption", sorted(CORRUPTIONS))
+@pytest.mark.parametrize("name", sorted(CATALOGUE))
+def test_every_method_refuses_a_bad_batch_naming_the_key_before_any_pass(name, corruption):
+    entry = CATALOGUE[name]
+    model = entry.make_model()
+    classes = model.config.num_labels if entry.model == "classifier" else model.config.vocab_size
+    corrupt, match = CORRUPTIONS[corruption]
+    batch = corrupt(entry.make_batch(), classes)
+    step = entry.build(model)
+    params = advfunc.params_of(model)
+    with PassCounter(model) as count, pytest.raises(ValueError, match=match.replace("{classes}", str(classes))):
+        entry.call(step, params, batch)
+    assert count.forwards == 0
+
+
+@pytest.mark.parametrize("name", sorted(CATALOGUE))
+def test_every_method_skips_a_batch_whose_labels_are_all_ignored(name):
+    """Nothing to score (every label −100): a finite loss of 0 and ``skipped``, never a silent NaN.
+
+    CAT and LAT read the adversary's completion after the desired one; with no desired
+    completion there is none to follow, and the batch is refused naming ``adv_labels``.
+    """
+    entry = CATALOGUE[name]
+    model = entry.make_model()
+    batch = entry.make_batch()
+    batch["labels"] = torch.full_like(batch["labels"], -100)
+    step, params = entry.build(model), advfunc.params_of(model)
+    if advfunc.ADV_LABELS in batch:
+        with pytest.raises(ValueError, match="adv_labels"):
+            entry.call(step, params, batch)
+        return
+    grads, out = entry.call(step, params, batch)
+    assert bool(out.skipped)
+    assert out.loss.item() == 0.0 and out.adv_loss.item() == 0.0
+    assert all(torch.isfinite(g).all() for g in grads.values())
+
+
+def test_awp_checks_the_token_ids_though_it_perturbs_weights(model):
+    batch = padded_batch("bert")
+    batch["input_ids"][1, 2] = 120
+    with pytest.raises(ValueError, match=r"input_ids.*\[0, 120\].*vocabulary has 120 rows"):
+        advfunc.awp(model)(advfunc.params_of(model), batch)
+
+
+def test_regression_and_multi_label_heads_take_float_targets():
+    regression = tiny_model("bert", num_labels=1)
+    batch = padded_batch("bert")
+    with pytest.raises(ValueError, match=r"labels.*float targets"):
+        advfunc.fgm(regression)(advfunc.params_of(regression), batch)
+    _, out = advfunc.fgm(regression)(advfunc.params_of(regression), dict(batch, labels=batch["labels"].float()))
+    assert torch.isfinite(out.loss) and not bool(out.skipped)
+    multi = tiny_model("bert")
+    targets = torch.zeros(4, 3)
+    with pytest.raises(ValueError, match=r"labels.*torch\.long.*shape \[batch, 3\]"):
+        advfunc.fgm(multi)(advfunc.params_of(multi), dict(batch, labels=torch.zeros(4, 2)))
+    _, out = advfunc.fgm(multi)(advfunc.params_of(multi), dict(batch, labels=targets))
+    assert torch.isfinite(out.loss) and multi.config.problem_type == "multi_label_classification"
+    with pytest.raises(ValueError, match=r"labels.*float targets of shape \[batch, 3\]"):
+        advfunc.fgm(multi)(advfunc.params_of(multi), batch)  # the head now reads float targets

@@ -22,7 +22,7 @@ import torch
 from torch import nn
 from torch.func import functional_call
 
-from advfunc.core.arguments import require_on_device
+from advfunc.core.batch import BatchSpec, check_batch, label_rule
 from advfunc.core.divergence import label_positions
 from advfunc.core.sharding import refuse_sharded
 from advfunc.core.targets import OFFSET_ATTRIBUTE as _OFFSET_ATTRIBUTE
@@ -164,60 +164,28 @@ class PerturbedModel:
             return mask.bool()
         return None
 
-    def check_batch(self, batch: Any, needs_ids: bool = True, needs_loss: bool = True) -> dict[str, Any]:
-        """Validate ``batch`` against the model's forward signature; return the call kwargs.
+    def check_batch(
+        self, batch: Any, needs_ids: bool = True, needs_loss: bool = True, device: torch.device | None = None
+    ) -> dict[str, Any]:
+        """Validate ``batch`` (:func:`~advfunc.core.batch.check_batch`); return the call kwargs.
 
         ``needs_loss=False`` admits a batch without labels (for methods whose objective is
-        built from logits, such as VAT on unlabelled text).
+        built from logits, such as VAT on unlabelled text). ``device``: where the batch
+        must be, the model's by default.
         """
-        if not isinstance(batch, Mapping):
-            raise TypeError(f"batch must be a mapping of the model's keyword arguments, got {type(batch).__name__}")
-        unknown = sorted(k for k in batch if k not in self.accepted)
-        if unknown:
-            raise TypeError(
-                f"batch keys {unknown} are not arguments of {type(self.model).__name__}.forward; "
-                f"it takes {sorted(self.accepted)}"
-            )
-        if needs_ids:
-            if "inputs_embeds" in batch and batch["inputs_embeds"] is not None:
-                raise ValueError(
-                    "batch has 'inputs_embeds': the model would skip its input embedding, where advfunc "
-                    "adds the perturbation; pass 'input_ids' instead"
-                )
-            ids = batch.get("input_ids")
-            if not isinstance(ids, torch.Tensor) or ids.dim() != 2:
-                raise ValueError(
-                    f"batch['input_ids'] must be a [batch, seq] integer tensor, got "
-                    f"{type(ids).__name__ if not isinstance(ids, torch.Tensor) else tuple(ids.shape)}"
-                )
-            if ids.dtype.is_floating_point:
-                raise TypeError(f"batch['input_ids'] must be integer token ids, got {ids.dtype}")
-            if self.num_embeddings is not None and ids.numel():
-                self._check_ids_in_range(ids)
-            mask = batch.get("attention_mask")
-            if isinstance(mask, torch.Tensor) and mask.shape != ids.shape:
-                raise ValueError(f"batch['attention_mask'] has shape {tuple(mask.shape)}, input_ids {tuple(ids.shape)}")
-        if needs_loss and self.loss_fn is None and batch.get("labels") is None:
-            raise ValueError(
-                "batch has no 'labels', so the model returns no loss; add labels or give the factory "
-                "loss_fn(outputs, batch)"
-            )
-        kwargs = dict(batch)
+        spec = BatchSpec(
+            model_name=type(self.model).__name__,
+            accepted=frozenset(self.accepted),
+            vocabulary=self.num_embeddings,
+            own_loss=self.loss_fn is None,
+            labels=None if self.loss_fn is not None else label_rule(self.model),  # problem_type can change per call
+        )
+        if device is None:
+            device = next(self.model.parameters()).device
+        kwargs = check_batch(spec, batch, device, needs_ids=needs_ids, needs_loss=needs_loss)
         if self.pass_return_dict:
             kwargs["return_dict"] = True
         return kwargs
-
-    def _check_ids_in_range(self, ids: torch.Tensor) -> None:
-        """0 ≤ ids < vocabulary, asserted on the ids' device without reading a value back."""
-        assert self.num_embeddings is not None
-        vocabulary = self.num_embeddings
-        require_on_device(
-            (ids.min() >= 0) & (ids.max() < vocabulary),
-            lambda: ValueError(
-                f"batch['input_ids'] holds ids in [{int(ids.min())}, {int(ids.max())}] but the "
-                f"vocabulary has {vocabulary} rows; tokenize with the model's tokenizer"
-            ),
-        )
 
     @contextlib.contextmanager
     def hooked(self, count: bool = True) -> Iterator[OffsetCalls | None]:

@@ -14,6 +14,7 @@ from typing import Any, NamedTuple
 import torch
 from torch import nn
 
+from advfunc.core.batch import check_devices, nothing_scored
 from advfunc.core.model import OffsetCalls, PerturbedModel
 from advfunc.core.params import Params, params_of, trainable_names
 from advfunc.core.targets import PERTURB_MASK, Delta, Layout, PublicDelta, Target
@@ -26,8 +27,10 @@ class StepOutput(NamedTuple):
     adv_loss: [] the last perturbed loss.
     delta: the final perturbation: [N, H] embedding rows (``"weight"``; the token of each
         row in ``delta_tokens``), [B, L, H] (``"embeds"``) or {name: tensor} (names).
-    skipped: [] bool: a non-finite target gradient made the step drop its perturbation, or
-        the step's grads are not finite (skip the optimizer update; lower the method's radii).
+    skipped: [] bool: skip the optimizer update. A non-finite target gradient made the step
+        drop its perturbation, or the step's grads or losses are not finite (lower the
+        method's radii), or every label is −100: nothing to score, ``loss`` and
+        ``adv_loss`` are then 0 (a batch whose completions were all truncated away).
     logits: the clean pass's logits, [B, C], when the model returns them.
     delta_tokens: [N] token id of each row of ``delta`` for ``"weight"``, −1 for unused rows.
     """
@@ -66,7 +69,17 @@ class Step:
     ) -> tuple[Grads, StepOutput]:
         grads, out = self.fn(params, batch, *args, **kwargs)
         # Finite inputs can still overflow (a radius of 1e30): such grads are reported, never passed off as good.
-        return grads, out._replace(skipped=out.skipped | ~all_finite(grads))
+        skipped = out.skipped | ~all_finite(grads) | ~torch.isfinite(out.loss) | ~torch.isfinite(out.adv_loss)
+        empty = nothing_scored(batch)
+        if empty is None:
+            return grads, out._replace(skipped=skipped)
+        # Labels all −100 leave the loss a mean over no terms: reported as 0, and the update skipped.
+        zero = torch.zeros_like(out.loss)
+        return grads, out._replace(
+            loss=torch.where(empty, zero, out.loss),
+            adv_loss=torch.where(empty, zero, out.adv_loss),
+            skipped=skipped | empty,
+        )
 
 
 def all_finite(grads: Mapping[str, torch.Tensor]) -> torch.Tensor:
@@ -144,43 +157,11 @@ def prepare(
             f"batch[{PERTURB_MASK!r}] restricts a per-token perturbation, but target {target.kind!r} has no "
             "token positions; use target='embeds' or a module name"
         )
-    kwargs = perturbed.check_batch(batch, needs_ids=target.reads_input_ids, needs_loss=needs_loss)
     device = next(iter(full.values())).device
-    check_batch_tensors({**kwargs, **consumed}, device)
+    kwargs = perturbed.check_batch(batch, needs_ids=target.reads_input_ids, needs_loss=needs_loss, device=device)
+    check_devices(consumed, device)
     layout = target.layout({**kwargs, **consumed})
     return Call(full, trainable, kwargs, layout, device, as_scale(loss_scale, device))
-
-
-_PER_TOKEN = ("input_ids", "attention_mask", "token_type_ids", "position_ids")
-
-
-def check_batch_tensors(batch: Mapping[str, Any], device: torch.device) -> None:
-    """Raise ``ValueError`` naming the key unless the batch's tensors agree with each other and the model.
-
-    Every target gets this check (a parameter target reads no ``input_ids`` of its own):
-    at least one example of one token, one ``[batch, seq]`` shape for the per-token keys,
-    as many labels as examples, and every tensor on the model's device.
-    """
-    tensors = {k: v for k, v in batch.items() if isinstance(v, torch.Tensor)}
-    for key, value in tensors.items():
-        if value.device != device:
-            raise ValueError(f"batch[{key!r}] is on {value.device}, the model on {device}; move the batch there")
-    shaped = {k: tuple(tensors[k].shape) for k in _PER_TOKEN if k in tensors}
-    if not shaped:
-        return
-    first, shape = next(iter(shaped.items()))
-    if len(shape) != 2 or 0 in shape:
-        raise ValueError(
-            f"batch[{first!r}] has shape {shape}; it must be [batch, seq] with at least one example and one token"
-        )
-    for key, other in shaped.items():
-        if other != shape:
-            raise ValueError(
-                f"batch[{key!r}] has shape {other}, batch[{first!r}] {shape}; every per-token key must match"
-            )
-    labels = tensors.get("labels")
-    if labels is not None and (labels.dim() == 0 or labels.shape[0] != shape[0]):
-        raise ValueError(f"batch['labels'] has shape {tuple(labels.shape)}, but the batch has {shape[0]} examples")
 
 
 def drop_if_skipped(delta: Delta, skipped: torch.Tensor) -> Delta:
