@@ -112,7 +112,7 @@ def _generator(workload: Workload, seed: int = 0) -> torch.Generator:
 
 
 def _seed_fgm(model: nn.Module, workload: Workload, hyper: dict[str, Any]) -> Callable[[Batch], None]:
-    from tests.classic_reference import FGM
+    from tests.support.classic_reference import FGM
 
     attack = FGM(model, emb_name=BERT_EMBEDDING_NAME, epsilon=hyper["epsilon"])
 
@@ -131,7 +131,7 @@ def _seed_fgm(model: nn.Module, workload: Workload, hyper: dict[str, Any]) -> Ca
 
 
 def _seed_pgd(model: nn.Module, workload: Workload, hyper: dict[str, Any]) -> Callable[[Batch], None]:
-    from tests.classic_reference import PGD
+    from tests.support.classic_reference import PGD
 
     attack = PGD(model, emb_name=BERT_EMBEDDING_NAME, epsilon=hyper["epsilon"], alpha=hyper["alpha"])
     steps = hyper["steps"]
@@ -156,7 +156,7 @@ def _seed_pgd(model: nn.Module, workload: Workload, hyper: dict[str, Any]) -> Ca
 
 
 def _seed_freelb(model: nn.Module, workload: Workload, hyper: dict[str, Any]) -> Callable[[Batch], None]:
-    from tests.classic_reference import classic_freelb_grads
+    from tests.support.classic_reference import classic_freelb_grads
 
     generator = _generator(workload)
 
@@ -180,7 +180,7 @@ def _seed_freelb(model: nn.Module, workload: Workload, hyper: dict[str, Any]) ->
 
 
 def _reference_vat(model: nn.Module, workload: Workload, hyper: dict[str, Any]) -> Callable[[Batch], None]:
-    from tests.reference_methods import reference_vat
+    from tests.support.reference_methods import reference_vat
 
     generator = _generator(workload)
 
@@ -192,7 +192,7 @@ def _reference_vat(model: nn.Module, workload: Workload, hyper: dict[str, Any]) 
 
 
 def _reference_smart(model: nn.Module, workload: Workload, hyper: dict[str, Any]) -> Callable[[Batch], None]:
-    from tests.reference_methods import reference_smart
+    from tests.support.reference_methods import reference_smart
 
     generator = _generator(workload)
     teacher = copy.deepcopy(model)  # the imperative θ̃: a second module (advfunc's is a params dict)
@@ -217,7 +217,7 @@ def _reference_smart(model: nn.Module, workload: Workload, hyper: dict[str, Any]
 
 
 def _reference_r3f(model: nn.Module, workload: Workload, hyper: dict[str, Any]) -> Callable[[Batch], None]:
-    from tests.reference_methods import reference_r3f
+    from tests.support.reference_methods import reference_r3f
 
     generator = _generator(workload)
 
@@ -230,7 +230,7 @@ def _reference_r3f(model: nn.Module, workload: Workload, hyper: dict[str, Any]) 
 
 def _reference_awp(model: nn.Module, workload: Workload, hyper: dict[str, Any]) -> Callable[[Batch], None]:
     from advfunc.attacks.awp import awp_parameters
-    from tests.reference_methods import ReferenceAWP
+    from tests.support.reference_methods import ReferenceAWP
 
     attack = ReferenceAWP(model, awp_parameters(model), hyper["adv_lr"], hyper["adv_eps"], hyper["adv_steps"])
 
@@ -242,7 +242,7 @@ def _reference_awp(model: nn.Module, workload: Workload, hyper: dict[str, Any]) 
 
 
 def _reference_free_at(model: nn.Module, workload: Workload, hyper: dict[str, Any]) -> Callable[[Batch], None]:
-    from tests.reference_methods import reference_free_at
+    from tests.support.reference_methods import reference_free_at
 
     state: dict[str, torch.Tensor | None] = {"delta": None}
 

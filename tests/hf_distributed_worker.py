@@ -21,7 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from advfunc.hf import AdversarialTrainer
 from advfunc.scale.distributed import plan_buckets
-from tests.tiny_models import padded_batch, tiny_model
+from tests.support.tiny_models import padded_batch, tiny_model
 
 PER_PROCESS = 2  # examples per micro-batch on each process
 ACCUMULATE = 2

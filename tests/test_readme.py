@@ -7,8 +7,8 @@ from pathlib import Path
 
 import torch
 
-from tests.tiny_decoders import LAYER, completion_batch, tiny_decoder
-from tests.tiny_models import padded_batch, tiny_model
+from tests.support.tiny_decoders import LAYER, completion_batch, tiny_decoder
+from tests.support.tiny_models import padded_batch, tiny_model
 
 README = Path(__file__).resolve().parent.parent / "README.md"
 

@@ -16,8 +16,8 @@ import torch
 import advfunc
 from advfunc.core.step import Step
 from advfunc.methods.plain import plain
-from tests.tiny_decoders import completion_batch, tiny_decoder
-from tests.tiny_models import padded_batch, tiny_model
+from tests.support.tiny_decoders import completion_batch, tiny_decoder
+from tests.support.tiny_models import padded_batch, tiny_model
 
 
 def seeded(seed: int = 0) -> torch.Generator:

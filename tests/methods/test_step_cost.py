@@ -1,0 +1,251 @@
+"""What a step costs beyond its passes: vocabulary-sized tensors and host reads.
+
+Both are observed with a ``TorchDispatchMode``, which sees every aten call of a step
+(its backwards included), so the oracle is the list of operators actually run, not a
+timer or a memory counter.
+"""
+
+from __future__ import annotations
+
+import traceback
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
+
+import advfunc
+from advfunc.core.engine import Engine
+from advfunc.core.model import PerturbedModel
+from advfunc.methods.plain import plain
+from tests.support.parity import assert_grads_match
+from tests.support.tiny_decoders import completion_batch, tiny_decoder
+from tests.support.tiny_models import padded_batch, tiny_model
+
+LARGE_VOCAB = 50_000  # [V, H] = 50,000 × 32: no other tensor of a tiny BERT has V rows
+
+
+def _seeded(model: torch.nn.Module) -> torch.Generator:
+    return torch.Generator(next(model.parameters()).device).manual_seed(0)
+
+
+STEPS = {
+    "fgm": lambda m, **kw: advfunc.fgm(m, epsilon=1.0, **kw),
+    "fgm-embeds": lambda m, **kw: advfunc.fgm(m, epsilon=1.0, target="embeds", **kw),
+    "pgd": lambda m, **kw: advfunc.pgd(m, epsilon=0.5, alpha=0.3, steps=3, **kw),
+    "freelb": lambda m, **kw: advfunc.freelb(m, steps=3, init_mag=1.0, generator=_seeded(m), **kw),
+    "vat": lambda m, **kw: advfunc.vat(m, epsilon=1.0, xi=1.0, generator=_seeded(m), **kw),
+    "smart": lambda m, **kw: advfunc.smart(m, epsilon=1e-2, step_size=1e-2, generator=_seeded(m), **kw),
+    "r3f": lambda m, **kw: advfunc.r3f(m, sigma=1e-2, generator=_seeded(m)),  # no δ-only pass: nothing to compile
+    "awp": lambda m, **kw: advfunc.awp(m, adv_steps=2, **kw),
+    "free_at": lambda m, **kw: advfunc.free_at(m, epsilon=0.01, **kw),
+    "plain": lambda m, **kw: plain(m),
+}
+
+
+def _run(name, step, params, batch, passes_only=False, teacher=None):
+    """One call of ``step``; ``passes_only`` calls the method's passes without ``Step``'s after-step checks."""
+    extra = (advfunc.teacher_of(params) if teacher is None else teacher,) if name == "smart" else ()
+    return (step.fn if passes_only else step)(params, batch, *extra)
+
+
+class NewVocabularyTensors(TorchDispatchMode):
+    """Storages of every op output with ``rows`` rows that no tensor in ``known`` already owned."""
+
+    def __init__(self, rows: int, known: list[torch.Tensor]) -> None:
+        super().__init__()
+        self.rows = rows
+        self.known = {t.untyped_storage().data_ptr() for t in known}
+        self.new: dict[int, str] = {}
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for tensor in tree_leaves(out):
+            if isinstance(tensor, torch.Tensor) and tensor.dim() >= 1 and tensor.shape[0] == self.rows:
+                pointer = tensor.untyped_storage().data_ptr()
+                if pointer not in self.known:
+                    self.new.setdefault(pointer, str(func))
+        return out
+
+
+@pytest.mark.parametrize("method", sorted(STEPS))
+def test_a_step_allocates_one_vocabulary_sized_tensor_the_gradient_it_returns(method):
+    """Every later pass adds the embedding gradient by rows: the only [V, H] tensor is the returned one.
+
+    The method's passes are called directly: ``Step.__call__``'s non-finite check of the
+    returned grads is not a pass (and ``torch.isfinite`` of a [V, H] gradient allocates).
+    """
+    model = tiny_model("bert", vocab=LARGE_VOCAB)
+    params, batch = advfunc.params_of(model), padded_batch("bert")
+    step = STEPS[method](model)
+    name = "bert.embeddings.word_embeddings.weight"
+    teacher = advfunc.teacher_of(params)  # SMART's θ̃ is the caller's copy, made before the step
+    with NewVocabularyTensors(LARGE_VOCAB, [*params.values(), *teacher.values()]) as seen:
+        grads, _ = _run(method, step, params, batch, passes_only=True, teacher=teacher)
+    assert list(seen.new) == [grads[name].untyped_storage().data_ptr()], seen.new
+
+
+def test_the_oracle_sees_each_dense_embedding_gradient(monkeypatch):
+    """Without the rows path, FreeLB-3's later passes form dense [V, H] gradients of their own.
+
+    (Freed ones may be reused by the next, so distinct storages number at least 2.)
+    """
+    monkeypatch.setattr(Engine, "rows_name", lambda self, call: None)
+    model = tiny_model("bert", vocab=LARGE_VOCAB)
+    params, batch = advfunc.params_of(model), padded_batch("bert")
+    step = STEPS["freelb"](model)
+    with NewVocabularyTensors(LARGE_VOCAB, list(params.values())) as seen:
+        step.fn(params, batch)
+    assert len(seen.new) >= 2
+
+
+@pytest.mark.parametrize("method", sorted(set(STEPS) - {"plain"}))
+def test_rows_gradient_equals_autograds_dense_gradient(method, monkeypatch):
+    """∂L/∂W by rows equals nn.Embedding's own backward (padding row zero included)."""
+    model = tiny_model("bert")
+    params, batch = advfunc.params_of(model), padded_batch("bert")
+    by_rows = _run(method, STEPS[method](model), params, batch)[0]
+    monkeypatch.setattr(Engine, "rows_name", lambda self, call: None)
+    dense = _run(method, STEPS[method](model), params, batch)[0]
+    assert_grads_match(by_rows, dense, where=f"{method}: rows vs dense")
+    assert torch.count_nonzero(by_rows["bert.embeddings.word_embeddings.weight"][0]) == 0  # padding_idx
+
+
+def test_rows_path_only_where_the_matrix_is_read_by_the_lookup_alone():
+    from transformers import BertConfig, BertForMaskedLM
+
+    assert PerturbedModel(tiny_model("bert")).rows_name == "bert.embeddings.word_embeddings.weight"
+    config = BertConfig(vocab_size=50, hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32)
+    assert PerturbedModel(BertForMaskedLM(config)).rows_name is None  # tied to the output head
+    frozen = tiny_model("bert")
+    frozen.bert.embeddings.word_embeddings.weight.requires_grad_(False)
+    assert PerturbedModel(frozen).rows_name is None
+
+    class Scaled(torch.nn.Embedding):
+        def forward(self, ids):
+            return super().forward(ids) * 2.0
+
+    scaled = tiny_model("bert")
+    old = scaled.bert.embeddings.word_embeddings
+    scaled.bert.embeddings.word_embeddings = Scaled(old.num_embeddings, old.embedding_dim, padding_idx=0)
+    assert PerturbedModel(scaled).rows_name is None
+
+
+# Every read of a tensor's value on the host (.item(), int(), bool(), a data-dependent
+# shape) lowers to one of these; on CUDA each one waits for the stream. So does a tensor
+# made from a host value (torch.tensor(x, device=...): lift_fresh), a copy from pageable
+# host memory on CUDA.
+HOST_READS = {
+    "_local_scalar_dense",
+    "is_nonzero",
+    "equal",
+    "nonzero",
+    "_unique2",
+    "unique_dim",
+    "masked_select",
+    "lift_fresh",
+}
+ADVFUNC = str(Path(advfunc.__file__).parent)
+
+
+class HostReads(TorchDispatchMode):
+    """Host reads of tensor values, each with the innermost Python frame outside torch and this file."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.where: list[str] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func.overloadpacket.__name__ in HOST_READS:
+            frames = [f for f in traceback.extract_stack() if "/torch/" not in f.filename and f.filename != __file__]
+            self.where.append(f"{frames[-1].filename}:{frames[-1].lineno}")
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("method", sorted(STEPS))
+def test_no_step_reads_a_tensor_value_on_the_host(method):
+    """A CPU proxy for "no host-device sync": advfunc's own code never reads a value back.
+
+    The model may (transformers reads ``attention_mask.all()`` to pick an SDPA path, in a
+    plain step too); reads from advfunc would stall a CUDA stream on every step.
+    """
+    model = tiny_model("bert")
+    params, batch = advfunc.params_of(model), padded_batch("bert")
+    step = STEPS[method](model)
+    with HostReads() as reads:
+        _run(method, step, params, batch)
+    assert reads.where, "the model's own mask check should be seen: the proxy is blind otherwise"
+    ours = [where for where in reads.where if where.startswith(ADVFUNC)]
+    assert not ours, ours
+
+
+PROMPT_STEPS = {
+    "pgd@prompt": lambda m: advfunc.pgd(m, epsilon=0.5, alpha=0.3, steps=2, target="embeds@prompt"),
+    "cat": lambda m: advfunc.cat(m, steps=2),
+    "lat": lambda m: advfunc.lat(m, layers="model.layers.0", steps=2),
+}
+
+
+@pytest.mark.parametrize("method", sorted(PROMPT_STEPS))
+def test_prompt_steps_read_no_tensor_value_on_the_host(method):
+    """Prompt targets and the adversary's completion check their rows on the device, not by reading them back."""
+    model = tiny_decoder("llama")
+    step = PROMPT_STEPS[method](model)
+    with HostReads() as reads:
+        step(advfunc.params_of(model), completion_batch("left", adversary=method != "pgd@prompt"))
+    ours = [where for where in reads.where if where.startswith(ADVFUNC)]
+    assert not ours, ours
+
+
+def test_the_host_read_proxy_sees_a_read_in_advfunc():
+    """The batch check reads values only to word its error, and the proxy sees that read."""
+    model = tiny_model("bert")
+    batch = {**padded_batch("bert"), "input_ids": padded_batch("bert")["input_ids"] + 1000}
+    with HostReads() as reads, pytest.raises(ValueError, match="vocabulary"):
+        PerturbedModel(model).check_batch(batch)
+    assert any(where.startswith(ADVFUNC) for where in reads.where)
+
+
+TORCH = str(Path(torch.__file__).parent)
+
+
+def _innermost_caller() -> str:
+    """The innermost Python frame outside torch and the warnings machinery that called this."""
+    stack = traceback.extract_stack()[:-2]  # less this function and the showwarning hook
+    frames = [f for f in stack if not f.filename.startswith(TORCH) and f.filename != warnings.__file__]
+    return f"{frames[-1].filename}:{frames[-1].lineno}" if frames else "?"
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device: the CPU proxy above stands in")
+@pytest.mark.parametrize("compile", [False, None], ids=["eager", "default"])
+@pytest.mark.parametrize("method", sorted(STEPS))
+def test_no_step_synchronises_a_cuda_stream(method, compile):
+    """On CUDA, torch's sync debug mode flags every synchronising call; none is advfunc's own.
+
+    ``compile=None`` is the default, compiled on CUDA. Each warning is attributed to the
+    innermost Python frame active when it is issued (the model's own synchronising calls
+    are left to the model). A read in this test, under the same mode, shows the check is
+    not blind.
+    """
+    torch._dynamo.reset()  # each test compiles a new model: stay under dynamo's recompile limit
+    model = tiny_model("bert").cuda()
+    params = advfunc.params_of(model)
+    batch = {k: v.cuda() for k, v in padded_batch("bert").items()}
+    step = STEPS[method](model, compile=compile)
+    _run(method, step, params, batch)  # transformers sets config.problem_type on its first forward
+    torch.cuda.synchronize()
+    seen: list[str] = []
+    with warnings.catch_warnings():
+        warnings.simplefilter("always")
+        warnings.showwarning = lambda *args, **kwargs: seen.append(_innermost_caller())
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            control = float(batch["labels"].sum())  # a host read here: must be seen
+            _run(method, step, params, batch)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    assert control >= 0 and any(where.startswith(__file__) for where in seen), seen
+    ours = [where for where in seen if where.startswith(ADVFUNC)]
+    assert not ours, ours
