@@ -6,8 +6,8 @@ import pytest
 import torch
 
 import advfunc
-from tests.support.method_harness import PassCounter
 from tests.support.catalogue import CATALOGUE
+from tests.support.method_harness import PassCounter
 from tests.support.tiny_models import padded_batch, tiny_model
 
 

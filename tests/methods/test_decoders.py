@@ -186,7 +186,7 @@ def test_an_unlabelled_batch_compares_every_real_token():
     torch.testing.assert_close(out.adv_loss, expected, rtol=1e-4, atol=1e-7)
 
 
-# ---- the step contract of tests/core/test_step_contract.py, for the methods that need a decoder -------------------------
+# ---- the step contract of tests/core/test_step_contract.py, for the methods that need a decoder ----------------------
 
 COMPLETION_METHODS = ("cat", "lat")
 

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 import advfunc
+from tests.support.catalogue import CATALOGUE
 from tests.support.purity import assert_step_is_pure
 from tests.support.tiny_models import padded_batch, tiny_model
 
@@ -83,3 +84,17 @@ def test_set_grads_rejects_unknown_names_and_shapes_without_writing():
     with pytest.raises(ValueError, match="shape"):
         advfunc.set_grads(model, {"classifier.bias": torch.zeros(3), name: torch.zeros(2, 2)})
     assert all(p.grad is None for p in model.parameters())
+
+
+@pytest.mark.parametrize("name", sorted(CATALOGUE))
+def test_every_catalogued_method_is_pure(name):
+    entry = CATALOGUE[name]
+    model = entry.make_model()
+    next(model.parameters()).grad = torch.full_like(next(model.parameters()), 0.25)
+    params = advfunc.params_of(model)
+    batch = entry.make_batch()
+    step = entry.build(model)
+    grads, out = assert_step_is_pure(model, lambda: entry.call(step, params, batch), params, batch)
+    assert set(grads) == set(advfunc.trainable_names(model))
+    assert all(not g.requires_grad for g in grads.values())
+    assert out.loss.requires_grad is False and out.adv_loss.requires_grad is False

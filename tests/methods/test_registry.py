@@ -87,3 +87,11 @@ def test_each_method_trains_through_the_trainer(name, tmp_path):
     with torch.no_grad():
         moved = sum(float((p - q).abs().sum()) for p, q in zip(model.parameters(), start.parameters(), strict=True))
     assert moved > 0
+
+
+def test_the_test_catalogue_has_every_registered_method():
+    from tests.support.catalogue import CATALOGUE
+
+    assert sorted(CATALOGUE) == sorted(registry.METHODS)
+    for name, entry in CATALOGUE.items():
+        assert entry.factory is registry.METHODS[name].factory

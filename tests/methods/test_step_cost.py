@@ -20,6 +20,8 @@ import advfunc
 from advfunc.core.engine import Engine
 from advfunc.core.model import PerturbedModel
 from advfunc.methods.plain import plain
+from tests.support.catalogue import CATALOGUE
+from tests.support.method_harness import PassCounter
 from tests.support.parity import assert_grads_match
 from tests.support.tiny_decoders import completion_batch, tiny_decoder
 from tests.support.tiny_models import padded_batch, tiny_model
@@ -249,3 +251,15 @@ def test_no_step_synchronises_a_cuda_stream(method, compile):
     assert control >= 0 and any(where.startswith(__file__) for where in seen), seen
     ours = [where for where in seen if where.startswith(ADVFUNC)]
     assert not ours, ours
+
+
+@pytest.mark.parametrize("name", sorted(CATALOGUE))
+def test_every_catalogued_method_costs_its_documented_passes(name):
+    """Backwards through the logits equal the formula of the method's docstring, and ``step.passes``."""
+    entry = CATALOGUE[name]
+    model = entry.make_model()
+    step = entry.build(model)
+    with PassCounter(model) as count:
+        entry.call(step, advfunc.params_of(model), entry.make_batch())
+    assert count.backwards == entry.passes(entry.settings()) == step.passes
+    assert count.forwards == step.passes + step.config["forward_only_passes"]

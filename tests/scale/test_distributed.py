@@ -41,7 +41,14 @@ def ranks(tmp_path_factory):
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
     procs = [
         subprocess.Popen(
-            [sys.executable, str(ROOT / "tests" / "scale" / "distributed_worker.py"), str(r), str(WORLD), str(store), str(out)],
+            [
+                sys.executable,
+                str(ROOT / "tests" / "scale" / "distributed_worker.py"),
+                str(r),
+                str(WORLD),
+                str(store),
+                str(out),
+            ],
             cwd=ROOT,
             env=env,
             stdout=subprocess.PIPE,

@@ -7,6 +7,7 @@ method added to the registry without an entry here fails ``test_registry``.
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -28,8 +29,9 @@ def seeded(seed: int = 0) -> torch.Generator:
 class Entry:
     """One method: ``build(model, **overrides)`` with tiny defaults, the model it trains, its cost.
 
-    ``passes(config)``: the documented cost in forward+backward passes, written from the
-    method's docstring (not read from the step). ``state(params)``: the positional
+    ``passes(settings)``: the documented cost in forward+backward passes for the
+    factory's arguments (:meth:`settings`), written from the method's docstring (not read
+    from the step). ``state(params)``: the positional
     arguments a call takes after the batch (SMART's teacher, free AT's δ).
     """
 
@@ -46,6 +48,12 @@ class Entry:
         if self.seeded and "generator" not in kwargs:
             kwargs["generator"] = seeded()
         return self.factory(model, **kwargs)
+
+    def settings(self, **overrides: Any) -> dict[str, Any]:
+        """Every argument of the factory as a call with ``overrides`` would see it."""
+        signature = inspect.signature(self.factory)
+        given = {n: p.default for n, p in signature.parameters.items() if p.default is not inspect.Parameter.empty}
+        return {**given, **self.defaults, **overrides}
 
     def make_model(self, seed: int = 0) -> torch.nn.Module:
         return tiny_model("bert", seed=seed) if self.model == "classifier" else tiny_decoder("llama", seed=seed)
