@@ -31,8 +31,10 @@ class Entry:
 
     ``passes(settings)``: the documented cost in forward+backward passes for the
     factory's arguments (:meth:`settings`), written from the method's docstring (not read
-    from the step). ``state(params)``: the positional
-    arguments a call takes after the batch (SMART's teacher, free AT's δ).
+    from the step). ``state(params)``: the keyword arguments a call takes beside the
+    batch (SMART's teacher). ``aims_with_loss``: the perturbation follows the loss's
+    gradient (not a divergence's, nor noise alone), so a non-finite loss gradient must
+    drop it.
     """
 
     name: str
@@ -40,8 +42,9 @@ class Entry:
     defaults: Mapping[str, Any]
     passes: Callable[[Mapping[str, Any]], int]
     model: Literal["classifier", "decoder"] = "classifier"
-    state: Callable[[Mapping[str, torch.Tensor]], tuple[Any, ...]] = lambda params: ()
+    state: Callable[[Mapping[str, torch.Tensor]], dict[str, Any]] = lambda params: {}
     seeded: bool = False  # takes generator=
+    aims_with_loss: bool = True
 
     def build(self, model: torch.nn.Module, **overrides: Any) -> Step:
         kwargs = {**self.defaults, **overrides}
@@ -66,7 +69,7 @@ class Entry:
     def call(
         self, step: Step, params: Mapping[str, torch.Tensor], batch: Mapping[str, Any], **kwargs: Any
     ) -> tuple[dict[str, torch.Tensor], Any]:
-        return step(params, batch, *self.state(params), **kwargs)
+        return step(params, batch, **self.state(params), **kwargs)
 
 
 def _toward_away(extra: str) -> Callable[[Mapping[str, Any]], int]:
@@ -76,11 +79,11 @@ def _toward_away(extra: str) -> Callable[[Mapping[str, Any]], int]:
 CATALOGUE: dict[str, Entry] = {
     entry.name: entry
     for entry in (
-        Entry("none", plain, {}, lambda c: 1),
+        Entry("none", plain, {}, lambda c: 1, aims_with_loss=False),
         Entry("fgm", advfunc.fgm, {"epsilon": 1.0}, lambda c: 2),
         Entry("pgd", advfunc.pgd, {"epsilon": 0.5, "alpha": 0.3, "steps": 2}, lambda c: c["steps"] + 1),
         Entry("freelb", advfunc.freelb, {"steps": 2, "lr": 0.05}, lambda c: c["steps"], seeded=True),
-        Entry("neftune", advfunc.neftune, {"alpha": 5.0}, lambda c: 1, seeded=True),
+        Entry("neftune", advfunc.neftune, {"alpha": 5.0}, lambda c: 1, seeded=True, aims_with_loss=False),
         Entry(
             "cat",
             advfunc.cat,
@@ -95,17 +98,25 @@ CATALOGUE: dict[str, Entry] = {
             _toward_away("retain"),
             model="decoder",
         ),
-        Entry("vat", advfunc.vat, {"epsilon": 1.0, "xi": 0.1}, lambda c: c["power_iters"] + 2, seeded=True),
-        Entry("r3f", advfunc.r3f, {"sigma": 1e-2}, lambda c: 2, seeded=True),
+        Entry(
+            "vat",
+            advfunc.vat,
+            {"epsilon": 1.0, "xi": 0.1},
+            lambda c: c["power_iters"] + 2,
+            seeded=True,
+            aims_with_loss=False,
+        ),
+        Entry("r3f", advfunc.r3f, {"sigma": 1e-2}, lambda c: 2, seeded=True, aims_with_loss=False),
         Entry("awp", advfunc.awp, {"adv_steps": 2}, lambda c: c["adv_steps"] + 1),
         Entry(
             "smart",
             advfunc.smart,
             {"epsilon": 1e-2, "step_size": 1e-2},
             lambda c: c["steps"] + 2,
-            state=lambda params: (advfunc.teacher_of(params),),
+            state=lambda params: {"teacher": advfunc.teacher_of(params)},
             seeded=True,
+            aims_with_loss=False,
         ),
-        Entry("free_at", advfunc.free_at, {"epsilon": 0.01}, lambda c: 1, state=lambda params: (None,)),
+        Entry("free_at", advfunc.free_at, {"epsilon": 0.01}, lambda c: 1),
     )
 }
