@@ -9,42 +9,50 @@ import torch
 
 import advfunc
 from advfunc.scale.accumulation import accumulate, split_batch
+from tests.support.catalogue import CATALOGUE, seeded
 from tests.support.classic_reference import FGM
 from tests.support.parity import assert_grads_match
 from tests.support.purity import assert_step_is_pure
 from tests.support.tiny_models import EMBEDDING_NAME, padded_batch, tiny_model
-
-FACTORIES = {
-    "fgm": lambda m: advfunc.fgm(m, epsilon=1.0),
-    "pgd": lambda m: advfunc.pgd(m, epsilon=1.0, alpha=0.3, steps=2),
-    "freelb": lambda m: advfunc.freelb(m, steps=2, lr=0.05),
-}
 
 
 def micro_batches():
     return [padded_batch("bert", batch=3, seed=1), padded_batch("bert", batch=2, length=9, seed=2)]
 
 
-@pytest.mark.parametrize("method", sorted(FACTORIES))
-def test_two_micro_batches_sum_to_the_two_single_steps(method):
-    model = tiny_model("bert")
-    step = FACTORIES[method](model)
+def _micro_batches_for(entry):
+    if entry.model == "classifier":
+        return micro_batches()
+    return [entry.make_batch(seed=1), entry.make_batch(seed=2)]
+
+
+@pytest.mark.parametrize("name", sorted(CATALOGUE))
+def test_two_micro_batches_sum_to_the_two_single_steps(name):
+    entry = CATALOGUE[name]
+    model = entry.make_model()
+    step = entry.build(model)
     params = advfunc.params_of(model)
-    first, second = micro_batches()
-    one, out_one = step(params, first)
-    two, out_two = step(params, second)
-    grads, acc = accumulate(step, params, [first, second])
+    state = entry.state(params)
+
+    def draws():  # the same noise for the single steps as for the accumulated ones
+        return {"generator": seeded(7)} if entry.seeded else {}
+
+    first, second = _micro_batches_for(entry)
+    singles = draws()
+    one, out_one = step(params, first, **state, **singles)
+    two, out_two = step(params, second, **state, **singles)
+    grads, acc = accumulate(step, params, [first, second], **state, **draws())
     assert list(grads) == list(one)
-    for name in one:
-        torch.testing.assert_close(grads[name], one[name] + two[name], rtol=1e-6, atol=1e-9)
+    for key in one:
+        torch.testing.assert_close(grads[key], one[key] + two[key], rtol=1e-6, atol=1e-9)
     # each micro-batch's attack is its own: the same δ as a standalone step on it
     torch.testing.assert_close(acc.outs[1].delta, out_two.delta)
     torch.testing.assert_close(acc.loss, (out_one.loss + out_two.loss) / 2)
     assert not bool(acc.skipped)
 
-    mean, _ = accumulate(step, params, [first, second], reduction="mean")
-    for name in one:
-        torch.testing.assert_close(mean[name], (one[name] + two[name]) / 2, rtol=1e-6, atol=1e-9)
+    mean, _ = accumulate(step, params, [first, second], reduction="mean", **state, **draws())
+    for key in one:
+        torch.testing.assert_close(mean[key], (one[key] + two[key]) / 2, rtol=1e-6, atol=1e-9)
 
 
 def test_accumulate_is_pure():
