@@ -9,48 +9,57 @@ from hypothesis import strategies as st
 
 import advfunc
 from advfunc.scale import precision
+from tests.support.catalogue import CATALOGUE, seeded
 from tests.support.tiny_models import padded_batch, tiny_model
 
-FACTORIES = {
-    "fgm": lambda m, **kw: advfunc.fgm(m, epsilon=1.0, **kw),
-    "pgd": lambda m, **kw: advfunc.pgd(m, epsilon=1.0, alpha=0.3, steps=3, **kw),
-    "freelb": lambda m, **kw: advfunc.freelb(m, steps=3, lr=0.05, **kw),
-}
 # Measured on the tiny models of tests/support/tiny_models.py (bert, roberta, gpt2; seeds 0-2):
 # relative error ‖g_bf16 − g_fp32‖ / ‖g_fp32‖ of the whole gradient vector is at most
-# 4.7e-3 for FGM/PGD (target="weight") and FreeLB; the bound leaves 2x headroom.
+# 4.7e-3 for FGM/PGD (target="weight") and FreeLB; the bound leaves 2x headroom. Over the
+# catalogue's settings (seeds 0-2) the other classifier methods and LAT stay under 7.6e-3
+# (VAT); CAT reaches 6.9e-2 (its toward term: 4e-3 without it), bounded at 2x that.
 BF16_VECTOR_RTOL = 1e-2
+BF16_VECTOR_RTOL_OF = {"cat": 0.15}
 
 
 def vector(grads: dict[str, torch.Tensor]) -> torch.Tensor:
     return torch.cat([g.double().flatten() for g in grads.values()])
 
 
-@pytest.mark.parametrize("method", sorted(FACTORIES))
-def test_bf16_autocast_grads_are_close_to_fp32(method):
-    model = tiny_model("bert")
-    batch = padded_batch("bert")
+def _draws(entry):
+    return {"generator": seeded(0)} if entry.seeded else {}
+
+
+@pytest.mark.parametrize("name", sorted(CATALOGUE))
+def test_bf16_autocast_grads_are_close_to_fp32(name):
+    entry = CATALOGUE[name]
+    model = entry.make_model()
+    batch = entry.make_batch()
     params = advfunc.params_of(model)
-    exact, _ = FACTORIES[method](model)(params, batch)
-    mixed, out = FACTORIES[method](model, autocast=torch.bfloat16)(params, batch)
+    exact, _ = entry.call(entry.build(model, **_draws(entry)), params, batch)
+    mixed, out = entry.call(entry.build(model, autocast=torch.bfloat16, **_draws(entry)), params, batch)
     assert not bool(out.skipped)
     assert all(mixed[k].dtype == exact[k].dtype == torch.float32 for k in exact)  # grads in the parameters' dtype
     relative = ((vector(mixed) - vector(exact)).norm() / vector(exact).norm()).item()
-    assert relative < BF16_VECTOR_RTOL, f"bf16 vs fp32 relative error {relative:.2e}"
+    bound = BF16_VECTOR_RTOL_OF.get(name, BF16_VECTOR_RTOL)
+    assert relative < bound, f"bf16 vs fp32 relative error {relative:.2e}"
 
 
-@pytest.mark.parametrize("method", sorted(FACTORIES))
-def test_fp16_overflow_skips_the_update_and_halves_the_scale(method):
+@pytest.mark.parametrize("name", sorted(CATALOGUE))
+def test_fp16_overflow_skips_the_update_and_halves_the_scale(name):
     """A scale of 2^40 overflows fp16 activation grads: reported, δ dropped, weights finite, s halves."""
-    model = tiny_model("bert")
+    entry = CATALOGUE[name]
+    model = entry.make_model()
     before = {k: v.clone() for k, v in advfunc.params_of(model).items()}
     optimizer = torch.optim.SGD(model.parameters(), lr=0.5)
-    step = FACTORIES[method](model, autocast=torch.float16)
+    step = entry.build(model, autocast=torch.float16)
     state = precision.init_loss_scale(2.0**40)
-    grads, out = step(advfunc.params_of(model), padded_batch("bert"), loss_scale=state.scale)
+    grads, out = entry.call(step, advfunc.params_of(model), entry.make_batch(), loss_scale=state.scale)
     assert bool(out.skipped), "the step must report that its target gradient overflowed"
-    delta = out.delta if isinstance(out.delta, torch.Tensor) else torch.cat([d.flatten() for d in out.delta.values()])
-    assert torch.equal(delta, torch.zeros_like(delta)), "an overflowed gradient must never become the perturbation"
+    if entry.aims_with_loss:  # noise (NEFTune, R3F) is not aimed by the overflowed gradient
+        delta = (
+            out.delta if isinstance(out.delta, torch.Tensor) else torch.cat([d.flatten() for d in out.delta.values()])
+        )
+        assert torch.equal(delta, torch.zeros_like(delta)), "an overflowed gradient must never become the perturbation"
     unscaled, finite, state = precision.unscale_and_check(grads, state)
     assert not bool(finite)
     assert float(state.scale) == 2.0**39 and int(state.growth_tracker) == 0
