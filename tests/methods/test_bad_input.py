@@ -239,3 +239,18 @@ def test_regression_and_multi_label_heads_take_float_targets():
     assert torch.isfinite(out.loss) and multi.config.problem_type == "multi_label_classification"
     with pytest.raises(ValueError, match=r"labels.*float targets of shape \[batch, 3\]"):
         advfunc.fgm(multi)(advfunc.params_of(multi), batch)  # the head now reads float targets
+
+
+@pytest.mark.parametrize("corruption", ["labels int32", "label past the classes", "float ids", "id past the vocabulary"])
+@pytest.mark.parametrize("name", sorted(set(CATALOGUE) - {"none"}))
+def test_every_attack_refuses_a_bad_batch_naming_the_key_before_any_pass(name, corruption):
+    """The attacks run the steps' batch check: the same refusal, whether called alone or inside a step."""
+    entry = CATALOGUE[name]
+    model = entry.make_model()
+    classes = model.config.num_labels if entry.model == "classifier" else model.config.vocab_size
+    corrupt, match = CORRUPTIONS[corruption]
+    batch = corrupt(entry.make_batch(), classes)
+    attack = getattr(advfunc.attacks, name)(model)
+    with PassCounter(model) as count, pytest.raises(ValueError, match=match.replace("{classes}", str(classes))):
+        attack(advfunc.params_of(model), batch)
+    assert count.forwards == 0
