@@ -7,6 +7,7 @@ timer or a memory counter.
 
 from __future__ import annotations
 
+import inspect
 import traceback
 import warnings
 from pathlib import Path
@@ -19,7 +20,6 @@ from torch.utils._pytree import tree_leaves
 import advfunc
 from advfunc.core.engine import Engine
 from advfunc.core.model import PerturbedModel
-from advfunc.methods.plain import plain
 from tests.support.catalogue import CATALOGUE
 from tests.support.method_harness import PassCounter
 from tests.support.parity import assert_grads_match
@@ -33,24 +33,29 @@ def _seeded(model: torch.nn.Module) -> torch.Generator:
     return torch.Generator(next(model.parameters()).device).manual_seed(0)
 
 
+# Every classifier method of the catalogue, and FGM on the other kind of target.
 STEPS = {
-    "fgm": lambda m, **kw: advfunc.fgm(m, epsilon=1.0, **kw),
-    "fgm-embeds": lambda m, **kw: advfunc.fgm(m, epsilon=1.0, target="embeds", **kw),
-    "pgd": lambda m, **kw: advfunc.pgd(m, epsilon=0.5, alpha=0.3, steps=3, **kw),
-    "freelb": lambda m, **kw: advfunc.freelb(m, steps=3, init_mag=1.0, generator=_seeded(m), **kw),
-    "vat": lambda m, **kw: advfunc.vat(m, epsilon=1.0, xi=1.0, generator=_seeded(m), **kw),
-    "smart": lambda m, **kw: advfunc.smart(m, epsilon=1e-2, step_size=1e-2, generator=_seeded(m), **kw),
-    "r3f": lambda m, **kw: advfunc.r3f(m, sigma=1e-2, generator=_seeded(m)),  # no δ-only pass: nothing to compile
-    "awp": lambda m, **kw: advfunc.awp(m, adv_steps=2, **kw),
-    "free_at": lambda m, **kw: advfunc.free_at(m, epsilon=0.01, **kw),
-    "plain": lambda m, **kw: plain(m),
+    **{name: (name, {}) for name, entry in CATALOGUE.items() if entry.model == "classifier"},
+    "fgm-embeds": ("fgm", {"target": "embeds"}),
 }
 
 
-def _run(name, step, params, batch, passes_only=False, teacher=None):
+def _step(method, model, **kwargs):
+    """The catalogued step; draws from a generator on the model's device, ``compile`` where it means something."""
+    name, overrides = STEPS[method]
+    entry = CATALOGUE[name]
+    if entry.seeded:
+        overrides = {**overrides, "generator": _seeded(model)}
+    if "compile" in kwargs and "compile" not in inspect.signature(entry.factory).parameters:
+        kwargs = {k: v for k, v in kwargs.items() if k != "compile"}  # R3F, plain: eager only
+    return entry.build(model, **overrides, **kwargs)
+
+
+def _run(method, step, params, batch, passes_only=False, state=None):
     """One call of ``step``; ``passes_only`` calls the method's passes without ``Step``'s after-step checks."""
-    extra = (advfunc.teacher_of(params) if teacher is None else teacher,) if name == "smart" else ()
-    return (step.fn if passes_only else step)(params, batch, *extra)
+    entry = CATALOGUE[STEPS[method][0]]
+    state = entry.state(params) if state is None else state
+    return (step.fn if passes_only else step)(params, batch, **state)
 
 
 class NewVocabularyTensors(TorchDispatchMode):
@@ -81,11 +86,12 @@ def test_a_step_allocates_one_vocabulary_sized_tensor_the_gradient_it_returns(me
     """
     model = tiny_model("bert", vocab=LARGE_VOCAB)
     params, batch = advfunc.params_of(model), padded_batch("bert")
-    step = STEPS[method](model)
+    step = _step(method, model)
     name = "bert.embeddings.word_embeddings.weight"
-    teacher = advfunc.teacher_of(params)  # SMART's θ̃ is the caller's copy, made before the step
-    with NewVocabularyTensors(LARGE_VOCAB, [*params.values(), *teacher.values()]) as seen:
-        grads, _ = _run(method, step, params, batch, passes_only=True, teacher=teacher)
+    state = CATALOGUE[STEPS[method][0]].state(params)  # SMART's θ̃ is the caller's copy, made before the step
+    held = [t for value in state.values() for t in (value.values() if isinstance(value, dict) else [value])]
+    with NewVocabularyTensors(LARGE_VOCAB, [*params.values(), *held]) as seen:
+        grads, _ = _run(method, step, params, batch, passes_only=True, state=state)
     assert list(seen.new) == [grads[name].untyped_storage().data_ptr()], seen.new
 
 
@@ -97,20 +103,20 @@ def test_the_oracle_sees_each_dense_embedding_gradient(monkeypatch):
     monkeypatch.setattr(Engine, "rows_name", lambda self, call: None)
     model = tiny_model("bert", vocab=LARGE_VOCAB)
     params, batch = advfunc.params_of(model), padded_batch("bert")
-    step = STEPS["freelb"](model)
+    step = _step("freelb", model, steps=3, init_mag=1.0)
     with NewVocabularyTensors(LARGE_VOCAB, list(params.values())) as seen:
         step.fn(params, batch)
     assert len(seen.new) >= 2
 
 
-@pytest.mark.parametrize("method", sorted(set(STEPS) - {"plain"}))
+@pytest.mark.parametrize("method", sorted(set(STEPS) - {"none"}))
 def test_rows_gradient_equals_autograds_dense_gradient(method, monkeypatch):
     """∂L/∂W by rows equals nn.Embedding's own backward (padding row zero included)."""
     model = tiny_model("bert")
     params, batch = advfunc.params_of(model), padded_batch("bert")
-    by_rows = _run(method, STEPS[method](model), params, batch)[0]
+    by_rows = _run(method, _step(method, model), params, batch)[0]
     monkeypatch.setattr(Engine, "rows_name", lambda self, call: None)
-    dense = _run(method, STEPS[method](model), params, batch)[0]
+    dense = _run(method, _step(method, model), params, batch)[0]
     assert_grads_match(by_rows, dense, where=f"{method}: rows vs dense")
     assert torch.count_nonzero(by_rows["bert.embeddings.word_embeddings.weight"][0]) == 0  # padding_idx
 
@@ -175,7 +181,7 @@ def test_no_step_reads_a_tensor_value_on_the_host(method):
     """
     model = tiny_model("bert")
     params, batch = advfunc.params_of(model), padded_batch("bert")
-    step = STEPS[method](model)
+    step = _step(method, model)
     with HostReads() as reads:
         _run(method, step, params, batch)
     assert reads.where, "the model's own mask check should be seen: the proxy is blind otherwise"
@@ -184,9 +190,9 @@ def test_no_step_reads_a_tensor_value_on_the_host(method):
 
 
 PROMPT_STEPS = {
-    "pgd@prompt": lambda m: advfunc.pgd(m, epsilon=0.5, alpha=0.3, steps=2, target="embeds@prompt"),
-    "cat": lambda m: advfunc.cat(m, steps=2),
-    "lat": lambda m: advfunc.lat(m, layers="model.layers.0", steps=2),
+    "pgd@prompt": lambda m: CATALOGUE["pgd"].build(m, target="embeds@prompt"),
+    "cat": CATALOGUE["cat"].build,
+    "lat": CATALOGUE["lat"].build,
 }
 
 
@@ -235,7 +241,7 @@ def test_no_step_synchronises_a_cuda_stream(method, compile):
     model = tiny_model("bert").cuda()
     params = advfunc.params_of(model)
     batch = {k: v.cuda() for k, v in padded_batch("bert").items()}
-    step = STEPS[method](model, compile=compile)
+    step = _step(method, model, compile=compile)
     _run(method, step, params, batch)  # transformers sets config.problem_type on its first forward
     torch.cuda.synchronize()
     seen: list[str] = []
