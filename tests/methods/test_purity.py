@@ -10,29 +10,30 @@ from tests.support.catalogue import CATALOGUE
 from tests.support.purity import assert_step_is_pure
 from tests.support.tiny_models import padded_batch, tiny_model
 
-FACTORIES = {
-    "fgm": lambda m: advfunc.fgm(m, epsilon=1.0),
-    "fgm-embeds": lambda m: advfunc.fgm(m, epsilon=1.0, target="embeds"),
-    "pgd": lambda m: advfunc.pgd(m, epsilon=0.5, alpha=0.3, steps=3),
-    "pgd-embeds": lambda m: advfunc.pgd(m, epsilon=0.5, alpha=0.3, steps=2, target="embeds"),
-    "pgd-names": lambda m: advfunc.pgd(
-        m, epsilon=0.1, alpha=0.05, steps=2, target=["classifier.weight", "bert.pooler.dense.weight"]
-    ),
-    "freelb": lambda m: advfunc.freelb(m, steps=2, init_mag=1.0, max_norm=0.5, generator=torch.Generator()),
+# Every catalogued method, and the targets and options that take other code paths.
+VARIANTS = {
+    **{name: (name, {}) for name in CATALOGUE},
+    "fgm-embeds": ("fgm", {"target": "embeds"}),
+    "pgd-embeds": ("pgd", {"target": "embeds"}),
+    "pgd-names": ("pgd", {"epsilon": 0.1, "alpha": 0.05, "target": ["classifier.weight", "bert.pooler.dense.weight"]}),
+    "freelb-max-norm": ("freelb", {"init_mag": 1.0, "max_norm": 0.5}),
 }
 
 
 @pytest.mark.parametrize("mode", ["train", "eval"])
-@pytest.mark.parametrize("method", sorted(FACTORIES))
+@pytest.mark.parametrize("method", sorted(VARIANTS))
 def test_step_is_pure(method, mode):
-    model = tiny_model("bert")
+    name, overrides = VARIANTS[method]
+    entry = CATALOGUE[name]
+    model = entry.make_model()
     if mode == "eval":
         model.eval()
     # An existing .grad must survive untouched (a user's accumulated gradient).
     next(model.parameters()).grad = torch.full_like(next(model.parameters()), 0.25)
     params = advfunc.params_of(model)
-    batch = padded_batch("bert")
-    grads, out = assert_step_is_pure(model, lambda: FACTORIES[method](model)(params, batch), params, batch)
+    batch = entry.make_batch()
+    step = entry.build(model, **overrides)
+    grads, out = assert_step_is_pure(model, lambda: entry.call(step, params, batch), params, batch)
     assert set(grads) == set(advfunc.trainable_names(model))
     assert all(not g.requires_grad for g in grads.values())
     assert out.loss.requires_grad is False and out.adv_loss.requires_grad is False
@@ -84,17 +85,3 @@ def test_set_grads_rejects_unknown_names_and_shapes_without_writing():
     with pytest.raises(ValueError, match="shape"):
         advfunc.set_grads(model, {"classifier.bias": torch.zeros(3), name: torch.zeros(2, 2)})
     assert all(p.grad is None for p in model.parameters())
-
-
-@pytest.mark.parametrize("name", sorted(CATALOGUE))
-def test_every_catalogued_method_is_pure(name):
-    entry = CATALOGUE[name]
-    model = entry.make_model()
-    next(model.parameters()).grad = torch.full_like(next(model.parameters()), 0.25)
-    params = advfunc.params_of(model)
-    batch = entry.make_batch()
-    step = entry.build(model)
-    grads, out = assert_step_is_pure(model, lambda: entry.call(step, params, batch), params, batch)
-    assert set(grads) == set(advfunc.trainable_names(model))
-    assert all(not g.requires_grad for g in grads.values())
-    assert out.loss.requires_grad is False and out.adv_loss.requires_grad is False
