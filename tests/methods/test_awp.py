@@ -13,7 +13,7 @@ from torch import nn
 import advfunc
 from advfunc.attacks.awp import awp_parameters
 from advfunc.methods.awp import awp
-from tests.support.method_harness import PassCounter, lockstep, short_run
+from tests.support.method_harness import lockstep, short_run
 from tests.support.purity import assert_step_is_pure
 from tests.support.reference_methods import ReferenceAWP
 from tests.support.tiny_models import padded_batch, tiny_model
@@ -108,17 +108,6 @@ def test_awp_rejects_bad_names(names, error, match):
     model.classifier.weight.requires_grad_(False)
     with pytest.raises(error, match=match):
         awp(model, names=names)
-
-
-@pytest.mark.parametrize("adv_steps", [1, 3])
-def test_awp_cost_is_the_documented_passes(adv_steps):
-    model = tiny_model("bert")
-    step = awp(model, adv_steps=adv_steps)
-    assert step.passes == adv_steps + 1 and step.config["forward_only_passes"] == 0
-    with PassCounter(model) as count:
-        step(advfunc.params_of(model), padded_batch("bert"))
-    assert count.forwards == step.passes
-    assert count.backwards == step.passes
 
 
 @functools.cache

@@ -241,7 +241,9 @@ def test_regression_and_multi_label_heads_take_float_targets():
         advfunc.fgm(multi)(advfunc.params_of(multi), batch)  # the head now reads float targets
 
 
-@pytest.mark.parametrize("corruption", ["labels int32", "label past the classes", "float ids", "id past the vocabulary"])
+@pytest.mark.parametrize(
+    "corruption", ["labels int32", "label past the classes", "float ids", "id past the vocabulary"]
+)
 @pytest.mark.parametrize("name", sorted(set(CATALOGUE) - {"none"}))
 def test_every_attack_refuses_a_bad_batch_naming_the_key_before_any_pass(name, corruption):
     """The attacks run the steps' batch check: the same refusal, whether called alone or inside a step."""

@@ -11,7 +11,6 @@ import advfunc
 from advfunc import attacks
 from advfunc.methods.registry import METHODS, build_step, parse_method
 from tests.support.completion_reference import reference_step
-from tests.support.method_harness import PassCounter
 from tests.support.parity import assert_grads_match
 from tests.support.purity import assert_step_is_pure
 from tests.support.tiny_decoders import completion_batch, prompt_of, tiny_decoder
@@ -126,13 +125,3 @@ def test_cat_is_registered():
     assert "cat" in METHODS and METHODS["cat"].batch_keys == (advfunc.ADV_LABELS,)
     step = build_step(parse_method("cat:steps=2,away=0.5"), tiny_decoder("gpt2"))
     assert step.method == "cat" and step.config["steps"] == 2 and step.passes == 5
-
-
-@pytest.mark.parametrize(("away", "utility"), [(1.0, 1.0), (0.0, 1.0), (1.0, 0.0), (0.0, 0.0)])
-def test_cat_cost_is_the_documented_passes(away, utility):
-    model = tiny_decoder("llama")
-    step = advfunc.cat(model, steps=2, away=away, utility=utility)
-    with PassCounter(model) as count:
-        step(advfunc.params_of(model), completion_batch("right", adversary=True))
-    assert count.forwards == step.passes + step.config["forward_only_passes"]
-    assert count.backwards == step.passes

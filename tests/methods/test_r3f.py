@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 
 import advfunc
 from advfunc.methods.r3f import r3f
-from tests.support.method_harness import PassCounter, lockstep, short_run
+from tests.support.method_harness import lockstep, short_run
 from tests.support.purity import assert_step_is_pure
 from tests.support.reference_methods import reference_r3f
 from tests.support.tiny_models import padded_batch, tiny_model
@@ -54,17 +54,6 @@ def test_r3f_matches_reference(family, noise, task):
     for out, (z, value) in zip(outs, seen, strict=True):
         assert torch.equal(out.delta, z)  # the same draws from the same generator
         torch.testing.assert_close(out.adv_loss, value, rtol=1e-3, atol=1e-7)
-
-
-def test_r3f_cost_is_the_documented_passes():
-    model = tiny_model("bert")
-    step = r3f(model)
-    assert step.passes == 2 and step.config["forward_only_passes"] == 0
-    with PassCounter(model) as count:
-        step(advfunc.params_of(model), padded_batch("bert"))
-    # Two forwards, one backward call through both graphs.
-    assert count.forwards == step.passes
-    assert count.backwards == step.passes
 
 
 @functools.cache

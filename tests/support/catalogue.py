@@ -8,6 +8,7 @@ method added to the registry without an entry here fails ``test_registry``.
 from __future__ import annotations
 
 import inspect
+import itertools
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -31,7 +32,9 @@ class Entry:
 
     ``passes(settings)``: the documented cost in forward+backward passes for the
     factory's arguments (:meth:`settings`), written from the method's docstring (not read
-    from the step). ``state(params)``: the keyword arguments a call takes beside the
+    from the step); ``forward_only(settings)`` the forwards it runs without a backward.
+    ``cost_variants``: settings whose cost the pass-count test checks, one code path each.
+    ``state(params)``: the keyword arguments a call takes beside the
     batch (SMART's teacher). ``aims_with_loss``: the perturbation follows the loss's
     gradient (not a divergence's, nor noise alone), so a non-finite loss gradient must
     drop it.
@@ -45,6 +48,8 @@ class Entry:
     state: Callable[[Mapping[str, torch.Tensor]], dict[str, Any]] = lambda params: {}
     seeded: bool = False  # takes generator=
     aims_with_loss: bool = True
+    forward_only: Callable[[Mapping[str, Any]], int] = lambda settings: 0
+    cost_variants: tuple[Mapping[str, Any], ...] = ({},)
 
     def build(self, model: torch.nn.Module, **overrides: Any) -> Step:
         kwargs = {**self.defaults, **overrides}
@@ -72,17 +77,41 @@ class Entry:
         return step(params, batch, **self.state(params), **kwargs)
 
 
-def _toward_away(extra: str) -> Callable[[Mapping[str, Any]], int]:
-    return lambda c: c["steps"] + 1 + (c["away"] > 0) + (c[extra] > 0)
+def _grid(**axes: list[Any]) -> tuple[dict[str, Any], ...]:
+    """Every combination of the values of ``axes``: {name: values} -> ({name: value, ...}, ...)."""
+    return tuple(dict(zip(axes, values, strict=True)) for values in itertools.product(*axes.values()))
+
+
+def _toward_away(clean: str) -> Callable[[Mapping[str, Any]], int]:
+    """K attack passes, the toward term, the away and clean terms unless weighted 0."""
+    return lambda c: c["steps"] + 1 + (c["away"] > 0) + (c[clean] > 0)
+
+
+def _clean_forward(clean: str) -> Callable[[Mapping[str, Any]], int]:
+    """A clean term of weight 0 is still computed for ``out.loss``: a forward without backward."""
+    return lambda c: 1 if c[clean] == 0 else 0
 
 
 CATALOGUE: dict[str, Entry] = {
     entry.name: entry
     for entry in (
         Entry("none", plain, {}, lambda c: 1, aims_with_loss=False),
-        Entry("fgm", advfunc.fgm, {"epsilon": 1.0}, lambda c: 2),
-        Entry("pgd", advfunc.pgd, {"epsilon": 0.5, "alpha": 0.3, "steps": 2}, lambda c: c["steps"] + 1),
-        Entry("freelb", advfunc.freelb, {"steps": 2, "lr": 0.05}, lambda c: c["steps"], seeded=True),
+        Entry("fgm", advfunc.fgm, {"epsilon": 1.0}, lambda c: 2, cost_variants=_grid(target=["weight", "embeds"])),
+        Entry(
+            "pgd",
+            advfunc.pgd,
+            {"epsilon": 0.5, "alpha": 0.3, "steps": 2},
+            lambda c: c["steps"] + 1,
+            cost_variants=_grid(steps=[1, 3], target=["weight", "embeds"]),
+        ),
+        Entry(
+            "freelb",
+            advfunc.freelb,
+            {"steps": 2, "lr": 0.05},
+            lambda c: c["steps"],
+            seeded=True,
+            cost_variants=_grid(steps=[1, 3]),
+        ),
         Entry("neftune", advfunc.neftune, {"alpha": 5.0}, lambda c: 1, seeded=True, aims_with_loss=False),
         Entry(
             "cat",
@@ -90,6 +119,8 @@ CATALOGUE: dict[str, Entry] = {
             {"epsilon": 0.3, "alpha": 0.1, "steps": 2},
             _toward_away("utility"),
             model="decoder",
+            forward_only=_clean_forward("utility"),
+            cost_variants=_grid(away=[1.0, 0.0], utility=[1.0, 0.0]),
         ),
         Entry(
             "lat",
@@ -97,6 +128,8 @@ CATALOGUE: dict[str, Entry] = {
             {"layers": "model.layers.0", "epsilon": 0.5, "alpha": 0.2, "steps": 2},
             _toward_away("retain"),
             model="decoder",
+            forward_only=_clean_forward("retain"),
+            cost_variants=({"away": 1.0, "retain": 1.0}, {"away": 0.0, "retain": 1.0}, {"away": 1.0, "retain": 0.0}),
         ),
         Entry(
             "vat",
@@ -105,9 +138,12 @@ CATALOGUE: dict[str, Entry] = {
             lambda c: c["power_iters"] + 2,
             seeded=True,
             aims_with_loss=False,
+            cost_variants=_grid(power_iters=[1, 3]),
         ),
         Entry("r3f", advfunc.r3f, {"sigma": 1e-2}, lambda c: 2, seeded=True, aims_with_loss=False),
-        Entry("awp", advfunc.awp, {"adv_steps": 2}, lambda c: c["adv_steps"] + 1),
+        Entry(
+            "awp", advfunc.awp, {"adv_steps": 2}, lambda c: c["adv_steps"] + 1, cost_variants=_grid(adv_steps=[1, 3])
+        ),
         Entry(
             "smart",
             advfunc.smart,
@@ -116,6 +152,8 @@ CATALOGUE: dict[str, Entry] = {
             state=lambda params: {"teacher": advfunc.teacher_of(params)},
             seeded=True,
             aims_with_loss=False,
+            forward_only=lambda c: 1 if c["mu"] > 0 else 0,  # the teacher's forward
+            cost_variants=({"mu": 1.0, "steps": 1}, {"mu": 1.0, "steps": 3}, {"mu": 0.0, "steps": 2}),
         ),
         Entry("free_at", advfunc.free_at, {"epsilon": 0.01}, lambda c: 1),
     )
