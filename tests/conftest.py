@@ -18,3 +18,15 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="session")
+def tiny_bert():
+    """One tiny random BERT classifier for the tests that only call it (never train or edit it).
+
+    Property tests draw dozens of examples each; building the model once for the session
+    keeps them fast.
+    """
+    from tests.support.tiny_models import tiny_model
+
+    return tiny_model("bert")

@@ -6,8 +6,6 @@ so most examples run no model pass; the rest run one δ-only pass on a tiny BERT
 
 from __future__ import annotations
 
-import functools
-
 import pytest
 import torch
 from hypothesis import given, settings
@@ -22,10 +20,10 @@ SLACK = 1 + 1e-5  # float32 round-off of a norm
 NAMES = ["bert.pooler.dense.weight", "classifier.bias"]
 
 
-@functools.cache
-def _setup():
-    model = tiny_model("bert")
-    return model, advfunc.params_of(model), padded_batch("bert")
+@pytest.fixture(scope="module")
+def bert_setup(tiny_bert):
+    """The shared tiny BERT, its params and a padded batch: read, never written."""
+    return tiny_bert, advfunc.params_of(tiny_bert), padded_batch("bert")
 
 
 def _gradient(shape, seed: int, scale: float) -> torch.Tensor:
@@ -51,8 +49,8 @@ seeds = st.integers(0, 2**16)
     seed=seeds,
     method=st.sampled_from(["fgm", "pgd"]),
 )
-def test_fgm_and_pgd_stay_in_the_l2_ball(target, epsilon, ratio, steps, scale, seed, method):
-    model, params, batch = _setup()
+def test_fgm_and_pgd_stay_in_the_l2_ball(bert_setup, target, epsilon, ratio, steps, scale, seed, method):
+    model, params, batch = bert_setup
     spec = NAMES if target == "names" else target
     attack = (
         attacks.fgm(model, epsilon, target=spec)
@@ -78,8 +76,8 @@ def test_fgm_and_pgd_stay_in_the_l2_ball(target, epsilon, ratio, steps, scale, s
 
 
 @pytest.mark.parametrize("target", ["weight", "embeds"])
-def test_a_non_finite_gradient_gives_a_zero_delta(target):
-    model, params, batch = _setup()
+def test_a_non_finite_gradient_gives_a_zero_delta(bert_setup, target):
+    model, params, batch = bert_setup
     shape = (48, 32) if target == "weight" else (4, 12, 32)
     for bad in (float("nan"), float("inf")):
         grads = torch.ones(shape)
@@ -90,8 +88,8 @@ def test_a_non_finite_gradient_gives_a_zero_delta(target):
 
 @settings(max_examples=30, deadline=None)
 @given(max_norm=sizes, lr=sizes, norm=st.sampled_from(["l2", "linf"]), scale=scales, seed=seeds)
-def test_freelb_stays_within_max_norm(max_norm, lr, norm, scale, seed):
-    model, params, batch = _setup()
+def test_freelb_stays_within_max_norm(bert_setup, max_norm, lr, norm, scale, seed):
+    model, params, batch = bert_setup
     attack = attacks.freelb(model, steps=1, lr=lr, max_norm=max_norm, norm=norm)
     delta = attack(params, batch, _gradient((4, 12, 32), seed, scale))
     assert bool(torch.isfinite(delta).all())
@@ -113,8 +111,8 @@ def test_freelb_stays_within_max_norm(max_norm, lr, norm, scale, seed):
     seed=seeds,
     start_scale=st.floats(0.0, 10.0),
 )
-def test_free_at_stays_in_its_ball_from_any_start(epsilon, ratio, norm, scale, seed, start_scale):
-    model, params, batch = _setup()
+def test_free_at_stays_in_its_ball_from_any_start(bert_setup, epsilon, ratio, norm, scale, seed, start_scale):
+    model, params, batch = bert_setup
     attack = attacks.free_at(model, epsilon, ratio * epsilon, norm)
     start = _gradient((4, 12, 32), seed + 1, start_scale * epsilon)
     delta = attack(params, batch, _gradient((4, 12, 32), seed, scale), start=start)
@@ -131,8 +129,8 @@ def test_free_at_stays_in_its_ball_from_any_start(epsilon, ratio, norm, scale, s
 
 @settings(max_examples=30, deadline=None)
 @given(adv_eps=st.floats(1e-4, 1.0), adv_lr=sizes, scale=scales, seed=seeds)
-def test_awp_stays_in_its_relative_box(adv_eps, adv_lr, scale, seed):
-    model, params, batch = _setup()
+def test_awp_stays_in_its_relative_box(bert_setup, adv_eps, adv_lr, scale, seed):
+    model, params, batch = bert_setup
     attack = attacks.awp(model, adv_lr, adv_eps, names=NAMES)
     grads = {n: _gradient(params[n].shape, seed + i, scale) for i, n in enumerate(NAMES)}
     delta = attack(params, batch, grads)
@@ -145,8 +143,8 @@ def test_awp_stays_in_its_relative_box(adv_eps, adv_lr, scale, seed):
 
 @settings(max_examples=15, deadline=None)
 @given(epsilon=sizes, seed=seeds)
-def test_vat_direction_has_norm_epsilon_per_example(epsilon, seed):
-    model, params, batch = _setup()
+def test_vat_direction_has_norm_epsilon_per_example(bert_setup, epsilon, seed):
+    model, params, batch = bert_setup
     r = attacks.vat(model, epsilon=epsilon, xi=0.1)(params, batch, generator=torch.Generator().manual_seed(seed))
     norms = r.flatten(1).norm(dim=1)
     assert bool(((norms - epsilon).abs() <= epsilon * 1e-5).all() | (norms == 0).all())
@@ -155,8 +153,8 @@ def test_vat_direction_has_norm_epsilon_per_example(epsilon, seed):
 
 @settings(max_examples=15, deadline=None)
 @given(epsilon=st.floats(1e-6, 1.0), step_size=sizes, norm=st.sampled_from(["l2", "linf"]), seed=seeds)
-def test_smart_stays_in_its_per_token_ball(epsilon, step_size, norm, seed):
-    model, params, batch = _setup()
+def test_smart_stays_in_its_per_token_ball(bert_setup, epsilon, step_size, norm, seed):
+    model, params, batch = bert_setup
     attack = attacks.smart(model, epsilon, step_size, noise_var=epsilon, norm=norm)
     delta = attack(params, batch, generator=torch.Generator().manual_seed(seed))
     assert bool(torch.isfinite(delta).all())
@@ -168,8 +166,8 @@ def test_smart_stays_in_its_per_token_ball(epsilon, step_size, norm, seed):
 
 @settings(max_examples=20, deadline=None)
 @given(sigma=sizes, seed=seeds)
-def test_r3f_uniform_noise_stays_in_its_box(sigma, seed):
-    model, params, batch = _setup()
+def test_r3f_uniform_noise_stays_in_its_box(bert_setup, sigma, seed):
+    model, params, batch = bert_setup
     z = attacks.r3f(model, sigma)(params, batch, generator=torch.Generator().manual_seed(seed))
     assert float(z.abs().max()) <= sigma * SLACK
     assert bool((z[_padding(batch)] == 0).all())

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import functools
-
 import pytest
 import torch
 from hypothesis import given, settings
@@ -110,11 +108,6 @@ def test_awp_rejects_bad_names(names, error, match):
         awp(model, names=names)
 
 
-@functools.cache
-def _bert():
-    return tiny_model("bert")
-
-
 @settings(max_examples=15, deadline=None)
 @given(
     adv_lr=st.floats(1e-4, 10.0),
@@ -122,8 +115,8 @@ def _bert():
     adv_steps=st.integers(1, 3),
     seed=st.integers(0, 2**31 - 1),
 )
-def test_awp_never_leaves_its_relative_box(adv_lr, adv_eps, adv_steps, seed):
-    model = _bert()
+def test_awp_never_leaves_its_relative_box(tiny_bert, adv_lr, adv_eps, adv_steps, seed):
+    model = tiny_bert
     params = advfunc.params_of(model)
     step = awp(model, adv_lr=adv_lr, adv_eps=adv_eps, adv_steps=adv_steps)
     _, out = step(params, padded_batch("bert", seed=seed % 50))

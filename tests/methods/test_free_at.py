@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import functools
-
 import pytest
 import torch
 from hypothesis import given, settings
@@ -77,11 +75,6 @@ def test_free_at_cost_is_one_pass_per_replay():
     assert count.backwards == REPLAYS * step.passes
 
 
-@functools.cache
-def _bert():
-    return tiny_model("bert")
-
-
 @settings(max_examples=15, deadline=None)
 @given(
     epsilon=st.floats(1e-4, 2.0),
@@ -90,8 +83,8 @@ def _bert():
     replays=st.integers(1, 5),
     seed=st.integers(0, 2**31 - 1),
 )
-def test_free_at_delta_stays_in_its_ball_across_replays(epsilon, alpha_ratio, norm, replays, seed):
-    model = _bert()
+def test_free_at_delta_stays_in_its_ball_across_replays(tiny_bert, epsilon, alpha_ratio, norm, replays, seed):
+    model = tiny_bert
     params = advfunc.params_of(model)
     batch = padded_batch("bert", seed=seed % 50)
     step = free_at(model, epsilon=epsilon, alpha=epsilon * alpha_ratio, norm=norm)

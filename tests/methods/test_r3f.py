@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import functools
-
 import pytest
 import torch
 from hypothesis import given, settings
@@ -56,15 +54,10 @@ def test_r3f_matches_reference(family, noise, task):
         torch.testing.assert_close(out.adv_loss, value, rtol=1e-3, atol=1e-7)
 
 
-@functools.cache
-def _bert():
-    return tiny_model("bert")
-
-
 @settings(max_examples=15, deadline=None)
 @given(sigma=st.floats(1e-6, 2.0), seed=st.integers(0, 2**31 - 1))
-def test_r3f_uniform_noise_stays_within_sigma(sigma, seed):
-    model = _bert()
+def test_r3f_uniform_noise_stays_within_sigma(tiny_bert, sigma, seed):
+    model = tiny_bert
     batch = padded_batch("bert", seed=seed % 50)
     step = r3f(model, sigma=sigma, noise="uniform", generator=torch.Generator().manual_seed(seed))
     _, out = step(advfunc.params_of(model), batch)

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import functools
-
 import pytest
 import torch
 from hypothesis import given, settings
@@ -72,11 +70,6 @@ def test_smart_matches_reference(family, norm, steps, mu, task):
         torch.testing.assert_close(out.adv_loss, value, rtol=1e-3, atol=1e-7)
 
 
-@functools.cache
-def _bert():
-    return tiny_model("bert")
-
-
 @settings(max_examples=15, deadline=None)
 @given(
     epsilon=st.floats(1e-4, 1.0),
@@ -86,8 +79,8 @@ def _bert():
     norm=st.sampled_from(["linf", "l2"]),
     seed=st.integers(0, 2**31 - 1),
 )
-def test_smart_perturbation_stays_in_its_per_token_ball(epsilon, step_size, steps, noise_var, norm, seed):
-    model = _bert()
+def test_smart_perturbation_stays_in_its_per_token_ball(tiny_bert, epsilon, step_size, steps, noise_var, norm, seed):
+    model = tiny_bert
     params = advfunc.params_of(model)
     batch = padded_batch("bert", seed=seed % 50)
     step = smart(

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import copy
-import functools
 
 import pytest
 import torch
@@ -93,11 +92,6 @@ def test_vat_without_labels_runs_its_clean_pass_forward_only(power_iters):
     assert count.backwards == step.passes - 1
 
 
-@functools.cache
-def _bert():
-    return tiny_model("bert")
-
-
 @settings(max_examples=15, deadline=None)
 @given(
     epsilon=st.floats(1e-3, 10.0),
@@ -105,8 +99,8 @@ def _bert():
     power_iters=st.integers(1, 2),
     seed=st.integers(0, 2**31 - 1),
 )
-def test_vat_perturbation_has_norm_epsilon_and_kl_is_non_negative(epsilon, xi, power_iters, seed):
-    model = _bert()
+def test_vat_perturbation_has_norm_epsilon_and_kl_is_non_negative(tiny_bert, epsilon, xi, power_iters, seed):
+    model = tiny_bert
     batch = padded_batch("bert", seed=seed % 50)
     step = vat(model, epsilon=epsilon, xi=xi, power_iters=power_iters, generator=torch.Generator().manual_seed(seed))
     _, out = step(advfunc.params_of(model), batch)
