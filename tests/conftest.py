@@ -1,4 +1,13 @@
-"""Fixtures every test module shares."""
+"""Fixtures every test module shares.
+
+The folders mirror the package: ``core``, ``attacks``, ``methods``, ``scale``, ``hf``,
+``app``; ``support`` holds the helpers (tiny models, reference implementations, the
+method catalogue every all-methods test iterates over). Two commands:
+
+- ``python -m pytest -q``: everything, as CI runs it (``.ci/run``);
+- ``python -m pytest -m "not slow" -q``: the fast loop while editing, without the tests
+  marked ``slow`` (they compile, train or spawn processes).
+"""
 
 from __future__ import annotations
 
