@@ -3,8 +3,8 @@
 An implementation (``impl``) is one of:
 
 - ``plain``: one ordinary forward + ``loss.backward()`` on the module (the unit of cost);
-- ``seed``: the imperative reference the parity tests use (``tests/classic_reference.py`` for
-  FGM, PGD, FreeLB; ``tests/reference_methods.py`` for the other methods);
+- ``seed``: the imperative reference the parity tests use (``tests/support/classic_reference.py`` for
+  FGM, PGD, FreeLB; ``tests/support/reference_methods.py`` for the other methods);
 - ``eager``: advfunc's pure step, ``compile=False``;
 - ``compiled``: advfunc's pure step, ``compile=True`` (methods whose factory takes ``compile``);
 - ``baseline``: another revision's eager step (``python -m benchmarks.step --baseline REV``), to
