@@ -18,6 +18,7 @@ from torch.func import functional_call
 import advfunc
 from advfunc.methods import registry
 from tests.core.test_step_contract import _bad_calls
+from tests.support.catalogue import CATALOGUE
 from tests.support.tiny_decoders import DECODERS, LAYER, completion_batch, tiny_decoder
 
 PADDINGS = ("right", "left")
@@ -75,36 +76,33 @@ def kl_by_position(p_logits, q_logits, counted: torch.Tensor, symmetric: bool) -
     return torch.stack(terms).mean().float()
 
 
+# Settings on a tiny decoder; targets stay in the embedding output where there is a choice
+# (a tied embedding matrix refuses target="weight").
+ON_A_DECODER = {
+    "fgm": {"epsilon": 1.0, "target": "embeds"},
+    "pgd": {"epsilon": 1.0, "alpha": 0.5, "steps": 2, "target": "embeds"},
+    "freelb": {"steps": 1, "lr": 0.1},
+    "free_at": {"epsilon": 0.05},
+    "vat": {"epsilon": 1.0, "xi": 0.5},
+    "smart": {"epsilon": 0.1, "step_size": 0.1, "noise_var": 0.05, "mu": 0.0},
+    "r3f": {"sigma": 0.1},
+    "awp": {"adv_lr": 1.0, "adv_eps": 0.05},
+    "neftune": {"alpha": 5.0},
+    "cat": {"epsilon": 0.5, "alpha": 0.1, "steps": 2},
+    "lat": {"epsilon": 1.0, "alpha": 0.5, "steps": 2},
+}
+METHODS = sorted(set(CATALOGUE) - {"none"})  # a method missing from ON_A_DECODER fails by name
+
+
 def run(method: str, model, params, batch):
-    """(grads, out) of ``method`` on ``batch``; targets stay in the embedding output where there is a choice."""
-    if method == "fgm":
-        return advfunc.fgm(model, epsilon=1.0, target="embeds")(params, batch)
-    if method == "pgd":
-        return advfunc.pgd(model, epsilon=1.0, alpha=0.5, steps=2, target="embeds")(params, batch)
-    if method == "freelb":
-        return advfunc.freelb(model, steps=1, lr=0.1)(params, batch)
-    if method == "free_at":
-        return advfunc.free_at(model, epsilon=0.05)(params, batch, None)
-    if method == "vat":
-        return advfunc.vat(model, epsilon=1.0, xi=0.5, generator=_seeded())(params, batch)
-    if method == "smart":
-        return advfunc.smart(model, epsilon=0.1, step_size=0.1, noise_var=0.05, mu=0.0, generator=_seeded())(
-            params, batch, None
-        )
-    if method == "r3f":
-        return advfunc.r3f(model, sigma=0.1, generator=_seeded())(params, batch)
-    if method == "awp":
-        return advfunc.awp(model, adv_lr=1.0, adv_eps=0.05)(params, batch)
-    if method == "neftune":
-        return advfunc.neftune(model, alpha=5.0, generator=_seeded())(params, batch)
-    if method == "cat":
-        return advfunc.cat(model, epsilon=0.5, alpha=0.1, steps=2)(params, batch)
+    """(grads, out) of the catalogued ``method`` on ``batch`` with its decoder settings."""
+    entry = CATALOGUE[method]
+    overrides = dict(ON_A_DECODER[method])
     if method == "lat":
-        return advfunc.lat(model, layers=LAYER[model.config.model_type], epsilon=1.0, alpha=0.5, steps=2)(params, batch)
-    raise AssertionError(method)
-
-
-METHODS = ("fgm", "pgd", "freelb", "free_at", "vat", "smart", "r3f", "awp", "neftune", "cat", "lat")
+        overrides["layers"] = LAYER[model.config.model_type]
+    if entry.seeded:
+        overrides["generator"] = _seeded()
+    return entry.call(entry.build(model, **overrides), params, batch)
 
 
 def expected_losses(method: str, model, params, batch, out) -> tuple[torch.Tensor, torch.Tensor | None]:
