@@ -29,6 +29,7 @@ from advfunc.methods.lat import lat
 from advfunc.methods.neftune import neftune
 from advfunc.methods.pgd import pgd
 from advfunc.methods.r3f import r3f
+from advfunc.methods.refat import refat
 from advfunc.methods.smart import smart
 from advfunc.methods.teacher import ema, teacher_of
 from advfunc.methods.vat import vat
@@ -65,6 +66,7 @@ __all__ = [
     "project_l2",
     "project_linf",
     "r3f",
+    "refat",
     "set_grads",
     "smart",
     "split_batch",
