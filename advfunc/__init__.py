@@ -30,6 +30,7 @@ from advfunc.methods.neftune import neftune
 from advfunc.methods.pgd import pgd
 from advfunc.methods.r3f import r3f
 from advfunc.methods.refat import refat
+from advfunc.methods.rerouting import rerouting
 from advfunc.methods.smart import smart
 from advfunc.methods.teacher import ema, teacher_of
 from advfunc.methods.vat import vat
@@ -67,6 +68,7 @@ __all__ = [
     "project_linf",
     "r3f",
     "refat",
+    "rerouting",
     "set_grads",
     "smart",
     "split_batch",
