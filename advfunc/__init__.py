@@ -31,6 +31,7 @@ from advfunc.methods.pgd import pgd
 from advfunc.methods.r3f import r3f
 from advfunc.methods.refat import refat
 from advfunc.methods.rerouting import rerouting
+from advfunc.methods.residual import HARMFUL
 from advfunc.methods.smart import smart
 from advfunc.methods.teacher import ema, teacher_of
 from advfunc.methods.vat import vat
@@ -40,6 +41,7 @@ from advfunc.scale.precision import LossScale
 
 __all__ = [
     "ADV_LABELS",
+    "HARMFUL",
     "PERTURB_MASK",
     "Accumulated",
     "LossScale",

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import advfunc
-from advfunc.methods.registry import METHODS
+from advfunc.methods.registry import METHODS, build_step, parse_method
 from tests.method_harness import PassCounter
 from tests.purity import assert_step_is_pure
 from tests.tiny_decoders import VOCAB, completion_batch, tiny_decoder
@@ -228,3 +228,11 @@ def test_a_batch_without_the_harmful_flag_is_refused():
         step.update(params, completion_batch("right"), state)
     with pytest.raises(ValueError, match="direction must be a dict"):
         step(params, _batch(), {"model.layers.1": state["direction"][LAYER]})
+
+
+def test_refat_is_registered_and_built_from_a_spec_with_its_prompt_sets():
+    assert METHODS["refat"].batch_keys == (advfunc.HARMFUL,)
+    model = tiny_decoder("llama")
+    step = build_step(parse_method(f"refat:layers={LAYER},p=0.25,every=3"), model, harmful=HARMFUL, harmless=HARMLESS)
+    assert step.method == "refat" and step.config["p"] == 0.25 and step.config["every"] == 3
+    assert step.config["layers"] == [LAYER]

@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from peft import LoraConfig, get_peft_model
 
 import advfunc
+from advfunc.methods.registry import METHODS, build_step, parse_method
 from tests.method_harness import PassCounter
 from tests.purity import assert_step_is_pure
 from tests.tiny_decoders import completion_batch, tiny_decoder
@@ -154,3 +155,9 @@ def test_bad_input_is_named():
     step = advfunc.rerouting(model, layers=PEFT_LAYERS)
     with pytest.raises(ValueError, match=r"batch\['harmful'\]"):
         step(advfunc.params_of(model), {k: v for k, v in _batch().items() if k != "harmful"})
+
+
+def test_rerouting_is_registered_and_built_from_a_spec():
+    assert METHODS["rerouting"].batch_keys == (advfunc.HARMFUL,)
+    step = build_step(parse_method(f"rerouting:layers={PEFT_LAYERS[1]},reroute=0.5"), _lora())
+    assert step.config == {"layers": [PEFT_LAYERS[1]], "reroute": 0.5, "retain": 1.0, "forward_only_passes": 1}
