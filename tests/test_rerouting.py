@@ -147,7 +147,7 @@ def test_a_frozen_adapter_stays_frozen():
 
 
 def test_bad_input_is_named():
-    with pytest.raises(ValueError, match=r"disable_adapter\(\); wrap it"):
+    with pytest.raises(ValueError, match="no PEFT adapter layers; wrap it"):
         advfunc.rerouting(tiny_decoder("llama"), layers=LAYERS)
     with pytest.raises(ValueError, match="both 0"):
         advfunc.rerouting(_lora(), layers=PEFT_LAYERS, reroute=0.0, retain=0.0)
@@ -161,3 +161,15 @@ def test_rerouting_is_registered_and_built_from_a_spec():
     assert METHODS["rerouting"].batch_keys == (advfunc.HARMFUL,)
     step = build_step(parse_method(f"rerouting:layers={PEFT_LAYERS[1]},reroute=0.5"), _lora())
     assert step.config == {"layers": [PEFT_LAYERS[1]], "reroute": 0.5, "retain": 1.0, "forward_only_passes": 1}
+
+
+def test_the_adapted_base_model_gives_the_same_step_as_its_peft_wrapper():
+    """The Trainer runs steps on ``get_base_model()``, whose layers have the plain names."""
+    model = _lora()
+    batch = _batch()
+    wrapped, _ = advfunc.rerouting(model, layers=PEFT_LAYERS)(advfunc.params_of(model), batch)
+    base = model.get_base_model()
+    grads, _ = advfunc.rerouting(base, layers=LAYERS)(advfunc.params_of(base), batch)
+    assert len(grads) == len(wrapped) > 0
+    for name, value in grads.items():
+        torch.testing.assert_close(wrapped[f"base_model.model.{name}"], value, rtol=0, atol=0, msg=name)

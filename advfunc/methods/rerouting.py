@@ -32,10 +32,11 @@ def rerouting(
         \\text{grads} = ∇_θ\\big[c_{rr} · L_{rr} + c_{ret} · L_{ret}\\big]
 
     h^{(l)} [B, L, H] is the residual stream each module of ``layers`` returns
-    (``"base_model.model.model.layers.4"``, or several names; None: the middle decoder
-    layer) with the adapters on; h_ref the same with the adapters off: the base model,
-    through peft's ``model.disable_adapter()`` in a forward without gradient, so no
-    second copy of the model exists. S are the rows flagged in ``batch["harmful"]``
+    (``"model.layers.4"`` on the adapted base model, ``"base_model.model.model.layers.4"``
+    on the ``PeftModel`` around it; several names; None: the middle decoder layer) with
+    the adapters on; h_ref the same with every adapter layer off (what peft's
+    ``disable_adapter()`` does), in a forward without gradient: the base model, with no
+    second copy of it. S are the rows flagged in ``batch["harmful"]``
     ([B] bool, consumed by advfunc: the circuit-breaker set), R the others (the retain
     set); t runs over each row's real tokens (``attention_mask``), prompt and completion.
     The means are over those (layer, row, token) triples, 0 when a set has no row.
@@ -57,10 +58,11 @@ def rerouting(
         step = advfunc.rerouting(model, layers=["base_model.model.model.layers.10"])
         grads, out = step(advfunc.params_of(model), {**batch, "harmful": rows_flag})
     """
-    if not callable(getattr(model, "disable_adapter", None)):
+    adapters = adapter_layers(model)
+    if not adapters:
         raise ValueError(
-            f"rerouting trains adapters against the model without them, but {type(model).__name__} has no "
-            "disable_adapter(); wrap it: model = peft.get_peft_model(model, peft.LoraConfig(...))"
+            f"rerouting trains adapters against the model without them, but {type(model).__name__} has no PEFT "
+            "adapter layers; wrap it: model = peft.get_peft_model(model, peft.LoraConfig(...))"
         )
     reroute = require_non_negative("reroute", reroute)
     retain = require_non_negative("retain", retain)
@@ -78,7 +80,7 @@ def rerouting(
         assert call.layout.mask is not None
         real = call.layout.mask[..., 0].float()  # [B, L]
         flagged = flagged.to(call.device)
-        with torch.no_grad(), _adapters_off(model), captured(target) as seen:
+        with torch.no_grad(), _adapters_off(adapters, model), captured(target) as seen:
             perturbed.outputs(call.params, call.kwargs, None)
             reference = {name: seen[name].float() for name in names}
         leaves = {n: call.params[n].detach().requires_grad_(True) for n in call.trainable}
@@ -107,18 +109,32 @@ def rerouting(
     return Step("rerouting", 1, config, step)
 
 
-@contextlib.contextmanager
-def _adapters_off(model: nn.Module) -> Iterator[None]:
-    """peft's ``disable_adapter()``, with every parameter's ``requires_grad`` as it was afterwards.
+def adapter_layers(model: nn.Module) -> list[nn.Module]:
+    """The model's PEFT adapter layers: modules with ``enable_adapters(bool)`` and a ``disable_adapters`` flag."""
+    return [
+        module
+        for module in model.modules()
+        if callable(getattr(module, "enable_adapters", None))
+        and isinstance(getattr(module, "disable_adapters", None), bool)
+    ]
 
-    peft freezes the adapter weights on the way in and unfreezes the active adapter's on
-    the way out, which would undo a caller's own freezing.
+
+@contextlib.contextmanager
+def _adapters_off(layers: list[nn.Module], model: nn.Module) -> Iterator[None]:
+    """Every adapter layer off for the block (peft's ``disable_adapter()``), then as it was, ``requires_grad`` included.
+
+    peft freezes the adapter weights when it turns a layer off and unfreezes the active
+    adapter's when it turns it on, which would undo a caller's own freezing.
     """
     flags = [(p, p.requires_grad) for p in model.parameters()]
+    was_off = [layer.disable_adapters for layer in layers]
     try:
-        with model.disable_adapter():  # type: ignore[operator]
-            yield
+        for layer in layers:
+            layer.enable_adapters(False)
+        yield
     finally:
+        for layer, off in zip(layers, was_off, strict=True):
+            layer.enable_adapters(not off)
         for parameter, flag in flags:
             parameter.requires_grad_(flag)
 
