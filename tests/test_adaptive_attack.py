@@ -10,9 +10,11 @@ from __future__ import annotations
 
 import pytest
 import torch
+from transformers import Trainer, TrainingArguments, default_data_collator
 
 import advfunc
 from advfunc import attacks
+from advfunc.hf_callbacks import AttackSuccessCallback
 from tests.purity import assert_step_is_pure
 from tests.tiny_decoders import tiny_decoder
 
@@ -146,3 +148,31 @@ def test_bad_arguments_are_named(trained):
         attacks.success_rate(trained, advfunc.params_of(trained), _attack_batch(_prompts()[0]), [])
     with pytest.raises(ValueError, match="adv_labels"):
         attacks.adaptive(trained).search(advfunc.params_of(trained), _rows(_prompts()[0], REFUSAL))
+
+
+def test_the_trainer_callback_reports_the_success_rates_at_each_evaluation(trained, tmp_path):
+    refused, _ = _prompts()
+    batch = _attack_batch(refused)
+    radii = (0.01, 0.5)
+    callback = AttackSuccessCallback(batch, radii=radii, steps=(3, 10), restarts=2, seed=4)
+    rows = [{k: v[i] for k, v in _rows(refused, REFUSAL).items()} for i in range(EXAMPLES)]
+    args = TrainingArguments(output_dir=str(tmp_path), report_to=[], use_cpu=True, per_device_eval_batch_size=EXAMPLES)
+    trainer = Trainer(
+        model=trained, args=args, eval_dataset=rows, data_collator=default_data_collator, callbacks=[callback]
+    )
+    metrics = trainer.evaluate()
+    expected = attacks.success_rate(
+        trained,
+        advfunc.params_of(trained),
+        batch,
+        radii,
+        steps=(3, 10),
+        restarts=2,
+        generator=torch.Generator().manual_seed(4),
+    )
+    assert callback.last == expected
+    for row in expected:
+        assert metrics[f"eval_asr_r{row.radius:g}_k{row.steps}"] == row.rate
+    assert trainer.state.log_history[-1]["eval_asr_r0.5_k10"] == 1.0
+    with pytest.raises(ValueError, match="radii is empty"):
+        AttackSuccessCallback(batch, radii=())

@@ -89,8 +89,8 @@ def rerouting(
             hidden = {name: seen[name].float() for name in names}
         cut = real * flagged[:, None].float()  # [B, L]: the harmful rows' tokens
         kept = real * (~flagged)[:, None].float()
-        rerouted = sum(_masked_mean(torch.relu(_cosine(hidden[n], reference[n])), cut) for n in names) / len(names)
-        distance = sum(_masked_mean(_distance(hidden[n], reference[n]), kept) for n in names) / len(names)
+        rerouted = torch.stack([_masked_mean(torch.relu(_cosine(hidden[n], reference[n])), cut) for n in names]).mean()
+        distance = torch.stack([_masked_mean(_distance(hidden[n], reference[n]), kept) for n in names]).mean()
         objective = reroute * rerouted + retain * distance
         found = torch.autograd.grad(
             objective * call.scale, list(leaves.values()), allow_unused=True, materialize_grads=True
@@ -109,7 +109,7 @@ def rerouting(
     return Step("rerouting", 1, config, step)
 
 
-def adapter_layers(model: nn.Module) -> list[nn.Module]:
+def adapter_layers(model: nn.Module) -> list[Any]:
     """The model's PEFT adapter layers: modules with ``enable_adapters(bool)`` and a ``disable_adapters`` flag."""
     return [
         module
@@ -120,7 +120,7 @@ def adapter_layers(model: nn.Module) -> list[nn.Module]:
 
 
 @contextlib.contextmanager
-def _adapters_off(layers: list[nn.Module], model: nn.Module) -> Iterator[None]:
+def _adapters_off(layers: list[Any], model: nn.Module) -> Iterator[None]:
     """Every adapter layer off for the block (peft's ``disable_adapter()``), then as it was, ``requires_grad`` included.
 
     peft freezes the adapter weights when it turns a layer off and unfreezes the active
