@@ -14,7 +14,7 @@ from transformers import Trainer, TrainingArguments, default_data_collator
 
 import advfunc
 from advfunc import attacks
-from advfunc.hf_callbacks import AttackSuccessCallback
+from advfunc.scale.attack_callback import AttackSuccessCallback
 from tests.purity import assert_step_is_pure
 from tests.tiny_decoders import tiny_decoder
 

@@ -1,4 +1,4 @@
-"""Hugging Face ``Trainer`` callbacks that evaluate robustness while a model trains.
+"""A Hugging Face ``Trainer`` callback that follows robustness while a model trains.
 
 :class:`AttackSuccessCallback` runs the adaptive embedding attack
 (:func:`advfunc.attacks.success_rate`) at every evaluation and reports its success rate
