@@ -157,6 +157,18 @@ def test_p_zero_is_the_plain_step():
     torch.testing.assert_close(out.loss, plain_out.loss, rtol=0, atol=0)
 
 
+def test_without_a_direction_the_step_computes_it_at_params():
+    model = tiny_decoder("llama")
+    step = advfunc.refat(model, layers=LAYER, p=1.0, harmful=HARMFUL, harmless=HARMLESS)
+    params, batch = advfunc.params_of(model), _batch()
+    given, _ = step(params, batch, step.init(params)["direction"])
+    with PassCounter(model) as counter:
+        computed, _ = step(params, batch)
+    assert (counter.forwards, counter.backwards) == (3, 1)
+    for name, value in given.items():
+        torch.testing.assert_close(computed[name], value, rtol=0, atol=0, msg=name)
+
+
 def test_the_direction_is_state_recomputed_every_n_optimizer_steps():
     model, twin = tiny_decoder("llama"), tiny_decoder("llama")
     step = advfunc.refat(model, layers=LAYER, p=1.0, every=2, harmful=HARMFUL, harmless=HARMLESS)
@@ -193,7 +205,7 @@ def test_cost_is_one_pass_per_step_and_two_forwards_per_direction():
     with PassCounter(model) as counter:
         step.update(params, _batch(), state)
     assert (counter.forwards, counter.backwards) == (step.passes, 1) == (1, 1)
-    assert step.config["every"] == 8 and step.carries_state
+    assert step.config["every"] == 8 and step.config["direction_passes"] == 2 and step.carries_state
 
 
 def test_refat_is_pure():

@@ -151,7 +151,14 @@ def refat(
             return {**state, "since": since}
         return {"direction": direction_at(params), "since": 0}
 
-    config = {"layers": list(target.module_names), "p": p, "every": every, "forward_only_passes": 0}
+    # forward_only_passes counts per step; the direction's two forwards come once per ``every`` steps.
+    config = {
+        "layers": list(target.module_names),
+        "p": p,
+        "every": every,
+        "forward_only_passes": 0,
+        "direction_passes": 2,
+    }
     return StatefulStep("refat", 1, config, step, start=start, carry=carry, advance=advance)
 
 
