@@ -146,6 +146,9 @@ def test_bad_arguments_are_named(trained):
         attacks.adaptive(trained, norm="l1")
     with pytest.raises(ValueError, match="radii is empty"):
         attacks.success_rate(trained, advfunc.params_of(trained), _attack_batch(_prompts()[0]), [])
+    batch = _attack_batch(_prompts()[0])
+    with pytest.raises(ValueError, match="leave start= out"):
+        attacks.adaptive(trained)(advfunc.params_of(trained), batch, start=torch.zeros(EXAMPLES, 7, 32))
     with pytest.raises(ValueError, match="adv_labels"):
         attacks.adaptive(trained).search(advfunc.params_of(trained), _rows(_prompts()[0], REFUSAL))
 

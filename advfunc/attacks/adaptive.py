@@ -79,6 +79,11 @@ class AdaptiveAttack(CompletionAttack):
         generator: torch.Generator | None = None,
         reference: torch.Tensor | None = None,
     ) -> tuple[Delta, torch.Tensor]:
+        if start is not None:
+            raise ValueError(
+                "the adaptive attack draws its own starts (the first restart from δ = 0, the others from the ball); "
+                "leave start= out"
+            )
         found = self._search(call, generator)
         return {"embeds": found.delta}, torch.zeros((), dtype=torch.bool, device=call.device)
 
