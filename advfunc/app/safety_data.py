@@ -140,8 +140,8 @@ def concepts(
     if not 0 < allowed_per_forbidden <= 100:
         raise DataError(f"allowed_per_forbidden must be in (0, 100], got {allowed_per_forbidden!r}")
     folder = shipped_folder() if folder is None else folder
+    first_sense = _first_senses(folder, roots)  # a bad root is named before the data files are read
     synsets = _noun_synsets(folder)
-    first_sense = _first_senses(folder, roots)
     forbidden = _closure(synsets, first_sense)
     parents = [parent for root in first_sense for parent in synsets[root].hypernyms]
     near = {child for parent in parents for child in synsets[parent].hyponyms} - forbidden
