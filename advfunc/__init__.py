@@ -29,6 +29,9 @@ from advfunc.methods.lat import lat
 from advfunc.methods.neftune import neftune
 from advfunc.methods.pgd import pgd
 from advfunc.methods.r3f import r3f
+from advfunc.methods.refat import refat
+from advfunc.methods.rerouting import rerouting
+from advfunc.methods.residual import HARMFUL
 from advfunc.methods.smart import smart
 from advfunc.methods.teacher import ema, teacher_of
 from advfunc.methods.vat import vat
@@ -38,6 +41,7 @@ from advfunc.scale.precision import LossScale
 
 __all__ = [
     "ADV_LABELS",
+    "HARMFUL",
     "PERTURB_MASK",
     "Accumulated",
     "LossScale",
@@ -65,6 +69,8 @@ __all__ = [
     "project_l2",
     "project_linf",
     "r3f",
+    "refat",
+    "rerouting",
     "set_grads",
     "smart",
     "split_batch",

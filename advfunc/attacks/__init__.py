@@ -11,6 +11,7 @@ objective around an attack with :func:`advfunc.perturbed_loss`::
     grads = torch.func.grad(lambda p: loss_at(p, batch, 0 * delta) + loss_at(p, batch, delta))(params)
 """
 
+from advfunc.attacks.adaptive import AdaptiveAttack, SuccessRate, adaptive, success_rate
 from advfunc.attacks.attack import Attack, Rule
 from advfunc.attacks.awp import awp, awp_parameters
 from advfunc.attacks.cat import CompletionAttack, cat
@@ -25,9 +26,12 @@ from advfunc.attacks.smart import smart
 from advfunc.attacks.vat import vat
 
 __all__ = [
+    "AdaptiveAttack",
     "Attack",
     "CompletionAttack",
     "Rule",
+    "SuccessRate",
+    "adaptive",
     "awp",
     "awp_parameters",
     "cat",
@@ -39,5 +43,6 @@ __all__ = [
     "pgd",
     "r3f",
     "smart",
+    "success_rate",
     "vat",
 ]

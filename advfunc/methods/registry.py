@@ -30,6 +30,9 @@ from advfunc.methods.neftune import neftune
 from advfunc.methods.pgd import pgd
 from advfunc.methods.plain import plain
 from advfunc.methods.r3f import r3f
+from advfunc.methods.refat import refat
+from advfunc.methods.rerouting import rerouting
+from advfunc.methods.residual import HARMFUL
 from advfunc.methods.smart import smart
 from advfunc.methods.vat import vat
 
@@ -46,7 +49,7 @@ class Method:
     (SMART); ``"replay"`` as ``step(params, batch, delta)`` replayed on each batch with an
     optimizer step between replays (free adversarial training). ``batch_keys``: keys the
     batch must carry beyond the model's arguments (CAT and LAT: the adversary's completion
-    of a causal LM, ``adv_labels``).
+    of a causal LM, ``adv_labels``; ReFAT and rerouting: which rows are harmful, ``harmful``).
     """
 
     factory: Callable[..., Step]
@@ -62,6 +65,8 @@ METHODS: dict[str, Method] = {
     "neftune": Method(neftune),
     "cat": Method(cat, batch_keys=(ADV_LABELS,)),
     "lat": Method(lat, batch_keys=(ADV_LABELS,)),
+    "refat": Method(refat, batch_keys=(HARMFUL,)),
+    "rerouting": Method(rerouting, batch_keys=(HARMFUL,)),
     "vat": Method(vat),
     "r3f": Method(r3f),
     "awp": Method(awp),
