@@ -14,7 +14,7 @@ from advfunc.core.model import LossFn, PerturbedModel
 from advfunc.core.noise import require_generator
 from advfunc.core.params import params_of
 from advfunc.core.stateful import State, StatefulStep
-from advfunc.core.step import Grads, StepOutput, check_batch_tensors, prepare
+from advfunc.core.step import Grads, StepOutput, prepare
 from advfunc.methods.residual import captured, edited, harmful_rows, last_real_token, layer_target
 
 Direction = dict[str, torch.Tensor]  # {layer name: r [H]}, float32
@@ -169,9 +169,7 @@ def _prompt_set(perturbed: PerturbedModel, prompts: Mapping[str, torch.Tensor], 
             f"{which} must be a mapping with the prompts' input_ids [N, L] (and attention_mask), "
             f"got {type(prompts).__name__}"
         )
-    kwargs = perturbed.check_batch({k: v for k, v in prompts.items() if k != "labels"}, needs_loss=False)
-    check_batch_tensors(kwargs, next(perturbed.model.parameters()).device)
-    return kwargs
+    return perturbed.check_batch({k: v for k, v in prompts.items() if k != "labels"}, needs_loss=False)
 
 
 def _unit(direction: Mapping[str, torch.Tensor], names: Sequence[str], device: torch.device) -> Direction:

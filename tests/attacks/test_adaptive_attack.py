@@ -15,8 +15,8 @@ from transformers import Trainer, TrainingArguments, default_data_collator
 import advfunc
 from advfunc import attacks
 from advfunc.scale.attack_callback import AttackSuccessCallback
-from tests.purity import assert_step_is_pure
-from tests.tiny_decoders import tiny_decoder
+from tests.support.purity import assert_step_is_pure
+from tests.support.tiny_decoders import tiny_decoder
 
 pytestmark = pytest.mark.slow  # every test attacks a model the module trains first (a few seconds)
 

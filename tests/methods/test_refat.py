@@ -12,9 +12,9 @@ import torch
 
 import advfunc
 from advfunc.methods.registry import METHODS, build_step, parse_method
-from tests.method_harness import PassCounter
-from tests.purity import assert_step_is_pure
-from tests.tiny_decoders import VOCAB, completion_batch, tiny_decoder
+from tests.support.method_harness import PassCounter
+from tests.support.purity import assert_step_is_pure
+from tests.support.tiny_decoders import VOCAB, completion_batch, tiny_decoder
 
 LAYER = "model.layers.0"
 

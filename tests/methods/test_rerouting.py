@@ -14,9 +14,9 @@ from peft import LoraConfig, get_peft_model
 
 import advfunc
 from advfunc.methods.registry import METHODS, build_step, parse_method
-from tests.method_harness import PassCounter
-from tests.purity import assert_step_is_pure
-from tests.tiny_decoders import completion_batch, tiny_decoder
+from tests.support.method_harness import PassCounter
+from tests.support.purity import assert_step_is_pure
+from tests.support.tiny_decoders import completion_batch, tiny_decoder
 
 LAYERS = ["model.layers.0", "model.layers.1"]
 PEFT_LAYERS = [f"base_model.model.{name}" for name in LAYERS]
