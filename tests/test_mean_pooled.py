@@ -9,9 +9,9 @@ import torch
 from transformers import AutoModel, AutoModelForSequenceClassification
 
 import advfunc
-from advfunc.app import checkpoint, mean_pooled, report
+from advfunc.app.common import checkpoint, mean_pooled, report
 from advfunc.app.cli import main
-from advfunc.app.data import Labels
+from advfunc.app.common.data import Labels
 from tests.tiny_task import save_tiny_model, sentences, write_csv
 
 LABELS = {"num_labels": 2, "id2label": {0: "neg", 1: "pos"}, "label2id": {"neg": 0, "pos": 1}}

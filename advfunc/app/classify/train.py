@@ -18,10 +18,11 @@ import logging
 import math
 import tempfile
 import time
+import typing
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 import torch.distributed as dist
@@ -31,15 +32,17 @@ from torch.utils.data import Sampler
 from transformers import PrinterCallback, TrainerCallback, TrainingArguments
 from transformers.trainer_callback import TrainerControl, TrainerState
 
-from advfunc.app import atomic, checkpoint
-from advfunc.app.data import Encoded, training_batches
-from advfunc.app.progress import Progress
+from advfunc.app.common import atomic, checkpoint
+from advfunc.app.common.data import Encoded, training_batches
+from advfunc.app.common.flags import COUNT, FRACTION, NON_NEGATIVE, POSITIVE, option
+from advfunc.app.common.progress import Progress
 from advfunc.core.arguments import require_non_negative, require_positive
 from advfunc.hf import AdversarialTrainer, ReplaySampler
 from advfunc.methods.registry import MethodSpec, parse_method
 
 log = logging.getLogger("advfunc")
-POOLINGS = ("cls", "mean")
+Pooling = Literal["cls", "mean"]
+POOLINGS: tuple[str, ...] = typing.get_args(Pooling)
 TRAINER_STATE = "trainer_state.json"
 FORMAT = 2  # advfunc_state.json's format: 2 since the loop is Trainer's (1 had advfunc's own training state)
 
@@ -49,17 +52,21 @@ class TrainConfig:
     """Settings of one fine-tuning run; a resumed run must use the same ones."""
 
     method: str = "none"  # a method spec: "pgd" or "pgd:epsilon=0.5,steps=2"
-    epochs: int = 1
-    batch_size: int = 32  # per process
-    grad_accum: int = 1
-    lr: float = 5e-5
-    head_lr: float | None = None  # the task head's peak learning rate; None: lr
-    warmup_ratio: float = 0.1
-    weight_decay: float = 0.01
-    max_grad_norm: float = 1.0  # 0 turns clipping off
+    epochs: int = option(1, COUNT, "epochs")
+    batch_size: int = option(32, COUNT, "batch size per process")
+    grad_accum: int = option(1, COUNT, "micro-batches per optimizer step")
+    lr: float = option(5e-5, POSITIVE, "peak learning rate")
+    head_lr: float | None = option(None, POSITIVE, "peak learning rate of the task head (default: --lr)")
+    warmup_ratio: float = option(0.1, FRACTION, "share of steps warming up")
+    weight_decay: float = option(0.01, NON_NEGATIVE, "AdamW weight decay")
+    max_grad_norm: float = option(1.0, NON_NEGATIVE, "clip norm (0: off)")
     max_length: int = 64
     seed: int = 0
-    pooling: str = "cls"  # what the head reads: "cls" (the model's own head) or "mean" (advfunc.app.mean_pooled)
+    pooling: Pooling = option(
+        "cls",
+        help="what the task head reads: the model's own head (cls) or the mean token state (mean; for "
+        "mean-pooled sentence encoders, see advfunc.app.common.mean_pooled)",
+    )
 
     def check(self) -> MethodSpec:
         """Validate every field; return the parsed method spec."""
@@ -142,16 +149,17 @@ def make_optimizer(model: nn.Module, lr: float, weight_decay: float, head_lr: fl
         return torch.optim.AdamW(param_groups, lr=lr)
 
 
-def training_arguments(config: TrainConfig, output: Path | None = None) -> TrainingArguments:
+def training_arguments(config: TrainConfig, output: Path | None = None, **overrides: Any) -> TrainingArguments:
     """``TrainingArguments`` for ``config``. Under ``torchrun`` building them joins the process group.
 
     Trainer writes nothing under ``output_dir`` here (checkpoints are this module's own
     folder, logging and saving strategies are off); it only creates the folder, so it is
-    ``output``'s parent, which the checkpoint's rename needs anyway.
+    ``output``'s parent, which the checkpoint's rename needs anyway. ``overrides``: other
+    ``TrainingArguments`` (the decoder job logs each step's loss through Trainer).
     """
     config.check()
     gpu = torch.cuda.is_available()
-    return TrainingArguments(
+    settings: dict[str, Any] = dict(
         output_dir=str(output.parent) if output is not None else tempfile.gettempdir(),
         per_device_train_batch_size=config.batch_size,
         gradient_accumulation_steps=config.grad_accum,
@@ -171,6 +179,7 @@ def training_arguments(config: TrainConfig, output: Path | None = None) -> Train
         dataloader_pin_memory=gpu,
         use_cpu=not gpu,
     )
+    return TrainingArguments(**{**settings, **overrides})
 
 
 def padded(batch: dict[str, torch.Tensor], pad_id: int, multiple: int = 16, limit: int = 0) -> dict[str, torch.Tensor]:
@@ -194,7 +203,7 @@ def padded(batch: dict[str, torch.Tensor], pad_id: int, multiple: int = 16, limi
 
 
 class LengthGroupedOrder(Sampler[int]):
-    """One epoch's example order: :func:`advfunc.app.data.training_batches`, one batch after another.
+    """One epoch's example order: :func:`advfunc.app.common.data.training_batches`, one batch after another.
 
     Each run of ``batch_size`` indices is a batch of similar lengths, so dynamic padding
     stays small; a short batch (the data set is not a multiple of the batch size) comes
@@ -259,7 +268,7 @@ class _CommandLineTrainer(AdversarialTrainer):
     def _save_checkpoint(self, model: nn.Module, trial: Any) -> None:
         """The run's folder: Trainer's checkpoint files, the method's state and ``advfunc_state.json`` last.
 
-        Process 0 assembles it under a temporary name (:func:`advfunc.app.atomic.directory`)
+        Process 0 assembles it under a temporary name (:func:`advfunc.app.common.atomic.directory`)
         and renames it into place once every process has written its own random and method
         state there, so ``--output`` is always one complete checkpoint, never one per process.
         """
