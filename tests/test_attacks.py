@@ -10,10 +10,10 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from advfunc.app.common import checkpoint
-from advfunc.app.common.data import Labels, TextDataset, encode
 from advfunc.app.classify.evaluate import accuracy, embedding_pgd, hotflip_accuracy, robust_accuracy
 from advfunc.app.classify.train import TrainConfig, train
+from advfunc.app.common import checkpoint
+from advfunc.app.common.data import Labels, TextDataset, encode
 from advfunc.app.word_attacks.hotflip import WordVocabulary, hotflip
 from advfunc.core.model import PerturbedModel
 from advfunc.core.params import params_of

@@ -68,7 +68,9 @@ def test_every_synonym_attack_field_is_a_flag_and_round_trips(command):
 
 
 def test_the_training_and_attack_flags_build_their_configs(task):
-    args = build_parser().parse_args(["train", "--output", "o", "--epochs", "3", "--head-lr", "0.01", "--pooling", "mean"])
+    args = build_parser().parse_args(
+        ["train", "--output", "o", "--epochs", "3", "--head-lr", "0.01", "--pooling", "mean"]
+    )
     config = build(TrainConfig, args, method="fgm", seed=4)
     assert config == TrainConfig(method="fgm", seed=4, epochs=3, head_lr=0.01, pooling="mean")
     args = build_parser().parse_args(["evaluate", "--model", "m", "--radii", "0.3", "0.1", "--attack-examples", "5"])

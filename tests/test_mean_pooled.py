@@ -9,8 +9,8 @@ import torch
 from transformers import AutoModel, AutoModelForSequenceClassification
 
 import advfunc
-from advfunc.app.common import checkpoint, mean_pooled, report
 from advfunc.app.cli import main
+from advfunc.app.common import checkpoint, mean_pooled, report
 from advfunc.app.common.data import Labels
 from tests.tiny_task import save_tiny_model, sentences, write_csv
 

@@ -7,7 +7,13 @@ import functools
 import pytest
 import torch
 
-from advfunc.app.word_attacks.synonym_attack import STOP_WORDS, AttackSummary, SynonymAttackConfig, attack_texts, word_spans
+from advfunc.app.word_attacks.synonym_attack import (
+    STOP_WORDS,
+    AttackSummary,
+    SynonymAttackConfig,
+    attack_texts,
+    word_spans,
+)
 from advfunc.app.word_attacks.wordnet import WordNet, WordNetError, shipped_folder
 
 try:

@@ -16,7 +16,9 @@ from advfunc.core.targets import PublicDelta, TargetSpec, resolve_target
 OutputsAt = Callable[[Mapping[str, torch.Tensor], Mapping[str, Any], "PublicDelta | None"], Any]
 
 
-def perturbed_outputs(model: nn.Module, target: TargetSpec = "weight", *, autocast: torch.dtype | None = None) -> OutputsAt:
+def perturbed_outputs(
+    model: nn.Module, target: TargetSpec = "weight", *, autocast: torch.dtype | None = None
+) -> OutputsAt:
     """``outputs_at(params, batch, delta)``: the model's outputs (``.logits``, ``.loss``) with δ placed by the target.
 
     .. math::

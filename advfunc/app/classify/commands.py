@@ -202,6 +202,7 @@ def run_train(args: argparse.Namespace) -> int:
             atomic.recover(output)  # a run killed before may have left temporary copies, or the checkpoint aside
     if not _prepare_output(args):
         return 0
+    validation_set: TextDataset | None
     if args.data is None:
         splits = fixed_split(rotten_tomatoes())
         whole, validation_set = splits["train"], splits["validation"]

@@ -157,7 +157,13 @@ def robust_accuracy(
 
 
 def hotflip_flips(
-    model: nn.Module, tokenizer: Any, data: Encoded, budget: int, neighbours: int, batch_size: int = 32, progress: bool = False
+    model: nn.Module,
+    tokenizer: Any,
+    data: Encoded,
+    budget: int,
+    neighbours: int,
+    batch_size: int = 32,
+    progress: bool = False,
 ) -> torch.Tensor:
     """[N] long: HotFlip's changed words before each example broke (``budget + 1``: it survived)."""
     perturbed = PerturbedModel(model)
@@ -170,14 +176,22 @@ def hotflip_flips(
     batches = evaluation_batches(data.lengths(), batch_size)
     with EvalMode(model), Progress(len(batches), "attack hotflip", progress) as bar:
         for indices in batches:
-            found, _ = hotflip(perturbed, params, data.batch(indices, _device_of(model)), vocabulary, budget, neighbours)
+            found, _ = hotflip(
+                perturbed, params, data.batch(indices, _device_of(model)), vocabulary, budget, neighbours
+            )
             flips[indices] = found.cpu()
             bar.update()
     return flips
 
 
 def hotflip_accuracy(
-    model: nn.Module, tokenizer: Any, data: Encoded, budget: int, neighbours: int, batch_size: int = 32, progress: bool = False
+    model: nn.Module,
+    tokenizer: Any,
+    data: Encoded,
+    budget: int,
+    neighbours: int,
+    batch_size: int = 32,
+    progress: bool = False,
 ) -> dict[int, float]:
     """{b: accuracy when HotFlip may change up to b words} for b = 0..budget."""
     flips = hotflip_flips(model, tokenizer, data, budget, neighbours, batch_size, progress)
@@ -210,7 +224,9 @@ def evaluate(
     )
     result = EvalResult(float(clean.float().mean()), len(data), len(subset), subset_clean, robust)
     if config.hotflip_budget > 0:
-        flips = hotflip_flips(model, tokenizer, subset, config.hotflip_budget, config.neighbours, config.batch_size, progress)
+        flips = hotflip_flips(
+            model, tokenizer, subset, config.hotflip_budget, config.neighbours, config.batch_size, progress
+        )
         result.hotflip = {b: float((flips > b).float().mean()) for b in range(1, config.hotflip_budget + 1)}
     if config.synonym is not None and texts is not None:
         victim = Victim(model, tokenizer, max_length)

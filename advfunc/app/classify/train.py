@@ -62,7 +62,7 @@ class TrainConfig:
     max_grad_norm: float = option(1.0, NON_NEGATIVE, "clip norm (0: off)")
     max_length: int = 64
     seed: int = 0
-    pooling: Pooling = option(
+    pooling: Literal["cls", "mean"] = option(
         "cls",
         help="what the task head reads: the model's own head (cls) or the mean token state (mean; for "
         "mean-pooled sentence encoders, see advfunc.app.common.mean_pooled)",
@@ -121,10 +121,8 @@ def make_optimizer(model: nn.Module, lr: float, weight_decay: float, head_lr: fl
     """AdamW over the trainable parameters; no decay on biases and LayerNorm weights (BERT recipe).
 
     The task head (the parameters outside ``model.base_model``: a classifier new when
-    fine-tuning starts) learns at ``head_lr`` (None: ``lr``). Adam moves each weight by
-    about its learning rate per step, so a new head at an encoder's rate of 1e-4 barely
-    turns in a few dozen steps and the model answers one class; the short comparison
-    gives it 1e-2.
+    fine-tuning starts) learns at ``head_lr`` (None: ``lr``): Adam moves each weight by about
+    its learning rate per step, so a new head may need a larger one than the encoder.
     """
     norm_params = {id(p) for module in model.modules() if isinstance(module, nn.LayerNorm) for p in module.parameters()}
     base = getattr(model, "base_model", model)
@@ -141,9 +139,7 @@ def make_optimizer(model: nn.Module, lr: float, weight_decay: float, head_lr: fl
         {"params": params, "weight_decay": weight_decay if decays else 0.0, "lr": head if in_head else lr}
         for (decays, in_head), params in groups.items()
     ]
-    try:
-        # One fused kernel over all parameters: on a 2-core CPU the default per-tensor loop took
-        # 0.17 s of a 0.72 s MiniLM step (batch 16), the fused one 0.03 s.
+    try:  # one fused kernel over all parameters (docs/main_job.md: the per-tensor loop's cost)
         return torch.optim.AdamW(param_groups, lr=lr, fused=True)
     except RuntimeError:  # torch < 2.4 fuses on CUDA only
         return torch.optim.AdamW(param_groups, lr=lr)

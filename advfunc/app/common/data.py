@@ -30,7 +30,7 @@ from typing import Any
 
 import torch
 
-from advfunc.app.common.flags import COUNT, number
+from advfunc.app.common import flags
 
 SPLITS = ("train", "validation", "test")
 _BUCKET_OF_SPLIT = {"train": range(0, 8), "validation": range(8, 9), "test": range(9, 10)}
@@ -413,17 +413,22 @@ def add_data_flags(
 ) -> Any:
     """The data flags of every command: file, columns and token limit; ``splits`` adds --eval-data and the sizes."""
     group = parser.add_argument_group("data")
-    group.add_argument("--data", type=Path, help="labelled file (.csv, .tsv, .jsonl); default: embedded Rotten Tomatoes")
+    group.add_argument(
+        "--data", type=Path, help="labelled file (.csv, .tsv, .jsonl); default: embedded Rotten Tomatoes"
+    )
     if splits:
-        group.add_argument("--eval-data", type=Path, help="test file (needs --data); without it --data is split 80/10/10")
+        group.add_argument(
+            "--eval-data", type=Path, help="test file (needs --data); without it --data is split 80/10/10"
+        )
     group.add_argument("--text-column", default="text", help="column with the text (default: text)")
     group.add_argument("--label-column", default="label", help="column with the label (default: label)")
     if pairs:
         group.add_argument("--pair-column", help="column with the second text of sentence pairs (optional)")
-    group.add_argument("--max-length", type=number(int, 2), default=max_length, help="tokens (default: %(default)s)")
+    tokens = flags.number(int, 2)
+    group.add_argument("--max-length", type=tokens, default=max_length, help="tokens (default: %(default)s)")
     if splits:
-        group.add_argument("--train-size", type=COUNT, default=train_size, help="first N training examples")
-        group.add_argument("--test-size", type=COUNT, default=test_size, help="first N test examples")
+        group.add_argument("--train-size", type=flags.COUNT, default=train_size, help="first N training examples")
+        group.add_argument("--test-size", type=flags.COUNT, default=test_size, help="first N test examples")
     return group
 
 
@@ -447,4 +452,8 @@ def select_splits(args: Any) -> tuple[TextDataset, TextDataset, str]:
     if args.eval_data is None:
         splits = fixed_split(load_flagged(args, args.data))
         return splits["train"], splits["test"], f"{args.data}, fixed hash split"
-    return load_flagged(args, args.data), load_flagged(args, args.eval_data), f"train {args.data}, test {args.eval_data}"
+    return (
+        load_flagged(args, args.data),
+        load_flagged(args, args.eval_data),
+        f"train {args.data}, test {args.eval_data}",
+    )

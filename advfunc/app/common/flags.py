@@ -104,7 +104,7 @@ def add_fields(
             continue
         meta = field.metadata
         flag = (names or {}).get(field.name) or meta.get("flag") or (prefix + field.name).replace("_", "-")
-        default = field.default if field.default is not dataclasses.MISSING else field.default_factory()  # type: ignore[misc]
+        default = field.default if field.default is not dataclasses.MISSING else field.default_factory()  # type: ignore[operator]
         default = (defaults or {}).get(field.name, default)
         kind, extra = _value_type(hints[field.name])
         kind = meta.get("type") or kind

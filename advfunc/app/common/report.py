@@ -180,7 +180,13 @@ def markdown(
     if delta:
         last = f"hotflip@{budgets[-1]}" if budgets else ""
         compared = ["clean", *[f"pgd@{r}" for r in radii], last, "synonym", "worst_case"]
-        titles = ["clean", *[f"PGD r={r}" for r in radii], last and f"HotFlip ≤{budgets[-1]}", "synonym acc", "worst case"]
+        titles = [
+            "clean",
+            *[f"PGD r={r}" for r in radii],
+            last and f"HotFlip ≤{budgets[-1]}",
+            "synonym acc",
+            "worst case",
+        ]
         kept = [(key, title) for key, title in zip(compared, titles, strict=True) if key]
         lines += [
             "Difference to plain fine-tuning (`none`), paired by seed: mean ± sample std of (method − none).",

@@ -81,7 +81,11 @@ def chunks(indices: list[int], size: int) -> list[list[int]]:
 
 
 def survivors_over_radii(
-    clean: torch.Tensor, radii: Sequence[float], holds: Holds, batches: Batcher, on_radius: Callable[[], None] = lambda: None
+    clean: torch.Tensor,
+    radii: Sequence[float],
+    holds: Holds,
+    batches: Batcher,
+    on_radius: Callable[[], None] = lambda: None,
 ) -> dict[float, float]:
     """{radius: share of examples standing after every attack up to it}, radii ascending.
 

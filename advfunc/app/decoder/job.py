@@ -14,21 +14,8 @@ the answer ``" positive"`` / ``" negative"`` and a completion-only loss
 
 The default model is SmolLM2-135M-Instruct as :mod:`advfunc.app.decoder.smollm2` converts it
 (``python -m advfunc.app.decoder.smollm2``); the default data the embedded Rotten Tomatoes
-snippets with their fixed split. The default methods, sized for that model (its token
-embeddings have L2 norm ≈ 3, its middle layer's hidden states ≈ 180 per token):
-
-* ``none``: plain LoRA fine-tuning;
-* ``neftune``: NEFTune noise, α = 5;
-* ``fgm`` / ``pgd``: the prompt's input embeddings (``target=embeds@prompt``), per-example
-  L2 radius 0.1 (plain fine-tuning leaves answers that a prompt perturbation of 0.25 flips);
-* ``cat``: CAT, the adversary's completion the wrong answer, per-token L2 ball 0.05
-  (about 0.27 per example over a 30-token prompt), one sign step;
-* ``lat``: targeted LAT at the middle decoder layer's output, the prompt's positions,
-  per-token L2 ball 4, one step.
-
-CAT and LAT take one attack step and PGD two, so that the short comparison (six methods,
-three seeds) fits about an hour on a 2-core CPU, where a SmolLM2 forward and backward of
-8 prompts takes about 8 s and CAT's or LAT's step four times that.
+snippets with their fixed split. The default methods and how they are sized for that model:
+``docs/decoders.md``.
 
 The runs go through the run grid (:mod:`advfunc.app.common.grid`) and the report is the
 classifier comparison's (:mod:`advfunc.app.common.report`): ``results.md``,
@@ -54,14 +41,14 @@ from advfunc.app.classify.evaluate import AttackConfig
 from advfunc.app.classify.train import TrainConfig, training_arguments
 from advfunc.app.common import report
 from advfunc.app.common.data import TextDataset, add_data_flags, pad_id, select_splits
-from advfunc.app.common.flags import COUNT, NATURAL, add_fields, build, option
+from advfunc.app.common.flags import COUNT, NATURAL, add_fields, option
 from advfunc.app.common.grid import RunGrid
 from advfunc.app.common.robustness import worst_case
 from advfunc.app.decoder import smollm2
 from advfunc.app.decoder.data import ROTTEN_TOMATOES_ANSWERS, Answers, Prompts, batch, prompts
 from advfunc.app.decoder.evaluate import DecoderVictim, correct, robust_accuracy
-from advfunc.app.word_attacks.victim import add_synonym_flags, synonym_attack, synonym_config
 from advfunc.app.word_attacks.synonym_attack import SynonymAttackConfig
+from advfunc.app.word_attacks.victim import add_synonym_flags, synonym_attack, synonym_config
 from advfunc.core.completion import ADV_LABELS
 from advfunc.methods import registry
 
