@@ -377,6 +377,30 @@ def _config_changes(saved: Mapping[str, Any], config: TrainConfig) -> list[str]:
     return [f"{key}: checkpoint {saved.get(key)!r}, now {now[key]!r}" for key in now if saved.get(key) != now[key]]
 
 
+def _resumed_losses(output: Path | None, config: TrainConfig, fingerprint: str, processes: int) -> list[float]:
+    """The losses of the checkpoint in ``output``; ``CheckpointError`` unless it has these settings and data."""
+    assert output is not None
+    saved = checkpoint.read_state(output)
+    if saved is None:
+        raise checkpoint.CheckpointError(f"{output} holds no advfunc checkpoint to resume")
+    if saved.get("format") != FORMAT:
+        raise checkpoint.CheckpointError(
+            f"{output} was written by another advfunc version (checkpoint format {saved.get('format')!r}, "
+            f"this one reads {FORMAT}); train again without --resume"
+        )
+    changes = _config_changes(saved.get("config", {}), config)
+    if saved.get("data") != fingerprint:
+        changes.append("the training data differ")
+    if saved.get("processes") != processes:
+        changes.append(f"processes: checkpoint {saved.get('processes')!r}, now {processes}")
+    if changes:
+        raise checkpoint.CheckpointError(
+            f"cannot resume {output}: the settings differ from the checkpoint's ({'; '.join(changes)}); "
+            "resume with the same settings, or train into a new --output"
+        )
+    return list(saved.get("losses", []))
+
+
 def train(
     model: nn.Module,
     tokenizer: Any,
@@ -410,28 +434,7 @@ def train(
     if resume and output is None:
         raise ValueError("resume needs the checkpoint directory (output)")
     arguments = arguments or training_arguments(config, output)
-    losses: list[float] = []
-    if resume:
-        assert output is not None
-        saved = checkpoint.read_state(output)
-        if saved is None:
-            raise checkpoint.CheckpointError(f"{output} holds no advfunc checkpoint to resume")
-        if saved.get("format") != FORMAT:
-            raise checkpoint.CheckpointError(
-                f"{output} was written by another advfunc version (checkpoint format {saved.get('format')!r}, "
-                f"this one reads {FORMAT}); train again without --resume"
-            )
-        changes = _config_changes(saved.get("config", {}), config)
-        if saved.get("data") != data_fingerprint:
-            changes.append("the training data differ")
-        if saved.get("processes") != arguments.world_size:
-            changes.append(f"processes: checkpoint {saved.get('processes')!r}, now {arguments.world_size}")
-        if changes:
-            raise checkpoint.CheckpointError(
-                f"cannot resume {output}: the settings differ from the checkpoint's ({'; '.join(changes)}); "
-                "resume with the same settings, or train into a new --output"
-            )
-        losses = list(saved.get("losses", []))
+    losses = _resumed_losses(output, config, data_fingerprint, arguments.world_size) if resume else []
     done = len(losses)
     result = TrainResult(spec.label, done, 0, done, 0.0, losses)
     state = {

@@ -114,17 +114,59 @@ def cell(stats: Mapping[str, float] | None, digits: int = 3, signed: bool = Fals
     return f"{stats['mean']:{'+' if signed else ''}.{digits}f} ± {stats['std']:.{digits}f}"
 
 
+Column = tuple[str, str, int]  # (title, metric, digits)
+
+
+def _columns(info: Mapping[str, Any], paired: bool = False) -> list[Column]:
+    """The table's accuracy columns (and, unpaired, the attack and time ones) for the attacks that ran."""
+    radii = [str(r) for r in info["attack"]["radii"]]
+    budgets = range(1, info["attack"]["hotflip_budget"] + 1)
+    columns = [("clean acc (test)" if not paired else "clean", "clean", 3)]
+    columns += [(f"PGD r={r}", f"pgd@{r}", 3) for r in radii]
+    columns += [(f"HotFlip ≤{b}", f"hotflip@{b}", 3) for b in (budgets[-1:] if paired else budgets)]
+    if paired:
+        return [*columns, ("synonym acc", "synonym", 3), ("worst case", "worst_case", 3)]
+    columns += [("synonym acc", "synonym", 3), ("synonym success", "synonym_success", 3)]
+    columns += [("words changed", "synonym_changed", 3), ("queries", "synonym_queries", 1)]
+    return [
+        *columns,
+        ("word worst case", "worst_case", 3),
+        ("s / step", "seconds_per_step", 2),
+        ("steps / s", "steps_per_second", 2),
+    ]
+
+
+def _table(summary: Mapping[str, Mapping[str, Stats]], columns: list[Column], signed: bool = False) -> list[str]:
+    lines = ["| method | seeds | " + " | ".join(title for title, _, _ in columns) + " |"]
+    lines.append("|" + "|".join(["---"] * (len(columns) + 2)) + "|")
+    for method, stats in summary.items():
+        seeds = int(stats["clean"]["n"]) if "clean" in stats else 0
+        cells = [cell(stats.get(key), digits, signed) for _, key, digits in columns]
+        lines.append(f"| `{method}` | {seeds} | " + " | ".join(cells) + " |")
+    return [*lines, ""]
+
+
+def _majority_verdict(majority: float, runs: Sequence[Mapping[str, Any]]) -> str:
+    """Name the runs at or near the majority class: a model that answers one label everywhere looks robust."""
+    clean = {f"`{r['method']}` seed {r['seed']}": r["eval"]["clean_accuracy"] for r in runs}
+    stuck = [name for name, accuracy in clean.items() if accuracy <= majority + 0.005]
+    weak = [name for name, accuracy in clean.items() if majority + 0.005 < accuracy < majority + 0.1 - 1e-9]
+    verdicts = [f"Always answering the most frequent test label scores {majority:.3f}."]
+    if stuck:
+        verdicts.append(f"At that level (did not learn; their robust accuracy means nothing): {', '.join(stuck)}.")
+    if weak:
+        verdicts.append(f"Less than 10 points above it: {', '.join(weak)}.")
+    if not stuck and not weak and clean:
+        verdicts.append(f"Every run is at least 10 points above it (the lowest: {min(clean.values()):.3f}).")
+    return " ".join(verdicts)
+
+
 def markdown(
     summary: Mapping[str, Mapping[str, Mapping[str, float]]],
     info: Mapping[str, Any],
     runs: Sequence[Mapping[str, Any]] = (),
 ) -> str:
-    """The Markdown report: settings, one row per method, and the runs that learned nothing."""
-    radii = [str(r) for r in info["attack"]["radii"]]
-    budgets = [str(b) for b in range(1, info["attack"]["hotflip_budget"] + 1)]
-    head = ["method", "seeds", "clean acc (test)", *[f"PGD r={r}" for r in radii]]
-    head += [f"HotFlip ≤{b}" for b in budgets]
-    head += ["synonym acc", "synonym success", "words changed", "queries", "word worst case", "s / step", "steps / s"]
+    """The Markdown report: settings, one row per method, the runs that learned nothing, paired differences."""
     lines = [
         f"# advfunc {info.get('job', 'compare')}: {info['title']}",
         "",
@@ -140,65 +182,16 @@ def markdown(
         "",
         "Cells are mean ± sample std over seeds. Robust accuracy counts an example as correct only if it is",
         "correct clean and survives every attack up to that radius / budget; the word-level worst case only if it",
-        "survives both HotFlip (full budget) and the synonym attack.",
+        "survives every word-level attack that ran (HotFlip at its full budget and the synonym attack).",
         "",
-        "| " + " | ".join(head) + " |",
-        "|" + "|".join(["---"] * len(head)) + "|",
+        *_table(summary, _columns(info)),
     ]
-    for method, stats in summary.items():
-        seeds = int(stats["clean"]["n"]) if "clean" in stats else 0
-        row = [f"`{method}`", str(seeds), cell(stats.get("clean"))]
-        row += [cell(stats.get(f"pgd@{r}")) for r in radii]
-        row += [cell(stats.get(f"hotflip@{b}")) for b in budgets]
-        row += [cell(stats.get(key)) for key in ("synonym", "synonym_success", "synonym_changed")]
-        row += [cell(stats.get("synonym_queries"), 1), cell(stats.get("worst_case"))]
-        row += [cell(stats.get("seconds_per_step"), 2), cell(stats.get("steps_per_second"), 2)]
-        lines.append("| " + " | ".join(row) + " |")
-    lines.append("")
-    majority = info.get("majority_accuracy")
-    if majority is not None:
-        # A model that answers the most frequent label everywhere looks "robust": no attack can
-        # change its answer. Name such runs so nobody reads them as robustness.
-        stuck = [f"`{r['method']}` seed {r['seed']}" for r in runs if r["eval"]["clean_accuracy"] <= majority + 0.005]
-        # Ten points above it is the least this project calls "learned".
-        weak = [
-            f"`{r['method']}` seed {r['seed']}"
-            for r in runs
-            if majority + 0.005 < r["eval"]["clean_accuracy"] < majority + 0.1 - 1e-9
-        ]
-        lowest = min(r["eval"]["clean_accuracy"] for r in runs)
-        verdicts = [f"Always answering the most frequent test label scores {majority:.3f}."]
-        if stuck:
-            verdicts.append(f"At that level (did not learn; their robust accuracy means nothing): {', '.join(stuck)}.")
-        if weak:
-            verdicts.append(f"Less than 10 points above it: {', '.join(weak)}.")
-        if not stuck and not weak:
-            verdicts.append(f"Every run is at least 10 points above it (the lowest: {lowest:.3f}).")
-        lines.append(" ".join(verdicts))
-        lines.append("")
+    if info.get("majority_accuracy") is not None and runs:
+        lines += [_majority_verdict(info["majority_accuracy"], runs), ""]
     delta = differences(runs)
     if delta:
-        last = f"hotflip@{budgets[-1]}" if budgets else ""
-        compared = ["clean", *[f"pgd@{r}" for r in radii], last, "synonym", "worst_case"]
-        titles = [
-            "clean",
-            *[f"PGD r={r}" for r in radii],
-            last and f"HotFlip ≤{budgets[-1]}",
-            "synonym acc",
-            "worst case",
-        ]
-        kept = [(key, title) for key, title in zip(compared, titles, strict=True) if key]
-        lines += [
-            "Difference to plain fine-tuning (`none`), paired by seed: mean ± sample std of (method − none).",
-            "",
-            "| method | seeds | " + " | ".join(title for _, title in kept) + " |",
-            "|" + "|".join(["---"] * (len(kept) + 2)) + "|",
-        ]
-        for method, stats in delta.items():
-            seeds = int(stats["clean"]["n"]) if "clean" in stats else 0
-            cells = " | ".join(cell(stats.get(key), signed=True) for key, _ in kept)
-            lines.append(f"| `{method}` | {seeds} | {cells} |")
-        lines.append("")
+        lines += ["Difference to plain fine-tuning (`none`), paired by seed: mean ± sample std of (method − none).", ""]
+        lines += _table(delta, _columns(info, paired=True), signed=True)
     examples = [(r, e) for r in runs for e in (r["eval"].get("synonym") or {}).get("examples", [])][:5]
     if examples:
         lines += ["Successful synonym substitutions (original → changed, label → prediction):", ""]
@@ -218,44 +211,28 @@ def plot(summary: Mapping[str, Mapping[str, Mapping[str, float]]], info: Mapping
     matplotlib.use("Agg")  # no display on a server; must precede pyplot
     from matplotlib import pyplot as plt
 
-    radii = [float(r) for r in info["attack"]["radii"]]
-    budgets = list(range(0, info["attack"]["hotflip_budget"] + 1))
-    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.2))
-    for method, stats in summary.items():
-        if "attack_clean" not in stats:
-            continue
-        base = stats["attack_clean"]
-        series = [base] + [stats.get(f"pgd@{r}") for r in info["attack"]["radii"]]
-        xs = [0.0, *radii]
-        points = [(x, s) for x, s in zip(xs, series, strict=True) if s is not None]
-        left.errorbar(
-            [x for x, _ in points],
-            [s["mean"] for _, s in points],
-            yerr=[s["std"] for _, s in points],
-            marker="o",
-            capsize=3,
-            label=method,
-        )
-        flips = [base] + [stats.get(f"hotflip@{b}") for b in budgets[1:]]
-        pairs = [(b, s) for b, s in zip(budgets, flips, strict=True) if s is not None]
-        right.errorbar(
-            [b for b, _ in pairs],
-            [s["mean"] for _, s in pairs],
-            yerr=[s["std"] for _, s in pairs],
-            marker="o",
-            capsize=3,
-            label=method,
-        )
-    left.set_xlabel("embedding PGD radius (L2 per example)")
-    left.set_ylabel("accuracy")
-    left.set_title("Embedding-space PGD")
-    right.set_xlabel("changed words (HotFlip budget)")
-    right.set_title("Word substitution (HotFlip)")
-    right.set_xticks(budgets)
-    for axis in (left, right):
+    radii = info["attack"]["radii"]
+    budgets = list(range(1, info["attack"]["hotflip_budget"] + 1))
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+    panels = [
+        (axes[0], [0.0, *map(float, radii)], [f"pgd@{r}" for r in radii], "embedding PGD radius (L2 per example)"),
+        (axes[1], [0, *budgets], [f"hotflip@{b}" for b in budgets], "changed words (HotFlip budget)"),
+    ]
+    for axis, xs, keys, label in panels:
+        for method, stats in summary.items():
+            series = [stats.get(key) for key in ("attack_clean", *keys)]
+            points = [(x, s) for x, s in zip(xs, series, strict=True) if s is not None]
+            if points:
+                means, stds = [s["mean"] for _, s in points], [s["std"] for _, s in points]
+                axis.errorbar([x for x, _ in points], means, yerr=stds, marker="o", capsize=3, label=method)
+        axis.set_xlabel(label)
         axis.set_ylim(0, 1)
         axis.grid(alpha=0.3)
-    left.legend(fontsize=8)
+    axes[0].set_ylabel("accuracy")
+    axes[0].set_title("Embedding-space PGD")
+    axes[1].set_title("Word substitution (HotFlip)")
+    axes[1].set_xticks([0, *budgets])
+    axes[0].legend(fontsize=8)
     fig.suptitle(f"{info['title']}: mean ± std over seeds, {info['attack']['examples']} test examples", fontsize=10)
     fig.tight_layout()
     buffer = io.BytesIO()

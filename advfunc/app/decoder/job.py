@@ -41,7 +41,7 @@ from advfunc.app.classify.evaluate import AttackConfig
 from advfunc.app.classify.train import TrainConfig, training_arguments
 from advfunc.app.common import report
 from advfunc.app.common.data import TextDataset, add_data_flags, pad_id, select_splits
-from advfunc.app.common.flags import COUNT, NATURAL, add_fields, option
+from advfunc.app.common.flags import COUNT, NATURAL, add_fields, build, option
 from advfunc.app.common.grid import RunGrid
 from advfunc.app.common.robustness import worst_case
 from advfunc.app.decoder import smollm2
@@ -73,30 +73,26 @@ class DecoderError(ValueError):
 
 @dataclasses.dataclass(frozen=True)
 class Settings:
-    """Everything that decides a run's numbers besides method and seed (the key a resumed run is matched by)."""
+    """Everything that decides a run's numbers besides method and seed (the key a resumed run is matched by).
+
+    The fields shared with the classifier commands take their flags from :class:`TrainConfig`
+    and :class:`AttackConfig`, with the decoder's defaults; the last two are the decoder's own.
+    """
 
     train_size: int
     test_size: int
     attack_examples: int
-    synonym_examples: int
     epochs: int
     batch_size: int
     lr: float
     warmup_ratio: float
     max_grad_norm: float
-    lora_r: int
     max_length: int
     radii: tuple[float, ...]
     pgd_steps: int
     synonym: SynonymAttackConfig | None
-
-
-@dataclasses.dataclass(frozen=True)
-class DecoderFlags:
-    """The decoder's own settings (the rest are the classifier commands' flags with the decoder's defaults)."""
-
-    lora_r: int = option(8, COUNT, "LoRA rank, alpha = 2·rank")
     synonym_examples: int = option(3, COUNT, "synonym attack on the first N test examples")
+    lora_r: int = option(8, COUNT, "LoRA rank, alpha = 2·rank")
 
 
 def _answer(text: str) -> tuple[str, str]:
@@ -130,10 +126,10 @@ def add_commands(subparsers: Any) -> None:
     )
     train = p.add_argument_group("training")
     add_fields(train, TrainConfig, only=TRAINING_DEFAULTS, defaults=TRAINING_DEFAULTS)
-    add_fields(train, DecoderFlags, only=("lora_r",))
+    add_fields(train, Settings, only=("lora_r",))
     attack = p.add_argument_group("attacks")
     add_fields(attack, AttackConfig, only=(*ATTACK_DEFAULTS, "encoder"), defaults=ATTACK_DEFAULTS)
-    add_fields(attack, DecoderFlags, only=("synonym_examples",))
+    add_fields(attack, Settings, only=("synonym_examples",))
     add_synonym_flags(attack, defaults={"query_budget": 40, "max_candidates": 10})
     p.set_defaults(handler=run_decoder)
 
@@ -270,13 +266,9 @@ def _recorded_command(argv: Sequence[str]) -> str:
 
 def _settings(args: argparse.Namespace) -> Settings:
     """The run settings from the flags, checked before any work."""
-    synonym = synonym_config(args)
-    return Settings(
-        train_size=args.train_size, test_size=args.test_size, attack_examples=args.examples,
-        synonym_examples=args.synonym_examples, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
-        warmup_ratio=args.warmup_ratio, max_grad_norm=args.max_grad_norm, lora_r=args.lora_r,
-        max_length=args.max_length, radii=tuple(sorted(args.radii)), pgd_steps=args.pgd_steps, synonym=synonym,
-    )  # fmt: skip
+    radii = tuple(sorted(args.radii))
+    settings: Settings = build(Settings, args, attack_examples=args.examples, radii=radii, synonym=synonym_config(args))
+    return settings
 
 
 def _info(args: argparse.Namespace, settings: Settings, folder: Path, answers: Answers, sizes: str) -> dict[str, Any]:
