@@ -428,14 +428,14 @@ def run_compare(args: argparse.Namespace) -> int:
             torch.distributed.barrier(group=waiting[0])
         return None if evaluated is None else {"train": _training_summary(trained), "eval": evaluated.as_dict()}
 
-    def write(runs: list[dict[str, Any]]) -> None:
+    def write(runs: list[dict[str, Any]]) -> list[Path]:
         info.update(finished_runs=len(runs), elapsed_minutes=(time.perf_counter() - started) / 60)
-        paths = report.write(output, runs, info)
-        log.info("report: %s (%.1f min)", ", ".join(str(p) for p in paths), info["elapsed_minutes"])
+        return report.write(output, runs, info)
 
     runs = grid.run(one, write)
     if reporting:
-        write(runs)
+        paths = write(runs)
+        log.info("report: %s (%.1f min)", ", ".join(str(p) for p in paths), info["elapsed_minutes"])
     if waiting and waiting[0] is not None:
         torch.distributed.barrier(group=waiting[0])
     return 0

@@ -71,7 +71,7 @@ class RunGrid:
     def planned(self) -> int:
         return len(self.methods) * len(self.seeds)
 
-    def run(self, one: Callable[[MethodSpec, int], Run | None], report: Callable[[list[Run]], None]) -> list[Run]:
+    def run(self, one: Callable[[MethodSpec, int], Run | None], report: Callable[[list[Run]], Any]) -> list[Run]:
         """Every run not done yet, the report after each; the finished runs in grid order."""
         runs: list[Run] = []
         new = 0

@@ -347,10 +347,11 @@ def run_decoder(args: argparse.Namespace) -> int:
         model, trained = fine_tune(folder, answers, train_data, text, seed, settings, not args.no_progress)
         return {"train": trained, "eval": evaluate(model, tokenizer, answers, test_set, test, settings, args.encoder)}
 
-    def write(runs: list[dict[str, Any]]) -> None:
+    def write(runs: list[dict[str, Any]]) -> list[Path]:
         info["finished_runs"] = len(runs)
-        paths = report.write(args.output, runs, info)
-        log.info("report: %s (%d of %d runs)", ", ".join(str(p) for p in paths), len(runs), grid.planned)
+        return report.write(args.output, runs, info)
 
-    write(grid.run(one, write))
+    runs = grid.run(one, write)
+    paths = write(runs)
+    log.info("report: %s (%d of %d runs)", ", ".join(str(p) for p in paths), len(runs), grid.planned)
     return 0
