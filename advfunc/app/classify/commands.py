@@ -40,7 +40,7 @@ from advfunc.app.common.data import (
 )
 from advfunc.app.common.flags import COUNT, NATURAL, add_fields, build
 from advfunc.app.common.grid import RunGrid
-from advfunc.app.word_attacks.victim import add_synonym_flags, synonym_config
+from advfunc.app.word_attacks.victim import add_synonym_flags, describe_synonym_attack, synonym_config
 from advfunc.methods import registry
 
 log = logging.getLogger("advfunc")
@@ -358,7 +358,7 @@ def _compare_info(args: argparse.Namespace, run: _Comparison, grid: RunGrid, dat
         "attack_text": (
             f"embedding-output L2 PGD, {attack.pgd_steps} steps, radii {list(attack.radii)}; HotFlip up to "
             f"{attack.hotflip_budget} words among {attack.neighbours} embedding neighbours"
-            + ("" if synonym is None else f"; {_synonym_text(synonym)}")
+            + ("" if synonym is None else f"; {describe_synonym_attack(synonym)}")
             + "."
         ),
         "majority_accuracy": report.majority_accuracy(run.test_set.labels),
@@ -367,14 +367,6 @@ def _compare_info(args: argparse.Namespace, run: _Comparison, grid: RunGrid, dat
         "planned_runs": grid.planned,
         "machine": report.machine(),
     }
-
-
-def _synonym_text(synonym: Any) -> str:
-    return (
-        f"WordNet synonym substitution ({synonym.order} word order, at most {synonym.max_change:.0%} of the words, "
-        f"{synonym.max_candidates} synonyms per word, {synonym.query_budget} queries, sentence cosine >= "
-        f"{synonym.similarity:g})"
-    )
 
 
 def run_compare(args: argparse.Namespace) -> int:

@@ -8,6 +8,7 @@ is counted as survivors over increasing radii (:mod:`advfunc.app.common.robustne
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -30,15 +31,19 @@ def answer_logits(logits: torch.Tensor, labels: torch.Tensor, answers: Answers) 
     return at[:, list(answers.first)].float()
 
 
-def correct(model: nn.Module, data: Prompts, answers: Answers, pad: int, batch_size: int = 32) -> torch.Tensor:
-    """[N] bool: whether the model answers each prompt with its class's answer (eval mode, no gradients)."""
+def answer_scores(model: nn.Module, data: Prompts, answers: Answers, pad: int, batch_size: int = 32) -> torch.Tensor:
+    """[N, 2] the two answers' first-token logits after each prompt (eval mode, no gradients)."""
     found = []
     with EvalMode(model), torch.inference_mode():
         for indices in chunks(list(range(len(data))), batch_size):
             inputs = batch(data, answers, indices, pad, adversary=False)
-            choice = answer_logits(model(**inputs).logits, inputs["labels"], answers).argmax(-1)  # [B]
-            found.append(choice == torch.tensor([data.classes[i] for i in indices]))
+            found.append(answer_logits(model(**inputs).logits, inputs["labels"], answers))
     return torch.cat(found)
+
+
+def correct(model: nn.Module, data: Prompts, answers: Answers, pad: int, batch_size: int = 32) -> torch.Tensor:
+    """[N] bool: whether the model answers each prompt with its class's answer."""
+    return answer_scores(model, data, answers, pad, batch_size).argmax(-1).cpu() == torch.tensor(data.classes)
 
 
 def prompt_pgd(
@@ -85,29 +90,20 @@ def robust_accuracy(
     return float(clean.float().mean()), robust
 
 
+@dataclass(frozen=True)
 class DecoderVictim:
     """A causal LM as the two-class classifier the synonym attack queries: ``[N] texts -> [N, 2]``.
 
     Each text is put in the prompt the model was trained on; the class probabilities are
-    the softmax of the two answers' first-token logits (eval mode, no gradients).
+    the softmax of the two answers' first-token logits.
     """
 
-    def __init__(
-        self, model: nn.Module, tokenizer: Any, answers: Answers, max_length: int, pad: int, batch_size: int = 32
-    ) -> None:
-        self.model = model
-        self.tokenizer = tokenizer
-        self.answers = answers
-        self.max_length = max_length
-        self.pad = pad
-        self.batch_size = batch_size
+    model: nn.Module
+    tokenizer: Any
+    answers: Answers
+    max_length: int
+    pad: int
 
     def __call__(self, texts: Sequence[str]) -> torch.Tensor:
         data = prompts(texts, [0] * len(texts), self.tokenizer, self.answers, self.max_length)
-        found = []
-        with EvalMode(self.model), torch.inference_mode():
-            for indices in chunks(list(range(len(data))), self.batch_size):
-                inputs = batch(data, self.answers, indices, self.pad, adversary=False)
-                logits = answer_logits(self.model(**inputs).logits, inputs["labels"], self.answers)
-                found.append(torch.softmax(logits, dim=-1))
-        return torch.cat(found)
+        return torch.softmax(answer_scores(self.model, data, self.answers, self.pad), dim=-1)

@@ -48,7 +48,7 @@ from advfunc.app.decoder import smollm2
 from advfunc.app.decoder.data import ROTTEN_TOMATOES_ANSWERS, Answers, Prompts, batch, prompts
 from advfunc.app.decoder.evaluate import DecoderVictim, correct, robust_accuracy
 from advfunc.app.word_attacks.synonym_attack import SynonymAttackConfig
-from advfunc.app.word_attacks.victim import add_synonym_flags, synonym_attack, synonym_config
+from advfunc.app.word_attacks.victim import add_synonym_flags, describe_synonym_attack, synonym_attack, synonym_config
 from advfunc.core.completion import ADV_LABELS
 from advfunc.methods import registry
 
@@ -297,9 +297,7 @@ def _info(args: argparse.Namespace, settings: Settings, folder: Path, answers: A
             + (
                 ""
                 if synonym is None
-                else f"; WordNet synonym substitution on the first {settings.synonym_examples} "
-                f"(at most {synonym.max_change:.0%} of the words, {synonym.max_candidates} synonyms per word, "
-                f"{synonym.query_budget} queries, sentence cosine >= {synonym.similarity:g})"
+                else f"; {describe_synonym_attack(synonym)} on the first {settings.synonym_examples}"
             )
             + "."
         ),

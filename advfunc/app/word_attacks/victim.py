@@ -176,3 +176,12 @@ def synonym_config(args: Any) -> SynonymAttackConfig | None:
     config: SynonymAttackConfig = build(SynonymAttackConfig, args, prefix="synonym_")
     config.check()
     return config
+
+
+def describe_synonym_attack(config: SynonymAttackConfig) -> str:
+    """The attack and its constraints in a phrase, for a report."""
+    return (
+        f"WordNet synonym substitution ({config.order} word order, at most {config.max_change:.0%} of the words, "
+        f"{config.max_candidates} synonyms per word, {config.query_budget} queries, sentence cosine >= "
+        f"{config.similarity:g})"
+    )
