@@ -136,7 +136,9 @@ def _columns(info: Mapping[str, Any], paired: bool = False) -> list[Column]:
     ]
 
 
-def _table(summary: Mapping[str, Mapping[str, Stats]], columns: list[Column], signed: bool = False) -> list[str]:
+def _table(
+    summary: Mapping[str, Mapping[str, Mapping[str, float]]], columns: list[Column], signed: bool = False
+) -> list[str]:
     lines = ["| method | seeds | " + " | ".join(title for title, _, _ in columns) + " |"]
     lines.append("|" + "|".join(["---"] * (len(columns) + 2)) + "|")
     for method, stats in summary.items():
@@ -214,9 +216,9 @@ def plot(summary: Mapping[str, Mapping[str, Mapping[str, float]]], info: Mapping
     radii = info["attack"]["radii"]
     budgets = list(range(1, info["attack"]["hotflip_budget"] + 1))
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
-    panels = [
+    panels: list[tuple[Any, list[float], list[str], str]] = [
         (axes[0], [0.0, *map(float, radii)], [f"pgd@{r}" for r in radii], "embedding PGD radius (L2 per example)"),
-        (axes[1], [0, *budgets], [f"hotflip@{b}" for b in budgets], "changed words (HotFlip budget)"),
+        (axes[1], [0.0, *map(float, budgets)], [f"hotflip@{b}" for b in budgets], "changed words (HotFlip budget)"),
     ]
     for axis, xs, keys, label in panels:
         for method, stats in summary.items():
