@@ -70,6 +70,12 @@ def test_every_synonym_attack_field_is_a_flag_and_round_trips(command):
     assert synonym_config(build_parser().parse_args([*words, "--no-synonym"])) is None
 
 
+def test_the_decoder_refuses_the_gradient_word_order_before_any_work(tmp_path, capsys):
+    assert main(["decoder", "--word-order", "gradient", "--output", str(tmp_path / "out")]) == 2
+    assert "--word-order gradient" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
 def test_the_training_and_attack_flags_build_their_configs(task):
     args = build_parser().parse_args(
         ["train", "--output", "o", "--epochs", "3", "--head-lr", "0.01", "--pooling", "mean"]

@@ -266,8 +266,11 @@ def _recorded_command(argv: Sequence[str]) -> str:
 
 def _settings(args: argparse.Namespace) -> Settings:
     """The run settings from the flags, checked before any work."""
+    synonym = synonym_config(args)
+    if synonym is not None and synonym.order == "gradient":
+        raise ValueError("--word-order gradient reads a classifier's loss gradient; the decoder job takes delete")
     radii = tuple(sorted(args.radii))
-    settings: Settings = build(Settings, args, attack_examples=args.examples, radii=radii, synonym=synonym_config(args))
+    settings: Settings = build(Settings, args, attack_examples=args.examples, radii=radii, synonym=synonym)
     return settings
 
 
