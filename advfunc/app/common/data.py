@@ -427,8 +427,9 @@ def add_data_flags(
     tokens = flags.number(int, 2)
     group.add_argument("--max-length", type=tokens, default=max_length, help="tokens (default: %(default)s)")
     if splits:
-        group.add_argument("--train-size", type=flags.COUNT, default=train_size, help="first N training examples")
-        group.add_argument("--test-size", type=flags.COUNT, default=test_size, help="first N test examples")
+        for flag, default, what in (("--train-size", train_size, "training"), ("--test-size", test_size, "test")):
+            shown = "" if default is None else " (default: %(default)s)"
+            group.add_argument(flag, type=flags.COUNT, default=default, help=f"first N {what} examples{shown}")
     return group
 
 
