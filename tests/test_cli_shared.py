@@ -15,7 +15,7 @@ from advfunc.app.classify.evaluate import AttackConfig
 from advfunc.app.classify.train import TrainConfig
 from advfunc.app.cli import build_parser, main
 from advfunc.app.common.flags import build
-from advfunc.app.common.grid import RunGrid, run_file_name
+from advfunc.app.common.grid import RunGrid, read_run, run_file_name
 from advfunc.app.word_attacks.synonym_attack import SynonymAttackConfig
 from advfunc.app.word_attacks.victim import synonym_config
 from advfunc.methods import registry
@@ -109,6 +109,19 @@ def test_the_grid_runs_each_pair_once_stops_after_n_and_resumes(tmp_path):
         RunGrid(tmp_path, methods, [1, 1], lambda spec, seed: {})
     with pytest.raises(ValueError, match="--methods lists one run twice"):
         RunGrid(tmp_path, [methods[0], registry.parse_method("none")], [0], lambda spec, seed: {})
+
+
+def test_run_files_of_the_earlier_reports_are_read_in_the_shared_form(tmp_path):
+    old_decoder = {"method": "none", "seed": 0, "eval": {"answer_accuracy": 0.7, "pgd": {"0.1": 0.5}, "seconds": 3.0}}
+    old_decoder["train"] = {"seconds_per_step": 1.5, "seconds": 6.0}
+    old_classifier = {"method": "none", "seed": 1, "eval": {"clean_accuracy": 0.8, "robust": {"0.1": 0.6}}}
+    old_classifier["train"] = {"time_per_step": 2.0, "seconds": 8.0}
+    for name, run in (("a.json", old_decoder), ("b.json", old_classifier)):
+        (tmp_path / name).write_text(json.dumps(run))
+    decoder, classifier = read_run(tmp_path / "a.json"), read_run(tmp_path / "b.json")
+    assert decoder["eval"]["clean_accuracy"] == 0.7 and decoder["eval"]["robust"] == {"0.1": 0.5}
+    assert classifier["train"]["seconds_per_step"] == 2.0 and classifier["eval"]["robust"] == {"0.1": 0.6}
+    assert "answer_accuracy" not in decoder["eval"] and "time_per_step" not in classifier["train"]
 
 
 def test_compare_stops_after_n_runs_and_reports_the_worst_case(task, tmp_path, capsys):

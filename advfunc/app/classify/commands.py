@@ -72,8 +72,14 @@ _COMPARED = (
     "pgd:alpha=0.04,epsilon=0.1,steps=3,target=embeds",
     "freelb",
 )
-SHORT = Preset("short", _COMPARED, (0, 1), 384, 300, 24, 1e-4, 16, False, 1e-2, "mean", (0.05, 0.1, 0.2))
-FULL = Preset("full", _COMPARED, (0, 1, 2), None, None, None, 1e-4, 32, True, 1e-3, "mean")
+SHORT = Preset(
+    "short", _COMPARED, seeds=(0, 1), train_size=384, test_size=300, attack_examples=24, lr=1e-4, batch_size=16,
+    synonym=False, head_lr=1e-2, pooling="mean", radii=(0.05, 0.1, 0.2),
+)  # fmt: skip
+FULL = Preset(
+    "full", _COMPARED, seeds=(0, 1, 2), train_size=None, test_size=None, attack_examples=None, lr=1e-4,
+    batch_size=32, synonym=True, head_lr=1e-3, pooling="mean",
+)  # fmt: skip
 _PRESET_FIELDS = ("batch_size", "lr", "head_lr", "pooling")
 
 

@@ -108,14 +108,6 @@ class TrainResult:
     def steps_run(self) -> int:
         return self.step - self.resumed_from
 
-    @property
-    def time_per_step(self) -> float:
-        return self.seconds / self.steps_run if self.steps_run else float("nan")
-
-    @property
-    def steps_per_second(self) -> float:
-        return self.steps_run / self.seconds if self.seconds > 0 else float("nan")
-
 
 def make_optimizer(model: nn.Module, lr: float, weight_decay: float, head_lr: float | None = None) -> torch.optim.AdamW:
     """AdamW over the trainable parameters; no decay on biases and LayerNorm weights (BERT recipe).

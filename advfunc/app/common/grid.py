@@ -24,13 +24,25 @@ log = logging.getLogger("advfunc")
 Run = dict[str, Any]
 
 
+# Run files written before the two jobs shared one report name three fields their own way.
+_RENAMED = {
+    "eval": {"answer_accuracy": "clean_accuracy", "pgd": "robust"},
+    "train": {"time_per_step": "seconds_per_step"},
+}
+
+
 def read_run(path: Path) -> Run | None:
     """A finished run's saved JSON object, or None when the file is missing, unreadable or not an object."""
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, json.JSONDecodeError):
         return None
-    return data if isinstance(data, dict) else None
+    if not isinstance(data, dict):
+        return None
+    for part, renamed in _RENAMED.items():
+        if isinstance(data.get(part), dict):
+            data[part] = {renamed.get(key, key): value for key, value in data[part].items()}
+    return data
 
 
 def refuse_repeats(flag: str, shown: Sequence[Any], identities: Sequence[Any]) -> None:

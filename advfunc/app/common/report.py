@@ -46,13 +46,13 @@ def _metrics(run: Mapping[str, Any]) -> dict[str, float]:
     flat = {
         "clean": evaluation["clean_accuracy"],
         "attack_clean": evaluation["attack_clean_accuracy"],
-        "seconds_per_step": training.get("seconds_per_step", training.get("time_per_step", math.nan)),
+        "seconds_per_step": training.get("seconds_per_step", math.nan),
         "steps_per_second": training.get("steps_per_second", math.nan),
         "train_minutes": training["seconds"] / 60,
         "eval_minutes": evaluation.get("seconds", math.nan) / 60,
     }
     flat.update({f"pgd@{r}": a for r, a in evaluation["robust"].items()})
-    flat.update({f"hotflip@{b}": a for b, a in evaluation["hotflip"].items()})
+    flat.update({f"hotflip@{b}": a for b, a in evaluation.get("hotflip", {}).items()})
     synonym = evaluation.get("synonym")
     if synonym is not None:
         flat["synonym"] = synonym["accuracy_under_attack"]
