@@ -336,7 +336,8 @@ def _resolve(args: argparse.Namespace, methods: list[registry.MethodSpec]) -> tu
     for spec in methods:  # every factory checks its values now, not when its turn comes hours later
         registry.build_step(spec, probe.model)
     examples = args.examples or preset.attack_examples or len(test_set)
-    attack = _attack_config(args, radii=tuple(args.radii or preset.radii), examples=examples)
+    radii, batch_size = tuple(args.radii or preset.radii), args.batch_size or preset.batch_size  # attack as trained
+    attack = _attack_config(args, radii=radii, examples=examples, batch_size=batch_size)
     if not (args.synonym or preset.synonym):
         attack = dataclasses.replace(attack, synonym=None)
     train_data, test_data = (_encode(s, probe, args.max_length) for s in (train_set, test_set))
