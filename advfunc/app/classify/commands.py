@@ -39,7 +39,7 @@ from advfunc.app.common.data import (
     select_splits,
 )
 from advfunc.app.common.flags import COUNT, NATURAL, add_fields, build
-from advfunc.app.common.grid import RunGrid
+from advfunc.app.common.grid import RunGrid, add_grid_flags
 from advfunc.app.word_attacks.victim import add_synonym_flags, describe_synonym_attack, synonym_config
 from advfunc.methods import registry
 
@@ -129,10 +129,7 @@ def add_commands(commands: Any) -> None:
     size.add_argument("--full", action="store_true", help="the full comparison (see docs); default: a short one")
     size.add_argument("--quick", action="store_true", help="the short comparison (the default), a few minutes")
     c.add_argument("--model", type=Path, help="local Hugging Face model directory (default: all-MiniLM-L6-v2)")
-    c.add_argument("--methods", nargs="+", help="method specs (default: none, fgm, pgd, freelb; see docs)")
-    c.add_argument("--seeds", type=NATURAL, nargs="+", help="seeds (default: 0 1; --full: 0 1 2)")
-    c.add_argument("--output", "--out", type=Path, help="report folder (default: runs/compare-short or -full)")
-    c.add_argument("--stop-after", type=COUNT, help="stop after N new runs (run the command again to go on)")
+    add_grid_flags(c, methods=None, seeds=None, output=None)  # None: the preset's (runs/compare-PRESET)
     add_data_flags(c, max_length=64)
     _training_flags(c, preset=True)
     _attack_flags(c, preset=True)

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from advfunc.app.common import atomic
+from advfunc.app.common.flags import COUNT, NATURAL
 from advfunc.methods.registry import MethodSpec
 
 log = logging.getLogger("advfunc")
@@ -29,6 +30,22 @@ _RENAMED = {
     "eval": {"answer_accuracy": "clean_accuracy", "pgd": "robust"},
     "train": {"time_per_step": "seconds_per_step"},
 }
+
+
+def add_grid_flags(
+    parser: Any, *, methods: Sequence[str] | None, seeds: Sequence[int] | None, output: Path | None
+) -> None:
+    """The grid's flags: methods, seeds, the report folder and ``--stop-after`` (None defaults: the preset's)."""
+
+    def default(value: Any) -> str:
+        shown = " ".join(map(str, value)) if isinstance(value, Sequence) else value
+        return " (default: the preset's)" if value is None else f" (default: {shown})"
+
+    listed = {"methods": None if methods is None else list(methods), "seeds": None if seeds is None else list(seeds)}
+    parser.add_argument("--methods", nargs="+", default=listed["methods"], help="method specs" + default(methods))
+    parser.add_argument("--seeds", type=NATURAL, nargs="+", default=listed["seeds"], help="seeds" + default(seeds))
+    parser.add_argument("--output", "--out", type=Path, default=output, help="report folder" + default(output))
+    parser.add_argument("--stop-after", type=COUNT, help="stop after N new runs (run the command again to go on)")
 
 
 def read_run(path: Path) -> Run | None:

@@ -41,8 +41,8 @@ from advfunc.app.classify.evaluate import AttackConfig
 from advfunc.app.classify.train import TrainConfig, training_arguments
 from advfunc.app.common import report
 from advfunc.app.common.data import TextDataset, add_data_flags, pad_id, select_splits
-from advfunc.app.common.flags import COUNT, NATURAL, add_fields, build, option
-from advfunc.app.common.grid import RunGrid
+from advfunc.app.common.flags import COUNT, add_fields, build, option
+from advfunc.app.common.grid import RunGrid, add_grid_flags
 from advfunc.app.common.robustness import worst_case
 from advfunc.app.decoder import smollm2
 from advfunc.app.decoder.data import ROTTEN_TOMATOES_ANSWERS, Answers, Prompts, batch, prompts
@@ -112,10 +112,7 @@ def add_commands(subparsers: Any) -> None:
         "prompt-embedding PGD and synonym substitution; write results.md and results.json.",
     )
     p.add_argument("--model", type=Path, help="causal LM folder (default: the converted SmolLM2-135M-Instruct)")
-    p.add_argument("--methods", nargs="+", default=list(DEFAULT_METHODS), help="method specs (see `advfunc methods`)")
-    p.add_argument("--seeds", type=NATURAL, nargs="+", default=[0, 1, 2], help="seeds (default: 0 1 2)")
-    p.add_argument("--output", "--out", type=Path, default=Path("runs/decoder-short"), help="report folder")
-    p.add_argument("--stop-after", type=COUNT, help="stop after N new runs (run the command again to go on)")
+    add_grid_flags(p, methods=DEFAULT_METHODS, seeds=(0, 1, 2), output=Path("runs/decoder-short"))
     data = add_data_flags(p, max_length=32, train_size=40, test_size=128, pairs=False)
     data.add_argument(
         "--answer",
