@@ -17,10 +17,10 @@ import torch
 from safetensors.torch import load_file as load_safetensors
 from transformers import BertTokenizerFast
 
-from advfunc.app import atomic, checkpoint
+from advfunc.app.classify.evaluate import embedding_pgd
 from advfunc.app.cli import main
-from advfunc.app.data import DataError, Labels, encode, load_file
-from advfunc.app.evaluate import embedding_pgd
+from advfunc.app.common import atomic, checkpoint
+from advfunc.app.common.data import DataError, Labels, encode, load_file
 from advfunc.core.params import params_of
 from tests.support.tiny_task import save_tiny_model, sentences, write_csv
 

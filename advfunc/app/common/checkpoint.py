@@ -1,11 +1,11 @@
-"""Loading models, and reading the checkpoints that :mod:`advfunc.app.train` writes.
+"""Loading models, and reading the checkpoints that :mod:`advfunc.app.classify.train` writes.
 
 A checkpoint is a directory that ``AutoModelForSequenceClassification.from_pretrained``
 reads (config, weights, tokenizer) plus the training state Trainer resumes from
 (optimizer, scheduler, random state of each process, ``trainer_state.json``), the
 method's own state and ``advfunc_state.json`` (step, settings, losses, the files it
 holds), written last. The directory is assembled under a temporary name and renamed into
-place (see :mod:`advfunc.app.atomic`), so a run that fails leaves the previous checkpoint
+place (see :mod:`advfunc.app.common.atomic`), so a run that fails leaves the previous checkpoint
 or none.
 """
 
@@ -20,8 +20,8 @@ from typing import Any
 
 from torch import nn
 
-from advfunc.app import mean_pooled
-from advfunc.app.data import Labels
+from advfunc.app.common import mean_pooled
+from advfunc.app.common.data import Labels
 
 log = logging.getLogger("advfunc")
 
@@ -86,7 +86,7 @@ def load(path: str | Path, labels: Labels | None = None, pooling: str = "cls") -
     initialised when the checkpoint's head has other labels or none. Without (evaluation)
     the model must carry a trained head and its labels come from its config.
     ``pooling="mean"`` with ``labels`` puts a fresh head on the mean of the encoder's token
-    states (:mod:`advfunc.app.mean_pooled`) unless the directory already holds such a model;
+    states (:mod:`advfunc.app.common.mean_pooled`) unless the directory already holds such a model;
     a saved model is read as what it is. Never downloads: ``local_files_only``.
     """
     from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer

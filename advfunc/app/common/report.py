@@ -1,7 +1,7 @@
-"""The comparison report: ``results.json``, ``results.md`` (mean ± std over seeds) and a PNG plot.
+"""The report of a comparison, either job's: ``results.json``, ``results.md`` (mean ± std over seeds) and a plot.
 
-Every file is written atomically; the report is rewritten after each finished run, so a
-long comparison shows its progress and a killed one keeps what it finished.
+Every file is written atomically (:mod:`advfunc.app.common.atomic`); the run grid
+rewrites the report after each finished run (:mod:`advfunc.app.common.grid`).
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from advfunc.app import atomic
+from advfunc.app.common import atomic
 
 RESULTS_JSON = "results.json"
 RESULTS_MD = "results.md"
@@ -35,15 +35,6 @@ def machine() -> str:
     )
 
 
-def read_run(path: Path) -> dict[str, Any] | None:
-    """A finished run's saved JSON object, or None when the file is missing, unreadable or not an object."""
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError):
-        return None
-    return data if isinstance(data, dict) else None
-
-
 def _run_minutes(runs: Sequence[Mapping[str, Any]]) -> float:
     """Training plus evaluation time of ``runs``: what the report cost, whichever invocation ran them."""
     return sum(run["train"]["seconds"] + run["eval"]["seconds"] for run in runs) / 60
@@ -55,18 +46,21 @@ def _metrics(run: Mapping[str, Any]) -> dict[str, float]:
     flat = {
         "clean": evaluation["clean_accuracy"],
         "attack_clean": evaluation["attack_clean_accuracy"],
-        "time_per_step": training["time_per_step"],
-        "steps_per_second": training["steps_per_second"],
+        "seconds_per_step": training.get("seconds_per_step", math.nan),
+        "steps_per_second": training.get("steps_per_second", math.nan),
         "train_minutes": training["seconds"] / 60,
+        "eval_minutes": evaluation.get("seconds", math.nan) / 60,
     }
     flat.update({f"pgd@{r}": a for r, a in evaluation["robust"].items()})
-    flat.update({f"hotflip@{b}": a for b, a in evaluation["hotflip"].items()})
+    flat.update({f"hotflip@{b}": a for b, a in evaluation.get("hotflip", {}).items()})
     synonym = evaluation.get("synonym")
     if synonym is not None:
         flat["synonym"] = synonym["accuracy_under_attack"]
         flat["synonym_success"] = synonym["success_rate"]
         flat["synonym_changed"] = synonym["changed_share"]
         flat["synonym_queries"] = synonym["queries"]
+    if evaluation.get("worst_case") is not None:
+        flat["worst_case"] = evaluation["worst_case"]
     if run.get("validation_accuracy") is not None:
         flat["validation"] = run["validation_accuracy"]
     return flat
@@ -120,23 +114,68 @@ def cell(stats: Mapping[str, float] | None, digits: int = 3, signed: bool = Fals
     return f"{stats['mean']:{'+' if signed else ''}.{digits}f} ± {stats['std']:.{digits}f}"
 
 
+Column = tuple[str, str, int]  # (title, metric, digits)
+
+
+def _columns(info: Mapping[str, Any], paired: bool = False) -> list[Column]:
+    """The table's accuracy columns (and, unpaired, the attack and time ones) for the attacks that ran."""
+    radii = [str(r) for r in info["attack"]["radii"]]
+    budgets = range(1, info["attack"]["hotflip_budget"] + 1)
+    columns = [("clean acc (test)" if not paired else "clean", "clean", 3)]
+    columns += [(f"PGD r={r}", f"pgd@{r}", 3) for r in radii]
+    columns += [(f"HotFlip ≤{b}", f"hotflip@{b}", 3) for b in (budgets[-1:] if paired else budgets)]
+    if paired:
+        return [*columns, ("synonym acc", "synonym", 3), ("worst case", "worst_case", 3)]
+    columns += [("synonym acc", "synonym", 3), ("synonym success", "synonym_success", 3)]
+    columns += [("words changed", "synonym_changed", 3), ("queries", "synonym_queries", 1)]
+    return [
+        *columns,
+        ("word worst case", "worst_case", 3),
+        ("s / step", "seconds_per_step", 2),
+        ("steps / s", "steps_per_second", 2),
+    ]
+
+
+def _table(
+    summary: Mapping[str, Mapping[str, Mapping[str, float]]], columns: list[Column], signed: bool = False
+) -> list[str]:
+    lines = ["| method | seeds | " + " | ".join(title for title, _, _ in columns) + " |"]
+    lines.append("|" + "|".join(["---"] * (len(columns) + 2)) + "|")
+    for method, stats in summary.items():
+        seeds = int(stats["clean"]["n"]) if "clean" in stats else 0
+        cells = [cell(stats.get(key), digits, signed) for _, key, digits in columns]
+        lines.append(f"| `{method}` | {seeds} | " + " | ".join(cells) + " |")
+    return [*lines, ""]
+
+
+def _majority_verdict(majority: float, runs: Sequence[Mapping[str, Any]]) -> str:
+    """Name the runs at or near the majority class: a model that answers one label everywhere looks robust."""
+    clean = {f"`{r['method']}` seed {r['seed']}": r["eval"]["clean_accuracy"] for r in runs}
+    stuck = [name for name, accuracy in clean.items() if accuracy <= majority + 0.005]
+    weak = [name for name, accuracy in clean.items() if majority + 0.005 < accuracy < majority + 0.1 - 1e-9]
+    verdicts = [f"Always answering the most frequent test label scores {majority:.3f}."]
+    if stuck:
+        verdicts.append(f"At that level (did not learn; their robust accuracy means nothing): {', '.join(stuck)}.")
+    if weak:
+        verdicts.append(f"Less than 10 points above it: {', '.join(weak)}.")
+    if not stuck and not weak and clean:
+        verdicts.append(f"Every run is at least 10 points above it (the lowest: {min(clean.values()):.3f}).")
+    return " ".join(verdicts)
+
+
 def markdown(
     summary: Mapping[str, Mapping[str, Mapping[str, float]]],
     info: Mapping[str, Any],
     runs: Sequence[Mapping[str, Any]] = (),
 ) -> str:
-    """The Markdown report: settings, one row per method, and the runs that learned nothing."""
-    radii = [str(r) for r in info["attack"]["radii"]]
-    budgets = [str(b) for b in range(1, info["attack"]["hotflip_budget"] + 1)]
-    head = ["method", "seeds", "clean acc (test)", *[f"PGD r={r}" for r in radii]]
-    head += [f"HotFlip ≤{b}" for b in budgets]
-    head += ["synonym acc", "synonym success", "words changed", "queries", "s / step", "steps / s"]
+    """The Markdown report: settings, one row per method, the runs that learned nothing, paired differences."""
     lines = [
-        f"# advfunc compare: {info['title']}",
+        f"# advfunc {info.get('job', 'compare')}: {info['title']}",
         "",
         f"Command: `{info['command']}`",
         "",
         f"Model: {info['model']}. Data: {info['data']}. {info['sizes']}",
+        *([f"Task: {info['task']}"] if info.get("task") else []),
         f"Training: {info['training']}",
         f"Attacks ({info['attack']['examples']} test examples): {info['attack_text']}",
         f"Finished runs: {info['finished_runs']} of {info['planned_runs']}, {_run_minutes(runs):.1f} min of run time "
@@ -144,58 +183,17 @@ def markdown(
         f"wall time). Machine: {info['machine']}.",
         "",
         "Cells are mean ± sample std over seeds. Robust accuracy counts an example as correct only if it is",
-        "correct clean and survives every attack up to that radius / budget.",
+        "correct clean and survives every attack up to that radius / budget; the word-level worst case only if it",
+        "survives every word-level attack that ran (HotFlip at its full budget and the synonym attack).",
         "",
-        "| " + " | ".join(head) + " |",
-        "|" + "|".join(["---"] * len(head)) + "|",
+        *_table(summary, _columns(info)),
     ]
-    for method, stats in summary.items():
-        seeds = int(stats["clean"]["n"]) if "clean" in stats else 0
-        row = [f"`{method}`", str(seeds), cell(stats.get("clean"))]
-        row += [cell(stats.get(f"pgd@{r}")) for r in radii]
-        row += [cell(stats.get(f"hotflip@{b}")) for b in budgets]
-        row += [cell(stats.get(key)) for key in ("synonym", "synonym_success", "synonym_changed")]
-        row += [cell(stats.get("synonym_queries"), 1)]
-        row += [cell(stats.get("time_per_step"), 2), cell(stats.get("steps_per_second"), 2)]
-        lines.append("| " + " | ".join(row) + " |")
-    lines.append("")
-    majority = info.get("majority_accuracy")
-    if majority is not None:
-        # A model that answers the most frequent label everywhere looks "robust": no attack can
-        # change its answer. Name such runs so nobody reads them as robustness.
-        stuck = [f"`{r['method']}` seed {r['seed']}" for r in runs if r["eval"]["clean_accuracy"] <= majority + 0.005]
-        # Ten points above it is the least this project calls "learned".
-        weak = [
-            f"`{r['method']}` seed {r['seed']}"
-            for r in runs
-            if majority + 0.005 < r["eval"]["clean_accuracy"] < majority + 0.1 - 1e-9
-        ]
-        lowest = min(r["eval"]["clean_accuracy"] for r in runs)
-        verdicts = [f"Always answering the most frequent test label scores {majority:.3f}."]
-        if stuck:
-            verdicts.append(f"At that level (did not learn; their robust accuracy means nothing): {', '.join(stuck)}.")
-        if weak:
-            verdicts.append(f"Less than 10 points above it: {', '.join(weak)}.")
-        if not stuck and not weak:
-            verdicts.append(f"Every run is at least 10 points above it (the lowest: {lowest:.3f}).")
-        lines.append(" ".join(verdicts))
-        lines.append("")
+    if info.get("majority_accuracy") is not None and runs:
+        lines += [_majority_verdict(info["majority_accuracy"], runs), ""]
     delta = differences(runs)
     if delta:
-        compared = ["clean", *[f"pgd@{r}" for r in radii], f"hotflip@{budgets[-1]}" if budgets else "", "synonym"]
-        titles = ["clean", *[f"PGD r={r}" for r in radii], f"HotFlip ≤{budgets[-1]}" if budgets else "", "synonym acc"]
-        kept = [(key, title) for key, title in zip(compared, titles, strict=True) if key]
-        lines += [
-            "Difference to plain fine-tuning (`none`), paired by seed: mean ± sample std of (method − none).",
-            "",
-            "| method | seeds | " + " | ".join(title for _, title in kept) + " |",
-            "|" + "|".join(["---"] * (len(kept) + 2)) + "|",
-        ]
-        for method, stats in delta.items():
-            seeds = int(stats["clean"]["n"]) if "clean" in stats else 0
-            cells = " | ".join(cell(stats.get(key), signed=True) for key, _ in kept)
-            lines.append(f"| `{method}` | {seeds} | {cells} |")
-        lines.append("")
+        lines += ["Difference to plain fine-tuning (`none`), paired by seed: mean ± sample std of (method − none).", ""]
+        lines += _table(delta, _columns(info, paired=True), signed=True)
     examples = [(r, e) for r in runs for e in (r["eval"].get("synonym") or {}).get("examples", [])][:5]
     if examples:
         lines += ["Successful synonym substitutions (original → changed, label → prediction):", ""]
@@ -215,44 +213,28 @@ def plot(summary: Mapping[str, Mapping[str, Mapping[str, float]]], info: Mapping
     matplotlib.use("Agg")  # no display on a server; must precede pyplot
     from matplotlib import pyplot as plt
 
-    radii = [float(r) for r in info["attack"]["radii"]]
-    budgets = list(range(0, info["attack"]["hotflip_budget"] + 1))
-    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.2))
-    for method, stats in summary.items():
-        if "attack_clean" not in stats:
-            continue
-        base = stats["attack_clean"]
-        series = [base] + [stats.get(f"pgd@{r}") for r in info["attack"]["radii"]]
-        xs = [0.0, *radii]
-        points = [(x, s) for x, s in zip(xs, series, strict=True) if s is not None]
-        left.errorbar(
-            [x for x, _ in points],
-            [s["mean"] for _, s in points],
-            yerr=[s["std"] for _, s in points],
-            marker="o",
-            capsize=3,
-            label=method,
-        )
-        flips = [base] + [stats.get(f"hotflip@{b}") for b in budgets[1:]]
-        pairs = [(b, s) for b, s in zip(budgets, flips, strict=True) if s is not None]
-        right.errorbar(
-            [b for b, _ in pairs],
-            [s["mean"] for _, s in pairs],
-            yerr=[s["std"] for _, s in pairs],
-            marker="o",
-            capsize=3,
-            label=method,
-        )
-    left.set_xlabel("embedding PGD radius (L2 per example)")
-    left.set_ylabel("accuracy")
-    left.set_title("Embedding-space PGD")
-    right.set_xlabel("changed words (HotFlip budget)")
-    right.set_title("Word substitution (HotFlip)")
-    right.set_xticks(budgets)
-    for axis in (left, right):
+    radii = info["attack"]["radii"]
+    budgets = list(range(1, info["attack"]["hotflip_budget"] + 1))
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+    panels: list[tuple[Any, list[float], list[str], str]] = [
+        (axes[0], [0.0, *map(float, radii)], [f"pgd@{r}" for r in radii], "embedding PGD radius (L2 per example)"),
+        (axes[1], [0.0, *map(float, budgets)], [f"hotflip@{b}" for b in budgets], "changed words (HotFlip budget)"),
+    ]
+    for axis, xs, keys, label in panels:
+        for method, stats in summary.items():
+            series = [stats.get(key) for key in ("attack_clean", *keys)]
+            points = [(x, s) for x, s in zip(xs, series, strict=True) if s is not None]
+            if points:
+                means, stds = [s["mean"] for _, s in points], [s["std"] for _, s in points]
+                axis.errorbar([x for x, _ in points], means, yerr=stds, marker="o", capsize=3, label=method)
+        axis.set_xlabel(label)
         axis.set_ylim(0, 1)
         axis.grid(alpha=0.3)
-    left.legend(fontsize=8)
+    axes[0].set_ylabel("accuracy")
+    axes[0].set_title("Embedding-space PGD")
+    axes[1].set_title("Word substitution (HotFlip)")
+    axes[1].set_xticks([0, *budgets])
+    axes[0].legend(fontsize=8)
     fig.suptitle(f"{info['title']}: mean ± std over seeds, {info['attack']['examples']} test examples", fontsize=10)
     fig.tight_layout()
     buffer = io.BytesIO()
@@ -272,3 +254,25 @@ def write(directory: str | Path, runs: Sequence[Mapping[str, Any]], info: Mappin
     image = plot(summary, info)
     atomic.write_with(paths[2], lambda tmp: tmp.write_bytes(image))
     return paths
+
+
+FINAL_LOSS_WINDOW = 10  # optimizer steps the final loss is averaged over
+
+
+def training_summary(losses: Sequence[float], steps: int, seconds: float, **extra: Any) -> dict[str, Any]:
+    """A run's training entry: steps, time, first loss and the mean of the last ``FINAL_LOSS_WINDOW`` losses."""
+    tail = list(losses[-FINAL_LOSS_WINDOW:])
+    return {
+        "steps": steps,
+        "seconds": seconds,
+        "seconds_per_step": seconds / steps if steps else math.nan,
+        "steps_per_second": steps / seconds if seconds > 0 else math.nan,
+        "first_loss": losses[0] if losses else None,
+        "final_loss": sum(tail) / len(tail) if tail else None,
+        **extra,
+    }
+
+
+def majority_accuracy(labels: Sequence[Any]) -> float:
+    """The accuracy of always answering the most frequent of ``labels``."""
+    return max(labels.count(label) for label in set(labels)) / len(labels)
