@@ -234,4 +234,4 @@ def test_bad_flags_and_a_missing_model_folder_are_one_line_errors(tmp_path, monk
     assert main(["decoder", "--methods", "pgd:nope=1"]) == 2
     assert "'nope'" in capsys.readouterr().err
     assert main(["decoder", "--model", str(tmp_path)]) == 2
-    assert "holds no config.json" in capsys.readouterr().err
+    assert "has no config.json" in capsys.readouterr().err

