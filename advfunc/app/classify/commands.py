@@ -263,6 +263,7 @@ def run_evaluate(args: argparse.Namespace) -> int:
     if args.output is not None:
         atomic.require_replaceable(args.output, "--output", directory=False)
     config = _attack_config(args)
+    config.require_resources()
     loaded = checkpoint.load(args.model)
     loaded.model.to(EVALUATION_DEVICE)
     state = checkpoint.read_state(args.model)
@@ -272,10 +273,16 @@ def run_evaluate(args: argparse.Namespace) -> int:
     dataset = dataset.head(args.test_size)
     data = _encode(dataset, loaded, args.max_length)
     progress = not args.no_progress
-    result = evaluate(loaded.model, loaded.tokenizer, data, config, progress, dataset.texts, args.max_length)
-    text = json.dumps({"model": str(args.model), "data": dataset.source, **result.as_dict()}, indent=2)
+
+    def save(partial: EvalResult) -> str:  # after each attack: a late failure keeps the earlier ones
+        text = json.dumps({"model": str(args.model), "data": dataset.source, **partial.as_dict()}, indent=2)
+        if args.output is not None:
+            atomic.write_text(args.output, text + "\n")
+        return text
+
+    result = evaluate(loaded.model, loaded.tokenizer, data, config, progress, dataset.texts, args.max_length, save)
+    text = save(result)
     if args.output is not None:
-        atomic.write_text(args.output, text + "\n")
         log.info("results written to %s", args.output)
     print(text)
     return 0
@@ -337,6 +344,7 @@ def _resolve(args: argparse.Namespace, methods: list[registry.MethodSpec]) -> tu
     attack = _attack_config(args, radii=radii, examples=examples, batch_size=batch_size)
     if not (args.synonym or preset.synonym):
         attack = dataclasses.replace(attack, synonym=None)
+    attack.require_resources()
     train_data, test_data = (_encode(s, probe, args.max_length) for s in (train_set, test_set))
     comparison = _Comparison(preset, model_dir, labels, train_set, test_set, train_data, test_data, attack)
     return comparison, data_text, len(whole_train), len(whole_test)

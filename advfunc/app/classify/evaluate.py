@@ -10,18 +10,21 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
 import advfunc
+from advfunc.app.common import checkpoint
 from advfunc.app.common.data import Encoded, evaluation_batches
 from advfunc.app.common.flags import COUNT, NATURAL, POSITIVE, option
 from advfunc.app.common.progress import Progress
 from advfunc.app.common.robustness import EvalMode, pgd_logits, survivors_over_radii, worst_case
+from advfunc.app.word_attacks import wordnet
 from advfunc.app.word_attacks.hotflip import WordVocabulary, hotflip
 from advfunc.app.word_attacks.synonym_attack import SynonymAttackConfig
 from advfunc.app.word_attacks.victim import Victim, synonym_attack
@@ -59,6 +62,31 @@ class AttackConfig:
         if self.synonym is not None:
             self.synonym.check()
 
+    def require_resources(self) -> None:
+        """Raise ``ValueError`` naming the install command or the path of anything the attacks will read.
+
+        Run before any work, so that a missing WordNet or encoder is not found after the
+        clean, PGD and HotFlip evaluations have run.
+        """
+        if self.synonym is None:
+            return
+        require_synonym_resources(self.encoder)
+
+
+def require_synonym_resources(encoder: str | Path | None) -> None:
+    """Raise ``ValueError`` unless the synonym attack's WordNet files and sentence encoder are there."""
+    try:
+        wordnet.shipped_folder()
+    except wordnet.WordNetError as error:
+        raise ValueError(f"{error} (or pass --no-synonym)") from error
+    if encoder is None:
+        checkpoint.check_model_dir(checkpoint.default_model_dir())
+        return
+    try:
+        checkpoint.check_model_dir(Path(encoder))
+    except checkpoint.ModelError as error:
+        raise checkpoint.ModelError(f"--encoder: {error}") from error
+
 
 @dataclass
 class EvalResult:
@@ -73,6 +101,7 @@ class EvalResult:
     synonym: dict[str, Any] | None = None  # the synonym attack's summary (AttackSummary's fields)
     worst_case: float | None = None  # held under every word-level attack that ran
     seconds: float = 0.0
+    pending: list[str] = field(default_factory=list)  # the attacks not run yet (a partial result)
 
     def as_dict(self) -> dict[str, Any]:
         data = asdict(self)
@@ -206,12 +235,15 @@ def evaluate(
     progress: bool = True,
     texts: Sequence[str] | None = None,
     max_length: int = 64,
+    finished: Callable[[EvalResult], None] | None = None,
 ) -> EvalResult:
     """Clean accuracy on ``data``; the attacks on its first ``config.examples`` examples.
 
     The synonym attack needs the raw ``texts`` of ``data`` (same order); it is skipped
     when they are not given or ``config.synonym`` is None. The word-level worst case is
     over the word-level attacks that ran (HotFlip at its full budget, the synonym attack).
+    ``finished`` is called with the result so far after each attack whose successors are
+    still ``pending``, so that a failure in a later attack loses nothing already computed.
     """
     config.check()
     if texts is not None and len(texts) != len(data):
@@ -223,13 +255,27 @@ def evaluate(
         model, subset, config.radii, config.pgd_steps, config.batch_size, progress, clean[: len(subset)]
     )
     result = EvalResult(float(clean.float().mean()), len(data), len(subset), subset_clean, robust)
+    result.pending = ["hotflip"] * (config.hotflip_budget > 0)
+    result.pending += ["synonym"] * (config.synonym is not None and texts is not None)
     survived: list[list[bool]] = []  # per word-level attack that ran: each attacked example held
+
+    def done(attack: str) -> None:
+        result.pending.remove(attack)
+        result.worst_case = worst_case(survived) if survived else None
+        result.seconds = time.perf_counter() - started
+        if finished is not None and result.pending:
+            finished(result)
+
+    if finished is not None and result.pending:
+        result.seconds = time.perf_counter() - started
+        finished(result)
     if config.hotflip_budget > 0:
         flips = hotflip_flips(
             model, tokenizer, subset, config.hotflip_budget, config.neighbours, config.batch_size, progress
         )
         result.hotflip = {b: float((flips > b).float().mean()) for b in range(1, config.hotflip_budget + 1)}
         survived.append((flips > config.hotflip_budget).tolist())
+        done("hotflip")
     if config.synonym is not None and texts is not None:
         victim = Victim(model, tokenizer, max_length)
         importance = victim.gradient_importance if config.synonym.order == "gradient" else None
@@ -247,6 +293,7 @@ def evaluate(
             )
         result.synonym = asdict(summary)
         survived.append(held)
+        done("synonym")
     result.worst_case = worst_case(survived) if survived else None
     result.seconds = time.perf_counter() - started
     log.info(

@@ -37,7 +37,7 @@ from typing import Any
 
 import torch
 
-from advfunc.app.classify.evaluate import AttackConfig
+from advfunc.app.classify.evaluate import AttackConfig, require_synonym_resources
 from advfunc.app.classify.train import TrainConfig, training_arguments
 from advfunc.app.common import checkpoint, report
 from advfunc.app.common.data import TextDataset, add_data_flags, pad_id, select_splits
@@ -292,6 +292,8 @@ def _settings(args: argparse.Namespace) -> Settings:
     synonym = synonym_config(args)
     if synonym is not None and synonym.order == "gradient":
         raise ValueError("--word-order gradient reads a classifier's loss gradient; the decoder job takes delete")
+    if synonym is not None:
+        require_synonym_resources(args.encoder)
     radii = tuple(sorted(args.radii))
     settings: Settings = build(Settings, args, attack_examples=args.examples, radii=radii, synonym=synonym)
     return settings
