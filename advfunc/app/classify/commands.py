@@ -27,7 +27,6 @@ from advfunc.app.classify.evaluate import AttackConfig, EvalResult, accuracy, ev
 from advfunc.app.classify.train import TrainConfig, TrainResult, train, training_arguments
 from advfunc.app.common import atomic, checkpoint, report
 from advfunc.app.common.data import (
-    DataError,
     Encoded,
     Labels,
     TextDataset,
@@ -37,6 +36,7 @@ from advfunc.app.common.data import (
     load_flagged,
     rotten_tomatoes,
     select_splits,
+    training_labels,
 )
 from advfunc.app.common.flags import COUNT, NATURAL, add_fields, build
 from advfunc.app.common.grid import RunGrid, add_grid_flags
@@ -213,7 +213,7 @@ def run_train(args: argparse.Namespace) -> int:
         whole = load_flagged(args, args.data)
         validation_set = load_flagged(args, args.validation_data) if args.validation_data else None
     train_set = whole.head(args.train_size)
-    labels = _labels(whole, train_set, args.train_size)
+    labels = training_labels(whole, train_set, args.train_size)
     torch.manual_seed(args.seed)  # the fresh classification head is part of the seeded run
     loaded = checkpoint.load(output if args.resume else _model_dir(args.model), labels, config.pooling)
     if loaded.fresh_head:
@@ -274,15 +274,17 @@ def run_evaluate(args: argparse.Namespace) -> int:
     data = _encode(dataset, loaded, args.max_length)
     progress = not args.no_progress
 
-    def save(partial: EvalResult) -> str:  # after each attack: a late failure keeps the earlier ones
-        text = json.dumps({"model": str(args.model), "data": dataset.source, **partial.as_dict()}, indent=2)
+    def save(partial: EvalResult) -> None:  # after each attack: a late failure keeps the earlier ones
         if args.output is not None:
-            atomic.write_text(args.output, text + "\n")
-        return text
+            atomic.write_text(args.output, document(partial) + "\n")
+
+    def document(partial: EvalResult) -> str:
+        return json.dumps({"model": str(args.model), "data": dataset.source, **partial.as_dict()}, indent=2)
 
     result = evaluate(loaded.model, loaded.tokenizer, data, config, progress, dataset.texts, args.max_length, save)
-    text = save(result)
+    text = document(result)
     if args.output is not None:
+        save(result)
         log.info("results written to %s", args.output)
     print(text)
     return 0
@@ -334,7 +336,7 @@ def _resolve(args: argparse.Namespace, methods: list[registry.MethodSpec]) -> tu
     size = args.train_size if args.train_size is not None else preset.train_size
     train_set = whole_train.head(size)
     test_set = whole_test.head(args.test_size if args.test_size is not None else preset.test_size)
-    labels = _labels(whole_train, train_set, size)
+    labels = training_labels(whole_train, train_set, size)
     model_dir = _model_dir(args.model)
     probe = checkpoint.load(model_dir, labels, args.pooling or preset.pooling)  # fails fast on a bad model
     for spec in methods:  # every factory checks its values now, not when its turn comes hours later
@@ -459,17 +461,3 @@ def _waiting_group() -> Any:
     if torch.distributed.get_world_size() == 1:
         return None
     return torch.distributed.new_group(backend="gloo", timeout=datetime.timedelta(days=1))
-
-
-def _labels(whole: TextDataset, head: TextDataset, size: int | None) -> Labels:
-    """The labels of ``head``, the first ``size`` examples of ``whole``; an error that names --train-size."""
-    try:
-        return Labels.from_data(head)
-    except DataError:
-        if size is None or len(set(whole.labels)) < 2:
-            raise
-        raise DataError(
-            f"--train-size {size}: the first {len(head)} training examples of {whole.source} all have label "
-            f"{head.labels[0]!r} (the file has {len(set(whole.labels))} labels); a classifier needs 2 or more, so "
-            "raise --train-size or shuffle the file"
-        ) from None

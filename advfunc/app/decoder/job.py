@@ -40,7 +40,7 @@ import torch
 from advfunc.app.classify.evaluate import AttackConfig, require_synonym_resources
 from advfunc.app.classify.train import TrainConfig, training_arguments
 from advfunc.app.common import checkpoint, report
-from advfunc.app.common.data import TextDataset, add_data_flags, pad_id, select_splits
+from advfunc.app.common.data import TextDataset, add_data_flags, pad_id, select_splits, training_labels
 from advfunc.app.common.flags import COUNT, add_fields, build, option
 from advfunc.app.common.grid import RunGrid, add_grid_flags
 from advfunc.app.common.robustness import worst_case
@@ -350,6 +350,7 @@ def run_decoder(args: argparse.Namespace) -> int:
         raise ValueError(f"--answer names a label twice ({args.answer}); give each label once")
     train_all, test_all, data_text = select_splits(args)
     train_set, test_set = train_all.head(settings.train_size), test_all.head(settings.test_size)
+    training_labels(train_all, train_set, settings.train_size)
     probe, tokenizer = _load(folder)
     answers = Answers.of(words, tokenizer)
     train_data = prompts(train_set.texts, answers.encode_labels(train_set), tokenizer, answers, settings.max_length)
