@@ -370,8 +370,12 @@ def _compare_info(args: argparse.Namespace, run: _Comparison, grid: RunGrid, dat
         ),
         "attack": dataclasses.asdict(attack),
         "attack_text": (
-            f"embedding-output L2 PGD, {attack.pgd_steps} steps, radii {list(attack.radii)}; HotFlip up to "
-            f"{attack.hotflip_budget} words among {attack.neighbours} embedding neighbours"
+            f"embedding-output L2 PGD, {attack.pgd_steps} steps, radii {list(attack.radii)}"
+            + (
+                f"; HotFlip up to {attack.hotflip_budget} words among {attack.neighbours} embedding neighbours"
+                if attack.hotflip_budget
+                else ""
+            )
             + ("" if synonym is None else f"; {describe_synonym_attack(synonym)}")
             + "."
         ),

@@ -291,17 +291,33 @@ def evaluate(
                 progress,
                 _device_of(model),
             )
-        result.synonym = asdict(summary)
+        result.synonym = name_classes(asdict(summary), class_names(model))
         survived.append(held)
         done("synonym")
     result.worst_case = worst_case(survived) if survived else None
     result.seconds = time.perf_counter() - started
     log.info(
-        "clean %.4f (%d examples); embedding PGD %s; HotFlip %s (%d examples)",
+        "clean %.4f (%d examples); on the first %d (clean %.4f): embedding PGD %s%s",
         result.clean_accuracy,
         len(data),
-        " ".join(f"r={r:g}:{a:.3f}" for r, a in robust.items()),
-        " ".join(f"{b}:{a:.3f}" for b, a in result.hotflip.items()),
         len(subset),
+        subset_clean,
+        " ".join(f"r={r:g}:{a:.3f}" for r, a in robust.items()),
+        "".join(f"; HotFlip {b}:{a:.3f}" for b, a in result.hotflip.items()),
     )
     return result
+
+
+def class_names(model: nn.Module) -> list[str]:
+    """The label of each class id, as the model's config names them (the data's labels after training)."""
+    id2label = getattr(getattr(model, "config", None), "id2label", None) or {}
+    return [str(id2label[i]) for i in sorted(id2label, key=int)]
+
+
+def name_classes(summary: dict[str, Any], names: Sequence[str]) -> dict[str, Any]:
+    """``summary`` with each example's label and prediction as its class name, not its id."""
+    for example in summary.get("examples", []):
+        for key in ("label", "prediction"):
+            index = int(example[key])
+            example[key] = names[index] if 0 <= index < len(names) else str(index)
+    return summary

@@ -108,10 +108,12 @@ def differences(
 
 
 def cell(stats: Mapping[str, float] | None, digits: int = 3, signed: bool = False) -> str:
-    """``mean ± std`` of a summary entry (``+``/``−`` shown when ``signed``), ``—`` when absent."""
+    """``mean ± std`` of a summary entry (``+``/``−`` shown when ``signed``; the mean alone for one seed, whose
+    spread is unknown, not zero), ``—`` when absent."""
     if stats is None:
         return "—"
-    return f"{stats['mean']:{'+' if signed else ''}.{digits}f} ± {stats['std']:.{digits}f}"
+    mean = f"{stats['mean']:{'+' if signed else ''}.{digits}f}"
+    return mean if stats.get("n", 2) < 2 else f"{mean} ± {stats['std']:.{digits}f}"
 
 
 Column = tuple[str, str, int]  # (title, metric, digits)
@@ -122,6 +124,8 @@ def _columns(info: Mapping[str, Any], paired: bool = False) -> list[Column]:
     radii = [str(r) for r in info["attack"]["radii"]]
     budgets = range(1, info["attack"]["hotflip_budget"] + 1)
     columns = [("clean acc (test)" if not paired else "clean", "clean", 3)]
+    # Robust accuracy is over the attacked examples: their clean accuracy is its ceiling.
+    columns += [("clean (attacked)", "attack_clean", 3)]
     columns += [(f"PGD r={r}", f"pgd@{r}", 3) for r in radii]
     columns += [(f"HotFlip ≤{b}", f"hotflip@{b}", 3) for b in (budgets[-1:] if paired else budgets)]
     if paired:
@@ -182,9 +186,10 @@ def markdown(
         f"(training and evaluation, summed over runs; this invocation {info.get('elapsed_minutes', 0):.1f} min "
         f"wall time). Machine: {info['machine']}.",
         "",
-        "Cells are mean ± sample std over seeds. Robust accuracy counts an example as correct only if it is",
-        "correct clean and survives every attack up to that radius / budget; the word-level worst case only if it",
-        "survives every word-level attack that ran (HotFlip at its full budget and the synonym attack).",
+        "Cells are mean ± sample std over seeds (the mean alone for one seed). Robust accuracy is over the",
+        "attacked examples, whose clean accuracy is 'clean (attacked)': it counts an example as correct only if it",
+        "is correct clean and survives every attack up to that radius / budget; the word-level worst case only if",
+        "it survives every word-level attack that ran (HotFlip at its full budget and the synonym attack).",
         "",
         *_table(summary, _columns(info)),
     ]
@@ -215,11 +220,15 @@ def plot(summary: Mapping[str, Mapping[str, Mapping[str, float]]], info: Mapping
 
     radii = info["attack"]["radii"]
     budgets = list(range(1, info["attack"]["hotflip_budget"] + 1))
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+    fig, grid = plt.subplots(1, 2 if budgets else 1, figsize=(11 if budgets else 5.5, 4.2), squeeze=False)
+    axes = grid[0]
     panels: list[tuple[Any, list[float], list[str], str]] = [
         (axes[0], [0.0, *map(float, radii)], [f"pgd@{r}" for r in radii], "embedding PGD radius (L2 per example)"),
-        (axes[1], [0.0, *map(float, budgets)], [f"hotflip@{b}" for b in budgets], "changed words (HotFlip budget)"),
     ]
+    if budgets:  # no HotFlip panel when HotFlip did not run
+        panels.append(
+            (axes[1], [0.0, *map(float, budgets)], [f"hotflip@{b}" for b in budgets], "changed words (HotFlip budget)")
+        )
     for axis, xs, keys, label in panels:
         for method, stats in summary.items():
             series = [stats.get(key) for key in ("attack_clean", *keys)]
@@ -232,8 +241,9 @@ def plot(summary: Mapping[str, Mapping[str, Mapping[str, float]]], info: Mapping
         axis.grid(alpha=0.3)
     axes[0].set_ylabel("accuracy")
     axes[0].set_title("Embedding-space PGD")
-    axes[1].set_title("Word substitution (HotFlip)")
-    axes[1].set_xticks([0, *budgets])
+    if budgets:
+        axes[1].set_title("Word substitution (HotFlip)")
+        axes[1].set_xticks([0, *budgets])
     axes[0].legend(fontsize=8)
     fig.suptitle(f"{info['title']}: mean ± std over seeds, {info['attack']['examples']} test examples", fontsize=10)
     fig.tight_layout()

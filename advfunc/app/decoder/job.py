@@ -37,7 +37,7 @@ from typing import Any
 
 import torch
 
-from advfunc.app.classify.evaluate import AttackConfig, require_synonym_resources
+from advfunc.app.classify.evaluate import AttackConfig, name_classes, require_synonym_resources
 from advfunc.app.classify.train import TrainConfig, training_arguments
 from advfunc.app.common import checkpoint, report
 from advfunc.app.common.data import TextDataset, add_data_flags, pad_id, select_splits, training_labels
@@ -251,13 +251,12 @@ def evaluate(
         device = next(base.parameters()).device
         texts, classes = test_set.texts[:count], test.classes[:count]
         summary, survived = synonym_attack(victim, texts, classes, settings.synonym, encoder, 128, device=device)
-        synonym, worst = dataclasses.asdict(summary), worst_case([survived])
-        for example in synonym["examples"]:  # classes as the answers they stand for
-            example["label"] = answers.words[int(example["label"])].strip()
-            example["prediction"] = answers.words[int(example["prediction"])].strip()
+        synonym, worst = name_classes(dataclasses.asdict(summary), answers.labels), worst_case([survived])
     log.info(
-        "answer accuracy %.3f; prompt PGD %s%s",
+        "answer accuracy %.3f; on the first %d (clean %.3f): prompt PGD %s%s",
         float(answered.float().mean()),
+        len(subset),
+        attack_clean,
         " ".join(f"r={r:g}:{a:.3f}" for r, a in pgd.items()),
         "" if synonym is None else f"; synonym {synonym['accuracy_under_attack']:.3f}",
     )
