@@ -196,7 +196,9 @@ class LengthGroupedOrder(Sampler[int]):
     Each run of ``batch_size`` indices is a batch of similar lengths, so dynamic padding
     stays small; a short batch (the data set is not a multiple of the batch size) comes
     last, so that cutting the order into ``batch_size`` pieces gives back the batches. The
-    order depends on (seed, epoch) only, which makes a resumed epoch the same.
+    order depends on (seed, epoch) only, which makes a resumed epoch the same. Under
+    several processes ``batch_size`` is the global batch, cut into the processes' shares
+    after grouping, so that the run sees the batches one process of that size would.
     """
 
     def __init__(self, lengths: Sequence[int], batch_size: int, seed: int) -> None:
@@ -230,7 +232,10 @@ class _CommandLineTrainer(AdversarialTrainer):
         super().__init__(*args, **kwargs)
 
     def _get_train_sampler(self, train_dataset: Any = None) -> Sampler[int]:
-        self.order = LengthGroupedOrder(self.lengths, self._train_batch_size, self.args.seed)
+        # Grouped over the global batch, which accelerate then deals out to the processes one
+        # per-process batch each: n processes of batch b train on the batches of one process of n·b.
+        global_batch = self._train_batch_size * self.args.world_size
+        self.order = LengthGroupedOrder(self.lengths, global_batch, self.args.seed)
         if self._current_step()[1].driver != "replay" or self.replays == 1:
             return self.order
         return ReplaySampler(
