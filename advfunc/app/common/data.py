@@ -495,6 +495,12 @@ def load_flagged(args: Any, path: Path) -> TextDataset:
     return load_file(path, args.text_column, args.label_column, getattr(args, "pair_column", None))
 
 
+def check_data_flags(args: Any) -> None:
+    """``DataError`` for ``--eval-data`` without ``--data`` (it would be silently ignored), before any file is read."""
+    if args.data is None and args.eval_data is not None:
+        raise DataError("--eval-data needs --data (the training file)")
+
+
 def select_splits(args: Any) -> tuple[TextDataset, TextDataset, str]:
     """(training split, test split, how they were chosen) from ``--data`` / ``--eval-data``.
 
@@ -502,9 +508,8 @@ def select_splits(args: Any) -> tuple[TextDataset, TextDataset, str]:
     the file split by text hash; both: the two files. ``--eval-data`` without ``--data``
     is refused (it would be silently ignored).
     """
+    check_data_flags(args)
     if args.data is None:
-        if args.eval_data is not None:
-            raise DataError("--eval-data needs --data (the training file)")
         splits = fixed_split(rotten_tomatoes())
         return splits["train"], splits["test"], ROTTEN_TOMATOES_TEXT
     if args.eval_data is None:

@@ -40,7 +40,14 @@ import torch
 from advfunc.app.classify.evaluate import AttackConfig, name_classes, require_synonym_resources
 from advfunc.app.classify.train import TrainConfig, training_arguments
 from advfunc.app.common import checkpoint, report
-from advfunc.app.common.data import TextDataset, add_data_flags, pad_id, select_splits, training_labels
+from advfunc.app.common.data import (
+    TextDataset,
+    add_data_flags,
+    check_data_flags,
+    pad_id,
+    select_splits,
+    training_labels,
+)
 from advfunc.app.common.flags import COUNT, add_fields, build, option
 from advfunc.app.common.grid import RunGrid, add_grid_flags
 from advfunc.app.common.robustness import worst_case
@@ -343,6 +350,7 @@ def run_decoder(args: argparse.Namespace) -> int:
         return {**key_base, "method": texts[spec.identity], "seed": seed}
 
     grid = RunGrid(args.output, specs, list(args.seeds), key, args.stop_after)
+    check_data_flags(args)  # a flag mistake first, then the model folder, then the data read
     folder = model_folder(args.model)
     words = dict(args.answer) if args.answer else dict(ROTTEN_TOMATOES_ANSWERS)
     if args.answer and len(words) != len(args.answer):
