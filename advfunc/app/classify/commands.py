@@ -80,12 +80,11 @@ FULL = Preset(
     "full", _COMPARED, seeds=(0, 1, 2), train_size=None, test_size=None, attack_examples=None, lr=1e-4,
     batch_size=32, synonym=True, head_lr=1e-3, pooling="mean",
 )  # fmt: skip
-_PRESET_FIELDS = ("batch_size", "lr", "head_lr", "pooling")
 
 
 def _training_flags(parser: argparse.ArgumentParser, preset: bool) -> None:
     group = parser.add_argument_group("training")
-    defaults = dict.fromkeys(_PRESET_FIELDS) if preset else {}
+    defaults = dict.fromkeys(("batch_size", "lr", "head_lr", "pooling")) if preset else {}
     add_fields(group, TrainConfig, skip=("method", "seed", "max_length"), defaults=defaults)
     group.add_argument("--no-compile", action="store_true", help="eager steps on a GPU too (default: compiled there)")
 
@@ -297,13 +296,15 @@ class _Comparison:
     train_data: Encoded
     test_data: Encoded
     attack: AttackConfig
+    data_text: str
+    sizes: tuple[int, int]  # of the whole training and test splits
 
     def config(self, args: argparse.Namespace, spec: registry.MethodSpec, seed: int) -> TrainConfig:
         return _train_config(args, self.preset, _spec_text(spec), seed)
 
 
-def _resolve(args: argparse.Namespace, methods: list[registry.MethodSpec]) -> tuple[_Comparison, str, int, int]:
-    """The comparison's data, model probe and attack: (comparison, data text, training size, test size)."""
+def _resolve(args: argparse.Namespace, methods: list[registry.MethodSpec]) -> _Comparison:
+    """The comparison's data, model probe and attack."""
     preset = FULL if args.full else SHORT
     for spec in methods:  # refuse a bad setting before the first long run, not after it
         _train_config(args, preset, _spec_text(spec), 0).check()
@@ -322,19 +323,20 @@ def _resolve(args: argparse.Namespace, methods: list[registry.MethodSpec]) -> tu
     if not (args.synonym or preset.synonym):
         attack = dataclasses.replace(attack, synonym=None)
     train_data, test_data = (_encode(s, probe, args.max_length) for s in (train_set, test_set))
-    comparison = _Comparison(preset, model_dir, labels, train_set, test_set, train_data, test_data, attack)
-    return comparison, data_text, len(whole_train), len(whole_test)
+    sizes = (len(whole_train), len(whole_test))
+    return _Comparison(preset, model_dir, labels, train_set, test_set, train_data, test_data, attack, data_text, sizes)
 
 
-def _compare_info(args: argparse.Namespace, run: _Comparison, grid: RunGrid, data: str, sizes: tuple[int, int]) -> dict:
+def _compare_info(args: argparse.Namespace, run: _Comparison, grid: RunGrid) -> dict:
     config, attack = run.config(args, grid.methods[0], 0), run.attack
     synonym = attack.synonym
     return {
         "title": run.preset.title,
         "command": "advfunc " + shlex.join(args.command_line),
         "model": str(args.model or DEFAULT_MODEL_TEXT),
-        "data": data,
-        "sizes": f"Train {len(run.train_set)} of {sizes[0]} training examples, test {len(run.test_set)} of {sizes[1]}.",
+        "data": run.data_text,
+        "sizes": f"Train {len(run.train_set)} of {run.sizes[0]} training examples, test {len(run.test_set)} of "
+        f"{run.sizes[1]}.",
         "training": (
             f"{config.epochs} epoch(s), batch {config.batch_size}, lr {config.lr:g} (task head on the "
             f"{'mean token state' if config.pooling == 'mean' else 'model own pooled output'}, "
@@ -380,8 +382,8 @@ def run_compare(args: argparse.Namespace) -> int:
         }
 
     grid = RunGrid(output, methods, seeds, key, args.stop_after)
-    comparison, data_text, *sizes = _resolve(args, methods)
-    info = _compare_info(args, comparison, grid, data_text, (sizes[0], sizes[1]))
+    comparison = _resolve(args, methods)
+    info = _compare_info(args, comparison, grid)
     waiting: list[Any] = []  # _waiting_group(), once a training has formed the process group
     started = time.perf_counter()
 

@@ -1,12 +1,8 @@
 """Loading models, and reading the checkpoints that :mod:`advfunc.app.classify.train` writes.
 
-A checkpoint is a directory that ``AutoModelForSequenceClassification.from_pretrained``
-reads (config, weights, tokenizer) plus the training state Trainer resumes from
-(optimizer, scheduler, random state of each process, ``trainer_state.json``), the
-method's own state and ``advfunc_state.json`` (step, settings, losses, the files it
-holds), written last. The directory is assembled under a temporary name and renamed into
-place (see :mod:`advfunc.app.common.atomic`), so a run that fails leaves the previous checkpoint
-or none.
+A checkpoint is a ``save_pretrained`` directory plus the state Trainer resumes from, the
+method's own state and ``advfunc_state.json`` (step, settings, losses, the files it holds),
+written last and renamed into place whole (:mod:`advfunc.app.common.atomic`).
 """
 
 from __future__ import annotations
