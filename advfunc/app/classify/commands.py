@@ -11,7 +11,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import datetime
-import inspect
 import json
 import logging
 import os
@@ -41,6 +40,7 @@ from advfunc.app.common.data import (
 from advfunc.app.common.flags import COUNT, NATURAL, add_fields, build
 from advfunc.app.common.grid import RunGrid, add_grid_flags
 from advfunc.app.word_attacks.victim import add_synonym_flags, describe_synonym_attack, synonym_config
+from advfunc.core.model import accepted_keywords
 from advfunc.methods import registry
 
 log = logging.getLogger("advfunc")
@@ -142,7 +142,7 @@ def _encode(dataset: TextDataset, loaded: checkpoint.Loaded, max_length: int) ->
         limit = getattr(loaded.model.config, "max_position_embeddings", None)
     if isinstance(limit, int) and max_length > limit:
         raise ValueError(f"--max-length {max_length} exceeds the {limit} positions {loaded.path} can embed; lower it")
-    token_types = "token_type_ids" in inspect.signature(loaded.model.forward).parameters
+    token_types = "token_type_ids" in accepted_keywords(loaded.model)
     return encode(dataset, loaded.tokenizer, loaded.labels, max_length, token_types)
 
 
