@@ -89,37 +89,6 @@ def _candidates(
     return candidates
 
 
-def _best_flips(
-    grad: torch.Tensor,
-    standing: torch.Tensor,
-    candidates: torch.Tensor,
-    changed: torch.Tensor,
-    current: torch.Tensor,
-    weight: torch.Tensor,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
-    """Each standing example's open (position, substitute) of largest gain (E[c] − E[x_i]) · ∂L/∂e_i.
-
-    ``grad`` [R, L, H] is ∂L/∂e of the ``standing`` [R] examples. Returns (examples with a
-    move, their positions, the substitutes), or None when no position has a candidate left.
-    """
-    count, length, neighbours = standing.numel(), current.shape[1], candidates.shape[-1]
-    open_ = (candidates[standing] >= 0) & ~changed[standing].unsqueeze(-1)  # [R, L, k]
-    where = open_.any(-1)  # [R, L] positions with a candidate left
-    if not where.any():
-        return None
-    rows, cols = where.nonzero(as_tuple=True)
-    cands = candidates[standing[rows], cols]  # [P, k]
-    g = grad[rows, cols].float()  # [P, H]
-    gain = torch.einsum("ph,pkh->pk", g, weight[cands.clamp(min=0)].float())
-    gain = gain - (g * weight[current[standing[rows], cols]].float()).sum(-1, keepdim=True)
-    table = torch.full((count, length, neighbours), float("-inf"), device=grad.device)
-    table[rows, cols] = gain.masked_fill(~open_[rows, cols], float("-inf"))
-    best, has_move = table.view(count, -1).argmax(1), table.view(count, -1).amax(1) > float("-inf")
-    positions, choice = best[has_move] // neighbours, best[has_move] % neighbours
-    movers = standing[has_move]
-    return movers, positions, candidates[movers, positions, choice]
-
-
 def hotflip(
     perturbed: PerturbedModel,
     params: Mapping[str, torch.Tensor],
@@ -175,10 +144,22 @@ def hotflip(
                 break
             (grad,) = torch.autograd.grad(F.cross_entropy(logits.float(), labels[standing], reduction="sum"), [leaf])
             grad, standing = grad[~wrong], standing[~wrong]
-            move = _best_flips(grad, standing, candidates, changed, current, weight)
-            if move is None:
+            open_ = (candidates[standing] >= 0) & ~changed[standing].unsqueeze(-1)  # [R, L, k]
+            where = open_.any(-1)  # [R, L] positions with a candidate left
+            if not where.any():
                 break
-            movers, positions, tokens = move
-            current[movers, positions] = tokens
-            changed[movers, positions] = True
+            rows, cols = where.nonzero(as_tuple=True)
+            cands = candidates[standing[rows], cols]  # [P, k]
+            g = grad[rows, cols].float()  # [P, H]
+            gain = torch.einsum("ph,pkh->pk", g, weight[cands.clamp(min=0)].float())
+            gain = gain - (g * weight[current[standing[rows], cols]].float()).sum(-1, keepdim=True)
+            gain = gain.masked_fill(~open_[rows, cols], float("-inf"))
+            table = torch.full((standing.numel(), original.shape[1], neighbours), float("-inf"), device=device)
+            table[rows, cols] = gain
+            best = table.view(standing.numel(), -1).argmax(1)
+            has_move = table.view(standing.numel(), -1).amax(1) > float("-inf")
+            pos, choice = best // neighbours, best % neighbours
+            movers = standing[has_move]
+            current[movers, pos[has_move]] = candidates[movers, pos[has_move], choice[has_move]]
+            changed[movers, pos[has_move]] = True
     return flips, current
