@@ -314,6 +314,7 @@ _NO_REFERENCE: tuple[str, ...] = ()
 def _none(model: nn.Module, workload: Workload, hyper: dict[str, Any]) -> Callable[[Batch], None]:
     raise ValueError("this method has no imperative reference on a decoder with LoRA")
 
+
 METHODS: dict[str, MethodSpec] = {
     spec.name: spec
     for spec in (

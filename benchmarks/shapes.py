@@ -47,7 +47,9 @@ SHAPES = {
     "small": ModelShape("small", layers=4, hidden=256, heads=4, intermediate=1024),
     "base": ModelShape("base", layers=12, hidden=768, heads=12, intermediate=3072),
     # For the smoke test only: a 2-layer causal LM with LoRA.
-    "tiny-decoder": ModelShape("tiny-decoder", layers=2, hidden=32, heads=4, intermediate=64, family="qwen2", kv_heads=2),
+    "tiny-decoder": ModelShape(
+        "tiny-decoder", layers=2, hidden=32, heads=4, intermediate=64, family="qwen2", kv_heads=2
+    ),
     # Qwen2-0.5B's configuration (494M parameters with its 151,936-token vocabulary, tied embeddings).
     "qwen2-0.5b": ModelShape(
         "qwen2-0.5b", layers=24, hidden=896, heads=14, intermediate=4864, family="qwen2", kv_heads=2
@@ -169,7 +171,11 @@ def build_decoder(workload: Workload) -> nn.Module:
     with torch.device(workload.device):
         base: PreTrainedModel = Qwen2ForCausalLM(config)
     lora = LoraConfig(
-        r=LORA_RANK, lora_alpha=2 * LORA_RANK, target_modules=list(LORA_MODULES), lora_dropout=0.0, task_type="CAUSAL_LM"
+        r=LORA_RANK,
+        lora_alpha=2 * LORA_RANK,
+        target_modules=list(LORA_MODULES),
+        lora_dropout=0.0,
+        task_type="CAUSAL_LM",
     )
     model = get_peft_model(base, lora)
     model.train()

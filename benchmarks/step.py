@@ -25,6 +25,7 @@ import argparse
 import gc
 import sys
 import time
+import traceback
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -36,7 +37,17 @@ import torch._dynamo
 from torch.utils.benchmark import Compare, Measurement, Timer
 
 from benchmarks.baseline import import_revision
-from benchmarks.cases import DECODER_METHODS, IMPLS, METHODS, MethodSpec, Runner, available_methods, case_names, make_runner, method_specs
+from benchmarks.cases import (
+    DECODER_METHODS,
+    IMPLS,
+    METHODS,
+    MethodSpec,
+    Runner,
+    available_methods,
+    case_names,
+    make_runner,
+    method_specs,
+)
 from benchmarks.dynamic import VARIANT_KEYS, dynamic_study, rotten_tomatoes_lengths
 from benchmarks.memory import MemoryRecord, measure_cuda, measure_cuda_runner, measure_in_subprocess
 from benchmarks.report import environment, markdown, print_stdout, write_atomic, write_json
@@ -97,7 +108,11 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     )
     parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     parser.add_argument("--precision", default=None, help="fp32, bf16 or fp16 autocast (default: fp32 CPU, bf16 GPU)")
-    parser.add_argument("--methods", default=None, help=f"comma list of {list(METHODS)} (BERT) or {list(DECODER_METHODS)} (decoders); default: all present")
+    parser.add_argument(
+        "--methods",
+        default=None,
+        help=f"comma list of {list(METHODS)} (BERT) or {list(DECODER_METHODS)} (decoders); default: all present",
+    )
     parser.add_argument("--impls", default=",".join(IMPLS), help=f"comma list of {list(IMPLS)}")
     parser.add_argument("--no-compile", action="store_true", help="skip the compiled implementation")
     parser.add_argument(
@@ -358,39 +373,50 @@ def time_per_method(
 
     One model and batch serve every method; the plain step is timed again in each method's
     rounds, so each ratio is to a plain step measured minutes apart at most. Methods not yet
-    reached are listed in ``payload["skipped"]`` until they finish, so the files a run
-    stopped by a time limit leaves say what is missing. Memory (CUDA: in this process,
-    after the rounds) per case.
+    finished are listed in ``payload["skipped"]`` until they finish, so the files a run
+    stopped by a time limit leaves say what is missing. A method that raises is recorded
+    there with its error and the others still run; the run then raises at its end. Memory
+    (CUDA: in this process, after the rounds) per case.
     """
     model = build_model(workload)
     batch = make_batch(workload)
+    on_gpu = torch.device(workload.device).type == "cuda"
     group: dict[str, Any] = {"workload": workload.describe(), "label": workload.label, "rows": [], "compare": ""}
     payload["workloads"].append(group)
+    failed: list[str] = []
     done_before = list(payload["skipped"])
     for index, method in enumerate(methods):
-        pending = [f"{m} ({workload.label}): not reached (the run stopped first)" for m in methods[index:]]
-        payload["skipped"] = done_before + pending
+        pending = [f"{m} ({workload.label}): not finished (the run stopped first)" for m in methods[index:]]
+        payload["skipped"] = done_before + failed + pending
         write_outputs(args.out, payload)
         print(f" {method}", flush=True)
         torch._dynamo.reset()
         pairs = [(None, "plain"), *[pair for pair in case_names([method], impls, workload) if pair[0] is not None]]
-        runs = [make_runner(m, impl, model, workload, batch) for m, impl in pairs]
-        cases, compare = time_runs(workload, pairs, runs, args)
-        memory: dict[tuple[str | None, str], MemoryRecord] = {}
-        if not args.no_memory:
-            for pair, run in zip(pairs, runs, strict=True):
-                if torch.device(workload.device).type == "cuda":
-                    memory[pair] = measure_cuda_runner(run, model, args.memory_calls)
-                else:
-                    memory[pair] = measure_in_subprocess(*pair, workload, args.memory_calls, args.threads)
-        group["rows"] += _rows(workload, cases, memory)
-        group["compare"] += compare + "\n"
-        del runs
+        try:
+            runs = [make_runner(m, impl, model, workload, batch) for m, impl in pairs]
+            cases, compare = time_runs(workload, pairs, runs, args)
+            memory: dict[tuple[str | None, str], MemoryRecord] = {}
+            if not args.no_memory:
+                for pair, run in zip(pairs, runs, strict=True):
+                    if on_gpu:
+                        memory[pair] = measure_cuda_runner(run, model, args.memory_calls)
+                    else:
+                        memory[pair] = measure_in_subprocess(*pair, workload, args.memory_calls, args.threads)
+        except Exception as error:  # one broken method must not cost the others' results
+            traceback.print_exc()
+            failed.append(f"{method} ({workload.label}): failed: {type(error).__name__}: {error}"[:2000])
+            model.zero_grad(set_to_none=True)
+        else:
+            group["rows"] += _rows(workload, cases, memory)
+            group["compare"] += compare + "\n"
+        runs = []
         gc.collect()
-        if torch.device(workload.device).type == "cuda":
+        if on_gpu:
             torch.cuda.empty_cache()
-    payload["skipped"] = done_before
+    payload["skipped"] = done_before + failed
     write_outputs(args.out, payload)
+    if failed:
+        raise RuntimeError("methods failed (their errors are in the outputs' 'Not run'): " + "; ".join(failed))
 
 
 if __name__ == "__main__":
