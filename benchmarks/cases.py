@@ -31,7 +31,7 @@ import inspect
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from types import ModuleType
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import nn
@@ -57,6 +57,9 @@ class Floor:
     full: int
     delta_only: int = 0
     forward_only: int = 0
+    # The trainable parameters are small adapters (LoRA): a plain step's backward computes the
+    # activation gradients and little else, so a δ-only pass costs as much as a full one.
+    adapters: bool = False
 
     @property
     def passes(self) -> int:
@@ -68,10 +71,12 @@ class Floor:
         """The floor in plain-step units, a plain step being 1 forward + 2 backward units.
 
         A δ-only pass skips the weight-gradient half of the backward (2/3 of a plain
-        step); a forward-only pass is 1/3. The profile of PGD-3 bears this out: its
-        backward matmuls run 3.0× and its forward matmuls 4.0× the plain step's.
+        step; a whole one with ``adapters``); a forward-only pass is 1/3. The profile of
+        PGD-3 bears this out: its backward matmuls run 3.0× and its forward matmuls 4.0×
+        the plain step's.
         """
-        return self.full + 2 / 3 * self.delta_only + 1 / 3 * self.forward_only
+        delta_only_cost = 1.0 if self.adapters else 2 / 3
+        return self.full + delta_only_cost * self.delta_only + 1 / 3 * self.forward_only
 
     @property
     def text(self) -> str:
@@ -266,7 +271,8 @@ def _reference_free_at(model: nn.Module, workload: Workload, hyper: dict[str, An
 def _hooked_neftune(model: nn.Module, workload: Workload, hyper: dict[str, Any]) -> Callable[[Batch], None]:
     from transformers.integrations.neftune import neftune_post_forward_hook
 
-    embedding = model.get_input_embeddings()
+    embeddings_of = cast(Callable[[], nn.Module], model.get_input_embeddings)
+    embedding = embeddings_of()
     embedding.neftune_noise_alpha = hyper["alpha"]
 
     def run(batch: Batch) -> None:
@@ -382,13 +388,15 @@ EMBEDS = {"target": "embeds"}
 DECODER_METHODS: dict[str, MethodSpec] = {
     spec.name: spec
     for spec in (
-        MethodSpec("neftune", "NEFTune", {"alpha": 5.0}, Floor(full=1), _hooked_neftune, takes_generator=True),
+        MethodSpec(
+            "neftune", "NEFTune", {"alpha": 5.0}, Floor(full=1, adapters=True), _hooked_neftune, takes_generator=True
+        ),
         MethodSpec(
             "cat",
             "CAT-10",
             {"epsilon": 0.05, "alpha": 0.01, "steps": 10},
             # 10 δ-only passes, then toward, away and utility forwards with one backward through all three.
-            Floor(full=3, delta_only=10),
+            Floor(full=3, delta_only=10, adapters=True),
             _reference_completion(lambda model: "embeds", "sign"),
             adversary=True,
         ),
@@ -396,16 +404,18 @@ DECODER_METHODS: dict[str, MethodSpec] = {
             "lat",
             "LAT-8",
             {"epsilon": 1.0, "alpha": 0.25, "steps": 8},
-            Floor(full=3, delta_only=8),
+            Floor(full=3, delta_only=8, adapters=True),
             _reference_completion(_middle_layer, "l2"),
             adversary=True,
         ),
-        MethodSpec("fgm", "FGM (embeds)", {"epsilon": 1.0, **EMBEDS}, Floor(full=2), _none, _NO_REFERENCE),
+        MethodSpec(
+            "fgm", "FGM (embeds)", {"epsilon": 1.0, **EMBEDS}, Floor(full=2, adapters=True), _none, _NO_REFERENCE
+        ),
         MethodSpec(
             "pgd",
             "PGD-3 (embeds)",
             {"epsilon": 1.0, "alpha": 0.3, "steps": 3, **EMBEDS},
-            Floor(full=2, delta_only=2),
+            Floor(full=2, delta_only=2, adapters=True),
             _none,
             _NO_REFERENCE,
         ),
@@ -413,7 +423,7 @@ DECODER_METHODS: dict[str, MethodSpec] = {
             "freelb",
             "FreeLB-3",
             {"steps": 3, "lr": 0.05, "init_mag": 1.0, "max_norm": 0.0, "norm": "l2"},
-            Floor(full=3),
+            Floor(full=3, adapters=True),
             _none,
             _NO_REFERENCE,
             takes_generator=True,
@@ -570,7 +580,7 @@ def make_runner(
     elif impl == "seed":
         inner = spec.reference(model, workload, spec.hyper)
     elif impl == "baseline":
-        assert baseline is not None  # has_impl checked it
+        assert baseline is not None and method is not None  # has_impl checked them
         inner = _advfunc_runner(method, model, workload, compiled=False, passes_only=passes_only, lib=baseline)
     else:
         assert method is not None

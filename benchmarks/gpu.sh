@@ -12,10 +12,10 @@
 # memory, tokens per second. The outputs are rewritten after every method, so a shape stopped by its
 # time limit keeps the methods it finished and lists the others as not reached.
 #
-# Results: benchmarks/results/<gpu>-step/{bert-base,qwen2-0.5b}/step.{md,json} (<gpu>: h100, h200, ...),
-# copied with the log to $OUT/<gpu>-step/ when $OUT is set (the device tool's return folder).
+# Results: benchmarks/results/<gpu>-step/{bert-base,qwen2-0.5b}/step.{md,json} and gpu.log (<gpu>: h100,
+# h200, ...), copied as they are to $OUT/<gpu>-step/ when $OUT is set (the device tool's return folder).
 #
-# Environment (defaults in brackets): BERT_SECONDS [250] and DECODER_SECONDS [270], each shape's limit;
+# Environment (defaults in brackets): BERT_SECONDS [240] and DECODER_SECONDS [270], each shape's limit;
 # BERT_METHODS and DECODER_METHODS (comma lists, default all; e.g. to finish a cut run later);
 # BERT_MODEL [base], BERT_VOCAB [30522], DECODER_MODEL [qwen2-0.5b], DECODER_VOCAB [151936];
 # STEP_OUT (the results folder); PYTHON [python3]. Arguments are passed on to both processes, after the
@@ -71,16 +71,11 @@ run_shape() {
     echo "== $shape: done $(date -u +%T)" | tee -a "$log"
 }
 
-run_shape bert-base "${BERT_SECONDS:-250}" "${BERT_MODEL:-base}" "${BERT_VOCAB:-30522}" "${BERT_METHODS:-}" "$@"
+run_shape bert-base "${BERT_SECONDS:-240}" "${BERT_MODEL:-base}" "${BERT_VOCAB:-30522}" "${BERT_METHODS:-}" "$@"
 run_shape qwen2-0.5b "${DECODER_SECONDS:-270}" "${DECODER_MODEL:-qwen2-0.5b}" "${DECODER_VOCAB:-151936}" \
     "${DECODER_METHODS:-}" "$@"
 
 if [ -n "${OUT:-}" ]; then
     mkdir -p "$OUT/$gpu-step"
-    for shape in bert-base qwen2-0.5b; do
-        for file in step.md step.json; do
-            [ -f "$out/$shape/$file" ] && cp "$out/$shape/$file" "$OUT/$gpu-step/$shape-$file"
-        done
-    done
-    cp "$log" "$OUT/$gpu-step/gpu.log"
+    cp -r "$out/." "$OUT/$gpu-step/"
 fi

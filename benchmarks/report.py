@@ -121,7 +121,8 @@ def markdown(payload: dict[str, Any]) -> str:
         "- floor: the method's pass count (full = forward+backward with parameter gradients, δ-only = forward + "
         "backward to the perturbation only, fwd-only = forward without backward); in brackets the floor in "
         "plain steps, counting a δ-only pass as 2/3 and a forward-only pass as 1/3 of a plain step "
-        "(forward 1 unit, backward 2).",
+        "(forward 1 unit, backward 2; with LoRA adapters a δ-only pass counts as a whole plain step, whose "
+        "backward then computes little beyond the activation gradients).",
         "",
     ]
     if payload.get("note"):
