@@ -134,40 +134,45 @@ def test_decoder_workload_trains_lora_only_on_completion_batches():
     assert (batch["labels"][completion] == batch["input_ids"][completion]).all()
 
 
-class Stopped(Exception):
-    """Stands for a time limit ending the process in the middle of a method."""
+class Stopped(BaseException):
+    """Stands for a time limit's signal ending the process in the middle of a method (no handler runs)."""
 
 
-def test_a_per_method_run_stopped_midway_keeps_what_it_finished(tmp_path, monkeypatch):
+def _per_method_with(monkeypatch, tmp_path, interruption: BaseException) -> tuple[dict, str]:
+    """A per-method run of FGM, PGD and FreeLB whose second method raises ``interruption``."""
     real_time_runs = step_module.time_runs
     calls = []
 
-    def stop_at_the_second_method(*args, **kwargs):
+    def interrupt_the_second_method(*args, **kwargs):
         calls.append(1)
         if len(calls) == 2:
-            raise Stopped
+            raise interruption
         return real_time_runs(*args, **kwargs)
 
-    monkeypatch.setattr(step_module, "time_runs", stop_at_the_second_method)
-    with pytest.raises(Stopped):
-        main(
-            [
-                *TINY,
-                *ONE_ITERATION,
-                "--methods",
-                "fgm,pgd,freelb",
-                "--per-method",
-                "--no-compile",
-                "--no-memory",
-                "--out",
-                str(tmp_path),
-            ]
-        )
+    monkeypatch.setattr(step_module, "time_runs", interrupt_the_second_method)
+    flags = ["--methods", "fgm,pgd,freelb", "--per-method", "--no-compile", "--no-memory", "--out", str(tmp_path)]
+    # A time limit ends the run at once; a method's error lets the others run, then fails the run.
+    with pytest.raises(Stopped if isinstance(interruption, Stopped) else RuntimeError):
+        main([*TINY, *ONE_ITERATION, *flags])
     written = json.loads((tmp_path / "step.json").read_text(encoding="utf-8"))
-    assert [(r["method"], r["impl"]) for r in written["workloads"][0]["rows"]] == [
-        ("plain", "plain"),
-        ("fgm", "seed"),
-        ("fgm", "eager"),
-    ]
+    return written, (tmp_path / "step.md").read_text(encoding="utf-8")
+
+
+def _cases(written: dict) -> list[tuple[str, str]]:
+    return [(r["method"], r["impl"]) for r in written["workloads"][0]["rows"]]
+
+
+def test_a_per_method_run_stopped_midway_keeps_what_it_finished(tmp_path, monkeypatch):
+    written, table = _per_method_with(monkeypatch, tmp_path, Stopped())
+    assert _cases(written) == [("plain", "plain"), ("fgm", "seed"), ("fgm", "eager")]
     assert [line.split(" ")[0] for line in written["skipped"]] == ["pgd", "freelb"]
-    assert "not finished" in (tmp_path / "step.md").read_text(encoding="utf-8")
+    assert "not finished" in table
+
+
+def test_a_failing_method_is_recorded_and_the_others_still_run(tmp_path, monkeypatch):
+    written, table = _per_method_with(monkeypatch, tmp_path, ValueError("out of memory, say"))
+    plain = ("plain", "plain")
+    assert _cases(written) == [plain, ("fgm", "seed"), ("fgm", "eager"), plain, ("freelb", "seed"), ("freelb", "eager")]
+    (failure,) = written["skipped"]
+    assert failure.startswith("pgd ") and "failed: ValueError: out of memory, say" in failure
+    assert "failed: ValueError" in table
