@@ -37,6 +37,7 @@ import torch
 from torch import nn
 
 import advfunc
+from advfunc.attacks.lat import middle_layer
 from benchmarks.shapes import Workload
 
 Runner = Callable[[], None]
@@ -298,18 +299,13 @@ def _reference_completion(
         knobs = {k: hyper[k] for k in ("epsilon", "alpha", "steps")}
 
         def run(batch: Batch) -> None:
+            # The loop returns clones of the gradients and clears .grad: a copy of the adapters, small.
             with autocast_context(workload):
                 reference_step(model, dict(batch), where=places, rule=rule, **knobs)
 
         return run
 
     return reference
-
-
-def _middle_layer(model: nn.Module) -> str:
-    from advfunc.attacks.lat import middle_layer
-
-    return middle_layer(model)
 
 
 # The reference implementations of the newer methods draw noise with CPU generators.
@@ -405,7 +401,7 @@ DECODER_METHODS: dict[str, MethodSpec] = {
             "LAT-8",
             {"epsilon": 1.0, "alpha": 0.25, "steps": 8},
             Floor(full=3, delta_only=8, adapters=True),
-            _reference_completion(_middle_layer, "l2"),
+            _reference_completion(middle_layer, "l2"),
             adversary=True,
         ),
         MethodSpec(

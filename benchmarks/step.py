@@ -402,6 +402,7 @@ def time_per_method(
                         memory[pair] = measure_cuda_runner(run, model, args.memory_calls)
                     else:
                         memory[pair] = measure_in_subprocess(*pair, workload, args.memory_calls, args.threads)
+                    print(f"  {pair[0] or 'plain'}/{pair[1]}: peak {memory[pair].peak_mb:,.0f} MiB", flush=True)
         except Exception as error:  # one broken method must not cost the others' results
             traceback.print_exc()
             failed.append(f"{method} ({workload.label}): failed: {type(error).__name__}: {error}"[:2000])
