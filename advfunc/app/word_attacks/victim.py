@@ -9,7 +9,7 @@ texts with a mean-pooled transformer (all-MiniLM-L6-v2 was trained that way).
 from __future__ import annotations
 
 import functools
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +20,7 @@ from transformers import AutoModel, AutoTokenizer
 import advfunc
 from advfunc.app.common.checkpoint import default_model_dir
 from advfunc.app.common.flags import add_fields, build
+from advfunc.app.common.mean_pooled import mean_pool
 from advfunc.app.common.progress import Progress
 from advfunc.app.word_attacks.synonym_attack import (
     AttackSummary,
@@ -50,20 +51,16 @@ class Victim:
         self._takes_types = "token_type_ids" in accepted_keywords(model)
 
     def _encode(self, texts: Sequence[str], **extra: Any) -> dict[str, torch.Tensor]:
-        encoded = self.tokenizer(
-            list(texts), truncation=True, max_length=self.max_length, padding=True, return_tensors="pt", **extra
-        )
+        encoded = _tokenize(self.tokenizer, texts, self.max_length, **extra)
         if not self._takes_types:
             encoded.pop("token_type_ids", None)
         return {k: v.to(self._device) for k, v in encoded.items()}
 
     def __call__(self, texts: Sequence[str]) -> torch.Tensor:
-        probabilities = []
-        with torch.inference_mode():
-            for start in range(0, len(texts), self.batch_size):
-                batch = self._encode(texts[start : start + self.batch_size])
-                probabilities.append(torch.softmax(self.model(**batch).logits.float(), dim=-1).cpu())
-        return torch.cat(probabilities)
+        def probabilities(chunk: Sequence[str]) -> torch.Tensor:
+            return torch.softmax(self.model(**self._encode(chunk)).logits.float(), dim=-1)
+
+        return _batched(probabilities, texts, self.batch_size)
 
     def gradient_importance(self, text: str, spans: Sequence[tuple[int, int]], label: int) -> torch.Tensor:
         """[W] ‖∂L/∂e‖₂ summed over each word's tokens, e the embedding output [1, L, H]."""
@@ -97,21 +94,22 @@ class SentenceEncoder:
         self.batch_size = batch_size
 
     def __call__(self, texts: Sequence[str]) -> torch.Tensor:
-        embeddings = []
-        with torch.inference_mode():
-            for start in range(0, len(texts), self.batch_size):
-                batch = self.tokenizer(
-                    list(texts[start : start + self.batch_size]),
-                    truncation=True,
-                    max_length=self.max_length,
-                    padding=True,
-                    return_tensors="pt",
-                ).to(self.model.device)
-                hidden = self.model(**batch).last_hidden_state  # [B, L, H]
-                mask = batch["attention_mask"].unsqueeze(-1).to(hidden.dtype)  # [B, L, 1]
-                pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1)  # [B, H]
-                embeddings.append(torch.nn.functional.normalize(pooled, dim=-1).cpu())
-        return torch.cat(embeddings)
+        def embed(chunk: Sequence[str]) -> torch.Tensor:
+            batch = _tokenize(self.tokenizer, chunk, self.max_length).to(self.model.device)
+            pooled = mean_pool(self.model(**batch).last_hidden_state, batch["attention_mask"])  # [B, H]
+            return torch.nn.functional.normalize(pooled, dim=-1)
+
+        return _batched(embed, texts, self.batch_size)
+
+
+def _tokenize(tokenizer: Any, texts: Sequence[str], max_length: int, **extra: Any) -> Any:
+    return tokenizer(list(texts), truncation=True, max_length=max_length, padding=True, return_tensors="pt", **extra)
+
+
+def _batched(apply: Callable[[Sequence[str]], torch.Tensor], texts: Sequence[str], size: int) -> torch.Tensor:
+    """``apply`` to ``texts`` in chunks of ``size`` under inference mode, the rows concatenated on the CPU."""
+    with torch.inference_mode():
+        return torch.cat([apply(texts[start : start + size]).cpu() for start in range(0, len(texts), size)])
 
 
 @functools.cache
