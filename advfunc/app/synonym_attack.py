@@ -24,8 +24,8 @@ Two searches over the same candidates and constraints (``SynonymAttackConfig.sea
 
 Candidates and constraints, shared by both:
 
-* words are whole words: runs of letters joined by apostrophes or hyphens (``it's``,
-  ``isn't``, ``film's``, ``sad-sack``), never cut into fragments;
+* words are whole words: runs of letters and digits joined by apostrophes or hyphens
+  (``it's``, ``isn't``, ``film's``, ``sad-sack``), never cut into fragments;
 * candidates: up to ``max_candidates`` single-word WordNet synonyms of the word, from
   every sense of it (``part_of_speech="any"``, as PWWS looks words up) or the senses of
   its usual part of speech (``"usual"``; :class:`advfunc.app.wordnet.WordNet`);
@@ -70,8 +70,8 @@ Order = Literal["delete", "gradient"]
 Search = Literal["pwws", "textfooler"]
 PartOfSpeech = Literal["any", "usual"]
 
-# A whole word: letters, joined by apostrophes or hyphens to more letters.
-_WHOLE_WORD = re.compile(r"[A-Za-z]+(?:['\u2019-][A-Za-z]+)*")
+# A whole word: letters and digits, joined by apostrophes or hyphens to more of them.
+_WHOLE_WORD = re.compile(r"[A-Za-z0-9]+(?:['\u2019-][A-Za-z0-9]+)*")
 # Runs of letters only; cuts "it's" into "it" and "s" (the attack's earlier tokenisation).
 _LETTER_RUN = re.compile(r"[A-Za-z]+")
 # English function words, never substituted (the role of TextFooler's and TextDefender's stop lists).
@@ -209,9 +209,9 @@ class AttackSummary:
 def word_spans(text: str, whole_words: bool = True) -> list[tuple[int, int]]:
     """[start, end) character spans of the words of ``text``.
 
-    A word is a run of letters, joined by apostrophes or hyphens to further letters
-    (``it's``, ``film's``, ``sad-sack``); with ``whole_words=False`` only the letter runs,
-    which cut those at the apostrophe or hyphen.
+    A word is a run of letters and digits, joined by apostrophes or hyphens to further
+    ones (``it's``, ``film's``, ``sad-sack``, ``mid-90s``); with ``whole_words=False`` only
+    the runs of letters, which cut those at the apostrophe, hyphen or digit.
     """
     pattern = _WHOLE_WORD if whole_words else _LETTER_RUN
     return [match.span() for match in pattern.finditer(text)]
@@ -283,7 +283,7 @@ class _Text:
         if new:
             self.queries += len(new)
             self.probabilities.update(zip(new, (yield _Classify(new)), strict=True))
-        return torch.stack([self.probabilities[t] for t in texts]) if texts else torch.empty(0, 0)
+        return torch.stack([self.probabilities[t] for t in texts])
 
     def similar(self, texts: list[str]) -> Generator[_Request, torch.Tensor, list[bool]]:
         """Whether each text keeps cosine >= ``similarity`` to the original (no encoder call when -1)."""
