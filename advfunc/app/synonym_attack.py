@@ -39,7 +39,9 @@ Candidates and constraints, shared by both:
 Many texts are attacked together (``texts_per_batch``): each text's search runs as its own
 sequence of requests, and the requests of all texts that are waiting are answered by one
 call of the classifier (or of the encoder), the texts sorted by length so that batches
-pad little. The batching changes no result: each text sees the same answers as alone.
+pad little. The batching changes no result: each text gets the answers it would get alone
+(a classifier whose outputs depend on what it is batched with, beyond float rounding of
+padded batches, is outside that promise).
 
 Papers: Ren et al., "Generating Natural Language Adversarial Examples through Probability
 Weighted Word Saliency" (PWWS), ACL 2019; Jin et al., "Is BERT Really Robust?"
@@ -102,7 +104,7 @@ class SynonymAttackConfig:
     part_of_speech: PartOfSpeech = "any"  # candidates from every WordNet sense, or the usual part of speech's
     whole_words: bool = True  # keep it's, film's, sad-sack whole; False cuts words at apostrophes and hyphens
     unknown_word: str = "[UNK]"  # PWWS's saliency replaces a word by this text (BERT tokenizers: their unknown token)
-    texts_per_batch: int = 32  # texts attacked together, their queries batched; no effect on results
+    texts_per_batch: int = 32  # texts attacked together, their queries batched; each gets what it would alone
 
     def check(self) -> None:
         if self.max_candidates < 1:
