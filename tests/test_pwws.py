@@ -64,19 +64,28 @@ def _hand_computed_pwws_order() -> list[tuple[str, str]]:
     return [(word, best) for _, word, best in sorted(scored, reverse=True)]
 
 
-def test_the_pwws_order_is_the_hand_computed_one():
+@pytest.mark.parametrize("step", ["fixed", "rescore"])
+def test_the_pwws_order_is_the_hand_computed_one(step):
     order = _hand_computed_pwws_order()
     # The example separates the paper's score from its two factors: neither alone gives this order.
     assert [w for w, _ in order] == ["alpha", "beta", "delta", "gamma"]
     for changes in range(1, 5):
-        config = SynonymAttackConfig(similarity=-1.0, max_change=changes / 4)
+        config = SynonymAttackConfig(similarity=-1.0, max_change=changes / 4, pwws_step=step)
         model = Linear(WEIGHTS)
         result = attack_text("alpha beta gamma delta", 1, model, letters, Thesaurus(SYNONYMS), config)  # type: ignore[arg-type]
         assert result.status == "failed"  # the score stays positive under every change
-        assert {(s.original, s.synonym) for s in result.substitutions} == set(order[:changes])
-        # queries: the text, one [UNK] text per word, one per candidate, one per greedy step after the first
-        assert result.queries == 1 + 4 + 6 + (changes - 1) == len(model.texts)
+        expected = set(order[:changes])
+        if step == "rescore":  # a step is kept only if it lowers P(1): gamma's best raises it
+            expected -= {("gamma", "gnu")}
+        assert {(s.original, s.synonym) for s in result.substitutions} == expected
+        # queries: the text, one [UNK] text per word, one per candidate, then per step after the first
+        # the paper's one text, or all the word's candidates on top of the earlier changes (1, 2, 1)
+        steps = changes - 1 if step == "fixed" else [0, 1, 3, 4][changes - 1]
+        assert result.queries == 1 + 4 + 6 + steps == len(model.texts)
         assert "[UNK] beta gamma delta" in model.texts
+
+
+SEARCHES = [{"search": "pwws"}, {"search": "pwws", "pwws_step": "fixed"}, {"search": "textfooler"}]
 
 
 class TinyNetwork:
@@ -141,10 +150,10 @@ def _single_flip_exists(model, text: str, label: int) -> bool:
     return bool((model(singles).argmax(-1) != label).any())
 
 
-@pytest.mark.parametrize("search", ["pwws", "textfooler"])
+@pytest.mark.parametrize("search", SEARCHES)
 @pytest.mark.parametrize("max_change", [0.34, 0.5, 1.0])
 def test_the_exhaustive_minimum_bounds_the_attack_and_every_single_flip_is_found(search, max_change):
-    config = SynonymAttackConfig(similarity=-1.0, max_change=max_change, search=search)
+    config = SynonymAttackConfig(similarity=-1.0, max_change=max_change, **search)
     checked = {"single flips": 0, "failures": 0}
     for seed in range(12):
         model = TinyNetwork(TINY_SYNONYMS, seed)
@@ -162,20 +171,20 @@ def test_the_exhaustive_minimum_bounds_the_attack_and_every_single_flip_is_found
                 checked["failures"] += 1
             if _single_flip_exists(model, text, label):
                 checked["single flips"] += 1
-                if search == "pwws":  # PWWS scores every single substitution, so it never misses one
+                if search["search"] == "pwws":  # PWWS scores every single substitution, so it never misses one
                     assert result.status == "succeeded", (seed, text)
                     assert len(result.substitutions) == 1
     assert checked["single flips"] > 5 and checked["failures"] > 5  # both branches were exercised
 
 
-@pytest.mark.parametrize("search", ["pwws", "textfooler"])
+@pytest.mark.parametrize("search", SEARCHES)
 def test_batched_and_one_at_a_time_runs_give_identical_results(search):
     model = TinyNetwork(TINY_SYNONYMS, seed=3)
     texts = TINY_TEXTS * 3
     labels = [int(model([t])[0].argmax()) for t in texts]
     labels[4] = 1 - labels[4]  # one misclassified text among them
     thesaurus = Thesaurus(TINY_SYNONYMS)
-    config = SynonymAttackConfig(similarity=0.9, max_change=0.5, search=search, texts_per_batch=len(texts))
+    config = SynonymAttackConfig(similarity=0.9, max_change=0.5, texts_per_batch=len(texts), **search)
     calls = []
 
     def counted(texts):
@@ -200,7 +209,8 @@ def test_the_summary_names_the_search_and_its_cost():
 
     model = Linear(WEIGHTS)
     for config, name in [
-        (SynonymAttackConfig(similarity=-1.0), "pwws"),
+        (SynonymAttackConfig(similarity=-1.0), "pwws (rescore steps)"),
+        (SynonymAttackConfig(similarity=-1.0, pwws_step="fixed"), "pwws (fixed steps)"),
         (SynonymAttackConfig(similarity=-1.0, search="textfooler"), "textfooler (delete order)"),
     ]:
         results = attack_texts(["alpha beta gamma delta"], [1], model, letters, Thesaurus(SYNONYMS), config)  # type: ignore[arg-type]

@@ -182,7 +182,13 @@ def test_bad_settings_are_refused():
         attack_texts(["a"], [0], BagOfWords({}), letters, wordnet(), SynonymAttackConfig(max_change=0.0))
     with pytest.raises(ValueError, match="order"):
         attack_texts(["a"], [0], BagOfWords({}), letters, wordnet(), SynonymAttackConfig(order="random"))  # type: ignore[arg-type]
-    for wrong in [{"search": "beam"}, {"part_of_speech": "noun"}, {"unknown_word": ""}, {"texts_per_batch": 0}]:
+    for wrong in [
+        {"search": "beam"},
+        {"pwws_step": "x"},
+        {"part_of_speech": "noun"},
+        {"unknown_word": ""},
+        {"texts_per_batch": 0},
+    ]:
         with pytest.raises(ValueError, match=next(iter(wrong))):
             attack_texts(["a"], [0], BagOfWords({}), letters, wordnet(), SynonymAttackConfig(**wrong))  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="gradient_importance"):

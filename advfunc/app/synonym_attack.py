@@ -71,6 +71,7 @@ GradientImportance = Callable[[str, Sequence[tuple[int, int]], int], torch.Tenso
 Order = Literal["delete", "gradient"]
 Search = Literal["pwws", "textfooler"]
 PartOfSpeech = Literal["any", "usual"]
+PwwsStep = Literal["rescore", "fixed"]
 
 # A whole word: letters and digits, joined by apostrophes or hyphens to more of them.
 _WHOLE_WORD = re.compile(r"[A-Za-z0-9]+(?:['\u2019-][A-Za-z0-9]+)*")
@@ -101,6 +102,7 @@ class SynonymAttackConfig:
     similarity: float = 0.8  # cosine of mean-pooled sentence embeddings, original vs changed
     order: Order = "delete"  # word importance of the textfooler search
     search: Search = "pwws"  # PWWS (Ren et al. 2019) or TextFooler's greedy search (Jin et al. 2020)
+    pwws_step: PwwsStep = "rescore"  # each PWWS step re-picks the word's best candidate, or "fixed": the paper's w_i*
     part_of_speech: PartOfSpeech = "any"  # candidates from every WordNet sense, or the usual part of speech's
     whole_words: bool = True  # keep it's, film's, sad-sack whole; False cuts words at apostrophes and hyphens
     unknown_word: str = "[UNK]"  # PWWS's saliency replaces a word by this text (BERT tokenizers: their unknown token)
@@ -119,6 +121,8 @@ class SynonymAttackConfig:
             raise ValueError(f"order must be 'delete' or 'gradient', got {self.order!r}")
         if self.search not in ("pwws", "textfooler"):
             raise ValueError(f"search must be 'pwws' or 'textfooler', got {self.search!r}")
+        if self.pwws_step not in ("rescore", "fixed"):
+            raise ValueError(f"pwws_step must be 'rescore' or 'fixed', got {self.pwws_step!r}")
         if self.part_of_speech not in ("any", "usual"):
             raise ValueError(f"part_of_speech must be 'any' or 'usual', got {self.part_of_speech!r}")
         if not self.unknown_word:
@@ -128,8 +132,8 @@ class SynonymAttackConfig:
 
     @property
     def description(self) -> str:
-        """The search as a report names it, e.g. ``pwws`` or ``textfooler (delete order)``."""
-        return "pwws" if self.search == "pwws" else f"textfooler ({self.order} order)"
+        """The search as a report names it, e.g. ``pwws (rescore steps)`` or ``textfooler (delete order)``."""
+        return f"pwws ({self.pwws_step} steps)" if self.search == "pwws" else f"textfooler ({self.order} order)"
 
 
 @dataclass(frozen=True)
@@ -350,9 +354,11 @@ def _pwws(state: _Text) -> _Search:
     weights = torch.softmax(saliency, dim=0)  # [P]
     scored = [i for i in positions if i in best]
     scores = torch.tensor([float(weights[positions.index(i)]) * best[i][1] for i in scored])  # H, [P']
+    ranked = [scored[k] for k in torch.argsort(scores, descending=True, stable=True).tolist()]
+    if config.pwws_step == "rescore":
+        return (yield from _greedy(state, ranked, float(original[label]), prediction))
     chosen: dict[int, str] = {}
-    for k in torch.argsort(scores, descending=True, stable=True).tolist():
-        i = scored[k]
+    for i in ranked:
         if len(chosen) >= state.allowed:
             break
         trial = _replace(text, spans, {**chosen, i: best[i][0]})
@@ -389,10 +395,16 @@ def _textfooler(state: _Text, gradient_importance: GradientImportance | None) ->
             return state.result("failed", text, prediction, {})
         deleted = [_replace(text, spans, {i: None}) for i in positions]
         scores = -(yield from state.classify(deleted))[:, label]  # [P]: lower P(label) when deleted, more important
+    ranked = [positions[k] for k in torch.argsort(scores, descending=True, stable=True).tolist()]
+    return (yield from _greedy(state, ranked, float(probabilities[label]), prediction))
+
+
+def _greedy(state: _Text, ranked: list[int], current: float, prediction: int) -> _Search:
+    """Each word of ``ranked`` in turn: its candidates on top of the changes so far, the best one kept if it
+    lowers P(label) (``current``, the unchanged text's), until the prediction flips or a budget runs out."""
+    text, spans, label = state.text, state.spans, state.label
     chosen: dict[int, str] = {}
-    current = float(probabilities[label])
-    for k in torch.argsort(scores, descending=True, stable=True).tolist():
-        i = positions[k]
+    for i in ranked:
         if len(chosen) >= state.allowed or state.left() <= 0:
             break
         trials = [_replace(text, spans, {**chosen, i: synonym}) for synonym in state.candidates[i]]
