@@ -2,18 +2,23 @@
 
 Two searches over the same candidates and constraints (``SynonymAttackConfig.search``):
 
-* ``"pwws"`` (Ren et al., ACL 2019, Algorithm 1). For a text ``x`` of true class ``y``
-  with substitutable words ``w_i``: the word saliency ``S_i = P(y|x) - P(y|x with w_i
-  replaced by the unknown token)``; the best substitute ``w_i*`` of each word, the
-  candidate with the largest ``ΔP_i* = P(y|x) - P(y|x with w_i -> w_i*)``; the score
-  ``H_i = softmax(S)_i · ΔP_i*``; then the words in descending ``H`` are replaced by their
-  ``w_i*`` one after another, each on top of the previous ones, until the prediction
-  flips. Cost: one query per word for ``S``, one per candidate for ``w_i*``, one per
-  greedy step. One addition to the paper: the candidates are scored word by word in
-  descending saliency, and a candidate that already flips the prediction ends the attack
-  (the lowest true-class probability among the flipping ones), so every single
-  substitution that flips the prediction is found and no query is spent after a flip.
-  The softmax over all words or over the substitutable ones gives the same order.
+* ``"pwws"`` (Ren et al., ACL 2019). For a text ``x`` of true class ``y`` with
+  substitutable words ``w_i``: the word saliency ``S_i = P(y|x) - P(y|x with w_i replaced
+  by the unknown token)``; the best substitute ``w_i*`` of each word, the candidate with
+  the largest ``ΔP_i* = P(y|x) - P(y|x with w_i -> w_i*)``; the score ``H_i = softmax(S)_i ·
+  ΔP_i*``; then the words are changed in descending ``H``, each on top of the earlier
+  changes, until the prediction flips. The step (``pwws_step``): ``"fixed"`` puts in
+  ``w_i*`` as the paper's Algorithm 1 does (one query per step); ``"rescore"`` (default)
+  tries all the word's candidates on top of the earlier changes and keeps the best one if
+  it lowers ``P(y)``, as the reference implementations do (TextAttack's greedy search with
+  the weighted-saliency order): the earlier changes alter which substitute is best, and
+  this step is the stronger attack (one query per candidate). Cost before the steps: one
+  query per word for ``S``, one per candidate for ``w_i*``. One addition to the paper:
+  the candidates are scored word by word in descending saliency, and a candidate that
+  already flips the prediction ends the attack (the lowest true-class probability among
+  the flipping ones), so every single substitution that flips the prediction is found and
+  no query is spent after a flip. The softmax over all words or over the substitutable
+  ones gives the same order.
 * ``"textfooler"`` (Jin et al., AAAI 2020, its greedy search): words ranked by importance,
   either the drop of the true label's probability when the word is deleted
   (``order="delete"``, one query per word) or the norm of the loss gradient at the word's
