@@ -95,9 +95,11 @@ def test_the_noun_data_split_is_joined_with_the_lost_newline():
     assert "dull" in wordnet().synonyms("boring") and "drill" not in wordnet().synonyms("boring")
 
 
-def test_every_sense_adds_the_other_parts_of_speech_after_the_usual_one():
+def test_every_sense_adds_the_other_parts_of_speech_and_base_forms():
     usual, every = wordnet().synonyms("boring"), wordnet().synonyms("boring", "all")
-    assert every[: len(usual)] == usual and "drilling" in every[len(usual) :]  # the noun: the act of boring a hole
+    assert set(usual) < set(every) and "drilling" in every  # the noun: the act of boring a hole
+    assert "tire" in every and "tire" not in usual  # the verb "bore", the base form WordNet's lookup also finds
+    assert wordnet().lemmas("boring", "all") == [("n", "boring"), ("a", "boring"), ("v", "bore")]
     assert {"calm", "lull"} <= set(wordnet().synonyms("still", "all")) - set(wordnet().synonyms("still"))
     with pytest.raises(ValueError, match="senses"):
         wordnet().synonyms("boring", "some")  # type: ignore[arg-type]

@@ -89,21 +89,23 @@ class WordNet:
             self._index[pos] = _read_index(self.folder / index_name)
             self._data[pos] = b"\n".join((self.folder / name).read_bytes() for name in data_names)
 
-    def lemmas(self, word: str) -> list[tuple[str, str]]:
+    def lemmas(self, word: str, senses: Senses = "usual") -> list[tuple[str, str]]:
         """(part of speech, base form) pairs under which ``word`` is in WordNet.
 
-        The word as written wins: base forms from WordNet's suffix rules are looked up only
-        when the word itself is in no index ("movies" -> "movie", but "boring" stays the
-        adjective and never becomes the verb "bore").
+        ``senses="usual"``: the word as written wins; base forms from WordNet's suffix rules
+        are looked up only when the word itself is in no index ("movies" -> "movie", but
+        "boring" stays the adjective and never becomes the verb "bore"). ``senses="all"``:
+        the word as written and every base form the rules give in any part of speech, as
+        WordNet's own lookup (``morphy``) gives them ("boring" is also "bore").
         """
         word = word.lower()
         exact = [(pos, word) for pos, index in self._index.items() if word in index]
-        if exact:
+        if exact and senses == "usual":
             return exact
-        found: list[tuple[str, str]] = []
+        found: list[tuple[str, str]] = list(exact)
         for pos, index in self._index.items():
             bases = [word[: -len(old)] + new for old, new in _DETACHMENTS[pos] if word.endswith(old)]
-            found.extend((pos, base) for base in dict.fromkeys(bases) if base in index)
+            found.extend((pos, base) for base in dict.fromkeys(bases) if base in index and (pos, base) not in found)
         return found
 
     def synsets(self, word: str, senses: Senses = "usual") -> list[Synset]:
@@ -113,12 +115,13 @@ class WordNet:
         own evidence: the one whose senses of the word were seen most often in WordNet's
         tagged corpus (``tagsense_cnt``), so "good" gives adjectives and "movie" nouns; parts
         of speech tied at the top all count. ``senses="all"``: every sense of every part of
-        speech the word has, the parts of speech in that order of evidence (as a lookup
-        without a part-of-speech filter does, e.g. the candidates of PWWS).
+        speech the word and its base forms have (:meth:`lemmas`), the parts of speech in that
+        order of evidence (as a lookup without a part-of-speech filter does, e.g. the
+        candidates of PWWS).
         """
         if senses not in ("usual", "all"):
             raise ValueError(f"senses must be 'usual' or 'all', got {senses!r}")
-        lemmas = sorted(self.lemmas(word), key=lambda lemma: -self._index[lemma[0]][lemma[1]].tagged)
+        lemmas = sorted(self.lemmas(word, senses), key=lambda lemma: -self._index[lemma[0]][lemma[1]].tagged)
         if not lemmas:
             return []
         most = self._index[lemmas[0][0]][lemmas[0][1]].tagged
@@ -132,7 +135,7 @@ class WordNet:
     def synonyms(self, word: str, senses: Senses = "usual") -> list[str]:
         """Single-word synonyms of ``word`` (see :meth:`synsets` for ``senses``): letters only,
         lower case, the word itself left out, in sense order without repeats."""
-        own = {word.lower(), *(form for _, form in self.lemmas(word))}
+        own = {word.lower(), *(form for _, form in self.lemmas(word, senses))}
         seen: dict[str, None] = {}
         for synset in self.synsets(word, senses):
             for candidate in synset.words:
