@@ -112,6 +112,7 @@ class SynonymAttackConfig:
     whole_words: bool = True  # keep it's, film's, sad-sack whole; False cuts words at apostrophes and hyphens
     unknown_word: str = "[UNK]"  # PWWS's saliency replaces a word by this text (BERT tokenizers: their unknown token)
     texts_per_batch: int = 32  # texts attacked together, their queries batched; each gets what it would alone
+    batch_size: int = 16  # texts per classifier or encoder call (on a CPU larger batches are no faster per text)
 
     def check(self) -> None:
         if self.max_candidates < 1:
@@ -132,6 +133,8 @@ class SynonymAttackConfig:
             raise ValueError(f"part_of_speech must be 'any' or 'usual', got {self.part_of_speech!r}")
         if not self.unknown_word:
             raise ValueError("unknown_word must be a non-empty text, e.g. '[UNK]'")
+        if self.batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
         if self.texts_per_batch < 1:
             raise ValueError(f"texts_per_batch must be >= 1, got {self.texts_per_batch}")
 
@@ -429,11 +432,15 @@ def _greedy(state: _Text, ranked: list[int], current: float, prediction: int) ->
     return state.result("failed", _replace(text, spans, dict(chosen)), prediction, chosen)
 
 
-def _answer(function: Callable[[Sequence[str]], torch.Tensor], requests: list[list[str]]) -> list[torch.Tensor]:
-    """Each request's rows of one call of ``function`` on all their texts, sorted by length so batches pad little."""
+def _answer(
+    function: Callable[[Sequence[str]], torch.Tensor], requests: list[list[str]], batch_size: int
+) -> list[torch.Tensor]:
+    """Each request's rows of ``function`` on all their texts, sorted by length so that batches pad little,
+    ``batch_size`` texts per call."""
     texts = [t for request in requests for t in request]
     order = sorted(range(len(texts)), key=lambda k: len(texts[k]))
-    answers = function([texts[k] for k in order])
+    ordered = [texts[k] for k in order]
+    answers = torch.cat([function(ordered[k : k + batch_size]) for k in range(0, len(ordered), batch_size)])
     rows = torch.empty_like(answers)
     rows[torch.tensor(order)] = answers
     return list(rows.split([len(request) for request in requests]))
@@ -485,13 +492,14 @@ def attack_texts(
             ],
             classify,
             encode,
+            config.batch_size,
         )
         share = (time.perf_counter() - began) / len(batch)
         results.extend(dataclasses.replace(r, seconds=share) for r in finished)
     return results
 
 
-def _run_together(searches: list[_Search], classify: Classify, encode: Encode) -> list[AttackResult]:
+def _run_together(searches: list[_Search], classify: Classify, encode: Encode, batch_size: int) -> list[AttackResult]:
     """Drive the searches in rounds, answering each round's requests with one call per kind."""
     results: list[AttackResult | None] = [None] * len(searches)
     pending: dict[int, _Request] = {}
@@ -510,6 +518,7 @@ def _run_together(searches: list[_Search], classify: Classify, encode: Encode) -
         for kind, function in ((_Classify, classify), (_Encode, encode)):
             mine = [(k, r) for k, r in asked if isinstance(r, kind)]
             if mine:
-                for (k, _), answer in zip(mine, _answer(function, [r.texts for _, r in mine]), strict=True):
+                answers = _answer(function, [r.texts for _, r in mine], batch_size)
+                for (k, _), answer in zip(mine, answers, strict=True):
                     advance(k, answer)
     return [r for r in results if r is not None]
