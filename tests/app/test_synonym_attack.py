@@ -101,6 +101,16 @@ def test_the_noun_data_split_is_joined_with_the_lost_newline():
     assert "dull" in wordnet().synonyms("boring") and "drill" not in wordnet().synonyms("boring")
 
 
+def test_every_sense_adds_the_other_parts_of_speech_and_base_forms():
+    usual, every = wordnet().synonyms("boring"), wordnet().synonyms("boring", "all")
+    assert set(usual) < set(every) and "drilling" in every  # the noun: the act of boring a hole
+    assert "tire" in every and "tire" not in usual  # the verb "bore", the base form WordNet's lookup also finds
+    assert wordnet().lemmas("boring", "all") == [("n", "boring"), ("a", "boring"), ("v", "bore")]
+    assert {"calm", "lull"} <= set(wordnet().synonyms("still", "all")) - set(wordnet().synonyms("still"))
+    with pytest.raises(ValueError, match="senses"):
+        wordnet().synonyms("boring", "some")  # type: ignore[arg-type]
+
+
 def test_every_substitute_is_a_wordnet_synonym_and_no_stop_word_changes():
     config = SynonymAttackConfig(max_change=0.5, similarity=-1.0)
     _, _, results = _run(config)
@@ -113,7 +123,7 @@ def test_every_substitute_is_a_wordnet_synonym_and_no_stop_word_changes():
         assert changed == {s.index for s in result.substitutions}
         for s in result.substitutions:
             assert s.original.lower() not in STOP_WORDS
-            assert s.synonym.lower() in wordnet().synonyms(s.original), (s.original, s.synonym)
+            assert s.synonym.lower() in wordnet().synonyms(s.original, "all"), (s.original, s.synonym)
             assert adversarial[s.index] == s.synonym
         assert len(result.substitutions) <= max(1, int(config.max_change * len(words)))
         assert result.queries <= config.query_budget
@@ -144,8 +154,10 @@ def test_the_attack_never_raises_accuracy_and_every_success_fools_the_model():
     assert summary.examples and set(summary.examples[0]) == fields
 
 
-@pytest.mark.parametrize("order", ["delete", "gradient"])
-def test_one_known_synonym_that_flips_the_prediction_is_found(order):
+@pytest.mark.parametrize(
+    ("search", "order"), [("pwws", "delete"), ("textfooler", "delete"), ("textfooler", "gradient")]
+)
+def test_one_known_synonym_that_flips_the_prediction_is_found(search, order):
     model = BagOfWords({"great": 0.5, "movie": 2.0, "film": -5.0})  # "movie" carries the prediction
     text = "A great movie."
 
@@ -154,7 +166,7 @@ def test_one_known_synonym_that_flips_the_prediction_is_found(order):
             [abs(model.embedding.weight[model.vocabulary.get(text[s:e].lower(), 0), 0].item()) for s, e in spans]
         )
 
-    config = SynonymAttackConfig(similarity=-1.0, order=order)
+    config = SynonymAttackConfig(similarity=-1.0, order=order, search=search)
     (result,) = attack_texts([text], [1], model, letters, wordnet(), config, gradient_importance)
     assert result.status == "succeeded"
     assert [(s.original, s.synonym) for s in result.substitutions] == [("movie", "film")]
@@ -167,9 +179,10 @@ def test_the_similarity_constraint_blocks_a_change_that_moves_the_sentence_too_f
     def far_when_film(texts):  # "film" moves a sentence to an orthogonal direction
         return torch.stack([torch.tensor([0.0, 1.0]) if "film" in t else torch.tensor([1.0, 0.0]) for t in texts])
 
-    config = SynonymAttackConfig(similarity=0.5)
-    (result,) = attack_texts(["A great movie."], [1], model, far_when_film, wordnet(), config)
-    assert result.status == "failed" and all(s.synonym != "film" for s in result.substitutions)
+    for search in ("pwws", "textfooler"):
+        config = SynonymAttackConfig(similarity=0.5, search=search)  # type: ignore[arg-type]
+        (result,) = attack_texts(["A great movie."], [1], model, far_when_film, wordnet(), config)
+        assert result.status == "failed" and all(s.synonym != "film" for s in result.substitutions)
 
 
 def test_bad_settings_are_refused():
@@ -177,6 +190,18 @@ def test_bad_settings_are_refused():
         attack_texts(["a"], [0], BagOfWords({}), letters, wordnet(), SynonymAttackConfig(max_change=0.0))
     with pytest.raises(ValueError, match="order"):
         attack_texts(["a"], [0], BagOfWords({}), letters, wordnet(), SynonymAttackConfig(order="random"))  # type: ignore[arg-type]
+    for wrong in [
+        {"search": "beam"},
+        {"pwws_step": "x"},
+        {"part_of_speech": "noun"},
+        {"unknown_word": ""},
+        {"texts_per_batch": 0},
+    ]:
+        with pytest.raises(ValueError, match=next(iter(wrong))):
+            attack_texts(["a"], [0], BagOfWords({}), letters, wordnet(), SynonymAttackConfig(**wrong))  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="gradient_importance"):
+        config = SynonymAttackConfig(search="textfooler", order="gradient")
+        attack_texts(["a good movie"], [1], BagOfWords({"good": 1.0}), letters, wordnet(), config)
 
 
 def test_the_victim_classifies_texts_and_ranks_words_by_gradient(tmp_path):
@@ -199,6 +224,6 @@ def test_the_victim_classifies_texts_and_ranks_words_by_gradient(tmp_path):
     spans = word_spans(texts[0])
     scores = victim.gradient_importance(texts[0], spans, 1)
     assert scores.shape == (4,) and bool((scores > 0).all())
-    config = SynonymAttackConfig(similarity=-1.0, query_budget=40, order="gradient")
+    config = SynonymAttackConfig(similarity=-1.0, query_budget=40, order="gradient", search="textfooler")
     results = attack_texts(texts, [0, 1, 1], victim, letters, wordnet(), config, victim.gradient_importance)
     assert all(r.queries <= 40 for r in results)

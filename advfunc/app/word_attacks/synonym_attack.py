@@ -1,37 +1,71 @@
-"""Synonym substitution, the word-level attack of TextFooler and PWWS, with TextDefender's constraints.
+"""Synonym substitution, the word-level attacks PWWS and TextFooler, with TextDefender's constraints.
 
-For each correctly classified text the attack ranks its words by importance, then walks
-them in that order, replacing each by the WordNet synonym that most lowers the
-probability of the true label, until the prediction flips or a budget runs out:
+Two searches over the same candidates and constraints (``SynonymAttackConfig.search``):
 
+* ``"pwws"`` (Ren et al., ACL 2019). For a text ``x`` of true class ``y`` with
+  substitutable words ``w_i``: the word saliency ``S_i = P(y|x) - P(y|x with w_i replaced
+  by the unknown token)``; the best substitute ``w_i*`` of each word, the candidate with
+  the largest ``ΔP_i* = P(y|x) - P(y|x with w_i -> w_i*)``; the score ``H_i = softmax(S)_i ·
+  ΔP_i*``; then the words are changed in descending ``H``, each on top of the earlier
+  changes, until the prediction flips. The step (``pwws_step``): ``"fixed"`` puts in
+  ``w_i*`` as the paper's Algorithm 1 does (one query per step); ``"rescore"`` (default)
+  tries all the word's candidates on top of the earlier changes and keeps the best one if
+  it lowers ``P(y)``, as the reference implementations do (TextAttack's greedy search with
+  the weighted-saliency order): the earlier changes alter which substitute is best, and
+  this step is the stronger attack (one query per candidate). Cost before the steps: one
+  query per word for ``S``, one per candidate for ``w_i*``. One addition to the paper:
+  the candidates are scored word by word in descending saliency, and a candidate that
+  already flips the prediction ends the attack (the lowest true-class probability among
+  the flipping ones), so every single substitution that flips the prediction is found and
+  no query is spent after a flip. The softmax over all words or over the substitutable
+  ones gives the same order.
+* ``"textfooler"`` (Jin et al., AAAI 2020, its greedy search): words ranked by importance,
+  either the drop of the true label's probability when the word is deleted
+  (``order="delete"``, one query per word) or the norm of the loss gradient at the word's
+  embedding outputs (``order="gradient"``, one forward and backward, counted as one
+  query); each word in turn is replaced by the candidate that most lowers the true
+  label's probability given the changes so far, kept only if it lowers it, until the
+  prediction flips. Cheaper than PWWS (no candidate pass over every word) and weaker.
+
+Candidates and constraints, shared by both:
+
+* words are whole words: runs of letters and digits joined by apostrophes or hyphens
+  (``it's``, ``isn't``, ``film's``, ``sad-sack``), never cut into fragments;
 * candidates: up to ``max_candidates`` single-word WordNet synonyms of the word, from
-  the senses of its usual part of speech (:class:`advfunc.app.wordnet.WordNet`);
+  every sense of it (``part_of_speech="any"``, as PWWS looks words up) or the senses of
+  its usual part of speech (``"usual"``; :class:`advfunc.app.word_attacks.wordnet.WordNet`);
 * stop words are never changed; at most ``max_change`` of a text's words are changed;
-* every query (one text classified) counts against ``query_budget``;
-* a changed text must keep cosine similarity ≥ ``similarity`` to the original under a
-  sentence encoder (all-MiniLM-L6-v2, mean-pooled, in the command-line evaluation).
+* every query (one text classified) counts against ``query_budget``; a text classified
+  twice is asked once;
+* a changed text must keep cosine similarity >= ``similarity`` to the original under a
+  sentence encoder (all-MiniLM-L6-v2, mean-pooled, in the command-line evaluation):
+  candidates failing it are never queried, and a PWWS greedy step failing it is skipped.
 
-Word importance is either the drop of the true label's probability when the word is
-deleted (``order="delete"``, one query per word, as in TextFooler) or the norm of the
-loss gradient at the word's embedding outputs (``order="gradient"``, one forward and
-backward, counted as one query).
+Many texts are attacked together (``texts_per_batch``): each text's search runs as its own
+sequence of requests, and the requests of all texts that are waiting are answered by one
+call of the classifier (or of the encoder), the texts sorted by length so that batches
+pad little. The batching changes no result: each text gets the answers it would get alone
+(a classifier whose outputs depend on what it is batched with, beyond float rounding of
+padded batches, is outside that promise).
 
-Papers: Jin et al., "Is BERT Really Robust?" (TextFooler), AAAI 2020; Ren et al.,
-"Generating Natural Language Adversarial Examples through Probability Weighted Word
-Saliency" (PWWS), ACL 2019; Li et al., "Searching for an Effective Defender"
-(TextDefender), EMNLP 2021.
+Papers: Ren et al., "Generating Natural Language Adversarial Examples through Probability
+Weighted Word Saliency" (PWWS), ACL 2019; Jin et al., "Is BERT Really Robust?"
+(TextFooler), AAAI 2020; Li et al., "Searching for an Effective Defender" (TextDefender),
+EMNLP 2021.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import re
-from collections.abc import Callable, Sequence
+import time
+from collections.abc import Callable, Generator, Sequence
 from dataclasses import dataclass, field
 from typing import Literal
 
 import torch
 
-from advfunc.app.word_attacks.wordnet import WordNet
+from advfunc.app.word_attacks.wordnet import Senses, WordNet
 
 # Classifies texts: [N] strings -> [N, C] probabilities. Each text is one query.
 Classify = Callable[[Sequence[str]], torch.Tensor]
@@ -40,8 +74,14 @@ Encode = Callable[[Sequence[str]], torch.Tensor]
 # Word importance by gradient: (text, word spans, label) -> [W] scores.
 GradientImportance = Callable[[str, Sequence[tuple[int, int]], int], torch.Tensor]
 Order = Literal["delete", "gradient"]
+Search = Literal["pwws", "textfooler"]
+PartOfSpeech = Literal["any", "usual"]
+PwwsStep = Literal["rescore", "fixed"]
 
-_WORD = re.compile(r"[A-Za-z]+")
+# A whole word: letters and digits, joined by apostrophes or hyphens to more of them.
+_WHOLE_WORD = re.compile(r"[A-Za-z0-9]+(?:['\u2019-][A-Za-z0-9]+)*")
+# Runs of letters only; cuts "it's" into "it" and "s" (the attack's earlier tokenisation).
+_LETTER_RUN = re.compile(r"[A-Za-z]+")
 # English function words, never substituted (the role of TextFooler's and TextDefender's stop lists).
 STOP_WORDS = frozenset(
     """a about above after again against all am an and any are as at be because been before being below between
@@ -59,13 +99,20 @@ STOP_WORDS = frozenset(
 
 @dataclass(frozen=True)
 class SynonymAttackConfig:
-    """The attack's constraints; TextDefender's values where it sets them."""
+    """The attack's search and constraints; TextDefender's values where it sets them."""
 
     max_candidates: int = 50  # synonyms tried per word
     max_change: float = 0.25  # at most this share of a text's words is changed (TextDefender: 0.1–0.3)
     query_budget: int = 500  # classified texts per example, importance ranking included
     similarity: float = 0.8  # cosine of mean-pooled sentence embeddings, original vs changed
-    order: Order = "delete"
+    order: Order = "delete"  # word importance of the textfooler search
+    search: Search = "pwws"  # PWWS (Ren et al. 2019) or TextFooler's greedy search (Jin et al. 2020)
+    pwws_step: PwwsStep = "rescore"  # each PWWS step re-picks the word's best candidate, or "fixed": the paper's w_i*
+    part_of_speech: PartOfSpeech = "any"  # candidates from every WordNet sense, or the usual part of speech's
+    whole_words: bool = True  # keep it's, film's, sad-sack whole; False cuts words at apostrophes and hyphens
+    unknown_word: str = "[UNK]"  # PWWS's saliency replaces a word by this text (BERT tokenizers: their unknown token)
+    texts_per_batch: int = 32  # texts attacked together, their queries batched; each gets what it would alone
+    batch_size: int = 16  # texts per classifier or encoder call (on a CPU larger batches are no faster per text)
 
     def check(self) -> None:
         if self.max_candidates < 1:
@@ -78,6 +125,23 @@ class SynonymAttackConfig:
             raise ValueError(f"similarity must be a cosine in [-1, 1], got {self.similarity}")
         if self.order not in ("delete", "gradient"):
             raise ValueError(f"order must be 'delete' or 'gradient', got {self.order!r}")
+        if self.search not in ("pwws", "textfooler"):
+            raise ValueError(f"search must be 'pwws' or 'textfooler', got {self.search!r}")
+        if self.pwws_step not in ("rescore", "fixed"):
+            raise ValueError(f"pwws_step must be 'rescore' or 'fixed', got {self.pwws_step!r}")
+        if self.part_of_speech not in ("any", "usual"):
+            raise ValueError(f"part_of_speech must be 'any' or 'usual', got {self.part_of_speech!r}")
+        if not self.unknown_word:
+            raise ValueError("unknown_word must be a non-empty text, e.g. '[UNK]'")
+        if self.batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
+        if self.texts_per_batch < 1:
+            raise ValueError(f"texts_per_batch must be >= 1, got {self.texts_per_batch}")
+
+    @property
+    def description(self) -> str:
+        """The search as a report names it, e.g. ``pwws (rescore steps)`` or ``textfooler (delete order)``."""
+        return f"pwws ({self.pwws_step} steps)" if self.search == "pwws" else f"textfooler ({self.order} order)"
 
 
 @dataclass(frozen=True)
@@ -94,7 +158,9 @@ class AttackResult:
     """The outcome for one text.
 
     status: ``"skipped"`` (misclassified before any change), ``"succeeded"`` (the label
-    flipped) or ``"failed"``. ``queries`` counts classified texts.
+    flipped) or ``"failed"``. ``queries`` counts classified texts; ``seconds`` is this
+    text's share of the wall time of the batch it was attacked in; ``search`` names the
+    search (:attr:`SynonymAttackConfig.description`).
     """
 
     text: str
@@ -105,6 +171,8 @@ class AttackResult:
     queries: int
     words: int
     substitutions: tuple[Substitution, ...] = ()
+    search: str = "pwws"
+    seconds: float = 0.0
 
     @property
     def changed_share(self) -> float:
@@ -113,7 +181,7 @@ class AttackResult:
 
 @dataclass
 class AttackSummary:
-    """TextAttack's summary of a run over many texts."""
+    """TextAttack's summary of a run over many texts, with the search that ran and its cost."""
 
     clean_accuracy: float
     accuracy_under_attack: float
@@ -121,6 +189,8 @@ class AttackSummary:
     changed_share: float  # mean share of words changed, over successful attacks
     queries: float  # mean queries per attacked (not skipped) text
     examples: list[dict[str, object]] = field(default_factory=list)
+    search: str = "pwws"  # which search produced the results, e.g. "pwws" or "textfooler (delete order)"
+    seconds: float = 0.0  # mean wall seconds per text, skipped ones included
 
     @classmethod
     def of(cls, results: Sequence[AttackResult], keep: int = 5) -> AttackSummary:
@@ -145,12 +215,20 @@ class AttackSummary:
             changed_share=sum(r.changed_share for r in succeeded) / len(succeeded) if succeeded else 0.0,
             queries=sum(r.queries for r in attacked) / len(attacked) if attacked else 0.0,
             examples=examples,
+            search=", ".join(dict.fromkeys(r.search for r in results)),
+            seconds=sum(r.seconds for r in results) / len(results),
         )
 
 
-def word_spans(text: str) -> list[tuple[int, int]]:
-    """[start, end) character spans of the alphabetic words of ``text``."""
-    return [match.span() for match in _WORD.finditer(text)]
+def word_spans(text: str, whole_words: bool = True) -> list[tuple[int, int]]:
+    """[start, end) character spans of the words of ``text``.
+
+    A word is a run of letters and digits, joined by apostrophes or hyphens to further
+    ones (``it's``, ``film's``, ``sad-sack``, ``mid-90s``); with ``whole_words=False`` only
+    the runs of letters, which cut those at the apostrophe, hyphen or digit.
+    """
+    pattern = _WHOLE_WORD if whole_words else _LETTER_RUN
+    return [match.span() for match in pattern.finditer(text)]
 
 
 def _replace(text: str, spans: Sequence[tuple[int, int]], words: dict[int, str | None]) -> str:
@@ -171,21 +249,201 @@ def _cased_like(synonym: str, original: str) -> str:
     return synonym.capitalize() if original[:1].isupper() else synonym
 
 
-class _Queries:
-    """The classifier behind a per-example budget: it refuses work that would exceed it."""
+@dataclass(frozen=True)
+class _Classify:
+    """A search's request: class probabilities [N, C] of these texts (each one query)."""
 
-    def __init__(self, classify: Classify, budget: int) -> None:
-        self.classify = classify
-        self.budget = budget
-        self.used = 0
+    texts: list[str]
+
+
+@dataclass(frozen=True)
+class _Encode:
+    """A search's request: sentence embeddings [N, D] of these texts (no query)."""
+
+    texts: list[str]
+
+
+# A search is a generator: it yields requests, receives their answers and returns its result.
+_Request = _Classify | _Encode
+_Search = Generator[_Request, torch.Tensor, AttackResult]
+
+
+class _Text:
+    """One text under attack: its words, their candidates, the queries spent and the answers known."""
+
+    def __init__(self, text: str, label: int, wordnet: WordNet, config: SynonymAttackConfig) -> None:
+        self.text, self.label, self.config = text, label, config
+        self.spans = word_spans(text, config.whole_words)
+        self.words = [text[s:e] for s, e in self.spans]
+        senses: Senses = "all" if config.part_of_speech == "any" else "usual"
+        candidates = {
+            i: [_cased_like(s, w) for s in wordnet.synonyms(w, senses)[: config.max_candidates]]
+            for i, w in enumerate(self.words)
+            if w.lower() not in STOP_WORDS
+        }
+        self.candidates = {i: c for i, c in candidates.items() if c}
+        self.allowed = max(1, int(config.max_change * len(self.spans)))
+        self.queries = 0
+        self.probabilities: dict[str, torch.Tensor] = {}  # text -> [C], every text classified so far
+        self.embeddings: dict[str, torch.Tensor] = {}  # text -> [D]
 
     def left(self) -> int:
-        return self.budget - self.used
+        return self.config.query_budget - self.queries
 
-    def __call__(self, texts: Sequence[str]) -> torch.Tensor:
-        assert len(texts) <= self.left()
-        self.used += len(texts)
-        return self.classify(texts)
+    def classify(self, texts: list[str]) -> Generator[_Request, torch.Tensor, torch.Tensor]:
+        """[N, C] probabilities of ``texts``; one classified before costs no query. The caller keeps to the budget."""
+        new = list(dict.fromkeys(t for t in texts if t not in self.probabilities))
+        assert len(new) <= self.left()
+        if new:
+            self.queries += len(new)
+            self.probabilities.update(zip(new, (yield _Classify(new)), strict=True))
+        return torch.stack([self.probabilities[t] for t in texts])
+
+    def similar(self, texts: list[str]) -> Generator[_Request, torch.Tensor, list[bool]]:
+        """Whether each text keeps cosine >= ``similarity`` to the original (no encoder call when -1)."""
+        if self.config.similarity <= -1 or not texts:
+            return [True] * len(texts)
+        new = list(dict.fromkeys(t for t in [self.text, *texts] if t not in self.embeddings))
+        if new:
+            self.embeddings.update(zip(new, (yield _Encode(new)), strict=True))
+        embedded = torch.stack([self.embeddings[t] for t in texts])  # [N, D]
+        cosine = torch.nn.functional.cosine_similarity(embedded, self.embeddings[self.text][None], dim=-1)
+        return (cosine >= self.config.similarity).tolist()
+
+    def result(self, status: str, adversarial: str, prediction: int, chosen: dict[int, str]) -> AttackResult:
+        substitutions = tuple(Substitution(j, self.words[j], chosen[j]) for j in sorted(chosen))
+        return AttackResult(
+            self.text,
+            self.label,
+            status,
+            adversarial,
+            prediction,
+            self.queries,
+            len(self.spans),
+            substitutions,
+            self.config.description,
+        )
+
+
+def _flip_or_lowest(probabilities: torch.Tensor, label: int) -> tuple[int, bool]:
+    """The row to keep of [K, C]: among rows that flip the label the most confident flip, else the lowest P(label)."""
+    flipped = (probabilities.argmax(-1) != label).nonzero().squeeze(1)
+    if flipped.numel():
+        return int(flipped[probabilities[flipped, label].argmin()]), True
+    return int(probabilities[:, label].argmin()), False
+
+
+def _pwws(state: _Text) -> _Search:
+    """PWWS (see the module docstring) for one text."""
+    text, spans, label, config = state.text, state.spans, state.label, state.config
+    original = (yield from state.classify([text]))[0]
+    prediction = int(original.argmax())
+    if prediction != label:
+        return state.result("skipped", text, prediction, {})
+    positions = sorted(state.candidates)
+    if not positions or state.left() < len(positions):  # nothing to change, or the saliency alone is over budget
+        return state.result("failed", text, prediction, {})
+    unknown = [_replace(text, spans, {i: config.unknown_word}) for i in positions]
+    saliency = original[label] - (yield from state.classify(unknown))[:, label]  # [P]
+    best: dict[int, tuple[str, float]] = {}  # position -> (w*, ΔP*)
+    for k in torch.argsort(saliency, descending=True, stable=True).tolist():
+        i = positions[k]
+        trials = [_replace(text, spans, {i: synonym}) for synonym in state.candidates[i]]
+        similar = yield from state.similar(trials)
+        kept = [(t, s) for t, s, ok in zip(trials, state.candidates[i], similar, strict=True) if ok]
+        kept = kept[: state.left()]
+        if not kept:
+            continue
+        probabilities = yield from state.classify([t for t, _ in kept])  # [K, C]
+        row, flipped = _flip_or_lowest(probabilities, label)
+        if flipped:
+            return state.result("succeeded", kept[row][0], int(probabilities[row].argmax()), {i: kept[row][1]})
+        best[i] = (kept[row][1], float(original[label] - probabilities[row, label]))
+    weights = torch.softmax(saliency, dim=0)  # [P]
+    scored = [i for i in positions if i in best]
+    scores = torch.tensor([float(weights[positions.index(i)]) * best[i][1] for i in scored])  # H, [P']
+    ranked = [scored[k] for k in torch.argsort(scores, descending=True, stable=True).tolist()]
+    if config.pwws_step == "rescore":
+        return (yield from _greedy(state, ranked, float(original[label]), prediction))
+    chosen: dict[int, str] = {}
+    for i in ranked:
+        if len(chosen) >= state.allowed:
+            break
+        trial = _replace(text, spans, {**chosen, i: best[i][0]})
+        if not (yield from state.similar([trial]))[0]:
+            continue
+        if trial not in state.probabilities and state.left() < 1:
+            break
+        probabilities = (yield from state.classify([trial]))[0]
+        chosen[i] = best[i][0]
+        if int(probabilities.argmax()) != label:
+            return state.result("succeeded", trial, int(probabilities.argmax()), chosen)
+    return state.result("failed", _replace(text, spans, dict(chosen)), prediction, chosen)
+
+
+def _textfooler(state: _Text, gradient_importance: GradientImportance | None) -> _Search:
+    """TextFooler's greedy search (see the module docstring) for one text."""
+    text, spans, label, config = state.text, state.spans, state.label, state.config
+    probabilities = (yield from state.classify([text]))[0]
+    prediction = int(probabilities.argmax())
+    if prediction != label:
+        return state.result("skipped", text, prediction, {})
+    positions = sorted(state.candidates)
+    if not positions:
+        return state.result("failed", text, prediction, {})
+    if config.order == "gradient":
+        if gradient_importance is None:
+            raise ValueError("order='gradient' needs gradient_importance(text, spans, label)")
+        if state.left() < 1:
+            return state.result("failed", text, prediction, {})
+        state.queries += 1  # one forward and backward
+        scores = gradient_importance(text, spans, label)[positions]  # [P]
+    else:
+        if state.left() < len(positions):
+            return state.result("failed", text, prediction, {})
+        deleted = [_replace(text, spans, {i: None}) for i in positions]
+        scores = -(yield from state.classify(deleted))[:, label]  # [P]: lower P(label) when deleted, more important
+    ranked = [positions[k] for k in torch.argsort(scores, descending=True, stable=True).tolist()]
+    return (yield from _greedy(state, ranked, float(probabilities[label]), prediction))
+
+
+def _greedy(state: _Text, ranked: list[int], current: float, prediction: int) -> _Search:
+    """Each word of ``ranked`` in turn: its candidates on top of the changes so far, the best one kept if it
+    lowers P(label) (``current``, the unchanged text's), until the prediction flips or a budget runs out."""
+    text, spans, label = state.text, state.spans, state.label
+    chosen: dict[int, str] = {}
+    for i in ranked:
+        if len(chosen) >= state.allowed or state.left() <= 0:
+            break
+        trials = [_replace(text, spans, {**chosen, i: synonym}) for synonym in state.candidates[i]]
+        similar = yield from state.similar(trials)
+        kept = [(t, s) for t, s, ok in zip(trials, state.candidates[i], similar, strict=True) if ok]
+        kept = kept[: state.left()]
+        if not kept:
+            continue
+        trial_probabilities = yield from state.classify([t for t, _ in kept])  # [K, C]
+        row, flipped = _flip_or_lowest(trial_probabilities, label)
+        if not flipped and float(trial_probabilities[row, label]) >= current:
+            continue
+        chosen[i] = kept[row][1]
+        current = float(trial_probabilities[row, label])
+        if flipped:
+            return state.result("succeeded", kept[row][0], int(trial_probabilities[row].argmax()), chosen)
+    return state.result("failed", _replace(text, spans, dict(chosen)), prediction, chosen)
+
+
+def _answer(
+    function: Callable[[Sequence[str]], torch.Tensor], requests: list[list[str]], batch_size: int
+) -> list[torch.Tensor]:
+    """Each request's rows of ``function`` on all their texts, sorted by length so that batches pad little,
+    ``batch_size`` texts per call."""
+    texts = [t for request in requests for t in request]
+    order = sorted(range(len(texts)), key=lambda k: len(texts[k]))
+    ordered = [texts[k] for k in order]
+    answers = torch.cat([function(ordered[k : k + batch_size]) for k in range(0, len(ordered), batch_size)])
+    rows = torch.empty_like(answers)
+    rows[torch.tensor(order)] = answers
+    return list(rows.split([len(request) for request in requests]))
 
 
 def attack_text(
@@ -197,91 +455,8 @@ def attack_text(
     config: SynonymAttackConfig,
     gradient_importance: GradientImportance | None = None,
 ) -> AttackResult:
-    """Attack one text; see the module docstring for the algorithm and its constraints."""
-    spans = word_spans(text)
-    queries = _Queries(classify, config.query_budget)
-    probs = queries([text])[0]
-    prediction = int(probs.argmax())
-    if prediction != label:
-        return AttackResult(text, label, "skipped", text, prediction, queries.used, len(spans))
-    words = [text[s:e] for s, e in spans]
-    candidates = {
-        i: [_cased_like(s, w) for s in wordnet.synonyms(w)[: config.max_candidates]]
-        for i, w in enumerate(words)
-        if w.lower() not in STOP_WORDS
-    }
-    candidates = {i: c for i, c in candidates.items() if c}
-    order = _importance_order(text, spans, label, sorted(candidates), queries, config, gradient_importance)
-    if order is None:  # the ranking alone would exceed the budget
-        return AttackResult(text, label, "failed", text, prediction, queries.used, len(spans))
-    allowed = max(1, int(config.max_change * len(spans)))
-    chosen: dict[int, str | None] = {}
-    current_p = float(probs[label])
-    reference = encode([text])  # [1, D]
-    for i in order:
-        if len(chosen) >= allowed or queries.left() <= 0:
-            break
-        trials = [_replace(text, spans, {**chosen, i: synonym}) for synonym in candidates[i]]
-        similar = torch.nn.functional.cosine_similarity(encode(trials), reference) >= config.similarity  # [K]
-        kept = [t for t, ok in zip(trials, similar.tolist(), strict=True) if ok]
-        synonyms = [s for s, ok in zip(candidates[i], similar.tolist(), strict=True) if ok]
-        kept, synonyms = kept[: queries.left()], synonyms[: queries.left()]
-        if not kept:
-            continue
-        trial_probs = queries(kept)  # [K, C]
-        flipped = (trial_probs.argmax(-1) != label).nonzero().squeeze(1)
-        if flipped.numel():  # among the changes that flip the label, the most confident one
-            best = int(flipped[trial_probs[flipped, label].argmin()])
-        else:
-            best = int(trial_probs[:, label].argmin())
-        if float(trial_probs[best, label]) >= current_p and not flipped.numel():
-            continue
-        chosen[i] = synonyms[best]
-        current_p = float(trial_probs[best, label])
-        if flipped.numel():
-            substitutions = tuple(Substitution(j, words[j], str(chosen[j])) for j in sorted(chosen))
-            return AttackResult(
-                text,
-                label,
-                "succeeded",
-                kept[best],
-                int(trial_probs[best].argmax()),
-                queries.used,
-                len(spans),
-                substitutions,
-            )
-    substitutions = tuple(Substitution(j, words[j], str(chosen[j])) for j in sorted(chosen))
-    return AttackResult(
-        text, label, "failed", _replace(text, spans, chosen), prediction, queries.used, len(spans), substitutions
-    )
-
-
-def _importance_order(
-    text: str,
-    spans: Sequence[tuple[int, int]],
-    label: int,
-    positions: list[int],
-    queries: _Queries,
-    config: SynonymAttackConfig,
-    gradient_importance: GradientImportance | None,
-) -> list[int] | None:
-    """The substitutable word positions, most important first; None when the budget cannot pay for it."""
-    if not positions:
-        return []
-    if config.order == "gradient":
-        if gradient_importance is None:
-            raise ValueError("order='gradient' needs gradient_importance(text, spans, label)")
-        if queries.left() < 1:
-            return None
-        queries.used += 1  # one forward and backward
-        scores = gradient_importance(text, spans, label)[positions]  # [P]
-    else:
-        if queries.left() < len(positions):
-            return None
-        deleted = [_replace(text, spans, {i: None}) for i in positions]
-        scores = -queries(deleted)[:, label]  # [P]: a lower true-label probability means a more important word
-    ranked = torch.argsort(scores, descending=True, stable=True).tolist()
-    return [positions[k] for k in ranked]
+    """Attack one text; see the module docstring for the searches and their constraints."""
+    return attack_texts([text], [label], classify, encode, wordnet, config, gradient_importance)[0]
 
 
 def attack_texts(
@@ -293,11 +468,57 @@ def attack_texts(
     config: SynonymAttackConfig,
     gradient_importance: GradientImportance | None = None,
 ) -> list[AttackResult]:
-    """:func:`attack_text` for each (text, label)."""
+    """:func:`attack_text` for each (text, label), ``config.texts_per_batch`` texts at a time.
+
+    The texts of a batch advance together: every round, the classification requests of all
+    of them go to one ``classify`` call and the encoding requests to one ``encode`` call,
+    and a text leaves as soon as its search ends (a flip, the budgets, or its words spent).
+    """
     config.check()
     if len(texts) != len(labels):
         raise ValueError(f"{len(texts)} texts but {len(labels)} labels")
-    return [
-        attack_text(text, int(label), classify, encode, wordnet, config, gradient_importance)
-        for text, label in zip(texts, labels, strict=True)
-    ]
+    if config.search == "textfooler" and config.order == "gradient" and gradient_importance is None:
+        raise ValueError("order='gradient' needs gradient_importance(text, spans, label)")
+    results: list[AttackResult] = []
+    for start in range(0, len(texts), config.texts_per_batch):
+        batch = range(start, min(start + config.texts_per_batch, len(texts)))
+        began = time.perf_counter()
+        finished = _run_together(
+            [
+                _pwws(_Text(texts[k], int(labels[k]), wordnet, config))
+                if config.search == "pwws"
+                else _textfooler(_Text(texts[k], int(labels[k]), wordnet, config), gradient_importance)
+                for k in batch
+            ],
+            classify,
+            encode,
+            config.batch_size,
+        )
+        share = (time.perf_counter() - began) / len(batch)
+        results.extend(dataclasses.replace(r, seconds=share) for r in finished)
+    return results
+
+
+def _run_together(searches: list[_Search], classify: Classify, encode: Encode, batch_size: int) -> list[AttackResult]:
+    """Drive the searches in rounds, answering each round's requests with one call per kind."""
+    results: list[AttackResult | None] = [None] * len(searches)
+    pending: dict[int, _Request] = {}
+
+    def advance(k: int, answer: torch.Tensor | None) -> None:
+        try:
+            pending[k] = next(searches[k]) if answer is None else searches[k].send(answer)
+        except StopIteration as stop:
+            results[k] = stop.value
+
+    for k in range(len(searches)):
+        advance(k, None)
+    while pending:
+        asked = list(pending.items())
+        pending.clear()
+        for kind, function in ((_Classify, classify), (_Encode, encode)):
+            mine = [(k, r) for k, r in asked if isinstance(r, kind)]
+            if mine:
+                answers = _answer(function, [r.texts for _, r in mine], batch_size)
+                for (k, _), answer in zip(mine, answers, strict=True):
+                    advance(k, answer)
+    return [r for r in results if r is not None]

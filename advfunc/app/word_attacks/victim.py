@@ -27,7 +27,7 @@ from advfunc.app.word_attacks.synonym_attack import (
     Classify,
     GradientImportance,
     SynonymAttackConfig,
-    attack_text,
+    attack_texts,
 )
 from advfunc.app.word_attacks.wordnet import WordNet
 from advfunc.core.model import accepted_keywords
@@ -143,10 +143,14 @@ def synonym_attack(
     folder = encoder if encoder is not None else default_model_dir()
     encode = shared_sentence_encoder(str(folder), max_length, device)
     results = []
+    chunk = config.texts_per_batch  # the texts attack_texts advances together; progress moves chunk by chunk
     with Progress(len(texts), "attack synonyms", progress) as bar:
-        for text, label in zip(texts, labels, strict=True):
-            results.append(attack_text(text, int(label), classify, encode, shared_wordnet(), config, importance))
-            bar.update()
+        for start in range(0, len(texts), chunk):
+            part = slice(start, start + chunk)
+            found = attack_texts(texts[part], labels[part], classify, encode, shared_wordnet(), config, importance)
+            results += found
+            for _ in found:
+                bar.update()
     return AttackSummary.of(results), [result.status == "failed" for result in results]
 
 
@@ -179,7 +183,7 @@ def synonym_config(args: Any) -> SynonymAttackConfig | None:
 def describe_synonym_attack(config: SynonymAttackConfig) -> str:
     """The attack and its constraints in a phrase, for a report."""
     return (
-        f"WordNet synonym substitution ({config.order} word order, at most {config.max_change:.0%} of the words, "
+        f"WordNet synonym substitution ({config.description}, at most {config.max_change:.0%} of the words, "
         f"{config.max_candidates} synonyms per word, {config.query_budget} queries, sentence cosine >= "
         f"{config.similarity:g})"
     )

@@ -16,7 +16,10 @@ from __future__ import annotations
 import importlib.util
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
+# Which senses of a word give synonyms: those of its usual part of speech, or all of them.
+Senses = Literal["usual", "all"]
 # (index file, data files concatenated with one newline between them) per part of speech.
 _FILES = {
     "n": ("index.noun", ("data.noun1", "data.noun2")),
@@ -73,9 +76,9 @@ class WordNet:
     """Synonym lookup over the WordNet 3.0 database files in ``folder``.
 
     ``synonyms(word)`` gives the words that share a sense with ``word``, in WordNet's
-    order (most frequent senses first). Every synonym comes from a synset of the word's own
-    part of speech for that sense, so a noun is replaced by nouns, an adjective by
-    adjectives (including satellite adjectives).
+    order (most frequent senses first), from the senses of its usual part of speech or,
+    with ``senses="all"``, from every sense. Each synonym shares a synset with the word, so
+    it has the part of speech of that sense (satellite adjectives count as adjectives).
     """
 
     def __init__(self, folder: Path | None = None) -> None:
@@ -86,46 +89,55 @@ class WordNet:
             self._index[pos] = _read_index(self.folder / index_name)
             self._data[pos] = b"\n".join((self.folder / name).read_bytes() for name in data_names)
 
-    def lemmas(self, word: str) -> list[tuple[str, str]]:
+    def lemmas(self, word: str, senses: Senses = "usual") -> list[tuple[str, str]]:
         """(part of speech, base form) pairs under which ``word`` is in WordNet.
 
-        The word as written wins: base forms from WordNet's suffix rules are looked up only
-        when the word itself is in no index ("movies" -> "movie", but "boring" stays the
-        adjective and never becomes the verb "bore").
+        ``senses="usual"``: the word as written wins; base forms from WordNet's suffix rules
+        are looked up only when the word itself is in no index ("movies" -> "movie", but
+        "boring" stays the adjective and never becomes the verb "bore"). ``senses="all"``:
+        the word as written and every base form the rules give in any part of speech, as
+        WordNet's own lookup (``morphy``) gives them ("boring" is also "bore").
         """
         word = word.lower()
         exact = [(pos, word) for pos, index in self._index.items() if word in index]
-        if exact:
+        if exact and senses == "usual":
             return exact
-        found: list[tuple[str, str]] = []
+        found: list[tuple[str, str]] = list(exact)
         for pos, index in self._index.items():
             bases = [word[: -len(old)] + new for old, new in _DETACHMENTS[pos] if word.endswith(old)]
-            found.extend((pos, base) for base in dict.fromkeys(bases) if base in index)
+            found.extend((pos, base) for base in dict.fromkeys(bases) if base in index and (pos, base) not in found)
         return found
 
-    def synsets(self, word: str) -> list[Synset]:
-        """The senses of ``word`` in its usual part of speech, most frequent first.
+    def synsets(self, word: str, senses: Senses = "usual") -> list[Synset]:
+        """The senses of ``word``, most frequent first.
 
-        Without a tagger the part of speech is WordNet's own evidence: the one whose senses
-        of the word were seen most often in WordNet's tagged corpus (``tagsense_cnt``), so
-        "good" gives adjectives and "movie" nouns. Parts of speech tied at the top all count.
+        ``senses="usual"``: only its usual part of speech. Without a tagger that is WordNet's
+        own evidence: the one whose senses of the word were seen most often in WordNet's
+        tagged corpus (``tagsense_cnt``), so "good" gives adjectives and "movie" nouns; parts
+        of speech tied at the top all count. ``senses="all"``: every sense of every part of
+        speech the word and its base forms have (:meth:`lemmas`), the parts of speech in that
+        order of evidence (as a lookup without a part-of-speech filter does, e.g. the
+        candidates of PWWS).
         """
-        lemmas = self.lemmas(word)
+        if senses not in ("usual", "all"):
+            raise ValueError(f"senses must be 'usual' or 'all', got {senses!r}")
+        lemmas = sorted(self.lemmas(word, senses), key=lambda lemma: -self._index[lemma[0]][lemma[1]].tagged)
         if not lemmas:
             return []
-        most = max(self._index[pos][form].tagged for pos, form in lemmas)
-        senses: list[Synset] = []
+        most = self._index[lemmas[0][0]][lemmas[0][1]].tagged
+        found: list[Synset] = []
         for pos, form in lemmas:
             entry = self._index[pos][form]
-            if entry.tagged == most:
-                senses.extend(Synset(pos, self._words_at(pos, offset)) for offset in entry.offsets)
-        return senses
+            if senses == "all" or entry.tagged == most:
+                found.extend(Synset(pos, self._words_at(pos, offset)) for offset in entry.offsets)
+        return found
 
-    def synonyms(self, word: str) -> list[str]:
-        """Single-word synonyms of ``word``: letters only, lower case, the word itself left out."""
-        own = {word.lower(), *(form for _, form in self.lemmas(word))}
+    def synonyms(self, word: str, senses: Senses = "usual") -> list[str]:
+        """Single-word synonyms of ``word`` (see :meth:`synsets` for ``senses``): letters only,
+        lower case, the word itself left out, in sense order without repeats."""
+        own = {word.lower(), *(form for _, form in self.lemmas(word, senses))}
         seen: dict[str, None] = {}
-        for synset in self.synsets(word):
+        for synset in self.synsets(word, senses):
             for candidate in synset.words:
                 if candidate.isalpha() and candidate not in own:
                     seen.setdefault(candidate)
