@@ -91,7 +91,9 @@ ON_A_DECODER = {
     "cat": {"epsilon": 0.5, "alpha": 0.1, "steps": 2},
     "lat": {"epsilon": 1.0, "alpha": 0.5, "steps": 2},
 }
-METHODS = sorted(set(CATALOGUE) - {"none"})  # a method missing from ON_A_DECODER fails by name
+# A method missing from ON_A_DECODER fails by name. ReFAT's and rerouting's batches carry the
+# harmful rows and their losses are not the ones below: test_refat and test_rerouting check them.
+METHODS = sorted(set(CATALOGUE) - {"none", "refat", "rerouting"})
 
 
 def run(method: str, model, params, batch):

@@ -54,7 +54,7 @@ def _step(method, model, **kwargs):
 def _run(method, step, params, batch, passes_only=False, state=None):
     """One call of ``step``; ``passes_only`` calls the method's passes without ``Step``'s after-step checks."""
     entry = CATALOGUE[STEPS[method][0]]
-    state = entry.state(params) if state is None else state
+    state = entry.state(step, params) if state is None else state
     return (step.fn if passes_only else step)(params, batch, **state)
 
 
@@ -88,7 +88,7 @@ def test_a_step_allocates_one_vocabulary_sized_tensor_the_gradient_it_returns(me
     params, batch = advfunc.params_of(model), padded_batch("bert")
     step = _step(method, model)
     name = "bert.embeddings.word_embeddings.weight"
-    state = CATALOGUE[STEPS[method][0]].state(params)  # SMART's θ̃ is the caller's copy, made before the step
+    state = CATALOGUE[STEPS[method][0]].state(step, params)  # SMART's θ̃ is the caller's copy, made before the step
     held = [t for value in state.values() for t in (value.values() if isinstance(value, dict) else [value])]
     with NewVocabularyTensors(LARGE_VOCAB, [*params.values(), *held]) as seen:
         grads, _ = _run(method, step, params, batch, passes_only=True, state=state)
@@ -277,7 +277,9 @@ def test_every_method_costs_its_documented_passes(name, variant):
     settings = entry.settings(**variant)
     assert step.passes == entry.passes(settings)
     assert step.config["forward_only_passes"] == entry.forward_only(settings)
+    params = advfunc.params_of(model)
+    state = entry.state(step, params)  # ReFAT's direction: its init's passes, not the step's
     with PassCounter(model) as count:
-        entry.call(step, advfunc.params_of(model), entry.make_batch())
+        entry.call(step, params, entry.make_batch(), state)
     assert count.forwards == step.passes + step.config["forward_only_passes"]
     assert count.backwards == step.passes

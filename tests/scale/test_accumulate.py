@@ -32,7 +32,7 @@ def test_two_micro_batches_sum_to_the_two_single_steps(name):
     model = entry.make_model()
     step = entry.build(model)
     params = advfunc.params_of(model)
-    state = entry.state(params)
+    state = entry.state(step, params)
 
     def draws():  # the same noise for the single steps as for the accumulated ones
         return {"generator": seeded(7)} if entry.seeded else {}

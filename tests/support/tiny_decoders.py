@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import torch
+from peft import LoraConfig, PeftModel, get_peft_model
 from transformers import (
     GPT2Config,
     GPT2LMHeadModel,
@@ -66,6 +67,25 @@ def tiny_decoder(family: str, seed: int = 0) -> PreTrainedModel:
     else:
         raise ValueError(f"unknown family {family!r}; one of {DECODERS}")
     return model.train()
+
+
+def tiny_lora_decoder(seed: int = 0, init: bool = False) -> PeftModel:
+    """The tiny Llama with rank-4 LoRA on q, v and down projections; ``init=False`` draws B at random.
+
+    With a random B the adapters change the hidden states from the first step, as after
+    some training; ``init=True`` is peft's B = 0, the base model exactly.
+    """
+    base = tiny_decoder("llama", seed=seed)
+    config = LoraConfig(
+        r=4,
+        lora_alpha=8,
+        target_modules=["q_proj", "v_proj", "down_proj"],
+        lora_dropout=0.0,
+        init_lora_weights=init,
+        task_type="CAUSAL_LM",
+    )
+    torch.manual_seed(seed + 7)  # the adapters' draw
+    return get_peft_model(base, config)
 
 
 def completion_batch(padding: str, seed: int = 0, adversary: bool = False) -> dict[str, torch.Tensor]:
