@@ -80,6 +80,7 @@ def test_free_at_through_the_protocol_replays_with_delta_carried_then_dropped():
             grads, out, state = step.update(params, batch, state)
             expected, expected_out = by_hand(twin_params, batch, delta)
             delta = expected_out.delta
+            torch.testing.assert_close(out.delta, delta, rtol=0, atol=0)
             for name, value in expected.items():
                 torch.testing.assert_close(grads[name], value, rtol=0, atol=0, msg=name)
             _sgd(model, grads)
