@@ -1,8 +1,9 @@
 """Hugging Face ``Trainer`` integration: adversarial training with any advfunc step, on one or many processes.
 
-``AdversarialTrainer`` replaces ``Trainer.training_step``. For each micro-batch it runs the
-pure step on the bare model and adds ``g / n_accum`` to a gradient sum of its own; on the
-last micro-batch of an optimizer step it all-reduces that sum once (several processes)
+``AdversarialTrainer`` replaces ``Trainer.training_step``; :func:`adversarial` gives the
+same step to any ``Trainer`` subclass (TRL's ``SFTTrainer``: ``adversarial(SFTTrainer)``).
+For each micro-batch it runs the pure step on the bare model and adds ``g / n_accum`` to
+a gradient sum of its own; on the last micro-batch of an optimizer step it all-reduces that sum once (several processes)
 and writes it to ``p.grad`` (``advfunc.set_grads``); with fp16 it goes through Trainer's
 own backward instead, of a surrogate ``Σ ⟨θ, ḡ⟩`` whose gradient with respect to θ is
 exactly ḡ, so that the ``GradScaler`` scales it like a loss. Everything Trainer does
@@ -66,7 +67,7 @@ Example::
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -81,6 +82,7 @@ from advfunc.core.params import params_of, set_grads
 from advfunc.core.stateful import State, StatefulStep, stateful
 from advfunc.core.step import Grads, Step, all_finite
 from advfunc.core.targets import PERTURB_MASK
+from advfunc.hf.replay import ReplaySampler
 from advfunc.methods.registry import (
     METHODS,
     build_step,
@@ -160,6 +162,12 @@ class AdversarialTrainer(Trainer):
                 "advfunc's functional step substitutes (its gradients would be zero), and DeepSpeed reduces "
                 "gradients in its own backward; launch without --fsdp / --deepspeed (plain torchrun or "
                 "accelerate launch give DDP)"
+            )
+        if getattr(self.args, "neftune_noise_alpha", None) is not None:
+            raise ValueError(
+                f"neftune_noise_alpha={self.args.neftune_noise_alpha} adds Trainer's noise to every forward of the "
+                "advfunc step too, scaled by the padded or packed length; leave it unset and give "
+                f'step_factory="neftune:alpha={self.args.neftune_noise_alpha}" (each sequence its own length)'
             )
         self.step_factory = factory
         self._step: StatefulStep | None = None
@@ -354,47 +362,28 @@ class _AfterOptimizerStep(TrainerCallback):
         self.trainer.after_optimizer_step()
 
 
-class ReplaySampler(Sampler[int]):
-    """An index order in which each process gets each of its batches ``replays`` times in a row.
+_ADVERSARIAL: dict[type[Trainer], type[AdversarialTrainer]] = {}
 
-    The wrapped sampler's order is cut into groups of ``batch_size · processes`` indices
-    (one batch per process, as accelerate deals consecutive batches out to processes) and
-    each group is repeated ``replays`` times. An incomplete last group is filled from the
-    start of the order (as accelerate's ``even_batches`` does), or dropped with
-    ``drop_last``: a short batch repeated would straddle the batch boundaries. Epoch
-    setting and the shuffling generator reach the wrapped sampler.
+
+def adversarial(trainer_class: type[Trainer]) -> type[AdversarialTrainer]:
+    """``trainer_class`` with advfunc's training step: a subclass that also takes ``step_factory``.
+
+    ``adversarial(SFTTrainer)(model=..., args=SFTConfig(...), train_dataset=...,
+    step_factory="pgd:target=embeds")`` keeps everything the class does around the step
+    (TRL's chat templates, packing, completion-only labels, its PEFT wrapping) and
+    replaces the micro-batch's forward+backward with the advfunc step, as
+    :class:`AdversarialTrainer` does for ``Trainer``. The class's own ``compute_loss`` is
+    not called in training (its training metrics are not logged). One class per
+    ``trainer_class`` (the same object on every call).
     """
-
-    def __init__(self, inner: Any, batch_size: int, processes: int, replays: int, *, drop_last: bool = False) -> None:
-        self.inner = inner
-        self.group = batch_size * processes
-        self.replays = replays
-        self.drop_last = drop_last
-
-    @property
-    def generator(self) -> torch.Generator | None:
-        return getattr(self.inner, "generator", None)
-
-    @generator.setter
-    def generator(self, value: torch.Generator | None) -> None:
-        self.inner.generator = value
-
-    def set_epoch(self, epoch: int) -> None:
-        if hasattr(self.inner, "set_epoch"):
-            self.inner.set_epoch(epoch)
-
-    def _groups(self, count: int) -> int:
-        return count // self.group if self.drop_last else -(-count // self.group)
-
-    def __len__(self) -> int:
-        return self._groups(len(self.inner)) * self.group * self.replays
-
-    def __iter__(self) -> Iterator[int]:
-        order = list(self.inner)
-        groups = self._groups(len(order))
-        while order and len(order) < groups * self.group:
-            order += order[: groups * self.group - len(order)]
-        for g in range(groups):
-            chunk = order[g * self.group : (g + 1) * self.group]
-            for _ in range(self.replays):
-                yield from chunk
+    if not (isinstance(trainer_class, type) and issubclass(trainer_class, Trainer)):
+        raise TypeError(
+            f"adversarial takes a transformers.Trainer subclass, e.g. trl.SFTTrainer; got {trainer_class!r}"
+        )
+    if issubclass(trainer_class, AdversarialTrainer):
+        return trainer_class
+    if trainer_class not in _ADVERSARIAL:
+        name = f"Adversarial{trainer_class.__name__}"
+        doc = f"``{trainer_class.__name__}`` whose training step is an advfunc method (:func:`advfunc.hf.adversarial`)."
+        _ADVERSARIAL[trainer_class] = type(name, (AdversarialTrainer, trainer_class), {"__doc__": doc})
+    return _ADVERSARIAL[trainer_class]
