@@ -44,10 +44,9 @@ run. Give the Trainer a collator that pads to a multiple of 16, e.g.
 ``DataCollatorWithPadding(tokenizer, pad_to_multiple_of=16)``, which bounds the graphs by
 the widths (``advfunc train`` does so on a GPU), or build the step with ``compile=False``.
 
-Gradient accumulation follows Trainer's rule for a per-batch mean loss: each
-micro-batch's gradient is divided by the number of micro-batches in the step
-(``num_items_in_batch`` token re-weighting is not applied; sequence classification has
-one item per example).
+Gradient accumulation and several processes weigh each micro-batch as Trainer weighs its
+loss (:meth:`AdversarialTrainer.micro_batch_weight`): per labelled token for a causal LM
+(``num_items_in_batch``), per micro-batch otherwise.
 
 With a PEFT model (LoRA and the other adapter methods, not prompt learning) the step is
 built on the adapted base model, whose forward takes every tokenizer output: only the
@@ -223,17 +222,46 @@ class AdversarialTrainer(Trainer):
             self._state = step.init(params)
         with self.accelerator.autocast():
             grads, out, self._state = step.update(params, inputs, self._state)
-        accumulation = getattr(self, "current_gradient_accumulation_steps", None)
-        accumulation = accumulation or self.args.gradient_accumulation_steps
+        weight = self.micro_batch_weight(inputs, num_items_in_batch)
         if self._pending is None:
-            self._pending = {n: g.div_(accumulation) if accumulation > 1 else g for n, g in grads.items()}
+            self._pending = {n: g.mul_(weight) if weight != 1 else g for n, g in grads.items()}
         else:
             for name, grad in grads.items():
-                self._pending[name].add_(grad, alpha=1.0 / accumulation)
+                self._pending[name].add_(grad, alpha=weight)
         if self.accelerator.sync_gradients:
             total, self._pending = self._pending, None
             self._backward(step, target, total)
-        return out.loss.detach().float() / accumulation
+        return out.loss.detach().float() * weight
+
+    def micro_batch_weight(self, inputs: Mapping[str, Any], num_items_in_batch: torch.Tensor | int | None) -> float:
+        """The factor of this micro-batch's grads in the optimizer step's gradient, as Trainer weighs its loss.
+
+        Without ``num_items_in_batch`` (a model whose loss takes no such argument, e.g.
+        sequence classification: one item per example) each of the A micro-batches of
+        an optimizer step counts ``1/A``. With it (a causal LM: Trainer counts the
+        labelled tokens of every micro-batch of the optimizer step, on every process with
+        ``average_tokens_across_devices``), the micro-batch's loss, a mean over its own
+        n_a labelled tokens, counts ``n_a / N``, times R processes when N counts all of
+        them (the all-reduce then averages over R):
+
+        .. math::
+            ḡ = \\frac1R \\sum_r \\sum_a \\frac{R · n_{r,a}}{N} g_{r,a}
+              = \\frac1N \\sum_{r,a} \\sum_{t \\in r,a} ∇ℓ_t
+
+        the gradient of one batch holding every example, per token. Every term of the
+        step's objective (VAT/SMART/R3F's KL over the completion positions, CAT/LAT's
+        toward, away and utility losses) is weighted by that same share n_a / N of
+        the labelled tokens.
+        """
+        accumulation = getattr(self, "current_gradient_accumulation_steps", None)
+        accumulation = accumulation or self.args.gradient_accumulation_steps
+        if num_items_in_batch is None or "labels" not in inputs:
+            return 1.0 / accumulation
+        labels = inputs.get("shift_labels")
+        if labels is None:
+            labels = inputs["labels"][..., 1:] if getattr(self, "_loss_shifts_labels", False) else inputs["labels"]
+        processes = self.args.world_size if self.args.average_tokens_across_devices else 1
+        return float(labels.ne(-100).sum()) * processes / float(num_items_in_batch)
 
     def _backward(self, step: Step, target: nn.Module, grads: Grads) -> None:
         """All-reduce the optimizer step's gradient once, then hand it to ``p.grad`` (fp16: through the scaler)."""
