@@ -18,6 +18,7 @@ import advfunc
 from advfunc.hf import AdversarialTrainer
 from advfunc.methods.plain import plain
 from tests.tiny_decoders import VOCAB, tiny_decoder
+from tests.torchrun import ROOT, run_torchrun
 
 # (prompt length, completion length): micro-batches of two hold 2 + 9 and 12 + 1 completion tokens
 EXAMPLES = [(3, 2), (2, 9), (4, 12), (5, 1)]
@@ -100,3 +101,21 @@ def test_accumulated_micro_batches_equal_one_large_batch_per_token(tmp_path, met
         for g in (STEPS[method](twin)(advfunc.params_of(twin), h)[0] for h in halves)
     )
     assert float((per_batch - oracle).norm() / oracle.norm()) > 1e-2
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", sorted(STEPS))
+def test_two_processes_weigh_their_micro_batches_per_token_too(tmp_path, method):
+    """Two gloo processes, two micro-batches of one example each: the step's gradient is the large batch's."""
+    run_torchrun(ROOT / "tests" / "token_weighting_worker.py", method, str(tmp_path), processes=2, timeout_s=240)
+    twin = tiny_decoder("llama")
+    twin.config.use_cache = False
+    expected, _ = STEPS[method](twin)(advfunc.params_of(twin), _collate(_examples()))
+    oracle = torch.cat([expected[n].flatten() for n in sorted(expected)])
+    for rank in range(2):
+        saved = torch.load(tmp_path / f"rank{rank}.pt", weights_only=False)
+        (grads,) = saved["grads"]
+        assert saved["world"] == 2
+        torch.testing.assert_close(
+            torch.cat([grads[n].flatten() for n in sorted(expected)]), oracle, rtol=1e-5, atol=1e-7
+        )
