@@ -16,6 +16,7 @@ from transformers import TrainingArguments, default_data_collator
 
 import advfunc
 from advfunc.hf import AdversarialTrainer
+from tests.tiny_decoders import completion_batch, tiny_decoder
 from tests.tiny_models import padded_batch, tiny_model
 
 
@@ -160,3 +161,64 @@ def test_the_trainer_drives_a_stateful_factory_of_its_own(tmp_path):
         teacher = advfunc.ema(teacher, params, 0.5)
     for name, value in teacher.items():
         torch.testing.assert_close(trainer.method_state()["teacher"][name], value, rtol=1e-5, atol=1e-6, msg=name)
+
+
+def _lora_llama():
+    from peft import LoraConfig, get_peft_model
+
+    config = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], lora_dropout=0.0, task_type="CAUSAL_LM")
+    return get_peft_model(tiny_decoder("llama"), config)
+
+
+def test_lat_retain_kl_carries_the_starting_model_as_its_reference():
+    """With LoRA started at B = 0 the reference is the base model with its adapters disabled."""
+    model = _lora_llama()
+    step = advfunc.lat(model, layers="base_model.model.model.layers.0", epsilon=1.0, alpha=0.5, steps=2, retain_kl=True)
+    params = advfunc.params_of(model)
+    state = step.init(params)
+    reference = state["reference"]
+    assert sorted(reference) == sorted(advfunc.trainable_names(model))
+    batch = completion_batch("right", adversary=True)
+    plain_batch = {k: v for k, v in batch.items() if k != "adv_labels"}
+    with torch.no_grad():
+        referenced = torch.func.functional_call(model, {**params, **reference}, (), plain_batch).logits
+        with model.disable_adapter():
+            base = model(**plain_batch).logits
+    torch.testing.assert_close(referenced, base, rtol=0, atol=0)
+    grads, _, after = step.update(params, batch, state)
+    expected, _ = step(params, batch, reference)
+    for name, value in expected.items():
+        torch.testing.assert_close(grads[name], value, rtol=0, atol=0, msg=name)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.add_(0.1)  # training moves θ; the reference stays where it started
+    assert step.after_update(after, params)["reference"] is reference
+    assert all(not torch.equal(reference[n], params[n]) for n in reference)
+
+
+def test_lat_retain_kl_is_checked():
+    model = tiny_decoder("llama")
+    with pytest.raises(ValueError, match="retain > 0"):
+        advfunc.lat(model, retain=0.0, retain_kl=True)
+    assert not advfunc.lat(model).carries_state
+
+
+def test_the_trainer_gives_lat_its_reference_under_lora(tmp_path):
+    """``"lat:retain_kl=true"``: the Trainer keeps the starting adapters (B = 0: the base model) as the reference."""
+    model = _lora_llama()
+    base = model.get_base_model()
+    twin_params = {n: p.detach().clone() for n, p in advfunc.params_of(base).items()}
+    rows = completion_batch("right", adversary=True)
+    trainer = AdversarialTrainer(
+        model=model,
+        args=_args(tmp_path, max_steps=1, per_device_train_batch_size=3, remove_unused_columns=False),
+        train_dataset=[{k: v[i] for k, v in rows.items()} for i in range(3)],
+        data_collator=default_data_collator,
+        step_factory="lat:epsilon=1.0,alpha=0.5,steps=2,retain_kl=true",
+    )
+    trainer.train()
+    reference = trainer.method_state()["reference"]
+    assert sorted(reference) == sorted(advfunc.trainable_names(base))
+    for name, value in reference.items():
+        torch.testing.assert_close(value, twin_params[name], rtol=0, atol=0, msg=name)
