@@ -226,6 +226,7 @@ class PerturbedModel:
 
         Yields an ``OffsetCalls`` counter when ``count`` (eager), else None (compiled).
         """
+        refuse_sharded(self.model)  # a step built on gathered FSDP2 parameters, called once they are sharded again
         hooks = []
         for module in self.hooked_modules:
             hook = _ACTIVE_HOOKS.get(module)
