@@ -27,7 +27,7 @@ of the step's own grads is exact and costs no extra pass. A non-finite gradient
 on one process makes the reduced sum non-finite on all, so every process refuses it (or,
 with fp16, skips the update) together. FSDP and DeepSpeed are refused: ZeRO-3 and FSDP
 shard the parameters the step substitutes, and DeepSpeed reduces gradients in its own
-backward.
+backward (an FSDP2 model trains in a loop of your own with :mod:`advfunc.scale.fsdp`).
 
 Methods with state of their own run through one protocol (:mod:`advfunc.core.stateful`:
 ``init`` at the first step, ``update`` per micro-batch, ``after_update`` after each
@@ -160,7 +160,8 @@ class AdversarialTrainer(Trainer):
                 "AdversarialTrainer runs under DDP only: FSDP and DeepSpeed ZeRO-3 shard the parameters that "
                 "advfunc's functional step substitutes (its gradients would be zero), and DeepSpeed reduces "
                 "gradients in its own backward; launch without --fsdp / --deepspeed (plain torchrun or "
-                "accelerate launch give DDP)"
+                "accelerate launch give DDP), or train an FSDP2 (fully_shard) model in a loop of your own "
+                "with advfunc.scale.fsdp"
             )
         if getattr(self.args, "neftune_noise_alpha", None) is not None:
             raise ValueError(
