@@ -166,3 +166,9 @@ def test_a_context_fn_of_the_users_still_runs_in_forward_and_recompute():
     assert "forward" in entered and "recompute" in entered
     error = float((_flat(grads) - _flat(reference)).norm() / _flat(reference).norm())
     assert error <= 1e-5
+
+
+def test_a_compiled_step_is_refused_under_checkpointing():
+    model = _model("llama", lora=False, checkpointing=True)
+    with pytest.raises(ValueError, match="compile=False"):
+        advfunc.pgd(model, epsilon=0.1, alpha=0.05, steps=2, target="embeds", compile=True)

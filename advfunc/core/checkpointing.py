@@ -88,6 +88,10 @@ def replayable_checkpoints(model: nn.Module) -> Iterator[None]:
     Nothing changes for a model without checkpointing. The layers' checkpoint functions
     are restored on exit; a recompute after that still replays what it recorded.
     """
+    if torch.compiler.is_compiling():
+        # A compiled step traces each checkpoint with the tensors of its trace: nothing to replay.
+        yield
+        return
     swapped = []
     for layer in checkpointed_layers(model):
         func = getattr(layer, _FUNC)

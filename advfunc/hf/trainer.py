@@ -141,7 +141,9 @@ class AdversarialTrainer(Trainer):
                 if noisy and self._generator is None:
                     # each process its own draws: shards of one global batch should not share their noise
                     self._generator = seeded_generator(model, self.args.seed + 100_003 * self.args.process_index)
-                return build_step(spec, model, generator=self._generator, compile=compile, **overrides)
+                # Trainer turns checkpointing on when training starts, after the step is built: build it eager then.
+                eager = compile if compile is not None else (False if self.args.gradient_checkpointing else None)
+                return build_step(spec, model, generator=self._generator, compile=eager, **overrides)
 
             factory: Callable[[nn.Module], Step] = from_spec
         elif callable(step_factory):
