@@ -196,7 +196,7 @@ def test_every_method_refuses_a_bad_batch_naming_the_key_before_any_pass(name, c
     batch = corrupt(entry.make_batch(), classes)
     step = entry.build(model)
     params = advfunc.params_of(model)
-    state = entry.state(step, params)
+    state = entry.init(step, params)
     with PassCounter(model) as count, pytest.raises(ValueError, match=match.replace("{classes}", str(classes))):
         entry.call(step, params, batch, state)
     assert count.forwards == 0

@@ -7,6 +7,8 @@ method added to the registry without an entry here fails ``test_registry``.
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import inspect
 import itertools
 from collections.abc import Callable, Mapping
@@ -16,6 +18,7 @@ from typing import Any, Literal
 import torch
 
 import advfunc
+from advfunc.core.stateful import State, stateful
 from advfunc.core.step import Step
 from advfunc.methods.plain import plain
 from advfunc.methods.registry import METHODS
@@ -36,8 +39,9 @@ class Entry:
     factory's arguments (:meth:`settings`), written from the method's docstring (not read
     from the step); ``forward_only(settings)`` the forwards it runs without a backward.
     ``cost_variants``: settings whose cost the pass-count test checks, one code path each.
-    ``state(step, params)``: the keyword arguments a call takes beside the batch (SMART's
-    teacher, ReFAT's direction), made before the call so that its passes are not the step's.
+    Every call goes through the stateful protocol (:func:`advfunc.stateful`): the state
+    from ``step.init(params)`` (SMART's teacher, free AT's δ, ReFAT's direction, LAT's KL
+    reference), then ``step.update(params, batch, state)``.
     ``labelled``: the batch has ``labels`` (rerouting's loss reads hidden states only).
     ``aims_with_loss``: the perturbation follows the loss's
     gradient (not a divergence's, nor noise alone), so a non-finite loss gradient must
@@ -49,7 +53,6 @@ class Entry:
     defaults: Mapping[str, Any]
     passes: Callable[[Mapping[str, Any]], int]
     model: Literal["classifier", "decoder", "lora decoder"] = "classifier"
-    state: Callable[[Step, Mapping[str, torch.Tensor]], dict[str, Any]] = lambda step, params: {}
     seeded: bool = False  # takes generator=
     labelled: bool = True
     aims_with_loss: bool = True
@@ -86,17 +89,28 @@ class Entry:
             batch[HARMFUL] = torch.arange(batch["input_ids"].shape[0]) % 2 == 0
         return batch
 
+    @staticmethod
+    def init(step: Step, params: Mapping[str, torch.Tensor]) -> State:
+        """The protocol's state before the first step (its passes are not the step's: ReFAT's direction)."""
+        return stateful(step).init(params)
+
+    @staticmethod
     def call(
-        self,
         step: Step,
         params: Mapping[str, torch.Tensor],
         batch: Mapping[str, Any],
-        state: Mapping[str, Any] | None = None,
+        state: State | None = None,
         **kwargs: Any,
     ) -> tuple[dict[str, torch.Tensor], Any]:
-        """``step(params, batch, **state, **kwargs)``; ``state`` made by :attr:`state` unless given."""
-        state = self.state(step, params) if state is None else state
-        return step(params, batch, **state, **kwargs)
+        """``grads, out`` of ``step.update(params, batch, state)``, from ``step.init(params)`` unless given.
+
+        ``kwargs`` (``loss_scale``, ``generator``) go to the method's own call inside the update.
+        """
+        if kwargs:
+            step = dataclasses.replace(step, fn=functools.partial(step.fn, **kwargs))
+        protocol = stateful(step)
+        grads, out, _ = protocol.update(params, batch, protocol.init(params) if state is None else state)
+        return grads, out
 
 
 def _prompts(seed: int) -> dict[str, torch.Tensor]:
@@ -160,8 +174,13 @@ CATALOGUE: dict[str, Entry] = {
             {"layers": "model.layers.0", "epsilon": 0.5, "alpha": 0.2, "steps": 2},
             _toward_away("retain"),
             model="decoder",
-            forward_only=_clean_forward("retain"),
-            cost_variants=({"away": 1.0, "retain": 1.0}, {"away": 0.0, "retain": 1.0}, {"away": 1.0, "retain": 0.0}),
+            forward_only=lambda c: _clean_forward("retain")(c) + c["retain_kl"],  # the KL reference's forward
+            cost_variants=(
+                {"away": 1.0, "retain": 1.0},
+                {"away": 0.0, "retain": 1.0},
+                {"away": 1.0, "retain": 0.0},
+                {"away": 1.0, "retain": 1.0, "retain_kl": True},
+            ),
         ),
         Entry(
             "vat",
@@ -181,7 +200,6 @@ CATALOGUE: dict[str, Entry] = {
             advfunc.smart,
             {"epsilon": 1e-2, "step_size": 1e-2},
             lambda c: c["steps"] + 2,
-            state=lambda step, params: {"teacher": advfunc.teacher_of(params)},
             seeded=True,
             aims_with_loss=False,
             forward_only=lambda c: 1 if c["mu"] > 0 else 0,  # the teacher's forward
@@ -194,7 +212,6 @@ CATALOGUE: dict[str, Entry] = {
             {"layers": "model.layers.0", "p": 1.0, "harmful": REFUSED, "harmless": ANSWERED},
             lambda c: 1,
             model="decoder",
-            state=lambda step, params: {"direction": step.init(params)["direction"]},  # 2 forwards, once
             seeded=True,
             aims_with_loss=False,  # r̂ comes from two prompt sets' hidden states, not from a gradient
             cost_variants=_grid(p=[0.0, 1.0]),
