@@ -17,6 +17,7 @@ from torch.func import functional_call
 
 import advfunc
 from advfunc.methods import registry
+from advfunc.methods.residual import HARMFUL
 from tests.core.test_step_contract import _bad_calls
 from tests.support.catalogue import CATALOGUE
 from tests.support.tiny_decoders import DECODERS, LAYER, completion_batch, tiny_decoder
@@ -28,23 +29,28 @@ def _seeded() -> torch.Generator:
     return torch.Generator().manual_seed(7)
 
 
-def independent(model, batch, params=None, embeds=None, layer=None):
-    """(loss, logits) of one plain forward, δ added to the embedding output or a layer's output by a hook."""
+def independent(model, batch, params=None, embeds=None, layer=None, edit=None):
+    """(loss, logits) of one plain forward, δ added to the embedding output or a layer's output by a hook.
+
+    ``edit``: (layer name, h -> h'), any change of that layer's output.
+    """
     handles = []
 
-    def adder(offset):
+    def editor(change):
         def hook(module, args, output):
             if isinstance(output, tuple):
-                return (output[0] + offset, *output[1:])
-            return output + offset
+                return (change(output[0]), *output[1:])
+            return change(output)
 
         return hook
 
     if embeds is not None:
-        handles.append(model.get_input_embeddings().register_forward_hook(adder(embeds)))
+        handles.append(model.get_input_embeddings().register_forward_hook(editor(lambda h: h + embeds)))
     if layer is not None:
-        handles.append(model.get_submodule(layer[0]).register_forward_hook(adder(layer[1])))
-    kwargs = {k: v for k, v in batch.items() if k != "adv_labels"}
+        handles.append(model.get_submodule(layer[0]).register_forward_hook(editor(lambda h: h + layer[1])))
+    if edit is not None:
+        handles.append(model.get_submodule(edit[0]).register_forward_hook(editor(edit[1])))
+    kwargs = {k: v for k, v in batch.items() if k not in ("adv_labels", "harmful")}
     try:
         with torch.no_grad():
             out = functional_call(model, dict(params), (), kwargs) if params is not None else model(**kwargs)
@@ -90,17 +96,19 @@ ON_A_DECODER = {
     "neftune": {"alpha": 5.0},
     "cat": {"epsilon": 0.5, "alpha": 0.1, "steps": 2},
     "lat": {"epsilon": 1.0, "alpha": 0.5, "steps": 2},
+    "refat": {"p": 1.0},
 }
-# A method missing from ON_A_DECODER fails by name. ReFAT's and rerouting's batches carry the
-# harmful rows and their losses are not the ones below: test_refat and test_rerouting check them.
-METHODS = sorted(set(CATALOGUE) - {"none", "refat", "rerouting"})
+# A method missing from ON_A_DECODER fails by name. Rerouting trains LoRA adapters against the
+# model without them: tests/methods/test_rerouting.py checks it on a LoRA Llama.
+METHODS = sorted(set(CATALOGUE) - {"none", "rerouting"})
+LAYERED = ("lat", "refat")  # a layer of each family
 
 
 def run(method: str, model, params, batch):
     """(grads, out) of the catalogued ``method`` on ``batch`` with its decoder settings."""
     entry = CATALOGUE[method]
     overrides = dict(ON_A_DECODER[method])
-    if method == "lat":
+    if method in LAYERED:
         overrides["layers"] = LAYER[model.config.model_type]
     if entry.seeded:
         overrides["generator"] = _seeded()
@@ -117,6 +125,14 @@ def expected_losses(method: str, model, params, batch, out) -> tuple[torch.Tenso
         return clean, clean
     if method == "lat":
         return clean, independent(model, batch, layer=(LAYER[model.config.model_type], out.delta))[0]
+    if method == "refat":  # p = 1: each harmful row loses its component along r̂ at every token
+        rows = batch[HARMFUL].float()[:, None, None]
+        ablated = independent(
+            model,
+            batch,
+            edit=(LAYER[model.config.model_type], lambda h: h - rows * (h @ out.delta)[..., None] * out.delta),
+        )[0]
+        return ablated, ablated
     if method == "neftune":
         noised = independent(model, batch, embeds=out.delta)[0]
         return noised, noised
@@ -133,7 +149,10 @@ def expected_losses(method: str, model, params, batch, out) -> tuple[torch.Tenso
 def test_every_method_trains_a_causal_lm_on_its_completion(method, family, padding):
     model = tiny_decoder(family)
     params = advfunc.params_of(model)
-    batch = completion_batch(padding, adversary=method in ("cat", "lat"))
+    keys = registry.METHODS[method].batch_keys
+    batch = completion_batch(padding, adversary=advfunc.ADV_LABELS in keys)
+    if HARMFUL in keys:
+        batch[HARMFUL] = torch.tensor([True, False, True])
     grads, out = run(method, model, params, batch)
     assert sorted(grads) == sorted(advfunc.trainable_names(model))
     for name, g in grads.items():
