@@ -413,6 +413,8 @@ def adversarial(trainer_class: type[Trainer]) -> type[AdversarialTrainer]:
         )
     if issubclass(trainer_class, AdversarialTrainer):
         return trainer_class
+    if trainer_class is Trainer:
+        return AdversarialTrainer
     if trainer_class not in _ADVERSARIAL:
         name = f"Adversarial{trainer_class.__name__}"
         doc = f"``{trainer_class.__name__}`` whose training step is an advfunc method (:func:`advfunc.hf.adversarial`)."

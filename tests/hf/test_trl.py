@@ -15,7 +15,7 @@ import torch
 from datasets import Dataset  # installed with trl (the trl extra)
 from peft import LoraConfig
 from tokenizers import Tokenizer, models, pre_tokenizers
-from transformers import PreTrainedTokenizerFast, TrainerCallback, TrainingArguments
+from transformers import PreTrainedTokenizerFast, Trainer, TrainerCallback, TrainingArguments
 from transformers.integrations.neftune import neftune_post_forward_hook
 from trl import SFTConfig, SFTTrainer
 
@@ -223,6 +223,7 @@ def test_adversarial_refuses_what_is_not_a_trainer_class():
         adversarial(object)
     assert adversarial(SFTTrainer) is adversarial(SFTTrainer)
     assert adversarial(AdversarialTrainer) is AdversarialTrainer
+    assert adversarial(Trainer) is AdversarialTrainer
 
 
 def test_the_chat_collator_builds_cat_batches_on_the_template():
