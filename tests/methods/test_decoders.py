@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch.func import functional_call
@@ -20,7 +21,7 @@ from advfunc.methods import registry
 from advfunc.methods.residual import HARMFUL
 from tests.core.test_step_contract import _bad_calls
 from tests.support.catalogue import CATALOGUE
-from tests.support.tiny_decoders import DECODERS, LAYER, completion_batch, tiny_decoder
+from tests.support.tiny_decoders import DECODERS, LAYER, completion_batch, tiny_decoder, tiny_lora_decoder
 
 PADDINGS = ("right", "left")
 
@@ -60,6 +61,34 @@ def independent(model, batch, params=None, embeds=None, layer=None, edit=None):
     return out.loss, out.logits
 
 
+def hidden_at(model, batch, layer: str) -> torch.Tensor:
+    """[B, L, H]: the output of ``layer`` in a plain forward of ``model``."""
+    seen = []
+    handle = model.get_submodule(layer).register_forward_hook(
+        lambda module, args, output: seen.append(output[0] if isinstance(output, tuple) else output)
+    )
+    try:
+        with torch.no_grad():
+            model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+    finally:
+        handle.remove()
+    return seen[0].float()
+
+
+def rerouting_losses(model, batch) -> tuple[torch.Tensor, torch.Tensor]:
+    """(L_ret, L_rr): the adapted layer's output against a twin base model's, token by token, written out."""
+    family = model.config.model_type
+    adapted = hidden_at(model, batch, LAYER[family])
+    base = hidden_at(tiny_decoder(family), batch, LAYER[family])  # the same seed: the base weights
+    distances, cosines = [], []
+    for b, t in batch["attention_mask"].nonzero().tolist():
+        if bool(batch[HARMFUL][b]):
+            cosines.append(torch.relu(F.cosine_similarity(adapted[b, t], base[b, t], dim=0)))
+        else:
+            distances.append((adapted[b, t] - base[b, t]).norm())
+    return torch.stack(distances).mean(), torch.stack(cosines).mean()
+
+
 def completion(labels: torch.Tensor) -> torch.Tensor:
     """[B, L] bool: t counts when labels[t + 1] is not −100, written out position by position."""
     counted = torch.zeros(labels.shape, dtype=torch.bool)
@@ -97,11 +126,10 @@ ON_A_DECODER = {
     "cat": {"epsilon": 0.5, "alpha": 0.1, "steps": 2},
     "lat": {"epsilon": 1.0, "alpha": 0.5, "steps": 2},
     "refat": {"p": 1.0},
+    "rerouting": {},
 }
-# A method missing from ON_A_DECODER fails by name. Rerouting trains LoRA adapters against the
-# model without them: tests/methods/test_rerouting.py checks it on a LoRA Llama.
-METHODS = sorted(set(CATALOGUE) - {"none", "rerouting"})
-LAYERED = ("lat", "refat")  # a layer of each family
+METHODS = sorted(set(CATALOGUE) - {"none"})  # a method missing from ON_A_DECODER fails by name
+LAYERED = ("lat", "refat", "rerouting")  # a layer of each family
 
 
 def run(method: str, model, params, batch):
@@ -117,6 +145,8 @@ def run(method: str, model, params, batch):
 
 def expected_losses(method: str, model, params, batch, out) -> tuple[torch.Tensor, torch.Tensor | None]:
     """(out.loss, out.adv_loss) computed independently; None where the method has no second loss to check."""
+    if method == "rerouting":
+        return rerouting_losses(model, batch)
     clean, clean_logits = independent(model, batch)
     labels = batch["labels"]
     if method in ("fgm", "pgd", "cat"):
@@ -147,10 +177,13 @@ def expected_losses(method: str, model, params, batch, out) -> tuple[torch.Tenso
 @pytest.mark.parametrize("family", DECODERS)
 @pytest.mark.parametrize("method", METHODS)
 def test_every_method_trains_a_causal_lm_on_its_completion(method, family, padding):
-    model = tiny_decoder(family)
+    entry = CATALOGUE[method]
+    model = tiny_lora_decoder(family).get_base_model() if entry.model == "lora decoder" else tiny_decoder(family)
     params = advfunc.params_of(model)
     keys = registry.METHODS[method].batch_keys
     batch = completion_batch(padding, adversary=advfunc.ADV_LABELS in keys)
+    if not entry.labelled:
+        del batch["labels"]
     if HARMFUL in keys:
         batch[HARMFUL] = torch.tensor([True, False, True])
     grads, out = run(method, model, params, batch)

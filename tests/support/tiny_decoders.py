@@ -69,19 +69,29 @@ def tiny_decoder(family: str, seed: int = 0) -> PreTrainedModel:
     return model.train()
 
 
-def tiny_lora_decoder(seed: int = 0, init: bool = False) -> PeftModel:
-    """The tiny Llama with rank-4 LoRA on q, v and down projections; ``init=False`` draws B at random.
+# The projections LoRA adapts in each family (GPT-2's are Conv1D, stored transposed).
+LORA_TARGETS = {
+    "llama": ["q_proj", "v_proj", "down_proj"],
+    "qwen2": ["q_proj", "v_proj", "down_proj"],
+    "gpt2": ["c_attn"],
+}
+
+
+def tiny_lora_decoder(family: str = "llama", seed: int = 0, init: bool = False) -> PeftModel:
+    """:func:`tiny_decoder` with rank-4 LoRA on :data:`LORA_TARGETS`; ``init=False`` draws B at random.
 
     With a random B the adapters change the hidden states from the first step, as after
-    some training; ``init=True`` is peft's B = 0, the base model exactly.
+    some training; ``init=True`` is peft's B = 0, the base model exactly. The base
+    weights are ``tiny_decoder(family, seed)``'s.
     """
-    base = tiny_decoder("llama", seed=seed)
+    base = tiny_decoder(family, seed=seed)
     config = LoraConfig(
         r=4,
         lora_alpha=8,
-        target_modules=["q_proj", "v_proj", "down_proj"],
+        target_modules=LORA_TARGETS[family],
         lora_dropout=0.0,
         init_lora_weights=init,
+        fan_in_fan_out=family == "gpt2",
         task_type="CAUSAL_LM",
     )
     torch.manual_seed(seed + 7)  # the adapters' draw
