@@ -103,19 +103,24 @@ def test_accumulated_micro_batches_equal_one_large_batch_per_token(tmp_path, met
     assert float((per_batch - oracle).norm() / oracle.norm()) > 1e-2
 
 
+@pytest.fixture(scope="module")
+def ranks(tmp_path_factory):
+    """What each of the two ranks saved: {"world": 2, "grads": {method: [the step's gradient]}}."""
+    out = tmp_path_factory.mktemp("token_weighting")
+    run_torchrun(ROOT / "tests" / "hf" / "token_weighting_worker.py", str(out), processes=2, timeout_s=240)
+    return [torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(2)]
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("method", sorted(STEPS))
-def test_two_processes_weigh_their_micro_batches_per_token_too(tmp_path, method):
+def test_two_processes_weigh_their_micro_batches_per_token_too(ranks, method):
     """Two gloo processes, two micro-batches of one example each: the step's gradient is the large batch's."""
-    run_torchrun(ROOT / "tests" / "hf" / "token_weighting_worker.py", method, str(tmp_path), processes=2, timeout_s=240)
     twin = tiny_decoder("llama")
     twin.config.use_cache = False
     expected, _ = STEPS[method](twin)(advfunc.params_of(twin), _collate(_examples()))
     oracle = torch.cat([expected[n].flatten() for n in sorted(expected)])
-    for rank in range(2):
-        saved = torch.load(tmp_path / f"rank{rank}.pt", weights_only=False)
-        (grads,) = saved["grads"]
+    for saved in ranks:
+        (grads,) = saved["grads"][method]
         assert saved["world"] == 2
-        torch.testing.assert_close(
-            torch.cat([grads[n].flatten() for n in sorted(expected)]), oracle, rtol=1e-5, atol=1e-7
-        )
+        flat = torch.cat([grads[n].flatten() for n in sorted(expected)])
+        torch.testing.assert_close(flat, oracle, rtol=1e-5, atol=1e-7)

@@ -1,9 +1,9 @@
 """One rank of the two-process token-weighting check in tests/hf/test_token_weighting.py.
 
-Run under ``torchrun --nproc_per_node 2 tests/hf/token_weighting_worker.py METHOD OUT_DIR``:
-one optimizer step of two micro-batches of one example on each rank (the four examples
-of the test, uneven completions), and the gradient it hands the optimizer saved to
-``OUT_DIR/rank{r}.pt``.
+Run under ``torchrun --nproc_per_node 2 tests/hf/token_weighting_worker.py OUT_DIR``: for
+each method of the test, one optimizer step of two micro-batches of one example on each
+rank (the four examples of the test, uneven completions); the gradients it hands the
+optimizer saved to ``OUT_DIR/rank{r}.pt``.
 """
 
 from __future__ import annotations
@@ -15,21 +15,21 @@ import torch
 import torch.distributed as dist
 from transformers import TrainingArguments
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from advfunc.hf import AdversarialTrainer
 from tests.hf.test_token_weighting import STEPS, GradsBeforeStep, _collate, _examples
 from tests.support.tiny_decoders import tiny_decoder
 
 
-def main(method: str, out: Path) -> None:
+def one_step(method: str, out: Path) -> list[dict[str, torch.Tensor]]:
     model = tiny_decoder("llama")
     model.config.use_cache = False
     recorder = GradsBeforeStep(model)
     trainer = AdversarialTrainer(
         model=model,
         args=TrainingArguments(
-            output_dir=str(out / "run"),
+            output_dir=str(out / method),
             per_device_train_batch_size=1,
             gradient_accumulation_steps=2,
             max_steps=1,
@@ -45,8 +45,13 @@ def main(method: str, out: Path) -> None:
         step_factory=STEPS[method],
     )
     trainer.train()
-    torch.save({"world": dist.get_world_size(), "grads": recorder.grads}, out / f"rank{dist.get_rank()}.pt")
+    return recorder.grads
+
+
+def main(out: Path) -> None:
+    grads = {method: one_step(method, out) for method in STEPS}
+    torch.save({"world": dist.get_world_size(), "grads": grads}, out / f"rank{dist.get_rank()}.pt")
 
 
 if __name__ == "__main__":
-    main(sys.argv[1], Path(sys.argv[2]))
+    main(Path(sys.argv[1]))
