@@ -19,6 +19,7 @@ from advfunc.core.params import params_of, set_grads, trainable_names
 from advfunc.core.perturbed_loss import perturbed_loss
 from advfunc.core.perturbed_outputs import perturbed_outputs
 from advfunc.core.projection import project_l2, project_linf
+from advfunc.core.stateful import StatefulStep, stateful
 from advfunc.core.step import Step, StepOutput
 from advfunc.core.targets import PERTURB_MASK
 from advfunc.methods.awp import awp
@@ -46,6 +47,7 @@ __all__ = [
     "PERTURB_MASK",
     "Accumulated",
     "LossScale",
+    "StatefulStep",
     "Step",
     "StepOutput",
     "accumulate",
@@ -76,6 +78,7 @@ __all__ = [
     "set_grads",
     "smart",
     "split_batch",
+    "stateful",
     "symmetric_kl",
     "teacher_of",
     "trainable_names",

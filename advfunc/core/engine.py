@@ -19,6 +19,7 @@ import torch
 from torch import nn
 from torch.func import grad, grad_and_value
 
+from advfunc.core.checkpointing import checkpointed_layers
 from advfunc.core.model import PerturbedModel, logits_of
 from advfunc.core.params import Params
 from advfunc.core.step import Call
@@ -353,10 +354,19 @@ def compile_pass(fn: Callable[..., Any]) -> Callable[..., Any]:
 
 
 def resolve_compile(compile: bool | None, model: nn.Module) -> bool:
-    """``compile=None`` means: compile when the model's parameters live on CUDA."""
+    """``compile=None`` means: compile when the model's parameters live on CUDA and it checkpoints no layer.
+
+    A compiled step differentiates with ``torch.func.grad``, inside which activation
+    checkpointing's input hook (``requires_grad_`` on the embedding output) cannot run.
+    """
     if compile is None:
         first = next(model.parameters(), None)
-        return bool(first is not None and first.is_cuda)
+        return bool(first is not None and first.is_cuda and not checkpointed_layers(model))
     if not isinstance(compile, bool):
         raise TypeError(f"compile must be True, False or None (auto: CUDA only), got {compile!r}")
+    if compile and checkpointed_layers(model):
+        raise ValueError(
+            "compile=True cannot run under activation checkpointing (torch.func.grad cannot run its "
+            "requires_grad_ input hook); build the step with compile=False, or turn checkpointing off"
+        )
     return compile

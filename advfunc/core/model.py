@@ -23,6 +23,7 @@ from torch import nn
 from torch.func import functional_call
 
 from advfunc.core.batch import BatchSpec, check_batch, label_rule
+from advfunc.core.checkpointing import replayable_checkpoints
 from advfunc.core.divergence import label_positions
 from advfunc.core.sharding import refuse_sharded
 from advfunc.core.targets import OFFSET_ATTRIBUTE as _OFFSET_ATTRIBUTE
@@ -193,6 +194,7 @@ class PerturbedModel:
 
         Yields an ``OffsetCalls`` counter when ``count`` (eager), else None (compiled).
         """
+        refuse_sharded(self.model)  # a step built on gathered FSDP2 parameters, called once they are sharded again
         hooks = []
         for module in self.hooked_modules:
             hook = _ACTIVE_HOOKS.get(module)
@@ -246,10 +248,10 @@ class PerturbedModel:
         state = dict(params)
         if offset is not None:
             state[self.offset_key] = offset
-        if self.autocast is None:
-            return functional_call(self.model, state, (), dict(kwargs), strict=False)
-        device_type = next(iter(state.values())).device.type
-        with torch.autocast(device_type=device_type, dtype=self.autocast):
+        autocast: Any = contextlib.nullcontext()
+        if self.autocast is not None:
+            autocast = torch.autocast(device_type=next(iter(state.values())).device.type, dtype=self.autocast)
+        with autocast, replayable_checkpoints(self.model):
             return functional_call(self.model, state, (), dict(kwargs), strict=False)
 
     def loss(

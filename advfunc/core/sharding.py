@@ -4,18 +4,20 @@ from __future__ import annotations
 
 from torch import nn
 
-# FSDP (v1) and FSDP2 (``fully_shard`` makes a subclass of FSDPModule per model class).
-_FSDP_CLASSES = frozenset({"FullyShardedDataParallel", "FSDPModule"})
+# FSDP (v1). FSDP2 (``fully_shard``) is refused by its DTensor parameters: gathered for a
+# step (advfunc.scale.fsdp.unsharded) they are whole, and its hooks leave them in place.
+_FSDP_CLASSES = frozenset({"FullyShardedDataParallel"})
 _SHARDED_PARAMETERS = frozenset({"DTensor", "FlatParameter"})
 
 
 def refuse_sharded(model: nn.Module) -> None:
     """Raise ``TypeError`` when ``model``'s parameters are sharded across ranks.
 
-    FSDP (``FullyShardedDataParallel``, FSDP2 ``fully_shard``), DeepSpeed ZeRO-3 and
-    tensor parallelism hold each parameter in pieces and gather it in forward hooks,
-    which replace the tensors ``functional_call`` substitutes: the step would run, and
-    return zero parameter gradients. Replicated-parameter schemes work: DDP, and
+    FSDP (``FullyShardedDataParallel``, FSDP2 ``fully_shard`` while its parameters are
+    sharded), DeepSpeed ZeRO-3 and tensor parallelism hold each parameter in pieces and
+    gather it in forward hooks, which replace the tensors ``functional_call`` substitutes:
+    the step would run, and return zero parameter gradients. Checked when a step is built
+    and at every call. Replicated-parameter schemes work: DDP, and
     ZeRO-1/2-style optimizer-state sharding (``ZeroRedundancyOptimizer``) over the
     grads :func:`all_reduce_grads` returns.
     """
@@ -23,7 +25,8 @@ def refuse_sharded(model: nn.Module) -> None:
     if why is not None:
         raise TypeError(
             f"{type(model).__name__} has sharded parameters ({why}); advfunc's functional steps need every "
-            "rank to hold whole parameters. Use DDP (or ZeRO-1/2 optimizer sharding) with "
+            "rank to hold whole parameters. With FSDP2 (fully_shard), build and call the step inside "
+            "advfunc.scale.fsdp.unsharded(model); otherwise use DDP (or ZeRO-1/2 optimizer sharding) with "
             "advfunc.distributed.all_reduce_grads; see docs/scale_and_precision.md (FSDP/ZeRO-3)"
         )
 

@@ -9,8 +9,10 @@ import torch
 from torch import nn
 
 from advfunc import attacks
+from advfunc.core.arguments import require_steps
 from advfunc.core.model import LossFn
-from advfunc.core.step import Grads, Step, StepOutput, check_hook_fired, drop_if_skipped, prepare, report
+from advfunc.core.stateful import State, StatefulStep
+from advfunc.core.step import Grads, StepOutput, check_hook_fired, drop_if_skipped, prepare, report
 
 
 def free_at(
@@ -19,10 +21,11 @@ def free_at(
     alpha: float | None = None,
     norm: str = "linf",
     *,
+    replays: int = 3,
     loss_fn: LossFn | None = None,
     autocast: torch.dtype | None = None,
     compile: bool | None = None,
-) -> Step:
+) -> StatefulStep:
     """Free adversarial training on the embedding output: each replay's gradient also moves δ.
 
     .. math::
@@ -37,6 +40,11 @@ def free_at(
     (linf) or rescales per example over (seq, hidden) (l2); padding positions of δ' are
     zero. ``out.loss`` and ``out.adv_loss`` are both L(θ, δ), the one loss this step
     computes. A non-finite G sets ``out.skipped`` and makes δ' zero.
+
+    The stateful protocol carries δ itself and replays each batch ``replays`` times (m;
+    Shafahi et al. use 4–10 on images): ``step.update(params, batch, state)`` starts each
+    batch's first replay from δ = 0 and the next ones from the δ' before, and
+    ``step.after_update(state, params)`` counts the replays, dropping δ' after the m-th.
 
     Cost: 1 forward+backward pass per replay (∇_θ and ∇_δ from the same backward).
 
@@ -53,6 +61,7 @@ def free_at(
                 optimizer.step()
                 delta = out.delta
     """
+    replays = require_steps("replays", replays)
     attack = attacks.free_at(model, epsilon, alpha, norm, loss_fn=loss_fn, autocast=autocast, compile=compile)
     engine, target = attack.engine, attack.target
 
@@ -84,4 +93,20 @@ def free_at(
         following = drop_if_skipped(following, skipped)
         return at.param_grads, report(target, call.layout, following, at.loss, at.loss, skipped, at.logits)
 
-    return Step("free_at", 1, {**attack.config, "forward_only_passes": 0}, step, driver="replay")
+    def start(params: Mapping[str, torch.Tensor]) -> State:
+        return {"delta": None, "replay": 0}
+
+    def carry(
+        self: StatefulStep, params: Mapping[str, torch.Tensor], batch: Mapping[str, Any], state: State
+    ) -> tuple[Grads, StepOutput, State]:
+        grads, out = self(params, batch, state["delta"])
+        return grads, out, {**state, "delta": out.delta}
+
+    def advance(state: State, params: Mapping[str, torch.Tensor]) -> State:
+        replay = (state["replay"] + 1) % replays
+        return {"delta": state["delta"] if replay else None, "replay": replay}
+
+    config = {**attack.config, "replays": replays, "forward_only_passes": 0}
+    return StatefulStep(
+        "free_at", 1, config, step, driver="replay", start=start, carry=carry, advance=advance, replays=replays
+    )

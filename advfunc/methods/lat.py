@@ -2,14 +2,19 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import dataclasses
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import torch
 from torch import nn
 
 from advfunc import attacks
 from advfunc.core.model import LossFn
-from advfunc.core.step import Step
+from advfunc.core.params import trainable_names
+from advfunc.core.stateful import State, StatefulStep
+from advfunc.core.step import Grads, Step, StepOutput
+from advfunc.methods.teacher import teacher_of
 from advfunc.methods.toward_away import toward_away_step, weights
 
 
@@ -22,11 +27,12 @@ def lat(
     toward: float = 1.0,
     away: float = 1.0,
     retain: float = 1.0,
+    retain_kl: bool = False,
     *,
     loss_fn: LossFn | None = None,
     autocast: torch.dtype | None = None,
     compile: bool | None = None,
-) -> Step:
+) -> StatefulStep:
     """Targeted Latent Adversarial Training of a causal LM: ``step(params, batch, reference=None)``.
 
     .. math::
@@ -47,6 +53,12 @@ def lat(
     positions at the clean input, as the authors' KL penalty. The weights are
     ``toward``, ``away`` and ``retain``.
 
+    ``retain_kl=True`` makes the stateful protocol (:func:`advfunc.stateful`, the
+    Trainer) carry that reference: ``step.init(params)`` copies the trainable parameters
+    at the start of training and ``step.update`` passes them as ``reference``. For LoRA
+    adapters started as PEFT starts them (B = 0), the reference is the base model with the
+    adapters disabled, and the copy holds the adapter weights only.
+
     ``out``: ``loss`` L(θ, 0; x, y), ``adv_loss`` L(θ, δ_K; x, y), ``delta`` δ_K
     (one tensor for one layer, a dict for several).
 
@@ -64,5 +76,25 @@ def lat(
         grads, out = lat_step(params, {**batch, "adv_labels": harmful_completion})
     """
     toward, away, retain = weights(toward, away, retain, "retain")
+    if not isinstance(retain_kl, bool):
+        raise TypeError(f"retain_kl must be True or False, got {retain_kl!r}")
+    if retain_kl and retain == 0:
+        raise ValueError("retain_kl=True needs retain > 0: the KL is the retain term")
     attack = attacks.lat(model, layers, epsilon, alpha, steps, loss_fn=loss_fn, autocast=autocast, compile=compile)
-    return toward_away_step("lat", attack, toward, away, retain, steps)
+    step = toward_away_step("lat", attack, toward, away, retain, steps)
+    fields = {f.name: getattr(step, f.name) for f in dataclasses.fields(Step)}
+    forward_only = step.config["forward_only_passes"] + retain_kl  # the reference's forward
+    fields["config"] = {**step.config, "retain_kl": retain_kl, "forward_only_passes": forward_only}
+    if not retain_kl:
+        return StatefulStep(**fields)
+    trainable = trainable_names(model)
+
+    def start(params: Mapping[str, torch.Tensor]) -> State:
+        return {"reference": teacher_of({name: params[name] for name in trainable if name in params})}
+
+    def carry(
+        self: StatefulStep, params: Mapping[str, torch.Tensor], batch: Mapping[str, Any], state: State
+    ) -> tuple[Grads, StepOutput, State]:
+        return (*self(params, batch, state["reference"]), state)
+
+    return StatefulStep(**fields, start=start, carry=carry)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from typing import Any
 
@@ -14,8 +15,10 @@ from advfunc.core.divergence import symmetric_kl
 from advfunc.core.model import LossFn, logits_of
 from advfunc.core.noise import require_generator
 from advfunc.core.objective import Leaves, frozen
-from advfunc.core.params import Params
-from advfunc.core.step import Grads, Step, StepOutput, check_hook_fired, prepare
+from advfunc.core.params import Params, trainable_names
+from advfunc.core.stateful import State, StatefulStep
+from advfunc.core.step import Grads, StepOutput, check_hook_fired, prepare
+from advfunc.methods.teacher import ema, teacher_of
 
 
 def smart(
@@ -29,10 +32,11 @@ def smart(
     norm: str = "linf",
     generator: torch.Generator | None = None,
     *,
+    beta: float = 0.99,
     loss_fn: LossFn | None = None,
     autocast: torch.dtype | None = None,
     compile: bool | None = None,
-) -> Step:
+) -> StatefulStep:
     """SMART: task loss + λ_s · adversarial symmetric KL + μ · Bregman proximal term.
 
     .. math::
@@ -52,6 +56,10 @@ def smart(
     θ̃ (the teacher) is an input: ``step(params, batch, teacher)``; update it with
     :func:`advfunc.ema`. Names the teacher lacks take the value in ``params``;
     ``teacher=None`` is allowed only with ``mu=0``, which drops the proximal term.
+    The stateful protocol carries θ̃ itself: ``step.init(params)`` copies the trainable
+    parameters (θ̃₀ = θ₀), ``step.update(params, batch, state)`` runs the step at the
+    state's teacher and ``step.after_update(state, params)`` applies θ̃ ← β θ̃ + (1 − β) θ
+    once per optimizer step (β = ``beta``, 0.99 in the paper's §3.2).
 
     ``out``: ``loss`` the task loss, ``adv_loss`` sKL at δ_K (before λ_s), ``delta`` δ_K
     [B, L, H]. δ₀ comes from ``generator`` (overridable per call).
@@ -74,6 +82,7 @@ def smart(
     """
     lambda_s = require_positive("lambda_s", lambda_s)
     mu = require_non_negative("mu", mu)
+    beta = require_fraction("beta", beta)
     attack = attacks.smart(
         model,
         epsilon,
@@ -124,8 +133,30 @@ def smart(
         )
         return grads, out
 
-    config = {**attack.config, "lambda_s": lambda_s, "mu": mu, "forward_only_passes": 1 if mu > 0 else 0}
-    return Step("smart", steps + 2, config, step, driver="teacher")
+    trainable = trainable_names(model)
+
+    def start(params: Mapping[str, torch.Tensor]) -> State:
+        return {"teacher": teacher_of({name: params[name] for name in trainable if name in params})}
+
+    def carry(
+        self: StatefulStep, params: Mapping[str, torch.Tensor], batch: Mapping[str, Any], state: State
+    ) -> tuple[Grads, StepOutput, State]:
+        return (*self(params, batch, state["teacher"]), state)
+
+    def advance(state: State, params: Mapping[str, torch.Tensor]) -> State:
+        return {**state, "teacher": ema(state["teacher"], params, beta)}
+
+    config = {**attack.config, "lambda_s": lambda_s, "mu": mu, "beta": beta, "forward_only_passes": 1 if mu > 0 else 0}
+    return StatefulStep("smart", steps + 2, config, step, driver="teacher", start=start, carry=carry, advance=advance)
+
+
+def require_fraction(name: str, value: float) -> float:
+    """Return ``value`` as a float, or raise ``ValueError`` unless it is a finite number in [0, 1]."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name} must be a number in [0, 1], got {value!r} ({type(value).__name__})")
+    if not (math.isfinite(value) and 0 <= value <= 1):
+        raise ValueError(f"{name} must be a finite number in [0, 1] (SMART's teacher decay, 0.99), got {value!r}")
+    return float(value)
 
 
 def teacher_params(teacher: Any, params: Params, mu: float) -> Params | None:

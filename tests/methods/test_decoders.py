@@ -11,15 +11,17 @@ from __future__ import annotations
 
 import pytest
 import torch
+import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch.func import functional_call
 
 import advfunc
 from advfunc.methods import registry
+from advfunc.methods.residual import HARMFUL
 from tests.core.test_step_contract import _bad_calls
 from tests.support.catalogue import CATALOGUE
-from tests.support.tiny_decoders import DECODERS, LAYER, completion_batch, tiny_decoder
+from tests.support.tiny_decoders import DECODERS, LAYER, completion_batch, tiny_decoder, tiny_lora_decoder
 
 PADDINGS = ("right", "left")
 
@@ -28,23 +30,28 @@ def _seeded() -> torch.Generator:
     return torch.Generator().manual_seed(7)
 
 
-def independent(model, batch, params=None, embeds=None, layer=None):
-    """(loss, logits) of one plain forward, δ added to the embedding output or a layer's output by a hook."""
+def independent(model, batch, params=None, embeds=None, layer=None, edit=None):
+    """(loss, logits) of one plain forward, δ added to the embedding output or a layer's output by a hook.
+
+    ``edit``: (layer name, h -> h'), any change of that layer's output.
+    """
     handles = []
 
-    def adder(offset):
+    def editor(change):
         def hook(module, args, output):
             if isinstance(output, tuple):
-                return (output[0] + offset, *output[1:])
-            return output + offset
+                return (change(output[0]), *output[1:])
+            return change(output)
 
         return hook
 
     if embeds is not None:
-        handles.append(model.get_input_embeddings().register_forward_hook(adder(embeds)))
+        handles.append(model.get_input_embeddings().register_forward_hook(editor(lambda h: h + embeds)))
     if layer is not None:
-        handles.append(model.get_submodule(layer[0]).register_forward_hook(adder(layer[1])))
-    kwargs = {k: v for k, v in batch.items() if k != "adv_labels"}
+        handles.append(model.get_submodule(layer[0]).register_forward_hook(editor(lambda h: h + layer[1])))
+    if edit is not None:
+        handles.append(model.get_submodule(edit[0]).register_forward_hook(editor(edit[1])))
+    kwargs = {k: v for k, v in batch.items() if k not in ("adv_labels", "harmful")}
     try:
         with torch.no_grad():
             out = functional_call(model, dict(params), (), kwargs) if params is not None else model(**kwargs)
@@ -52,6 +59,34 @@ def independent(model, batch, params=None, embeds=None, layer=None):
         for handle in handles:
             handle.remove()
     return out.loss, out.logits
+
+
+def hidden_at(model, batch, layer: str) -> torch.Tensor:
+    """[B, L, H]: the output of ``layer`` in a plain forward of ``model``."""
+    seen = []
+    handle = model.get_submodule(layer).register_forward_hook(
+        lambda module, args, output: seen.append(output[0] if isinstance(output, tuple) else output)
+    )
+    try:
+        with torch.no_grad():
+            model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+    finally:
+        handle.remove()
+    return seen[0].float()
+
+
+def rerouting_losses(model, batch) -> tuple[torch.Tensor, torch.Tensor]:
+    """(L_ret, L_rr): the adapted layer's output against a twin base model's, token by token, written out."""
+    family = model.config.model_type
+    adapted = hidden_at(model, batch, LAYER[family])
+    base = hidden_at(tiny_decoder(family), batch, LAYER[family])  # the same seed: the base weights
+    distances, cosines = [], []
+    for b, t in batch["attention_mask"].nonzero().tolist():
+        if bool(batch[HARMFUL][b]):
+            cosines.append(torch.relu(F.cosine_similarity(adapted[b, t], base[b, t], dim=0)))
+        else:
+            distances.append((adapted[b, t] - base[b, t]).norm())
+    return torch.stack(distances).mean(), torch.stack(cosines).mean()
 
 
 def completion(labels: torch.Tensor) -> torch.Tensor:
@@ -90,15 +125,18 @@ ON_A_DECODER = {
     "neftune": {"alpha": 5.0},
     "cat": {"epsilon": 0.5, "alpha": 0.1, "steps": 2},
     "lat": {"epsilon": 1.0, "alpha": 0.5, "steps": 2},
+    "refat": {"p": 1.0},
+    "rerouting": {},
 }
 METHODS = sorted(set(CATALOGUE) - {"none"})  # a method missing from ON_A_DECODER fails by name
+LAYERED = ("lat", "refat", "rerouting")  # a layer of each family
 
 
 def run(method: str, model, params, batch):
     """(grads, out) of the catalogued ``method`` on ``batch`` with its decoder settings."""
     entry = CATALOGUE[method]
     overrides = dict(ON_A_DECODER[method])
-    if method == "lat":
+    if method in LAYERED:
         overrides["layers"] = LAYER[model.config.model_type]
     if entry.seeded:
         overrides["generator"] = _seeded()
@@ -107,6 +145,8 @@ def run(method: str, model, params, batch):
 
 def expected_losses(method: str, model, params, batch, out) -> tuple[torch.Tensor, torch.Tensor | None]:
     """(out.loss, out.adv_loss) computed independently; None where the method has no second loss to check."""
+    if method == "rerouting":
+        return rerouting_losses(model, batch)
     clean, clean_logits = independent(model, batch)
     labels = batch["labels"]
     if method in ("fgm", "pgd", "cat"):
@@ -115,6 +155,14 @@ def expected_losses(method: str, model, params, batch, out) -> tuple[torch.Tenso
         return clean, clean
     if method == "lat":
         return clean, independent(model, batch, layer=(LAYER[model.config.model_type], out.delta))[0]
+    if method == "refat":  # p = 1: each harmful row loses its component along r̂ at every token
+        rows = batch[HARMFUL].float()[:, None, None]
+        ablated = independent(
+            model,
+            batch,
+            edit=(LAYER[model.config.model_type], lambda h: h - rows * (h @ out.delta)[..., None] * out.delta),
+        )[0]
+        return ablated, ablated
     if method == "neftune":
         noised = independent(model, batch, embeds=out.delta)[0]
         return noised, noised
@@ -129,9 +177,15 @@ def expected_losses(method: str, model, params, batch, out) -> tuple[torch.Tenso
 @pytest.mark.parametrize("family", DECODERS)
 @pytest.mark.parametrize("method", METHODS)
 def test_every_method_trains_a_causal_lm_on_its_completion(method, family, padding):
-    model = tiny_decoder(family)
+    entry = CATALOGUE[method]
+    model = tiny_lora_decoder(family).get_base_model() if entry.model == "lora decoder" else tiny_decoder(family)
     params = advfunc.params_of(model)
-    batch = completion_batch(padding, adversary=method in ("cat", "lat"))
+    keys = registry.METHODS[method].batch_keys
+    batch = completion_batch(padding, adversary=advfunc.ADV_LABELS in keys)
+    if not entry.labelled:
+        del batch["labels"]
+    if HARMFUL in keys:
+        batch[HARMFUL] = torch.tensor([True, False, True])
     grads, out = run(method, model, params, batch)
     assert sorted(grads) == sorted(advfunc.trainable_names(model))
     for name, g in grads.items():

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import inspect
+
 import pytest
 import torch
 
@@ -28,7 +30,10 @@ def _seeded_kwargs(entry):
     return {"generator": seeded(0)} if entry.seeded else {}
 
 
-@pytest.mark.parametrize("name", sorted(CATALOGUE))
+# Rerouting's objective reads hidden states, not a loss: no loss_fn to poison.
+@pytest.mark.parametrize(
+    "name", sorted(n for n, entry in CATALOGUE.items() if "loss_fn" in inspect.signature(entry.factory).parameters)
+)
 def test_nan_target_gradient_is_skipped(name):
     entry = CATALOGUE[name]
     model = entry.make_model()

@@ -17,6 +17,7 @@ VARIANTS = {
     "pgd-embeds": ("pgd", {"target": "embeds"}),
     "pgd-names": ("pgd", {"epsilon": 0.1, "alpha": 0.05, "target": ["classifier.weight", "bert.pooler.dense.weight"]}),
     "freelb-max-norm": ("freelb", {"init_mag": 1.0, "max_norm": 0.5}),
+    "lat-retain-kl": ("lat", {"retain_kl": True}),
 }
 
 

@@ -10,30 +10,15 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from peft import LoraConfig, get_peft_model
 
 import advfunc
 from advfunc.methods.registry import METHODS, build_step, parse_method
 from tests.support.method_harness import PassCounter
 from tests.support.purity import assert_step_is_pure
-from tests.support.tiny_decoders import completion_batch, tiny_decoder
+from tests.support.tiny_decoders import completion_batch, tiny_decoder, tiny_lora_decoder
 
 LAYERS = ["model.layers.0", "model.layers.1"]
 PEFT_LAYERS = [f"base_model.model.{name}" for name in LAYERS]
-
-
-def _lora(init: bool = False):
-    """A LoRA tiny Llama; ``init=False`` draws B at random so the adapters change the hidden states."""
-    config = LoraConfig(
-        r=4,
-        lora_alpha=8,
-        target_modules=["q_proj", "v_proj", "down_proj"],
-        lora_dropout=0.0,
-        init_lora_weights=init,
-        task_type="CAUSAL_LM",
-    )
-    torch.manual_seed(7)  # the adapters' draw; the base weights come from tiny_decoder's own seed
-    return get_peft_model(tiny_decoder("llama"), config)
 
 
 def _batch(seed: int = 0) -> dict[str, torch.Tensor]:
@@ -80,7 +65,7 @@ def _by_hand(model, batch, reroute=1.0, retain=1.0):
 
 
 def test_loss_and_grads_equal_the_hand_computation():
-    model = _lora()
+    model = tiny_lora_decoder()
     step = advfunc.rerouting(model, layers=PEFT_LAYERS, reroute=0.7, retain=1.3)
     batch = _batch()
     grads, out = step(advfunc.params_of(model), batch)
@@ -97,7 +82,7 @@ def test_loss_and_grads_equal_the_hand_computation():
 
 
 def test_the_reference_is_adapter_free_a_zero_lora_starts_at_cos_one_and_no_retain_loss():
-    model = _lora(init=True)  # peft's default: B = 0, so the adapted model is the base model
+    model = tiny_lora_decoder(init=True)  # peft's default: B = 0, so the adapted model is the base model
     step = advfunc.rerouting(model, layers=PEFT_LAYERS)
     _, out = step(advfunc.params_of(model), _batch())
     torch.testing.assert_close(out.adv_loss, torch.tensor(1.0), rtol=0, atol=1e-6)
@@ -105,7 +90,7 @@ def test_the_reference_is_adapter_free_a_zero_lora_starts_at_cos_one_and_no_reta
 
 
 def test_rerouting_trains_the_harmful_states_away_and_keeps_the_retained_ones():
-    model = _lora()
+    model = tiny_lora_decoder()
     step = advfunc.rerouting(model, layers=PEFT_LAYERS[-1])
     optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.2)
     params, batch = advfunc.params_of(model), _batch()
@@ -118,27 +103,18 @@ def test_rerouting_trains_the_harmful_states_away_and_keeps_the_retained_ones():
 
 
 def test_rerouting_is_pure_and_costs_one_pass_and_one_forward():
-    model = _lora()
+    model = tiny_lora_decoder()
     step = advfunc.rerouting(model, layers=PEFT_LAYERS)
     params, batch = advfunc.params_of(model), _batch()
     assert_step_is_pure(model, lambda: step(params, batch), params, batch)
-    backwards = []  # the loss reads hidden states, not logits: count the backwards through the first layer
-
-    def count(module, args, output):
-        hidden = output[0] if isinstance(output, tuple) else output
-        if hidden.requires_grad:
-            hidden.register_hook(lambda grad: backwards.append(1))
-
-    handle = dict(model.named_modules())[PEFT_LAYERS[0]].register_forward_hook(count)
-    with PassCounter(model) as counter:
+    with PassCounter(model) as counter:  # the loss reads hidden states: its backward never reaches the logits
         step(params, batch)
-    handle.remove()
-    assert (counter.forwards, len(backwards)) == (2, 1)
+    assert (counter.forwards, counter.backwards) == (2, 1)
     assert step.passes == 1 and step.config["forward_only_passes"] == 1
 
 
 def test_a_frozen_adapter_stays_frozen():
-    model = _lora()
+    model = tiny_lora_decoder()
     frozen = next(p for n, p in model.named_parameters() if "lora_A" in n)
     frozen.requires_grad_(False)
     step = advfunc.rerouting(model, layers=PEFT_LAYERS)
@@ -150,8 +126,8 @@ def test_bad_input_is_named():
     with pytest.raises(ValueError, match="no PEFT adapter layers; wrap it"):
         advfunc.rerouting(tiny_decoder("llama"), layers=LAYERS)
     with pytest.raises(ValueError, match="both 0"):
-        advfunc.rerouting(_lora(), layers=PEFT_LAYERS, reroute=0.0, retain=0.0)
-    model = _lora()
+        advfunc.rerouting(tiny_lora_decoder(), layers=PEFT_LAYERS, reroute=0.0, retain=0.0)
+    model = tiny_lora_decoder()
     step = advfunc.rerouting(model, layers=PEFT_LAYERS)
     with pytest.raises(ValueError, match=r"batch\['harmful'\]"):
         step(advfunc.params_of(model), {k: v for k, v in _batch().items() if k != "harmful"})
@@ -159,13 +135,13 @@ def test_bad_input_is_named():
 
 def test_rerouting_is_registered_and_built_from_a_spec():
     assert METHODS["rerouting"].batch_keys == (advfunc.HARMFUL,)
-    step = build_step(parse_method(f"rerouting:layers={PEFT_LAYERS[1]},reroute=0.5"), _lora())
+    step = build_step(parse_method(f"rerouting:layers={PEFT_LAYERS[1]},reroute=0.5"), tiny_lora_decoder())
     assert step.config == {"layers": [PEFT_LAYERS[1]], "reroute": 0.5, "retain": 1.0, "forward_only_passes": 1}
 
 
 def test_the_adapted_base_model_gives_the_same_step_as_its_peft_wrapper():
     """The Trainer runs steps on ``get_base_model()``, whose layers have the plain names."""
-    model = _lora()
+    model = tiny_lora_decoder()
     batch = _batch()
     wrapped, _ = advfunc.rerouting(model, layers=PEFT_LAYERS)(advfunc.params_of(model), batch)
     base = model.get_base_model()

@@ -20,6 +20,7 @@ from torch.utils._pytree import tree_leaves
 import advfunc
 from advfunc.core.engine import Engine
 from advfunc.core.model import PerturbedModel
+from advfunc.core.stateful import stateful
 from tests.support.catalogue import CATALOGUE
 from tests.support.method_harness import PassCounter
 from tests.support.parity import assert_grads_match
@@ -52,10 +53,14 @@ def _step(method, model, **kwargs):
 
 
 def _run(method, step, params, batch, passes_only=False, state=None):
-    """One call of ``step``; ``passes_only`` calls the method's passes without ``Step``'s after-step checks."""
-    entry = CATALOGUE[STEPS[method][0]]
-    state = entry.state(params) if state is None else state
-    return (step.fn if passes_only else step)(params, batch, **state)
+    """One call of ``step`` through the stateful protocol from ``state`` (``step.init(params)`` unless given).
+
+    ``passes_only`` hands the protocol the method's passes in place of ``Step``'s checked call.
+    """
+    protocol = stateful(step)
+    state = protocol.init(params) if state is None else state
+    grads, out, _ = protocol.carry(step.fn if passes_only else protocol, params, batch, state)
+    return grads, out
 
 
 class NewVocabularyTensors(TorchDispatchMode):
@@ -88,8 +93,8 @@ def test_a_step_allocates_one_vocabulary_sized_tensor_the_gradient_it_returns(me
     params, batch = advfunc.params_of(model), padded_batch("bert")
     step = _step(method, model)
     name = "bert.embeddings.word_embeddings.weight"
-    state = CATALOGUE[STEPS[method][0]].state(params)  # SMART's θ̃ is the caller's copy, made before the step
-    held = [t for value in state.values() for t in (value.values() if isinstance(value, dict) else [value])]
+    state = stateful(step).init(params)  # SMART's θ̃ is the caller's copy, made before the step
+    held = [t for t in tree_leaves(state) if isinstance(t, torch.Tensor)]
     with NewVocabularyTensors(LARGE_VOCAB, [*params.values(), *held]) as seen:
         grads, _ = _run(method, step, params, batch, passes_only=True, state=state)
     assert list(seen.new) == [grads[name].untyped_storage().data_ptr()], seen.new
@@ -277,7 +282,9 @@ def test_every_method_costs_its_documented_passes(name, variant):
     settings = entry.settings(**variant)
     assert step.passes == entry.passes(settings)
     assert step.config["forward_only_passes"] == entry.forward_only(settings)
+    params = advfunc.params_of(model)
+    state = entry.init(step, params)  # ReFAT's direction: its init's passes, not the step's
     with PassCounter(model) as count:
-        entry.call(step, advfunc.params_of(model), entry.make_batch())
+        entry.call(step, params, entry.make_batch(), state)
     assert count.forwards == step.passes + step.config["forward_only_passes"]
     assert count.backwards == step.passes

@@ -11,6 +11,7 @@ from hypothesis import strategies as st
 
 import advfunc
 from advfunc.methods.registry import hyperparameters
+from advfunc.methods.residual import HARMFUL
 from tests.support.catalogue import CATALOGUE
 from tests.support.tiny_decoders import completion_batch
 from tests.support.tiny_models import VOCAB
@@ -38,9 +39,13 @@ def classifier_batches(draw):
 
 
 @st.composite
-def decoder_batches(draw):
+def decoder_batches(draw, keys):
+    """Completion batches with the method's ``keys``: ``labels``, ``adv_labels``, the ``harmful`` rows."""
     batch = completion_batch(draw(st.sampled_from(["left", "right"])), seed=draw(st.integers(0, 2**16)), adversary=True)
-    if draw(st.booleans()):  # some completion tokens unscored (CAT and LAT then may refuse adv_labels)
+    batch = {key: value for key, value in batch.items() if key in keys}
+    if HARMFUL in keys:
+        batch[HARMFUL] = torch.tensor(draw(st.lists(st.booleans(), min_size=3, max_size=3)))
+    if "labels" in batch and draw(st.booleans()):  # some completion tokens unscored (CAT, LAT may refuse adv_labels)
         dropped = torch.tensor(draw(st.lists(st.booleans(), min_size=30, max_size=30))).view(3, 10)
         batch["labels"] = batch["labels"].masked_fill(dropped, -100)
     return batch
@@ -72,7 +77,8 @@ def test_a_step_refuses_naming_the_argument_or_returns_finite_grads_or_skips(nam
     entry = CATALOGUE[name]
     model = _model(name)
     chosen = data.draw(options(name), label="hyper-parameters")
-    batch = data.draw(classifier_batches() if entry.model == "classifier" else decoder_batches(), label="batch")
+    batches = classifier_batches() if entry.model == "classifier" else decoder_batches(set(entry.make_batch()))
+    batch = data.draw(batches, label="batch")
     loss_scale = data.draw(st.sampled_from([1.0, 1e-3, 2.0**16, 1e30]), label="loss_scale")
     try:
         step = entry.build(model, **chosen)

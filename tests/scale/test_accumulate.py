@@ -32,16 +32,19 @@ def test_two_micro_batches_sum_to_the_two_single_steps(name):
     model = entry.make_model()
     step = entry.build(model)
     params = advfunc.params_of(model)
-    state = entry.state(params)
+    state = entry.init(step, params)
+
+    def through_protocol(params, batch, **kwargs):  # every micro-batch from the same state
+        return entry.call(step, params, batch, state, **kwargs)
 
     def draws():  # the same noise for the single steps as for the accumulated ones
         return {"generator": seeded(7)} if entry.seeded else {}
 
     first, second = _micro_batches_for(entry)
     singles = draws()
-    one, out_one = step(params, first, **state, **singles)
-    two, out_two = step(params, second, **state, **singles)
-    grads, acc = accumulate(step, params, [first, second], **state, **draws())
+    one, out_one = through_protocol(params, first, **singles)
+    two, out_two = through_protocol(params, second, **singles)
+    grads, acc = accumulate(through_protocol, params, [first, second], **draws())
     assert list(grads) == list(one)
     for key in one:
         torch.testing.assert_close(grads[key], one[key] + two[key], rtol=1e-6, atol=1e-9)
@@ -50,7 +53,7 @@ def test_two_micro_batches_sum_to_the_two_single_steps(name):
     torch.testing.assert_close(acc.loss, (out_one.loss + out_two.loss) / 2)
     assert not bool(acc.skipped)
 
-    mean, _ = accumulate(step, params, [first, second], reduction="mean", **state, **draws())
+    mean, _ = accumulate(through_protocol, params, [first, second], reduction="mean", **draws())
     for key in one:
         torch.testing.assert_close(mean[key], (one[key] + two[key]) / 2, rtol=1e-6, atol=1e-9)
 

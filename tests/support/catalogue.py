@@ -7,6 +7,8 @@ method added to the registry without an entry here fails ``test_registry``.
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import inspect
 import itertools
 from collections.abc import Callable, Mapping
@@ -16,9 +18,12 @@ from typing import Any, Literal
 import torch
 
 import advfunc
+from advfunc.core.stateful import State, stateful
 from advfunc.core.step import Step
 from advfunc.methods.plain import plain
-from tests.support.tiny_decoders import completion_batch, tiny_decoder
+from advfunc.methods.registry import METHODS
+from advfunc.methods.residual import HARMFUL
+from tests.support.tiny_decoders import VOCAB, completion_batch, tiny_decoder, tiny_lora_decoder
 from tests.support.tiny_models import padded_batch, tiny_model
 
 
@@ -34,8 +39,11 @@ class Entry:
     factory's arguments (:meth:`settings`), written from the method's docstring (not read
     from the step); ``forward_only(settings)`` the forwards it runs without a backward.
     ``cost_variants``: settings whose cost the pass-count test checks, one code path each.
-    ``state(params)``: the keyword arguments a call takes beside the
-    batch (SMART's teacher). ``aims_with_loss``: the perturbation follows the loss's
+    Every call goes through the stateful protocol (:func:`advfunc.stateful`): the state
+    from ``step.init(params)`` (SMART's teacher, free AT's δ, ReFAT's direction, LAT's KL
+    reference), then ``step.update(params, batch, state)``.
+    ``labelled``: the batch has ``labels`` (rerouting's loss reads hidden states only).
+    ``aims_with_loss``: the perturbation follows the loss's
     gradient (not a divergence's, nor noise alone), so a non-finite loss gradient must
     drop it.
     """
@@ -44,9 +52,9 @@ class Entry:
     factory: Callable[..., Step]
     defaults: Mapping[str, Any]
     passes: Callable[[Mapping[str, Any]], int]
-    model: Literal["classifier", "decoder"] = "classifier"
-    state: Callable[[Mapping[str, torch.Tensor]], dict[str, Any]] = lambda params: {}
+    model: Literal["classifier", "decoder", "lora decoder"] = "classifier"
     seeded: bool = False  # takes generator=
+    labelled: bool = True
     aims_with_loss: bool = True
     forward_only: Callable[[Mapping[str, Any]], int] = lambda settings: 0
     cost_variants: tuple[Mapping[str, Any], ...] = ({},)
@@ -64,17 +72,55 @@ class Entry:
         return {**given, **self.defaults, **overrides}
 
     def make_model(self, seed: int = 0) -> torch.nn.Module:
-        return tiny_model("bert", seed=seed) if self.model == "classifier" else tiny_decoder("llama", seed=seed)
+        if self.model == "classifier":
+            return tiny_model("bert", seed=seed)
+        if self.model == "lora decoder":
+            return tiny_lora_decoder(seed=seed).get_base_model()
+        return tiny_decoder("llama", seed=seed)
 
     def make_batch(self, seed: int = 0) -> dict[str, torch.Tensor]:
         if self.model == "classifier":
             return padded_batch("bert", seed=seed)
-        return completion_batch("right", seed=seed, adversary=True)
+        keys = METHODS[self.name].batch_keys
+        batch = completion_batch("right", seed=seed, adversary=advfunc.ADV_LABELS in keys)
+        if not self.labelled:
+            del batch["labels"]
+        if HARMFUL in keys:
+            batch[HARMFUL] = torch.arange(batch["input_ids"].shape[0]) % 2 == 0
+        return batch
 
+    @staticmethod
+    def init(step: Step, params: Mapping[str, torch.Tensor]) -> State:
+        """The protocol's state before the first step (its passes are not the step's: ReFAT's direction)."""
+        return stateful(step).init(params)
+
+    @staticmethod
     def call(
-        self, step: Step, params: Mapping[str, torch.Tensor], batch: Mapping[str, Any], **kwargs: Any
+        step: Step,
+        params: Mapping[str, torch.Tensor],
+        batch: Mapping[str, Any],
+        state: State | None = None,
+        **kwargs: Any,
     ) -> tuple[dict[str, torch.Tensor], Any]:
-        return step(params, batch, **self.state(params), **kwargs)
+        """``grads, out`` of ``step.update(params, batch, state)``, from ``step.init(params)`` unless given.
+
+        ``kwargs`` (``loss_scale``, ``generator``) go to the method's own call inside the update.
+        """
+        if kwargs:
+            step = dataclasses.replace(step, fn=functools.partial(step.fn, **kwargs))
+        protocol = stateful(step)
+        grads, out, _ = protocol.update(params, batch, protocol.init(params) if state is None else state)
+        return grads, out
+
+
+def _prompts(seed: int) -> dict[str, torch.Tensor]:
+    """Three left-padded prompts of lengths 5, 3 and 4: ReFAT's prompt sets."""
+    ids = torch.randint(3, VOCAB, (3, 5), generator=seeded(seed))
+    mask = (torch.arange(5) >= torch.tensor([[0], [2], [1]])).long()
+    return {"input_ids": ids * mask, "attention_mask": mask}
+
+
+REFUSED, ANSWERED = _prompts(1), _prompts(2)
 
 
 def _grid(**axes: list[Any]) -> tuple[dict[str, Any], ...]:
@@ -128,8 +174,13 @@ CATALOGUE: dict[str, Entry] = {
             {"layers": "model.layers.0", "epsilon": 0.5, "alpha": 0.2, "steps": 2},
             _toward_away("retain"),
             model="decoder",
-            forward_only=_clean_forward("retain"),
-            cost_variants=({"away": 1.0, "retain": 1.0}, {"away": 0.0, "retain": 1.0}, {"away": 1.0, "retain": 0.0}),
+            forward_only=lambda c: _clean_forward("retain")(c) + c["retain_kl"],  # the KL reference's forward
+            cost_variants=(
+                {"away": 1.0, "retain": 1.0},
+                {"away": 0.0, "retain": 1.0},
+                {"away": 1.0, "retain": 0.0},
+                {"away": 1.0, "retain": 1.0, "retain_kl": True},
+            ),
         ),
         Entry(
             "vat",
@@ -149,12 +200,32 @@ CATALOGUE: dict[str, Entry] = {
             advfunc.smart,
             {"epsilon": 1e-2, "step_size": 1e-2},
             lambda c: c["steps"] + 2,
-            state=lambda params: {"teacher": advfunc.teacher_of(params)},
             seeded=True,
             aims_with_loss=False,
             forward_only=lambda c: 1 if c["mu"] > 0 else 0,  # the teacher's forward
             cost_variants=({"mu": 1.0, "steps": 1}, {"mu": 1.0, "steps": 3}, {"mu": 0.0, "steps": 2}),
         ),
         Entry("free_at", advfunc.free_at, {"epsilon": 0.01}, lambda c: 1),
+        Entry(
+            "refat",
+            advfunc.refat,
+            {"layers": "model.layers.0", "p": 1.0, "harmful": REFUSED, "harmless": ANSWERED},
+            lambda c: 1,
+            model="decoder",
+            seeded=True,
+            aims_with_loss=False,  # r̂ comes from two prompt sets' hidden states, not from a gradient
+            cost_variants=_grid(p=[0.0, 1.0]),
+        ),
+        Entry(
+            "rerouting",
+            advfunc.rerouting,
+            {"layers": "model.layers.0"},
+            lambda c: 1,
+            model="lora decoder",
+            labelled=False,
+            aims_with_loss=False,  # it perturbs nothing
+            forward_only=lambda c: 1,  # the reference forward with the adapters off
+            cost_variants=_grid(reroute=[1.0, 0.0]),
+        ),
     )
 }

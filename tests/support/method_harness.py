@@ -6,6 +6,7 @@ import copy
 from collections.abc import Callable
 
 import torch
+from torch.utils._pytree import tree_leaves
 
 import advfunc
 from tests.support.parity import assert_grads_match
@@ -16,31 +17,40 @@ SHARP_LR = 0.005  # the same for a sharpened head; larger steps flatten its KL i
 
 
 class PassCounter:
-    """Counts the model's forwards and the backwards that reach its logits.
+    """Counts the model's forwards and the backwards that reach any tensor one of them computed.
 
     A forward hook on the model counts calls (``functional_call`` runs module hooks);
-    on each forward whose logits require grad it hangs a tensor hook that counts every
-    backward flowing through those logits, so a forward-only pass (no_grad) or a forward
-    whose graph is never differentiated adds a forward and no backward.
+    hooks on its submodules collect every output that requires grad, and on each
+    forward a multi-grad hook over those counts each backward that reaches any of them,
+    once per backward: a loss read from the logits or from a hidden state (rerouting)
+    alike. A forward-only pass (no_grad) or a forward whose graph is never
+    differentiated adds a forward and no backward.
     """
 
     def __init__(self, model: torch.nn.Module) -> None:
         self.model = model
         self.forwards = 0
         self.backwards = 0
+        self._seen: list[torch.Tensor] = []
 
     def __enter__(self) -> PassCounter:
-        self.handle = self.model.register_forward_hook(self._forward)
+        self.handles = [module.register_forward_hook(self._collect) for module in self.model.modules()]
+        self.handles.append(self.model.register_forward_pre_hook(lambda module, args: self._seen.clear()))
+        self.handles.append(self.model.register_forward_hook(self._forward))
         return self
 
     def __exit__(self, *exc: object) -> None:
-        self.handle.remove()
+        for handle in self.handles:
+            handle.remove()
+
+    def _collect(self, module, args, output) -> None:
+        self._seen.extend(t for t in tree_leaves(output) if isinstance(t, torch.Tensor) and t.requires_grad)
 
     def _forward(self, module, args, output) -> None:
         self.forwards += 1
-        logits = getattr(output, "logits", None)
-        if isinstance(logits, torch.Tensor) and logits.requires_grad:
-            logits.register_hook(self._backward)
+        if self._seen:
+            torch.autograd.graph.register_multi_grad_hook(list(self._seen), self._backward, mode="any")
+        self._seen.clear()
 
     def _backward(self, grad: torch.Tensor) -> None:
         self.backwards += 1

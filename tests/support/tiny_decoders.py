@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import torch
+from peft import LoraConfig, PeftModel, get_peft_model
 from transformers import (
     GPT2Config,
     GPT2LMHeadModel,
@@ -66,6 +67,35 @@ def tiny_decoder(family: str, seed: int = 0) -> PreTrainedModel:
     else:
         raise ValueError(f"unknown family {family!r}; one of {DECODERS}")
     return model.train()
+
+
+# The projections LoRA adapts in each family (GPT-2's are Conv1D, stored transposed).
+LORA_TARGETS = {
+    "llama": ["q_proj", "v_proj", "down_proj"],
+    "qwen2": ["q_proj", "v_proj", "down_proj"],
+    "gpt2": ["c_attn"],
+}
+
+
+def tiny_lora_decoder(family: str = "llama", seed: int = 0, init: bool = False) -> PeftModel:
+    """:func:`tiny_decoder` with rank-4 LoRA on :data:`LORA_TARGETS`; ``init=False`` draws B at random.
+
+    With a random B the adapters change the hidden states from the first step, as after
+    some training; ``init=True`` is peft's B = 0, the base model exactly. The base
+    weights are ``tiny_decoder(family, seed)``'s.
+    """
+    base = tiny_decoder(family, seed=seed)
+    config = LoraConfig(
+        r=4,
+        lora_alpha=8,
+        target_modules=LORA_TARGETS[family],
+        lora_dropout=0.0,
+        init_lora_weights=init,
+        fan_in_fan_out=family == "gpt2",
+        task_type="CAUSAL_LM",
+    )
+    torch.manual_seed(seed + 7)  # the adapters' draw
+    return get_peft_model(base, config)
 
 
 def completion_batch(padding: str, seed: int = 0, adversary: bool = False) -> dict[str, torch.Tensor]:

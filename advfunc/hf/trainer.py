@@ -1,8 +1,9 @@
 """Hugging Face ``Trainer`` integration: adversarial training with any advfunc step, on one or many processes.
 
-``AdversarialTrainer`` replaces ``Trainer.training_step``. For each micro-batch it runs the
-pure step on the bare model and adds ``g / n_accum`` to a gradient sum of its own; on the
-last micro-batch of an optimizer step it all-reduces that sum once (several processes)
+``AdversarialTrainer`` replaces ``Trainer.training_step``; :func:`adversarial` gives the
+same step to any ``Trainer`` subclass (TRL's ``SFTTrainer``: ``adversarial(SFTTrainer)``).
+For each micro-batch it runs the pure step on the bare model and adds ``g / n_accum`` to
+a gradient sum of its own; on the last micro-batch of an optimizer step it all-reduces that sum once (several processes)
 and writes it to ``p.grad`` (``advfunc.set_grads``); with fp16 it goes through Trainer's
 own backward instead, of a surrogate ``Σ ⟨θ, ḡ⟩`` whose gradient with respect to θ is
 exactly ḡ, so that the ``GradScaler`` scales it like a loss. Everything Trainer does
@@ -26,14 +27,15 @@ of the step's own grads is exact and costs no extra pass. A non-finite gradient
 on one process makes the reduced sum non-finite on all, so every process refuses it (or,
 with fp16, skips the update) together. FSDP and DeepSpeed are refused: ZeRO-3 and FSDP
 shard the parameters the step substitutes, and DeepSpeed reduces gradients in its own
-backward.
+backward (an FSDP2 model trains in a loop of your own with :mod:`advfunc.scale.fsdp`).
 
-Methods with state of their own are driven here too: SMART's teacher θ̃ ← β θ̃ + (1 − β) θ
-after each optimizer step, free AT's replays (each process's batch comes back ``replays``
-times in a row, one optimizer step each, δ carried between them; an epoch is then
-``replays`` optimizer steps per batch). That state and the method's random generator
-(method specs given as text) are saved in each Trainer checkpoint (one file per process)
-and restored by ``trainer.train(resume_from_checkpoint=...)``.
+Methods with state of their own run through one protocol (:mod:`advfunc.core.stateful`:
+``init`` at the first step, ``update`` per micro-batch, ``after_update`` after each
+optimizer step), so SMART's EMA teacher and free AT's carried δ live in their methods;
+a method's ``replays`` > 1 makes each process's batch come back that many times in a
+row (an epoch is then ``replays`` optimizer steps per batch). The state and the method's
+random generator (method specs given as text) are saved in each Trainer checkpoint (one
+file per process) and restored by ``trainer.train(resume_from_checkpoint=...)``.
 
 On CUDA a step compiles by default (``compile=None``) and traces one graph per sequence
 length (``torch.func.grad`` specialises it): batches padded each to its own longest
@@ -42,10 +44,9 @@ run. Give the Trainer a collator that pads to a multiple of 16, e.g.
 ``DataCollatorWithPadding(tokenizer, pad_to_multiple_of=16)``, which bounds the graphs by
 the widths (``advfunc train`` does so on a GPU), or build the step with ``compile=False``.
 
-Gradient accumulation follows Trainer's rule for a per-batch mean loss: each
-micro-batch's gradient is divided by the number of micro-batches in the step
-(``num_items_in_batch`` token re-weighting is not applied; sequence classification has
-one item per example).
+Gradient accumulation and several processes weigh each micro-batch as Trainer weighs its
+loss (:meth:`AdversarialTrainer.micro_batch_weight`): per labelled token for a causal LM
+(``num_items_in_batch``), per micro-batch otherwise.
 
 With a PEFT model (LoRA and the other adapter methods, not prompt learning) the step is
 built on the adapted base model, whose forward takes every tokenizer output: only the
@@ -64,9 +65,8 @@ Example::
 
 from __future__ import annotations
 
-import math
 import os
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -77,21 +77,23 @@ from torch.utils.data import DataLoader, Sampler
 from transformers import Trainer, TrainerCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
-from advfunc.core.params import Params, params_of, set_grads
-from advfunc.core.step import Grads, Step, StepOutput, all_finite
+from advfunc.core.params import params_of, set_grads
+from advfunc.core.stateful import State, StatefulStep, stateful
+from advfunc.core.step import Grads, Step, all_finite
 from advfunc.core.targets import PERTURB_MASK
+from advfunc.hf.replay import ReplaySampler
 from advfunc.methods.registry import (
-    DRIVER_OPTIONS,
     METHODS,
     build_step,
     draws_noise,
+    hyperparameters,
     parse_method,
     seeded_generator,
 )
-from advfunc.methods.teacher import ema, teacher_of
 from advfunc.scale.distributed import DEFAULT_BUCKET_MB, all_reduce_grads
 
 METHOD_STATE = "advfunc_method"
+GENERATOR = "generator"  # the method state's key for its noise generator's state
 
 
 class AdversarialTrainer(Trainer):
@@ -105,11 +107,16 @@ class AdversarialTrainer(Trainer):
     ``args.seed`` (and the process index), saved in checkpoints; a factory of your own
     keeps its generator to itself.
 
-    ``beta``: SMART's teacher decay (default: the spec's, else 0.99). ``replays``: free
-    AT's m (default: the spec's, else 3); free AT needs ``gradient_accumulation_steps=1``
-    and a dataset with a length. ``compile``: for a spec, ``False`` builds eager steps on
-    CUDA too (None: the method's default, compiled on CUDA; compiling costs seconds to a
-    minute per graph, which a short run may not win back).
+    The step runs through the stateful protocol (:func:`advfunc.stateful`): its state
+    (SMART's teacher, free AT's δ) starts from the parameters at the first step, moves
+    after every optimizer step and is saved in checkpoints; a method that replays each
+    batch (free AT) gets each batch ``step.replays`` times in a row, which needs
+    ``gradient_accumulation_steps=1`` and a dataset with a length.
+
+    ``beta`` / ``replays``: with a spec, override the spec's SMART teacher decay / free
+    AT's m (they are the factories' arguments). ``compile``: for a spec, ``False`` builds
+    eager steps on CUDA too (None: the method's default, compiled on CUDA; compiling costs
+    seconds to a minute per graph, which a short run may not win back).
     """
 
     def __init__(
@@ -121,21 +128,31 @@ class AdversarialTrainer(Trainer):
         compile: bool | None = None,
         **kwargs: Any,
     ) -> None:
-        options: dict[str, Any] = {}
         self._generator: torch.Generator | None = None
+        overrides: dict[str, Any] = {k: v for k, v in (("beta", beta), ("replays", replays)) if v is not None}
         if isinstance(step_factory, str):
             spec = parse_method(step_factory)
-            options = {**DRIVER_OPTIONS[spec.method.driver], **spec.driver_options}
+            unknown = sorted(set(overrides) - set(hyperparameters(spec.name)))
+            if unknown:
+                raise ValueError(f"{unknown[0]}= has no meaning for method {spec.name!r}; leave it out")
             noisy = draws_noise(spec)
 
             def from_spec(model: nn.Module) -> Step:
                 if noisy and self._generator is None:
                     # each process its own draws: shards of one global batch should not share their noise
                     self._generator = seeded_generator(model, self.args.seed + 100_003 * self.args.process_index)
-                return build_step(spec, model, generator=self._generator, compile=compile)
+                # Trainer turns checkpointing on when training starts, after the step is built: build it eager then.
+                eager = compile if compile is not None else (False if self.args.gradient_checkpointing else None)
+                return build_step(spec, model, generator=self._generator, compile=eager, **overrides)
 
             factory: Callable[[nn.Module], Step] = from_spec
         elif callable(step_factory):
+            if overrides:
+                name = next(iter(overrides))
+                raise TypeError(
+                    f"{name}= goes to the method's factory, e.g. step_factory=partial(advfunc.smart, beta=0.99) or "
+                    f'partial(advfunc.free_at, replays=3), or in a spec ("smart:beta=0.99"), not to the Trainer'
+                )
             factory = step_factory
         else:
             raise TypeError(f"step_factory must be callable as step_factory(model) -> Step, got {step_factory!r}")
@@ -145,31 +162,32 @@ class AdversarialTrainer(Trainer):
                 "AdversarialTrainer runs under DDP only: FSDP and DeepSpeed ZeRO-3 shard the parameters that "
                 "advfunc's functional step substitutes (its gradients would be zero), and DeepSpeed reduces "
                 "gradients in its own backward; launch without --fsdp / --deepspeed (plain torchrun or "
-                "accelerate launch give DDP)"
+                "accelerate launch give DDP), or train an FSDP2 (fully_shard) model in a loop of your own "
+                "with advfunc.scale.fsdp"
+            )
+        if getattr(self.args, "neftune_noise_alpha", None) is not None:
+            raise ValueError(
+                f"neftune_noise_alpha={self.args.neftune_noise_alpha} adds Trainer's noise to every forward of the "
+                "advfunc step too, scaled by the padded or packed length; leave it unset and give "
+                f'step_factory="neftune:alpha={self.args.neftune_noise_alpha}" (each sequence its own length)'
             )
         self.step_factory = factory
-        self._step: Step | None = None
+        self._step: StatefulStep | None = None
         self._step_model: nn.Module | None = None
         self._pending: Grads | None = None  # Σ g / n_accum over the micro-batches of this optimizer step
-        self._teacher: Params | None = None
-        self._delta: torch.Tensor | None = None
-        self.beta = float(options.get("beta", 0.99) if beta is None else beta)
-        self.replays = int(options.get("replays", 3) if replays is None else replays)
+        self._state: State | None = None  # the method's state; None until the first step
         step = self._current_step()[1]  # refuse a bad step now, not at the first batch
-        self._check_driver(step)
+        if step.replays > 1 and self.args.gradient_accumulation_steps != 1:
+            raise ValueError(
+                f"{step.method} replays each batch with an optimizer step in between; "
+                f"use gradient_accumulation_steps=1, not {self.args.gradient_accumulation_steps}"
+            )
         self.add_callback(_AfterOptimizerStep(self))
 
-    def _check_driver(self, step: Step) -> None:
-        if step.driver == "teacher" and not (math.isfinite(self.beta) and 0 <= self.beta <= 1):
-            raise ValueError(f"beta must be a finite number in [0, 1] (SMART's teacher decay, 0.99), got {self.beta!r}")
-        if step.driver == "replay":
-            if isinstance(self.replays, bool) or self.replays < 1:
-                raise ValueError(f"replays must be an integer >= 1 (free AT's m), got {self.replays!r}")
-            if self.args.gradient_accumulation_steps != 1:
-                raise ValueError(
-                    f"{step.method} replays each batch with an optimizer step in between; "
-                    f"use gradient_accumulation_steps=1, not {self.args.gradient_accumulation_steps}"
-                )
+    @property
+    def replays(self) -> int:
+        """How many times in a row each batch is fed (free AT's m; 1 for every other method)."""
+        return self._current_step()[1].replays
 
     def adversarial_model(self) -> nn.Module:
         """The module the step runs on: the unwrapped model, or a PEFT model's adapted base model."""
@@ -182,30 +200,15 @@ class AdversarialTrainer(Trainer):
             return base
         return model
 
-    def _current_step(self) -> tuple[nn.Module, Step]:
+    def _current_step(self) -> tuple[nn.Module, StatefulStep]:
         target = self.adversarial_model()
         if self._step is None or self._step_model is not target:
             step = self.step_factory(target)
             if not isinstance(step, Step):
                 raise TypeError(f"step_factory returned {type(step).__name__}, not an advfunc Step")
-            self._step, self._step_model = step, target
+            self._step, self._step_model = stateful(step), target
         assert self._step is not None
         return target, self._step
-
-    def _run_step(self, step: Step, target: nn.Module, inputs: Mapping[str, Any]) -> tuple[Grads, StepOutput]:
-        """The step as its driver calls it: with the teacher (SMART) or the carried δ (free AT)."""
-        params = params_of(target)
-        if step.driver == "teacher":
-            if self._teacher is None:
-                self._teacher = teacher_of({n: p for n, p in target.named_parameters() if p.requires_grad})
-            return step(params, inputs, self._teacher)
-        if step.driver == "replay":
-            # The sampler repeats each batch `replays` times, so the replay index follows the step count.
-            first = self.state.global_step % self.replays == 0
-            grads, out = step(params, inputs, None if first else self._delta)
-            self._delta = out.delta if isinstance(out.delta, torch.Tensor) else None
-            return grads, out
-        return step(params, inputs)
 
     def training_step(
         self,
@@ -217,19 +220,51 @@ class AdversarialTrainer(Trainer):
         target, step = self._current_step()
         model.train()
         inputs = self._prepare_inputs(inputs)
+        params = params_of(target)
+        if self._state is None:
+            self._state = step.init(params)
         with self.accelerator.autocast():
-            grads, out = self._run_step(step, target, inputs)
-        accumulation = getattr(self, "current_gradient_accumulation_steps", None)
-        accumulation = accumulation or self.args.gradient_accumulation_steps
+            grads, out, self._state = step.update(params, inputs, self._state)
+        weight = self.micro_batch_weight(inputs, num_items_in_batch)
         if self._pending is None:
-            self._pending = {n: g.div_(accumulation) if accumulation > 1 else g for n, g in grads.items()}
+            self._pending = {n: g.mul_(weight) if weight != 1 else g for n, g in grads.items()}
         else:
             for name, grad in grads.items():
-                self._pending[name].add_(grad, alpha=1.0 / accumulation)
+                self._pending[name].add_(grad, alpha=weight)
         if self.accelerator.sync_gradients:
             total, self._pending = self._pending, None
             self._backward(step, target, total)
-        return out.loss.detach().float() / accumulation
+        return out.loss.detach().float() * weight
+
+    def micro_batch_weight(self, inputs: Mapping[str, Any], num_items_in_batch: torch.Tensor | int | None) -> float:
+        """The factor of this micro-batch's grads in the optimizer step's gradient, as Trainer weighs its loss.
+
+        Without ``num_items_in_batch`` (a model whose loss takes no such argument, e.g.
+        sequence classification: one item per example) each of the A micro-batches of
+        an optimizer step counts ``1/A``. With it (a causal LM: Trainer counts the
+        labelled tokens of every micro-batch of the optimizer step, on every process with
+        ``average_tokens_across_devices``), the micro-batch's loss, a mean over its own
+        n_a labelled tokens, counts ``n_a / N``, times R processes when N counts all of
+        them (the all-reduce then averages over R):
+
+        .. math::
+            ḡ = \\frac1R \\sum_r \\sum_a \\frac{R · n_{r,a}}{N} g_{r,a}
+              = \\frac1N \\sum_{r,a} \\sum_{t \\in r,a} ∇ℓ_t
+
+        the gradient of one batch holding every example, per token. Every term of the
+        step's objective (VAT/SMART/R3F's KL over the completion positions, CAT/LAT's
+        toward, away and utility losses) is weighted by that same share n_a / N of
+        the labelled tokens.
+        """
+        accumulation = getattr(self, "current_gradient_accumulation_steps", None)
+        accumulation = accumulation or self.args.gradient_accumulation_steps
+        if num_items_in_batch is None or "labels" not in inputs:
+            return 1.0 / accumulation
+        labels = inputs.get("shift_labels")
+        if labels is None:
+            labels = inputs["labels"][..., 1:] if getattr(self, "_loss_shifts_labels", False) else inputs["labels"]
+        processes = self.args.world_size if self.args.average_tokens_across_devices else 1
+        return float(labels.ne(-100).sum()) * processes / float(num_items_in_batch)
 
     def _backward(self, step: Step, target: nn.Module, grads: Grads) -> None:
         """All-reduce the optimizer step's gradient once, then hand it to ``p.grad`` (fp16: through the scaler)."""
@@ -271,14 +306,15 @@ class AdversarialTrainer(Trainer):
             self._signature_columns = model_columns  # type: ignore[assignment]
 
     def after_optimizer_step(self) -> None:
-        """SMART: θ̃ ← β · θ̃ + (1 − β) · θ, once per optimizer step (Jiang et al., 2020, §3.2)."""
-        if self._teacher is not None:
-            self._teacher = ema(self._teacher, params_of(self.adversarial_model()), self.beta)
+        """The method's state after the optimizer moved the parameters (SMART's EMA teacher, free AT's replays)."""
+        if self._state is not None:
+            target, step = self._current_step()
+            self._state = step.after_update(self._state, params_of(target))
 
     def _get_train_sampler(self, train_dataset: Any = None) -> Sampler[int] | None:
         sampler = super()._get_train_sampler(train_dataset)
         step = self._current_step()[1]
-        if step.driver != "replay" or self.replays == 1:
+        if step.replays == 1:
             return sampler
         if sampler is None or self.args.train_sampling_strategy == "batch_rebalance":
             raise ValueError(
@@ -289,31 +325,26 @@ class AdversarialTrainer(Trainer):
             sampler,
             self._train_batch_size,
             self.args.world_size,
-            self.replays,
+            step.replays,
             drop_last=self.args.dataloader_drop_last,
         )
 
     def method_state(self) -> dict[str, Any]:
-        """The method's own training state on this process: teacher, carried δ, generator state."""
-        state: dict[str, Any] = {}
-        if self._teacher is not None:
-            state["teacher"] = self._teacher
-        if self._delta is not None:
-            state["delta"] = self._delta
+        """The method's own training state on this process (teacher, carried δ) and its generator's state."""
+        state: dict[str, Any] = dict(self._state or {})
         if self._generator is not None:
-            state["generator"] = self._generator.get_state()
+            state[GENERATOR] = self._generator.get_state()
         return state
 
     def load_method_state(self, state: Mapping[str, Any]) -> None:
         """Restore what :meth:`method_state` returned."""
         device = next(self.adversarial_model().parameters()).device
-        teacher = state.get("teacher")
-        self._teacher = None if teacher is None else {n: t.to(device) for n, t in teacher.items()}
-        self._delta = None if state.get("delta") is None else state["delta"].to(device)
-        if "generator" in state:
+        saved = {k: _to_device(v, device) for k, v in state.items() if k != GENERATOR}
+        self._state = saved if saved or self._current_step()[1].carries_state else None
+        if GENERATOR in state:
             if self._generator is None:
                 raise ValueError("the checkpoint holds a method generator's state, but this method draws no noise")
-            self._generator.set_state(state["generator"])
+            self._generator.set_state(state[GENERATOR])
 
     def _method_file(self, folder: str | os.PathLike[str]) -> Path:
         suffix = f"_{self.args.process_index}" if self.args.world_size > 1 else ""
@@ -336,11 +367,20 @@ class AdversarialTrainer(Trainer):
         path = self._method_file(resume_from_checkpoint)
         if path.is_file():
             self.load_method_state(torch.load(path, map_location="cpu", weights_only=True))
-        elif self.method_state() or self._current_step()[1].driver != "batch":
+        elif self.method_state() or self._current_step()[1].carries_state:
             raise ValueError(
                 f"{resume_from_checkpoint} has no {path.name}, the {self._current_step()[1].method} method's "
                 "teacher, replay perturbation or generator state; resuming without it would not continue the run"
             )
+
+
+def _to_device(value: Any, device: torch.device) -> Any:
+    """A saved state's tensors (in dicts, at any depth) on ``device``; numbers and None as they are."""
+    if isinstance(value, torch.Tensor):
+        return value.to(device)
+    if isinstance(value, Mapping):
+        return {k: _to_device(v, device) for k, v in value.items()}
+    return value
 
 
 class _AfterOptimizerStep(TrainerCallback):
@@ -353,47 +393,30 @@ class _AfterOptimizerStep(TrainerCallback):
         self.trainer.after_optimizer_step()
 
 
-class ReplaySampler(Sampler[int]):
-    """An index order in which each process gets each of its batches ``replays`` times in a row.
+_ADVERSARIAL: dict[type[Trainer], type[AdversarialTrainer]] = {}
 
-    The wrapped sampler's order is cut into groups of ``batch_size · processes`` indices
-    (one batch per process, as accelerate deals consecutive batches out to processes) and
-    each group is repeated ``replays`` times. An incomplete last group is filled from the
-    start of the order (as accelerate's ``even_batches`` does), or dropped with
-    ``drop_last``: a short batch repeated would straddle the batch boundaries. Epoch
-    setting and the shuffling generator reach the wrapped sampler.
+
+def adversarial(trainer_class: type[Trainer]) -> type[AdversarialTrainer]:
+    """``trainer_class`` with advfunc's training step: a subclass that also takes ``step_factory``.
+
+    ``adversarial(SFTTrainer)(model=..., args=SFTConfig(...), train_dataset=...,
+    step_factory="pgd:target=embeds")`` keeps everything the class does around the step
+    (TRL's chat templates, packing, completion-only labels, its PEFT wrapping) and
+    replaces the micro-batch's forward+backward with the advfunc step, as
+    :class:`AdversarialTrainer` does for ``Trainer``. The class's own ``compute_loss`` is
+    not called in training (its training metrics are not logged). One class per
+    ``trainer_class`` (the same object on every call).
     """
-
-    def __init__(self, inner: Any, batch_size: int, processes: int, replays: int, *, drop_last: bool = False) -> None:
-        self.inner = inner
-        self.group = batch_size * processes
-        self.replays = replays
-        self.drop_last = drop_last
-
-    @property
-    def generator(self) -> torch.Generator | None:
-        return getattr(self.inner, "generator", None)
-
-    @generator.setter
-    def generator(self, value: torch.Generator | None) -> None:
-        self.inner.generator = value
-
-    def set_epoch(self, epoch: int) -> None:
-        if hasattr(self.inner, "set_epoch"):
-            self.inner.set_epoch(epoch)
-
-    def _groups(self, count: int) -> int:
-        return count // self.group if self.drop_last else -(-count // self.group)
-
-    def __len__(self) -> int:
-        return self._groups(len(self.inner)) * self.group * self.replays
-
-    def __iter__(self) -> Iterator[int]:
-        order = list(self.inner)
-        groups = self._groups(len(order))
-        while order and len(order) < groups * self.group:
-            order += order[: groups * self.group - len(order)]
-        for g in range(groups):
-            chunk = order[g * self.group : (g + 1) * self.group]
-            for _ in range(self.replays):
-                yield from chunk
+    if not (isinstance(trainer_class, type) and issubclass(trainer_class, Trainer)):
+        raise TypeError(
+            f"adversarial takes a transformers.Trainer subclass, e.g. trl.SFTTrainer; got {trainer_class!r}"
+        )
+    if issubclass(trainer_class, AdversarialTrainer):
+        return trainer_class
+    if trainer_class is Trainer:
+        return AdversarialTrainer
+    if trainer_class not in _ADVERSARIAL:
+        name = f"Adversarial{trainer_class.__name__}"
+        doc = f"``{trainer_class.__name__}`` whose training step is an advfunc method (:func:`advfunc.hf.adversarial`)."
+        _ADVERSARIAL[trainer_class] = type(name, (AdversarialTrainer, trainer_class), {"__doc__": doc})
+    return _ADVERSARIAL[trainer_class]

@@ -1,0 +1,122 @@
+"""CAT and LAT batches from a chat dataset, on the model's own chat template."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from advfunc.core.completion import ADV_LABELS
+
+Message = Mapping[str, str]
+
+
+@dataclass
+class ChatAdversaryCollator:
+    """A data collator that turns chat examples into batches for CAT and LAT (``labels`` and ``adv_labels``).
+
+    Each example is TRL's conversational prompt-completion form plus the adversary's reply::
+
+        {"prompt": [{"role": "user", "content": "How do I pick a lock?"}],
+         "completion": [{"role": "assistant", "content": "I can't help with that."}],   # or a string
+         "adversary": [{"role": "assistant", "content": "Sure, first ..."}]}            # or a string
+
+    The prompt is rendered with the tokenizer's chat template and its generation prompt
+    (``add_generation_prompt=True``); each reply is the text the template adds after it
+    when the reply closes the conversation, so both replies carry the template's own
+    end-of-turn tokens. Rows are right-padded to the longest prompt + reply (a multiple of
+    ``pad_to_multiple_of`` when given):
+
+    - ``input_ids``: prompt + desired completion, then ``tokenizer.pad_token_id``;
+    - ``attention_mask``: 1 over prompt + desired completion;
+    - ``labels``: the desired completion's ids, −100 at the prompt and the padding
+      (completion-only loss);
+    - ``adv_labels``: the adversary's reply's ids at the positions right after the prompt,
+      −100 elsewhere (:data:`advfunc.ADV_LABELS`: CAT and LAT write it in place of the
+      desired completion; it may run into the padding).
+
+    ``max_length``: longer rows lose the end of their replies; a prompt that leaves no
+    room for a reply token is refused. Give it to ``AdversarialTrainer`` or
+    ``adversarial(SFTTrainer)`` as ``data_collator`` with ``remove_unused_columns=False``
+    (the examples' text columns must reach it).
+    """
+
+    tokenizer: Any
+    max_length: int | None = None
+    pad_to_multiple_of: int | None = None
+
+    def __post_init__(self) -> None:
+        if getattr(self.tokenizer, "chat_template", None) is None:
+            raise ValueError("the tokenizer has no chat_template; set tokenizer.chat_template to the model's template")
+        if self.tokenizer.pad_token_id is None:
+            raise ValueError("the tokenizer has no pad_token_id; set tokenizer.pad_token (often the eos token)")
+        for name in ("max_length", "pad_to_multiple_of"):
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 2):
+                raise ValueError(f"{name} must be an integer >= 2 or None, got {value!r}")
+
+    def _render(self, messages: Sequence[Message], generation_prompt: bool) -> str:
+        text = self.tokenizer.apply_chat_template(
+            list(messages), tokenize=False, add_generation_prompt=generation_prompt
+        )
+        return str(text)
+
+    def _ids(self, text: str) -> list[int]:
+        return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+
+    def _reply(self, prompt: Sequence[Message], prompt_text: str, reply: Any, key: str) -> list[int]:
+        """The ids the template adds after the generation prompt when ``reply`` closes the conversation."""
+        if isinstance(reply, str):
+            reply = [{"role": "assistant", "content": reply}]
+        if not isinstance(reply, Sequence) or not reply or not all(isinstance(m, Mapping) for m in reply):
+            raise ValueError(f"example[{key!r}] must be a string or a list of chat messages, got {reply!r}")
+        whole = self._render([*prompt, *reply], generation_prompt=False)
+        if not whole.startswith(prompt_text):
+            raise ValueError(
+                f"the chat template renders the prompt differently once example[{key!r}] follows it; "
+                "its generation prompt must be a prefix of the conversation with the reply"
+            )
+        ids = self._ids(whole[len(prompt_text) :])
+        if not ids:
+            raise ValueError(f"example[{key!r}] renders to no tokens")
+        return ids
+
+    def __call__(self, examples: Sequence[Mapping[str, Any]]) -> dict[str, torch.Tensor]:
+        if not examples:
+            raise ValueError("no examples to collate")
+        rows = []
+        for example in examples:
+            missing = [k for k in ("prompt", "completion", "adversary") if k not in example]
+            if missing:
+                raise ValueError(f"a chat example needs 'prompt', 'completion' and 'adversary'; it lacks {missing}")
+            prompt = example["prompt"]
+            prompt_text = self._render(prompt, generation_prompt=True)
+            prompt_ids = self._ids(prompt_text)
+            completion = self._reply(prompt, prompt_text, example["completion"], "completion")
+            adversary = self._reply(prompt, prompt_text, example["adversary"], "adversary")
+            if self.max_length is not None:
+                room = self.max_length - len(prompt_ids)
+                if room < 1:
+                    raise ValueError(
+                        f"a prompt of {len(prompt_ids)} tokens leaves no room for a reply within max_length "
+                        f"{self.max_length}; raise max_length"
+                    )
+                completion, adversary = completion[:room], adversary[:room]
+            rows.append((prompt_ids, completion, adversary))
+        width = max(len(p) + max(len(c), len(a)) for p, c, a in rows)
+        if self.pad_to_multiple_of is not None:
+            width = math.ceil(width / self.pad_to_multiple_of) * self.pad_to_multiple_of
+        ids = torch.full((len(rows), width), int(self.tokenizer.pad_token_id), dtype=torch.long)
+        mask = torch.zeros((len(rows), width), dtype=torch.long)
+        labels = torch.full((len(rows), width), -100, dtype=torch.long)
+        adv_labels = torch.full((len(rows), width), -100, dtype=torch.long)
+        for row, (prompt_ids, completion, adversary) in enumerate(rows):
+            start, end = len(prompt_ids), len(prompt_ids) + len(completion)
+            ids[row, :end] = torch.tensor(prompt_ids + completion)
+            mask[row, :end] = 1
+            labels[row, start:end] = torch.tensor(completion)
+            adv_labels[row, start : start + len(adversary)] = torch.tensor(adversary)
+        return {"input_ids": ids, "attention_mask": mask, "labels": labels, ADV_LABELS: adv_labels}
