@@ -17,6 +17,7 @@ from advfunc.core.completion import ADV_LABELS, away_loss
 from advfunc.core.divergence import kl_logits, label_positions, symmetric_kl
 from advfunc.core.params import params_of, set_grads, trainable_names
 from advfunc.core.perturbed_loss import perturbed_loss
+from advfunc.core.perturbed_outputs import perturbed_outputs
 from advfunc.core.projection import project_l2, project_linf
 from advfunc.core.stateful import StatefulStep, stateful
 from advfunc.core.step import Step, StepOutput
@@ -66,6 +67,7 @@ __all__ = [
     "neftune",
     "params_of",
     "perturbed_loss",
+    "perturbed_outputs",
     "pgd",
     "precision",
     "project_l2",

@@ -8,4 +8,7 @@ Entry points (run from the repository root, so ``tests`` is importable for the r
   ``benchmarks.step`` on CPU, one subprocess per case).
 - ``python -m benchmarks.profile``: ``torch.profiler`` top-ops tables of a plain step and
   of one method's implementation.
+- ``bash benchmarks/gpu.sh``: the CUDA step benchmark bounded to one ~9-minute command
+  (BERT-base and a Qwen2-0.5B shape with LoRA, ``benchmarks.step --per-method`` per shape
+  under ``timeout``).
 """

@@ -4,11 +4,17 @@ An implementation (``impl``) is one of:
 
 - ``plain``: one ordinary forward + ``loss.backward()`` on the module (the unit of cost);
 - ``seed``: the imperative reference the parity tests use (``tests/support/classic_reference.py`` for
-  FGM, PGD, FreeLB; ``tests/support/reference_methods.py`` for the other methods);
+  FGM, PGD, FreeLB; ``tests/support/reference_methods.py`` for the other methods;
+  ``tests/support/completion_reference.py`` for CAT and LAT) or, for NEFTune, transformers' own
+  forward hook (what ``Trainer(neftune_noise_alpha=...)`` installs);
 - ``eager``: advfunc's pure step, ``compile=False``;
 - ``compiled``: advfunc's pure step, ``compile=True`` (methods whose factory takes ``compile``);
 - ``baseline``: another revision's eager step (``python -m benchmarks.step --baseline REV``), to
   show a change made no method slower, measured in the same process as this checkout's.
+
+Decoder workloads (a causal LM with LoRA) run their own table of methods, ``DECODER_METHODS``:
+NEFTune, CAT and LAT, and the seed's FGM, PGD and FreeLB on ``target="embeds"`` (LoRA freezes
+the embedding matrix the seed's classes perturb, so those have no ``seed`` implementation there).
 
 Every callable is one training step up to ``optimizer.step()``: it starts from
 ``model.zero_grad(set_to_none=True)`` (what a loop's ``optimizer.zero_grad()`` does) and
@@ -25,12 +31,13 @@ import inspect
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from types import ModuleType
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import nn
 
 import advfunc
+from advfunc.attacks.lat import middle_layer
 from benchmarks.shapes import Workload
 
 Runner = Callable[[], None]
@@ -51,6 +58,9 @@ class Floor:
     full: int
     delta_only: int = 0
     forward_only: int = 0
+    # The trainable parameters are small adapters (LoRA): a plain step's backward computes the
+    # activation gradients and little else, so a δ-only pass costs as much as a full one.
+    adapters: bool = False
 
     @property
     def passes(self) -> int:
@@ -62,10 +72,12 @@ class Floor:
         """The floor in plain-step units, a plain step being 1 forward + 2 backward units.
 
         A δ-only pass skips the weight-gradient half of the backward (2/3 of a plain
-        step); a forward-only pass is 1/3. The profile of PGD-3 bears this out: its
-        backward matmuls run 3.0× and its forward matmuls 4.0× the plain step's.
+        step; a whole one with ``adapters``); a forward-only pass is 1/3. The profile of
+        PGD-3 bears this out: its backward matmuls run 3.0× and its forward matmuls 4.0×
+        the plain step's.
         """
-        return self.full + 2 / 3 * self.delta_only + 1 / 3 * self.forward_only
+        delta_only_cost = 1.0 if self.adapters else 2 / 3
+        return self.full + delta_only_cost * self.delta_only + 1 / 3 * self.forward_only
 
     @property
     def text(self) -> str:
@@ -94,6 +106,7 @@ class MethodSpec:
     reference_devices: tuple[str, ...] = ("cpu", "cuda")
     takes_generator: bool = False
     extra: str | None = None  # "teacher" (SMART) or "delta" (FreeAT): the step's third argument
+    adversary: bool = False  # reads the batch's adv_labels (CAT, LAT); other steps get the batch without them
     notes: tuple[str, ...] = field(default_factory=tuple)
 
 
@@ -256,8 +269,53 @@ def _reference_free_at(model: nn.Module, workload: Workload, hyper: dict[str, An
     return run
 
 
+def _hooked_neftune(model: nn.Module, workload: Workload, hyper: dict[str, Any]) -> Callable[[Batch], None]:
+    from transformers.integrations.neftune import neftune_post_forward_hook
+
+    embeddings_of = cast(Callable[[], nn.Module], model.get_input_embeddings)
+    embedding = embeddings_of()
+    embedding.neftune_noise_alpha = hyper["alpha"]
+
+    def run(batch: Batch) -> None:
+        # Trainer keeps the hook for the whole training; here the other cases share the model.
+        handle = embedding.register_forward_hook(neftune_post_forward_hook)
+        try:
+            with autocast_context(workload):
+                loss = model(**batch).loss
+            loss.backward()
+        finally:
+            handle.remove()
+
+    return run
+
+
+def _reference_completion(
+    where: Callable[[nn.Module], str], rule: str
+) -> Callable[[nn.Module, Workload, dict[str, Any]], Callable[[Batch], None]]:
+    def reference(model: nn.Module, workload: Workload, hyper: dict[str, Any]) -> Callable[[Batch], None]:
+        from tests.support.completion_reference import reference_step
+
+        places = [where(model)]
+        knobs = {k: hyper[k] for k in ("epsilon", "alpha", "steps")}
+
+        def run(batch: Batch) -> None:
+            # The loop returns clones of the gradients and clears .grad: a copy of the adapters, small.
+            with autocast_context(workload):
+                reference_step(model, dict(batch), where=places, rule=rule, **knobs)
+
+        return run
+
+    return reference
+
+
 # The reference implementations of the newer methods draw noise with CPU generators.
 _CPU_ONLY = ("cpu",)
+_NO_REFERENCE: tuple[str, ...] = ()
+
+
+def _none(model: nn.Module, workload: Workload, hyper: dict[str, Any]) -> Callable[[Batch], None]:
+    raise ValueError("this method has no imperative reference on a decoder with LoRA")
+
 
 METHODS: dict[str, MethodSpec] = {
     spec.name: spec
@@ -322,6 +380,59 @@ METHODS: dict[str, MethodSpec] = {
 }
 
 
+EMBEDS = {"target": "embeds"}
+DECODER_METHODS: dict[str, MethodSpec] = {
+    spec.name: spec
+    for spec in (
+        MethodSpec(
+            "neftune", "NEFTune", {"alpha": 5.0}, Floor(full=1, adapters=True), _hooked_neftune, takes_generator=True
+        ),
+        MethodSpec(
+            "cat",
+            "CAT-10",
+            {"epsilon": 0.05, "alpha": 0.01, "steps": 10},
+            # 10 δ-only passes, then toward, away and utility forwards with one backward through all three.
+            Floor(full=3, delta_only=10, adapters=True),
+            _reference_completion(lambda model: "embeds", "sign"),
+            adversary=True,
+        ),
+        MethodSpec(
+            "lat",
+            "LAT-8",
+            {"epsilon": 1.0, "alpha": 0.25, "steps": 8},
+            Floor(full=3, delta_only=8, adapters=True),
+            _reference_completion(middle_layer, "l2"),
+            adversary=True,
+        ),
+        MethodSpec(
+            "fgm", "FGM (embeds)", {"epsilon": 1.0, **EMBEDS}, Floor(full=2, adapters=True), _none, _NO_REFERENCE
+        ),
+        MethodSpec(
+            "pgd",
+            "PGD-3 (embeds)",
+            {"epsilon": 1.0, "alpha": 0.3, "steps": 3, **EMBEDS},
+            Floor(full=2, delta_only=2, adapters=True),
+            _none,
+            _NO_REFERENCE,
+        ),
+        MethodSpec(
+            "freelb",
+            "FreeLB-3",
+            {"steps": 3, "lr": 0.05, "init_mag": 1.0, "max_norm": 0.0, "norm": "l2"},
+            Floor(full=3, adapters=True),
+            _none,
+            _NO_REFERENCE,
+            takes_generator=True,
+        ),
+    )
+}
+
+
+def method_specs(workload: Workload) -> dict[str, MethodSpec]:
+    """The methods benchmarked on the workload's model family, by name."""
+    return DECODER_METHODS if workload.shape.decoder else METHODS
+
+
 # ---------------------------------------------------------------------------- advfunc
 
 
@@ -343,13 +454,15 @@ def factory_of(method: str, lib: ModuleType = advfunc) -> Callable[..., advfunc.
     return found if callable(found) else None
 
 
-def available_methods(requested: list[str] | None = None) -> tuple[list[str], list[str]]:
-    """(methods to run, requested methods this checkout lacks), in ``METHODS`` order."""
-    wanted = list(METHODS) if requested is None else requested
-    unknown = [m for m in wanted if m not in METHODS]
+def available_methods(
+    requested: list[str] | None = None, specs: dict[str, MethodSpec] = METHODS
+) -> tuple[list[str], list[str]]:
+    """(methods of ``specs`` to run, requested methods this checkout lacks), in ``specs`` order."""
+    wanted = list(specs) if requested is None else requested
+    unknown = [m for m in wanted if m not in specs]
     if unknown:
-        raise ValueError(f"unknown methods {unknown}; known: {list(METHODS)}")
-    present = [m for m in METHODS if m in wanted and factory_of(m) is not None]
+        raise ValueError(f"unknown methods {unknown}; known: {list(specs)}")
+    present = [m for m in specs if m in wanted and factory_of(m) is not None]
     return present, [m for m in wanted if m not in present]
 
 
@@ -366,7 +479,7 @@ def has_impl(method: str | None, impl: str, workload: Workload, baseline: Module
     if impl == "baseline":
         return baseline is not None and factory_of(method, baseline) is not None
     if impl == "seed":
-        return torch.device(workload.device).type in METHODS[method].reference_devices
+        return torch.device(workload.device).type in method_specs(workload)[method].reference_devices
     if impl == "compiled":
         return supports_compile(method)
     return impl == "eager"
@@ -376,7 +489,7 @@ def build_step(
     method: str, model: nn.Module, workload: Workload, compiled: bool, lib: ModuleType = advfunc
 ) -> advfunc.Step:
     """``lib``'s step for ``method`` with the benchmark's hyper-parameters."""
-    spec = METHODS[method]
+    spec = method_specs(workload)[method]
     factory = factory_of(method, lib)
     if factory is None:
         raise ValueError(f"{lib.__name__} has no method {method!r}")
@@ -399,7 +512,7 @@ def _advfunc_runner(
     passes_only: bool = False,
     lib: ModuleType = advfunc,
 ) -> Callable[[Batch], None]:
-    spec = METHODS[method]
+    spec = method_specs(workload)[method]
     built = build_step(method, model, workload, compiled, lib)
     # passes_only: the method's passes without Step.__call__'s checks of the returned grads.
     step = built.fn if passes_only else built
@@ -455,15 +568,18 @@ def make_runner(
     """
     if not has_impl(method, impl, workload, baseline):
         raise ValueError(f"no {impl!r} implementation of {method or 'plain'} on {workload.device}")
-    if method is None:
+    spec = None if method is None else method_specs(workload)[method]
+    if spec is None or not spec.adversary:
+        batch = {key: value for key, value in batch.items() if key != "adv_labels"}
+    if spec is None:
         inner = _plain(model, workload)
     elif impl == "seed":
-        spec = METHODS[method]
         inner = spec.reference(model, workload, spec.hyper)
     elif impl == "baseline":
-        assert baseline is not None  # has_impl checked it
+        assert baseline is not None and method is not None  # has_impl checked them
         inner = _advfunc_runner(method, model, workload, compiled=False, passes_only=passes_only, lib=baseline)
     else:
+        assert method is not None
         inner = _advfunc_runner(method, model, workload, compiled=impl == "compiled", passes_only=passes_only)
 
     def run() -> None:

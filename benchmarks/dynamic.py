@@ -77,9 +77,9 @@ def rotten_tomatoes_lengths(batch: int, count: int, cap: int, seed: int = 0) -> 
     Each batch is padded to its longest example, as the CLI's loader does. A snippet's
     length is its count of words and punctuation marks + 2 ([CLS], [SEP]): wordpiece
     splits a few rare words further, and no tokenizer is downloaded. Capped at ``cap``.
-    The corpus is the CLI's default (``advfunc.app.data.rotten_tomatoes``).
+    The corpus is the CLI's default (``advfunc.app.common.data.rotten_tomatoes``).
     """
-    from advfunc.app.data import rotten_tomatoes
+    from advfunc.app.common.data import rotten_tomatoes
 
     texts = rotten_tomatoes().texts
     generator = torch.Generator().manual_seed(seed)

@@ -22,10 +22,12 @@ import os
 import resource
 import subprocess
 import sys
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
+from torch import nn
 
 from benchmarks.cases import make_runner
 from benchmarks.shapes import SHAPES, Workload, autocast_name, build_model, make_batch, parse_autocast
@@ -101,6 +103,19 @@ def measure_cuda(method: str | None, impl: str, workload: Workload, calls: int) 
     batch = make_batch(workload)
     run = make_runner(method, impl, model, workload, batch)
     run()
+    record = measure_cuda_runner(run, model, calls)
+    del run, model, batch
+    gc.collect()
+    torch.cuda.empty_cache()
+    return record
+
+
+def measure_cuda_runner(run: Callable[[], None], model: nn.Module, calls: int) -> MemoryRecord:
+    """Peak ``max_memory_allocated`` over ``calls`` calls of an already warmed-up case (CUDA).
+
+    ``base`` is what is allocated before them, gradients released: the model's weights,
+    the batch, and whatever else the process holds (other cases' state included).
+    """
     model.zero_grad(set_to_none=True)
     gc.collect()
     torch.cuda.synchronize()
@@ -110,10 +125,7 @@ def measure_cuda(method: str | None, impl: str, workload: Workload, calls: int) 
         run()
     torch.cuda.synchronize()
     peak = torch.cuda.max_memory_allocated()
-    del run, model, batch
-    gc.collect()
-    torch.cuda.empty_cache()
-    # base here is after the warm-up; the model's own weights are part of it.
+    model.zero_grad(set_to_none=True)
     return MemoryRecord(round(peak / MIB, 1), round(base / MIB, 1), round((peak - base) / MIB, 1), "cuda")
 
 

@@ -68,7 +68,7 @@ def _cell(value: Any, digits: int = 2) -> str:
     if value is None:
         return "—"
     if isinstance(value, float):
-        return f"{value:.{digits}f}"
+        return f"{value:,.0f}" if abs(value) >= 1000 else f"{value:.{digits}f}"
     return str(value)
 
 
@@ -121,17 +121,27 @@ def markdown(payload: dict[str, Any]) -> str:
         "- floor: the method's pass count (full = forward+backward with parameter gradients, δ-only = forward + "
         "backward to the perturbation only, fwd-only = forward without backward); in brackets the floor in "
         "plain steps, counting a δ-only pass as 2/3 and a forward-only pass as 1/3 of a plain step "
-        "(forward 1 unit, backward 2).",
+        "(forward 1 unit, backward 2; with LoRA adapters a δ-only pass counts as a whole plain step, whose "
+        "backward then computes little beyond the activation gradients).",
         "",
     ]
     if payload.get("note"):
         out += [f"> {payload['note']}", ""]
+    if meta["settings"].get("per_method"):
+        out += [
+            "- per method: each method's cases were timed in their own interleaved rounds beside a plain step "
+            "(so the plain step appears once per method), and its ratios are to that plain step.",
+            "",
+        ]
     for group in payload["workloads"]:
         w = group["workload"]
+        family = ""
+        if w.get("family", "bert") != "bert":
+            family = f", {w['family']} causal LM with {w['kv_heads']} key/value heads, LoRA adapters trained only"
         out += [
             f"## {w['name']} (layers {w['layers']}, hidden {w['hidden']}, heads {w['heads']}, "
-            f"intermediate {w['intermediate']}), vocab {w['vocab']}, batch {w['batch']} × length {w['length']}, "
-            f"{w['dtype']}, {w['device']}",
+            f"intermediate {w['intermediate']}{family}), vocab {w['vocab']}, batch {w['batch']} × length "
+            f"{w['length']}, {w['dtype']}, {w['device']}",
             "",
             "Ratio to the plain step (lower is better):",
             "",
@@ -148,6 +158,7 @@ def markdown(payload: dict[str, Any]) -> str:
                 row["min_ms"],
                 row["runs"],
                 row["ratio"],
+                row.get("tokens_per_s"),
                 row["first_call_s"],
                 (row.get("memory") or {}).get("peak_mb"),
                 (row.get("memory") or {}).get("step_mb"),
@@ -163,6 +174,7 @@ def markdown(payload: dict[str, Any]) -> str:
                 "min ms",
                 "runs",
                 "× plain",
+                "tokens/s",
                 "first call s",
                 "peak MiB",
                 "step MiB",

@@ -11,6 +11,12 @@ revision's eager step (``benchmarks.baseline``) to the same rounds: "eager / bas
 whether a change made a method slower. Peak memory is measured per case afterwards (CPU: a
 fresh process per case). Outputs ``step.json`` and ``step.md`` in ``--out``, both written
 atomically.
+
+``--per-method`` (what ``benchmarks/gpu.sh`` runs on a GPU) times each method in its own
+interleaved rounds beside its own plain step, measures its memory in the same process, and
+rewrites the outputs after each method, so a run stopped by a time limit keeps every method
+it finished. Decoder shapes (``--model qwen2-0.5b``) run the decoder methods on a causal LM
+with LoRA (``benchmarks.cases.DECODER_METHODS``).
 """
 
 from __future__ import annotations
@@ -19,6 +25,7 @@ import argparse
 import gc
 import sys
 import time
+import traceback
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -30,9 +37,19 @@ import torch._dynamo
 from torch.utils.benchmark import Compare, Measurement, Timer
 
 from benchmarks.baseline import import_revision
-from benchmarks.cases import IMPLS, METHODS, Runner, available_methods, case_names, make_runner
+from benchmarks.cases import (
+    DECODER_METHODS,
+    IMPLS,
+    METHODS,
+    MethodSpec,
+    Runner,
+    available_methods,
+    case_names,
+    make_runner,
+    method_specs,
+)
 from benchmarks.dynamic import VARIANT_KEYS, dynamic_study, rotten_tomatoes_lengths
-from benchmarks.memory import MemoryRecord, measure_cuda, measure_in_subprocess
+from benchmarks.memory import MemoryRecord, measure_cuda, measure_cuda_runner, measure_in_subprocess
 from benchmarks.report import environment, markdown, print_stdout, write_atomic, write_json
 from benchmarks.shapes import (
     CPU_BATCHES,
@@ -56,13 +73,10 @@ class Timed:
     """One (method, implementation) of a workload: its rounds merged into one measurement."""
 
     method: str | None
+    title: str
     impl: str
     first_call_s: float  # the first call: a compiled step's compilation
     measurement: Measurement
-
-    @property
-    def title(self) -> str:
-        return "plain" if self.method is None else METHODS[self.method].title
 
 
 def _synchronize(device: str) -> None:
@@ -94,7 +108,11 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     )
     parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     parser.add_argument("--precision", default=None, help="fp32, bf16 or fp16 autocast (default: fp32 CPU, bf16 GPU)")
-    parser.add_argument("--methods", default=None, help=f"comma list of {list(METHODS)} (default: all present)")
+    parser.add_argument(
+        "--methods",
+        default=None,
+        help=f"comma list of {list(METHODS)} (BERT) or {list(DECODER_METHODS)} (decoders); default: all present",
+    )
     parser.add_argument("--impls", default=",".join(IMPLS), help=f"comma list of {list(IMPLS)}")
     parser.add_argument("--no-compile", action="store_true", help="skip the compiled implementation")
     parser.add_argument(
@@ -119,11 +137,22 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         default=",".join(VARIANT_KEYS),
         help=f"comma list of {list(VARIANT_KEYS)} (eager always runs: the reference)",
     )
+    parser.add_argument(
+        "--per-method",
+        action="store_true",
+        help="time each method in its own rounds beside a plain step; write the outputs after each method",
+    )
     parser.add_argument("--note", default=None, help="a line to print at the top of the Markdown report")
     args = parser.parse_args(argv)
     if args.warmup < 1:
         parser.error("--warmup must be >= 1: the first call of a compiled step compiles")
+    if args.per_method and (args.baseline or args.dynamic):
+        parser.error("--per-method runs neither --baseline nor --dynamic; run those without it")
     return args
+
+
+def _title(method: str | None, specs: dict[str, MethodSpec]) -> str:
+    return "plain" if method is None else specs[method].title
 
 
 def time_workload(
@@ -143,7 +172,15 @@ def time_workload(
     runs: list[Runner] = [
         make_runner(method, impl, model, workload, batch, baseline=baseline) for method, impl in pairs
     ]
-    titles = ["plain" if method is None else METHODS[method].title for method, _ in pairs]
+    return time_runs(workload, pairs, runs, args)
+
+
+def time_runs(
+    workload: Workload, pairs: list[tuple[str | None, str]], runs: list[Runner], args: argparse.Namespace
+) -> tuple[list[Timed], str]:
+    """Warm up each of ``runs`` (timing its first call), then time them in interleaved rounds."""
+    specs = method_specs(workload)
+    titles = [_title(method, specs) for method, _ in pairs]
     first_call = []
     for (_, impl), title, run in zip(pairs, titles, runs, strict=True):
         print(f"  warm-up {title}/{impl}", flush=True)
@@ -172,18 +209,29 @@ def time_workload(
             rounds[index].append(timer.blocked_autorange(min_run_time=args.min_run_time))
         print(f"  round {round_index + 1}/{args.repeats} done", flush=True)
     timed = [
-        Timed(method, impl, first, Measurement.merge(measured)[0])
-        for (method, impl), first, measured in zip(pairs, first_call, rounds, strict=True)
+        Timed(method, title, impl, first, Measurement.merge(measured)[0])
+        for (method, impl), title, first, measured in zip(pairs, titles, first_call, rounds, strict=True)
     ]
+    plain = timed[0].measurement.median
+    for case in timed:
+        median = case.measurement.median
+        print(
+            f"  {case.title}/{case.impl}: {median * 1e3:.2f} ms median, {median / plain:.2f}x plain, "
+            f"{workload.batch * workload.length / median:,.0f} tokens/s, first call {case.first_call_s:.1f} s",
+            flush=True,
+        )
     return timed, str(Compare([t.measurement for t in timed]))
 
 
-def _rows(cases: list[Timed], memory: dict[tuple[str | None, str], MemoryRecord]) -> list[dict[str, Any]]:
+def _rows(
+    workload: Workload, cases: list[Timed], memory: dict[tuple[str | None, str], MemoryRecord]
+) -> list[dict[str, Any]]:
     plain = cases[0].measurement
+    specs = method_specs(workload)
     rows = []
     for case in cases:
         merged = case.measurement
-        spec = METHODS.get(case.method or "")
+        spec = specs.get(case.method or "")
         record = memory.get((case.method, case.impl))
         rows.append(
             {
@@ -197,6 +245,8 @@ def _rows(cases: list[Timed], memory: dict[tuple[str | None, str], MemoryRecord]
                 "min_ratio": min(merged.times) / min(plain.times),
                 "runs": len(merged.times),
                 "ratio": merged.median / plain.median,
+                # Every position of the batch, padding included: the shape the step computes on.
+                "tokens_per_s": workload.batch * workload.length / merged.median,
                 "first_call_s": case.first_call_s,
                 "floor": spec.floor.text if spec else "1 full",
                 "floor_passes": spec.floor.passes if spec else 1,
@@ -239,7 +289,15 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     baseline = import_revision(args.baseline) if args.baseline else None
     if baseline is not None:
         impls.append("baseline")
-    methods, missing = available_methods(_csv(args.methods) if args.methods else None)
+    models = _csv(args.model)
+    unknown_models = sorted(set(models) - set(SHAPES))
+    if unknown_models:
+        raise ValueError(f"unknown models {unknown_models}; known: {sorted(SHAPES)}")
+    families = {SHAPES[name].decoder for name in models}
+    if len(families) > 1:
+        raise ValueError(f"--model {args.model} mixes BERT and decoder shapes; run one family per process")
+    specs = method_specs(Workload(SHAPES[models[0]], 0, 0, 0, device, autocast))
+    methods, missing = available_methods(_csv(args.methods) if args.methods else None, specs)
     torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, RECOMPILE_LIMIT)
     torch._dynamo.config.fail_on_recompile_limit_hit = True  # never report an eager run as compiled
 
@@ -251,6 +309,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         "methods": methods,
         "memory": not args.no_memory,
         "memory_calls": args.memory_calls,
+        "per_method": args.per_method,
     }
     payload: dict[str, Any] = {
         "meta": environment(device, argv if argv is not None else sys.argv[1:], settings),
@@ -259,11 +318,14 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         "dynamic": None,
         "skipped": [f"{m}: advfunc has no such method in this checkout" for m in missing],
     }
-    for name in _csv(args.model):
+    for name in models:
         for vocab in (int(v) for v in _csv(args.vocab)):
             for batch, length in _batches(args.batch_length, device):
                 workload = Workload(SHAPES[name], vocab, batch, length, device, autocast)
                 print(f"{workload.label}", flush=True)
+                if args.per_method:
+                    time_per_method(workload, methods, impls, args, payload)
+                    continue
                 torch._dynamo.reset()
                 cases, compare = time_workload(workload, methods, impls, args, baseline)
                 gc.collect()
@@ -274,7 +336,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
                     {
                         "workload": workload.describe(),
                         "label": workload.label,
-                        "rows": _rows(cases, memory),
+                        "rows": _rows(workload, cases, memory),
                         "compare": compare,
                     }
                 )
@@ -291,11 +353,71 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         payload["dynamic"] = dynamic_study(
             workload, args.dynamic_method, lengths, args.bucket, tuple(_csv(args.dynamic_variants))
         )
-    text = markdown(payload)
-    write_json(args.out / "step.json", payload)
-    write_atomic(args.out / "step.md", text)
+    text = write_outputs(args.out, payload)
     print_stdout(text)
     return payload
+
+
+def write_outputs(out: Path, payload: dict[str, Any]) -> str:
+    """Write ``step.json`` and ``step.md`` into ``out``; return the Markdown."""
+    text = markdown(payload)
+    write_json(out / "step.json", payload)
+    write_atomic(out / "step.md", text)
+    return text
+
+
+def time_per_method(
+    workload: Workload, methods: list[str], impls: list[str], args: argparse.Namespace, payload: dict[str, Any]
+) -> None:
+    """Each method in its own interleaved rounds beside the plain step, outputs rewritten after each.
+
+    One model and batch serve every method; the plain step is timed again in each method's
+    rounds, so each ratio is to a plain step measured minutes apart at most. Methods not yet
+    finished are listed in ``payload["skipped"]`` until they finish, so the files a run
+    stopped by a time limit leaves say what is missing. A method that raises is recorded
+    there with its error and the others still run; the run then raises at its end. Memory
+    (CUDA: in this process, after the rounds) per case.
+    """
+    model = build_model(workload)
+    batch = make_batch(workload)
+    on_gpu = torch.device(workload.device).type == "cuda"
+    group: dict[str, Any] = {"workload": workload.describe(), "label": workload.label, "rows": [], "compare": ""}
+    payload["workloads"].append(group)
+    failed: list[str] = []
+    done_before = list(payload["skipped"])
+    for index, method in enumerate(methods):
+        pending = [f"{m} ({workload.label}): not finished (the run stopped first)" for m in methods[index:]]
+        payload["skipped"] = done_before + failed + pending
+        write_outputs(args.out, payload)
+        print(f" {method}", flush=True)
+        torch._dynamo.reset()
+        pairs = [(None, "plain"), *[pair for pair in case_names([method], impls, workload) if pair[0] is not None]]
+        try:
+            runs = [make_runner(m, impl, model, workload, batch) for m, impl in pairs]
+            cases, compare = time_runs(workload, pairs, runs, args)
+            memory: dict[tuple[str | None, str], MemoryRecord] = {}
+            if not args.no_memory:
+                for pair, run in zip(pairs, runs, strict=True):
+                    if on_gpu:
+                        memory[pair] = measure_cuda_runner(run, model, args.memory_calls)
+                    else:
+                        memory[pair] = measure_in_subprocess(*pair, workload, args.memory_calls, args.threads)
+                    print(f"  {pair[0] or 'plain'}/{pair[1]}: peak {memory[pair].peak_mb:,.0f} MiB", flush=True)
+        except Exception as error:  # one broken method must not cost the others' results
+            traceback.print_exc()
+            failed.append(f"{method} ({workload.label}): failed: {type(error).__name__}: {error}"[:2000])
+            model.zero_grad(set_to_none=True)
+        else:
+            group["rows"] += _rows(workload, cases, memory)
+            group["compare"] += compare + "\n"
+        runs = []
+        gc.collect()
+        if on_gpu:
+            torch.cuda.empty_cache()
+    payload["skipped"] = done_before + failed
+    write_outputs(args.out, payload)
+    if failed:
+        raise RuntimeError("methods failed (their errors are in the outputs' 'Not run'): " + "; ".join(failed))
 
 
 if __name__ == "__main__":

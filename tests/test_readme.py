@@ -1,4 +1,4 @@
-"""The README's custom-loop examples run as written, on tiny models, in at most 12 lines."""
+"""Every Python block of the README, and the decoder loop of docs/decoders.md, runs as written on tiny models."""
 
 from __future__ import annotations
 
@@ -11,11 +11,12 @@ from tests.support.tiny_decoders import LAYER, completion_batch, tiny_decoder
 from tests.support.tiny_models import padded_batch, tiny_model
 
 README = Path(__file__).resolve().parent.parent / "README.md"
+DECODERS = README.parent / "docs" / "decoders.md"
 
 
-def _loop_code(heading: str, last: bool = False) -> str:
-    """The first (``last``: the last) Python block of the README's text under ``heading``, up to the next heading."""
-    section = re.split(r"\n#{2,3} ", README.read_text().split(f"{heading}\n", 1)[1], maxsplit=1)[0]
+def _loop_code(heading: str, last: bool = False, document: Path = README) -> str:
+    """The first (``last``: the last) Python block of ``document``'s text under ``heading``, up to the next heading."""
+    section = re.split(r"\n#{2,3} ", document.read_text().split(f"{heading}\n", 1)[1], maxsplit=1)[0]
     blocks = re.findall(r"```python\n(.*?)```", section, re.S)
     assert blocks, f"the README lost the example under {heading!r}"
     return blocks[-1 if last else 0]
@@ -52,9 +53,14 @@ def test_readme_attack_api_loop_trains():
 
 
 def test_readme_decoder_loop_trains():
-    code = _loop_code("## Decoder LLMs", last=True)
+    code = _loop_code("## Decoder LLMs", last=True, document=DECODERS)
     assert "advfunc.attacks.lat" in code
     loader = [completion_batch("right", seed=s, adversary=True) for s in range(2)]
     moved = _run_loop(code.replace("model.layers.4", LAYER["llama"]), tiny_decoder("llama"), loader)
     assert "lm_head.weight" in moved or "model.embed_tokens.weight" in moved
     assert any(".layers.0." in name for name in moved)
+
+
+def test_every_python_block_of_the_readme_is_one_the_tests_run():
+    blocks = re.findall(r"```python\n(.*?)```", README.read_text(), re.S)
+    assert blocks == [_custom_loop_code(), _loop_code("### The same loop on the attack API")]

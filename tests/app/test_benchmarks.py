@@ -11,14 +11,17 @@ from pathlib import Path
 import pytest
 
 import advfunc
+import benchmarks.step as step_module
 from benchmarks.baseline import import_revision
-from benchmarks.cases import METHODS, available_methods
-from benchmarks.shapes import SHAPES, Workload, make_batch, pad_to_bucket
+from benchmarks.cases import DECODER_METHODS, METHODS, available_methods
+from benchmarks.shapes import SHAPES, Workload, build_model, make_batch, pad_to_bucket
 from benchmarks.step import main
 
 # One interleaved round of one timed block per case, no compilation: seconds, not minutes.
 TINY = ["--model", "tiny", "--vocab", "128", "--batch-length", "2x8", "--threads", "1"]
 ONE_ITERATION = ["--repeats", "1", "--min-run-time", "0", "--warmup", "1"]
+# The decoder methods with a classic implementation (transformers' NEFTune hook, the CAT/LAT loops).
+SEEDED = ("neftune", "cat", "lat")
 
 
 def _run(out: Path, *extra: str) -> tuple[dict, dict, str]:
@@ -98,3 +101,78 @@ def test_bucketing_pads_to_the_next_multiple():
     assert padded["attention_mask"][:, 20:].sum() == 0 and padded["input_ids"][:, 20:].sum() == 0
     assert (padded["input_ids"][:, :20] == batch["input_ids"]).all()
     assert (padded["labels"] == batch["labels"]).all()
+
+
+def test_decoder_with_lora_runs_every_decoder_method_per_method(tmp_path):
+    args = ["--model", "tiny-decoder", "--vocab", "120", "--batch-length", "2x8", "--threads", "1", *ONE_ITERATION]
+    payload = main([*args, "--per-method", "--no-compile", "--no-memory", "--out", str(tmp_path)])
+    written = json.loads((tmp_path / "step.json").read_text(encoding="utf-8"))
+    table = (tmp_path / "step.md").read_text(encoding="utf-8")
+    assert written["skipped"] == [] and written == json.loads(json.dumps(payload))
+    (group,) = written["workloads"]
+    assert group["workload"]["family"] == "qwen2" and group["workload"]["kv_heads"] == 2
+    # Each method's rounds start with their own plain step; CAT, LAT and NEFTune have a classic loop on CPU.
+    expected = []
+    for method in DECODER_METHODS:
+        expected += [("plain", "plain"), *((method, i) for i in ("seed", "eager") if i == "eager" or method in SEEDED)]
+    assert [(r["method"], r["impl"]) for r in group["rows"]] == expected
+    for row in group["rows"]:
+        assert row["tokens_per_s"] == pytest.approx(2 * 8 / (row["median_ms"] / 1e3))
+    assert "LoRA" in table and "| CAT-10 | seed |" in table and "tokens/s" in table
+
+
+def test_decoder_workload_trains_lora_only_on_completion_batches():
+    workload = Workload(SHAPES["tiny-decoder"], 120, 4, 12, "cpu", None)
+    model = build_model(workload)
+    trainable = advfunc.trainable_names(model)
+    assert trainable and all("lora_" in name for name in trainable)
+    assert not model.get_input_embeddings().weight.requires_grad
+    batch = make_batch(workload)
+    real, completion = batch["attention_mask"].bool(), batch["labels"] != -100
+    assert (completion == (batch["adv_labels"] != -100)).all() and (completion <= real).all()
+    assert ((real & ~completion).sum(1) > 0).all() and (completion.sum(1) > 0).all()  # a prompt and a completion
+    assert (batch["labels"][completion] == batch["input_ids"][completion]).all()
+
+
+class Stopped(BaseException):
+    """Stands for a time limit's signal ending the process in the middle of a method (no handler runs)."""
+
+
+def _per_method_with(monkeypatch, tmp_path, interruption: BaseException) -> tuple[dict, str]:
+    """A per-method run of FGM, PGD and FreeLB whose second method raises ``interruption``."""
+    real_time_runs = step_module.time_runs
+    calls = []
+
+    def interrupt_the_second_method(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise interruption
+        return real_time_runs(*args, **kwargs)
+
+    monkeypatch.setattr(step_module, "time_runs", interrupt_the_second_method)
+    flags = ["--methods", "fgm,pgd,freelb", "--per-method", "--no-compile", "--no-memory", "--out", str(tmp_path)]
+    # A time limit ends the run at once; a method's error lets the others run, then fails the run.
+    with pytest.raises(Stopped if isinstance(interruption, Stopped) else RuntimeError):
+        main([*TINY, *ONE_ITERATION, *flags])
+    written = json.loads((tmp_path / "step.json").read_text(encoding="utf-8"))
+    return written, (tmp_path / "step.md").read_text(encoding="utf-8")
+
+
+def _cases(written: dict) -> list[tuple[str, str]]:
+    return [(r["method"], r["impl"]) for r in written["workloads"][0]["rows"]]
+
+
+def test_a_per_method_run_stopped_midway_keeps_what_it_finished(tmp_path, monkeypatch):
+    written, table = _per_method_with(monkeypatch, tmp_path, Stopped())
+    assert _cases(written) == [("plain", "plain"), ("fgm", "seed"), ("fgm", "eager")]
+    assert [line.split(" ")[0] for line in written["skipped"]] == ["pgd", "freelb"]
+    assert "not finished" in table
+
+
+def test_a_failing_method_is_recorded_and_the_others_still_run(tmp_path, monkeypatch):
+    written, table = _per_method_with(monkeypatch, tmp_path, ValueError("out of memory, say"))
+    plain = ("plain", "plain")
+    assert _cases(written) == [plain, ("fgm", "seed"), ("fgm", "eager"), plain, ("freelb", "seed"), ("freelb", "eager")]
+    (failure,) = written["skipped"]
+    assert failure.startswith("pgd ") and "failed: ValueError: out of memory, say" in failure
+    assert "failed: ValueError" in table

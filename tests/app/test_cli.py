@@ -13,9 +13,9 @@ from safetensors.torch import load_file as load_safetensors
 from transformers import AutoModelForSequenceClassification
 
 import advfunc
-from advfunc.app import checkpoint
+from advfunc.app.classify.train import padded
 from advfunc.app.cli import main
-from advfunc.app.train import padded
+from advfunc.app.common import checkpoint
 from tests.support.tiny_models import PAD_ID, padded_batch, tiny_model
 from tests.support.tiny_task import save_tiny_model, sentences, write_csv, write_jsonl
 

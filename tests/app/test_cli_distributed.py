@@ -13,7 +13,7 @@ import torch
 import torch.distributed as dist
 from safetensors.torch import load_file as load_safetensors
 
-from advfunc.app import checkpoint
+from advfunc.app.common import checkpoint
 from tests.support.tiny_task import save_tiny_model, sentences, write_csv
 from tests.support.torchrun import ROOT, run_torchrun
 

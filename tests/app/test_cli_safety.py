@@ -17,10 +17,10 @@ import torch
 from safetensors.torch import load_file as load_safetensors
 from transformers import BertTokenizerFast
 
-from advfunc.app import atomic, checkpoint
+from advfunc.app.classify.evaluate import embedding_pgd
 from advfunc.app.cli import main
-from advfunc.app.data import DataError, Labels, encode, load_file
-from advfunc.app.evaluate import embedding_pgd
+from advfunc.app.common import atomic, checkpoint
+from advfunc.app.common.data import DataError, Labels, encode, load_file
 from advfunc.core.params import params_of
 from tests.support.tiny_task import save_tiny_model, sentences, write_csv
 
@@ -124,8 +124,8 @@ def test_a_json_list_where_a_text_belongs_is_an_error(tmp_path):
 
 
 def test_unreadable_csv_field_names_its_line(tmp_path):
-    path = tmp_path / "huge.csv"
-    path.write_text("text,label\ngood,pos\nbad,neg\n" + "x" * 200_000 + ",pos\n", encoding="utf-8")
+    path = tmp_path / "stray_quote.csv"
+    path.write_text('text,label\ngood,pos\nbad,neg\n"quoted"then more,pos\n', encoding="utf-8")
     with pytest.raises(DataError, match=r"line 4: unreadable field"):
         load_file(path)
 

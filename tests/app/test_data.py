@@ -1,4 +1,4 @@
-"""Loading, the fixed split, labels, encoding and batching of advfunc.app.data."""
+"""Loading, the fixed split, labels, encoding and batching of advfunc.app.common.data."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import pytest
 import torch
 from transformers import BertTokenizerFast
 
-from advfunc.app.data import (
+from advfunc.app.common.data import (
     DataError,
     Labels,
     TextDataset,

@@ -10,10 +10,11 @@ import torch
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
 
-from advfunc.app import decoder_job
-from advfunc.app.decoder_data import Answers, batch, prompts
-from advfunc.app.decoder_eval import answer_positions, correct, prompt_pgd, robust_accuracy
-from advfunc.app.wordnet import WordNetError, shipped_folder
+from advfunc.app.cli import main
+from advfunc.app.decoder import job as decoder_job
+from advfunc.app.decoder.data import Answers, batch, prompts
+from advfunc.app.decoder.evaluate import answer_positions, correct, prompt_pgd, robust_accuracy
+from advfunc.app.word_attacks.wordnet import WordNetError, shipped_folder
 from advfunc.core.params import params_of
 from advfunc.hf import AdversarialTrainer
 from tests.support.tiny_decoders import tiny_decoder
@@ -101,11 +102,11 @@ def _job_args(folder, task, out, *extra):
 def test_the_job_writes_a_report_with_every_field_and_resumes_run_by_run(folder, task, tmp_path, capsys):
     out = tmp_path / "report"
     methods = ["--methods", "none", "cat:alpha=0.05,epsilon=0.2,steps=1", "--seeds", "0", "1"]
-    assert decoder_job.main(_job_args(folder, task, out, *methods, "--stop-after", "1")) == 0
+    assert main(_job_args(folder, task, out, *methods, "--stop-after", "1")) == 0
     assert len(list((out / "runs").glob("*.json"))) == 1
     first = next((out / "runs").glob("*.json"))
     stamp = first.stat().st_mtime_ns
-    assert decoder_job.main(_job_args(folder, task, out, *methods)) == 0
+    assert main(_job_args(folder, task, out, *methods)) == 0
     assert first.stat().st_mtime_ns == stamp  # the finished run was kept, not redone
     document = json.loads((out / "results.json").read_text())
     runs = document["runs"]
@@ -114,17 +115,18 @@ def test_the_job_writes_a_report_with_every_field_and_resumes_run_by_run(folder,
     )
     for run in runs:
         evaluation = run["eval"]
-        assert 0 <= evaluation["answer_accuracy"] <= 1 and evaluation["examples"] == 12
-        assert evaluation["attack_examples"] == 6 and set(evaluation["pgd"]) == {"0.5", "2.0"}
+        assert 0 <= evaluation["clean_accuracy"] <= 1 and evaluation["examples"] == 12
+        assert evaluation["attack_examples"] == 6 and set(evaluation["robust"]) == {"0.5", "2.0"}
         assert (evaluation["synonym"] is not None) == HAS_WORDNET
         if HAS_WORDNET:
             assert 0 <= evaluation["synonym"]["accuracy_under_attack"] <= evaluation["synonym"]["clean_accuracy"]
+            assert evaluation["worst_case"] == evaluation["synonym"]["accuracy_under_attack"]  # the only word attack
         assert run["train"]["steps"] == 2 and run["train"]["seconds_per_step"] > 0
     for stats in document["summary"].values():
-        assert {"answer", "pgd@0.5", "pgd@2.0", "seconds_per_step"} <= set(stats) and stats["answer"]["n"] == 2
+        assert {"clean", "pgd@0.5", "pgd@2.0", "seconds_per_step"} <= set(stats) and stats["clean"]["n"] == 2
         assert ("synonym" in stats) == HAS_WORDNET
     assert set(document["differences"]) == {"cat(alpha=0.05,epsilon=0.2,steps=1)"}
-    report = (out / "report.md").read_text()
+    report = (out / "results.md").read_text()
     assert "Command: `advfunc --no-progress decoder --model" in report and "--stop-after" not in report
     assert "| `none` | 2 |" in report and "PGD r=2.0" in report and "Difference to plain fine-tuning" in report
     assert "already done" in capsys.readouterr().err
@@ -223,13 +225,13 @@ def test_prompt_pgd_stays_in_its_radius_on_the_prompt_and_never_raises_accuracy(
 
 def test_bad_flags_and_a_missing_model_folder_are_one_line_errors(tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "empty-cache"))
-    assert decoder_job.main(["--output", str(tmp_path / "out")]) == 2
-    assert "python -m advfunc.app.smollm2" in capsys.readouterr().err
-    assert decoder_job.main(["--answer", "positive"]) == 2
+    assert main(["decoder", "--output", str(tmp_path / "out")]) == 2
+    assert "python -m advfunc.app.decoder.smollm2" in capsys.readouterr().err
+    assert main(["decoder", "--answer", "positive"]) == 2
     assert "LABEL=WORD" in capsys.readouterr().err
-    assert decoder_job.main(["--radii", "-1"]) == 2
+    assert main(["decoder", "--radii", "-1"]) == 2
     assert "--radii" in capsys.readouterr().err
-    assert decoder_job.main(["--methods", "pgd:nope=1"]) == 2
+    assert main(["decoder", "--methods", "pgd:nope=1"]) == 2
     assert "'nope'" in capsys.readouterr().err
-    assert decoder_job.main(["--model", str(tmp_path)]) == 2
-    assert "holds no config.json" in capsys.readouterr().err
+    assert main(["decoder", "--model", str(tmp_path)]) == 2
+    assert "has no config.json" in capsys.readouterr().err

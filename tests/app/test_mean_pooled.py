@@ -9,9 +9,9 @@ import torch
 from transformers import AutoModel, AutoModelForSequenceClassification
 
 import advfunc
-from advfunc.app import checkpoint, mean_pooled, report
 from advfunc.app.cli import main
-from advfunc.app.data import Labels
+from advfunc.app.common import checkpoint, mean_pooled, report
+from advfunc.app.common.data import Labels
 from tests.support.tiny_task import save_tiny_model, sentences, write_csv
 
 LABELS = {"num_labels": 2, "id2label": {0: "neg", 1: "pos"}, "label2id": {"neg": 0, "pos": 1}}
@@ -126,7 +126,7 @@ def test_train_and_evaluate_with_a_mean_pooled_head(encoder_dir, tmp_path):
 def _run(method: str, seed: int, clean: float, robust: float) -> dict:
     evaluation = {"clean_accuracy": clean, "attack_clean_accuracy": clean, "robust": {"0.1": robust}, "hotflip": {}}
     evaluation["seconds"] = 30.0
-    training = {"time_per_step": 1.0, "steps_per_second": 1.0, "seconds": 60.0}
+    training = {"seconds_per_step": 1.0, "steps_per_second": 1.0, "seconds": 60.0}
     return {"method": method, "seed": seed, "eval": evaluation, "train": training}
 
 

@@ -8,9 +8,9 @@ from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
 
 import advfunc
-from advfunc.app import safety_data
-from advfunc.app.data import DataError
-from advfunc.app.wordnet import WordNetError, shipped_folder
+from advfunc.app.common.data import DataError
+from advfunc.app.decoder import safety_data
+from advfunc.app.word_attacks.wordnet import WordNetError, shipped_folder
 from advfunc.attacks.adaptive import forced_rows
 
 try:

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import advfunc
-from advfunc.app.smollm2 import SmolLM2Error, cached_folder, gguf_folder
+from advfunc.app.decoder.smollm2 import SmolLM2Error, cached_folder, gguf_folder
 
 try:
     gguf_folder()

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from advfunc.app.train import make_optimizer
+from advfunc.app.classify.train import make_optimizer
 from tests.support.tiny_models import tiny_model
 
 

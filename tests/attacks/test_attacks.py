@@ -10,11 +10,11 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from advfunc.app import checkpoint
-from advfunc.app.data import Labels, TextDataset, encode
-from advfunc.app.evaluate import accuracy, embedding_pgd, hotflip_accuracy, robust_accuracy
-from advfunc.app.train import TrainConfig, train
-from advfunc.app.word_attacks import WordVocabulary, hotflip
+from advfunc.app.classify.evaluate import accuracy, embedding_pgd, hotflip_accuracy, robust_accuracy
+from advfunc.app.classify.train import TrainConfig, train
+from advfunc.app.common import checkpoint
+from advfunc.app.common.data import Labels, TextDataset, encode
+from advfunc.app.word_attacks.hotflip import WordVocabulary, hotflip
 from advfunc.core.model import PerturbedModel
 from advfunc.core.params import params_of
 from tests.support.purity import assert_step_is_pure

@@ -10,7 +10,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import advfunc
-from advfunc.app.train import TrainConfig
+from advfunc.app.classify.train import TrainConfig
 from advfunc.methods import registry
 from tests.support.tiny_models import padded_batch, tiny_model
 

@@ -64,7 +64,7 @@ def reference_step(
     modules = {n: model.get_input_embeddings() if n == "embeds" else model.get_submodule(n) for n in where}
     hidden = model.config.hidden_size
 
-    deltas = {n: torch.zeros(*ids.shape, hidden, requires_grad=True) for n in where}
+    deltas = {n: torch.zeros(*ids.shape, hidden, device=ids.device, requires_grad=True) for n in where}
     for _ in range(steps):
         offsets = {modules[n]: deltas[n] * prompt for n in where}
         loss = _forward(model, offsets, input_ids=adv_ids, attention_mask=adv_mask, labels=adv).loss

@@ -18,10 +18,11 @@ import logging
 import math
 import tempfile
 import time
+import typing
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 import torch.distributed as dist
@@ -31,15 +32,17 @@ from torch.utils.data import Sampler
 from transformers import PrinterCallback, TrainerCallback, TrainingArguments
 from transformers.trainer_callback import TrainerControl, TrainerState
 
-from advfunc.app import atomic, checkpoint
-from advfunc.app.data import Encoded, training_batches
-from advfunc.app.progress import Progress
+from advfunc.app.common import atomic, checkpoint
+from advfunc.app.common.data import Encoded, training_batches
+from advfunc.app.common.flags import COUNT, FRACTION, NON_NEGATIVE, POSITIVE, option
+from advfunc.app.common.progress import Progress
 from advfunc.core.arguments import require_non_negative, require_positive
 from advfunc.hf import AdversarialTrainer, ReplaySampler
 from advfunc.methods.registry import MethodSpec, parse_method
 
 log = logging.getLogger("advfunc")
-POOLINGS = ("cls", "mean")
+Pooling = Literal["cls", "mean"]
+POOLINGS: tuple[str, ...] = typing.get_args(Pooling)
 TRAINER_STATE = "trainer_state.json"
 FORMAT = 2  # advfunc_state.json's format: 2 since the loop is Trainer's (1 had advfunc's own training state)
 
@@ -49,17 +52,21 @@ class TrainConfig:
     """Settings of one fine-tuning run; a resumed run must use the same ones."""
 
     method: str = "none"  # a method spec: "pgd" or "pgd:epsilon=0.5,steps=2"
-    epochs: int = 1
-    batch_size: int = 32  # per process
-    grad_accum: int = 1
-    lr: float = 5e-5
-    head_lr: float | None = None  # the task head's peak learning rate; None: lr
-    warmup_ratio: float = 0.1
-    weight_decay: float = 0.01
-    max_grad_norm: float = 1.0  # 0 turns clipping off
+    epochs: int = option(1, COUNT, "epochs")
+    batch_size: int = option(32, COUNT, "batch size per process")
+    grad_accum: int = option(1, COUNT, "micro-batches per optimizer step")
+    lr: float = option(5e-5, POSITIVE, "peak learning rate")
+    head_lr: float | None = option(None, POSITIVE, "peak learning rate of the task head (default: --lr)")
+    warmup_ratio: float = option(0.1, FRACTION, "share of steps warming up")
+    weight_decay: float = option(0.01, NON_NEGATIVE, "AdamW weight decay")
+    max_grad_norm: float = option(1.0, NON_NEGATIVE, "clip norm (0: off)")
     max_length: int = 64
     seed: int = 0
-    pooling: str = "cls"  # what the head reads: "cls" (the model's own head) or "mean" (advfunc.app.mean_pooled)
+    pooling: Literal["cls", "mean"] = option(
+        "cls",
+        help="what the task head reads: the model's own head (cls) or the mean token state (mean; for "
+        "mean-pooled sentence encoders, see advfunc.app.common.mean_pooled)",
+    )
 
     def check(self) -> MethodSpec:
         """Validate every field; return the parsed method spec."""
@@ -101,23 +108,13 @@ class TrainResult:
     def steps_run(self) -> int:
         return self.step - self.resumed_from
 
-    @property
-    def time_per_step(self) -> float:
-        return self.seconds / self.steps_run if self.steps_run else float("nan")
-
-    @property
-    def steps_per_second(self) -> float:
-        return self.steps_run / self.seconds if self.seconds > 0 else float("nan")
-
 
 def make_optimizer(model: nn.Module, lr: float, weight_decay: float, head_lr: float | None = None) -> torch.optim.AdamW:
     """AdamW over the trainable parameters; no decay on biases and LayerNorm weights (BERT recipe).
 
     The task head (the parameters outside ``model.base_model``: a classifier new when
-    fine-tuning starts) learns at ``head_lr`` (None: ``lr``). Adam moves each weight by
-    about its learning rate per step, so a new head at an encoder's rate of 1e-4 barely
-    turns in a few dozen steps and the model answers one class; the short comparison
-    gives it 1e-2.
+    fine-tuning starts) learns at ``head_lr`` (None: ``lr``): Adam moves each weight by about
+    its learning rate per step, so a new head may need a larger one than the encoder.
     """
     norm_params = {id(p) for module in model.modules() if isinstance(module, nn.LayerNorm) for p in module.parameters()}
     base = getattr(model, "base_model", model)
@@ -134,24 +131,23 @@ def make_optimizer(model: nn.Module, lr: float, weight_decay: float, head_lr: fl
         {"params": params, "weight_decay": weight_decay if decays else 0.0, "lr": head if in_head else lr}
         for (decays, in_head), params in groups.items()
     ]
-    try:
-        # One fused kernel over all parameters: on a 2-core CPU the default per-tensor loop took
-        # 0.17 s of a 0.72 s MiniLM step (batch 16), the fused one 0.03 s.
+    try:  # one fused kernel over all parameters (docs/main_job.md: the per-tensor loop's cost)
         return torch.optim.AdamW(param_groups, lr=lr, fused=True)
     except RuntimeError:  # torch < 2.4 fuses on CUDA only
         return torch.optim.AdamW(param_groups, lr=lr)
 
 
-def training_arguments(config: TrainConfig, output: Path | None = None) -> TrainingArguments:
+def training_arguments(config: TrainConfig, output: Path | None = None, **overrides: Any) -> TrainingArguments:
     """``TrainingArguments`` for ``config``. Under ``torchrun`` building them joins the process group.
 
     Trainer writes nothing under ``output_dir`` here (checkpoints are this module's own
     folder, logging and saving strategies are off); it only creates the folder, so it is
-    ``output``'s parent, which the checkpoint's rename needs anyway.
+    ``output``'s parent, which the checkpoint's rename needs anyway. ``overrides``: other
+    ``TrainingArguments`` (the decoder job logs each step's loss through Trainer).
     """
     config.check()
     gpu = torch.cuda.is_available()
-    return TrainingArguments(
+    settings: dict[str, Any] = dict(
         output_dir=str(output.parent) if output is not None else tempfile.gettempdir(),
         per_device_train_batch_size=config.batch_size,
         gradient_accumulation_steps=config.grad_accum,
@@ -171,6 +167,7 @@ def training_arguments(config: TrainConfig, output: Path | None = None) -> Train
         dataloader_pin_memory=gpu,
         use_cpu=not gpu,
     )
+    return TrainingArguments(**{**settings, **overrides})
 
 
 def padded(batch: dict[str, torch.Tensor], pad_id: int, multiple: int = 16, limit: int = 0) -> dict[str, torch.Tensor]:
@@ -194,12 +191,14 @@ def padded(batch: dict[str, torch.Tensor], pad_id: int, multiple: int = 16, limi
 
 
 class LengthGroupedOrder(Sampler[int]):
-    """One epoch's example order: :func:`advfunc.app.data.training_batches`, one batch after another.
+    """One epoch's example order: :func:`advfunc.app.common.data.training_batches`, one batch after another.
 
     Each run of ``batch_size`` indices is a batch of similar lengths, so dynamic padding
     stays small; a short batch (the data set is not a multiple of the batch size) comes
     last, so that cutting the order into ``batch_size`` pieces gives back the batches. The
-    order depends on (seed, epoch) only, which makes a resumed epoch the same.
+    order depends on (seed, epoch) only, which makes a resumed epoch the same. Under
+    several processes ``batch_size`` is the global batch, cut into the processes' shares
+    after grouping, so that the run sees the batches one process of that size would.
     """
 
     def __init__(self, lengths: Sequence[int], batch_size: int, seed: int) -> None:
@@ -233,7 +232,10 @@ class _CommandLineTrainer(AdversarialTrainer):
         super().__init__(*args, **kwargs)
 
     def _get_train_sampler(self, train_dataset: Any = None) -> Sampler[int]:
-        self.order = LengthGroupedOrder(self.lengths, self._train_batch_size, self.args.seed)
+        # Grouped over the global batch, which accelerate then deals out to the processes one
+        # per-process batch each: n processes of batch b train on the batches of one process of n·b.
+        global_batch = self._train_batch_size * self.args.world_size
+        self.order = LengthGroupedOrder(self.lengths, global_batch, self.args.seed)
         if self._current_step()[1].driver != "replay" or self.replays == 1:
             return self.order
         return ReplaySampler(
@@ -259,7 +261,7 @@ class _CommandLineTrainer(AdversarialTrainer):
     def _save_checkpoint(self, model: nn.Module, trial: Any) -> None:
         """The run's folder: Trainer's checkpoint files, the method's state and ``advfunc_state.json`` last.
 
-        Process 0 assembles it under a temporary name (:func:`advfunc.app.atomic.directory`)
+        Process 0 assembles it under a temporary name (:func:`advfunc.app.common.atomic.directory`)
         and renames it into place once every process has written its own random and method
         state there, so ``--output`` is always one complete checkpoint, never one per process.
         """
@@ -372,6 +374,30 @@ def _config_changes(saved: Mapping[str, Any], config: TrainConfig) -> list[str]:
     return [f"{key}: checkpoint {saved.get(key)!r}, now {now[key]!r}" for key in now if saved.get(key) != now[key]]
 
 
+def _resumed_losses(output: Path | None, config: TrainConfig, fingerprint: str, processes: int) -> list[float]:
+    """The losses of the checkpoint in ``output``; ``CheckpointError`` unless it has these settings and data."""
+    assert output is not None
+    saved = checkpoint.read_state(output)
+    if saved is None:
+        raise checkpoint.CheckpointError(f"{output} holds no advfunc checkpoint to resume")
+    if saved.get("format") != FORMAT:
+        raise checkpoint.CheckpointError(
+            f"{output} was written by another advfunc version (checkpoint format {saved.get('format')!r}, "
+            f"this one reads {FORMAT}); train again without --resume"
+        )
+    changes = _config_changes(saved.get("config", {}), config)
+    if saved.get("data") != fingerprint:
+        changes.append("the training data differ")
+    if saved.get("processes") != processes:
+        changes.append(f"processes: checkpoint {saved.get('processes')!r}, now {processes}")
+    if changes:
+        raise checkpoint.CheckpointError(
+            f"cannot resume {output}: the settings differ from the checkpoint's ({'; '.join(changes)}); "
+            "resume with the same settings, or train into a new --output"
+        )
+    return list(saved.get("losses", []))
+
+
 def train(
     model: nn.Module,
     tokenizer: Any,
@@ -405,28 +431,7 @@ def train(
     if resume and output is None:
         raise ValueError("resume needs the checkpoint directory (output)")
     arguments = arguments or training_arguments(config, output)
-    losses: list[float] = []
-    if resume:
-        assert output is not None
-        saved = checkpoint.read_state(output)
-        if saved is None:
-            raise checkpoint.CheckpointError(f"{output} holds no advfunc checkpoint to resume")
-        if saved.get("format") != FORMAT:
-            raise checkpoint.CheckpointError(
-                f"{output} was written by another advfunc version (checkpoint format {saved.get('format')!r}, "
-                f"this one reads {FORMAT}); train again without --resume"
-            )
-        changes = _config_changes(saved.get("config", {}), config)
-        if saved.get("data") != data_fingerprint:
-            changes.append("the training data differ")
-        if saved.get("processes") != arguments.world_size:
-            changes.append(f"processes: checkpoint {saved.get('processes')!r}, now {arguments.world_size}")
-        if changes:
-            raise checkpoint.CheckpointError(
-                f"cannot resume {output}: the settings differ from the checkpoint's ({'; '.join(changes)}); "
-                "resume with the same settings, or train into a new --output"
-            )
-        losses = list(saved.get("losses", []))
+    losses = _resumed_losses(output, config, data_fingerprint, arguments.world_size) if resume else []
     done = len(losses)
     result = TrainResult(spec.label, done, 0, done, 0.0, losses)
     state = {

@@ -70,6 +70,25 @@ def _neighbours(weight: torch.Tensor, tokens: torch.Tensor, words: torch.Tensor,
     return words[top]
 
 
+def _candidates(
+    original: torch.Tensor, mask: torch.Tensor, weight: torch.Tensor, vocabulary: WordVocabulary, neighbours: int
+) -> torch.Tensor:
+    """[B, L, k] substitutes of each eligible position (a whole word not continued by the next token); −1 elsewhere."""
+    is_word, continues = vocabulary.is_word.to(original.device), vocabulary.continues.to(original.device)
+    if is_word.numel() != weight.shape[0]:
+        raise ValueError(f"the vocabulary covers {is_word.numel()} tokens, the embedding has {weight.shape[0]} rows")
+    following = torch.cat([original[:, 1:], original[:, -1:]], dim=1)
+    following_real = torch.cat([mask[:, 1:], torch.zeros_like(mask[:, :1])], dim=1)
+    eligible = mask & is_word[original] & ~(continues[following] & following_real)
+    candidates = torch.full((*original.shape, neighbours), -1, dtype=torch.long, device=original.device)
+    words = is_word.nonzero().squeeze(1)
+    if eligible.any() and words.numel() > 1:
+        unique, inverse = torch.unique(original[eligible], return_inverse=True)
+        near = _neighbours(weight, unique, words, neighbours)  # [U, k]
+        candidates[eligible] = F.pad(near, (0, neighbours - near.shape[1]), value=-1)[inverse]
+    return candidates
+
+
 def hotflip(
     perturbed: PerturbedModel,
     params: Mapping[str, torch.Tensor],
@@ -103,22 +122,8 @@ def hotflip(
         raise ValueError("HotFlip needs an input-embedding module with a [vocab, hidden] weight matrix")
     weight = matrix.detach()
     device = original.device
-    is_word = vocabulary.is_word.to(device)
-    continues = vocabulary.continues.to(device)
-    size, width = weight.shape
-    if is_word.numel() != size:
-        raise ValueError(f"the vocabulary covers {is_word.numel()} tokens, the embedding has {size} rows")
-
-    following = torch.cat([original[:, 1:], original[:, -1:]], dim=1)
-    following_real = torch.cat([mask[:, 1:], torch.zeros_like(mask[:, :1])], dim=1)
-    eligible = mask & is_word[original] & ~(continues[following] & following_real)
-    candidates = torch.full((*original.shape, neighbours), -1, dtype=torch.long, device=device)
-    words = is_word.nonzero().squeeze(1)
-    if eligible.any() and words.numel() > 1:
-        unique, inverse = torch.unique(original[eligible], return_inverse=True)
-        near = _neighbours(weight, unique, words, neighbours)  # [U, k]
-        candidates[eligible] = F.pad(near, (0, neighbours - near.shape[1]), value=-1)[inverse]
-
+    width = weight.shape[1]
+    candidates = _candidates(original, mask, weight, vocabulary, neighbours)
     fixed = frozen(params)
     current = original.clone()
     changed = torch.zeros_like(mask)

@@ -1,12 +1,8 @@
-"""Loading models, and reading the checkpoints that :mod:`advfunc.app.train` writes.
+"""Loading models, and reading the checkpoints that :mod:`advfunc.app.classify.train` writes.
 
-A checkpoint is a directory that ``AutoModelForSequenceClassification.from_pretrained``
-reads (config, weights, tokenizer) plus the training state Trainer resumes from
-(optimizer, scheduler, random state of each process, ``trainer_state.json``), the
-method's own state and ``advfunc_state.json`` (step, settings, losses, the files it
-holds), written last. The directory is assembled under a temporary name and renamed into
-place (see :mod:`advfunc.app.atomic`), so a run that fails leaves the previous checkpoint
-or none.
+A checkpoint is a ``save_pretrained`` directory plus the state Trainer resumes from, the
+method's own state and ``advfunc_state.json`` (step, settings, losses, the files it holds),
+written last and renamed into place whole (:mod:`advfunc.app.common.atomic`).
 """
 
 from __future__ import annotations
@@ -20,8 +16,8 @@ from typing import Any
 
 from torch import nn
 
-from advfunc.app import mean_pooled
-from advfunc.app.data import Labels
+from advfunc.app.common import mean_pooled
+from advfunc.app.common.data import Labels
 
 log = logging.getLogger("advfunc")
 
@@ -86,7 +82,7 @@ def load(path: str | Path, labels: Labels | None = None, pooling: str = "cls") -
     initialised when the checkpoint's head has other labels or none. Without (evaluation)
     the model must carry a trained head and its labels come from its config.
     ``pooling="mean"`` with ``labels`` puts a fresh head on the mean of the encoder's token
-    states (:mod:`advfunc.app.mean_pooled`) unless the directory already holds such a model;
+    states (:mod:`advfunc.app.common.mean_pooled`) unless the directory already holds such a model;
     a saved model is read as what it is. Never downloads: ``local_files_only``.
     """
     from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer
@@ -108,22 +104,19 @@ def load(path: str | Path, labels: Labels | None = None, pooling: str = "cls") -
             f"{path} has no usable tokenizer: it knows only its special tokens {tokenizer.all_special_tokens}; "
             "save the model's tokenizer next to it (tokenizer.save_pretrained(DIR))"
         )
-    kwargs: dict[str, Any] = {}
-    if labels is not None and Labels.from_config(config).names != labels.names:
-        kwargs = {
-            "num_labels": len(labels.names),
-            "id2label": dict(enumerate(labels.names)),
-            "label2id": {name: i for i, name in enumerate(labels.names)},
-            "ignore_mismatched_sizes": True,
+    head: dict[str, Any] = {}
+    if labels is not None:
+        names = labels.names
+        head = {
+            "num_labels": len(names),
+            "id2label": dict(enumerate(names)),
+            "label2id": {n: i for i, n in enumerate(names)},
         }
+    renamed = labels is not None and Labels.from_config(config).names != labels.names
+    kwargs = {**head, "ignore_mismatched_sizes": True} if renamed else {}
     try:
         if pooling == "mean" and labels is not None and config.model_type != mean_pooled.MODEL_TYPE:
-            model = mean_pooled.from_encoder(
-                path,
-                num_labels=len(labels.names),
-                id2label=dict(enumerate(labels.names)),
-                label2id={name: i for i, name in enumerate(labels.names)},
-            )
+            model = mean_pooled.from_encoder(path, **head)
             fresh = ["classifier.weight", "classifier.bias"]
         else:
             model, info = AutoModelForSequenceClassification.from_pretrained(

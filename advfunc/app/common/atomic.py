@@ -1,19 +1,10 @@
-"""Files and directories written whole or not at all.
+"""Files and directories written whole or not at all: under a hidden temporary name beside the
+destination, then renamed into place, so a crash leaves the previous version or nothing.
 
-Every output of the CLI (checkpoints, results, plots) is first written under a hidden
-temporary name next to its destination and then renamed into place: a crash, a full
-disk or Ctrl-C leaves either the previous version or nothing, never a half-written file
-that a later run would mistake for a finished one.
-
-A process killed outright (SIGKILL, power loss) cannot clean up after itself: it may leave
-a hidden ``.NAME.partial-PID-*``, ``.NAME.old-PID-*`` or ``.NAME.tmp-PID-*`` next to NAME.
-The next write of NAME (and :func:`recover`, which ``advfunc train`` calls before it reads
-a checkpoint) removes those of processes no longer running; if the kill fell between the
-two renames of a directory, so that NAME is missing, the ``.old`` one is the previous
-complete version and is renamed back.
-
-Outputs are checked before the work that produces them (:func:`require_replaceable`,
-:func:`require_writable_folder`), so a path that cannot be written is reported at once.
+A process killed outright may leave ``.NAME.{tmp,partial,old}-PID-HEX`` beside NAME; the next
+write of NAME, or :func:`recover`, removes those of dead processes and renames a lost NAME's
+``.old`` back. Outputs are checked before the work that produces them
+(:func:`require_replaceable`, :func:`require_writable_folder`).
 """
 
 from __future__ import annotations
@@ -38,14 +29,12 @@ class OutputError(ValueError):
 
 
 def _running(pid: int) -> bool:
-    if pid == os.getpid():
-        return True
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
     except PermissionError:  # another user's live process
-        return True
+        pass
     return True
 
 
@@ -73,16 +62,11 @@ def recover(path: Path) -> None:
             entry.unlink(missing_ok=True)
 
 
-def _nearest_existing(path: Path) -> Path:
-    path = Path(os.path.abspath(path))
-    while not path.exists():
-        path = path.parent
-    return path
-
-
 def _probe(directory: Path, flag: str, path: Path) -> None:
     """Raise ``OutputError`` unless a file can be created in ``directory`` (or in the folder that will hold it)."""
-    existing = _nearest_existing(directory)
+    existing = Path(os.path.abspath(directory))
+    while not existing.exists():
+        existing = existing.parent
     if not existing.is_dir():
         raise OutputError(f"{flag} {path}: {existing} is a file, not a directory; choose another {flag}")
     try:

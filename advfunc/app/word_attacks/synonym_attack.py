@@ -31,7 +31,7 @@ from typing import Literal
 
 import torch
 
-from advfunc.app.wordnet import WordNet
+from advfunc.app.word_attacks.wordnet import WordNet
 
 # Classifies texts: [N] strings -> [N, C] probabilities. Each text is one query.
 Classify = Callable[[Sequence[str]], torch.Tensor]

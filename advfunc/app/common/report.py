@@ -1,0 +1,288 @@
+"""The report of a comparison, either job's: ``results.json``, ``results.md`` (mean ± std over seeds) and a plot.
+
+Every file is written atomically (:mod:`advfunc.app.common.atomic`); the run grid
+rewrites the report after each finished run (:mod:`advfunc.app.common.grid`).
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+import os
+import platform
+import statistics
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from advfunc.app.common import atomic
+
+RESULTS_JSON = "results.json"
+RESULTS_MD = "results.md"
+PLOT_PNG = "accuracy_vs_radius.png"
+
+
+def machine() -> str:
+    """The GPU (if any), CPU, cores, torch version, threads and OMP wait policy a run's timings were taken under."""
+    wait = os.environ.get("OMP_WAIT_POLICY", "unset")
+    gpu = f"{torch.cuda.get_device_name()} GPU, " if torch.cuda.is_available() else ""
+    return (
+        f"{gpu}{platform.machine()} CPU, {os.cpu_count() or 0} cores, torch {torch.__version__}, "
+        f"{torch.get_num_threads()} threads, OMP_WAIT_POLICY {wait}"
+    )
+
+
+def _run_minutes(runs: Sequence[Mapping[str, Any]]) -> float:
+    """Training plus evaluation time of ``runs``: what the report cost, whichever invocation ran them."""
+    return sum(run["train"]["seconds"] + run["eval"]["seconds"] for run in runs) / 60
+
+
+def _metrics(run: Mapping[str, Any]) -> dict[str, float]:
+    """The numbers of one run that the table aggregates, flat."""
+    evaluation, training = run["eval"], run["train"]
+    flat = {
+        "clean": evaluation["clean_accuracy"],
+        "attack_clean": evaluation["attack_clean_accuracy"],
+        "seconds_per_step": training.get("seconds_per_step", math.nan),
+        "steps_per_second": training.get("steps_per_second", math.nan),
+        "train_minutes": training["seconds"] / 60,
+        "eval_minutes": evaluation.get("seconds", math.nan) / 60,
+    }
+    flat.update({f"pgd@{r}": a for r, a in evaluation["robust"].items()})
+    flat.update({f"hotflip@{b}": a for b, a in evaluation.get("hotflip", {}).items()})
+    synonym = evaluation.get("synonym")
+    if synonym is not None:
+        flat["synonym"] = synonym["accuracy_under_attack"]
+        flat["synonym_success"] = synonym["success_rate"]
+        flat["synonym_changed"] = synonym["changed_share"]
+        flat["synonym_queries"] = synonym["queries"]
+    if evaluation.get("worst_case") is not None:
+        flat["worst_case"] = evaluation["worst_case"]
+    if run.get("validation_accuracy") is not None:
+        flat["validation"] = run["validation_accuracy"]
+    return flat
+
+
+Metrics = Callable[[Mapping[str, Any]], dict[str, float]]
+Stats = dict[str, float]
+
+
+def summarize(runs: Sequence[Mapping[str, Any]], metrics: Metrics = _metrics) -> dict[str, dict[str, Stats]]:
+    """{method: {metric: {mean, std, n}}} of ``metrics(run)``; std is the sample standard deviation (0 for one seed)."""
+    grouped: dict[str, dict[str, list[float]]] = {}
+    for run in runs:
+        found = grouped.setdefault(run["method"], {})
+        for key, value in metrics(run).items():
+            if math.isfinite(value):
+                found.setdefault(key, []).append(value)
+    return {method: {key: _stats(values) for key, values in found.items()} for method, found in grouped.items()}
+
+
+def _stats(values: Sequence[float]) -> Stats:
+    std = statistics.stdev(values) if len(values) > 1 else 0.0
+    return {"mean": statistics.fmean(values), "std": std, "n": len(values)}
+
+
+def differences(
+    runs: Sequence[Mapping[str, Any]], plain: str = "none", metrics: Metrics = _metrics
+) -> dict[str, dict[str, Stats]]:
+    """{method: {metric: {mean, std, n}}} of (method − ``plain``) over the seeds both ran.
+
+    Paired by seed (same data order, initialisation and split), so the spread is that of
+    the difference itself, not of either method's accuracy. Empty without ``plain`` runs.
+    """
+    by_seed = {run["seed"]: metrics(run) for run in runs if run["method"] == plain}
+    paired: dict[str, dict[str, list[float]]] = {}
+    for run in runs:
+        reference = by_seed.get(run["seed"])
+        if run["method"] == plain or reference is None:
+            continue
+        found = paired.setdefault(run["method"], {})
+        for key, value in metrics(run).items():
+            if key in reference and math.isfinite(value) and math.isfinite(reference[key]):
+                found.setdefault(key, []).append(value - reference[key])
+    return {method: {key: _stats(values) for key, values in found.items()} for method, found in paired.items()}
+
+
+def cell(stats: Mapping[str, float] | None, digits: int = 3, signed: bool = False) -> str:
+    """``mean ± std`` of a summary entry (``+``/``−`` shown when ``signed``; the mean alone for one seed, whose
+    spread is unknown, not zero), ``—`` when absent."""
+    if stats is None:
+        return "—"
+    mean = f"{stats['mean']:{'+' if signed else ''}.{digits}f}"
+    return mean if stats.get("n", 2) < 2 else f"{mean} ± {stats['std']:.{digits}f}"
+
+
+Column = tuple[str, str, int]  # (title, metric, digits)
+
+
+def _columns(info: Mapping[str, Any], paired: bool = False) -> list[Column]:
+    """The table's accuracy columns (and, unpaired, the attack and time ones) for the attacks that ran."""
+    radii = [str(r) for r in info["attack"]["radii"]]
+    budgets = range(1, info["attack"]["hotflip_budget"] + 1)
+    columns = [("clean acc (test)" if not paired else "clean", "clean", 3)]
+    # Robust accuracy is over the attacked examples: their clean accuracy is its ceiling.
+    columns += [("clean (attacked)", "attack_clean", 3)]
+    columns += [(f"PGD r={r}", f"pgd@{r}", 3) for r in radii]
+    columns += [(f"HotFlip ≤{b}", f"hotflip@{b}", 3) for b in (budgets[-1:] if paired else budgets)]
+    if paired:
+        return [*columns, ("synonym acc", "synonym", 3), ("worst case", "worst_case", 3)]
+    columns += [("synonym acc", "synonym", 3), ("synonym success", "synonym_success", 3)]
+    columns += [("words changed", "synonym_changed", 3), ("queries", "synonym_queries", 1)]
+    return [
+        *columns,
+        ("word worst case", "worst_case", 3),
+        ("s / step", "seconds_per_step", 2),
+        ("steps / s", "steps_per_second", 2),
+    ]
+
+
+def _table(
+    summary: Mapping[str, Mapping[str, Mapping[str, float]]], columns: list[Column], signed: bool = False
+) -> list[str]:
+    lines = ["| method | seeds | " + " | ".join(title for title, _, _ in columns) + " |"]
+    lines.append("|" + "|".join(["---"] * (len(columns) + 2)) + "|")
+    for method, stats in summary.items():
+        seeds = int(stats["clean"]["n"]) if "clean" in stats else 0
+        cells = [cell(stats.get(key), digits, signed) for _, key, digits in columns]
+        lines.append(f"| `{method}` | {seeds} | " + " | ".join(cells) + " |")
+    return [*lines, ""]
+
+
+def _majority_verdict(majority: float, runs: Sequence[Mapping[str, Any]]) -> str:
+    """Name the runs at or near the majority class: a model that answers one label everywhere looks robust."""
+    clean = {f"`{r['method']}` seed {r['seed']}": r["eval"]["clean_accuracy"] for r in runs}
+    stuck = [name for name, accuracy in clean.items() if accuracy <= majority + 0.005]
+    weak = [name for name, accuracy in clean.items() if majority + 0.005 < accuracy < majority + 0.1 - 1e-9]
+    verdicts = [f"Always answering the most frequent test label scores {majority:.3f}."]
+    if stuck:
+        verdicts.append(f"At that level (did not learn; their robust accuracy means nothing): {', '.join(stuck)}.")
+    if weak:
+        verdicts.append(f"Less than 10 points above it: {', '.join(weak)}.")
+    if not stuck and not weak and clean:
+        verdicts.append(f"Every run is at least 10 points above it (the lowest: {min(clean.values()):.3f}).")
+    return " ".join(verdicts)
+
+
+def markdown(
+    summary: Mapping[str, Mapping[str, Mapping[str, float]]],
+    info: Mapping[str, Any],
+    runs: Sequence[Mapping[str, Any]] = (),
+) -> str:
+    """The Markdown report: settings, one row per method, the runs that learned nothing, paired differences."""
+    lines = [
+        f"# advfunc {info.get('job', 'compare')}: {info['title']}",
+        "",
+        f"Command: `{info['command']}`",
+        "",
+        f"Model: {info['model']}. Data: {info['data']}. {info['sizes']}",
+        *([f"Task: {info['task']}"] if info.get("task") else []),
+        f"Training: {info['training']}",
+        f"Attacks ({info['attack']['examples']} test examples): {info['attack_text']}",
+        f"Finished runs: {info['finished_runs']} of {info['planned_runs']}, {_run_minutes(runs):.1f} min of run time "
+        f"(training and evaluation, summed over runs; this invocation {info.get('elapsed_minutes', 0):.1f} min "
+        f"wall time). Machine: {info['machine']}.",
+        "",
+        "Cells are mean ± sample std over seeds (the mean alone for one seed). Robust accuracy is over the",
+        "attacked examples, whose clean accuracy is 'clean (attacked)': it counts an example as correct only if it",
+        "is correct clean and survives every attack up to that radius / budget; the word-level worst case only if",
+        "it survives every word-level attack that ran (HotFlip at its full budget and the synonym attack).",
+        "",
+        *_table(summary, _columns(info)),
+    ]
+    if info.get("majority_accuracy") is not None and runs:
+        lines += [_majority_verdict(info["majority_accuracy"], runs), ""]
+    delta = differences(runs)
+    if delta:
+        lines += ["Difference to plain fine-tuning (`none`), paired by seed: mean ± sample std of (method − none).", ""]
+        lines += _table(delta, _columns(info, paired=True), signed=True)
+    examples = [(r, e) for r in runs for e in (r["eval"].get("synonym") or {}).get("examples", [])][:5]
+    if examples:
+        lines += ["Successful synonym substitutions (original → changed, label → prediction):", ""]
+        for run, example in examples:
+            lines.append(
+                f'- `{run["method"]}` seed {run["seed"]}: "{example["original"]}" → "{example["adversarial"]}" '
+                f"({', '.join(example['changes'])}; label {example['label']} → {example['prediction']})"
+            )
+        lines.append("")
+    return "\n".join(lines)
+
+
+def plot(summary: Mapping[str, Mapping[str, Mapping[str, float]]], info: Mapping[str, Any]) -> bytes:
+    """PNG bytes: accuracy against PGD radius (left) and HotFlip budget (right), one line per method."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # no display on a server; must precede pyplot
+    from matplotlib import pyplot as plt
+
+    radii = info["attack"]["radii"]
+    budgets = list(range(1, info["attack"]["hotflip_budget"] + 1))
+    fig, grid = plt.subplots(1, 2 if budgets else 1, figsize=(11 if budgets else 5.5, 4.2), squeeze=False)
+    axes = grid[0]
+    panels: list[tuple[Any, list[float], list[str], str]] = [
+        (axes[0], [0.0, *map(float, radii)], [f"pgd@{r}" for r in radii], "embedding PGD radius (L2 per example)"),
+    ]
+    if budgets:  # no HotFlip panel when HotFlip did not run
+        panels.append(
+            (axes[1], [0.0, *map(float, budgets)], [f"hotflip@{b}" for b in budgets], "changed words (HotFlip budget)")
+        )
+    for axis, xs, keys, label in panels:
+        for method, stats in summary.items():
+            series = [stats.get(key) for key in ("attack_clean", *keys)]
+            points = [(x, s) for x, s in zip(xs, series, strict=True) if s is not None]
+            if points:
+                means, stds = [s["mean"] for _, s in points], [s["std"] for _, s in points]
+                axis.errorbar([x for x, _ in points], means, yerr=stds, marker="o", capsize=3, label=method)
+        axis.set_xlabel(label)
+        axis.set_ylim(0, 1)
+        axis.grid(alpha=0.3)
+    axes[0].set_ylabel("accuracy")
+    axes[0].set_title("Embedding-space PGD")
+    if budgets:
+        axes[1].set_title("Word substitution (HotFlip)")
+        axes[1].set_xticks([0, *budgets])
+    axes[0].legend(fontsize=8)
+    fig.suptitle(f"{info['title']}: mean ± std over seeds, {info['attack']['examples']} test examples", fontsize=10)
+    fig.tight_layout()
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=110)
+    plt.close(fig)
+    return buffer.getvalue()
+
+
+def write(directory: str | Path, runs: Sequence[Mapping[str, Any]], info: Mapping[str, Any]) -> list[Path]:
+    """Write the three report files into ``directory``; return their paths."""
+    directory = Path(directory)
+    summary = summarize(runs)
+    document = {"info": dict(info), "summary": summary, "differences": differences(runs), "runs": list(runs)}
+    paths = [directory / RESULTS_JSON, directory / RESULTS_MD, directory / PLOT_PNG]
+    atomic.write_text(paths[0], json.dumps(document, indent=2) + "\n")
+    atomic.write_text(paths[1], markdown(summary, info, runs))
+    image = plot(summary, info)
+    atomic.write_with(paths[2], lambda tmp: tmp.write_bytes(image))
+    return paths
+
+
+FINAL_LOSS_WINDOW = 10  # optimizer steps the final loss is averaged over
+
+
+def training_summary(losses: Sequence[float], steps: int, seconds: float, **extra: Any) -> dict[str, Any]:
+    """A run's training entry: steps, time, first loss and the mean of the last ``FINAL_LOSS_WINDOW`` losses."""
+    tail = list(losses[-FINAL_LOSS_WINDOW:])
+    return {
+        "steps": steps,
+        "seconds": seconds,
+        "seconds_per_step": seconds / steps if steps else math.nan,
+        "steps_per_second": steps / seconds if seconds > 0 else math.nan,
+        "first_loss": losses[0] if losses else None,
+        "final_loss": sum(tail) / len(tail) if tail else None,
+        **extra,
+    }
+
+
+def majority_accuracy(labels: Sequence[Any]) -> float:
+    """The accuracy of always answering the most frequent of ``labels``."""
+    return max(labels.count(label) for label in set(labels)) / len(labels)

