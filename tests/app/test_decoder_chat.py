@@ -18,8 +18,9 @@ from advfunc.app.decoder import job as decoder_job
 from advfunc.app.decoder.data import Answers, batch, prompts
 from advfunc.app.decoder.evaluate import answer_scores
 from advfunc.hf import AdversarialTrainer
+from tests.app.test_decoder_job import HAS_WORDNET
 from tests.support.tiny_decoders import tiny_decoder
-from tests.support.tiny_task import FILLER, NEGATIVE, POSITIVE, sentences, write_csv
+from tests.support.tiny_task import FILLER, NEGATIVE, POSITIVE, save_tiny_model, sentences, write_csv
 
 WORDS = ["<pad>", "<s>", "</s>", "<unk>", "Review", ":", "Sentiment", "positive", "negative", "user", "assistant"]
 WORDS += ["END", *POSITIVE, *NEGATIVE, *FILLER]
@@ -151,12 +152,14 @@ def test_the_job_on_the_chat_template_writes_its_report(tmp_path):
     args = ["--no-progress", "decoder", "--chat-template", "--model", str(folder), "--data", str(train)]
     args += ["--eval-data", str(test), "--answer", "pos=positive", "--answer", "neg=negative", "--output", str(out)]
     args += ["--methods", METHOD, "--seeds", "0", "--batch-size", "4", "--max-length", "32", "--lora-r", "2"]
-    args += ["--attack-examples", "4", "--radii", "0.5", "--no-synonym"]
+    args += ["--attack-examples", "4", "--radii", "0.5", "--synonym-examples", "2", "--synonym-queries", "20"]
+    args += ["--encoder", str(save_tiny_model(tmp_path / "encoder"))] if HAS_WORDNET else ["--no-synonym"]
     assert main(args) == 0
     document = json.loads((out / "results.json").read_text())
     (run,) = document["runs"]
     assert run["method"] == "cat(alpha=0.05,epsilon=0.2,steps=1)" and run["train"]["steps"] == 2
     assert run["eval"]["examples"] == 6 and set(run["eval"]["robust"]) == {"0.5"}
+    assert (run["eval"]["synonym"] is not None) == HAS_WORDNET  # the synonym attack queries the chat prompts too
     assert "chat template" in (out / "results.md").read_text()
 
 
