@@ -12,6 +12,40 @@ import torch
 from advfunc.core.completion import ADV_LABELS
 
 Message = Mapping[str, str]
+NO_TEMPLATE = "the tokenizer has no chat_template; set tokenizer.chat_template to the model's template"
+
+
+def render(tokenizer: Any, messages: Sequence[Message], generation_prompt: bool) -> str:
+    """The conversation as the tokenizer's chat template writes it (``add_generation_prompt=generation_prompt``)."""
+    return str(tokenizer.apply_chat_template(list(messages), tokenize=False, add_generation_prompt=generation_prompt))
+
+
+def token_ids(tokenizer: Any, text: str) -> list[int]:
+    """``text``'s ids as written: the template already holds whatever special tokens it wants."""
+    return list(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+
+def reply_ids(tokenizer: Any, prompt: Sequence[Message], reply: Any, key: str = "reply") -> list[int]:
+    """The ids the template adds after ``prompt``'s generation prompt when ``reply`` closes the conversation.
+
+    ``reply``: a string (one assistant message) or a list of messages; the ids include the
+    template's own end-of-turn tokens. ``key`` names the reply in errors.
+    """
+    if isinstance(reply, str):
+        reply = [{"role": "assistant", "content": reply}]
+    if not isinstance(reply, Sequence) or not reply or not all(isinstance(m, Mapping) for m in reply):
+        raise ValueError(f"example[{key!r}] must be a string or a list of chat messages, got {reply!r}")
+    prompt_text = render(tokenizer, prompt, generation_prompt=True)
+    whole = render(tokenizer, [*prompt, *reply], generation_prompt=False)
+    if not whole.startswith(prompt_text):
+        raise ValueError(
+            f"the chat template renders the prompt differently once example[{key!r}] follows it; "
+            "its generation prompt must be a prefix of the conversation with the reply"
+        )
+    ids = token_ids(tokenizer, whole[len(prompt_text) :])
+    if not ids:
+        raise ValueError(f"example[{key!r}] renders to no tokens")
+    return ids
 
 
 @dataclass
@@ -50,39 +84,13 @@ class ChatAdversaryCollator:
 
     def __post_init__(self) -> None:
         if getattr(self.tokenizer, "chat_template", None) is None:
-            raise ValueError("the tokenizer has no chat_template; set tokenizer.chat_template to the model's template")
+            raise ValueError(NO_TEMPLATE)
         if self.tokenizer.pad_token_id is None:
             raise ValueError("the tokenizer has no pad_token_id; set tokenizer.pad_token (often the eos token)")
         for name in ("max_length", "pad_to_multiple_of"):
             value = getattr(self, name)
             if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 2):
                 raise ValueError(f"{name} must be an integer >= 2 or None, got {value!r}")
-
-    def _render(self, messages: Sequence[Message], generation_prompt: bool) -> str:
-        text = self.tokenizer.apply_chat_template(
-            list(messages), tokenize=False, add_generation_prompt=generation_prompt
-        )
-        return str(text)
-
-    def _ids(self, text: str) -> list[int]:
-        return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
-
-    def _reply(self, prompt: Sequence[Message], prompt_text: str, reply: Any, key: str) -> list[int]:
-        """The ids the template adds after the generation prompt when ``reply`` closes the conversation."""
-        if isinstance(reply, str):
-            reply = [{"role": "assistant", "content": reply}]
-        if not isinstance(reply, Sequence) or not reply or not all(isinstance(m, Mapping) for m in reply):
-            raise ValueError(f"example[{key!r}] must be a string or a list of chat messages, got {reply!r}")
-        whole = self._render([*prompt, *reply], generation_prompt=False)
-        if not whole.startswith(prompt_text):
-            raise ValueError(
-                f"the chat template renders the prompt differently once example[{key!r}] follows it; "
-                "its generation prompt must be a prefix of the conversation with the reply"
-            )
-        ids = self._ids(whole[len(prompt_text) :])
-        if not ids:
-            raise ValueError(f"example[{key!r}] renders to no tokens")
-        return ids
 
     def __call__(self, examples: Sequence[Mapping[str, Any]]) -> dict[str, torch.Tensor]:
         if not examples:
@@ -93,10 +101,10 @@ class ChatAdversaryCollator:
             if missing:
                 raise ValueError(f"a chat example needs 'prompt', 'completion' and 'adversary'; it lacks {missing}")
             prompt = example["prompt"]
-            prompt_text = self._render(prompt, generation_prompt=True)
-            prompt_ids = self._ids(prompt_text)
-            completion = self._reply(prompt, prompt_text, example["completion"], "completion")
-            adversary = self._reply(prompt, prompt_text, example["adversary"], "adversary")
+            prompt_text = render(self.tokenizer, prompt, generation_prompt=True)
+            prompt_ids = token_ids(self.tokenizer, prompt_text)
+            completion = reply_ids(self.tokenizer, prompt, example["completion"], "completion")
+            adversary = reply_ids(self.tokenizer, prompt, example["adversary"], "adversary")
             if self.max_length is not None:
                 room = self.max_length - len(prompt_ids)
                 if room < 1:

@@ -2,9 +2,14 @@
 
 Each text becomes the plain prompt ``"Review: {text}\\nSentiment:"`` and each label an
 answer word (Rotten Tomatoes: ``fresh`` → ``" positive"``, ``rotten`` → ``" negative"``).
-The prompt is plain rather than the model's chat template: the question is the
-instruction itself, and the template of an instruct model adds a system prompt that
-would triple the length of these short snippets (and the cost of every pass).
+The prompt is plain by default rather than the model's chat template: the question is
+the instruction itself, and the template of an instruct model adds a system prompt that
+would triple the length of these short snippets (and the cost of every pass). With
+``chat`` (``--chat-template``) the same instruction is the user turn, rendered by the
+tokenizer's template with its generation prompt, and each answer is the assistant turn
+the template writes after it, end-of-turn tokens included
+(:func:`advfunc.hf.chat.reply_ids`, the rendering :class:`~advfunc.hf.ChatAdversaryCollator`
+uses).
 
 An example's ``input_ids`` are the prompt's tokens followed by its answer's; ``labels``
 are −100 at the prompt and the answer's tokens after it, so the loss is the answer's
@@ -24,6 +29,7 @@ import torch
 
 from advfunc.app.common.data import DataError, TextDataset
 from advfunc.core.completion import ADV_LABELS
+from advfunc.hf.chat import Message, render, reply_ids, token_ids
 
 PROMPT_HEAD = "Review:"
 PROMPT_TAIL = "\nSentiment:"
@@ -32,18 +38,29 @@ ROTTEN_TOMATOES_ANSWERS = {"fresh": " positive", "rotten": " negative"}
 
 @dataclass(frozen=True)
 class Answers:
-    """The two labels in class order and the token ids of their answers (class i answers ``ids[i]``)."""
+    """The two labels in class order and the token ids of their answers (class i answers ``ids[i]``).
+
+    ``chat``: prompts and answers are rendered by the tokenizer's chat template.
+    """
 
     labels: tuple[str, ...]
     words: tuple[str, ...]
     ids: tuple[tuple[int, ...], ...]
+    chat: bool = False
 
     @classmethod
-    def of(cls, words: Mapping[str, str], tokenizer: Any) -> Answers:
-        """Tokenize each label's answer word; their first tokens must differ (the answer is a next-token choice)."""
+    def of(cls, words: Mapping[str, str], tokenizer: Any, chat: bool = False) -> Answers:
+        """Tokenize each label's answer word; their first tokens must differ (the answer is a next-token choice).
+
+        ``chat``: each answer is the assistant turn holding the word, as the template renders it
+        after the instruction's user turn.
+        """
         if len(words) != 2:
             raise DataError(f"the decoder task has two answers, got {len(words)}: {dict(words)}; give LABEL=WORD twice")
-        ids = tuple(tuple(tokenizer(word, add_special_tokens=False)["input_ids"]) for word in words.values())
+        if chat:
+            ids = tuple(tuple(_reply(tokenizer, _instruction(""), word)) for word in words.values())
+        else:
+            ids = tuple(tuple(tokenizer(word, add_special_tokens=False)["input_ids"]) for word in words.values())
         empty = [word for word, tokens in zip(words.values(), ids, strict=True) if not tokens]
         if empty:
             raise DataError(f"answer {empty[0]!r} tokenizes to nothing; choose another answer word")
@@ -52,7 +69,7 @@ class Answers:
                 f"answers {list(words.values())} begin with the same token {ids[0][0]}, so the next token cannot "
                 "tell them apart; choose answer words that start differently"
             )
-        return cls(tuple(words), tuple(words.values()), ids)
+        return cls(tuple(words), tuple(words.values()), ids, chat)
 
     @property
     def first(self) -> tuple[int, ...]:
@@ -85,11 +102,30 @@ class Prompts:
         return Prompts([self.prompts[i] for i in indices], [self.classes[i] for i in indices])
 
 
+def _instruction(review: str) -> list[Message]:
+    """The instruction as the user turn of a chat."""
+    return [{"role": "user", "content": f"{PROMPT_HEAD}{review}{PROMPT_TAIL}"}]
+
+
+def _reply(tokenizer: Any, prompt: list[Message], word: str) -> list[int]:
+    """The assistant turn answering ``word`` (its leading space is the plain prompt's, not the turn's)."""
+    return reply_ids(tokenizer, prompt, word.strip(), "answer")
+
+
 def prompts(texts: Sequence[str], classes: Sequence[int], tokenizer: Any, answers: Answers, max_length: int) -> Prompts:
-    """``"Review: {text}\\nSentiment:"`` as tokens, the review cut so that prompt and answer fit ``max_length``."""
-    head = tokenizer(PROMPT_HEAD, add_special_tokens=False)["input_ids"]
-    tail = tokenizer(PROMPT_TAIL, add_special_tokens=False)["input_ids"]
-    room = max_length - len(head) - len(tail) - max(len(ids) for ids in answers.ids)
+    """``"Review: {text}\\nSentiment:"`` as tokens, the review cut so that prompt and answer fit ``max_length``.
+
+    With ``answers.chat`` the instruction is the user turn, rendered by the chat template
+    with its generation prompt; the review is cut by tokens and written back as text.
+    """
+    if answers.chat:
+        head = token_ids(tokenizer, render(tokenizer, _instruction(""), generation_prompt=True))
+        tail: list[int] = []
+    else:
+        head = tokenizer(PROMPT_HEAD, add_special_tokens=False)["input_ids"]
+        tail = tokenizer(PROMPT_TAIL, add_special_tokens=False)["input_ids"]
+    answer = max(len(ids) for ids in answers.ids)
+    room = max_length - len(head) - len(tail) - answer
     if room < 1:
         raise DataError(
             f"max length {max_length} leaves no token for the review after the instruction "
@@ -98,7 +134,35 @@ def prompts(texts: Sequence[str], classes: Sequence[int], tokenizer: Any, answer
     if not texts:
         raise DataError("no texts to encode: there is nothing to train or evaluate on")
     bodies = tokenizer([" " + text for text in texts], add_special_tokens=False)["input_ids"]
-    return Prompts([head + body[:room] + tail for body in bodies], list(classes))
+    if not answers.chat:
+        return Prompts([head + body[:room] + tail for body in bodies], list(classes))
+    return Prompts(
+        [_chat_prompt(tokenizer, answers, body[:room], max_length - answer) for body in bodies], list(classes)
+    )
+
+
+def _chat_prompt(tokenizer: Any, answers: Answers, body: list[int], width: int) -> list[int]:
+    """The rendered instruction holding the review ``body``, cut further while it renders to more than ``width`` ids.
+
+    The instruction without a review fits (:func:`prompts` checked it), so the loop ends.
+    """
+    while True:
+        prompt = _instruction(" " + str(tokenizer.decode(body)).strip() if body else "")
+        ids = token_ids(tokenizer, render(tokenizer, prompt, generation_prompt=True))
+        if len(ids) <= width or not body:
+            break
+        body = body[: len(body) - 1]
+    if len(ids) > width:
+        raise DataError(
+            f"the chat template renders the instruction alone to {len(ids)} tokens > {width}; raise --max-length"
+        )
+    replies = tuple(tuple(_reply(tokenizer, prompt, word)) for word in answers.words)
+    if replies != answers.ids:
+        raise DataError(
+            "the chat template renders the answers differently after different reviews; the decoder task "
+            "needs answers that do not depend on the prompt (leave --chat-template out)"
+        )
+    return ids
 
 
 def batch(

@@ -4,7 +4,8 @@ Each (method, seed) run fine-tunes fresh LoRA adapters (PEFT, rank ``--lora-r`` 
 linear layer of the decoder blocks, the base weights frozen) with
 :class:`advfunc.hf.AdversarialTrainer`, on prompts ``"Review: {text}\\nSentiment:"`` with
 the answer ``" positive"`` / ``" negative"`` and a completion-only loss
-(:mod:`advfunc.app.decoder.data`), then evaluates it (:mod:`advfunc.app.decoder.evaluate`):
+(:mod:`advfunc.app.decoder.data`; with ``--chat-template`` the prompt is the user turn and the
+answer the assistant turn of the model's chat template), then evaluates it (:mod:`advfunc.app.decoder.evaluate`):
 
 * answer accuracy: the next-token choice between the two answers' first tokens;
 * accuracy under L2 PGD on the prompt's input embeddings at each ``--radii`` radius, the
@@ -83,7 +84,7 @@ class Settings:
     """Everything that decides a run's numbers besides method and seed (the key a resumed run is matched by).
 
     The fields shared with the classifier commands take their flags from :class:`TrainConfig`
-    and :class:`AttackConfig`, with the decoder's defaults; the last two are the decoder's own.
+    and :class:`AttackConfig`, with the decoder's defaults; the last three are the decoder's own.
     """
 
     train_size: int
@@ -100,6 +101,11 @@ class Settings:
     synonym: SynonymAttackConfig | None
     synonym_examples: int = option(3, COUNT, "synonym attack on the first N test examples")
     lora_r: int = option(8, COUNT, "LoRA rank, alpha = 2·rank")
+    chat_template: bool = option(
+        False,
+        None,
+        "the instruction as the user turn, the answer as the assistant turn of the model's chat template",
+    )
 
 
 def _answer(text: str) -> tuple[str, str]:
@@ -121,6 +127,7 @@ def add_commands(subparsers: Any) -> None:
     p.add_argument("--model", type=Path, help="causal LM folder (default: the converted SmolLM2-135M-Instruct)")
     add_grid_flags(p, methods=DEFAULT_METHODS, seeds=(0, 1, 2), output=Path("runs/decoder-short"))
     data = add_data_flags(p, max_length=32, train_size=40, test_size=128, pairs=False)
+    add_fields(data, Settings, only=("chat_template",))
     data.add_argument(
         "--answer",
         type=_answer,
@@ -174,8 +181,9 @@ def model_folder(path: Path | None) -> Path:
     )
 
 
-def _load(folder: Path) -> tuple[Any, Any]:
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+def load_tokenizer(folder: Path, chat_template: bool) -> Any:
+    """The tokenizer in ``folder``; ``DecoderError`` if it is unusable or lacks the template ``chat_template`` needs."""
+    from transformers import AutoTokenizer
 
     try:
         tokenizer = AutoTokenizer.from_pretrained(folder)
@@ -183,6 +191,18 @@ def _load(folder: Path) -> tuple[Any, Any]:
         raise DecoderError(
             f"--model {folder} has no usable tokenizer ({error}); save the model's own next to it"
         ) from error
+    if chat_template and getattr(tokenizer, "chat_template", None) is None:
+        raise DecoderError(
+            f"--chat-template: the tokenizer in {folder} has no chat_template; save the model's tokenizer with its "
+            "template there (tokenizer.chat_template = ...; tokenizer.save_pretrained), or leave --chat-template out"
+        )
+    return tokenizer
+
+
+def _load(folder: Path) -> tuple[Any, Any]:
+    from transformers import AutoModelForCausalLM
+
+    tokenizer = load_tokenizer(folder, chat_template=False)
     try:
         model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, local_files_only=True)
     except OSError as error:  # damaged or partial weight files
@@ -314,9 +334,15 @@ def _info(args: argparse.Namespace, settings: Settings, folder: Path, answers: A
         "model": str(folder),
         "sizes": sizes,
         "task": (
-            f"plain prompt 'Review: {{text}}\\nSentiment:' (review cut so that prompt and answer fit "
-            f"{settings.max_length} tokens), answers {dict(zip(answers.labels, answers.words, strict=True))}, "
-            "loss on the answer only; the answer is the larger of the two answers' first-token logits."
+            (
+                "prompt 'Review: {text}\\nSentiment:' as the user turn of the model's chat template with its "
+                "generation prompt, each answer as the assistant turn"
+                if settings.chat_template
+                else "plain prompt 'Review: {text}\\nSentiment:'"
+            )
+            + f" (review cut so that prompt and answer fit {settings.max_length} tokens), answers "
+            f"{dict(zip(answers.labels, answers.words, strict=True))}, loss on the answer only; the answer is "
+            "the larger of the two answers' first-token logits."
         ),
         "training": (
             f"LoRA rank {settings.lora_r} (alpha {2 * settings.lora_r}) on every linear layer of the decoder "
@@ -352,14 +378,15 @@ def run_decoder(args: argparse.Namespace) -> int:
     grid = RunGrid(args.output, specs, list(args.seeds), key, args.stop_after)
     check_data_flags(args)  # a flag mistake first, then the model folder, then the data read
     folder = model_folder(args.model)
+    tokenizer = load_tokenizer(folder, settings.chat_template)
     words = dict(args.answer) if args.answer else dict(ROTTEN_TOMATOES_ANSWERS)
     if args.answer and len(words) != len(args.answer):
         raise ValueError(f"--answer names a label twice ({args.answer}); give each label once")
     train_all, test_all, data_text = select_splits(args)
     train_set, test_set = train_all.head(settings.train_size), test_all.head(settings.test_size)
     training_labels(train_all, train_set, settings.train_size)
-    probe, tokenizer = _load(folder)
-    answers = Answers.of(words, tokenizer)
+    probe, _ = _load(folder)
+    answers = Answers.of(words, tokenizer, settings.chat_template)
     train_data = prompts(train_set.texts, answers.encode_labels(train_set), tokenizer, answers, settings.max_length)
     test = prompts(test_set.texts, answers.encode_labels(test_set), tokenizer, answers, settings.max_length)
     for spec in specs:  # every factory checks its values now, not when its turn comes an hour later
