@@ -61,6 +61,31 @@ def test_readme_decoder_loop_trains():
     assert any(".layers.0." in name for name in moved)
 
 
+def test_readme_trl_recipe_trains_the_adapters(tmp_path):
+    from datasets import Dataset
+
+    from tests.hf.test_trl import _chat, _tokenizer
+
+    code = _loop_code("## Fine-tuning an LLM with TRL")
+    assert len(code.strip().splitlines()) <= 15
+    # A two-step run on the CPU in fp32 (SFTConfig would autocast to bf16 where it can).
+    settings = f"output_dir={str(tmp_path)!r}, max_steps=2, max_length=64, use_cpu=True, bf16=False, report_to=[], "
+    code = code.replace('SFTConfig(output_dir="out", ', f"SFTConfig({settings}")
+    model = tiny_decoder("llama")
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    namespace = {"model": model, "tokenizer": _tokenizer(), "chat_dataset": Dataset.from_list(_chat())}
+    exec(compile(code, str(README), "exec"), namespace)
+    trained = namespace["trainer"].model
+    assert trained.is_gradient_checkpointing and namespace["trainer"].state.global_step == 2
+    moved = [n for n, p in trained.named_parameters() if "lora_B" in n and p.abs().sum() > 0]
+    assert moved, "the adapters' B matrices left zero"
+    assert all(torch.equal(p, before[n]) for n, p in model.named_parameters() if n in before), "base weights moved"
+
+
 def test_every_python_block_of_the_readme_is_one_the_tests_run():
     blocks = re.findall(r"```python\n(.*?)```", README.read_text(), re.S)
-    assert blocks == [_custom_loop_code(), _loop_code("### The same loop on the attack API")]
+    assert blocks == [
+        _custom_loop_code(),
+        _loop_code("### The same loop on the attack API"),
+        _loop_code("## Fine-tuning an LLM with TRL"),
+    ]
