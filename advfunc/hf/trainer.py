@@ -73,7 +73,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 from torch import nn
-from torch.utils.data import DataLoader, Sampler
+from torch.utils.data import DataLoader, IterableDataset, Sampler
 from transformers import Trainer, TrainerCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
@@ -294,6 +294,15 @@ class AdversarialTrainer(Trainer):
         # Trainer keeps only the keys the model's forward takes (remove_unused_columns); the
         # keys advfunc consumes itself must reach the step, or a perturb_mask would vanish
         # silently. Evaluation calls the model directly, so there they are still removed.
+        step = self._current_step()[1]
+        if step.replays > 1 and isinstance(self.train_dataset, IterableDataset):
+            # Trainer gives an iterable dataset no sampler, so the replaying sampler never runs:
+            # batch k's δ would carry over to batch k+1 with no replay at all.
+            raise ValueError(
+                f"{step.method} replays each batch, which needs a training dataset with a length; "
+                f"got an iterable {type(self.train_dataset).__name__}: materialise it (e.g. Dataset.from_list) "
+                "or use a method that does not replay"
+            )
         self._set_signature_columns_if_needed()
         model_columns: list[str] = list(self._signature_columns or [])
         method = METHODS.get(self._current_step()[1].method)

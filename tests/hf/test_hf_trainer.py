@@ -359,3 +359,30 @@ def test_a_specs_step_compiles_as_the_trainer_is_told(tmp_path, compile):
     )
     trainer.train()
     assert (counters["stats"]["unique_graphs"] > 0) is compile
+
+
+def test_free_at_on_an_iterable_dataset_is_refused_before_training(tmp_path):
+    class Stream(torch.utils.data.IterableDataset):
+        def __iter__(self):
+            return iter(_examples(8))
+
+    model = tiny_model("bert", num_labels=2)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    trainer = AdversarialTrainer(
+        model=model,
+        args=_args(tmp_path, gradient_accumulation_steps=1),
+        train_dataset=Stream(),
+        data_collator=default_data_collator,
+        step_factory="free_at:epsilon=0.05,replays=3",
+    )
+    with pytest.raises(ValueError, match=r"free_at replays each batch.*iterable Stream"):
+        trainer.train()
+    assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())
+    # Without replays the same stream trains.
+    AdversarialTrainer(
+        model=model,
+        args=_args(tmp_path, gradient_accumulation_steps=1),
+        train_dataset=Stream(),
+        data_collator=default_data_collator,
+        step_factory="free_at:epsilon=0.05,replays=1",
+    ).train()
