@@ -67,7 +67,9 @@ def _rows(count, labels=("pos", "neg")):
 def test_the_decoder_job_refuses_a_single_label_as_train_and_compare_do(tmp_path, capsys, monkeypatch):
     from advfunc.app.decoder import job
 
-    monkeypatch.setattr(job, "model_folder", lambda path: path)  # the data is refused before the model is read
+    # The data is refused before the model's weights are read; the folder's tokenizer is not needed for that.
+    monkeypatch.setattr(job, "model_folder", lambda path: path)
+    monkeypatch.setattr(job, "load_tokenizer", lambda folder, chat_template: None)
     (tmp_path / "one.csv").write_text(_rows(40, labels=("pos",)), encoding="utf-8")
     assert main(_decoder_args(tmp_path, tmp_path / "one.csv", "--answer", "pos=yes", "--answer", "neg=no")) == 2
     err = capsys.readouterr().err
@@ -78,6 +80,7 @@ def test_a_split_without_test_rows_names_the_file_and_split(tmp_path, capsys, mo
     from advfunc.app.decoder import job
 
     monkeypatch.setattr(job, "model_folder", lambda path: path)
+    monkeypatch.setattr(job, "load_tokenizer", lambda folder, chat_template: None)
     # Two texts both hashed into the training split: the 80/10/10 split leaves no test row.
     texts = tuple(f"snippet number {i}" for i in range(40))
     kept = fixed_split(TextDataset(texts, ("pos",) * len(texts)))["train"].texts[:2]
