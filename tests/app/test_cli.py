@@ -61,7 +61,7 @@ def test_train_checkpoint_evaluate_compare(task, tmp_path, capsys):
     assert set(result["robust"]) == {"0.1", "0.5"} and set(result["hotflip"]) == {"1"}
     synonym = result["synonym"]
     fields = {"clean_accuracy", "accuracy_under_attack", "success_rate", "changed_share", "queries", "examples"}
-    fields |= {"search", "seconds"}
+    fields |= {"search", "seconds", "untried"}
     assert set(synonym) == fields
     assert synonym["clean_accuracy"] == result["attack_clean_accuracy"]
     assert 0 <= synonym["accuracy_under_attack"] <= synonym["clean_accuracy"] and 0 < synonym["queries"] <= 40

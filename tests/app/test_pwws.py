@@ -220,3 +220,19 @@ def test_the_summary_names_the_search_and_its_cost():
 
 def test_word_spans_are_what_the_oracles_split_on():
     assert [t for t in TINY_TEXTS if len(word_spans(t)) != len(t.split())] == []
+
+
+@pytest.mark.parametrize("search", ["pwws", "textfooler"])
+def test_a_text_the_budget_cannot_rank_is_untried_never_robust(search):
+    from advfunc.app.word_attacks.synonym_attack import AttackSummary
+
+    config = SynonymAttackConfig(similarity=-1.0, search=search, query_budget=4)  # 1 + 4 rankings > 4 queries
+    model = Linear(WEIGHTS)
+    long_text = attack_text("alpha beta gamma delta", 1, model, letters, Thesaurus(SYNONYMS), config)  # type: ignore[arg-type]
+    assert long_text.status == "untried" and not long_text.substitutions and long_text.queries == 1
+    short = attack_text("alpha", 1, model, letters, Thesaurus(SYNONYMS), config)  # type: ignore[arg-type]
+    assert short.status == "failed"  # "ape" and "ant" both keep class 1: searched, and it held
+    summary = AttackSummary.of([long_text, short])
+    assert summary.clean_accuracy == 1.0 and summary.untried == 0.5
+    assert summary.accuracy_under_attack == 0.5  # only the text the attack could search counts as robust
+    assert summary.success_rate == 0.0

@@ -59,6 +59,7 @@ def _metrics(run: Mapping[str, Any]) -> dict[str, float]:
         flat["synonym_success"] = synonym["success_rate"]
         flat["synonym_changed"] = synonym["changed_share"]
         flat["synonym_queries"] = synonym["queries"]
+        flat["synonym_untried"] = synonym.get("untried", 0.0)
     if evaluation.get("worst_case") is not None:
         flat["worst_case"] = evaluation["worst_case"]
     if run.get("validation_accuracy") is not None:
@@ -132,6 +133,7 @@ def _columns(info: Mapping[str, Any], paired: bool = False) -> list[Column]:
         return [*columns, ("synonym acc", "synonym", 3), ("worst case", "worst_case", 3)]
     columns += [("synonym acc", "synonym", 3), ("synonym success", "synonym_success", 3)]
     columns += [("words changed", "synonym_changed", 3), ("queries", "synonym_queries", 1)]
+    columns += [("synonym untried", "synonym_untried", 3)]
     return [
         *columns,
         ("word worst case", "worst_case", 3),

@@ -158,9 +158,11 @@ class AttackResult:
     """The outcome for one text.
 
     status: ``"skipped"`` (misclassified before any change), ``"succeeded"`` (the label
-    flipped) or ``"failed"``. ``queries`` counts classified texts; ``seconds`` is this
-    text's share of the wall time of the batch it was attacked in; ``search`` names the
-    search (:attr:`SynonymAttackConfig.description`).
+    flipped), ``"failed"`` (searched within the budgets, not flipped) or ``"untried"`` (the
+    query budget cannot pay for the word ranking, so no search ran: never counted as robust).
+    ``queries`` counts classified texts; ``seconds`` is this text's share of the wall time
+    of the batch it was attacked in; ``search`` names the search
+    (:attr:`SynonymAttackConfig.description`).
     """
 
     text: str
@@ -191,6 +193,7 @@ class AttackSummary:
     examples: list[dict[str, object]] = field(default_factory=list)
     search: str = "pwws"  # which search produced the results, e.g. "pwws" or "textfooler (delete order)"
     seconds: float = 0.0  # mean wall seconds per text, skipped ones included
+    untried: float = 0.0  # share of texts the query budget could not attack: neither robust nor broken
 
     @classmethod
     def of(cls, results: Sequence[AttackResult], keep: int = 5) -> AttackSummary:
@@ -198,6 +201,7 @@ class AttackSummary:
             raise ValueError("no results to summarise: attack at least one text")
         succeeded = [r for r in results if r.status == "succeeded"]
         attacked = [r for r in results if r.status != "skipped"]
+        tried = [r for r in attacked if r.status != "untried"]
         examples = [
             {
                 "original": r.text,
@@ -210,13 +214,14 @@ class AttackSummary:
         ]
         return cls(
             clean_accuracy=len(attacked) / len(results),
-            accuracy_under_attack=(len(attacked) - len(succeeded)) / len(results),
-            success_rate=len(succeeded) / len(attacked) if attacked else 0.0,
+            accuracy_under_attack=(len(tried) - len(succeeded)) / len(results),
+            success_rate=len(succeeded) / len(tried) if tried else 0.0,
             changed_share=sum(r.changed_share for r in succeeded) / len(succeeded) if succeeded else 0.0,
             queries=sum(r.queries for r in attacked) / len(attacked) if attacked else 0.0,
             examples=examples,
             search=", ".join(dict.fromkeys(r.search for r in results)),
             seconds=sum(r.seconds for r in results) / len(results),
+            untried=(len(attacked) - len(tried)) / len(results),
         )
 
 
@@ -341,8 +346,10 @@ def _pwws(state: _Text) -> _Search:
     if prediction != label:
         return state.result("skipped", text, prediction, {})
     positions = sorted(state.candidates)
-    if not positions or state.left() < len(positions):  # nothing to change, or the saliency alone is over budget
+    if not positions:
         return state.result("failed", text, prediction, {})
+    if state.left() < len(positions):  # the saliency alone is over budget: no search can run
+        return state.result("untried", text, prediction, {})
     unknown = [_replace(text, spans, {i: config.unknown_word}) for i in positions]
     saliency = original[label] - (yield from state.classify(unknown))[:, label]  # [P]
     best: dict[int, tuple[str, float]] = {}  # position -> (w*, ΔP*)
@@ -395,12 +402,12 @@ def _textfooler(state: _Text, gradient_importance: GradientImportance | None) ->
         if gradient_importance is None:
             raise ValueError("order='gradient' needs gradient_importance(text, spans, label)")
         if state.left() < 1:
-            return state.result("failed", text, prediction, {})
+            return state.result("untried", text, prediction, {})
         state.queries += 1  # one forward and backward
         scores = gradient_importance(text, spans, label)[positions]  # [P]
     else:
         if state.left() < len(positions):
-            return state.result("failed", text, prediction, {})
+            return state.result("untried", text, prediction, {})
         deleted = [_replace(text, spans, {i: None}) for i in positions]
         scores = -(yield from state.classify(deleted))[:, label]  # [P]: lower P(label) when deleted, more important
     ranked = [positions[k] for k in torch.argsort(scores, descending=True, stable=True).tolist()]
