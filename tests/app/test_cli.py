@@ -42,6 +42,7 @@ def _weights(directory: Path) -> dict[str, torch.Tensor]:
     return load_safetensors(str(directory / "model.safetensors"))
 
 
+@pytest.mark.slow  # trains and runs whole commands
 def test_train_checkpoint_evaluate_compare(task, tmp_path, capsys):
     out = tmp_path / "fgm"
     assert _train(task, out, "--method", "fgm:epsilon=0.05", "--max-grad-norm", "0.5") == 0
@@ -224,6 +225,7 @@ def test_the_decoder_command_is_registered(capsys):
     assert "--radii" in capsys.readouterr().err
 
 
+@pytest.mark.slow  # trains and runs whole commands
 def test_python_dash_m_exits_non_zero(tmp_path):
     command = [sys.executable, "-m", "advfunc", "--threads", "1", "train", "--data", str(tmp_path / "x.csv")]
     done = subprocess.run([*command, "--output", str(tmp_path / "o")], capture_output=True, text=True, timeout=120)

@@ -99,6 +99,7 @@ def _job_args(folder, task, out, *extra):
     return args + list(extra)
 
 
+@pytest.mark.slow  # trains and runs whole commands
 def test_the_job_writes_a_report_with_every_field_and_resumes_run_by_run(folder, task, tmp_path, capsys):
     out = tmp_path / "report"
     methods = ["--methods", "none", "cat:alpha=0.05,epsilon=0.2,steps=1", "--seeds", "0", "1"]

@@ -48,6 +48,7 @@ def _clean_over_majority(task: Path, output: Path, *extra: str) -> float:
     return document["runs"][0]["eval"]["clean_accuracy"] - document["info"]["majority_accuracy"]
 
 
+@pytest.mark.slow  # trains and runs whole commands
 def test_the_quick_preset_leaves_the_majority_class(task, tmp_path):
     assert _clean_over_majority(task, tmp_path / "quick") >= 0.10
     # the same preset cut to two steps stays at the majority class: the margin above is the preset's doing
