@@ -17,6 +17,13 @@ cases alike. Cases:
 Prints, per case, accuracy under attack, success rate, queries per attacked text, seconds per
 text and per query, and the median over rounds of the baseline's seconds per query over each
 case's. ``--out`` also writes them as JSON (temp name, then rename).
+
+The floor: every text the ``same settings`` case sent to the victim and to the sentence
+encoder is recorded, then sent again in one process, interleaved with the rounds, as bare
+forwards: once in the calls the attack made (``replayed calls``) and once all together, sorted
+by length, in batches of 64 (``ideal batches``: no padding to speak of, no per-call overhead).
+A query cannot cost less than ``ideal batches`` per query without changing the victim's
+arithmetic, so the baseline's seconds per query over it bound any speed-up per query.
 """
 
 from __future__ import annotations
@@ -46,9 +53,9 @@ def main(argv: list[str] | None = None) -> int:
 
     from advfunc.app.common import checkpoint
     from advfunc.app.common.data import fixed_split, rotten_tomatoes
-    from advfunc.app.word_attacks import synonym_attack
-    from advfunc.app.word_attacks.victim import SentenceEncoder, Victim
-    from advfunc.app.word_attacks.wordnet import WordNet
+    from advfunc.words import synonym_attack
+    from advfunc.words.victim import SentenceEncoder, Victim
+    from advfunc.words.wordnet import WordNet
 
     old = importlib.import_module(import_revision(args.baseline).__name__ + ".app.synonym_attack")
     loaded = checkpoint.load(args.victim)
@@ -61,16 +68,40 @@ def main(argv: list[str] | None = None) -> int:
     same = synonym_attack.SynonymAttackConfig(
         search="textfooler", order="delete", part_of_speech="usual", whole_words=False
     )
+    victim_calls: list[list[str]] = []
+    encoder_calls: list[list[str]] = []
+
+    def recorded(function: Any, calls: list[list[str]]) -> Any:
+        def call(batch: Any) -> Any:
+            calls.append(list(batch))
+            return function(batch)
+
+        return call
+
+    def replay(calls: list[list[str]], ideal: bool) -> None:
+        for texts_, function in (
+            (victim_calls[calls[0] : calls[1]], victim),
+            (encoder_calls[calls[2] : calls[3]], encode),
+        ):
+            if ideal:
+                flat = sorted((t for batch in texts_ for t in batch), key=len)
+                texts_ = [flat[i : i + 64] for i in range(0, len(flat), 64)]
+            for batch in texts_:
+                function(batch)
+
+    marks: list[int] = [0, 0, 0, 0]
     cases: dict[str, Any] = {
         "baseline": lambda t, y: old.attack_texts(t, y, victim, encode, wordnet, old.SynonymAttackConfig()),
-        "same settings": lambda t, y: synonym_attack.attack_texts(t, y, victim, encode, wordnet, same),
+        "same settings": lambda t, y: synonym_attack.attack_texts(
+            t, y, recorded(victim, victim_calls), recorded(encode, encoder_calls), wordnet, same
+        ),
         "defaults": lambda t, y: synonym_attack.attack_texts(
             t, y, victim, encode, wordnet, synonym_attack.SynonymAttackConfig()
         ),
     }
     results: dict[str, list[Any]] = {name: [] for name in cases}
-    seconds = {name: 0.0 for name in cases}
-    per_query: dict[str, list[float]] = {name: [] for name in cases}  # per round
+    seconds = {name: 0.0 for name in [*cases, "replayed calls", "ideal batches"]}
+    per_query: dict[str, list[float]] = {name: [] for name in seconds}  # per round
     for round_, start in enumerate(range(0, args.texts, args.chunk)):
         part, part_labels = texts[start : start + args.chunk], labels[start : start + args.chunk]
         names = list(cases) if round_ % 2 == 0 else list(reversed(cases))
@@ -81,7 +112,17 @@ def main(argv: list[str] | None = None) -> int:
             results[name] += found
             seconds[name] += elapsed
             per_query[name].append(elapsed / max(1, sum(r.queries for r in found)))
-        print(f"round {round_}: " + ", ".join(f"{n} {1000 * per_query[n][-1]:.1f} ms/query" for n in cases), flush=True)
+            if name == "same settings":
+                marks = [marks[1], len(victim_calls), marks[3], len(encoder_calls)]
+                queries = sum(r.queries for r in found)
+        for name, ideal in (("replayed calls", False), ("ideal batches", True)):
+            began = time.perf_counter()
+            replay(marks, ideal)
+            elapsed = time.perf_counter() - began
+            seconds[name] += elapsed
+            per_query[name].append(elapsed / max(1, queries))
+        line = ", ".join(f"{n} {1000 * per_query[n][-1]:.1f} ms/query" for n in per_query)
+        print(f"round {round_}: {line}", flush=True)
 
     def outcome(result: Any) -> tuple[Any, ...]:
         return (result.status, result.adversarial, result.prediction, result.queries)
@@ -98,6 +139,14 @@ def main(argv: list[str] | None = None) -> int:
             **{k: summary[k] for k in ("accuracy_under_attack", "success_rate", "queries", "clean_accuracy")},
             "seconds_per_text": seconds[name] / args.texts,
             "ms_per_query": 1000 * seconds[name] / max(1, queries),
+            "median_round_speedup_per_query": statistics.median(
+                b / n for b, n in zip(per_query["baseline"], per_query[name], strict=True)
+            ),
+        }
+    same_queries = sum(r.queries for r in results["same settings"])
+    for name in ("replayed calls", "ideal batches"):
+        figures[name] = {
+            "ms_per_query": 1000 * seconds[name] / max(1, same_queries),
             "median_round_speedup_per_query": statistics.median(
                 b / n for b, n in zip(per_query["baseline"], per_query[name], strict=True)
             ),

@@ -1,6 +1,6 @@
 """The package's folders are its layers, and imports only go down them.
 
-core ← attacks ← methods ← scale ← hf ← app: a module may import its own layer and the
+core ← attacks ← methods ← words ← scale ← hf ← app: a module may import its own layer and the
 layers to its left, never one to its right, and no chain of imports comes back to where it
 started, inside a layer either. The core is pure algorithm; the application (command line,
 data, checkpoints) sits on top of everything.
@@ -14,7 +14,7 @@ from pathlib import Path
 import advfunc
 
 ROOT = Path(advfunc.__file__).parent
-LAYERS = ["core", "attacks", "methods", "scale", "hf", "app"]
+LAYERS = ["core", "attacks", "methods", "words", "scale", "hf", "app"]
 
 
 def _layer(module: str) -> str | None:

@@ -318,3 +318,9 @@ def logits_of(outputs: Any) -> torch.Tensor:
             "or attacks the model's predictions, so the model must return logits"
         )
     return logits
+
+
+def mean_pool(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """[B, H] the mean of ``hidden`` [B, L, H] over the positions where ``mask`` [B, L] is 1."""
+    weights = mask.unsqueeze(-1).to(hidden.dtype)
+    return (hidden * weights).sum(1) / weights.sum(1).clamp_min(1.0)

@@ -16,9 +16,9 @@ from advfunc.app.classify.train import TrainConfig
 from advfunc.app.cli import build_parser, main
 from advfunc.app.common.flags import build
 from advfunc.app.common.grid import RunGrid, read_run, run_file_name
-from advfunc.app.word_attacks.synonym_attack import SynonymAttackConfig
-from advfunc.app.word_attacks.victim import synonym_config
+from advfunc.app.common.word_attacks import synonym_config
 from advfunc.methods import registry
+from advfunc.words.synonym_attack import SynonymAttackConfig
 from tests.support.tiny_task import save_tiny_model, sentences, write_csv
 
 QUIET = ["--threads", "1", "--no-progress"]

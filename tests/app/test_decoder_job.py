@@ -14,9 +14,9 @@ from advfunc.app.cli import main
 from advfunc.app.decoder import job as decoder_job
 from advfunc.app.decoder.data import Answers, batch, prompts
 from advfunc.app.decoder.evaluate import answer_positions, correct, prompt_pgd, robust_accuracy
-from advfunc.app.word_attacks.wordnet import WordNetError, shipped_folder
 from advfunc.core.params import params_of
 from advfunc.hf import AdversarialTrainer
+from advfunc.words.wordnet import WordNetError, shipped_folder
 from tests.support.tiny_decoders import tiny_decoder
 from tests.support.tiny_task import FILLER, NEGATIVE, POSITIVE, save_tiny_model, sentences, write_csv
 

@@ -10,8 +10,8 @@ from transformers import PreTrainedTokenizerFast
 import advfunc
 from advfunc.app.common.data import DataError
 from advfunc.app.decoder import safety_data
-from advfunc.app.word_attacks.wordnet import WordNetError, shipped_folder
 from advfunc.attacks.adaptive import forced_rows
+from advfunc.words.wordnet import WordNetError, shipped_folder
 
 try:
     shipped_folder()

@@ -14,9 +14,9 @@ from advfunc.app.classify.evaluate import accuracy, embedding_pgd, hotflip_accur
 from advfunc.app.classify.train import TrainConfig, train
 from advfunc.app.common import checkpoint
 from advfunc.app.common.data import Labels, TextDataset, encode
-from advfunc.app.word_attacks.hotflip import WordVocabulary, hotflip
 from advfunc.core.model import PerturbedModel
 from advfunc.core.params import params_of
+from advfunc.words.hotflip import WordVocabulary, hotflip
 from tests.support.purity import assert_step_is_pure
 from tests.support.tiny_task import VOCAB, save_tiny_model, sentences
 

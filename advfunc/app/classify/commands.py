@@ -39,7 +39,7 @@ from advfunc.app.common.data import (
 )
 from advfunc.app.common.flags import COUNT, NATURAL, add_fields, build
 from advfunc.app.common.grid import RunGrid, add_grid_flags
-from advfunc.app.word_attacks.victim import add_synonym_flags, describe_synonym_attack, synonym_config
+from advfunc.app.common.word_attacks import add_synonym_flags, describe_synonym_attack, synonym_config
 from advfunc.core.model import accepted_keywords
 from advfunc.methods import registry
 

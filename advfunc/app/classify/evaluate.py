@@ -24,12 +24,13 @@ from advfunc.app.common.data import Encoded, evaluation_batches
 from advfunc.app.common.flags import COUNT, NATURAL, POSITIVE, option
 from advfunc.app.common.progress import Progress
 from advfunc.app.common.robustness import EvalMode, pgd_logits, survivors_over_radii, worst_case
-from advfunc.app.word_attacks import wordnet
-from advfunc.app.word_attacks.hotflip import WordVocabulary, hotflip
-from advfunc.app.word_attacks.synonym_attack import SynonymAttackConfig
-from advfunc.app.word_attacks.victim import Victim, synonym_attack
+from advfunc.app.common.word_attacks import synonym_attack
 from advfunc.core.arguments import require_positive, require_steps
 from advfunc.core.model import PerturbedModel
+from advfunc.words import wordnet
+from advfunc.words.hotflip import WordVocabulary, hotflip
+from advfunc.words.synonym_attack import SynonymAttackConfig
+from advfunc.words.victim import Victim
 
 log = logging.getLogger("advfunc")
 

@@ -28,6 +28,8 @@ from transformers import (
 )
 from transformers.modeling_outputs import SequenceClassifierOutput
 
+from advfunc.core.model import mean_pool
+
 MODEL_TYPE = "advfunc-mean-pooled"
 
 
@@ -86,12 +88,6 @@ class MeanPooledForSequenceClassification(PreTrainedModel):
         logits = self.classifier(self.dropout(mean_pool(hidden, attention_mask)))  # [B, C]
         loss = F.cross_entropy(logits, labels) if labels is not None else None
         return SequenceClassifierOutput(loss=loss, logits=logits)
-
-
-def mean_pool(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """[B, H] the mean of ``hidden`` [B, L, H] over the positions where ``mask`` [B, L] is 1."""
-    weights = mask.unsqueeze(-1).to(hidden.dtype)
-    return (hidden * weights).sum(1) / weights.sum(1).clamp_min(1.0)
 
 
 def from_encoder(folder: str | Path, **config: Any) -> MeanPooledForSequenceClassification:

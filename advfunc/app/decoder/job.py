@@ -10,7 +10,7 @@ answer the assistant turn of the model's chat template), then evaluates it (:mod
 * answer accuracy: the next-token choice between the two answers' first tokens;
 * accuracy under L2 PGD on the prompt's input embeddings at each ``--radii`` radius, the
   attacker raising the loss of the correct answer;
-* accuracy under the WordNet synonym attack (:mod:`advfunc.app.word_attacks.synonym_attack`), the
+* accuracy under the WordNet synonym attack (:mod:`advfunc.words.synonym_attack`), the
   decoder queried as a two-class classifier.
 
 The default model is SmolLM2-135M-Instruct as :mod:`advfunc.app.decoder.smollm2` converts it
@@ -52,13 +52,13 @@ from advfunc.app.common.data import (
 from advfunc.app.common.flags import COUNT, add_fields, build, option
 from advfunc.app.common.grid import RunGrid, add_grid_flags
 from advfunc.app.common.robustness import worst_case
+from advfunc.app.common.word_attacks import add_synonym_flags, describe_synonym_attack, synonym_attack, synonym_config
 from advfunc.app.decoder import smollm2
 from advfunc.app.decoder.data import ROTTEN_TOMATOES_ANSWERS, Answers, Prompts, batch, prompts
 from advfunc.app.decoder.evaluate import DecoderVictim, correct, robust_accuracy
-from advfunc.app.word_attacks.synonym_attack import SynonymAttackConfig
-from advfunc.app.word_attacks.victim import add_synonym_flags, describe_synonym_attack, synonym_attack, synonym_config
 from advfunc.core.completion import ADV_LABELS
 from advfunc.methods import registry
+from advfunc.words.synonym_attack import SynonymAttackConfig
 
 log = logging.getLogger("advfunc")
 

@@ -7,14 +7,14 @@ import functools
 import pytest
 import torch
 
-from advfunc.app.word_attacks.synonym_attack import (
+from advfunc.words.synonym_attack import (
     STOP_WORDS,
     AttackSummary,
     SynonymAttackConfig,
     attack_texts,
     word_spans,
 )
-from advfunc.app.word_attacks.wordnet import WordNet, WordNetError, shipped_folder
+from advfunc.words.wordnet import WordNet, WordNetError, shipped_folder
 
 try:
     shipped_folder()
@@ -207,7 +207,7 @@ def test_bad_settings_are_refused():
 def test_the_victim_classifies_texts_and_ranks_words_by_gradient(tmp_path):
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-    from advfunc.app.word_attacks.victim import Victim
+    from advfunc.words.victim import Victim
     from tests.support.tiny_task import save_tiny_model
 
     folder = save_tiny_model(tmp_path / "model")

@@ -10,7 +10,7 @@ import re
 import pytest
 import torch
 
-from advfunc.app.word_attacks.synonym_attack import SynonymAttackConfig, attack_text, attack_texts, word_spans
+from advfunc.words.synonym_attack import SynonymAttackConfig, attack_text, attack_texts, word_spans
 
 
 class Thesaurus:
@@ -205,7 +205,7 @@ def test_batched_and_one_at_a_time_runs_give_identical_results(search):
 
 
 def test_the_summary_names_the_search_and_its_cost():
-    from advfunc.app.word_attacks.synonym_attack import AttackSummary
+    from advfunc.words.synonym_attack import AttackSummary
 
     model = Linear(WEIGHTS)
     for config, name in [
@@ -224,7 +224,7 @@ def test_word_spans_are_what_the_oracles_split_on():
 
 @pytest.mark.parametrize("search", ["pwws", "textfooler"])
 def test_a_text_the_budget_cannot_rank_is_untried_never_robust(search):
-    from advfunc.app.word_attacks.synonym_attack import AttackSummary
+    from advfunc.words.synonym_attack import AttackSummary
 
     config = SynonymAttackConfig(similarity=-1.0, search=search, query_budget=4)  # 1 + 4 rankings > 4 queries
     model = Linear(WEIGHTS)

@@ -33,7 +33,7 @@ Candidates and constraints, shared by both:
   (``it's``, ``isn't``, ``film's``, ``sad-sack``), never cut into fragments;
 * candidates: up to ``max_candidates`` single-word WordNet synonyms of the word, from
   every sense of it (``part_of_speech="any"``, as PWWS looks words up) or the senses of
-  its usual part of speech (``"usual"``; :class:`advfunc.app.word_attacks.wordnet.WordNet`);
+  its usual part of speech (``"usual"``; :class:`advfunc.words.wordnet.WordNet`);
 * stop words are never changed; at most ``max_change`` of a text's words are changed;
 * every query (one text classified) counts against ``query_budget``; a text classified
   twice is asked once;
@@ -65,7 +65,7 @@ from typing import Literal
 
 import torch
 
-from advfunc.app.word_attacks.wordnet import Senses, WordNet
+from advfunc.words.wordnet import Senses, WordNet
 
 # Classifies texts: [N] strings -> [N, C] probabilities. Each text is one query.
 Classify = Callable[[Sequence[str]], torch.Tensor]

@@ -8,7 +8,6 @@ texts with a mean-pooled transformer (all-MiniLM-L6-v2 was trained that way).
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -17,20 +16,9 @@ import torch
 from torch import nn
 from transformers import AutoModel, AutoTokenizer
 
-import advfunc
-from advfunc.app.common.checkpoint import default_model_dir
-from advfunc.app.common.flags import add_fields, build
-from advfunc.app.common.mean_pooled import mean_pool
-from advfunc.app.common.progress import Progress
-from advfunc.app.word_attacks.synonym_attack import (
-    AttackSummary,
-    Classify,
-    GradientImportance,
-    SynonymAttackConfig,
-    attack_texts,
-)
-from advfunc.app.word_attacks.wordnet import WordNet
-from advfunc.core.model import accepted_keywords
+from advfunc.core.model import accepted_keywords, mean_pool
+from advfunc.core.params import params_of
+from advfunc.core.perturbed_loss import perturbed_loss
 from advfunc.core.targets import EmbeddingOutput, input_embedding
 
 
@@ -46,7 +34,7 @@ class Victim:
         self.tokenizer = tokenizer
         self.max_length = max_length
         self.batch_size = batch_size
-        self._loss_at = advfunc.perturbed_loss(model, target="embeds")
+        self._loss_at = perturbed_loss(model, target="embeds")
         self._device = next(model.parameters()).device
         self._takes_types = "token_type_ids" in accepted_keywords(model)
 
@@ -67,7 +55,7 @@ class Victim:
         batch = self._encode([text], return_offsets_mapping=True)
         offsets = batch.pop("offset_mapping")[0].tolist()  # [L] (start, end) characters of each token
         batch["labels"] = torch.tensor([label], device=self._device)
-        params = advfunc.params_of(self.model)
+        params = params_of(self.model)
         width = EmbeddingOutput(input_embedding(self.model)).hidden
         zero = torch.zeros((1, batch["input_ids"].shape[1], width), device=self._device)
         gradient = torch.func.grad(lambda delta: self._loss_at(params, batch, delta))(zero)[0]  # [L, H]
@@ -110,80 +98,3 @@ def _batched(apply: Callable[[Sequence[str]], torch.Tensor], texts: Sequence[str
     """``apply`` to ``texts`` in chunks of ``size`` under inference mode, the rows concatenated on the CPU."""
     with torch.inference_mode():
         return torch.cat([apply(texts[start : start + size]).cpu() for start in range(0, len(texts), size)])
-
-
-@functools.cache
-def shared_wordnet() -> WordNet:
-    return WordNet()  # a few seconds to parse: once per process
-
-
-@functools.cache
-def shared_sentence_encoder(folder: str, max_length: int, device: torch.device | str = "cpu") -> SentenceEncoder:
-    return SentenceEncoder(folder, max_length, device=device)
-
-
-def synonym_attack(
-    classify: Classify,
-    texts: Sequence[str],
-    labels: Sequence[int],
-    config: SynonymAttackConfig,
-    encoder: str | Path | None,
-    max_length: int,
-    importance: GradientImportance | None = None,
-    progress: bool = False,
-    device: torch.device | str = "cpu",
-) -> tuple[AttackSummary, list[bool]]:
-    """The synonym-substitution attack on each (text, label): (summary, [N] whether each example survived).
-
-    An example survives when it was classified correctly and the attack failed to flip it.
-    The similarity constraint embeds texts with ``encoder`` (a folder; all-MiniLM-L6-v2,
-    mean-pooled, when None) on ``device``.
-    """
-    config.check()
-    folder = encoder if encoder is not None else default_model_dir()
-    encode = shared_sentence_encoder(str(folder), max_length, device)
-    results = []
-    chunk = config.texts_per_batch  # the texts attack_texts advances together; progress moves chunk by chunk
-    with Progress(len(texts), "attack synonyms", progress) as bar:
-        for start in range(0, len(texts), chunk):
-            part = slice(start, start + chunk)
-            found = attack_texts(texts[part], labels[part], classify, encode, shared_wordnet(), config, importance)
-            results += found
-            for _ in found:
-                bar.update()
-    return AttackSummary.of(results), [result.status == "failed" for result in results]
-
-
-# The flags of SynonymAttackConfig's fields that had names before the flags were generated; a new field
-# becomes --synonym-<field>.
-SYNONYM_FLAGS = {
-    "max_candidates": "synonym-candidates",
-    "max_change": "synonym-change",
-    "query_budget": "synonym-queries",
-    "similarity": "similarity",
-    "order": "word-order",
-}
-
-
-def add_synonym_flags(group: Any, defaults: dict[str, Any] | None = None) -> None:
-    """``--no-synonym`` and a flag for each field of :class:`SynonymAttackConfig`."""
-    group.add_argument("--no-synonym", action="store_true", help="skip the WordNet synonym-substitution attack")
-    add_fields(group, SynonymAttackConfig, prefix="synonym_", names=SYNONYM_FLAGS, defaults=defaults)
-
-
-def synonym_config(args: Any) -> SynonymAttackConfig | None:
-    """The synonym attack's settings from the flags (checked), or None under ``--no-synonym``."""
-    if args.no_synonym:
-        return None
-    config: SynonymAttackConfig = build(SynonymAttackConfig, args, prefix="synonym_")
-    config.check()
-    return config
-
-
-def describe_synonym_attack(config: SynonymAttackConfig) -> str:
-    """The attack and its constraints in a phrase, for a report."""
-    return (
-        f"WordNet synonym substitution ({config.description}, at most {config.max_change:.0%} of the words, "
-        f"{config.max_candidates} synonyms per word, {config.query_budget} queries, sentence cosine >= "
-        f"{config.similarity:g})"
-    )

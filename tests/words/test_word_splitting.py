@@ -8,7 +8,7 @@ from typing import ClassVar
 import pytest
 import torch
 
-from advfunc.app.word_attacks.synonym_attack import SynonymAttackConfig, attack_text, word_spans
+from advfunc.words.synonym_attack import SynonymAttackConfig, attack_text, word_spans
 
 
 def words_of(text: str, whole_words: bool = True) -> list[str]:

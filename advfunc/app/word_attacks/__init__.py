@@ -1,1 +1,0 @@
-"""Word-level attacks on a text classifier: HotFlip, the WordNet synonym attack, the victims they query."""
