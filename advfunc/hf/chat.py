@@ -114,17 +114,27 @@ class ChatAdversaryCollator:
                     )
                 completion, adversary = completion[:room], adversary[:room]
             rows.append((prompt_ids, completion, adversary))
-        width = max(len(p) + max(len(c), len(a)) for p, c, a in rows)
-        if self.pad_to_multiple_of is not None:
-            width = math.ceil(width / self.pad_to_multiple_of) * self.pad_to_multiple_of
-        ids = torch.full((len(rows), width), int(self.tokenizer.pad_token_id), dtype=torch.long)
-        mask = torch.zeros((len(rows), width), dtype=torch.long)
-        labels = torch.full((len(rows), width), -100, dtype=torch.long)
-        adv_labels = torch.full((len(rows), width), -100, dtype=torch.long)
-        for row, (prompt_ids, completion, adversary) in enumerate(rows):
-            start, end = len(prompt_ids), len(prompt_ids) + len(completion)
-            ids[row, :end] = torch.tensor(prompt_ids + completion)
-            mask[row, :end] = 1
-            labels[row, start:end] = torch.tensor(completion)
-            adv_labels[row, start : start + len(adversary)] = torch.tensor(adversary)
-        return {"input_ids": ids, "attention_mask": mask, "labels": labels, ADV_LABELS: adv_labels}
+        return completion_batch(rows, int(self.tokenizer.pad_token_id), self.pad_to_multiple_of or 1)
+
+
+def completion_batch(
+    rows: Sequence[tuple[Sequence[int], Sequence[int], Sequence[int]]], pad_id: int, multiple_of: int = 1
+) -> dict[str, torch.Tensor]:
+    """(prompt, completion, adversary) ids per row as one right-padded batch for CAT and LAT.
+
+    ``input_ids``: prompt + completion, then ``pad_id``; ``attention_mask``: 1 over them;
+    ``labels``: the completion, −100 elsewhere (completion-only loss); ``adv_labels``: the
+    adversary's ids right after the prompt (they may run into the padding), −100 elsewhere.
+    The width is the longest prompt + longer reply, rounded up to a multiple of ``multiple_of``.
+    """
+    width = math.ceil(max(len(p) + max(len(c), len(a)) for p, c, a in rows) / multiple_of) * multiple_of
+
+    def padded(lists: list[list[int]], value: int) -> torch.Tensor:
+        return torch.tensor([[*ids, *[value] * (width - len(ids))] for ids in lists], dtype=torch.long)
+
+    return {
+        "input_ids": padded([[*p, *c] for p, c, _ in rows], pad_id),
+        "attention_mask": padded([[1] * (len(p) + len(c)) for p, c, _ in rows], 0),
+        "labels": padded([[-100] * len(p) + [*c] for p, c, _ in rows], -100),
+        ADV_LABELS: padded([[-100] * len(p) + [*a] for p, _, a in rows], -100),
+    }

@@ -29,7 +29,7 @@ import torch
 
 from advfunc.app.common.data import DataError, TextDataset
 from advfunc.core.completion import ADV_LABELS
-from advfunc.hf.chat import Message, render, reply_ids, token_ids
+from advfunc.hf.chat import Message, completion_batch, render, reply_ids, token_ids
 
 PROMPT_HEAD = "Review:"
 PROMPT_TAIL = "\nSentiment:"
@@ -168,24 +168,10 @@ def _chat_prompt(tokenizer: Any, answers: Answers, body: list[int], width: int) 
 def batch(
     data: Prompts, answers: Answers, indices: Sequence[int], pad_id: int, adversary: bool
 ) -> dict[str, torch.Tensor]:
-    """Rows ``indices`` as model arguments, right-padded: prompt + answer, labels on the answer only.
-
-    ``adversary`` adds ``adv_labels``, the other class's answer after the prompt.
-    """
+    """Rows ``indices`` as model arguments (:func:`advfunc.hf.chat.completion_batch`): prompt + answer, labels
+    on the answer only; ``adversary`` adds ``adv_labels``, the other class's answer after the prompt."""
     rows = [(data.prompts[i], answers.ids[data.classes[i]], answers.ids[1 - data.classes[i]]) for i in indices]
-    width = max(len(prompt) + max(len(good), len(bad)) for prompt, good, bad in rows)
-    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(rows), width), dtype=torch.long)
-    labels = torch.full((len(rows), width), -100, dtype=torch.long)
-    adv_labels = torch.full((len(rows), width), -100, dtype=torch.long)
-    for row, (prompt, good, bad) in enumerate(rows):
-        n, end = len(prompt), len(prompt) + len(good)
-        ids[row, :n] = torch.tensor(prompt)
-        ids[row, n:end] = torch.tensor(good)
-        mask[row, :end] = 1
-        labels[row, n:end] = torch.tensor(good)
-        adv_labels[row, n : n + len(bad)] = torch.tensor(bad)
-    out = {"input_ids": ids, "attention_mask": mask, "labels": labels}
-    if adversary:
-        out[ADV_LABELS] = adv_labels
+    out = completion_batch(rows, pad_id)
+    if not adversary:
+        del out[ADV_LABELS]
     return out
