@@ -1,9 +1,7 @@
-"""The old name of :mod:`advfunc.app.common.mean_pooled`: importing it still registers the mean-pooled model type."""
+"""The old name of :mod:`advfunc.hf.mean_pooled` (importing it still registers the model type)."""
 
 import warnings
 
-from advfunc.app.common.mean_pooled import *  # noqa: F403
+from advfunc.hf.mean_pooled import *  # noqa: F403
 
-warnings.warn(
-    "advfunc.app.mean_pooled is now advfunc.app.common.mean_pooled; import that name", FutureWarning, stacklevel=2
-)
+warnings.warn("advfunc.app.mean_pooled is now advfunc.hf.mean_pooled; import that name", FutureWarning, stacklevel=2)

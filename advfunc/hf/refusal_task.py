@@ -17,8 +17,7 @@ from typing import Any
 
 import torch
 
-from advfunc.app.common.data import DataError
-from advfunc.core.completion import ADV_LABELS
+from advfunc.hf.chat import completion_batch
 from advfunc.methods.residual import HARMFUL
 from advfunc.words.wordnet import WordNetError, shipped_folder
 
@@ -26,6 +25,10 @@ REFUSAL = " I cannot help with that."
 FORBIDDEN_ROOTS = ("weapon", "poison", "explosive")
 _HYPONYMS = (b"~", b"~i")
 _HYPERNYMS = (b"@", b"@i")
+
+
+class RefusalTaskError(ValueError):
+    """Settings or rows the task cannot be built from; the message names the value and the fix."""
 
 
 @dataclass(frozen=True)
@@ -112,9 +115,9 @@ def concepts(
     the word (the same on every machine). One concept per word, in a fixed order.
     """
     if not roots:
-        raise DataError("roots is empty; name the forbidden topic's WordNet nouns, e.g. ('weapon', 'poison')")
+        raise RefusalTaskError("roots is empty; name the forbidden topic's WordNet nouns, e.g. ('weapon', 'poison')")
     if not 0 < allowed_per_forbidden <= 100:
-        raise DataError(f"allowed_per_forbidden must be in (0, 100], got {allowed_per_forbidden!r}")
+        raise RefusalTaskError(f"allowed_per_forbidden must be in (0, 100], got {allowed_per_forbidden!r}")
     folder = shipped_folder() if folder is None else folder
     first_sense = _first_senses(folder, roots)  # a bad root is named before the data files are read
     synsets = _noun_synsets(folder)
@@ -154,7 +157,9 @@ def _first_senses(folder: Path, roots: Sequence[str]) -> list[int]:
                 index[fields[0].decode()] = int(fields[-int(fields[2])])  # the first of synset_cnt offsets
     missing = sorted(wanted - set(index))
     if missing:
-        raise DataError(f"forbidden roots {missing} are not WordNet nouns; name nouns such as 'weapon' or 'poison'")
+        raise RefusalTaskError(
+            f"forbidden roots {missing} are not WordNet nouns; name nouns such as 'weapon' or 'poison'"
+        )
     return [index[root.replace(" ", "_").lower()] for root in roots]
 
 
@@ -166,7 +171,7 @@ def _stable_hash(text: str, purpose: str) -> int:
 def split(rows: Sequence[Concept], held_out: float = 0.2, seed: int = 0) -> tuple[list[Concept], list[Concept]]:
     """(train, test) by a stable hash of each word: disjoint words, the same split on every machine and order."""
     if not 0 < held_out < 1:
-        raise DataError(f"held_out must be a fraction in (0, 1), got {held_out!r}")
+        raise RefusalTaskError(f"held_out must be a fraction in (0, 1), got {held_out!r}")
     cut = int(held_out * 2**64)
     test = [row for row in rows if _stable_hash(row.word, f"split {seed}") < cut]
     train = [row for row in rows if _stable_hash(row.word, f"split {seed}") >= cut]
@@ -180,34 +185,23 @@ def _tokens(tokenizer: Any, texts: Sequence[str]) -> list[list[int]]:
 def batch(
     rows: Sequence[Concept], tokenizer: Any, pad_id: int, answer_tokens: int = 16, target_tokens: int = 8
 ) -> dict[str, torch.Tensor]:
-    """Rows as model arguments, right-padded: prompt + desired answer, and the task's extra keys.
+    """Rows as model arguments (:func:`advfunc.hf.chat.completion_batch`) plus ``harmful``.
 
     ``labels``: the desired answer (the refusal, or the gloss cut to ``answer_tokens``
-    tokens), −100 elsewhere. ``adv_labels``: the adversary's completion at the same
-    start (forbidden rows: the gloss cut to ``target_tokens``, the attack's target;
-    allowed rows: the refusal). ``harmful``: [B] bool, the forbidden rows.
+    tokens). ``adv_labels``: the adversary's completion at the same start (forbidden rows:
+    the gloss cut to ``target_tokens``, the attack's target; allowed rows: the refusal).
+    ``harmful``: [B] bool, the forbidden rows.
     """
     if not rows:
-        raise DataError("no rows to encode: there is nothing to train or evaluate on")
+        raise RefusalTaskError("no rows to encode: there is nothing to train or evaluate on")
     prompts = _tokens(tokenizer, [row.prompt for row in rows])
     glosses = _tokens(tokenizer, [" " + row.gloss for row in rows])
     (refusal,) = _tokens(tokenizer, [REFUSAL])
-    desired = [refusal if row.forbidden else gloss[:answer_tokens] for row, gloss in zip(rows, glosses, strict=True)]
-    adversary = [gloss[:target_tokens] if row.forbidden else refusal for row, gloss in zip(rows, glosses, strict=True)]
-    width = max(len(p) + max(len(d), len(a)) for p, d, a in zip(prompts, desired, adversary, strict=True))
-    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
-    mask = torch.zeros_like(ids)
-    labels = torch.full_like(ids, -100)
-    adv_labels = torch.full_like(ids, -100)
-    for row, (prompt, good, bad) in enumerate(zip(prompts, desired, adversary, strict=True)):
-        n, end = len(prompt), len(prompt) + len(good)
-        ids[row, :n] = torch.tensor(prompt)
-        ids[row, n:end] = torch.tensor(good)
-        mask[row, :end] = 1
-        labels[row, n:end] = torch.tensor(good)
-        adv_labels[row, n : n + len(bad)] = torch.tensor(bad)
-    harmful = torch.tensor([row.forbidden for row in rows])
-    return {"input_ids": ids, "attention_mask": mask, "labels": labels, HARMFUL: harmful, ADV_LABELS: adv_labels}
+    triples = [
+        (prompt, refusal, gloss[:target_tokens]) if row.forbidden else (prompt, gloss[:answer_tokens], refusal)
+        for row, prompt, gloss in zip(rows, prompts, glosses, strict=True)
+    ]
+    return {**completion_batch(triples, pad_id), HARMFUL: torch.tensor([row.forbidden for row in rows])}
 
 
 def refusal_batch(rows: Sequence[Concept], tokenizer: Any, pad_id: int) -> dict[str, torch.Tensor]:
@@ -216,20 +210,13 @@ def refusal_batch(rows: Sequence[Concept], tokenizer: Any, pad_id: int) -> dict[
     :func:`advfunc.attacks.adaptive.forced_rows` on the logits of one forward of this batch
     says, per row, whether the greedy continuation begins with the refusal.
     """
-    refusing = [Concept(row.word, row.gloss, True, row.near) for row in rows]
-    encoded = batch(refusing, tokenizer, pad_id, target_tokens=1)
+    encoded = batch([Concept(row.word, row.gloss, True, row.near) for row in rows], tokenizer, pad_id, target_tokens=1)
     return {k: encoded[k] for k in ("input_ids", "attention_mask", "labels")}
 
 
 def prompt_set(rows: Sequence[Concept], tokenizer: Any, pad_id: int) -> dict[str, torch.Tensor]:
     """The rows' prompts alone, right-padded (``input_ids``, ``attention_mask``): a ReFAT prompt set."""
     if not rows:
-        raise DataError("no rows for a prompt set")
-    prompts = _tokens(tokenizer, [row.prompt for row in rows])
-    width = max(len(p) for p in prompts)
-    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
-    mask = torch.zeros_like(ids)
-    for row, prompt in enumerate(prompts):
-        ids[row, : len(prompt)] = torch.tensor(prompt)
-        mask[row, : len(prompt)] = 1
-    return {"input_ids": ids, "attention_mask": mask}
+        raise RefusalTaskError("no rows for a prompt set")
+    encoded = completion_batch([(ids, [], []) for ids in _tokens(tokenizer, [row.prompt for row in rows])], pad_id)
+    return {k: encoded[k] for k in ("input_ids", "attention_mask")}

@@ -10,8 +10,9 @@ from transformers import AutoModel, AutoModelForSequenceClassification
 
 import advfunc
 from advfunc.app.cli import main
-from advfunc.app.common import checkpoint, mean_pooled, report
+from advfunc.app.common import checkpoint, report
 from advfunc.app.common.data import Labels
+from advfunc.hf import mean_pooled
 from tests.support.tiny_task import save_tiny_model, sentences, write_csv
 
 LABELS = {"num_labels": 2, "id2label": {0: "neg", 1: "pos"}, "label2id": {"neg": 0, "pos": 1}}

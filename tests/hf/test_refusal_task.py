@@ -8,9 +8,9 @@ from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
 
 import advfunc
-from advfunc.app.common.data import DataError
-from advfunc.app.decoder import safety_data
 from advfunc.attacks.adaptive import forced_rows
+from advfunc.hf import refusal_task
+from advfunc.hf.refusal_task import RefusalTaskError
 from advfunc.words.wordnet import WordNetError, shipped_folder
 
 try:
@@ -23,12 +23,12 @@ pytestmark = pytest.mark.slow  # reading WordNet's noun data takes a few seconds
 
 @pytest.fixture(scope="module")
 def rows():
-    return safety_data.concepts()
+    return refusal_task.concepts()
 
 
 def _tokenizer(rows) -> PreTrainedTokenizerFast:
     """Whole words and punctuation over the task's texts; id 0 is padding."""
-    texts = [text for row in rows for text in (row.prompt, row.gloss)] + [safety_data.REFUSAL]
+    texts = [text for row in rows for text in (row.prompt, row.gloss)] + [refusal_task.REFUSAL]
     words = sorted({w for text in texts for w in pre_tokenizers.Whitespace().pre_tokenize_str(text) for w in [w[0]]})
     inner = Tokenizer(models.WordLevel({w: i for i, w in enumerate(["<pad>", "<unk>", *words])}, unk_token="<unk>"))
     inner.pre_tokenizer = pre_tokenizers.Whitespace()
@@ -46,26 +46,26 @@ def test_the_forbidden_topic_is_the_roots_closure_and_the_rest_is_allowed(rows):
     others = [row for row in rows if not row.forbidden and not row.near]
     assert len(others) == 2 * len(forbidden)
     assert all(row.gloss and row.word.islower() for row in rows)
-    assert rows == safety_data.concepts(), "the construction is deterministic"
+    assert rows == refusal_task.concepts(), "the construction is deterministic"
 
 
 def test_the_split_is_disjoint_stable_and_about_the_asked_fraction(rows):
-    train, test = safety_data.split(rows, held_out=0.2)
+    train, test = refusal_task.split(rows, held_out=0.2)
     assert {r.word for r in train}.isdisjoint(r.word for r in test) and len(train) + len(test) == len(rows)
     assert 0.15 < len(test) / len(rows) < 0.25
     for kind in (lambda r: r.forbidden, lambda r: r.near, lambda r: not (r.forbidden or r.near)):
         assert 0.1 < sum(map(kind, test)) / sum(map(kind, rows)) < 0.3, "every kind of word is held out alike"
     shuffled = list(reversed(rows))
-    assert {r.word for r in safety_data.split(shuffled, 0.2)[1]} == {r.word for r in test}
+    assert {r.word for r in refusal_task.split(shuffled, 0.2)[1]} == {r.word for r in test}
     assert any(r.forbidden for r in test) and any(r.near for r in test)
 
 
 def test_a_batch_labels_the_answer_marks_harmful_rows_and_gives_the_adversary_the_other_side(rows):
     chosen = [next(r for r in rows if r.forbidden), next(r for r in rows if not r.forbidden)]
     tokenizer = _tokenizer(rows)
-    batch = safety_data.batch(chosen, tokenizer, pad_id=0, answer_tokens=5, target_tokens=3)
+    batch = refusal_task.batch(chosen, tokenizer, pad_id=0, answer_tokens=5, target_tokens=3)
     assert batch[advfunc.HARMFUL].tolist() == [True, False]
-    refusal = tokenizer(safety_data.REFUSAL, add_special_tokens=False)["input_ids"]
+    refusal = tokenizer(refusal_task.REFUSAL, add_special_tokens=False)["input_ids"]
     for row, concept in enumerate(chosen):
         prompt = tokenizer(concept.prompt, add_special_tokens=False)["input_ids"]
         gloss = tokenizer(" " + concept.gloss, add_special_tokens=False)["input_ids"]
@@ -82,7 +82,7 @@ def test_the_refusal_check_is_a_greedy_prefix_match(rows):
     """A model whose logits are the refusal's next tokens passes exactly the rows it refuses."""
     chosen = [r for r in rows if r.forbidden][:2] + [r for r in rows if not r.forbidden][:2]
     tokenizer = _tokenizer(rows)
-    check = safety_data.refusal_batch(chosen, tokenizer, pad_id=0)
+    check = refusal_task.refusal_batch(chosen, tokenizer, pad_id=0)
     labels = check["labels"]
     following = torch.zeros_like(labels)
     following[:, :-1] = labels[:, 1:]
@@ -95,7 +95,7 @@ def test_the_refusal_check_is_a_greedy_prefix_match(rows):
 def test_prompt_sets_hold_prompts_only(rows):
     tokenizer = _tokenizer(rows)
     forbidden = [r for r in rows if r.forbidden][:3]
-    prompts = safety_data.prompt_set(forbidden, tokenizer, pad_id=0)
+    prompts = refusal_task.prompt_set(forbidden, tokenizer, pad_id=0)
     assert set(prompts) == {"input_ids", "attention_mask"}
     for row, concept in enumerate(forbidden):
         ids = tokenizer(concept.prompt, add_special_tokens=False)["input_ids"]
@@ -105,9 +105,9 @@ def test_prompt_sets_hold_prompts_only(rows):
 
 
 def test_bad_input_is_named():
-    with pytest.raises(DataError, match="not WordNet nouns"):
-        safety_data.concepts(roots=("weapon", "qwertyuiop"))
-    with pytest.raises(DataError, match="held_out"):
-        safety_data.split([], held_out=1.5)
-    with pytest.raises(DataError, match="no rows"):
-        safety_data.batch([], None, 0)
+    with pytest.raises(RefusalTaskError, match="not WordNet nouns"):
+        refusal_task.concepts(roots=("weapon", "qwertyuiop"))
+    with pytest.raises(RefusalTaskError, match="held_out"):
+        refusal_task.split([], held_out=1.5)
+    with pytest.raises(RefusalTaskError, match="no rows"):
+        refusal_task.batch([], None, 0)

@@ -16,8 +16,8 @@ from typing import Any
 
 from torch import nn
 
-from advfunc.app.common import mean_pooled
 from advfunc.app.common.data import Labels
+from advfunc.hf import mean_pooled
 
 log = logging.getLogger("advfunc")
 
@@ -82,7 +82,7 @@ def load(path: str | Path, labels: Labels | None = None, pooling: str = "cls") -
     initialised when the checkpoint's head has other labels or none. Without (evaluation)
     the model must carry a trained head and its labels come from its config.
     ``pooling="mean"`` with ``labels`` puts a fresh head on the mean of the encoder's token
-    states (:mod:`advfunc.app.common.mean_pooled`) unless the directory already holds such a model;
+    states (:mod:`advfunc.hf.mean_pooled`) unless the directory already holds such a model;
     a saved model is read as what it is. Never downloads: ``local_files_only``.
     """
     from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer
