@@ -11,6 +11,7 @@ import json
 import math
 import os
 import platform
+import shlex
 import statistics
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
@@ -23,6 +24,13 @@ from advfunc.app.common import atomic
 RESULTS_JSON = "results.json"
 RESULTS_MD = "results.md"
 PLOT_PNG = "accuracy_vs_radius.png"
+
+
+def command_line(argv: Sequence[str]) -> str:
+    """``advfunc ARGS`` as the report records it: without ``--stop-after N``, which only bounds one invocation."""
+    bounded = {i for i, word in enumerate(argv) if word == "--stop-after"}
+    kept = [w for i, w in enumerate(argv) if not ({i, i - 1} & bounded or w.startswith("--stop-after="))]
+    return "advfunc " + shlex.join(kept)
 
 
 def machine() -> str:

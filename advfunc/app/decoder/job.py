@@ -2,26 +2,12 @@
 
 Each (method, seed) run fine-tunes fresh LoRA adapters (PEFT, rank ``--lora-r`` on every
 linear layer of the decoder blocks, the base weights frozen) with
-:class:`advfunc.hf.AdversarialTrainer`, on prompts ``"Review: {text}\\nSentiment:"`` with
-the answer ``" positive"`` / ``" negative"`` and a completion-only loss
-(:mod:`advfunc.app.decoder.data`; with ``--chat-template`` the prompt is the user turn and the
-answer the assistant turn of the model's chat template), then evaluates it (:mod:`advfunc.app.decoder.evaluate`):
-
-* answer accuracy: the next-token choice between the two answers' first tokens;
-* accuracy under L2 PGD on the prompt's input embeddings at each ``--radii`` radius, the
-  attacker raising the loss of the correct answer;
-* accuracy under the WordNet synonym attack (:mod:`advfunc.words.synonym_attack`), the
-  decoder queried as a two-class classifier.
-
-The default model is SmolLM2-135M-Instruct as :mod:`advfunc.app.decoder.smollm2` converts it
-(``python -m advfunc.app.decoder.smollm2``); the default data the embedded Rotten Tomatoes
-snippets with their fixed split. The default methods and how they are sized for that model:
-``docs/decoders.md``.
-
-The runs go through the run grid (:mod:`advfunc.app.common.grid`) and the report is the
-classifier comparison's (:mod:`advfunc.app.common.report`): ``results.md``,
-``results.json`` and the plot, rewritten after every run; a second invocation with the
-same settings skips the runs already done.
+:class:`advfunc.hf.AdversarialTrainer` on the task of :mod:`advfunc.app.decoder.data`, then
+measures answer accuracy, accuracy under L2 PGD on the prompt's input embeddings and under
+the WordNet synonym attack (:mod:`advfunc.app.decoder.evaluate`). The default model is
+SmolLM2-135M-Instruct (:mod:`advfunc.app.decoder.smollm2`); the default methods and how they
+are sized for it: ``docs/decoders.md``. Runs go through the run grid and the shared report
+(:mod:`advfunc.app.common.grid`, :mod:`advfunc.app.common.report`).
 """
 
 from __future__ import annotations
@@ -29,10 +15,8 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import logging
-import shlex
 import tempfile
 import time
-from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -81,11 +65,8 @@ class DecoderError(ValueError):
 
 @dataclasses.dataclass(frozen=True)
 class Settings:
-    """Everything that decides a run's numbers besides method and seed (the key a resumed run is matched by).
-
-    The fields shared with the classifier commands take their flags from :class:`TrainConfig`
-    and :class:`AttackConfig`, with the decoder's defaults; the last three are the decoder's own.
-    """
+    """Everything besides method and seed that decides a run's numbers (its key); the flags of the fields shared
+    with the classifier commands come from :class:`TrainConfig` and :class:`AttackConfig`."""
 
     train_size: int
     test_size: int
@@ -101,11 +82,7 @@ class Settings:
     synonym: SynonymAttackConfig | None
     synonym_examples: int = option(3, COUNT, "synonym attack on the first N test examples")
     lora_r: int = option(8, COUNT, "LoRA rank, alpha = 2·rank")
-    chat_template: bool = option(
-        False,
-        None,
-        "the instruction as the user turn, the answer as the assistant turn of the model's chat template",
-    )
+    chat_template: bool = option(False, None, "the instruction and answer as turns of the model's chat template")
 
 
 def _answer(text: str) -> tuple[str, str]:
@@ -182,7 +159,7 @@ def model_folder(path: Path | None) -> Path:
 
 
 def load_tokenizer(folder: Path, chat_template: bool) -> Any:
-    """The tokenizer in ``folder``; ``DecoderError`` if it is unusable or lacks the template ``chat_template`` needs."""
+    """The tokenizer in ``folder``; ``DecoderError`` if unusable or without the template ``chat_template`` needs."""
     from transformers import AutoTokenizer
 
     try:
@@ -228,21 +205,16 @@ def fine_tune(
     model = get_peft_model(model, lora)
     adversary = ADV_LABELS in registry.parse_method(method).method.batch_keys
     pad = pad_id(tokenizer)
-    config = TrainConfig(
-        method=method, epochs=settings.epochs, batch_size=settings.batch_size, lr=settings.lr,
-        warmup_ratio=settings.warmup_ratio, weight_decay=0.0, max_grad_norm=settings.max_grad_norm, seed=seed,
-    )  # fmt: skip
+    shared = {name: getattr(settings, name) for name in TRAINING_DEFAULTS}
+    config = TrainConfig(method=method, seed=seed, weight_decay=0.0, **shared)
     with tempfile.TemporaryDirectory(prefix="advfunc-decoder-") as scratch:
         args = training_arguments(
             config, Path(scratch) / "run", logging_strategy="steps", logging_steps=1, disable_tqdm=not progress
         )
-        trainer = AdversarialTrainer(
-            model=model,
-            args=args,
-            train_dataset=list(range(len(data))),  # example i is its index: the collator pads from `data`
-            data_collator=lambda indices: batch(data, answers, indices, pad, adversary),
-            step_factory=method,
-        )
+        trainer = AdversarialTrainer(  # example i is its index: the collator pads from `data`
+            model, args, data_collator=lambda indices: batch(data, answers, indices, pad, adversary),
+            train_dataset=list(range(len(data))), step_factory=method,
+        )  # fmt: skip
         started = time.perf_counter()
         if not progress:
             trainer.remove_callback(PrinterCallback)  # each step's log line would bury advfunc's own
@@ -254,13 +226,7 @@ def fine_tune(
 
 
 def evaluate(
-    model: Any,
-    tokenizer: Any,
-    answers: Answers,
-    test_set: TextDataset,
-    test: Prompts,
-    settings: Settings,
-    encoder: Path | str | None,
+    model: Any, tokenizer: Any, answers: Answers, test_set: TextDataset, test: Prompts, settings: Settings, encoder: Any
 ) -> dict[str, Any]:
     """Answer accuracy on ``test``, prompt PGD on its first examples, the synonym attack on fewer."""
     started = time.perf_counter()
@@ -279,38 +245,13 @@ def evaluate(
         texts, classes = test_set.texts[:count], test.classes[:count]
         summary, survived = synonym_attack(victim, texts, classes, settings.synonym, encoder, 128, device=device)
         synonym, worst = name_classes(dataclasses.asdict(summary), answers.labels), worst_case([survived])
-    log.info(
-        "answer accuracy %.3f; on the first %d (clean %.3f): prompt PGD %s%s",
-        float(answered.float().mean()),
-        len(subset),
-        attack_clean,
-        " ".join(f"r={r:g}:{a:.3f}" for r, a in pgd.items()),
-        "" if synonym is None else f"; synonym {synonym['accuracy_under_attack']:.3f}",
-    )
+    clean = float(answered.float().mean())
+    log.info("answer accuracy %.3f; first %d (clean %.3f) under prompt PGD %s", clean, len(subset), attack_clean, pgd)
     return {
-        "clean_accuracy": float(answered.float().mean()),
-        "examples": len(test),
-        "attack_examples": len(subset),
-        "attack_clean_accuracy": attack_clean,
-        "robust": {str(r): a for r, a in pgd.items()},
-        "hotflip": {},
-        "synonym": synonym,
-        "worst_case": worst,
-        "seconds": time.perf_counter() - started,
-    }
-
-
-def _recorded_command(argv: Sequence[str]) -> str:
-    """The command line without ``--stop-after N``, which only bounds one invocation."""
-    kept, skip = [], False
-    for word in argv:
-        if skip:
-            skip = False
-        elif word == "--stop-after":
-            skip = True
-        elif not word.startswith("--stop-after="):
-            kept.append(word)
-    return "advfunc " + shlex.join(kept)
+        "clean_accuracy": clean, "examples": len(test), "attack_examples": len(subset),
+        "attack_clean_accuracy": attack_clean, "robust": {str(r): a for r, a in pgd.items()}, "hotflip": {},
+        "synonym": synonym, "worst_case": worst, "seconds": time.perf_counter() - started,
+    }  # fmt: skip
 
 
 def _settings(args: argparse.Namespace) -> Settings:
@@ -320,49 +261,36 @@ def _settings(args: argparse.Namespace) -> Settings:
         raise ValueError("--word-order gradient reads a classifier's loss gradient; the decoder job takes delete")
     if synonym is not None:
         require_synonym_resources(args.encoder)
-    radii = tuple(sorted(args.radii))
-    settings: Settings = build(Settings, args, attack_examples=args.examples, radii=radii, synonym=synonym)
+    settings: Settings = build(
+        Settings, args, attack_examples=args.examples, radii=tuple(sorted(args.radii)), synonym=synonym
+    )
     return settings
 
 
-def _info(args: argparse.Namespace, settings: Settings, folder: Path, answers: Answers, sizes: str) -> dict[str, Any]:
+def _info(args: argparse.Namespace, settings: Settings, folder: Path, answers: Answers) -> dict[str, Any]:
+    """The report's description of the task, training and attacks."""
+    prompt = "prompt 'Review: {text}\\nSentiment:'"
+    task = (
+        f"{prompt} as the user turn of the model's chat template with its generation prompt, each answer as the "
+        "assistant turn" if settings.chat_template else f"plain {prompt}"
+    )  # fmt: skip
     synonym = settings.synonym
     return {
-        "job": "decoder",
-        "title": args.output.name,
-        "command": _recorded_command(args.command_line),
-        "model": str(folder),
-        "sizes": sizes,
-        "task": (
-            (
-                "prompt 'Review: {text}\\nSentiment:' as the user turn of the model's chat template with its "
-                "generation prompt, each answer as the assistant turn"
-                if settings.chat_template
-                else "plain prompt 'Review: {text}\\nSentiment:'"
-            )
-            + f" (review cut so that prompt and answer fit {settings.max_length} tokens), answers "
-            f"{dict(zip(answers.labels, answers.words, strict=True))}, loss on the answer only; the answer is "
-            "the larger of the two answers' first-token logits."
-        ),
-        "training": (
-            f"LoRA rank {settings.lora_r} (alpha {2 * settings.lora_r}) on every linear layer of the decoder "
-            f"blocks, {settings.epochs} epoch(s), batch {settings.batch_size}, lr {settings.lr:g} with "
-            f"{settings.warmup_ratio:g} warmup and linear decay, AdamW, clip {settings.max_grad_norm:g}; "
-            "advfunc.hf.AdversarialTrainer."
-        ),
+        "job": "decoder", "title": args.output.name, "command": report.command_line(args.command_line),
+        "model": str(folder), "machine": report.machine(), "seeds": list(args.seeds),
+        "task": f"{task} (review cut so that prompt and answer fit {settings.max_length} tokens), answers "
+        f"{dict(zip(answers.labels, answers.words, strict=True))}, loss on the answer only; the answer is "
+        "the larger of the two answers' first-token logits.",
+        "training": f"LoRA rank {settings.lora_r} (alpha {2 * settings.lora_r}) on every linear layer of the decoder "
+        f"blocks, {settings.epochs} epoch(s), batch {settings.batch_size}, lr {settings.lr:g} with "
+        f"{settings.warmup_ratio:g} warmup and linear decay, AdamW, clip {settings.max_grad_norm:g}; "
+        "advfunc.hf.AdversarialTrainer.",
         "attack": {"radii": list(settings.radii), "hotflip_budget": 0, "examples": settings.attack_examples},
-        "attack_text": (
-            f"L2 PGD on the prompt's input embeddings against the correct answer, {settings.pgd_steps} steps, "
-            f"radii {list(settings.radii)} (per example)"
-            + (
-                ""
-                if synonym is None
-                else f"; {describe_synonym_attack(synonym)} on the first {settings.synonym_examples}"
-            )
-            + "."
-        ),
-        "machine": report.machine(),
-    }
+        "attack_text": f"L2 PGD on the prompt's input embeddings against the correct answer, {settings.pgd_steps} "
+        f"steps, radii {list(settings.radii)} (per example)"
+        + ("" if synonym is None else f"; {describe_synonym_attack(synonym)} on the first {settings.synonym_examples}")
+        + ".",
+    }  # fmt: skip
 
 
 def run_decoder(args: argparse.Namespace) -> int:
@@ -392,11 +320,11 @@ def run_decoder(args: argparse.Namespace) -> int:
     for spec in specs:  # every factory checks its values now, not when its turn comes an hour later
         registry.build_step(spec, probe)
     del probe
-    sizes = f"Train {len(train_set)} of {len(train_all)} training examples, test {len(test_set)} of {len(test_all)}."
-    info = _info(args, settings, folder, answers, sizes)
+    info = _info(args, settings, folder, answers)
     info.update(
         data=data_text, majority_accuracy=report.majority_accuracy(test.classes), planned_runs=grid.planned,
-        methods=[spec.label for spec in specs], seeds=list(args.seeds),
+        methods=[spec.label for spec in specs], sizes=f"Train {len(train_set)} of {len(train_all)} training "
+        f"examples, test {len(test_set)} of {len(test_all)}.",
     )  # fmt: skip
     key_base.update(
         settings=dataclasses.asdict(settings), data=[train_set.digest(), test_set.digest()],
