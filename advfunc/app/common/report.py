@@ -13,7 +13,7 @@ import os
 import platform
 import shlex
 import statistics
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -43,9 +43,13 @@ def machine() -> str:
     )
 
 
-def _run_minutes(runs: Sequence[Mapping[str, Any]]) -> float:
-    """Training plus evaluation time of ``runs``: what the report cost, whichever invocation ran them."""
-    return sum(run["train"]["seconds"] + run["eval"]["seconds"] for run in runs) / 60
+_SYNONYM = {  # metric: the synonym attack's summary field
+    "synonym": "accuracy_under_attack",
+    "synonym_success": "success_rate",
+    "synonym_changed": "changed_share",
+    "synonym_queries": "queries",
+    "synonym_untried": "untried",
+}
 
 
 def _metrics(run: Mapping[str, Any]) -> dict[str, float]:
@@ -58,16 +62,12 @@ def _metrics(run: Mapping[str, Any]) -> dict[str, float]:
         "steps_per_second": training.get("steps_per_second", math.nan),
         "train_minutes": training["seconds"] / 60,
         "eval_minutes": evaluation.get("seconds", math.nan) / 60,
+        **{f"pgd@{r}": a for r, a in evaluation["robust"].items()},
+        **{f"hotflip@{b}": a for b, a in evaluation.get("hotflip", {}).items()},
     }
-    flat.update({f"pgd@{r}": a for r, a in evaluation["robust"].items()})
-    flat.update({f"hotflip@{b}": a for b, a in evaluation.get("hotflip", {}).items()})
-    synonym = evaluation.get("synonym")
-    if synonym is not None:
-        flat["synonym"] = synonym["accuracy_under_attack"]
-        flat["synonym_success"] = synonym["success_rate"]
-        flat["synonym_changed"] = synonym["changed_share"]
-        flat["synonym_queries"] = synonym["queries"]
-        flat["synonym_untried"] = synonym.get("untried", 0.0)
+    if evaluation.get("synonym") is not None:
+        synonym = {"untried": 0.0, **evaluation["synonym"]}  # run files from before the untried count
+        flat.update({key: synonym[field] for key, field in _SYNONYM.items()})
     if evaluation.get("worst_case") is not None:
         flat["worst_case"] = evaluation["worst_case"]
     if run.get("validation_accuracy") is not None:
@@ -77,14 +77,15 @@ def _metrics(run: Mapping[str, Any]) -> dict[str, float]:
 
 Metrics = Callable[[Mapping[str, Any]], dict[str, float]]
 Stats = dict[str, float]
+Column = tuple[str, str, int]  # (title, metric, digits)
 
 
-def summarize(runs: Sequence[Mapping[str, Any]], metrics: Metrics = _metrics) -> dict[str, dict[str, Stats]]:
-    """{method: {metric: {mean, std, n}}} of ``metrics(run)``; std is the sample standard deviation (0 for one seed)."""
+def _aggregate(rows: Iterable[tuple[str, Mapping[str, float]]]) -> dict[str, dict[str, Stats]]:
+    """{method: {metric: {mean, std, n}}} of the finite values; std is the sample standard deviation (0 for one)."""
     grouped: dict[str, dict[str, list[float]]] = {}
-    for run in runs:
-        found = grouped.setdefault(run["method"], {})
-        for key, value in metrics(run).items():
+    for method, values in rows:
+        found = grouped.setdefault(method, {})
+        for key, value in values.items():
             if math.isfinite(value):
                 found.setdefault(key, []).append(value)
     return {method: {key: _stats(values) for key, values in found.items()} for method, found in grouped.items()}
@@ -93,6 +94,11 @@ def summarize(runs: Sequence[Mapping[str, Any]], metrics: Metrics = _metrics) ->
 def _stats(values: Sequence[float]) -> Stats:
     std = statistics.stdev(values) if len(values) > 1 else 0.0
     return {"mean": statistics.fmean(values), "std": std, "n": len(values)}
+
+
+def summarize(runs: Sequence[Mapping[str, Any]], metrics: Metrics = _metrics) -> dict[str, dict[str, Stats]]:
+    """{method: {metric: {mean, std, n}}} of ``metrics(run)`` over the seeds."""
+    return _aggregate((run["method"], metrics(run)) for run in runs)
 
 
 def differences(
@@ -104,16 +110,11 @@ def differences(
     the difference itself, not of either method's accuracy. Empty without ``plain`` runs.
     """
     by_seed = {run["seed"]: metrics(run) for run in runs if run["method"] == plain}
-    paired: dict[str, dict[str, list[float]]] = {}
-    for run in runs:
-        reference = by_seed.get(run["seed"])
-        if run["method"] == plain or reference is None:
-            continue
-        found = paired.setdefault(run["method"], {})
-        for key, value in metrics(run).items():
-            if key in reference and math.isfinite(value) and math.isfinite(reference[key]):
-                found.setdefault(key, []).append(value - reference[key])
-    return {method: {key: _stats(values) for key, values in found.items()} for method, found in paired.items()}
+    return _aggregate(
+        (run["method"], {key: value - reference[key] for key, value in metrics(run).items() if key in reference})
+        for run in runs
+        if run["method"] != plain and (reference := by_seed.get(run["seed"])) is not None
+    )
 
 
 def cell(stats: Mapping[str, float] | None, digits: int = 3, signed: bool = False) -> str:
@@ -125,29 +126,28 @@ def cell(stats: Mapping[str, float] | None, digits: int = 3, signed: bool = Fals
     return mean if stats.get("n", 2) < 2 else f"{mean} ± {stats['std']:.{digits}f}"
 
 
-Column = tuple[str, str, int]  # (title, metric, digits)
+_UNPAIRED_TAIL: list[Column] = [
+    ("synonym acc", "synonym", 3),
+    ("synonym success", "synonym_success", 3),
+    ("words changed", "synonym_changed", 3),
+    ("queries", "synonym_queries", 1),
+    ("synonym untried", "synonym_untried", 3),
+    ("word worst case", "worst_case", 3),
+    ("s / step", "seconds_per_step", 2),
+    ("steps / s", "steps_per_second", 2),
+]
 
 
 def _columns(info: Mapping[str, Any], paired: bool = False) -> list[Column]:
     """The table's accuracy columns (and, unpaired, the attack and time ones) for the attacks that ran."""
-    radii = [str(r) for r in info["attack"]["radii"]]
-    budgets = range(1, info["attack"]["hotflip_budget"] + 1)
-    columns = [("clean acc (test)" if not paired else "clean", "clean", 3)]
+    budgets = list(range(1, info["attack"]["hotflip_budget"] + 1))
     # Robust accuracy is over the attacked examples: their clean accuracy is its ceiling.
-    columns += [("clean (attacked)", "attack_clean", 3)]
-    columns += [(f"PGD r={r}", f"pgd@{r}", 3) for r in radii]
+    columns = [("clean" if paired else "clean acc (test)", "clean", 3), ("clean (attacked)", "attack_clean", 3)]
+    columns += [(f"PGD r={r}", f"pgd@{r}", 3) for r in info["attack"]["radii"]]
     columns += [(f"HotFlip ≤{b}", f"hotflip@{b}", 3) for b in (budgets[-1:] if paired else budgets)]
     if paired:
         return [*columns, ("synonym acc", "synonym", 3), ("worst case", "worst_case", 3)]
-    columns += [("synonym acc", "synonym", 3), ("synonym success", "synonym_success", 3)]
-    columns += [("words changed", "synonym_changed", 3), ("queries", "synonym_queries", 1)]
-    columns += [("synonym untried", "synonym_untried", 3)]
-    return [
-        *columns,
-        ("word worst case", "worst_case", 3),
-        ("s / step", "seconds_per_step", 2),
-        ("steps / s", "steps_per_second", 2),
-    ]
+    return columns + _UNPAIRED_TAIL
 
 
 def _table(
@@ -183,6 +183,7 @@ def markdown(
     runs: Sequence[Mapping[str, Any]] = (),
 ) -> str:
     """The Markdown report: settings, one row per method, the runs that learned nothing, paired differences."""
+    minutes = sum(run["train"]["seconds"] + run["eval"]["seconds"] for run in runs) / 60  # whoever ran them
     lines = [
         f"# advfunc {info.get('job', 'compare')}: {info['title']}",
         "",
@@ -192,7 +193,7 @@ def markdown(
         *([f"Task: {info['task']}"] if info.get("task") else []),
         f"Training: {info['training']}",
         f"Attacks ({info['attack']['examples']} test examples): {info['attack_text']}",
-        f"Finished runs: {info['finished_runs']} of {info['planned_runs']}, {_run_minutes(runs):.1f} min of run time "
+        f"Finished runs: {info['finished_runs']} of {info['planned_runs']}, {minutes:.1f} min of run time "
         f"(training and evaluation, summed over runs; this invocation {info.get('elapsed_minutes', 0):.1f} min "
         f"wall time). Machine: {info['machine']}.",
         "",
@@ -222,39 +223,30 @@ def markdown(
 
 
 def plot(summary: Mapping[str, Mapping[str, Mapping[str, float]]], info: Mapping[str, Any]) -> bytes:
-    """PNG bytes: accuracy against PGD radius (left) and HotFlip budget (right), one line per method."""
+    """PNG bytes: accuracy against PGD radius (left) and HotFlip budget (right, if it ran), one line per method."""
     import matplotlib
 
     matplotlib.use("Agg")  # no display on a server; must precede pyplot
     from matplotlib import pyplot as plt
 
-    radii = info["attack"]["radii"]
     budgets = list(range(1, info["attack"]["hotflip_budget"] + 1))
-    fig, grid = plt.subplots(1, 2 if budgets else 1, figsize=(11 if budgets else 5.5, 4.2), squeeze=False)
-    axes = grid[0]
-    panels: list[tuple[Any, list[float], list[str], str]] = [
-        (axes[0], [0.0, *map(float, radii)], [f"pgd@{r}" for r in radii], "embedding PGD radius (L2 per example)"),
-    ]
-    if budgets:  # no HotFlip panel when HotFlip did not run
-        panels.append(
-            (axes[1], [0.0, *map(float, budgets)], [f"hotflip@{b}" for b in budgets], "changed words (HotFlip budget)")
-        )
-    for axis, xs, keys, label in panels:
-        for method, stats in summary.items():
-            series = [stats.get(key) for key in ("attack_clean", *keys)]
-            points = [(x, s) for x, s in zip(xs, series, strict=True) if s is not None]
-            if points:
-                means, stds = [s["mean"] for _, s in points], [s["std"] for _, s in points]
-                axis.errorbar([x for x, _ in points], means, yerr=stds, marker="o", capsize=3, label=method)
-        axis.set_xlabel(label)
-        axis.set_ylim(0, 1)
-        axis.grid(alpha=0.3)
-    axes[0].set_ylabel("accuracy")
-    axes[0].set_title("Embedding-space PGD")
+    panels = [("pgd", info["attack"]["radii"], "embedding PGD radius (L2 per example)", "Embedding-space PGD")]
     if budgets:
-        axes[1].set_title("Word substitution (HotFlip)")
-        axes[1].set_xticks([0, *budgets])
-    axes[0].legend(fontsize=8)
+        panels.append(("hotflip", budgets, "changed words (HotFlip budget)", "Word substitution (HotFlip)"))
+    fig, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels), 4.2), squeeze=False)
+    for axis, (name, points, label, title) in zip(axes[0], panels, strict=True):
+        keys = {0.0: "attack_clean", **{float(x): f"{name}@{x}" for x in points}}
+        for method, stats in summary.items():
+            found = [(x, stats[key]) for x, key in keys.items() if key in stats]
+            if found:
+                means, stds = [s["mean"] for _, s in found], [s["std"] for _, s in found]
+                axis.errorbar([x for x, _ in found], means, yerr=stds, marker="o", capsize=3, label=method)
+        axis.set(xlabel=label, title=title, ylim=(0, 1))
+        axis.grid(alpha=0.3)
+    if budgets:
+        axes[0][1].set_xticks([0, *budgets])
+    axes[0][0].set_ylabel("accuracy")
+    axes[0][0].legend(fontsize=8)
     fig.suptitle(f"{info['title']}: mean ± std over seeds, {info['attack']['examples']} test examples", fontsize=10)
     fig.tight_layout()
     buffer = io.BytesIO()
