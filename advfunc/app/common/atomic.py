@@ -19,13 +19,13 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 
+class OutputError(ValueError):
+    """An output path that cannot be written; the message names it and says why."""
+
+
 def temporary_sibling(path: Path, kind: str = "tmp") -> Path:
     """A hidden, unique name in ``path``'s directory: same file system, so rename is atomic."""
     return path.parent / f".{path.name}.{kind}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-
-
-class OutputError(ValueError):
-    """An output path that cannot be written; the message names it and says why."""
 
 
 def _running(pid: int) -> bool:
@@ -48,10 +48,10 @@ def recover(path: Path) -> None:
     if not path.parent.is_dir():
         return
     pattern = re.compile(rf"^\.{re.escape(path.name)}\.(tmp|partial|old)-(\d+)-[0-9a-f]{{8}}$")
-    leftovers = [
+    found = [
         (m.group(1), int(m.group(2)), entry) for entry in path.parent.iterdir() if (m := pattern.match(entry.name))
     ]
-    for kind, pid, entry in sorted(leftovers, key=lambda item: item[0] != "old"):
+    for kind, pid, entry in sorted(found, key=lambda item: item[0] != "old"):
         if _running(pid):
             continue
         if kind == "old" and not path.exists():
@@ -80,22 +80,17 @@ def _probe(directory: Path, flag: str, path: Path) -> None:
 
 
 def require_replaceable(path: Path, flag: str, *, directory: bool) -> None:
-    """Raise ``OutputError`` unless ``path`` can be written as a whole and renamed into place.
-
-    ``directory`` says whether the output is a directory (a checkpoint) or a file.
-    """
-    path = Path(path)
-    absolute = Path(os.path.abspath(path))
+    """Raise ``OutputError`` unless ``path``, a ``directory`` (a checkpoint) or a file, can be written whole and
+    renamed into place."""
+    path, absolute = Path(path), Path(os.path.abspath(path))
+    kind = "directory" if directory else "file"
     if absolute == absolute.parent or Path.cwd().is_relative_to(absolute):
         raise OutputError(
             f"{flag} {path} is the current directory or one above it, which cannot be replaced as a whole; "
-            f"name a new {'directory' if directory else 'file'}"
+            f"name a new {kind}"
         )
     if path.exists() and path.is_dir() != directory:
-        raise OutputError(
-            f"{flag} {path} is a {'directory' if path.is_dir() else 'file'}; give a "
-            f"{'directory' if directory else 'file'} path"
-        )
+        raise OutputError(f"{flag} {path} is a {'directory' if path.is_dir() else 'file'}; give a {kind} path")
     _probe(absolute.parent, flag, path)
 
 
@@ -108,7 +103,7 @@ def require_writable_folder(path: Path, flag: str) -> None:
 
 
 def write_text(path: Path, text: str) -> None:
-    """Write ``text`` to ``path`` atomically (UTF-8)."""
+    """Write ``text`` to ``path`` atomically, as UTF-8."""
     write_with(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
 
 
