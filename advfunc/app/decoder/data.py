@@ -1,22 +1,14 @@
 """A two-class text task as instructions for a causal LM: prompt, answer word, completion-only labels.
 
-Each text becomes the plain prompt ``"Review: {text}\\nSentiment:"`` and each label an
-answer word (Rotten Tomatoes: ``fresh`` → ``" positive"``, ``rotten`` → ``" negative"``).
-The prompt is plain by default rather than the model's chat template: the question is
-the instruction itself, and the template of an instruct model adds a system prompt that
-would triple the length of these short snippets (and the cost of every pass). With
-``chat`` (``--chat-template``) the same instruction is the user turn, rendered by the
-tokenizer's template with its generation prompt, and each answer is the assistant turn
-the template writes after it, end-of-turn tokens included
-(:func:`advfunc.hf.chat.reply_ids`, the rendering :class:`~advfunc.hf.ChatAdversaryCollator`
-uses).
-
-An example's ``input_ids`` are the prompt's tokens followed by its answer's; ``labels``
-are −100 at the prompt and the answer's tokens after it, so the loss is the answer's
-alone (completion-only). ``adv_labels`` (:data:`advfunc.ADV_LABELS`) hold the wrong
-answer at the same positions: the adversary's completion for CAT and LAT. A review is
-cut at the end, never the instruction, so that prompt and answer fit ``max_length``
-tokens. Batches are padded on the right.
+Each text becomes the plain prompt ``"Review: {text}\\nSentiment:"`` (why plain:
+``docs/decoders.md``) and each label an answer word (Rotten Tomatoes: ``fresh`` →
+``" positive"``, ``rotten`` → ``" negative"``). With ``chat`` (``--chat-template``) the
+instruction is the user turn of the tokenizer's template, with its generation prompt, and
+each answer the assistant turn the template writes after it (:func:`advfunc.hf.chat.reply_ids`).
+Batches are :func:`advfunc.hf.chat.completion_batch`: ``labels`` on the answer only,
+``adv_labels`` (:data:`advfunc.ADV_LABELS`) the wrong answer at the same positions, for CAT
+and LAT. A review is cut at the end, never the instruction, so that prompt and answer fit
+``max_length`` tokens.
 """
 
 from __future__ import annotations
@@ -38,10 +30,8 @@ ROTTEN_TOMATOES_ANSWERS = {"fresh": " positive", "rotten": " negative"}
 
 @dataclass(frozen=True)
 class Answers:
-    """The two labels in class order and the token ids of their answers (class i answers ``ids[i]``).
-
-    ``chat``: prompts and answers are rendered by the tokenizer's chat template.
-    """
+    """The two labels in class order and the token ids of their answers (class i answers ``ids[i]``); ``chat``:
+    prompts and answers are rendered by the tokenizer's chat template."""
 
     labels: tuple[str, ...]
     words: tuple[str, ...]
@@ -50,11 +40,8 @@ class Answers:
 
     @classmethod
     def of(cls, words: Mapping[str, str], tokenizer: Any, chat: bool = False) -> Answers:
-        """Tokenize each label's answer word; their first tokens must differ (the answer is a next-token choice).
-
-        ``chat``: each answer is the assistant turn holding the word, as the template renders it
-        after the instruction's user turn.
-        """
+        """Tokenize each label's answer word (``chat``: its assistant turn after the instruction's user turn); their
+        first tokens must differ, as the answer is a next-token choice."""
         if len(words) != 2:
             raise DataError(f"the decoder task has two answers, got {len(words)}: {dict(words)}; give LABEL=WORD twice")
         if chat:
