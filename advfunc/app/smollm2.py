@@ -1,15 +1,10 @@
-"""The old name of :mod:`advfunc.app.decoder.smollm2`, kept so that ``python -m advfunc.app.smollm2`` still converts."""
+"""The old name of :mod:`advfunc.app.decoder.smollm2`: ``python -m advfunc.app.smollm2`` still converts."""
 
 import warnings
 
 from advfunc.app.decoder.smollm2 import *  # noqa: F403
 from advfunc.app.decoder.smollm2 import main
 
-warnings.warn(
-    "advfunc.app.smollm2 is now advfunc.app.decoder.smollm2; run `python -m advfunc.app.decoder.smollm2`",
-    FutureWarning,
-    stacklevel=2,
-)
-
+warnings.warn("advfunc.app.smollm2 is now python -m advfunc.app.decoder.smollm2", FutureWarning, stacklevel=2)
 if __name__ == "__main__":
     raise SystemExit(main())

