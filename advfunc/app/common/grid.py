@@ -37,14 +37,13 @@ def add_grid_flags(
 ) -> None:
     """The grid's flags: methods, seeds, the report folder and ``--stop-after`` (None defaults: the preset's)."""
 
-    def default(value: Any) -> str:
-        shown = " ".join(map(str, value)) if isinstance(value, Sequence) else value
-        return " (default: the preset's)" if value is None else f" (default: {shown})"
+    def shown(value: Any) -> str:
+        text = str(value) if isinstance(value, Path) else " ".join(map(str, value or ()))
+        return f" (default: {text})" if value is not None else " (default: the preset's)"
 
-    listed = {"methods": None if methods is None else list(methods), "seeds": None if seeds is None else list(seeds)}
-    parser.add_argument("--methods", nargs="+", default=listed["methods"], help="method specs" + default(methods))
-    parser.add_argument("--seeds", type=NATURAL, nargs="+", default=listed["seeds"], help="seeds" + default(seeds))
-    parser.add_argument("--output", "--out", type=Path, default=output, help="report folder" + default(output))
+    parser.add_argument("--methods", nargs="+", default=methods and [*methods], help="method specs" + shown(methods))
+    parser.add_argument("--seeds", type=NATURAL, nargs="+", default=seeds and [*seeds], help="seeds" + shown(seeds))
+    parser.add_argument("--output", "--out", type=Path, default=output, help="report folder" + shown(output))
     parser.add_argument("--stop-after", type=COUNT, help="stop after N new runs (run the command again to go on)")
 
 
@@ -103,7 +102,7 @@ class RunGrid:
     def run(self, one: Callable[[MethodSpec, int], Run | None], report: Callable[[list[Run]], Any]) -> list[Run]:
         """Every run not done yet, the report after each; the finished runs in grid order."""
         runs: list[Run] = []
-        new = 0
+        new = 0  # runs started by this invocation
         for seed in self.seeds:
             for spec in self.methods:
                 key = json.loads(json.dumps(self.key(spec, seed)))  # tuples become lists, as in the file
