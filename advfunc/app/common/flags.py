@@ -19,10 +19,8 @@ from typing import Any, NoReturn
 
 def number(kind: type, minimum: float, *, inclusive: bool = True, below: float | None = None) -> Any:
     """An argparse ``type``: text to a finite ``kind`` in [minimum, below) (or (minimum, ...) if not inclusive)."""
-    lower = f">= {minimum:g}" if inclusive else f"> {minimum:g}"
-    what = f"an integer {lower}" if kind is int else f"a finite number {lower}"
-    if below is not None:
-        what = f"a finite number in [{minimum:g}, {below:g})"
+    what = "an integer" if kind is int else "a finite number"
+    what += f" in [{minimum:g}, {below:g})" if below is not None else f" {'>=' if inclusive else '>'} {minimum:g}"
 
     def convert(text: str) -> Any:
         try:
@@ -52,11 +50,8 @@ def option(default: Any, kind: Callable[[str], Any] | None = None, help: str = "
 
 
 class Parser(argparse.ArgumentParser):
-    """argparse with one-line errors (exit status 2) and negative numbers read as values.
-
-    argparse takes ``-1e-5`` for an option name (its pattern knows only ``-1`` and ``-.5``),
-    so ``--lr -1e-5`` failed with "expected one argument"; here it reaches the range check.
-    """
+    """argparse with one-line errors (exit status 2) and negative numbers read as values: argparse takes ``-1e-5``
+    for an option name (its pattern knows only ``-1`` and ``-.5``); here it reaches the range check."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)

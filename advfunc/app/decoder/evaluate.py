@@ -54,12 +54,8 @@ def prompt_pgd(
     radius: float,
     steps: int,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """L2 PGD on the prompt's input embeddings against the correct answer: (δ [B, L, H], answer after it [B]).
-
-    :func:`~advfunc.app.common.robustness.pgd_logits` with ``target="embeds@prompt"``: the
-    loss is the correct answer's (``labels``), δ is zero outside the prompt and its norm is
-    per example over the prompt's (positions, hidden).
-    """
+    """L2 PGD on the prompt's input embeddings against the correct answer (``labels``): (δ [B, L, H], answer
+    after it [B]); δ is zero outside the prompt, its norm per example over the prompt's (positions, hidden)."""
     delta, logits = pgd_logits(model, params, inputs, radius, steps, "embeds@prompt")
     return delta, answer_logits(logits, inputs["labels"], answers).argmax(-1)
 
@@ -74,10 +70,8 @@ def robust_accuracy(
     batch_size: int = 16,
     clean: torch.Tensor | None = None,
 ) -> tuple[float, dict[float, float]]:
-    """(clean accuracy, {radius: accuracy under prompt PGD within that radius}) on ``data``.
-
-    ``clean``: [N] bool, :func:`correct` of ``data`` when the caller has it already.
-    """
+    """(clean accuracy, {radius: accuracy under prompt PGD within that radius}) on ``data``; ``clean``: [N] bool,
+    :func:`correct` of ``data`` when the caller has it already."""
     params = advfunc.params_of(model)
     clean = correct(model, data, answers, pad, batch_size) if clean is None else clean
 
