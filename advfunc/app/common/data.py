@@ -190,7 +190,7 @@ def _read_jsonl(path: Path) -> tuple[list[dict[str, Any]], set[str]]:
             found = json.loads(document, object_pairs_hook=_unique_keys)
         except json.JSONDecodeError as error:
             raise DataError(f"{where}: not {'valid JSON' if whole else 'a JSON object'} ({error.msg})") from None
-        except _RepeatedKey as error:
+        except ValueError as error:  # a key twice: json would keep the last value without a word
             record = "a record" if whole else "the record"
             raise DataError(f"{where}: {record} names key {error.args[0]!r} twice; keep one") from None
         rows.extend(found if whole else [found])
@@ -200,14 +200,11 @@ def _read_jsonl(path: Path) -> tuple[list[dict[str, Any]], set[str]]:
     return rows, {column for row in rows for column in row}
 
 
-class _RepeatedKey(Exception):
-    """A JSON object with a key twice: ``json`` would keep the last value without a word."""
-
-
 def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """The JSON object of ``pairs``; ``ValueError`` holding the first key it names twice."""
     keys = [key for key, _ in pairs]
     if len(set(keys)) < len(keys):
-        raise _RepeatedKey(next(key for key in keys if keys.count(key) > 1))
+        raise ValueError(next(key for key in keys if keys.count(key) > 1))
     return dict(pairs)
 
 

@@ -35,11 +35,10 @@ def command_line(argv: Sequence[str]) -> str:
 
 def machine() -> str:
     """The GPU (if any), CPU, cores, torch version, threads and OMP wait policy a run's timings were taken under."""
-    wait = os.environ.get("OMP_WAIT_POLICY", "unset")
     gpu = f"{torch.cuda.get_device_name()} GPU, " if torch.cuda.is_available() else ""
     return (
         f"{gpu}{platform.machine()} CPU, {os.cpu_count() or 0} cores, torch {torch.__version__}, "
-        f"{torch.get_num_threads()} threads, OMP_WAIT_POLICY {wait}"
+        f"{torch.get_num_threads()} threads, OMP_WAIT_POLICY {os.environ.get('OMP_WAIT_POLICY', 'unset')}"
     )
 
 
@@ -263,8 +262,7 @@ def write(directory: str | Path, runs: Sequence[Mapping[str, Any]], info: Mappin
     paths = [directory / RESULTS_JSON, directory / RESULTS_MD, directory / PLOT_PNG]
     atomic.write_text(paths[0], json.dumps(document, indent=2) + "\n")
     atomic.write_text(paths[1], markdown(summary, info, runs))
-    image = plot(summary, info)
-    atomic.write_with(paths[2], lambda tmp: tmp.write_bytes(image))
+    atomic.write_with(paths[2], lambda tmp: tmp.write_bytes(plot(summary, info)))
     return paths
 
 

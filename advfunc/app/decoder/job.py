@@ -155,7 +155,7 @@ def load_tokenizer(folder: Path, chat_template: bool) -> Any:
     except (OSError, ValueError) as error:
         raise ModelError(
             f"--model {folder} has no usable tokenizer ({error}); save the model's own next to it"
-        ) from error
+        ) from None
     if chat_template and getattr(tokenizer, "chat_template", None) is None:
         raise ModelError(
             f"--chat-template: the tokenizer in {folder} has no chat_template; save the model's tokenizer with its "
@@ -186,10 +186,8 @@ def fine_tune(
 
     model, tokenizer = _load(folder)
     torch.manual_seed(seed)  # the adapters' initialisation is part of the seeded run
-    lora = LoraConfig(
-        r=settings.lora_r, lora_alpha=2 * settings.lora_r, target_modules="all-linear", lora_dropout=0.0,
-        task_type="CAUSAL_LM",
-    )  # fmt: skip
+    rank = settings.lora_r
+    lora = LoraConfig(r=rank, lora_alpha=2 * rank, target_modules="all-linear", lora_dropout=0.0, task_type="CAUSAL_LM")
     model = get_peft_model(model, lora)
     adversary = ADV_LABELS in registry.parse_method(method).method.batch_keys
     pad = pad_id(tokenizer)
