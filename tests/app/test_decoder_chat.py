@@ -122,7 +122,7 @@ def test_a_cut_review_keeps_the_template_and_the_answer_within_max_length():
     rows = sentences(12, seed=4)
     data = prompts([text for text, _ in rows], [0] * len(rows), tokenizer, answers, max_length=16)
     assert answers.ids == (tuple(_ids(tokenizer, "positive END")), tuple(_ids(tokenizer, "negative END")))
-    for (text, _), prompt in zip(rows, data.prompts, strict=True):
+    for (text, _), prompt in zip(rows, data.input_ids, strict=True):
         assert len(prompt) + 2 <= 16
         kept = tokenizer.convert_ids_to_tokens(prompt)[4:-5]  # user : Review : ... Sentiment : END assistant :
         assert kept == text.split()[: len(kept)] and len(kept) == min(len(text.split()), 16 - 2 - 9)

@@ -197,10 +197,10 @@ def test_answer_accuracy_equals_one_prompt_at_a_time_without_padding():
     model = tiny_decoder("llama", seed=1)
     found = correct(model, data, answers, PAD, batch_size=4)
     with torch.no_grad():
-        for i, prompt in enumerate(data.prompts):
+        for i, prompt in enumerate(data.input_ids):
             logits = model.eval()(input_ids=torch.tensor([prompt])).logits[0, -1]  # [V]: the next token
-            wanted = answers.first[data.classes[i]]
-            other = answers.first[1 - data.classes[i]]
+            wanted = answers.first[data.labels[i]]
+            other = answers.first[1 - data.labels[i]]
             assert bool(found[i]) == bool(logits[wanted] > logits[other])
     assert 0 < float(found.float().mean()) < 1  # a random model gets some right and some wrong: the check bites
 

@@ -260,16 +260,15 @@ class Labels:
         id2label = getattr(config, "id2label", None) or {}
         return cls(tuple(str(id2label[i]) for i in sorted(id2label, key=int)))
 
-    def encode(self, dataset: TextDataset) -> list[int]:
-        """Label ids of ``dataset``; ``DataError`` naming the first label the model does not know."""
+    def encode(self, dataset: TextDataset, known: str = "") -> list[int]:
+        """Label ids of ``dataset``; ``DataError`` naming the first unknown label and ``known`` (the model's labels)."""
         index = {name: i for i, name in enumerate(self.names)}
         if all(name == f"LABEL_{i}" for i, name in enumerate(self.names)):  # saved without names: labels are ids
             index.update({str(i): i for i in range(len(self.names))})
+        known = known or f"the model's labels are {list(self.names)}"
         for row, label in enumerate(dataset.labels, start=1):
             if label not in index:
-                raise DataError(
-                    f"{dataset.source}, row {row}: unknown label {label!r}; the model's labels are {list(self.names)}"
-                )
+                raise DataError(f"{dataset.source}, row {row}: unknown label {label!r}; {known}")
         return [index[label] for label in dataset.labels]
 
 

@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-from advfunc.app.common.data import DataError, TextDataset
+from advfunc.app.common.data import DataError, Encoded, Labels, TextDataset, pad_id
 from advfunc.core.completion import ADV_LABELS
 from advfunc.hf.chat import Message, completion_batch, render, reply_ids, token_ids
 
@@ -64,29 +64,9 @@ class Answers:
         return tuple(tokens[0] for tokens in self.ids)
 
     def encode_labels(self, dataset: TextDataset) -> list[int]:
-        """Class ids of ``dataset``; ``DataError`` naming the first label without an answer."""
-        index = {label: i for i, label in enumerate(self.labels)}
-        for row, label in enumerate(dataset.labels, start=1):
-            if label not in index:
-                raise DataError(
-                    f"{dataset.source}, row {row}: label {label!r} has no answer word; the answers are "
-                    f"{dict(zip(self.labels, self.words, strict=True))} (set them with --answer LABEL=WORD)"
-                )
-        return [index[label] for label in dataset.labels]
-
-
-@dataclass(frozen=True)
-class Prompts:
-    """Tokenized prompts (unpadded) with each one's class."""
-
-    prompts: list[list[int]]
-    classes: list[int]
-
-    def __len__(self) -> int:
-        return len(self.prompts)
-
-    def select(self, indices: Sequence[int]) -> Prompts:
-        return Prompts([self.prompts[i] for i in indices], [self.classes[i] for i in indices])
+        """Class ids of ``dataset``; ``DataError`` naming the first label without an answer word."""
+        answers = dict(zip(self.labels, self.words, strict=True))
+        return Labels(self.labels).encode(dataset, f"the answers are {answers} (set them with --answer LABEL=WORD)")
 
 
 def _instruction(review: str) -> list[Message]:
@@ -99,7 +79,7 @@ def _reply(tokenizer: Any, prompt: list[Message], word: str) -> list[int]:
     return reply_ids(tokenizer, prompt, word.strip(), "answer")
 
 
-def prompts(texts: Sequence[str], classes: Sequence[int], tokenizer: Any, answers: Answers, max_length: int) -> Prompts:
+def prompts(texts: Sequence[str], classes: Sequence[int], tokenizer: Any, answers: Answers, max_length: int) -> Encoded:
     """``"Review: {text}\\nSentiment:"`` as tokens, the review cut so that prompt and answer fit ``max_length``.
 
     With ``answers.chat`` the instruction is the user turn, rendered by the chat template
@@ -122,10 +102,10 @@ def prompts(texts: Sequence[str], classes: Sequence[int], tokenizer: Any, answer
         raise DataError("no texts to encode: there is nothing to train or evaluate on")
     bodies = tokenizer([" " + text for text in texts], add_special_tokens=False)["input_ids"]
     if not answers.chat:
-        return Prompts([head + body[:room] + tail for body in bodies], list(classes))
-    return Prompts(
-        [_chat_prompt(tokenizer, answers, body[:room], max_length - answer) for body in bodies], list(classes)
-    )
+        ids = [head + body[:room] + tail for body in bodies]
+    else:
+        ids = [_chat_prompt(tokenizer, answers, body[:room], max_length - answer) for body in bodies]
+    return Encoded(ids, None, list(classes), pad_id(tokenizer))
 
 
 def _chat_prompt(tokenizer: Any, answers: Answers, body: list[int], width: int) -> list[int]:
@@ -153,11 +133,11 @@ def _chat_prompt(tokenizer: Any, answers: Answers, body: list[int], width: int) 
 
 
 def batch(
-    data: Prompts, answers: Answers, indices: Sequence[int], pad_id: int, adversary: bool
+    data: Encoded, answers: Answers, indices: Sequence[int], pad_id: int, adversary: bool
 ) -> dict[str, torch.Tensor]:
     """Rows ``indices`` as model arguments (:func:`advfunc.hf.chat.completion_batch`): prompt + answer, labels
     on the answer only; ``adversary`` adds ``adv_labels``, the other class's answer after the prompt."""
-    rows = [(data.prompts[i], answers.ids[data.classes[i]], answers.ids[1 - data.classes[i]]) for i in indices]
+    rows = [(data.input_ids[i], answers.ids[data.labels[i]], answers.ids[1 - data.labels[i]]) for i in indices]
     out = completion_batch(rows, pad_id)
     if not adversary:
         del out[ADV_LABELS]

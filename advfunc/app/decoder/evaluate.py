@@ -15,8 +15,9 @@ import torch
 from torch import nn
 
 import advfunc
+from advfunc.app.common.data import Encoded
 from advfunc.app.common.robustness import EvalMode, chunks, pgd_logits, survivors_over_radii
-from advfunc.app.decoder.data import Answers, Prompts, batch, prompts
+from advfunc.app.decoder.data import Answers, batch, prompts
 
 
 def answer_positions(labels: torch.Tensor) -> torch.Tensor:
@@ -31,7 +32,7 @@ def answer_logits(logits: torch.Tensor, labels: torch.Tensor, answers: Answers) 
     return at[:, list(answers.first)].float()
 
 
-def answer_scores(model: nn.Module, data: Prompts, answers: Answers, pad: int, batch_size: int = 32) -> torch.Tensor:
+def answer_scores(model: nn.Module, data: Encoded, answers: Answers, pad: int, batch_size: int = 32) -> torch.Tensor:
     """[N, 2] the two answers' first-token logits after each prompt (eval mode, no gradients)."""
     found = []
     with EvalMode(model), torch.inference_mode():
@@ -41,9 +42,9 @@ def answer_scores(model: nn.Module, data: Prompts, answers: Answers, pad: int, b
     return torch.cat(found)
 
 
-def correct(model: nn.Module, data: Prompts, answers: Answers, pad: int, batch_size: int = 32) -> torch.Tensor:
+def correct(model: nn.Module, data: Encoded, answers: Answers, pad: int, batch_size: int = 32) -> torch.Tensor:
     """[N] bool: whether the model answers each prompt with its class's answer."""
-    return answer_scores(model, data, answers, pad, batch_size).argmax(-1).cpu() == torch.tensor(data.classes)
+    return answer_scores(model, data, answers, pad, batch_size).argmax(-1).cpu() == torch.tensor(data.labels)
 
 
 def prompt_pgd(
@@ -62,7 +63,7 @@ def prompt_pgd(
 
 def robust_accuracy(
     model: nn.Module,
-    data: Prompts,
+    data: Encoded,
     answers: Answers,
     pad: int,
     radii: Sequence[float],
@@ -77,7 +78,7 @@ def robust_accuracy(
 
     def holds(indices: list[int], radius: float) -> torch.Tensor:
         _, choice = prompt_pgd(model, params, batch(data, answers, indices, pad, False), answers, radius, steps)
-        return choice == torch.tensor([data.classes[i] for i in indices])
+        return choice == torch.tensor([data.labels[i] for i in indices])
 
     with EvalMode(model):
         robust = survivors_over_radii(clean, radii, holds, lambda indices: chunks(indices, batch_size))

@@ -27,6 +27,7 @@ from advfunc.app.classify.train import TrainConfig, training_arguments
 from advfunc.app.common import report
 from advfunc.app.common.checkpoint import ModelError, read_config, read_tokenizer
 from advfunc.app.common.data import (
+    Encoded,
     TextDataset,
     add_data_flags,
     check_data_flags,
@@ -39,7 +40,7 @@ from advfunc.app.common.grid import RunGrid, add_grid_flags
 from advfunc.app.common.robustness import worst_case
 from advfunc.app.common.word_attacks import add_synonym_flags, describe_synonym_attack, synonym_attack, synonym_config
 from advfunc.app.decoder import smollm2
-from advfunc.app.decoder.data import ROTTEN_TOMATOES_ANSWERS, Answers, Prompts, batch, prompts
+from advfunc.app.decoder.data import ROTTEN_TOMATOES_ANSWERS, Answers, batch, prompts
 from advfunc.app.decoder.evaluate import DecoderVictim, correct, robust_accuracy
 from advfunc.core.completion import ADV_LABELS
 from advfunc.methods import registry
@@ -165,7 +166,7 @@ def _load(folder: Path) -> tuple[Any, Any]:
 
 
 def fine_tune(
-    folder: Path, answers: Answers, data: Prompts, method: str, seed: int, settings: Settings, progress: bool
+    folder: Path, answers: Answers, data: Encoded, method: str, seed: int, settings: Settings, progress: bool
 ) -> tuple[Any, dict[str, Any]]:
     """Fresh LoRA adapters on the model in ``folder``, trained with ``method``: (PEFT model, training summary)."""
     from peft import LoraConfig, get_peft_model
@@ -201,7 +202,7 @@ def fine_tune(
 
 
 def evaluate(
-    model: Any, tokenizer: Any, answers: Answers, test_set: TextDataset, test: Prompts, settings: Settings, encoder: Any
+    model: Any, tokenizer: Any, answers: Answers, test_set: TextDataset, test: Encoded, settings: Settings, encoder: Any
 ) -> dict[str, Any]:
     """Answer accuracy on ``test``, prompt PGD on its first examples, the synonym attack on fewer."""
     started = time.perf_counter()
@@ -217,7 +218,7 @@ def evaluate(
         count = min(settings.synonym_examples, len(test))
         victim = DecoderVictim(base, tokenizer, answers, settings.max_length, pad)
         device = next(base.parameters()).device
-        texts, classes = test_set.texts[:count], test.classes[:count]
+        texts, classes = test_set.texts[:count], test.labels[:count]
         summary, survived = synonym_attack(victim, texts, classes, settings.synonym, encoder, 128, device=device)
         synonym, worst = name_classes(dataclasses.asdict(summary), answers.labels), worst_case([survived])
     clean = float(answered.float().mean())
@@ -294,7 +295,7 @@ def run_decoder(args: argparse.Namespace) -> int:
     del probe
     info = _info(args, settings, folder, answers)
     info.update(
-        data=data_text, majority_accuracy=report.majority_accuracy(test.classes), planned_runs=grid.planned,
+        data=data_text, majority_accuracy=report.majority_accuracy(test.labels), planned_runs=grid.planned,
         methods=[spec.label for spec in specs], sizes=f"Train {len(train_set)} of {len(train_all)} training "
         f"examples, test {len(test_set)} of {len(test_all)}.",
     )  # fmt: skip
