@@ -127,7 +127,7 @@ def test_a_cut_review_keeps_the_template_and_the_answer_within_max_length():
         kept = tokenizer.convert_ids_to_tokens(prompt)[4:-5]  # user : Review : ... Sentiment : END assistant :
         assert kept == text.split()[: len(kept)] and len(kept) == min(len(text.split()), 16 - 2 - 9)
         assert prompt == _oracle(tokenizer, " ".join(kept), "positive")[0]
-    inputs = batch(data, answers, [0, 1], 0, adversary=False)
+    inputs = batch(data, answers, [0, 1], adversary=False)
     assert inputs["input_ids"].shape[1] <= 16
 
 
@@ -169,7 +169,7 @@ def test_chat_and_plain_answer_scoring_read_the_token_after_the_rendered_prompt(
     rows = sentences(4, seed=5)
     data = prompts([text for text, _ in rows], [0, 1, 0, 1], tokenizer, answers, max_length=32)
     model = tiny_decoder("llama", seed=1).eval()
-    scores = answer_scores(model, data, answers, 0, batch_size=3)
+    scores = answer_scores(model, data, answers, batch_size=3)
     with torch.no_grad():
         for i, (text, _) in enumerate(rows):
             prompt, _ = _oracle(tokenizer, text, "positive")

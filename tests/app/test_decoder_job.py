@@ -23,7 +23,6 @@ from tests.support.tiny_task import FILLER, NEGATIVE, POSITIVE, save_tiny_model,
 WORDS = ["<pad>", "<s>", "</s>", "<unk>", "Review", ":", "Sentiment", "positive", "negative"]
 WORDS += POSITIVE + NEGATIVE + FILLER
 ANSWERS = {"pos": " positive", "neg": " negative"}
-PAD = 0
 try:
     shipped_folder()
     HAS_WORDNET = True
@@ -159,7 +158,7 @@ def monkeypatch_module():
 
 def test_only_the_adapter_weights_change(folder, cat_run):
     model, summary, _, _ = cat_run
-    fresh = decoder_job._load(folder)[0]
+    fresh = decoder_job._load(folder)
     before = dict(fresh.named_parameters())
     adapters = 0
     for name, value in model.get_base_model().named_parameters():
@@ -189,13 +188,13 @@ def test_the_cat_batches_carry_the_wrong_answer_as_the_adversary_completion(cat_
 
 def test_a_method_without_an_adversary_gets_no_adversary_completion():
     data, answers, _ = _prompts(4)
-    assert "adv_labels" not in batch(data, answers, [0, 1], PAD, adversary=False)
+    assert "adv_labels" not in batch(data, answers, [0, 1], adversary=False)
 
 
 def test_answer_accuracy_equals_one_prompt_at_a_time_without_padding():
     data, answers, _ = _prompts(10)
     model = tiny_decoder("llama", seed=1)
-    found = correct(model, data, answers, PAD, batch_size=4)
+    found = correct(model, data, answers, batch_size=4)
     with torch.no_grad():
         for i, prompt in enumerate(data.input_ids):
             logits = model.eval()(input_ids=torch.tensor([prompt])).logits[0, -1]  # [V]: the next token
@@ -208,7 +207,7 @@ def test_answer_accuracy_equals_one_prompt_at_a_time_without_padding():
 def test_prompt_pgd_stays_in_its_radius_on_the_prompt_and_never_raises_accuracy():
     data, answers, _ = _prompts(10)
     model = tiny_decoder("llama", seed=1).eval()
-    inputs = batch(data, answers, list(range(6)), PAD, adversary=False)
+    inputs = batch(data, answers, list(range(6)), adversary=False)
     kept = {k: v.clone() for k, v in inputs.items()}
     delta, _ = prompt_pgd(model, params_of(model), inputs, answers, radius=0.7, steps=3)
     assert all(torch.equal(inputs[k], kept[k]) for k in kept)  # the batch is untouched
@@ -218,7 +217,7 @@ def test_prompt_pgd_stays_in_its_radius_on_the_prompt_and_never_raises_accuracy(
     assert bool((delta.flatten(1).norm(dim=1) > 0.6).all())  # it went out to the ball's edge
     positions = answer_positions(inputs["labels"])
     assert bool((inputs["labels"][torch.arange(6), positions + 1] != -100).all())
-    clean, robust = robust_accuracy(model, data, answers, PAD, [0.1, 1.0, 10.0], steps=3, batch_size=4)
+    clean, robust = robust_accuracy(model, data, answers, [0.1, 1.0, 10.0], steps=3, batch_size=4)
     values = [clean, *robust.values()]
     assert all(b <= a for a, b in itertools.pairwise(values))
     assert robust[10.0] < clean  # a huge radius breaks answers: the attack acts

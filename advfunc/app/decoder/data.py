@@ -132,13 +132,11 @@ def _chat_prompt(tokenizer: Any, answers: Answers, body: list[int], width: int) 
     return ids
 
 
-def batch(
-    data: Encoded, answers: Answers, indices: Sequence[int], pad_id: int, adversary: bool
-) -> dict[str, torch.Tensor]:
+def batch(data: Encoded, answers: Answers, indices: Sequence[int], adversary: bool) -> dict[str, torch.Tensor]:
     """Rows ``indices`` as model arguments (:func:`advfunc.hf.chat.completion_batch`): prompt + answer, labels
     on the answer only; ``adversary`` adds ``adv_labels``, the other class's answer after the prompt."""
     rows = [(data.input_ids[i], answers.ids[data.labels[i]], answers.ids[1 - data.labels[i]]) for i in indices]
-    out = completion_batch(rows, pad_id)
+    out = completion_batch(rows, data.pad_id)
     if not adversary:
         del out[ADV_LABELS]
     return out

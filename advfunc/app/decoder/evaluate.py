@@ -32,19 +32,19 @@ def answer_logits(logits: torch.Tensor, labels: torch.Tensor, answers: Answers) 
     return at[:, list(answers.first)].float()
 
 
-def answer_scores(model: nn.Module, data: Encoded, answers: Answers, pad: int, batch_size: int = 32) -> torch.Tensor:
+def answer_scores(model: nn.Module, data: Encoded, answers: Answers, batch_size: int = 32) -> torch.Tensor:
     """[N, 2] the two answers' first-token logits after each prompt (eval mode, no gradients)."""
     found = []
     with EvalMode(model), torch.inference_mode():
         for indices in chunks(list(range(len(data))), batch_size):
-            inputs = batch(data, answers, indices, pad, adversary=False)
+            inputs = batch(data, answers, indices, adversary=False)
             found.append(answer_logits(model(**inputs).logits, inputs["labels"], answers))
     return torch.cat(found)
 
 
-def correct(model: nn.Module, data: Encoded, answers: Answers, pad: int, batch_size: int = 32) -> torch.Tensor:
+def correct(model: nn.Module, data: Encoded, answers: Answers, batch_size: int = 32) -> torch.Tensor:
     """[N] bool: whether the model answers each prompt with its class's answer."""
-    return answer_scores(model, data, answers, pad, batch_size).argmax(-1).cpu() == torch.tensor(data.labels)
+    return answer_scores(model, data, answers, batch_size).argmax(-1).cpu() == torch.tensor(data.labels)
 
 
 def prompt_pgd(
@@ -65,7 +65,6 @@ def robust_accuracy(
     model: nn.Module,
     data: Encoded,
     answers: Answers,
-    pad: int,
     radii: Sequence[float],
     steps: int,
     batch_size: int = 16,
@@ -74,10 +73,10 @@ def robust_accuracy(
     """(clean accuracy, {radius: accuracy under prompt PGD within that radius}) on ``data``; ``clean``: [N] bool,
     :func:`correct` of ``data`` when the caller has it already."""
     params = advfunc.params_of(model)
-    clean = correct(model, data, answers, pad, batch_size) if clean is None else clean
+    clean = correct(model, data, answers, batch_size) if clean is None else clean
 
     def holds(indices: list[int], radius: float) -> torch.Tensor:
-        _, choice = prompt_pgd(model, params, batch(data, answers, indices, pad, False), answers, radius, steps)
+        _, choice = prompt_pgd(model, params, batch(data, answers, indices, False), answers, radius, steps)
         return choice == torch.tensor([data.labels[i] for i in indices])
 
     with EvalMode(model):
@@ -97,8 +96,7 @@ class DecoderVictim:
     tokenizer: Any
     answers: Answers
     max_length: int
-    pad: int
 
     def __call__(self, texts: Sequence[str]) -> torch.Tensor:
         data = prompts(texts, [0] * len(texts), self.tokenizer, self.answers, self.max_length)
-        return torch.softmax(answer_scores(self.model, data, self.answers, self.pad), dim=-1)
+        return torch.softmax(answer_scores(self.model, data, self.answers), dim=-1)

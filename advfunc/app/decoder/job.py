@@ -31,7 +31,6 @@ from advfunc.app.common.data import (
     TextDataset,
     add_data_flags,
     check_data_flags,
-    pad_id,
     select_splits,
     training_labels,
 )
@@ -154,15 +153,15 @@ def load_tokenizer(folder: Path, chat_template: bool) -> Any:
     return tokenizer
 
 
-def _load(folder: Path) -> tuple[Any, Any]:
+def _load(folder: Path) -> Any:
+    """The causal LM in ``folder``, in float32."""
     from transformers import AutoModelForCausalLM
 
-    tokenizer = load_tokenizer(folder, chat_template=False)
     try:
         model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, local_files_only=True)
     except OSError as error:  # damaged or partial weight files
         raise ModelError(f"--model {folder}: its weights cannot be read ({error})") from error
-    return model, tokenizer
+    return model
 
 
 def fine_tune(
@@ -174,13 +173,12 @@ def fine_tune(
 
     from advfunc.hf import AdversarialTrainer
 
-    model, tokenizer = _load(folder)
+    model = _load(folder)
     torch.manual_seed(seed)  # the adapters' initialisation is part of the seeded run
     rank = settings.lora_r
     lora = LoraConfig(r=rank, lora_alpha=2 * rank, target_modules="all-linear", lora_dropout=0.0, task_type="CAUSAL_LM")
     model = get_peft_model(model, lora)
     adversary = ADV_LABELS in registry.parse_method(method).method.batch_keys
-    pad = pad_id(tokenizer)
     shared = {name: getattr(settings, name) for name in TRAINING_DEFAULTS}
     config = TrainConfig(method=method, seed=seed, weight_decay=0.0, **shared)
     with tempfile.TemporaryDirectory(prefix="advfunc-decoder-") as scratch:
@@ -188,7 +186,7 @@ def fine_tune(
             config, Path(scratch) / "run", logging_strategy="steps", logging_steps=1, disable_tqdm=not progress
         )
         trainer = AdversarialTrainer(  # example i is its index: the collator pads from `data`
-            model, args, data_collator=lambda indices: batch(data, answers, indices, pad, adversary),
+            model, args, data_collator=lambda indices: batch(data, answers, indices, adversary),
             train_dataset=list(range(len(data))), step_factory=method,
         )  # fmt: skip
         started = time.perf_counter()
@@ -207,16 +205,15 @@ def evaluate(
     """Answer accuracy on ``test``, prompt PGD on its first examples, the synonym attack on fewer."""
     started = time.perf_counter()
     base = model.get_base_model()  # the adapted model itself: its forward is the LM's, adapters included
-    pad = pad_id(tokenizer)
-    answered = correct(base, test, answers, pad)  # [N] bool
+    answered = correct(base, test, answers)  # [N] bool
     subset = test.select(range(min(settings.attack_examples, len(test))))
     attack_clean, pgd = robust_accuracy(
-        base, subset, answers, pad, settings.radii, settings.pgd_steps, clean=answered[: len(subset)]
+        base, subset, answers, settings.radii, settings.pgd_steps, clean=answered[: len(subset)]
     )
     synonym, worst = None, None
     if settings.synonym is not None:
         count = min(settings.synonym_examples, len(test))
-        victim = DecoderVictim(base, tokenizer, answers, settings.max_length, pad)
+        victim = DecoderVictim(base, tokenizer, answers, settings.max_length)
         device = next(base.parameters()).device
         texts, classes = test_set.texts[:count], test.labels[:count]
         summary, survived = synonym_attack(victim, texts, classes, settings.synonym, encoder, 128, device=device)
@@ -286,7 +283,7 @@ def run_decoder(args: argparse.Namespace) -> int:
     train_all, test_all, data_text = select_splits(args)
     train_set, test_set = train_all.head(settings.train_size), test_all.head(settings.test_size)
     training_labels(train_all, train_set, settings.train_size)
-    probe, _ = _load(folder)
+    probe = _load(folder)
     answers = Answers.of(words, tokenizer, settings.chat_template)
     train_data = prompts(train_set.texts, answers.encode_labels(train_set), tokenizer, answers, settings.max_length)
     test = prompts(test_set.texts, answers.encode_labels(test_set), tokenizer, answers, settings.max_length)
