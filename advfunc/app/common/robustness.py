@@ -55,11 +55,8 @@ def pgd_logits(
     with per-example norms over the perturbed positions (``"embeds"``: every token,
     ``"embeds@prompt"``: a causal LM's prompt), padding masked, α = 2.5·r/steps unless
     ``step_size`` is given (Madry et al., 2018). Cost: ``steps`` passes that differentiate
-    δ only and one forward.
-
-    Raises ``FloatingPointError`` when the attack overflowed (a non-finite gradient makes
-    the attack return δ = 0, so no example of the batch moved; or non-finite logits at δ):
-    an attack that dropped its δ must not be reported as one the model withstood.
+    δ only and one forward. ``FloatingPointError`` when the attack overflowed (δ = 0 after a
+    non-finite gradient, or non-finite logits): a dropped δ is no attack the model withstood.
     """
     alpha = step_size if step_size is not None else 2.5 * radius / steps
     attack = advfunc.attacks.pgd(model, epsilon=radius, alpha=alpha, steps=steps, target=target, compile=False)
@@ -87,11 +84,8 @@ def survivors_over_radii(
     batches: Batcher,
     on_radius: Callable[[], None] = lambda: None,
 ) -> dict[float, float]:
-    """{radius: share of examples standing after every attack up to it}, radii ascending.
-
-    ``clean``: [N] bool, correct without attack. Cost: one call of ``holds`` per batch of
-    survivors per radius.
-    """
+    """{radius: share of examples standing after every attack up to it}, radii ascending; ``clean``: [N] bool,
+    correct without attack. Cost: one call of ``holds`` per batch of survivors per radius."""
     alive = clean.clone().cpu()
     standing: dict[float, float] = {}
     for radius in sorted(radii):

@@ -80,11 +80,8 @@ def _reply(tokenizer: Any, prompt: list[Message], word: str) -> list[int]:
 
 
 def prompts(texts: Sequence[str], classes: Sequence[int], tokenizer: Any, answers: Answers, max_length: int) -> Encoded:
-    """``"Review: {text}\\nSentiment:"`` as tokens, the review cut so that prompt and answer fit ``max_length``.
-
-    With ``answers.chat`` the instruction is the user turn, rendered by the chat template
-    with its generation prompt; the review is cut by tokens and written back as text.
-    """
+    """``"Review: {text}\\nSentiment:"`` as tokens, the review cut so that prompt and answer fit ``max_length``
+    (``answers.chat``: the rendered user turn, the review cut by tokens and written back as text)."""
     if answers.chat:
         head = token_ids(tokenizer, render(tokenizer, _instruction(""), generation_prompt=True))
         tail: list[int] = []
@@ -109,10 +106,8 @@ def prompts(texts: Sequence[str], classes: Sequence[int], tokenizer: Any, answer
 
 
 def _chat_prompt(tokenizer: Any, answers: Answers, body: list[int], width: int) -> list[int]:
-    """The rendered instruction holding the review ``body``, cut further while it renders to more than ``width`` ids.
-
-    The instruction without a review fits (:func:`prompts` checked it), so the loop ends.
-    """
+    """The rendered instruction holding the review ``body``, cut further while it renders to more than ``width``
+    ids (the instruction alone fits: :func:`prompts` checked it)."""
     while True:
         prompt = _instruction(" " + str(tokenizer.decode(body)).strip() if body else "")
         ids = token_ids(tokenizer, render(tokenizer, prompt, generation_prompt=True))
