@@ -147,16 +147,11 @@ def test_compare_stops_after_n_runs_and_reports_the_worst_case(task, tmp_path, c
 def test_the_old_module_names_still_work_with_a_warning(monkeypatch, capsys):
     for name in ("advfunc.app.mean_pooled", "advfunc.app.smollm2"):
         monkeypatch.delitem(sys.modules, name, raising=False)  # the warning comes with the first import
-    from advfunc.hf import mean_pooled, refusal_task
+    from advfunc.hf import mean_pooled
 
-    for name, new in (("advfunc.app.mean_pooled", mean_pooled), ("advfunc.app.common.mean_pooled", mean_pooled)):
-        monkeypatch.delitem(sys.modules, name, raising=False)
-        with pytest.warns(FutureWarning, match=r"advfunc\.hf\.mean_pooled"):
-            old = importlib.import_module(name)
-        assert old.MeanPooledForSequenceClassification is new.MeanPooledForSequenceClassification
-    monkeypatch.delitem(sys.modules, "advfunc.app.decoder.safety_data", raising=False)
-    with pytest.warns(FutureWarning, match=r"advfunc\.hf\.refusal_task"):
-        assert importlib.import_module("advfunc.app.decoder.safety_data").concepts is refusal_task.concepts
+    with pytest.warns(FutureWarning, match=r"advfunc\.hf\.mean_pooled"):
+        old = importlib.import_module("advfunc.app.mean_pooled")
+    assert old.MeanPooledForSequenceClassification is mean_pooled.MeanPooledForSequenceClassification
     with pytest.warns(FutureWarning, match=r"python -m advfunc\.app\.decoder\.smollm2"):
         importlib.import_module("advfunc.app.smollm2")
     monkeypatch.setattr(sys, "argv", ["decoder_job", "--radii", "-1"])

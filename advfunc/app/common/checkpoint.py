@@ -81,12 +81,8 @@ def load(path: str | Path, labels: Labels | None = None, pooling: str = "cls") -
     config, tokenizer = read_config(path), read_tokenizer(path)
     head: dict[str, Any] = {}
     if labels is not None:
-        names = labels.names
-        head = {
-            "num_labels": len(names),
-            "id2label": dict(enumerate(names)),
-            "label2id": {n: i for i, n in enumerate(names)},
-        }
+        head = {"num_labels": len(labels.names), "id2label": dict(enumerate(labels.names))}
+        head["label2id"] = {name: i for i, name in head["id2label"].items()}
     renamed = labels is not None and Labels.from_config(config).names != labels.names
     try:
         if pooling == "mean" and labels is not None and config.model_type != mean_pooled.MODEL_TYPE:

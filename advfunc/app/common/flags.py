@@ -24,10 +24,10 @@ def number(kind: type, minimum: float, *, inclusive: bool = True, below: float |
     def convert(text: str) -> Any:
         try:
             value = kind(text)
+            fits = math.isfinite(value) and (value >= minimum if inclusive else value > minimum)
         except ValueError:
-            raise argparse.ArgumentTypeError(f"must be {what}, got {text!r}") from None
-        in_range = value >= minimum if inclusive else value > minimum
-        if not (math.isfinite(value) and in_range and (below is None or value < below)):
+            fits = False
+        if not fits or (below is not None and value >= below):
             raise argparse.ArgumentTypeError(f"must be {what}, got {text!r}")
         return value
 
@@ -109,12 +109,7 @@ def add_fields(
 def build(config: type, args: argparse.Namespace, *, prefix: str = "", **given: Any) -> Any:
     """The dataclass ``config`` from the flags :func:`add_fields` added (``given`` wins); tuples restored."""
     hints = typing.get_type_hints(config)
-    values: dict[str, Any] = {}
-    for field in dataclasses.fields(config):
-        if field.name in given or not hasattr(args, prefix + field.name):
-            continue
-        value = getattr(args, prefix + field.name)
-        if typing.get_origin(hints[field.name]) is tuple and value is not None:
-            value = tuple(value)
-        values[field.name] = value
-    return config(**{**values, **given})
+    names = [f.name for f in dataclasses.fields(config) if f.name not in given and hasattr(args, prefix + f.name)]
+    values = {name: getattr(args, prefix + name) for name in names}
+    tuples = {name: tuple(v) for name, v in values.items() if typing.get_origin(hints[name]) is tuple and v is not None}
+    return config(**{**values, **tuples, **given})

@@ -209,12 +209,11 @@ def markdown(
     examples = [(r, e) for r in runs for e in (r["eval"].get("synonym") or {}).get("examples", [])][:5]
     if examples:
         lines += ["Successful synonym substitutions (original → changed, label → prediction):", ""]
-        for run, example in examples:
-            lines.append(
-                f'- `{run["method"]}` seed {run["seed"]}: "{example["original"]}" → "{example["adversarial"]}" '
-                f"({', '.join(example['changes'])}; label {example['label']} → {example['prediction']})"
-            )
-        lines.append("")
+        lines += [
+            f'- `{run["method"]}` seed {run["seed"]}: "{example["original"]}" → "{example["adversarial"]}" '
+            f"({', '.join(example['changes'])}; label {example['label']} → {example['prediction']})"
+            for run, example in examples
+        ] + [""]
     return "\n".join(lines)
 
 
