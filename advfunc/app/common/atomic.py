@@ -122,15 +122,11 @@ def directory(path: Path) -> Iterator[Path]:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     recover(path)
-    tmp = temporary_sibling(path, "partial")
+    tmp, old = temporary_sibling(path, "partial"), None
     tmp.mkdir()
     try:
         yield tmp
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    old = temporary_sibling(path, "old") if path.exists() else None
-    try:
+        old = temporary_sibling(path, "old") if path.exists() else None
         if old is not None:
             os.rename(path, old)
         os.rename(tmp, path)

@@ -246,7 +246,7 @@ class Labels:
             raise DataError(
                 f"{sources} has {len(found)} distinct label(s) {sorted(found)}; a classifier needs 2 or more"
             )
-        numeric = all(_is_int(label) for label in found)
+        numeric = all(label.removeprefix("-").isdecimal() for label in found)  # as canonical_label writes them
         return cls(tuple(sorted(found, key=int if numeric else str)))
 
     @classmethod
@@ -280,14 +280,6 @@ def training_labels(whole: TextDataset, head: TextDataset, size: int | None) -> 
             f"{head.labels[0]!r} (the file has {len(set(whole.labels))} labels); a classifier needs 2 or more, so "
             "raise --train-size or shuffle the file"
         ) from None
-
-
-def _is_int(text: str) -> bool:
-    try:
-        int(text)
-    except ValueError:
-        return False
-    return True
 
 
 @dataclass(frozen=True)

@@ -113,11 +113,7 @@ def _chat_prompt(tokenizer: Any, answers: Answers, body: list[int], width: int) 
         ids = token_ids(tokenizer, render(tokenizer, prompt, generation_prompt=True))
         if len(ids) <= width or not body:
             break
-        body = body[: len(body) - 1]
-    if len(ids) > width:
-        raise DataError(
-            f"the chat template renders the instruction alone to {len(ids)} tokens > {width}; raise --max-length"
-        )
+        body = body[:-1]
     replies = tuple(tuple(_reply(tokenizer, prompt, word)) for word in answers.words)
     if replies != answers.ids:
         raise DataError(

@@ -48,13 +48,10 @@ from advfunc.words.synonym_attack import SynonymAttackConfig
 log = logging.getLogger("advfunc")
 
 DEFAULT_METHODS = (
-    "none",
-    "neftune:alpha=5.0",
-    "fgm:epsilon=0.1,target=embeds@prompt",
-    "pgd:alpha=0.06,epsilon=0.1,steps=2,target=embeds@prompt",
-    "cat:alpha=0.0025,epsilon=0.05,steps=1",
+    "none", "neftune:alpha=5.0", "fgm:epsilon=0.1,target=embeds@prompt",
+    "pgd:alpha=0.06,epsilon=0.1,steps=2,target=embeds@prompt", "cat:alpha=0.0025,epsilon=0.05,steps=1",
     "lat:alpha=4.0,epsilon=4.0,steps=1",
-)
+)  # fmt: skip
 # The decoder's defaults of the flags it shares with the classifier commands.
 TRAINING_DEFAULTS = {"epochs": 1, "batch_size": 8, "lr": 2e-3, "warmup_ratio": 0.0, "max_grad_norm": 1.0}
 ATTACK_DEFAULTS = {"radii": (0.05, 0.1, 0.2), "pgd_steps": 2, "examples": 16}
@@ -214,8 +211,7 @@ def evaluate(
     if settings.synonym is not None:
         count = min(settings.synonym_examples, len(test))
         victim = DecoderVictim(base, tokenizer, answers, settings.max_length)
-        device = next(base.parameters()).device
-        texts, classes = test_set.texts[:count], test.labels[:count]
+        texts, classes, device = test_set.texts[:count], test.labels[:count], next(base.parameters()).device
         summary, survived = synonym_attack(victim, texts, classes, settings.synonym, encoder, 128, device=device)
         synonym, worst = name_classes(dataclasses.asdict(summary), answers.labels), worst_case([survived])
     clean = float(answered.float().mean())
