@@ -58,10 +58,7 @@ def check_model_dir(path: Path) -> None:
         what = "is a file" if path.exists() else "does not exist"
         raise ModelError(f"model directory {path} {what}; give the directory that save_pretrained wrote")
     if not (path / "config.json").is_file():
-        raise ModelError(
-            f"{path} is not a Hugging Face model directory: it has no config.json "
-            "(expected config.json, model weights and tokenizer files written by save_pretrained)"
-        )
+        raise ModelError(f"{path} is not a Hugging Face model directory: it has no config.json (save_pretrained's)")
     if not any((path / name).is_file() for name in _WEIGHT_FILES):
         raise ModelError(f"{path} has a config.json but no weights (none of {list(_WEIGHT_FILES)})")
 

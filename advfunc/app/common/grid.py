@@ -7,6 +7,7 @@ The report is rewritten after every run, so a killed comparison keeps what it fi
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 import re
@@ -97,23 +98,22 @@ class RunGrid:
         """Every run not done yet, the report after each; the finished runs in grid order."""
         runs: list[Run] = []
         new = 0  # runs started by this invocation
-        for seed in self.seeds:
-            for spec in self.methods:
-                key = json.loads(json.dumps(self.key(spec, seed)))  # tuples become lists, as in the file
-                path = self.output / "runs" / run_file_name(spec.label, seed)
-                previous = read_run(path)
-                if previous is not None and previous.get("key") == key:
-                    log.info("%s seed %d: already done (%s)", spec.label, seed, path)
-                    runs.append(previous)
-                    continue
-                if self.stop_after is not None and new >= self.stop_after:
-                    continue
-                log.info("=== %s, seed %d (%d/%d) ===", spec.label, seed, len(runs) + 1, self.planned)
-                result = one(spec, seed)
-                new += 1
-                if result is not None:
-                    run = {"method": spec.label, "seed": seed, "key": key, **result}
-                    atomic.write_text(path, json.dumps(run, indent=2) + "\n")
-                    runs.append(run)
-                    report(runs)
+        for seed, spec in itertools.product(self.seeds, self.methods):
+            key = json.loads(json.dumps(self.key(spec, seed)))  # tuples become lists, as in the file
+            path = self.output / "runs" / run_file_name(spec.label, seed)
+            previous = read_run(path)
+            if previous is not None and previous.get("key") == key:
+                log.info("%s seed %d: already done (%s)", spec.label, seed, path)
+                runs.append(previous)
+                continue
+            if self.stop_after is not None and new >= self.stop_after:
+                continue
+            log.info("=== %s, seed %d (%d/%d) ===", spec.label, seed, len(runs) + 1, self.planned)
+            result = one(spec, seed)
+            new += 1
+            if result is not None:
+                run = {"method": spec.label, "seed": seed, "key": key, **result}
+                atomic.write_text(path, json.dumps(run, indent=2) + "\n")
+                runs.append(run)
+                report(runs)
         return runs

@@ -114,8 +114,7 @@ def differences(
 
 
 def cell(stats: Mapping[str, float] | None, digits: int = 3, signed: bool = False) -> str:
-    """``mean ± std`` of a summary entry (``+``/``−`` shown when ``signed``; the mean alone for one seed, whose
-    spread is unknown, not zero), ``—`` when absent."""
+    """``mean ± std`` of a summary entry (signed if ``signed``; the mean alone for one seed), ``—`` when absent."""
     if stats is None:
         return "—"
     mean = f"{stats['mean']:{'+' if signed else ''}.{digits}f}"

@@ -27,8 +27,7 @@ def answer_positions(labels: torch.Tensor) -> torch.Tensor:
 
 def answer_logits(logits: torch.Tensor, labels: torch.Tensor, answers: Answers) -> torch.Tensor:
     """[B, 2] the logits of the two answers' first tokens at the prompt's last position (logits [B, L, V])."""
-    rows = torch.arange(logits.shape[0], device=logits.device)
-    at = logits[rows, answer_positions(labels)]  # [B, V]
+    at = logits[torch.arange(len(logits), device=logits.device), answer_positions(labels)]  # [B, V]
     return at[:, list(answers.first)].float()
 
 
@@ -80,8 +79,7 @@ def robust_accuracy(
         return choice == torch.tensor([data.labels[i] for i in indices])
 
     with EvalMode(model):
-        robust = survivors_over_radii(clean, radii, holds, lambda indices: chunks(indices, batch_size))
-    return float(clean.float().mean()), robust
+        return float(clean.float().mean()), survivors_over_radii(clean, radii, holds, lambda ix: chunks(ix, batch_size))
 
 
 @dataclass(frozen=True)

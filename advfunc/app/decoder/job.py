@@ -143,10 +143,8 @@ def load_tokenizer(folder: Path, chat_template: bool) -> Any:
     ``chat_template`` needs."""
     tokenizer = read_tokenizer(folder)
     if chat_template and getattr(tokenizer, "chat_template", None) is None:
-        raise ModelError(
-            f"--chat-template: the tokenizer in {folder} has no chat_template; save the model's tokenizer with its "
-            "template there (tokenizer.chat_template = ...; tokenizer.save_pretrained), or leave --chat-template out"
-        )
+        fix = "save the tokenizer there with its chat_template set, or leave --chat-template out"
+        raise ModelError(f"--chat-template: the tokenizer in {folder} has no chat_template; {fix}")
     return tokenizer
 
 

@@ -42,8 +42,7 @@ def gguf_folder() -> Path:
 
 def default_cache() -> Path:
     """``$XDG_CACHE_HOME/advfunc/SmolLM2-135M-Instruct`` (``~/.cache`` when unset)."""
-    base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
-    return base / "advfunc" / "SmolLM2-135M-Instruct"
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "advfunc" / "SmolLM2-135M-Instruct"
 
 
 def cached_folder(cache: Path | None = None) -> Path:
