@@ -6,6 +6,7 @@ when stderr is not a terminal the bar is off and a line is logged every ~10% ins
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import sys
 import time
@@ -15,7 +16,7 @@ from tqdm.auto import tqdm
 log = logging.getLogger("advfunc")
 
 
-class Progress:
+class Progress(contextlib.AbstractContextManager["Progress"]):
     """Counts steps of a loop and shows the metrics and steps per second; a context manager, ``update(loss=...)``
     once per step."""
 
@@ -42,9 +43,6 @@ class Progress:
         if self.log_lines and (self.done >= self.next_log or self.done == self.total):
             log.info("%s %d/%d %s", self.desc, self.done, self.total, " ".join(f"{k}={v}" for k, v in shown.items()))
             self.next_log = self._next_mark(self.done)
-
-    def __enter__(self) -> Progress:
-        return self
 
     def __exit__(self, *exc: object) -> None:
         self.bar.close()

@@ -1,8 +1,7 @@
 """A causal LM's answers to a two-class instruction task: clean, under prompt-embedding PGD, under synonyms.
 
-The model's answer is the next-token choice between the two answers' first tokens at the
-prompt's last position (the logit of each; the larger one is the answer). Robust accuracy
-is counted as survivors over increasing radii (:mod:`advfunc.app.common.robustness`).
+The answer is the larger of the two answers' first-token logits at the prompt's last position;
+robust accuracy counts survivors over increasing radii (:mod:`advfunc.app.common.robustness`).
 """
 
 from __future__ import annotations
