@@ -61,16 +61,10 @@ class ChatAdversaryCollator:
     The prompt is rendered with the tokenizer's chat template and its generation prompt
     (``add_generation_prompt=True``); each reply is the text the template adds after it
     when the reply closes the conversation, so both replies carry the template's own
-    end-of-turn tokens. Rows are right-padded to the longest prompt + reply (a multiple of
-    ``pad_to_multiple_of`` when given):
-
-    - ``input_ids``: prompt + desired completion, then ``tokenizer.pad_token_id``;
-    - ``attention_mask``: 1 over prompt + desired completion;
-    - ``labels``: the desired completion's ids, −100 at the prompt and the padding
-      (completion-only loss);
-    - ``adv_labels``: the adversary's reply's ids at the positions right after the prompt,
-      −100 elsewhere (:data:`advfunc.ADV_LABELS`: CAT and LAT write it in place of the
-      desired completion; it may run into the padding).
+    end-of-turn tokens. The batch is :func:`completion_batch` of (prompt, completion,
+    adversary), padded with ``tokenizer.pad_token_id`` to a multiple of ``pad_to_multiple_of``
+    when given; CAT and LAT write ``adv_labels`` (:data:`advfunc.ADV_LABELS`) in place of the
+    desired completion.
 
     ``max_length``: longer rows lose the end of their replies; a prompt that leaves no
     room for a reply token is refused. Give it to ``AdversarialTrainer`` or
