@@ -21,21 +21,14 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import torch
 
 from advfunc.app.classify import commands as classify
-from advfunc.app.common import checkpoint
-from advfunc.app.common.data import DataError
 from advfunc.app.common.flags import COUNT, Parser
 from advfunc.app.decoder import job as decoder
 from advfunc.methods import registry
 
 log = logging.getLogger("advfunc")
-USER_ERRORS = (
-    DataError,
-    checkpoint.ModelError,
-    checkpoint.CheckpointError,
-    registry.MethodError,
-    ValueError,  # a factory's own check of a hyper-parameter value
-    FloatingPointError,  # a diverged run or an overflowed attack: the message says what to lower
-)
+# A bad file, model, checkpoint, method or value (every error of advfunc's own is a ValueError), and a
+# diverged run or an overflowed attack: the message says what to change.
+USER_ERRORS = (ValueError, FloatingPointError)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -74,7 +67,7 @@ def _configure(args: argparse.Namespace) -> None:
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(logging.Formatter("%(asctime)s advfunc: %(message)s", "%H:%M:%S"))
     log.handlers[:] = [handler]
-    log.setLevel(logging.INFO)
+    log.setLevel(logging.INFO if os.environ.get("RANK", "0") == "0" else logging.WARNING)  # torchrun: first reports
     log.propagate = False
     import transformers
 
@@ -82,15 +75,11 @@ def _configure(args: argparse.Namespace) -> None:
     transformers.utils.logging.disable_progress_bar()
     if args.threads is not None:
         torch.set_num_threads(args.threads)
-    if os.environ.get("RANK", "0") != "0":
-        log.setLevel(logging.WARNING)  # under torchrun the first process reports the run
 
 
 def run_methods(args: argparse.Namespace) -> int:
     """``advfunc methods``: what ``--method`` accepts."""
     for name in registry.available():
-        options = {k: h.default for k, h in registry.hyperparameters(name).items()}
-        options.update(registry.DRIVER_OPTIONS[registry.METHODS[name].driver])
-        shown = ", ".join(f"{k}={v}" for k, v in options.items()) or "(no hyper-parameters)"
-        print(f"{name:8s} {shown}")
+        options = ", ".join(f"{k}={h.default}" for k, h in registry.hyperparameters(name).items())
+        print(f"{name:8s} {options or '(no hyper-parameters)'}")
     return 0

@@ -47,7 +47,6 @@ class AttackConfig:
     examples: int = option(256, COUNT, "attack the first N evaluation examples", flag="attack-examples")
     batch_size: int = option(32, COUNT, "attack batch size")
     synonym: SynonymAttackConfig | None = field(default_factory=SynonymAttackConfig)  # None: not run
-    # the similarity constraint's sentence encoder; None: all-MiniLM-L6-v2
     encoder: str | None = option(None, str, "sentence encoder folder (default: all-MiniLM-L6-v2)")
 
     def check(self) -> None:
@@ -64,25 +63,19 @@ class AttackConfig:
             self.synonym.check()
 
     def require_resources(self) -> None:
-        """Raise ``ValueError`` naming the install command or the path of anything the attacks will read.
-
-        Run before any work, so that a missing WordNet or encoder is not found after the
-        clean, PGD and HotFlip evaluations have run.
-        """
-        if self.synonym is None:
-            return
-        require_synonym_resources(self.encoder)
+        """Before any work: ``ValueError`` naming the install command or path of what the synonym attack reads."""
+        if self.synonym is not None:
+            require_synonym_resources(self.encoder)
 
 
 def require_synonym_resources(encoder: str | Path | None) -> None:
-    """Raise ``ValueError`` unless the synonym attack's WordNet files and sentence encoder are there."""
+    """Raise ``ValueError`` unless the synonym attack's WordNet files and sentence encoder (None: default) are there."""
     try:
         wordnet.shipped_folder()
     except wordnet.WordNetError as error:
         raise ValueError(f"{error} (or pass --no-synonym)") from error
     if encoder is None:
-        checkpoint.check_model_dir(checkpoint.default_model_dir())
-        return
+        return checkpoint.check_model_dir(checkpoint.default_model_dir())
     try:
         checkpoint.check_model_dir(Path(encoder))
     except checkpoint.ModelError as error:
@@ -112,7 +105,6 @@ class EvalResult:
 
 
 def _device_of(model: nn.Module) -> torch.device:
-    """Where ``model``'s weights are: evaluation batches are built there."""
     return next(model.parameters()).device
 
 
@@ -134,17 +126,12 @@ def accuracy(model: nn.Module, data: Encoded, batch_size: int = 64, progress: bo
 
 
 def embedding_pgd(
-    model: nn.Module,
-    params: Mapping[str, torch.Tensor],
-    batch: Mapping[str, Any],
-    radius: float,
-    steps: int,
+    model: nn.Module, params: Mapping[str, torch.Tensor], batch: Mapping[str, Any], radius: float, steps: int,
     step_size: float | None = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
+) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
     """L2 PGD on the embedding output (:func:`~advfunc.app.common.robustness.pgd_logits`): (δ [B, L, H], broken [B]).
 
-    ``broken[b]`` is true when example b is misclassified clean or at δ. Cost: ``steps``
-    passes to δ only and two forwards.
+    ``broken[b]``: example b is misclassified clean or at δ. Cost: ``steps`` passes to δ only and two forwards.
     """
     delta, logits = pgd_logits(model, params, batch, radius, steps, "embeds", step_size)
     with torch.no_grad():
@@ -153,28 +140,19 @@ def embedding_pgd(
     return delta, (clean.argmax(-1) != labels) | (logits.argmax(-1) != labels)
 
 
-def _trimmed(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """``batch`` cut to its own longest example (right padding)."""
-    width = int(batch["attention_mask"].sum(1).max())
-    return {k: (v[:, :width] if v.dim() == 2 else v) for k, v in batch.items()}
-
-
 def robust_accuracy(
-    model: nn.Module,
-    data: Encoded,
-    radii: Sequence[float],
-    steps: int,
-    batch_size: int = 32,
-    progress: bool = False,
+    model: nn.Module, data: Encoded, radii: Sequence[float], steps: int, batch_size: int = 32, progress: bool = False,
     clean: torch.Tensor | None = None,
-) -> tuple[float, dict[float, float]]:
+) -> tuple[float, dict[float, float]]:  # fmt: skip
     """(clean accuracy, {radius: accuracy under embedding PGD within that radius}) on ``data``."""
     params = advfunc.params_of(model)
     clean = correct(model, data, batch_size) if clean is None else clean
     lengths = data.lengths()
 
     def holds(indices: list[int], radius: float) -> torch.Tensor:
-        batch = _trimmed(data.batch(indices, _device_of(model)))
+        batch = data.batch(indices, _device_of(model))
+        width = int(batch["attention_mask"].sum(1).max())  # cut to the longest standing example
+        batch = {k: (v[:, :width] if v.dim() == 2 else v) for k, v in batch.items()}
         _, logits = pgd_logits(model, params, batch, radius, steps, "embeds")
         return logits.argmax(-1) == batch["labels"]
 
@@ -187,17 +165,11 @@ def robust_accuracy(
 
 
 def hotflip_flips(
-    model: nn.Module,
-    tokenizer: Any,
-    data: Encoded,
-    budget: int,
-    neighbours: int,
-    batch_size: int = 32,
+    model: nn.Module, tokenizer: Any, data: Encoded, budget: int, neighbours: int, batch_size: int = 32,
     progress: bool = False,
-) -> torch.Tensor:
+) -> torch.Tensor:  # fmt: skip
     """[N] long: HotFlip's changed words before each example broke (``budget + 1``: it survived)."""
-    perturbed = PerturbedModel(model)
-    params = advfunc.params_of(model)
+    perturbed, params = PerturbedModel(model), advfunc.params_of(model)
     weight = getattr(perturbed.embedding, "weight", None)
     if not isinstance(weight, torch.Tensor):
         raise ValueError("HotFlip needs an input-embedding module with a weight matrix")
@@ -206,45 +178,29 @@ def hotflip_flips(
     batches = evaluation_batches(data.lengths(), batch_size)
     with EvalMode(model), Progress(len(batches), "attack hotflip", progress) as bar:
         for indices in batches:
-            found, _ = hotflip(
-                perturbed, params, data.batch(indices, _device_of(model)), vocabulary, budget, neighbours
-            )
-            flips[indices] = found.cpu()
+            batch = data.batch(indices, _device_of(model))
+            flips[indices] = hotflip(perturbed, params, batch, vocabulary, budget, neighbours)[0].cpu()
             bar.update()
     return flips
 
 
-def hotflip_accuracy(
-    model: nn.Module,
-    tokenizer: Any,
-    data: Encoded,
-    budget: int,
-    neighbours: int,
-    batch_size: int = 32,
-    progress: bool = False,
-) -> dict[int, float]:
-    """{b: accuracy when HotFlip may change up to b words} for b = 0..budget."""
-    flips = hotflip_flips(model, tokenizer, data, budget, neighbours, batch_size, progress)
+def hotflip_accuracy(model: nn.Module, tokenizer: Any, data: Encoded, budget: int, *args: Any) -> dict[int, float]:
+    """{b: accuracy when HotFlip may change up to b words} for b = 0..budget (``args``: as :func:`hotflip_flips`)."""
+    flips = hotflip_flips(model, tokenizer, data, budget, *args)
     return {b: float((flips > b).float().mean()) for b in range(budget + 1)}
 
 
 def evaluate(
-    model: nn.Module,
-    tokenizer: Any,
-    data: Encoded,
-    config: AttackConfig,
-    progress: bool = True,
-    texts: Sequence[str] | None = None,
-    max_length: int = 64,
-    finished: Callable[[EvalResult], None] | None = None,
-) -> EvalResult:
+    model: nn.Module, tokenizer: Any, data: Encoded, config: AttackConfig, progress: bool = True,
+    texts: Sequence[str] | None = None, max_length: int = 64, finished: Callable[[EvalResult], object] | None = None,
+) -> EvalResult:  # fmt: skip
     """Clean accuracy on ``data``; the attacks on its first ``config.examples`` examples.
 
-    The synonym attack needs the raw ``texts`` of ``data`` (same order); it is skipped
-    when they are not given or ``config.synonym`` is None. The word-level worst case is
-    over the word-level attacks that ran (HotFlip at its full budget, the synonym attack).
-    ``finished`` is called with the result so far after each attack whose successors are
-    still ``pending``, so that a failure in a later attack loses nothing already computed.
+    The synonym attack needs the raw ``texts`` of ``data`` (same order); it is skipped when
+    they are not given or ``config.synonym`` is None. The word-level worst case is over the
+    word-level attacks that ran (HotFlip at its full budget, the synonym attack).
+    ``finished`` gets the result so far before each word-level attack (listed in
+    ``pending`` with those after it), so a failure in a later attack loses nothing computed.
     """
     config.check()
     if texts is not None and len(texts) != len(data):
@@ -256,56 +212,41 @@ def evaluate(
         model, subset, config.radii, config.pgd_steps, config.batch_size, progress, clean[: len(subset)]
     )
     result = EvalResult(float(clean.float().mean()), len(data), len(subset), subset_clean, robust)
-    result.pending = ["hotflip"] * (config.hotflip_budget > 0)
-    result.pending += ["synonym"] * (config.synonym is not None and texts is not None)
-    survived: list[list[bool]] = []  # per word-level attack that ran: each attacked example held
 
-    def done(attack: str) -> None:
-        result.pending.remove(attack)
-        result.worst_case = worst_case(survived) if survived else None
-        result.seconds = time.perf_counter() - started
-        if finished is not None and result.pending:
-            finished(result)
+    def run_hotflip() -> list[bool]:
+        budget = config.hotflip_budget
+        flips = hotflip_flips(model, tokenizer, subset, budget, config.neighbours, config.batch_size, progress)
+        result.hotflip = {b: float((flips > b).float().mean()) for b in range(1, budget + 1)}
+        return (flips > budget).tolist()
 
-    if finished is not None and result.pending:
-        result.seconds = time.perf_counter() - started
-        finished(result)
-    if config.hotflip_budget > 0:
-        flips = hotflip_flips(
-            model, tokenizer, subset, config.hotflip_budget, config.neighbours, config.batch_size, progress
-        )
-        result.hotflip = {b: float((flips > b).float().mean()) for b in range(1, config.hotflip_budget + 1)}
-        survived.append((flips > config.hotflip_budget).tolist())
-        done("hotflip")
-    if config.synonym is not None and texts is not None:
+    def run_synonym() -> list[bool]:
+        assert config.synonym is not None and texts is not None
         victim = Victim(model, tokenizer, max_length)
         importance = victim.gradient_importance if config.synonym.order == "gradient" else None
         with EvalMode(model):
             summary, held = synonym_attack(
-                victim,
-                texts[: len(subset)],
-                subset.labels,
-                config.synonym,
-                config.encoder,
-                max_length,
-                importance,
-                progress,
-                _device_of(model),
-            )
+                victim, texts[: len(subset)], subset.labels, config.synonym, config.encoder, max_length, importance,
+                progress, _device_of(model),
+            )  # fmt: skip
         result.synonym = name_classes(asdict(summary), class_names(model))
-        survived.append(held)
-        done("synonym")
-    result.worst_case = worst_case(survived) if survived else None
+        return held
+
+    attacks = {"hotflip": run_hotflip, "synonym": run_synonym}
+    chosen = {"hotflip": config.hotflip_budget > 0, "synonym": config.synonym is not None and texts is not None}
+    result.pending = [name for name in attacks if chosen[name]]
+    survived: list[list[bool]] = []  # per word-level attack that ran: each attacked example held
+    for name in list(result.pending):
+        result.seconds = time.perf_counter() - started
+        if finished is not None:
+            finished(result)
+        survived.append(attacks[name]())
+        result.pending.remove(name)
+        result.worst_case = worst_case(survived)
     result.seconds = time.perf_counter() - started
-    log.info(
-        "clean %.4f (%d examples); on the first %d (clean %.4f): embedding PGD %s%s",
-        result.clean_accuracy,
-        len(data),
-        len(subset),
-        subset_clean,
-        " ".join(f"r={r:g}:{a:.3f}" for r, a in robust.items()),
-        "".join(f"; HotFlip {b}:{a:.3f}" for b, a in result.hotflip.items()),
-    )
+    pgd = " ".join(f"r={r:g}:{a:.3f}" for r, a in robust.items())
+    flips = "".join(f"; HotFlip {b}:{a:.3f}" for b, a in result.hotflip.items())
+    log.info("clean %.4f (%d examples); on the first %d (clean %.4f): embedding PGD %s%s", result.clean_accuracy,
+             len(data), len(subset), subset_clean, pgd, flips)  # fmt: skip
     return result
 
 

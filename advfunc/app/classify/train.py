@@ -1,13 +1,10 @@
 """Fine-tuning from the command line, on :class:`advfunc.hf.AdversarialTrainer`.
 
-Hugging Face's ``Trainer`` runs the loop, on one process or several (``torchrun``,
-``accelerate launch``): the method's step and its gradient all-reduce (see
-:mod:`advfunc.hf`), clipping, AdamW, linear warmup then linear decay to zero, the random
-state, and on resume the optimizer, scheduler, random state and the batches already
-seen. This module adds what the command line needs beyond it: batches grouped by
-length, the task head's own learning rate, the run's one checkpoint folder written
-atomically, the check that a resumed run has the same settings and data, each optimizer
-step's loss and the progress line.
+Hugging Face's ``Trainer`` runs the loop on one process or several (``torchrun``,
+``accelerate launch``): the method's step, clipping, AdamW, warmup then linear decay, and on
+resume the optimizer, scheduler, random state and the batches already seen. This module adds
+batches grouped by length, the task head's own learning rate, one checkpoint folder written
+atomically, the check that a resumed run has the same settings and data, and each step's loss.
 """
 
 from __future__ import annotations
@@ -18,8 +15,7 @@ import logging
 import math
 import tempfile
 import time
-import typing
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -29,20 +25,18 @@ import torch.distributed as dist
 from torch import nn
 from torch.nn import functional as F
 from torch.utils.data import Sampler
-from transformers import PrinterCallback, TrainerCallback, TrainingArguments
-from transformers.trainer_callback import TrainerControl, TrainerState
+from transformers import PrinterCallback, Trainer, TrainerCallback, TrainingArguments
 
 from advfunc.app.common import atomic, checkpoint
 from advfunc.app.common.data import Encoded, training_batches
 from advfunc.app.common.flags import COUNT, FRACTION, NON_NEGATIVE, POSITIVE, option
 from advfunc.app.common.progress import Progress
 from advfunc.core.arguments import require_non_negative, require_positive
-from advfunc.hf import AdversarialTrainer, ReplaySampler
+from advfunc.hf import AdversarialTrainer
 from advfunc.methods.registry import MethodSpec, parse_method
 
 log = logging.getLogger("advfunc")
-Pooling = Literal["cls", "mean"]
-POOLINGS: tuple[str, ...] = typing.get_args(Pooling)
+POOLINGS = ("cls", "mean")
 TRAINER_STATE = "trainer_state.json"
 FORMAT = 2  # advfunc_state.json's format: 2 since the loop is Trainer's (1 had advfunc's own training state)
 
@@ -83,10 +77,7 @@ class TrainConfig:
         require_non_negative("max-grad-norm", self.max_grad_norm)
         if self.pooling not in POOLINGS:
             raise ValueError(f"pooling must be one of {list(POOLINGS)}, got {self.pooling!r}")
-        spec = parse_method(self.method)
-        if spec.method.driver == "replay" and self.grad_accum != 1:
-            raise ValueError(f"{spec.name} replays each batch with an optimizer step in between; use grad-accum 1")
-        return spec
+        return parse_method(self.method)
 
 
 @dataclass
@@ -97,7 +88,7 @@ class TrainResult:
     step: int  # optimizer steps done, counting those before a resume
     total_steps: int
     resumed_from: int
-    seconds: float  # wall time of the optimizer steps run in this process
+    seconds: float = 0.0  # wall time of the optimizer steps run in this process
     losses: list[float] = field(default_factory=list)  # mean training loss of each optimizer step
 
     @property
@@ -121,15 +112,12 @@ def make_optimizer(model: nn.Module, lr: float, weight_decay: float, head_lr: fl
     body = {id(p) for p in base.parameters()} if isinstance(base, nn.Module) and base is not model else None
     groups: dict[tuple[bool, bool], list[nn.Parameter]] = {}
     for name, param in model.named_parameters():
-        if not param.requires_grad:
-            continue
-        decays = not (name.endswith("bias") or id(param) in norm_params)
-        in_head = body is not None and id(param) not in body
-        groups.setdefault((decays, in_head), []).append(param)
-    head = lr if head_lr is None else head_lr
+        if param.requires_grad:
+            decays = not (name.endswith("bias") or id(param) in norm_params)
+            groups.setdefault((decays, body is not None and id(param) not in body), []).append(param)
     param_groups = [
-        {"params": params, "weight_decay": weight_decay if decays else 0.0, "lr": head if in_head else lr}
-        for (decays, in_head), params in groups.items()
+        {"params": params, "weight_decay": weight_decay if decays else 0.0, "lr": (head_lr or lr) if head else lr}
+        for (decays, head), params in groups.items()
     ]
     try:  # one fused kernel over all parameters (docs/main_job.md: the per-tensor loop's cost)
         return torch.optim.AdamW(param_groups, lr=lr, fused=True)
@@ -138,12 +126,10 @@ def make_optimizer(model: nn.Module, lr: float, weight_decay: float, head_lr: fl
 
 
 def training_arguments(config: TrainConfig, output: Path | None = None, **overrides: Any) -> TrainingArguments:
-    """``TrainingArguments`` for ``config``. Under ``torchrun`` building them joins the process group.
+    """``TrainingArguments`` for ``config`` (and other ``overrides``); under ``torchrun`` this joins the process group.
 
-    Trainer writes nothing under ``output_dir`` here (checkpoints are this module's own
-    folder, logging and saving strategies are off); it only creates the folder, so it is
-    ``output``'s parent, which the checkpoint's rename needs anyway. ``overrides``: other
-    ``TrainingArguments`` (the decoder job logs each step's loss through Trainer).
+    Trainer only creates ``output_dir`` (saving and logging are off: the checkpoint is this
+    module's own folder), so it is ``output``'s parent, where the checkpoint's rename happens.
     """
     config.check()
     gpu = torch.cuda.is_available()
@@ -171,14 +157,12 @@ def training_arguments(config: TrainConfig, output: Path | None = None, **overri
 
 
 def padded(batch: dict[str, torch.Tensor], pad_id: int, multiple: int = 16, limit: int = 0) -> dict[str, torch.Tensor]:
-    """``batch`` right-padded to a width that is a multiple of ``multiple``, but not past ``limit`` (0: none).
+    """``batch`` right-padded to a multiple of ``multiple`` columns, but not past ``limit`` (0: none).
 
-    A compiled step (the default on CUDA) traces one graph per sequence length: inside
-    ``torch.func.grad`` the length is specialised, so padding each batch to its own
-    longest example compiles new graphs for every new length, until dynamo's recompile
-    limit stops training. Widths in multiples of 16 bound the graphs by ⌈max length / 16⌉.
-    The new columns hold the pad id in ``input_ids`` and 0 elsewhere (attention mask 0), so
-    no loss or gradient changes. 2-D entries ``[B, L]`` are padded, others (labels ``[B]``) kept.
+    A compiled step specialises on the sequence length inside ``torch.func.grad``, so one
+    graph per batch length would soon hit dynamo's recompile limit; multiples of 16 bound
+    the graphs by ⌈max length / 16⌉. New columns hold the pad id in ``input_ids`` and 0
+    elsewhere (attention mask 0): no loss or gradient changes. Only 2-D ``[B, L]`` entries grow.
     """
     width = batch["input_ids"].shape[1]
     target = -(-width // multiple) * multiple
@@ -191,21 +175,16 @@ def padded(batch: dict[str, torch.Tensor], pad_id: int, multiple: int = 16, limi
 
 
 class LengthGroupedOrder(Sampler[int]):
-    """One epoch's example order: :func:`advfunc.app.common.data.training_batches`, one batch after another.
+    """One epoch's order: the batches of :func:`~advfunc.app.common.data.training_batches`, one after another.
 
-    Each run of ``batch_size`` indices is a batch of similar lengths, so dynamic padding
-    stays small; a short batch (the data set is not a multiple of the batch size) comes
-    last, so that cutting the order into ``batch_size`` pieces gives back the batches. The
-    order depends on (seed, epoch) only, which makes a resumed epoch the same. Under
-    several processes ``batch_size`` is the global batch, cut into the processes' shares
-    after grouping, so that the run sees the batches one process of that size would.
+    Batches of similar lengths keep dynamic padding small; a short batch goes last, so cutting
+    the order into ``batch_size`` pieces gives the batches back. The order depends on (seed,
+    epoch) only, so a resumed epoch is the same. ``batch_size`` is the global batch: the
+    processes' shares are cut after grouping, as one process of that size would see them.
     """
 
     def __init__(self, lengths: Sequence[int], batch_size: int, seed: int) -> None:
-        self.lengths = list(lengths)
-        self.batch_size = batch_size
-        self.seed = seed
-        self.epoch = 0
+        self.lengths, self.batch_size, self.seed, self.epoch = list(lengths), batch_size, seed, 0
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
@@ -220,31 +199,26 @@ class LengthGroupedOrder(Sampler[int]):
             yield from batch
 
 
-class _CommandLineTrainer(AdversarialTrainer):
+class _LengthGrouped(Trainer):
+    """Trainer drawing examples in :class:`LengthGroupedOrder` (a replaying method wraps this order)."""
+
+    lengths: Sequence[int] = ()
+    order: LengthGroupedOrder | None = None
+
+    def _get_train_sampler(self, train_dataset: Any = None) -> Sampler[int] | None:
+        # Over the global batch, which accelerate deals out one per-process batch each.
+        self.order = LengthGroupedOrder(self.lengths, self._train_batch_size * self.args.world_size, self.args.seed)
+        return self.order
+
+
+class _CommandLineTrainer(AdversarialTrainer, _LengthGrouped):
     """``AdversarialTrainer`` with length-grouped batches, each step's loss and one atomic checkpoint folder."""
 
     def __init__(self, *args: Any, lengths: Sequence[int], output: Path | None, state: dict[str, Any], **kwargs: Any):
-        self.lengths = lengths
-        self.output = output
+        self.lengths, self.output = lengths, output
         self.run_state = state  # advfunc_state.json: settings, data fingerprint, losses
-        self.order: LengthGroupedOrder | None = None
         self._loss: torch.Tensor | None = None
         super().__init__(*args, **kwargs)
-
-    def _get_train_sampler(self, train_dataset: Any = None) -> Sampler[int]:
-        # Grouped over the global batch, which accelerate then deals out to the processes one
-        # per-process batch each: n processes of batch b train on the batches of one process of n·b.
-        global_batch = self._train_batch_size * self.args.world_size
-        self.order = LengthGroupedOrder(self.lengths, global_batch, self.args.seed)
-        if self._current_step()[1].driver != "replay" or self.replays == 1:
-            return self.order
-        return ReplaySampler(
-            self.order,
-            self._train_batch_size,
-            self.args.world_size,
-            self.replays,
-            drop_last=self.args.dataloader_drop_last,
-        )
 
     def training_step(
         self, model: nn.Module, inputs: dict[str, Any], num_items_in_batch: torch.Tensor | int | None = None
@@ -261,9 +235,9 @@ class _CommandLineTrainer(AdversarialTrainer):
     def _save_checkpoint(self, model: nn.Module, trial: Any) -> None:
         """The run's folder: Trainer's checkpoint files, the method's state and ``advfunc_state.json`` last.
 
-        Process 0 assembles it under a temporary name (:func:`advfunc.app.common.atomic.directory`)
-        and renames it into place once every process has written its own random and method
-        state there, so ``--output`` is always one complete checkpoint, never one per process.
+        Process 0 stages it under a temporary name (:func:`advfunc.app.common.atomic.directory`)
+        and renames it into place once every process has written its random and method state
+        there, so ``--output`` is always one complete checkpoint, never one per process.
         """
         assert self.output is not None
         self.store_flos()
@@ -282,22 +256,16 @@ class _CommandLineTrainer(AdversarialTrainer):
             self._save_optimizer_and_scheduler(str(tmp))
             self._save_scaler(str(tmp))
             self._save_rng_state(str(tmp))  # every process: rng_state[_RANK].pth
-            method = self.method_state()
-            if method:
+            if method := self.method_state():
                 torch.save(method, self._method_file(tmp))
             if several:
                 dist.barrier()
             if main:
                 self.state.save_to_json(str(tmp / TRAINER_STATE))
-                step = self.state.global_step
-                document = {
-                    **self.run_state,
-                    "losses": losses.tolist(),
-                    "step": step,
-                    "total_steps": self.state.max_steps,
-                    "finished": step >= self.state.max_steps,
-                    "files": sorted([*(entry.name for entry in tmp.iterdir()), checkpoint.STATE_FILE]),
-                }
+                step, total = self.state.global_step, self.state.max_steps
+                files = sorted([*(entry.name for entry in tmp.iterdir()), checkpoint.STATE_FILE])
+                document = {**self.run_state, "losses": losses.tolist(), "step": step, "total_steps": total}
+                document.update(finished=step >= total, files=files)
                 text = json.dumps(document, indent=2, sort_keys=True) + "\n"
                 (tmp / checkpoint.STATE_FILE).write_text(text, encoding="utf-8")
         if main:
@@ -309,41 +277,36 @@ class _CommandLineTrainer(AdversarialTrainer):
 class _Run(TrainerCallback):
     """Per optimizer step: its loss, the time, the progress line; when to checkpoint and when to stop."""
 
-    def __init__(
-        self, trainer: _CommandLineTrainer, result: TrainResult, save_every: int, stop_after: int | None, progress: bool
-    ) -> None:
-        self.trainer = trainer
-        self.result = result
-        self.save_every = save_every
-        self.stop_after = stop_after
-        self.progress = progress
+    def __init__(self, trainer: _CommandLineTrainer, result: TrainResult, every: int, stop: int | None, progress: bool):
+        self.trainer, self.result, self.save_every, self.stop_after, self.progress = (
+            trainer,
+            result,
+            every,
+            stop,
+            progress,
+        )
         self.bar: Progress | None = None
         self.mark = 0.0
 
-    def on_train_begin(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kw: Any) -> None:
+    def on_train_begin(self, args: TrainingArguments, state: Any, control: Any, **_: Any) -> None:
         self.result.total_steps = state.max_steps
-        self.bar = Progress(
-            state.max_steps,
-            f"train {self.result.method}",
-            self.progress and state.is_world_process_zero,
-            state.global_step,
-        )
+        shown = self.progress and state.is_world_process_zero
+        self.bar = Progress(state.max_steps, f"train {self.result.method}", shown, state.global_step)
         self.mark = time.perf_counter()
         if self.result.resumed_from:
             log.info("resuming %s from step %d of %d", self.trainer.output, state.global_step, state.max_steps)
 
-    def on_epoch_begin(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kw: Any) -> None:
+    def on_epoch_begin(self, args: TrainingArguments, state: Any, control: Any, **_: Any) -> None:
         # accelerate's set_epoch does not reach a sampler under both its shard and skip wrappers
         # (several processes, resumed mid-epoch): the order's epoch comes from the state here.
         if self.trainer.order is not None:
             self.trainer.order.set_epoch(int(state.epoch or 0))
 
-    def on_step_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kw: Any) -> None:
+    def on_step_end(self, args: TrainingArguments, state: Any, control: Any, **_: Any) -> None:
         now = time.perf_counter()
         self.result.seconds += now - self.mark
         self.mark = now
-        loss = self.trainer.take_step_loss()
-        step = state.global_step
+        loss, step = self.trainer.take_step_loss(), state.global_step
         if not math.isfinite(loss):
             raise FloatingPointError(f"training loss became {loss} at step {step}; lower --lr")
         self.result.losses.append(loss)
@@ -353,7 +316,7 @@ class _Run(TrainerCallback):
         if self.trainer.output is None:
             return
         per_epoch = state.max_steps // max(1, int(args.num_train_epochs))
-        stopping = self.stop_after is not None and step >= self.stop_after and step < state.max_steps
+        stopping = self.stop_after is not None and self.stop_after <= step < state.max_steps
         periodic = self.save_every > 0 and step % self.save_every == 0
         if stopping or periodic or step % per_epoch == 0 or step >= state.max_steps:
             control.should_save = True
@@ -361,22 +324,16 @@ class _Run(TrainerCallback):
             control.should_training_stop = True
             log.info("stopping at step %d of %d as asked; continue with --resume", step, state.max_steps)
 
-    def on_save(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kw: Any) -> None:
+    def on_save(self, args: TrainingArguments, state: Any, control: Any, **_: Any) -> None:
         self.mark = time.perf_counter()  # the steps' time leaves out the checkpoints
 
-    def on_train_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kw: Any) -> None:
+    def on_train_end(self, args: TrainingArguments, state: Any, control: Any, **_: Any) -> None:
         if self.bar is not None:
             self.bar.__exit__()
 
 
-def _config_changes(saved: Mapping[str, Any], config: TrainConfig) -> list[str]:
-    now = asdict(config)
-    return [f"{key}: checkpoint {saved.get(key)!r}, now {now[key]!r}" for key in now if saved.get(key) != now[key]]
-
-
-def _resumed_losses(output: Path | None, config: TrainConfig, fingerprint: str, processes: int) -> list[float]:
+def _resumed_losses(output: Path, config: TrainConfig, fingerprint: str, processes: int) -> list[float]:
     """The losses of the checkpoint in ``output``; ``CheckpointError`` unless it has these settings and data."""
-    assert output is not None
     saved = checkpoint.read_state(output)
     if saved is None:
         raise checkpoint.CheckpointError(f"{output} holds no advfunc checkpoint to resume")
@@ -385,11 +342,12 @@ def _resumed_losses(output: Path | None, config: TrainConfig, fingerprint: str, 
             f"{output} was written by another advfunc version (checkpoint format {saved.get('format')!r}, "
             f"this one reads {FORMAT}); train again without --resume"
         )
-    changes = _config_changes(saved.get("config", {}), config)
-    if saved.get("data") != fingerprint:
-        changes.append("the training data differ")
-    if saved.get("processes") != processes:
-        changes.append(f"processes: checkpoint {saved.get('processes')!r}, now {processes}")
+    old, now = saved.get("config", {}), {**asdict(config), "processes": processes}
+    old = {**old, "processes": saved.get("processes")}
+    changes = [
+        f"{key}: checkpoint {old.get(key)!r}, now {value!r}" for key, value in now.items() if old.get(key) != value
+    ]
+    changes += ["the training data differ"] * (saved.get("data") != fingerprint)
     if changes:
         raise checkpoint.CheckpointError(
             f"cannot resume {output}: the settings differ from the checkpoint's ({'; '.join(changes)}); "
@@ -416,14 +374,12 @@ def train(
 ) -> TrainResult:
     """Fine-tune ``model`` on ``data`` with ``config.method``; checkpoint to ``output``.
 
-    ``resume=True`` continues the checkpoint in ``output`` (the caller loaded ``model``
-    from it): same settings, data and number of processes required. Checkpoints are
-    written at the end of each epoch, every ``save_every`` optimizer steps (0: never), at
-    ``stop_after`` (stop there with a checkpoint, keeping the full run's schedule, to
-    continue later) and at the end. ``arguments``: :func:`training_arguments` of
-    ``config`` when the caller built them already. ``compile=False``: eager steps on CUDA
-    too (the results do not depend on it, so it is not a setting a resumed run must keep).
-    The model ends on the CPU (the caller moves it where it evaluates).
+    ``resume=True`` continues the checkpoint in ``output`` (the caller loaded ``model`` from
+    it): same settings, data and number of processes. Checkpoints are written after each
+    epoch, every ``save_every`` steps (0: never), at ``stop_after`` (stopping there, with the
+    full run's schedule) and at the end. ``arguments``: :func:`training_arguments` of
+    ``config``, when built already. ``compile=False``: eager steps on CUDA too (results do not
+    depend on it, so a resumed run need not keep it). The model ends on the CPU.
     """
     spec = config.check()
     if len(data) == 0:
@@ -431,9 +387,8 @@ def train(
     if resume and output is None:
         raise ValueError("resume needs the checkpoint directory (output)")
     arguments = arguments or training_arguments(config, output)
-    losses = _resumed_losses(output, config, data_fingerprint, arguments.world_size) if resume else []
-    done = len(losses)
-    result = TrainResult(spec.label, done, 0, done, 0.0, losses)
+    losses = _resumed_losses(output, config, data_fingerprint, arguments.world_size) if output and resume else []
+    result = TrainResult(spec.label, len(losses), 0, len(losses), losses=losses)
     state = {
         "format": FORMAT,
         "method": spec.label,
@@ -443,11 +398,11 @@ def train(
         "losses": result.losses,
         **(extra_state or {}),
     }
-    collate: Callable[[Sequence[int]], dict[str, torch.Tensor]] = data.batch
-    if compile and arguments.device.type == "cuda":  # where steps compile: a few widths, a few graphs
+    compiled = compile and arguments.device.type == "cuda"  # where steps compile: a few widths, a few graphs
 
-        def collate(indices: Sequence[int]) -> dict[str, torch.Tensor]:
-            return padded(data.batch(indices), data.pad_id, 16, config.max_length)
+    def collate(ids: Sequence[int]) -> dict[str, torch.Tensor]:
+        batch = data.batch(ids)
+        return padded(batch, data.pad_id, 16, config.max_length) if compiled else batch
 
     trainer = _CommandLineTrainer(
         model=model,
