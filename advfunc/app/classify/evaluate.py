@@ -184,9 +184,12 @@ def hotflip_flips(
     return flips
 
 
-def hotflip_accuracy(model: nn.Module, tokenizer: Any, data: Encoded, budget: int, *args: Any) -> dict[int, float]:
-    """{b: accuracy when HotFlip may change up to b words} for b = 0..budget (``args``: as :func:`hotflip_flips`)."""
-    flips = hotflip_flips(model, tokenizer, data, budget, *args)
+def hotflip_accuracy(
+    model: nn.Module, tokenizer: Any, data: Encoded, budget: int, neighbours: int, batch_size: int = 32,
+    progress: bool = False,
+) -> dict[int, float]:  # fmt: skip
+    """{b: accuracy when HotFlip may change up to b words} for b = 0..budget."""
+    flips = hotflip_flips(model, tokenizer, data, budget, neighbours, batch_size, progress)
     return {b: float((flips > b).float().mean()) for b in range(budget + 1)}
 
 
@@ -228,7 +231,8 @@ def evaluate(
                 victim, texts[: len(subset)], subset.labels, config.synonym, config.encoder, max_length, importance,
                 progress, _device_of(model),
             )  # fmt: skip
-        result.synonym = name_classes(asdict(summary), class_names(model))
+        id2label = getattr(getattr(model, "config", None), "id2label", None) or {}  # the data's labels after training
+        result.synonym = name_classes(asdict(summary), [str(id2label[i]) for i in sorted(id2label, key=int)])
         return held
 
     attacks = {"hotflip": run_hotflip, "synonym": run_synonym}
@@ -248,12 +252,6 @@ def evaluate(
     log.info("clean %.4f (%d examples); on the first %d (clean %.4f): embedding PGD %s%s", result.clean_accuracy,
              len(data), len(subset), subset_clean, pgd, flips)  # fmt: skip
     return result
-
-
-def class_names(model: nn.Module) -> list[str]:
-    """The label of each class id, as the model's config names them (the data's labels after training)."""
-    id2label = getattr(getattr(model, "config", None), "id2label", None) or {}
-    return [str(id2label[i]) for i in sorted(id2label, key=int)]
 
 
 def name_classes(summary: dict[str, Any], names: Sequence[str]) -> dict[str, Any]:

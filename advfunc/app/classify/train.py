@@ -1,10 +1,7 @@
-"""Fine-tuning from the command line, on :class:`advfunc.hf.AdversarialTrainer`.
+"""Fine-tuning from the command line on :class:`advfunc.hf.AdversarialTrainer`, which runs the loop and its resume.
 
-Hugging Face's ``Trainer`` runs the loop on one process or several (``torchrun``,
-``accelerate launch``): the method's step, clipping, AdamW, warmup then linear decay, and on
-resume the optimizer, scheduler, random state and the batches already seen. This module adds
-batches grouped by length, the task head's own learning rate, one checkpoint folder written
-atomically, the check that a resumed run has the same settings and data, and each step's loss.
+Added here: batches grouped by length, the task head's own learning rate, one checkpoint folder
+written atomically, the check that a resumed run has the same settings and data, each step's loss.
 """
 
 from __future__ import annotations
@@ -26,6 +23,7 @@ from torch import nn
 from torch.nn import functional as F
 from torch.utils.data import Sampler
 from transformers import PrinterCallback, Trainer, TrainerCallback, TrainingArguments
+from transformers.trainer import TRAINER_STATE_NAME
 
 from advfunc.app.common import atomic, checkpoint
 from advfunc.app.common.data import Encoded, training_batches
@@ -37,7 +35,6 @@ from advfunc.methods.registry import MethodSpec, parse_method
 
 log = logging.getLogger("advfunc")
 POOLINGS = ("cls", "mean")
-TRAINER_STATE = "trainer_state.json"
 FORMAT = 2  # advfunc_state.json's format: 2 since the loop is Trainer's (1 had advfunc's own training state)
 
 
@@ -91,14 +88,6 @@ class TrainResult:
     seconds: float = 0.0  # wall time of the optimizer steps run in this process
     losses: list[float] = field(default_factory=list)  # mean training loss of each optimizer step
 
-    @property
-    def finished(self) -> bool:
-        return self.step >= self.total_steps
-
-    @property
-    def steps_run(self) -> int:
-        return self.step - self.resumed_from
-
 
 def make_optimizer(model: nn.Module, lr: float, weight_decay: float, head_lr: float | None = None) -> torch.optim.AdamW:
     """AdamW over the trainable parameters; no decay on biases and LayerNorm weights (BERT recipe).
@@ -134,25 +123,14 @@ def training_arguments(config: TrainConfig, output: Path | None = None, **overri
     config.check()
     gpu = torch.cuda.is_available()
     settings: dict[str, Any] = dict(
-        output_dir=str(output.parent) if output is not None else tempfile.gettempdir(),
-        per_device_train_batch_size=config.batch_size,
-        gradient_accumulation_steps=config.grad_accum,
-        num_train_epochs=config.epochs,
-        learning_rate=config.lr,
-        lr_scheduler_type="linear",
-        warmup_steps=config.warmup_ratio,
-        weight_decay=config.weight_decay,
-        max_grad_norm=config.max_grad_norm,
-        seed=config.seed,
-        save_strategy="no",
-        logging_strategy="no",
-        report_to=[],
-        disable_tqdm=True,
-        remove_unused_columns=False,
+        output_dir=str(output.parent) if output is not None else tempfile.gettempdir(), seed=config.seed,
+        per_device_train_batch_size=config.batch_size, gradient_accumulation_steps=config.grad_accum,
+        num_train_epochs=config.epochs, learning_rate=config.lr, lr_scheduler_type="linear",
+        warmup_steps=config.warmup_ratio, weight_decay=config.weight_decay, max_grad_norm=config.max_grad_norm,
+        save_strategy="no", logging_strategy="no", report_to=[], disable_tqdm=True, remove_unused_columns=False,
         average_tokens_across_devices=False,  # the step's loss is a per-batch mean: no per-step token gather
-        dataloader_pin_memory=gpu,
-        use_cpu=not gpu,
-    )
+        dataloader_pin_memory=gpu, use_cpu=not gpu,
+    )  # fmt: skip
     return TrainingArguments(**{**settings, **overrides})
 
 
@@ -170,8 +148,8 @@ def padded(batch: dict[str, torch.Tensor], pad_id: int, multiple: int = 16, limi
         target = min(target, max(width, limit))
     if target == width:
         return batch
-    fill = {"input_ids": pad_id}
-    return {k: F.pad(v, (0, target - width), value=fill.get(k, 0)) if v.dim() == 2 else v for k, v in batch.items()}
+    fill = {k: pad_id if k == "input_ids" else 0 for k in batch}
+    return {k: F.pad(v, (0, target - width), value=fill[k]) if v.dim() == 2 else v for k, v in batch.items()}
 
 
 class LengthGroupedOrder(Sampler[int]):
@@ -211,14 +189,23 @@ class _LengthGrouped(Trainer):
         return self.order
 
 
-class _CommandLineTrainer(AdversarialTrainer, _LengthGrouped):
-    """``AdversarialTrainer`` with length-grouped batches, each step's loss and one atomic checkpoint folder."""
+class _CommandLineTrainer(AdversarialTrainer, _LengthGrouped, TrainerCallback):
+    """``AdversarialTrainer`` with length-grouped batches and one atomic checkpoint folder; its own callback:
+    per optimizer step the loss, time and progress line into ``result``, when to checkpoint and to stop."""
 
-    def __init__(self, *args: Any, lengths: Sequence[int], output: Path | None, state: dict[str, Any], **kwargs: Any):
-        self.lengths, self.output = lengths, output
+    def __init__(
+        self, *args: Any, lengths: Sequence[int], output: Path | None, state: dict[str, Any], result: TrainResult,
+        save_every: int, stop_after: int | None, progress: bool, **kwargs: Any,
+    ) -> None:  # fmt: skip
+        self.lengths, self.output, self.result = lengths, output, result
         self.run_state = state  # advfunc_state.json: settings, data fingerprint, losses
+        self.save_every, self.stop_after, self.progress = save_every, stop_after, progress
         self._loss: torch.Tensor | None = None
+        self.bar: Progress | None = None
+        self.mark = 0.0
         super().__init__(*args, **kwargs)
+        self.remove_callback(PrinterCallback)  # it prints Trainer's final metrics to stdout
+        self.add_callback(self)
 
     def training_step(
         self, model: nn.Module, inputs: dict[str, Any], num_items_in_batch: torch.Tensor | int | None = None
@@ -227,17 +214,11 @@ class _CommandLineTrainer(AdversarialTrainer, _LengthGrouped):
         self._loss = loss if self._loss is None else self._loss + loss  # over micro-batches: the step's mean loss
         return loss
 
-    def take_step_loss(self) -> float:
-        """The mean loss of the optimizer step that just ended (one host sync per step)."""
-        loss, self._loss = (float("nan") if self._loss is None else float(self._loss)), None
-        return loss
-
     def _save_checkpoint(self, model: nn.Module, trial: Any) -> None:
         """The run's folder: Trainer's checkpoint files, the method's state and ``advfunc_state.json`` last.
 
-        Process 0 stages it under a temporary name (:func:`advfunc.app.common.atomic.directory`)
-        and renames it into place once every process has written its random and method state
-        there, so ``--output`` is always one complete checkpoint, never one per process.
+        Process 0 stages it under a temporary name and renames it into place once every process
+        has written its state there: ``--output`` is always one complete checkpoint.
         """
         assert self.output is not None
         self.store_flos()
@@ -247,6 +228,7 @@ class _CommandLineTrainer(AdversarialTrainer, _LengthGrouped):
             dist.all_reduce(losses)
             losses /= dist.get_world_size()
         main = self.args.process_index == 0
+        step, total = self.state.global_step, self.state.max_steps
         with atomic.directory(self.output) if main else contextlib.nullcontext(None) as staged:
             folder = [str(staged)]
             if several:
@@ -261,32 +243,14 @@ class _CommandLineTrainer(AdversarialTrainer, _LengthGrouped):
             if several:
                 dist.barrier()
             if main:
-                self.state.save_to_json(str(tmp / TRAINER_STATE))
-                step, total = self.state.global_step, self.state.max_steps
+                self.state.save_to_json(str(tmp / TRAINER_STATE_NAME))
                 files = sorted([*(entry.name for entry in tmp.iterdir()), checkpoint.STATE_FILE])
                 document = {**self.run_state, "losses": losses.tolist(), "step": step, "total_steps": total}
                 document.update(finished=step >= total, files=files)
                 text = json.dumps(document, indent=2, sort_keys=True) + "\n"
                 (tmp / checkpoint.STATE_FILE).write_text(text, encoding="utf-8")
         if main:
-            log.info(
-                "checkpoint at step %d of %d written to %s", self.state.global_step, self.state.max_steps, self.output
-            )
-
-
-class _Run(TrainerCallback):
-    """Per optimizer step: its loss, the time, the progress line; when to checkpoint and when to stop."""
-
-    def __init__(self, trainer: _CommandLineTrainer, result: TrainResult, every: int, stop: int | None, progress: bool):
-        self.trainer, self.result, self.save_every, self.stop_after, self.progress = (
-            trainer,
-            result,
-            every,
-            stop,
-            progress,
-        )
-        self.bar: Progress | None = None
-        self.mark = 0.0
+            log.info("checkpoint at step %d of %d written to %s", step, total, self.output)
 
     def on_train_begin(self, args: TrainingArguments, state: Any, control: Any, **_: Any) -> None:
         self.result.total_steps = state.max_steps
@@ -294,26 +258,26 @@ class _Run(TrainerCallback):
         self.bar = Progress(state.max_steps, f"train {self.result.method}", shown, state.global_step)
         self.mark = time.perf_counter()
         if self.result.resumed_from:
-            log.info("resuming %s from step %d of %d", self.trainer.output, state.global_step, state.max_steps)
+            log.info("resuming %s from step %d of %d", self.output, state.global_step, state.max_steps)
 
     def on_epoch_begin(self, args: TrainingArguments, state: Any, control: Any, **_: Any) -> None:
         # accelerate's set_epoch does not reach a sampler under both its shard and skip wrappers
         # (several processes, resumed mid-epoch): the order's epoch comes from the state here.
-        if self.trainer.order is not None:
-            self.trainer.order.set_epoch(int(state.epoch or 0))
+        if self.order is not None:
+            self.order.set_epoch(int(state.epoch or 0))
 
     def on_step_end(self, args: TrainingArguments, state: Any, control: Any, **_: Any) -> None:
-        now = time.perf_counter()
+        now, step = time.perf_counter(), state.global_step
         self.result.seconds += now - self.mark
         self.mark = now
-        loss, step = self.trainer.take_step_loss(), state.global_step
+        loss, self._loss = (float("nan") if self._loss is None else float(self._loss)), None  # one host sync
         if not math.isfinite(loss):
             raise FloatingPointError(f"training loss became {loss} at step {step}; lower --lr")
         self.result.losses.append(loss)
         self.result.step = step
         assert self.bar is not None
         self.bar.update(loss=loss)
-        if self.trainer.output is None:
+        if self.output is None:
             return
         per_epoch = state.max_steps // max(1, int(args.num_train_epochs))
         stopping = self.stop_after is not None and self.stop_after <= step < state.max_steps
@@ -357,21 +321,11 @@ def _resumed_losses(output: Path, config: TrainConfig, fingerprint: str, process
 
 
 def train(
-    model: nn.Module,
-    tokenizer: Any,
-    data: Encoded,
-    config: TrainConfig,
-    *,
-    output: Path | None = None,
-    resume: bool = False,
-    data_fingerprint: str = "",
-    save_every: int = 0,
-    stop_after: int | None = None,
-    progress: bool = True,
-    extra_state: Mapping[str, Any] | None = None,
-    arguments: TrainingArguments | None = None,
+    model: nn.Module, tokenizer: Any, data: Encoded, config: TrainConfig, *, output: Path | None = None,
+    resume: bool = False, data_fingerprint: str = "", save_every: int = 0, stop_after: int | None = None,
+    progress: bool = True, extra_state: Mapping[str, Any] | None = None, arguments: TrainingArguments | None = None,
     compile: bool = True,
-) -> TrainResult:
+) -> TrainResult:  # fmt: skip
     """Fine-tune ``model`` on ``data`` with ``config.method``; checkpoint to ``output``.
 
     ``resume=True`` continues the checkpoint in ``output`` (the caller loaded ``model`` from
@@ -389,15 +343,8 @@ def train(
     arguments = arguments or training_arguments(config, output)
     losses = _resumed_losses(output, config, data_fingerprint, arguments.world_size) if output and resume else []
     result = TrainResult(spec.label, len(losses), 0, len(losses), losses=losses)
-    state = {
-        "format": FORMAT,
-        "method": spec.label,
-        "config": asdict(config),
-        "data": data_fingerprint,
-        "processes": arguments.world_size,
-        "losses": result.losses,
-        **(extra_state or {}),
-    }
+    settings = {"format": FORMAT, "method": spec.label, "config": asdict(config), "data": data_fingerprint}
+    state = {**settings, "processes": arguments.world_size, "losses": result.losses, **(extra_state or {})}
     compiled = compile and arguments.device.type == "cuda"  # where steps compile: a few widths, a few graphs
 
     def collate(ids: Sequence[int]) -> dict[str, torch.Tensor]:
@@ -405,20 +352,12 @@ def train(
         return padded(batch, data.pad_id, 16, config.max_length) if compiled else batch
 
     trainer = _CommandLineTrainer(
-        model=model,
-        args=arguments,
-        train_dataset=list(range(len(data))),  # example i is its index: the collator pads from `data`
-        data_collator=collate,
-        processing_class=tokenizer,
+        model=model, args=arguments, processing_class=tokenizer, step_factory=config.method,
+        train_dataset=list(range(len(data))), data_collator=collate,  # example i is its index: `data` holds it
         optimizers=(make_optimizer(model, config.lr, config.weight_decay, config.head_lr), None),
-        step_factory=config.method,
-        compile=None if compile else False,
-        lengths=data.lengths(),
-        output=output,
-        state=state,
-    )
-    trainer.remove_callback(PrinterCallback)  # it prints Trainer's final metrics to stdout
-    trainer.add_callback(_Run(trainer, result, save_every, stop_after, progress))
+        compile=None if compile else False, lengths=data.lengths(), output=output, state=state, result=result,
+        save_every=save_every, stop_after=stop_after, progress=progress,
+    )  # fmt: skip
     trainer.train(resume_from_checkpoint=str(output) if resume else None)
     model.to("cpu")
     return result
