@@ -1,8 +1,7 @@
-"""The ``advfunc`` command: ``train``, ``evaluate``, ``compare`` (:mod:`advfunc.app.classify`), ``decoder``
-(:mod:`advfunc.app.decoder`) and ``methods``.
+"""The ``advfunc`` command: ``train``, ``evaluate``, ``compare`` (:mod:`.classify`), ``decoder`` and ``methods``.
 
-Exit status: 0 on success, 2 for a usage or input error (the message says which file,
-column, label or setting and what to do), 130 when interrupted.
+Exit status: 0 on success, 2 for a usage or input error (the message says which file, column,
+label or setting and what to do), 130 when interrupted.
 """
 
 from __future__ import annotations
@@ -19,6 +18,7 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import torch
+import transformers
 
 from advfunc.app.classify import commands as classify
 from advfunc.app.common.flags import COUNT, Parser
@@ -52,7 +52,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     except SystemExit as exit:  # a usage error (one line already printed), or --help
         return exit.code if isinstance(exit.code, int) else 2
     args.command_line = list(argv) if argv is not None else sys.argv[1:]
-    _configure(args)
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(asctime)s advfunc: %(message)s", "%H:%M:%S"))
+    log.handlers[:] = [handler]
+    log.setLevel(logging.INFO if os.environ.get("RANK", "0") == "0" else logging.WARNING)  # torchrun: first reports
+    log.propagate = False
+    transformers.logging.set_verbosity_error()  # the load reports would bury advfunc's own lines
+    transformers.utils.logging.disable_progress_bar()
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
     try:
         return int(args.handler(args))
     except USER_ERRORS as error:
@@ -61,20 +69,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("advfunc: interrupted; no partial checkpoint or report was left behind", file=sys.stderr)
         return 130
-
-
-def _configure(args: argparse.Namespace) -> None:
-    handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(logging.Formatter("%(asctime)s advfunc: %(message)s", "%H:%M:%S"))
-    log.handlers[:] = [handler]
-    log.setLevel(logging.INFO if os.environ.get("RANK", "0") == "0" else logging.WARNING)  # torchrun: first reports
-    log.propagate = False
-    import transformers
-
-    transformers.logging.set_verbosity_error()  # the load reports would bury advfunc's own lines
-    transformers.utils.logging.disable_progress_bar()
-    if args.threads is not None:
-        torch.set_num_threads(args.threads)
 
 
 def run_methods(args: argparse.Namespace) -> int:

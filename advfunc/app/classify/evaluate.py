@@ -1,8 +1,7 @@
-"""Evaluation of a classifier: clean accuracy, and accuracy under the embedding-space and word-level attacks.
+"""A classifier's clean accuracy, and its accuracy under the embedding-space and word-level attacks.
 
-Robust accuracy is counted as survivors over increasing radii
-(:mod:`advfunc.app.common.robustness`); the same holds for the HotFlip budget. Attacks run
-on a bounded subset (the first ``examples`` of the evaluation set, which is in a fixed
+Robust accuracy counts survivors over increasing radii (:mod:`advfunc.app.common.robustness`), and
+over the HotFlip budget. The attacks run on the first ``examples`` of the evaluation set (in a fixed
 pseudo-random order), clean accuracy on the whole set.
 """
 
@@ -61,11 +60,6 @@ class AttackConfig:
             raise ValueError(f"hotflip-budget must be an integer >= 0, got {self.hotflip_budget!r}")
         if self.synonym is not None:
             self.synonym.check()
-
-    def require_resources(self) -> None:
-        """Before any work: ``ValueError`` naming the install command or path of what the synonym attack reads."""
-        if self.synonym is not None:
-            require_synonym_resources(self.encoder)
 
 
 def require_synonym_resources(encoder: str | Path | None) -> None:
@@ -150,9 +144,7 @@ def robust_accuracy(
     lengths = data.lengths()
 
     def holds(indices: list[int], radius: float) -> torch.Tensor:
-        batch = data.batch(indices, _device_of(model))
-        width = int(batch["attention_mask"].sum(1).max())  # cut to the longest standing example
-        batch = {k: (v[:, :width] if v.dim() == 2 else v) for k, v in batch.items()}
+        batch = data.batch(indices, _device_of(model))  # padded to the longest standing example
         _, logits = pgd_logits(model, params, batch, radius, steps, "embeds")
         return logits.argmax(-1) == batch["labels"]
 
@@ -199,11 +191,9 @@ def evaluate(
 ) -> EvalResult:  # fmt: skip
     """Clean accuracy on ``data``; the attacks on its first ``config.examples`` examples.
 
-    The synonym attack needs the raw ``texts`` of ``data`` (same order); it is skipped when
-    they are not given or ``config.synonym`` is None. The word-level worst case is over the
-    word-level attacks that ran (HotFlip at its full budget, the synonym attack).
-    ``finished`` gets the result so far before each word-level attack (listed in
-    ``pending`` with those after it), so a failure in a later attack loses nothing computed.
+    The synonym attack needs ``data``'s ``texts`` and ``config.synonym``. The word-level worst
+    case is over the word-level attacks that ran (HotFlip at its full budget, synonyms). Before
+    each of them ``finished`` gets the result so far (``pending`` lists it and those after it).
     """
     config.check()
     if texts is not None and len(texts) != len(data):

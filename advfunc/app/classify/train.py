@@ -13,7 +13,7 @@ import math
 import tempfile
 import time
 from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Literal
 
@@ -25,7 +25,7 @@ from torch.utils.data import Sampler
 from transformers import PrinterCallback, Trainer, TrainerCallback, TrainingArguments
 from transformers.trainer import TRAINER_STATE_NAME
 
-from advfunc.app.common import atomic, checkpoint
+from advfunc.app.common import atomic, checkpoint, report
 from advfunc.app.common.data import Encoded, training_batches
 from advfunc.app.common.flags import COUNT, FRACTION, NON_NEGATIVE, POSITIVE, option
 from advfunc.app.common.progress import Progress
@@ -77,24 +77,11 @@ class TrainConfig:
         return parse_method(self.method)
 
 
-@dataclass
-class TrainResult:
-    """What a run did: steps, wall time of the steps (not of saving) and losses."""
-
-    method: str
-    step: int  # optimizer steps done, counting those before a resume
-    total_steps: int
-    resumed_from: int
-    seconds: float = 0.0  # wall time of the optimizer steps run in this process
-    losses: list[float] = field(default_factory=list)  # mean training loss of each optimizer step
-
-
 def make_optimizer(model: nn.Module, lr: float, weight_decay: float, head_lr: float | None = None) -> torch.optim.AdamW:
     """AdamW over the trainable parameters; no decay on biases and LayerNorm weights (BERT recipe).
 
-    The task head (the parameters outside ``model.base_model``: a classifier new when
-    fine-tuning starts) learns at ``head_lr`` (None: ``lr``): Adam moves each weight by about
-    its learning rate per step, so a new head may need a larger one than the encoder.
+    The task head (outside ``model.base_model``, new when fine-tuning starts) learns at ``head_lr``:
+    Adam moves each weight by about its learning rate per step, so a new head may need a larger one.
     """
     norm_params = {id(p) for module in model.modules() if isinstance(module, nn.LayerNorm) for p in module.parameters()}
     base = getattr(model, "base_model", model)
@@ -115,10 +102,9 @@ def make_optimizer(model: nn.Module, lr: float, weight_decay: float, head_lr: fl
 
 
 def training_arguments(config: TrainConfig, output: Path | None = None, **overrides: Any) -> TrainingArguments:
-    """``TrainingArguments`` for ``config`` (and other ``overrides``); under ``torchrun`` this joins the process group.
+    """``TrainingArguments`` for ``config`` and ``overrides``; under ``torchrun`` this joins the process group.
 
-    Trainer only creates ``output_dir`` (saving and logging are off: the checkpoint is this
-    module's own folder), so it is ``output``'s parent, where the checkpoint's rename happens.
+    ``output_dir`` is ``output``'s parent, where the checkpoint's rename happens: Trainer only creates it.
     """
     config.check()
     gpu = torch.cuda.is_available()
@@ -135,12 +121,11 @@ def training_arguments(config: TrainConfig, output: Path | None = None, **overri
 
 
 def padded(batch: dict[str, torch.Tensor], pad_id: int, multiple: int = 16, limit: int = 0) -> dict[str, torch.Tensor]:
-    """``batch`` right-padded to a multiple of ``multiple`` columns, but not past ``limit`` (0: none).
+    """``batch``'s ``[B, L]`` entries right-padded to a multiple of ``multiple`` columns, not past ``limit`` (0: none).
 
-    A compiled step specialises on the sequence length inside ``torch.func.grad``, so one
-    graph per batch length would soon hit dynamo's recompile limit; multiples of 16 bound
-    the graphs by ⌈max length / 16⌉. New columns hold the pad id in ``input_ids`` and 0
-    elsewhere (attention mask 0): no loss or gradient changes. Only 2-D ``[B, L]`` entries grow.
+    A compiled step specialises the length inside ``torch.func.grad``: one graph per batch length
+    would hit dynamo's recompile limit, multiples of 16 make ⌈max length / 16⌉ graphs. New columns
+    hold the pad id in ``input_ids``, 0 elsewhere (attention mask 0): no loss or gradient changes.
     """
     width = batch["input_ids"].shape[1]
     target = -(-width // multiple) * multiple
@@ -153,12 +138,11 @@ def padded(batch: dict[str, torch.Tensor], pad_id: int, multiple: int = 16, limi
 
 
 class LengthGroupedOrder(Sampler[int]):
-    """One epoch's order: the batches of :func:`~advfunc.app.common.data.training_batches`, one after another.
+    """One epoch's order: the batches of :func:`~advfunc.app.common.data.training_batches` one after another.
 
-    Batches of similar lengths keep dynamic padding small; a short batch goes last, so cutting
-    the order into ``batch_size`` pieces gives the batches back. The order depends on (seed,
-    epoch) only, so a resumed epoch is the same. ``batch_size`` is the global batch: the
-    processes' shares are cut after grouping, as one process of that size would see them.
+    Similar lengths keep padding small; the short batch goes last, so ``batch_size`` pieces are the
+    batches. It depends on (seed, epoch) only: a resumed epoch is the same. ``batch_size`` is the
+    global batch, cut into the processes' shares after grouping (as one process of that size sees it).
     """
 
     def __init__(self, lengths: Sequence[int], batch_size: int, seed: int) -> None:
@@ -191,14 +175,16 @@ class _LengthGrouped(Trainer):
 
 class _CommandLineTrainer(AdversarialTrainer, _LengthGrouped, TrainerCallback):
     """``AdversarialTrainer`` with length-grouped batches and one atomic checkpoint folder; its own callback:
-    per optimizer step the loss, time and progress line into ``result``, when to checkpoint and to stop."""
+    per optimizer step the loss (into ``run_state``), the time of the steps alone, the progress line,
+    when to checkpoint and when to stop."""
 
     def __init__(
-        self, *args: Any, lengths: Sequence[int], output: Path | None, state: dict[str, Any], result: TrainResult,
-        save_every: int, stop_after: int | None, progress: bool, **kwargs: Any,
+        self, *args: Any, lengths: Sequence[int], output: Path | None, state: dict[str, Any], save_every: int,
+        stop_after: int | None, progress: bool, **kwargs: Any,
     ) -> None:  # fmt: skip
-        self.lengths, self.output, self.result = lengths, output, result
-        self.run_state = state  # advfunc_state.json: settings, data fingerprint, losses
+        self.lengths, self.output, self.seconds = lengths, output, 0.0
+        self.run_state = state  # advfunc_state.json: settings, data fingerprint, losses (a resumed run's first)
+        self.resumed_from = len(state["losses"])
         self.save_every, self.stop_after, self.progress = save_every, stop_after, progress
         self._loss: torch.Tensor | None = None
         self.bar: Progress | None = None
@@ -251,13 +237,13 @@ class _CommandLineTrainer(AdversarialTrainer, _LengthGrouped, TrainerCallback):
                 (tmp / checkpoint.STATE_FILE).write_text(text, encoding="utf-8")
         if main:
             log.info("checkpoint at step %d of %d written to %s", step, total, self.output)
+        self.mark = time.perf_counter()  # the steps' time leaves out the checkpoints
 
     def on_train_begin(self, args: TrainingArguments, state: Any, control: Any, **_: Any) -> None:
-        self.result.total_steps = state.max_steps
         shown = self.progress and state.is_world_process_zero
-        self.bar = Progress(state.max_steps, f"train {self.result.method}", shown, state.global_step)
+        self.bar = Progress(state.max_steps, f"train {self.run_state['method']}", shown, state.global_step)
         self.mark = time.perf_counter()
-        if self.result.resumed_from:
+        if self.resumed_from:
             log.info("resuming %s from step %d of %d", self.output, state.global_step, state.max_steps)
 
     def on_epoch_begin(self, args: TrainingArguments, state: Any, control: Any, **_: Any) -> None:
@@ -268,13 +254,12 @@ class _CommandLineTrainer(AdversarialTrainer, _LengthGrouped, TrainerCallback):
 
     def on_step_end(self, args: TrainingArguments, state: Any, control: Any, **_: Any) -> None:
         now, step = time.perf_counter(), state.global_step
-        self.result.seconds += now - self.mark
+        self.seconds += now - self.mark
         self.mark = now
         loss, self._loss = (float("nan") if self._loss is None else float(self._loss)), None  # one host sync
         if not math.isfinite(loss):
             raise FloatingPointError(f"training loss became {loss} at step {step}; lower --lr")
-        self.result.losses.append(loss)
-        self.result.step = step
+        self.run_state["losses"].append(loss)
         assert self.bar is not None
         self.bar.update(loss=loss)
         if self.output is None:
@@ -287,9 +272,6 @@ class _CommandLineTrainer(AdversarialTrainer, _LengthGrouped, TrainerCallback):
         if stopping:
             control.should_training_stop = True
             log.info("stopping at step %d of %d as asked; continue with --resume", step, state.max_steps)
-
-    def on_save(self, args: TrainingArguments, state: Any, control: Any, **_: Any) -> None:
-        self.mark = time.perf_counter()  # the steps' time leaves out the checkpoints
 
     def on_train_end(self, args: TrainingArguments, state: Any, control: Any, **_: Any) -> None:
         if self.bar is not None:
@@ -306,11 +288,9 @@ def _resumed_losses(output: Path, config: TrainConfig, fingerprint: str, process
             f"{output} was written by another advfunc version (checkpoint format {saved.get('format')!r}, "
             f"this one reads {FORMAT}); train again without --resume"
         )
-    old, now = saved.get("config", {}), {**asdict(config), "processes": processes}
-    old = {**old, "processes": saved.get("processes")}
-    changes = [
-        f"{key}: checkpoint {old.get(key)!r}, now {value!r}" for key, value in now.items() if old.get(key) != value
-    ]
+    old = {**saved.get("config", {}), "processes": saved.get("processes")}
+    now = {**asdict(config), "processes": processes}
+    changes = [f"{key}: checkpoint {old.get(key)!r}, now {now[key]!r}" for key in now if old.get(key) != now[key]]
     changes += ["the training data differ"] * (saved.get("data") != fingerprint)
     if changes:
         raise checkpoint.CheckpointError(
@@ -325,15 +305,14 @@ def train(
     resume: bool = False, data_fingerprint: str = "", save_every: int = 0, stop_after: int | None = None,
     progress: bool = True, extra_state: Mapping[str, Any] | None = None, arguments: TrainingArguments | None = None,
     compile: bool = True,
-) -> TrainResult:  # fmt: skip
-    """Fine-tune ``model`` on ``data`` with ``config.method``; checkpoint to ``output``.
+) -> dict[str, Any]:  # fmt: skip
+    """Fine-tune ``model`` on ``data`` with ``config.method``: the report's training entry and ``step`` (the
+    optimizer steps done, with those before a resume). The model ends on the CPU.
 
-    ``resume=True`` continues the checkpoint in ``output`` (the caller loaded ``model`` from
-    it): same settings, data and number of processes. Checkpoints are written after each
-    epoch, every ``save_every`` steps (0: never), at ``stop_after`` (stopping there, with the
-    full run's schedule) and at the end. ``arguments``: :func:`training_arguments` of
-    ``config``, when built already. ``compile=False``: eager steps on CUDA too (results do not
-    depend on it, so a resumed run need not keep it). The model ends on the CPU.
+    ``resume``: continue the checkpoint in ``output`` that ``model`` was loaded from (same settings,
+    data and processes). Checkpoints: after each epoch, every ``save_every`` steps (0: never), at
+    ``stop_after`` (stopping there, in the full run's schedule), at the end. ``compile=False``: eager
+    steps on CUDA too (the results do not depend on it, so a resumed run need not keep it).
     """
     spec = config.check()
     if len(data) == 0:
@@ -342,9 +321,8 @@ def train(
         raise ValueError("resume needs the checkpoint directory (output)")
     arguments = arguments or training_arguments(config, output)
     losses = _resumed_losses(output, config, data_fingerprint, arguments.world_size) if output and resume else []
-    result = TrainResult(spec.label, len(losses), 0, len(losses), losses=losses)
     settings = {"format": FORMAT, "method": spec.label, "config": asdict(config), "data": data_fingerprint}
-    state = {**settings, "processes": arguments.world_size, "losses": result.losses, **(extra_state or {})}
+    state = {**settings, "processes": arguments.world_size, "losses": losses, **(extra_state or {})}
     compiled = compile and arguments.device.type == "cuda"  # where steps compile: a few widths, a few graphs
 
     def collate(ids: Sequence[int]) -> dict[str, torch.Tensor]:
@@ -355,9 +333,10 @@ def train(
         model=model, args=arguments, processing_class=tokenizer, step_factory=config.method,
         train_dataset=list(range(len(data))), data_collator=collate,  # example i is its index: `data` holds it
         optimizers=(make_optimizer(model, config.lr, config.weight_decay, config.head_lr), None),
-        compile=None if compile else False, lengths=data.lengths(), output=output, state=state, result=result,
+        compile=None if compile else False, lengths=data.lengths(), output=output, state=state,
         save_every=save_every, stop_after=stop_after, progress=progress,
     )  # fmt: skip
     trainer.train(resume_from_checkpoint=str(output) if resume else None)
     model.to("cpu")
-    return result
+    step, total = trainer.state.global_step, trainer.state.max_steps
+    return report.training_summary(losses, step - trainer.resumed_from, trainer.seconds, total_steps=total, step=step)
