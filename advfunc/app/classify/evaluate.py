@@ -1,8 +1,7 @@
 """A classifier's clean accuracy, and its accuracy under the embedding-space and word-level attacks.
 
-Robust accuracy counts survivors over increasing radii (:mod:`advfunc.app.common.robustness`), and
-over the HotFlip budget. The attacks run on the first ``examples`` of the evaluation set (in a fixed
-pseudo-random order), clean accuracy on the whole set.
+Robust accuracy counts survivors over increasing radii (:mod:`advfunc.app.common.robustness`) and HotFlip
+budgets, on the first ``examples`` of the evaluation set (a fixed pseudo-random order); clean accuracy on all.
 """
 
 from __future__ import annotations
@@ -98,17 +97,13 @@ class EvalResult:
         return data
 
 
-def _device_of(model: nn.Module) -> torch.device:
-    return next(model.parameters()).device
-
-
 def correct(model: nn.Module, data: Encoded, batch_size: int = 64, progress: bool = False) -> torch.Tensor:
     """[N] bool: whether the model classifies each example of ``data`` correctly (eval mode, no gradients)."""
     found = torch.zeros(len(data), dtype=torch.bool)
     batches = evaluation_batches(data.lengths(), batch_size)
     with EvalMode(model), torch.inference_mode(), Progress(len(batches), "clean", progress) as bar:
         for indices in batches:
-            batch = data.batch(indices, _device_of(model))
+            batch = data.batch(indices, next(model.parameters()).device)
             found[indices] = (model(**batch).logits.argmax(-1) == batch["labels"]).cpu()
             bar.update()
     return found
@@ -123,10 +118,9 @@ def embedding_pgd(
     model: nn.Module, params: Mapping[str, torch.Tensor], batch: Mapping[str, Any], radius: float, steps: int,
     step_size: float | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
-    """L2 PGD on the embedding output (:func:`~advfunc.app.common.robustness.pgd_logits`): (δ [B, L, H], broken [B]).
+    """L2 PGD on the embedding output: (δ [B, L, H], broken [B]: misclassified clean or at δ).
 
-    ``broken[b]``: example b is misclassified clean or at δ. Cost: ``steps`` passes to δ only and two forwards.
-    """
+    Cost: ``steps`` passes to δ only (:func:`~advfunc.app.common.robustness.pgd_logits`) and two forwards."""
     delta, logits = pgd_logits(model, params, batch, radius, steps, "embeds", step_size)
     with torch.no_grad():
         clean = advfunc.perturbed_outputs(model, "embeds")(params, batch, None).logits
@@ -144,7 +138,7 @@ def robust_accuracy(
     lengths = data.lengths()
 
     def holds(indices: list[int], radius: float) -> torch.Tensor:
-        batch = data.batch(indices, _device_of(model))  # padded to the longest standing example
+        batch = data.batch(indices, next(model.parameters()).device)  # padded to the longest standing example
         _, logits = pgd_logits(model, params, batch, radius, steps, "embeds")
         return logits.argmax(-1) == batch["labels"]
 
@@ -170,7 +164,7 @@ def hotflip_flips(
     batches = evaluation_batches(data.lengths(), batch_size)
     with EvalMode(model), Progress(len(batches), "attack hotflip", progress) as bar:
         for indices in batches:
-            batch = data.batch(indices, _device_of(model))
+            batch = data.batch(indices, next(model.parameters()).device)
             flips[indices] = hotflip(perturbed, params, batch, vocabulary, budget, neighbours)[0].cpu()
             bar.update()
     return flips
@@ -191,10 +185,9 @@ def evaluate(
 ) -> EvalResult:  # fmt: skip
     """Clean accuracy on ``data``; the attacks on its first ``config.examples`` examples.
 
-    The synonym attack needs ``data``'s ``texts`` and ``config.synonym``. The word-level worst
-    case is over the word-level attacks that ran (HotFlip at its full budget, synonyms). Before
-    each of them ``finished`` gets the result so far (``pending`` lists it and those after it).
-    """
+    The synonym attack needs ``data``'s ``texts`` and ``config.synonym``. The word-level worst case is over
+    the word-level attacks that ran (HotFlip at its full budget, synonyms). Before each of them ``finished``
+    gets the result so far (``pending`` lists it and those after it)."""
     config.check()
     if texts is not None and len(texts) != len(data):
         raise ValueError(f"{len(texts)} texts for {len(data)} encoded examples; pass the data set's own texts")
@@ -219,7 +212,7 @@ def evaluate(
         with EvalMode(model):
             summary, held = synonym_attack(
                 victim, texts[: len(subset)], subset.labels, config.synonym, config.encoder, max_length, importance,
-                progress, _device_of(model),
+                progress, next(model.parameters()).device,
             )  # fmt: skip
         id2label = getattr(getattr(model, "config", None), "id2label", None) or {}  # the data's labels after training
         result.synonym = name_classes(asdict(summary), [str(id2label[i]) for i in sorted(id2label, key=int)])

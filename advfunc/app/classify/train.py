@@ -29,7 +29,7 @@ from advfunc.app.common import atomic, checkpoint, report
 from advfunc.app.common.data import Encoded, training_batches
 from advfunc.app.common.flags import COUNT, FRACTION, NON_NEGATIVE, POSITIVE, option
 from advfunc.app.common.progress import Progress
-from advfunc.core.arguments import require_non_negative, require_positive
+from advfunc.core.arguments import require_non_negative, require_positive, require_steps
 from advfunc.hf import AdversarialTrainer
 from advfunc.methods.registry import MethodSpec, parse_method
 
@@ -54,17 +54,13 @@ class TrainConfig:
     max_length: int = 64
     seed: int = 0
     pooling: Literal["cls", "mean"] = option(
-        "cls",
-        help="what the task head reads: the model's own head (cls) or the mean token state (mean; for "
-        "mean-pooled sentence encoders, see advfunc.app.common.mean_pooled)",
+        "cls", help="the task head reads the model's own head (cls) or the mean token state (mean: sentence encoders)"
     )
 
     def check(self) -> MethodSpec:
         """Validate every field; return the parsed method spec."""
         for name in ("epochs", "batch_size", "grad_accum", "max_length"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name.replace('_', '-')} must be an integer >= 1, got {value!r}")
+            require_steps(name.replace("_", "-"), getattr(self, name))
         require_positive("lr", self.lr)
         if self.head_lr is not None:
             require_positive("head-lr", self.head_lr)
@@ -102,13 +98,10 @@ def make_optimizer(model: nn.Module, lr: float, weight_decay: float, head_lr: fl
 
 
 def training_arguments(config: TrainConfig, output: Path | None = None, **overrides: Any) -> TrainingArguments:
-    """``TrainingArguments`` for ``config`` and ``overrides``; under ``torchrun`` this joins the process group.
-
-    ``output_dir`` is ``output``'s parent, where the checkpoint's rename happens: Trainer only creates it.
-    """
+    """``TrainingArguments`` for ``config`` and ``overrides``; under ``torchrun`` this joins the process group."""
     config.check()
     gpu = torch.cuda.is_available()
-    settings: dict[str, Any] = dict(
+    settings: dict[str, Any] = dict(  # output_dir: Trainer only creates it; the checkpoint is renamed into it
         output_dir=str(output.parent) if output is not None else tempfile.gettempdir(), seed=config.seed,
         per_device_train_batch_size=config.batch_size, gradient_accumulation_steps=config.grad_accum,
         num_train_epochs=config.epochs, learning_rate=config.lr, lr_scheduler_type="linear",
@@ -123,9 +116,8 @@ def training_arguments(config: TrainConfig, output: Path | None = None, **overri
 def padded(batch: dict[str, torch.Tensor], pad_id: int, multiple: int = 16, limit: int = 0) -> dict[str, torch.Tensor]:
     """``batch``'s ``[B, L]`` entries right-padded to a multiple of ``multiple`` columns, not past ``limit`` (0: none).
 
-    A compiled step specialises the length inside ``torch.func.grad``: one graph per batch length
-    would hit dynamo's recompile limit, multiples of 16 make ⌈max length / 16⌉ graphs. New columns
-    hold the pad id in ``input_ids``, 0 elsewhere (attention mask 0): no loss or gradient changes.
+    A compiled step specialises the length inside ``torch.func.grad``: one graph per length would hit dynamo's
+    recompile limit, multiples of 16 make ⌈max length / 16⌉. New columns are masked: no loss or gradient changes.
     """
     width = batch["input_ids"].shape[1]
     target = -(-width // multiple) * multiple
@@ -140,10 +132,9 @@ def padded(batch: dict[str, torch.Tensor], pad_id: int, multiple: int = 16, limi
 class LengthGroupedOrder(Sampler[int]):
     """One epoch's order: the batches of :func:`~advfunc.app.common.data.training_batches` one after another.
 
-    Similar lengths keep padding small; the short batch goes last, so ``batch_size`` pieces are the
-    batches. It depends on (seed, epoch) only: a resumed epoch is the same. ``batch_size`` is the
-    global batch, cut into the processes' shares after grouping (as one process of that size sees it).
-    """
+    Similar lengths keep padding small; the short batch goes last, so ``batch_size`` pieces are the batches.
+    It depends on (seed, epoch) only: a resumed epoch is the same. ``batch_size`` is the global batch, cut
+    into the processes' shares after grouping (as one process of that size sees it)."""
 
     def __init__(self, lengths: Sequence[int], batch_size: int, seed: int) -> None:
         self.lengths, self.batch_size, self.seed, self.epoch = list(lengths), batch_size, seed, 0
@@ -174,21 +165,19 @@ class _LengthGrouped(Trainer):
 
 
 class _CommandLineTrainer(AdversarialTrainer, _LengthGrouped, TrainerCallback):
-    """``AdversarialTrainer`` with length-grouped batches and one atomic checkpoint folder; its own callback:
-    per optimizer step the loss (into ``run_state``), the time of the steps alone, the progress line,
-    when to checkpoint and when to stop."""
+    """``AdversarialTrainer`` with length-grouped batches and one atomic checkpoint folder; as its own callback,
+    per optimizer step: the loss (into ``run_state``), the steps' time, the progress line, saving and stopping."""
 
     def __init__(
         self, *args: Any, lengths: Sequence[int], output: Path | None, state: dict[str, Any], save_every: int,
         stop_after: int | None, progress: bool, **kwargs: Any,
     ) -> None:  # fmt: skip
-        self.lengths, self.output, self.seconds = lengths, output, 0.0
+        self.lengths, self.output, self.seconds, self.mark = lengths, output, 0.0, 0.0
         self.run_state = state  # advfunc_state.json: settings, data fingerprint, losses (a resumed run's first)
         self.resumed_from = len(state["losses"])
         self.save_every, self.stop_after, self.progress = save_every, stop_after, progress
         self._loss: torch.Tensor | None = None
         self.bar: Progress | None = None
-        self.mark = 0.0
         super().__init__(*args, **kwargs)
         self.remove_callback(PrinterCallback)  # it prints Trainer's final metrics to stdout
         self.add_callback(self)
@@ -201,11 +190,8 @@ class _CommandLineTrainer(AdversarialTrainer, _LengthGrouped, TrainerCallback):
         return loss
 
     def _save_checkpoint(self, model: nn.Module, trial: Any) -> None:
-        """The run's folder: Trainer's checkpoint files, the method's state and ``advfunc_state.json`` last.
-
-        Process 0 stages it under a temporary name and renames it into place once every process
-        has written its state there: ``--output`` is always one complete checkpoint.
-        """
+        """The run's folder: Trainer's files, the method's state, ``advfunc_state.json`` last; staged by process 0
+        and renamed into place once every process wrote its state, so ``--output`` is one complete checkpoint."""
         assert self.output is not None
         self.store_flos()
         several = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
@@ -278,41 +264,17 @@ class _CommandLineTrainer(AdversarialTrainer, _LengthGrouped, TrainerCallback):
             self.bar.__exit__()
 
 
-def _resumed_losses(output: Path, config: TrainConfig, fingerprint: str, processes: int) -> list[float]:
-    """The losses of the checkpoint in ``output``; ``CheckpointError`` unless it has these settings and data."""
-    saved = checkpoint.read_state(output)
-    if saved is None:
-        raise checkpoint.CheckpointError(f"{output} holds no advfunc checkpoint to resume")
-    if saved.get("format") != FORMAT:
-        raise checkpoint.CheckpointError(
-            f"{output} was written by another advfunc version (checkpoint format {saved.get('format')!r}, "
-            f"this one reads {FORMAT}); train again without --resume"
-        )
-    old = {**saved.get("config", {}), "processes": saved.get("processes")}
-    now = {**asdict(config), "processes": processes}
-    changes = [f"{key}: checkpoint {old.get(key)!r}, now {now[key]!r}" for key in now if old.get(key) != now[key]]
-    changes += ["the training data differ"] * (saved.get("data") != fingerprint)
-    if changes:
-        raise checkpoint.CheckpointError(
-            f"cannot resume {output}: the settings differ from the checkpoint's ({'; '.join(changes)}); "
-            "resume with the same settings, or train into a new --output"
-        )
-    return list(saved.get("losses", []))
-
-
 def train(
     model: nn.Module, tokenizer: Any, data: Encoded, config: TrainConfig, *, output: Path | None = None,
     resume: bool = False, data_fingerprint: str = "", save_every: int = 0, stop_after: int | None = None,
     progress: bool = True, extra_state: Mapping[str, Any] | None = None, arguments: TrainingArguments | None = None,
     compile: bool = True,
 ) -> dict[str, Any]:  # fmt: skip
-    """Fine-tune ``model`` on ``data`` with ``config.method``: the report's training entry and ``step`` (the
-    optimizer steps done, with those before a resume). The model ends on the CPU.
+    """Fine-tune ``model`` (it ends on the CPU): the report's training entry, with ``step`` counting a resume's too.
 
-    ``resume``: continue the checkpoint in ``output`` that ``model`` was loaded from (same settings,
-    data and processes). Checkpoints: after each epoch, every ``save_every`` steps (0: never), at
-    ``stop_after`` (stopping there, in the full run's schedule), at the end. ``compile=False``: eager
-    steps on CUDA too (the results do not depend on it, so a resumed run need not keep it).
+    ``resume``: go on from the checkpoint in ``output`` that ``model`` was loaded from (same settings, data,
+    processes). Checkpoints: after each epoch, every ``save_every`` steps (0: never), at ``stop_after`` (stopping
+    there, in the full run's schedule), at the end. ``compile=False``: eager CUDA steps (same results).
     """
     spec = config.check()
     if len(data) == 0:
@@ -320,8 +282,27 @@ def train(
     if resume and output is None:
         raise ValueError("resume needs the checkpoint directory (output)")
     arguments = arguments or training_arguments(config, output)
-    losses = _resumed_losses(output, config, data_fingerprint, arguments.world_size) if output and resume else []
     settings = {"format": FORMAT, "method": spec.label, "config": asdict(config), "data": data_fingerprint}
+    losses: list[float] = []
+    if resume and output is not None:  # the checkpoint's losses go on, if it has these settings and data
+        saved = checkpoint.read_state(output)
+        if saved is None:
+            raise checkpoint.CheckpointError(f"{output} holds no advfunc checkpoint to resume")
+        if saved.get("format") != FORMAT:
+            raise checkpoint.CheckpointError(
+                f"{output} was written by another advfunc version (checkpoint format {saved.get('format')!r}, "
+                f"this one reads {FORMAT}); train again without --resume"
+            )
+        old = {**saved.get("config", {}), "processes": saved.get("processes")}
+        now = {**asdict(config), "processes": arguments.world_size}
+        changes = [f"{key}: checkpoint {old.get(key)!r}, now {now[key]!r}" for key in now if old.get(key) != now[key]]
+        changes += ["the training data differ"] * (saved.get("data") != data_fingerprint)
+        if changes:
+            raise checkpoint.CheckpointError(
+                f"cannot resume {output}: the settings differ from the checkpoint's ({'; '.join(changes)}); "
+                "resume with the same settings, or train into a new --output"
+            )
+        losses = list(saved.get("losses", []))
     state = {**settings, "processes": arguments.world_size, "losses": losses, **(extra_state or {})}
     compiled = compile and arguments.device.type == "cuda"  # where steps compile: a few widths, a few graphs
 
