@@ -260,7 +260,7 @@ class _Comparison:
             _check_method(spec, probe.model, self.config(spec, 0))
         self.attack = _attack_config(args, args.synonym, examples=args.examples or len(self.test_set))
         self.train_data, self.test_data = (_encode(s, probe, args.max_length) for s in (self.train_set, self.test_set))
-        self.waiting: list[Any] = []  # under a launcher: the group the others wait on for the first's attacks
+        self.group: Any = None  # under a launcher: the group the others wait on for the first's attacks
 
     def config(self, spec: registry.MethodSpec, seed: int) -> TrainConfig:
         """A run's settings, its method spelt as ``TrainConfig.method`` holds it (``pgd:epsilon=0.5``)."""
@@ -305,11 +305,11 @@ class _Comparison:
         compile = not args.no_compile
         trained = train(loaded.model, loaded.tokenizer, self.train_data, config, progress=progress, compile=compile)
         distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
-        if not self.waiting and distributed and torch.distributed.get_world_size() > 1:
+        if self.group is None and distributed and torch.distributed.get_world_size() > 1:
             # A gloo group for the others to wait on while the first attacks, formed after a training (where every
             # process is) with a day's timeout: a whole split's attacks outlast the default 30 minutes, and a
             # process that exits while the first still attacks can abort in gloo's teardown, failing the launch.
-            self.waiting.append(torch.distributed.new_group(backend="gloo", timeout=datetime.timedelta(days=1)))
+            self.group = torch.distributed.new_group(backend="gloo", timeout=datetime.timedelta(days=1))
         run = None
         if reporting:
             model, texts = loaded.model.to(EVALUATION_DEVICE), self.test_set.texts
@@ -319,8 +319,8 @@ class _Comparison:
         return run
 
     def wait(self) -> None:
-        if self.waiting:  # the others wait here while the first attacks
-            torch.distributed.barrier(group=self.waiting[0])
+        if self.group is not None:  # the others wait here while the first attacks
+            torch.distributed.barrier(group=self.group)
 
 
 def run_compare(args: argparse.Namespace) -> int:
