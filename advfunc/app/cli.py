@@ -1,8 +1,7 @@
-"""The ``advfunc`` command: ``train``, ``evaluate``, ``compare`` (:mod:`advfunc.app.classify`), ``decoder``
-(:mod:`advfunc.app.decoder`) and ``methods``.
+"""The ``advfunc`` command: ``train``, ``evaluate``, ``compare`` (:mod:`.classify`), ``decoder`` and ``methods``.
 
-Exit status: 0 on success, 2 for a usage or input error (the message says which file,
-column, label or setting and what to do), 130 when interrupted.
+Exit status: 0 on success, 2 for a usage or input error (the message says which file, column,
+label or setting and what to do), 130 when interrupted.
 """
 
 from __future__ import annotations
@@ -19,23 +18,14 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import torch
+import transformers
 
 from advfunc.app.classify import commands as classify
-from advfunc.app.common import checkpoint
-from advfunc.app.common.data import DataError
 from advfunc.app.common.flags import COUNT, Parser
 from advfunc.app.decoder import job as decoder
 from advfunc.methods import registry
 
 log = logging.getLogger("advfunc")
-USER_ERRORS = (
-    DataError,
-    checkpoint.ModelError,
-    checkpoint.CheckpointError,
-    registry.MethodError,
-    ValueError,  # a factory's own check of a hyper-parameter value
-    FloatingPointError,  # a diverged run or an overflowed attack: the message says what to lower
-)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -59,10 +49,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     except SystemExit as exit:  # a usage error (one line already printed), or --help
         return exit.code if isinstance(exit.code, int) else 2
     args.command_line = list(argv) if argv is not None else sys.argv[1:]
-    _configure(args)
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(asctime)s advfunc: %(message)s", "%H:%M:%S"))
+    log.handlers[:] = [handler]
+    log.setLevel(logging.INFO if os.environ.get("RANK", "0") == "0" else logging.WARNING)  # torchrun: first reports
+    log.propagate = False
+    transformers.logging.set_verbosity_error()  # the load reports would bury advfunc's own lines
+    transformers.utils.logging.disable_progress_bar()
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
     try:
         return int(args.handler(args))
-    except USER_ERRORS as error:
+    except (ValueError, FloatingPointError) as error:  # bad input (all of advfunc's own errors), a diverged run
         print(f"advfunc: error: {error}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
@@ -70,27 +68,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 130
 
 
-def _configure(args: argparse.Namespace) -> None:
-    handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(logging.Formatter("%(asctime)s advfunc: %(message)s", "%H:%M:%S"))
-    log.handlers[:] = [handler]
-    log.setLevel(logging.INFO)
-    log.propagate = False
-    import transformers
-
-    transformers.logging.set_verbosity_error()  # the load reports would bury advfunc's own lines
-    transformers.utils.logging.disable_progress_bar()
-    if args.threads is not None:
-        torch.set_num_threads(args.threads)
-    if os.environ.get("RANK", "0") != "0":
-        log.setLevel(logging.WARNING)  # under torchrun the first process reports the run
-
-
 def run_methods(args: argparse.Namespace) -> int:
     """``advfunc methods``: what ``--method`` accepts."""
     for name in registry.available():
-        options = {k: h.default for k, h in registry.hyperparameters(name).items()}
-        options.update(registry.DRIVER_OPTIONS[registry.METHODS[name].driver])
-        shown = ", ".join(f"{k}={v}" for k, v in options.items()) or "(no hyper-parameters)"
-        print(f"{name:8s} {shown}")
+        options = ", ".join(f"{k}={h.default}" for k, h in registry.hyperparameters(name).items())
+        print(f"{name:8s} {options or '(no hyper-parameters)'}")
     return 0

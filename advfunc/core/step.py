@@ -51,18 +51,15 @@ class Step:
     """A method bound to a model: call it as ``grads, out = step(params, batch)``.
 
     ``passes`` is the cost in forward+backward passes (a pass that only differentiates
-    the perturbation counts as one), ``config`` the hyper-parameters it was built with,
-    ``driver`` how a training loop calls it: ``"batch"`` as ``step(params, batch)``,
-    ``"teacher"`` as ``step(params, batch, teacher)`` (SMART), ``"replay"`` as
-    ``step(params, batch, delta)`` replayed with an optimizer step between replays
-    (free adversarial training).
+    the perturbation counts as one), ``config`` the hyper-parameters it was built with.
+    A method with state between calls (SMART, free AT) is a
+    :class:`~advfunc.core.stateful.StatefulStep`.
     """
 
     method: str
     passes: int
     config: Mapping[str, Any]
     fn: Callable[..., tuple[Grads, StepOutput]] = field(repr=False)
-    driver: str = "batch"
 
     def __call__(
         self, params: Mapping[str, torch.Tensor], batch: Mapping[str, Any], *args: Any, **kwargs: Any

@@ -107,6 +107,4 @@ def free_at(
         return {"delta": state["delta"] if replay else None, "replay": replay}
 
     config = {**attack.config, "replays": replays, "forward_only_passes": 0}
-    return StatefulStep(
-        "free_at", 1, config, step, driver="replay", start=start, carry=carry, advance=advance, replays=replays
-    )
+    return StatefulStep("free_at", 1, config, step, start=start, carry=carry, advance=advance, replays=replays)

@@ -1,7 +1,7 @@
 """Adversarial-training methods by name, for the CLI, the training loop and the Trainer.
 
-A method is one line of :data:`METHODS`: its factory and how a training loop drives the
-step it returns. Its hyper-parameters are read from the factory's signature, so
+A method is one line of :data:`METHODS`: its factory and the batch keys it needs. Its
+hyper-parameters are read from the factory's signature, so
 ``--method pgd:epsilon=0.5,steps=2`` works for every method without more code.
 """
 
@@ -12,12 +12,11 @@ import math
 import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any
 
 import torch
 from torch import nn
 
-from advfunc.core.arguments import require_steps
 from advfunc.core.completion import ADV_LABELS
 from advfunc.core.step import Step
 from advfunc.methods.awp import awp
@@ -36,24 +35,18 @@ from advfunc.methods.residual import HARMFUL
 from advfunc.methods.smart import smart
 from advfunc.methods.vat import vat
 
-Driver = Literal["batch", "teacher", "replay"]
-
 
 @dataclass(frozen=True)
 class Method:
     """A registered method.
 
-    ``factory``: returns a ``Step``. ``driver``: how a training loop
-    calls the step: ``"batch"`` as ``step(params, batch)``; ``"teacher"`` as
-    ``step(params, batch, teacher)`` with an EMA teacher updated after each optimizer step
-    (SMART); ``"replay"`` as ``step(params, batch, delta)`` replayed on each batch with an
-    optimizer step between replays (free adversarial training). ``batch_keys``: keys the
+    ``factory``: returns a ``Step`` (a method with state of its own, SMART's teacher or
+    free AT's δ, carries it through :mod:`advfunc.core.stateful`). ``batch_keys``: keys the
     batch must carry beyond the model's arguments (CAT and LAT: the adversary's completion
     of a causal LM, ``adv_labels``; ReFAT and rerouting: which rows are harmful, ``harmful``).
     """
 
     factory: Callable[..., Step]
-    driver: Driver = "batch"
     batch_keys: tuple[str, ...] = ()
 
 
@@ -70,15 +63,8 @@ METHODS: dict[str, Method] = {
     "vat": Method(vat),
     "r3f": Method(r3f),
     "awp": Method(awp),
-    "smart": Method(smart, driver="teacher"),
-    "free_at": Method(free_at, driver="replay"),
-}
-
-# Options of the driver, not of the factory, given in the same method spec (smart:beta=0.999).
-DRIVER_OPTIONS: dict[str, dict[str, Any]] = {
-    "batch": {},
-    "teacher": {"beta": 0.99},  # SMART's EMA teacher, Jiang et al. 2020 §3.2
-    "replay": {"replays": 3},  # free AT's m; Shafahi et al. use 4–10 on images
+    "smart": Method(smart),
+    "free_at": Method(free_at),
 }
 
 # Factory arguments a training loop supplies itself, or that a command line cannot spell.
@@ -104,29 +90,23 @@ class MethodSpec:
 
     name: str
     options: Mapping[str, Any] = field(default_factory=dict)
-    driver_options: Mapping[str, Any] = field(default_factory=dict)
 
     @property
     def label(self) -> str:
         """``pgd`` or ``pgd(epsilon=0.5,steps=2)``: the name reports and folders use."""
-        given = {**self.options, **self.driver_options}
-        if not given:
+        if not self.options:
             return self.name
-        return f"{self.name}({','.join(f'{k}={v}' for k, v in sorted(given.items()))})"
+        return f"{self.name}({','.join(f'{k}={v}' for k, v in sorted(self.options.items()))})"
 
     @property
     def method(self) -> Method:
         return METHODS[self.name]
 
-    def driver_option(self, key: str) -> Any:
-        return self.driver_options.get(key, DRIVER_OPTIONS[self.method.driver][key])
-
     @property
     def identity(self) -> tuple[str, tuple[tuple[str, Any], ...]]:
         """The method with every default filled in: ``fgm`` and ``fgm:epsilon=1.0`` are one identity."""
         settings = {k: h.default for k, h in hyperparameters(self.name).items()}
-        settings.update(DRIVER_OPTIONS[self.method.driver])
-        settings.update({**self.options, **self.driver_options})
+        settings.update(self.options)
         return self.name, tuple(sorted(settings.items()))
 
 
@@ -174,9 +154,7 @@ def parse_method(text: str) -> MethodSpec:
     name, _, rest = text.strip().partition(":")
     name = name.strip()
     known = hyperparameters(name)
-    driver_defaults = DRIVER_OPTIONS[METHODS[name].driver]
     options: dict[str, Any] = {}
-    driver_options: dict[str, Any] = {}
     for item in filter(None, (part.strip() for part in rest.split(","))):
         key, sep, value = item.partition("=")
         key = key.strip()
@@ -184,21 +162,9 @@ def parse_method(text: str) -> MethodSpec:
             raise MethodError(f"method spec {text!r}: {item!r} is not key=value")
         if key in known:
             options[key] = _parse_value(name, known[key], value.strip())
-        elif key in driver_defaults:
-            default = driver_defaults[key]
-            driver_options[key] = _parse_value(name, Hyperparameter(key, default, type(default)), value.strip())
-            _check_driver_option(name, key, driver_options[key])
         else:
-            candidates = sorted([*known, *driver_defaults])
-            raise MethodError(f"method {name!r} has no hyper-parameter {key!r}; it takes {candidates}")
-    return MethodSpec(name, options, driver_options)
-
-
-def _check_driver_option(method: str, key: str, value: Any) -> None:
-    if key == "replays":
-        require_steps(f"{method}: replays", value)
-    elif key == "beta" and not (math.isfinite(value) and 0 <= value <= 1):
-        raise MethodError(f"{method}: beta must be a finite number in [0, 1] (the EMA teacher's decay), got {value!r}")
+            raise MethodError(f"method {name!r} has no hyper-parameter {key!r}; it takes {sorted(known)}")
+    return MethodSpec(name, options)
 
 
 def _parse_value(method: str, hyper: Hyperparameter, text: str) -> Any:

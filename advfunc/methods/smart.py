@@ -147,7 +147,7 @@ def smart(
         return {**state, "teacher": ema(state["teacher"], params, beta)}
 
     config = {**attack.config, "lambda_s": lambda_s, "mu": mu, "beta": beta, "forward_only_passes": 1 if mu > 0 else 0}
-    return StatefulStep("smart", steps + 2, config, step, driver="teacher", start=start, carry=carry, advance=advance)
+    return StatefulStep("smart", steps + 2, config, step, start=start, carry=carry, advance=advance)
 
 
 def require_fraction(name: str, value: float) -> float:

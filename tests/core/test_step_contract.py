@@ -16,10 +16,10 @@ from tests.support.tiny_models import padded_batch, tiny_model
 
 
 def _call(step: advfunc.Step, params, batch, **kwargs):
-    """Call ``step`` as its driver does: SMART with its teacher (the params themselves), free AT from δ = 0."""
-    if step.driver == "teacher":
+    """Call ``step`` its method's own way: SMART with its teacher (the params themselves), free AT from δ = 0."""
+    if step.method == "smart":
         return step(params, batch, params if step.config["mu"] > 0 else None, **kwargs)
-    if step.driver == "replay":
+    if step.method == "free_at":
         return step(params, batch, None, **kwargs)
     return step(params, batch, **kwargs)
 

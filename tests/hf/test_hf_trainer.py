@@ -73,9 +73,9 @@ def reference_run(model, method, batches, *, accumulate=1, replays=1, max_grad_n
         group, delta = batches[k : k + accumulate], None
         for _ in range(replays):
             for i, batch in enumerate(group):
-                if step.driver == "teacher":
+                if spec.name == "smart":
                     grads, out = step(params, batch, teacher)
-                elif step.driver == "replay":
+                elif spec.name == "free_at":
                     grads, out = step(params, batch, delta)
                     delta = out.delta
                 else:
@@ -87,7 +87,7 @@ def reference_run(model, method, batches, *, accumulate=1, replays=1, max_grad_n
             optimizer.step()
             schedule.step()
             optimizer.zero_grad(set_to_none=True)
-            if step.driver == "teacher":
+            if spec.name == "smart":
                 teacher = advfunc.ema(teacher, params, beta)
     return before_steps
 

@@ -36,16 +36,26 @@ def test_bad_specs_name_the_problem(text, message):
         registry.parse_method(text)
 
 
-def test_every_method_the_loop_offers_is_registered_with_its_driver():
+def test_every_method_the_loop_offers_is_registered():
     names = registry.available()
     assert {"none", "fgm", "pgd", "freelb"} <= set(names)
     for name in names:
-        assert registry.METHODS[name].driver in registry.DRIVER_OPTIONS
         for hyper in registry.hyperparameters(name).values():
             assert hyper.kind in (bool, int, float, str)
 
 
-# Small perturbations: the point is that each driver runs and trains, not robustness.
+def test_smart_beta_and_free_at_replays_are_spec_hyperparameters():
+    """SMART's teacher decay and free AT's m are factory arguments, spelt in the spec like any other."""
+    assert registry.hyperparameters("smart")["beta"].default == 0.99
+    assert registry.hyperparameters("free_at")["replays"].default == 3
+    spec = registry.parse_method("smart:beta=0.999")
+    assert spec.options == {"beta": 0.999} and spec.label == "smart(beta=0.999)"
+    assert registry.parse_method("free_at:replays=2").options == {"replays": 2}
+    assert registry.parse_method("free_at").identity == registry.parse_method("free_at:replays=3").identity
+    assert registry.parse_method("smart").identity != registry.parse_method("smart:beta=0.9").identity
+
+
+# Small perturbations: the point is that each method runs and trains, not robustness.
 SPECS = {
     "none": "none",
     "fgm": "fgm:epsilon=0.1",

