@@ -65,6 +65,7 @@ Example::
 
 from __future__ import annotations
 
+import contextlib
 import os
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -73,6 +74,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.distributed.fsdp import CPUOffloadPolicy
 from torch.utils.data import DataLoader, IterableDataset, Sampler
 from transformers import Trainer, TrainerCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
@@ -91,6 +93,7 @@ from advfunc.methods.registry import (
     seeded_generator,
 )
 from advfunc.scale.distributed import DEFAULT_BUCKET_MB, all_reduce_grads
+from advfunc.scale.fsdp import is_sharded, shard_grads, unsharded
 
 METHOD_STATE = "advfunc_method"
 GENERATOR = "generator"  # the method state's key for its noise generator's state
@@ -157,14 +160,7 @@ class AdversarialTrainer(Trainer):
         else:
             raise TypeError(f"step_factory must be callable as step_factory(model) -> Step, got {step_factory!r}")
         super().__init__(*args, **kwargs)
-        if self.is_fsdp_enabled or self.is_deepspeed_enabled:
-            raise ValueError(
-                "AdversarialTrainer runs under DDP only: FSDP and DeepSpeed ZeRO-3 shard the parameters that "
-                "advfunc's functional step substitutes (its gradients would be zero), and DeepSpeed reduces "
-                "gradients in its own backward; launch without --fsdp / --deepspeed (plain torchrun or "
-                "accelerate launch give DDP), or train an FSDP2 (fully_shard) model in a loop of your own "
-                "with advfunc.scale.fsdp"
-            )
+        self._refuse_unsupported_sharding()
         if getattr(self.args, "neftune_noise_alpha", None) is not None:
             raise ValueError(
                 f"neftune_noise_alpha={self.args.neftune_noise_alpha} adds Trainer's noise to every forward of the "
@@ -203,7 +199,8 @@ class AdversarialTrainer(Trainer):
     def _current_step(self) -> tuple[nn.Module, StatefulStep]:
         target = self.adversarial_model()
         if self._step is None or self._step_model is not target:
-            step = self.step_factory(target)
+            with self._whole_parameters():  # a step is refused on sharded parameters
+                step = self.step_factory(target)
             if not isinstance(step, Step):
                 raise TypeError(f"step_factory returned {type(step).__name__}, not an advfunc Step")
             self._step, self._step_model = stateful(step), target
@@ -220,11 +217,12 @@ class AdversarialTrainer(Trainer):
         target, step = self._current_step()
         model.train()
         inputs = self._prepare_inputs(inputs)
-        params = params_of(target)
-        if self._state is None:
-            self._state = step.init(params)
-        with self.accelerator.autocast():
-            grads, out, self._state = step.update(params, inputs, self._state)
+        with self._whole_parameters():
+            params = params_of(target)
+            if self._state is None:
+                self._state = step.init(params)
+            with self.accelerator.autocast():
+                grads, out, self._state = step.update(params, inputs, self._state)
         weight = self.micro_batch_weight(inputs, num_items_in_batch)
         if self._pending is None:
             self._pending = {n: g.mul_(weight) if weight != 1 else g for n, g in grads.items()}
@@ -288,7 +286,10 @@ class AdversarialTrainer(Trainer):
             )
         # Without a scaler the gradient goes to p.grad as it is: the surrogate's backward would
         # cost one more sweep over every parameter (13% of a MiniLM step on CPU).
-        set_grads(target, grads, accumulate=True)
+        if is_sharded(self.accelerator.unwrap_model(self.model)):
+            shard_grads(target, grads)  # the same on every rank: each keeps its own shard
+        else:
+            set_grads(target, grads, accumulate=True)
 
     def get_train_dataloader(self) -> DataLoader[Any]:
         # Trainer keeps only the keys the model's forward takes (remove_unused_columns); the
@@ -318,7 +319,44 @@ class AdversarialTrainer(Trainer):
         """The method's state after the optimizer moved the parameters (SMART's EMA teacher, free AT's replays)."""
         if self._state is not None:
             target, step = self._current_step()
-            self._state = step.after_update(self._state, params_of(target))
+            with self._whole_parameters():
+                self._state = step.after_update(self._state, params_of(target))
+
+    def _whole_parameters(self) -> contextlib.AbstractContextManager[Any]:
+        """FSDP2: every ``fully_shard`` module gathered for the step (:func:`advfunc.scale.fsdp.unsharded`)."""
+        model = self.accelerator.unwrap_model(self.model)
+        return unsharded(model) if is_sharded(model) else contextlib.nullcontext()
+
+    def _refuse_unsupported_sharding(self) -> None:
+        """Refuse, before training, the sharding the step cannot run under (the reason and the alternative)."""
+        if self.is_deepspeed_enabled:
+            raise ValueError(
+                "AdversarialTrainer does not run under DeepSpeed: ZeRO-3 shards the parameters that advfunc's "
+                "functional step substitutes (its gradients would be zero) and DeepSpeed reduces gradients in "
+                "its own backward; use FSDP2 (fsdp_config={'version': 2}) or DDP (torchrun, accelerate launch)"
+            )
+        plugin = getattr(self.accelerator.state, "fsdp_plugin", None) if self.is_fsdp_enabled else None
+        if plugin is not None and getattr(plugin, "fsdp_version", 1) != 2:
+            raise ValueError(
+                "AdversarialTrainer runs under FSDP2 only: FSDP (v1) flattens the parameters that advfunc's "
+                "functional step substitutes, so its gradients would be zero; set fsdp_config={'version': 2}"
+            )
+        if plugin is not None and plugin.activation_checkpointing:
+            raise ValueError(
+                "fsdp_config activation_checkpointing wraps the layers in torch's checkpoint wrapper, whose "
+                "recompute reads the layers' own parameters, not the step's; leave it off and set "
+                "gradient_checkpointing=True (transformers' checkpointing, which advfunc's step supports)"
+            )
+        if plugin is not None and isinstance(plugin.cpu_offload, CPUOffloadPolicy):
+            raise ValueError(
+                "FSDP2 with cpu_offload keeps the sharded parameters and their gradients on the CPU, where "
+                "advfunc's gathered step does not hand its gradients; leave cpu_offload off"
+            )
+        if self.args.fp16 and (plugin is not None or is_sharded(self.accelerator.unwrap_model(self.model))):
+            raise ValueError(
+                "fp16 under FSDP2 needs a sharded gradient scaler, which advfunc's step does not drive; "
+                "use bf16=True (or fp16 under DDP)"
+            )
 
     def _get_train_sampler(self, train_dataset: Any = None) -> Sampler[int] | None:
         sampler = super()._get_train_sampler(train_dataset)
