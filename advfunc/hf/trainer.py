@@ -25,9 +25,17 @@ here rather than through DDP's ``no_sync``: the step differentiates fresh leaves
 DDP's parameters, and nothing runs DDP's forward, so DDP's reducer never fires; the sum
 of the step's own grads is exact and costs no extra pass. A non-finite gradient
 on one process makes the reduced sum non-finite on all, so every process refuses it (or,
-with fp16, skips the update) together. FSDP and DeepSpeed are refused: ZeRO-3 and FSDP
-shard the parameters the step substitutes, and DeepSpeed reduces gradients in its own
-backward (an FSDP2 model trains in a loop of your own with :mod:`advfunc.scale.fsdp`).
+with fp16, skips the update) together.
+
+FSDP2 (``fsdp=True, fsdp_config={"version": 2}`` under accelerate, or a model the Trainer
+is given already sharded with ``fully_shard``): each micro-batch's step runs inside
+:func:`advfunc.scale.fsdp.unsharded` (every ``fully_shard`` module gathered once, so
+FSDP's hooks leave the step's parameters in place), and after the all-reduce
+:func:`advfunc.scale.fsdp.shard_grads` hands each rank its shard of ḡ, where the
+optimizer built on the sharded parameters reads it. During the step each rank holds the
+whole model, as under DDP; gradients and optimizer state stay sharded. DeepSpeed, FSDP
+(v1), FSDP's own activation checkpointing, CPU offload and fp16 under FSDP2 are refused
+before training (:func:`refuse_unsupported_sharding`).
 
 Methods with state of their own run through one protocol (:mod:`advfunc.core.stateful`:
 ``init`` at the first step, ``update`` per micro-batch, ``after_update`` after each
@@ -160,7 +168,12 @@ class AdversarialTrainer(Trainer):
         else:
             raise TypeError(f"step_factory must be callable as step_factory(model) -> Step, got {step_factory!r}")
         super().__init__(*args, **kwargs)
-        self._refuse_unsupported_sharding()
+        refuse_unsupported_sharding(
+            getattr(self.accelerator.state, "fsdp_plugin", None) if self.is_fsdp_enabled else None,
+            deepspeed=self.is_deepspeed_enabled,
+            fp16=self.args.fp16,
+            sharded_model=is_sharded(self.accelerator.unwrap_model(self.model)),
+        )
         if getattr(self.args, "neftune_noise_alpha", None) is not None:
             raise ValueError(
                 f"neftune_noise_alpha={self.args.neftune_noise_alpha} adds Trainer's noise to every forward of the "
@@ -327,37 +340,6 @@ class AdversarialTrainer(Trainer):
         model = self.accelerator.unwrap_model(self.model)
         return unsharded(model) if is_sharded(model) else contextlib.nullcontext()
 
-    def _refuse_unsupported_sharding(self) -> None:
-        """Refuse, before training, the sharding the step cannot run under (the reason and the alternative)."""
-        if self.is_deepspeed_enabled:
-            raise ValueError(
-                "AdversarialTrainer does not run under DeepSpeed: ZeRO-3 shards the parameters that advfunc's "
-                "functional step substitutes (its gradients would be zero) and DeepSpeed reduces gradients in "
-                "its own backward; use FSDP2 (fsdp_config={'version': 2}) or DDP (torchrun, accelerate launch)"
-            )
-        plugin = getattr(self.accelerator.state, "fsdp_plugin", None) if self.is_fsdp_enabled else None
-        if plugin is not None and getattr(plugin, "fsdp_version", 1) != 2:
-            raise ValueError(
-                "AdversarialTrainer runs under FSDP2 only: FSDP (v1) flattens the parameters that advfunc's "
-                "functional step substitutes, so its gradients would be zero; set fsdp_config={'version': 2}"
-            )
-        if plugin is not None and plugin.activation_checkpointing:
-            raise ValueError(
-                "fsdp_config activation_checkpointing wraps the layers in torch's checkpoint wrapper, whose "
-                "recompute reads the layers' own parameters, not the step's; leave it off and set "
-                "gradient_checkpointing=True (transformers' checkpointing, which advfunc's step supports)"
-            )
-        if plugin is not None and isinstance(plugin.cpu_offload, CPUOffloadPolicy):
-            raise ValueError(
-                "FSDP2 with cpu_offload keeps the sharded parameters and their gradients on the CPU, where "
-                "advfunc's gathered step does not hand its gradients; leave cpu_offload off"
-            )
-        if self.args.fp16 and (plugin is not None or is_sharded(self.accelerator.unwrap_model(self.model))):
-            raise ValueError(
-                "fp16 under FSDP2 needs a sharded gradient scaler, which advfunc's step does not drive; "
-                "use bf16=True (or fp16 under DDP)"
-            )
-
     def _get_train_sampler(self, train_dataset: Any = None) -> Sampler[int] | None:
         sampler = super()._get_train_sampler(train_dataset)
         step = self._current_step()[1]
@@ -419,6 +401,44 @@ class AdversarialTrainer(Trainer):
                 f"{resume_from_checkpoint} has no {path.name}, the {self._current_step()[1].method} method's "
                 "teacher, replay perturbation or generator state; resuming without it would not continue the run"
             )
+
+
+def refuse_unsupported_sharding(fsdp_plugin: Any, *, deepspeed: bool, fp16: bool, sharded_model: bool) -> None:
+    """Raise ``ValueError``, naming the reason and what to use instead, for sharding the step cannot train under.
+
+    ``fsdp_plugin``: accelerate's ``FullyShardedDataParallelPlugin`` when the Trainer runs
+    FSDP, else None; ``sharded_model``: the model already holds ``fully_shard`` modules.
+    FSDP2 trains (the step runs on the gathered parameters, :func:`advfunc.scale.fsdp.unsharded`);
+    DeepSpeed, FSDP (v1), FSDP's own activation checkpointing, CPU offload and fp16 under
+    FSDP2 are refused.
+    """
+    if deepspeed:
+        raise ValueError(
+            "AdversarialTrainer does not run under DeepSpeed: ZeRO-3 shards the parameters that advfunc's "
+            "functional step substitutes (its gradients would be zero) and DeepSpeed reduces gradients in "
+            "its own backward; use FSDP2 (fsdp=True, fsdp_config={'version': 2}) or DDP (torchrun, accelerate launch)"
+        )
+    if fsdp_plugin is not None and getattr(fsdp_plugin, "fsdp_version", 1) != 2:
+        raise ValueError(
+            "AdversarialTrainer runs under FSDP2 only: FSDP (v1) flattens the parameters that advfunc's "
+            "functional step substitutes, so its gradients would be zero; set fsdp_config={'version': 2}"
+        )
+    if fsdp_plugin is not None and fsdp_plugin.activation_checkpointing:
+        raise ValueError(
+            "fsdp_config activation_checkpointing wraps the layers in torch's checkpoint wrapper, whose "
+            "recompute reads the layers' own parameters, not the step's; leave it off and set "
+            "gradient_checkpointing=True (transformers' checkpointing, which advfunc's step supports)"
+        )
+    if fsdp_plugin is not None and isinstance(fsdp_plugin.cpu_offload, CPUOffloadPolicy):
+        raise ValueError(
+            "FSDP2 with cpu_offload keeps the sharded parameters and their gradients on the CPU, while "
+            "advfunc's step hands back gradients on the GPU; leave cpu_offload off (or use DDP with LoRA)"
+        )
+    if fp16 and (fsdp_plugin is not None or sharded_model):
+        raise ValueError(
+            "fp16 under FSDP2 needs a sharded gradient scaler, which advfunc's step does not drive; "
+            "use bf16=True (or fp16 under DDP)"
+        )
 
 
 def _to_device(value: Any, device: torch.device) -> Any:

@@ -12,11 +12,13 @@ completions, so the gradient is weighted per token), then one SGD step.
 from __future__ import annotations
 
 import copy
+import re
 
 import pytest
 import torch
 
 import advfunc
+from advfunc.hf.trainer import refuse_unsupported_sharding
 from advfunc.methods.registry import build_step, parse_method
 from tests.hf import fsdp_trainer_worker as worker
 from tests.hf.test_token_weighting import _collate, _examples
@@ -33,18 +35,22 @@ def ranks(tmp_path_factory):
     return [torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(WORLD)]
 
 
-def one_process(case: str) -> tuple[dict, dict, dict | None]:
-    """(grads, parameters after one SGD step, the method's teacher after it) on the large batch."""
+def one_process(case: str, device: str = "cpu") -> tuple[dict, dict, dict | None]:
+    """(grads, parameters after one SGD step, the method's teacher after it) on the large batch, on the CPU."""
     model, prefix = model_for(case)
+    model.to(device)
     target = model.get_base_model() if prefix else model
-    step = advfunc.stateful(build_step(parse_method(worker.CASES[case]), target))
+    step = advfunc.stateful(build_step(parse_method(worker.CASES[case]), target, compile=False))
     params = advfunc.params_of(target)
     state = step.init(params)
-    grads, _, state = step.update(params, _collate(_examples()), state)
+    batch = {k: v.to(device) for k, v in _collate(_examples()).items()}
+    grads, _, state = step.update(params, batch, state)
     with torch.no_grad():
         updated = {n: p - worker.LR * grads[n] if n in grads else p for n, p in params.items()}
     state = step.after_update(state, copy.copy(updated))
-    return grads, updated, state.get("teacher")
+    teacher = state.get("teacher")
+    on_cpu = lambda d: None if d is None else {n: t.cpu() for n, t in d.items()}  # noqa: E731
+    return on_cpu(grads), on_cpu(updated), on_cpu(teacher)
 
 
 @pytest.mark.slow
@@ -66,3 +72,71 @@ def test_trainer_step_on_a_sharded_model_equals_one_process_on_the_large_batch(r
             assert sorted(record["teacher"]) == sorted(teacher)
             for name, value in teacher.items():
                 torch.testing.assert_close(record["teacher"][name], value, rtol=1e-5, atol=1e-7, msg=name)
+
+
+@pytest.fixture(scope="module")
+def accelerate_ranks(tmp_path_factory):
+    found = torch.cuda.device_count()
+    if found < WORLD:
+        pytest.skip(
+            f"accelerate applies FSDP2 only on GPU backends (NCCL, one process per GPU): needs {WORLD} CUDA "
+            f"devices, found {found}"
+        )
+    out = tmp_path_factory.mktemp("accelerate_fsdp_ranks")
+    script = ROOT / "tests" / "hf" / "accelerate_fsdp_worker.py"
+    run_torchrun(script, str(out), processes=WORLD, timeout_s=600)
+    return [torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(WORLD)]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case", list(worker.CASES))
+def test_trainer_under_accelerate_fsdp2_trains_like_one_process(accelerate_ranks, case):
+    """``trainer.train()`` with ``fsdp=True, fsdp_config={"version": 2}``: the optimizer step of the large batch.
+
+    The oracle runs eager on the first GPU; the ranks' reductions run in another order, so
+    the absolute tolerance is float32's on a GPU, the relative one the CPU test's.
+    """
+    grads, updated, _ = one_process(case, "cuda")
+    for rank, result in enumerate(accelerate_ranks):
+        record = result[case]
+        assert record["fsdp2"] and record["sharded"] and record["world"] == WORLD
+        assert sorted(record["grads"]) == sorted(grads)
+        for name, value in grads.items():
+            torch.testing.assert_close(record["grads"][name], value, rtol=1e-5, atol=1e-6, msg=f"rank {rank} {name}")
+        for name, value in updated.items():
+            torch.testing.assert_close(record["params"][name], value, rtol=1e-5, atol=1e-6, msg=f"rank {rank} {name}")
+
+
+REFUSED = {
+    "FSDP (v1)": ({"fsdp_version": 1}, {}, "fsdp_config={'version': 2}"),
+    "FSDP's activation checkpointing": (
+        {"fsdp_version": 2, "activation_checkpointing": True},
+        {},
+        "gradient_checkpointing=True",
+    ),
+    "CPU offload": ({"fsdp_version": 2, "cpu_offload": True}, {}, "leave cpu_offload off"),
+    "fp16 under FSDP2": ({"fsdp_version": 2}, {"fp16": True}, "bf16=True"),
+}
+
+
+@pytest.mark.parametrize("case", list(REFUSED))
+def test_what_fsdp2_cannot_train_is_refused_naming_the_alternative(case):
+    from accelerate.utils import FullyShardedDataParallelPlugin
+
+    plugin_options, flags, alternative = REFUSED[case]
+    plugin = FullyShardedDataParallelPlugin(**plugin_options)
+    with pytest.raises(ValueError, match=re.escape(alternative)):
+        refuse_unsupported_sharding(plugin, deepspeed=False, fp16=flags.get("fp16", False), sharded_model=False)
+
+
+def test_fsdp2_and_a_sharded_model_in_bf16_or_fp32_are_not_refused():
+    from accelerate.utils import FullyShardedDataParallelPlugin
+
+    refuse_unsupported_sharding(
+        FullyShardedDataParallelPlugin(fsdp_version=2), deepspeed=False, fp16=False, sharded_model=False
+    )
+    refuse_unsupported_sharding(None, deepspeed=False, fp16=False, sharded_model=True)
+    with pytest.raises(ValueError, match="bf16=True"):
+        refuse_unsupported_sharding(None, deepspeed=False, fp16=True, sharded_model=True)
+    with pytest.raises(ValueError, match="FSDP2"):
+        refuse_unsupported_sharding(None, deepspeed=True, fp16=False, sharded_model=False)
