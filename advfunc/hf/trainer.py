@@ -87,6 +87,7 @@ from torch.utils.data import DataLoader, IterableDataset, Sampler
 from transformers import Trainer, TrainerCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
+from advfunc.core.completion import ADV_LABELS
 from advfunc.core.params import params_of, set_grads
 from advfunc.core.stateful import State, StatefulStep, stateful
 from advfunc.core.step import Grads, Step, all_finite
@@ -185,6 +186,7 @@ class AdversarialTrainer(Trainer):
         self._step_model: nn.Module | None = None
         self._pending: Grads | None = None  # Σ g / n_accum over the micro-batches of this optimizer step
         self._state: State | None = None  # the method's state; None until the first step
+        self._adversary_items: float | None = None  # M, the optimizer step's adversary tokens (get_batch_samples)
         step = self._current_step()[1]  # refuse a bad step now, not at the first batch
         if step.replays > 1 and self.args.gradient_accumulation_steps != 1:
             raise ValueError(
@@ -230,13 +232,15 @@ class AdversarialTrainer(Trainer):
         target, step = self._current_step()
         model.train()
         inputs = self._prepare_inputs(inputs)
+        weight = self.micro_batch_weight(inputs, num_items_in_batch)
+        away = self.away_scale(step, inputs, num_items_in_batch)
+        keywords = {} if away is None else {"away_scale": away}
         with self._whole_parameters():
             params = params_of(target)
             if self._state is None:
                 self._state = step.init(params)
             with self.accelerator.autocast():
-                grads, out, self._state = step.update(params, inputs, self._state)
-        weight = self.micro_batch_weight(inputs, num_items_in_batch)
+                grads, out, self._state = step.update(params, inputs, self._state, **keywords)
         if self._pending is None:
             self._pending = {n: g.mul_(weight) if weight != 1 else g for n, g in grads.items()}
         else:
@@ -263,9 +267,10 @@ class AdversarialTrainer(Trainer):
               = \\frac1N \\sum_{r,a} \\sum_{t \\in r,a} ∇ℓ_t
 
         the gradient of one batch holding every example, per token. Every term of the
-        step's objective (VAT/SMART/R3F's KL over the completion positions, CAT/LAT's
-        toward, away and utility losses) is weighted by that same share n_a / N of
-        the labelled tokens.
+        step's objective that is a mean over the labelled tokens (VAT/SMART/R3F's KL over
+        the completion positions, CAT/LAT's toward and utility/retain losses) is weighted
+        by that same share n_a / N; CAT's and LAT's away term, a mean over the adversary's
+        tokens, by its share of those (:meth:`away_scale`).
         """
         accumulation = getattr(self, "current_gradient_accumulation_steps", None)
         accumulation = accumulation or self.args.gradient_accumulation_steps
@@ -276,6 +281,47 @@ class AdversarialTrainer(Trainer):
             labels = inputs["labels"][..., 1:] if getattr(self, "_loss_shifts_labels", False) else inputs["labels"]
         processes = self.args.world_size if self.args.average_tokens_across_devices else 1
         return float(labels.ne(-100).sum()) * processes / float(num_items_in_batch)
+
+    def away_scale(
+        self, step: Step, inputs: Mapping[str, Any], num_items_in_batch: torch.Tensor | int | None
+    ) -> float | None:
+        """CAT's and LAT's away term's factor, relative to :meth:`micro_batch_weight`; None: no factor.
+
+        The away term is a mean over the m_a tokens of the adversary's completion
+        (``adv_labels``), not over the n_a labelled ones. With ``num_items_in_batch``, the
+        optimizer step's M adversary tokens are counted with it (:meth:`get_batch_samples`,
+        over every process when N is), and the away term counts m_a / M where the rest of
+        the objective counts n_a / N: the factor is (m_a / M) / (n_a / N), and the
+        accumulated step equals one batch of every example for the away term too.
+        """
+        method = METHODS.get(step.method)
+        if method is None or ADV_LABELS not in method.batch_keys or ADV_LABELS not in inputs:
+            return None
+        if num_items_in_batch is None or self._adversary_items is None:
+            return None
+        weight = self.micro_batch_weight(inputs, num_items_in_batch)
+        if weight == 0:
+            return None  # CAT and LAT refuse a batch with nothing labelled
+        processes = self.args.world_size if self.args.average_tokens_across_devices else 1
+        share = float(_adversary_tokens(inputs)) * processes / float(self._adversary_items)
+        return share / weight
+
+    def get_batch_samples(
+        self, epoch_iterator: Any, num_batches: int, device: torch.device
+    ) -> tuple[list[Any], torch.Tensor | int | None]:
+        """Trainer's micro-batches of one optimizer step and their labelled-token count N.
+
+        Also counts the adversary's completion tokens M of the step (``adv_labels``, for
+        :meth:`away_scale`), over every process when Trainer counts N over them.
+        """
+        batch_samples, num_items = super().get_batch_samples(epoch_iterator, num_batches, device)
+        self._adversary_items = None
+        if num_items is not None and batch_samples and all(ADV_LABELS in b for b in batch_samples):
+            count = torch.stack([_adversary_tokens(b) for b in batch_samples]).sum()
+            if self.args.average_tokens_across_devices and self.args.world_size > 1:
+                count = self.accelerator.gather(count.to(device)).sum()
+            self._adversary_items = float(count)
+        return batch_samples, num_items
 
     def _backward(self, step: Step, target: nn.Module, grads: Grads) -> None:
         """All-reduce the optimizer step's gradient once, then hand it to ``p.grad`` (fp16: through the scaler)."""
@@ -439,6 +485,12 @@ def refuse_unsupported_sharding(fsdp_plugin: Any, *, deepspeed: bool, fp16: bool
             "fp16 under FSDP2 needs a sharded gradient scaler, which advfunc's step does not drive; "
             "use bf16=True (or fp16 under DDP)"
         )
+
+
+def _adversary_tokens(batch: Mapping[str, Any]) -> torch.Tensor:
+    """The tokens of the adversary's completion its away loss averages over (those after the first position)."""
+    adv_labels: torch.Tensor = batch[ADV_LABELS]
+    return adv_labels[..., 1:].ne(-100).sum()
 
 
 def _to_device(value: Any, device: torch.device) -> Any:
