@@ -18,8 +18,8 @@ from __future__ import annotations
 import contextlib
 import copy
 import importlib
-from functools import partial
 from collections.abc import Callable, Iterator
+from functools import partial
 
 import pytest
 import torch
