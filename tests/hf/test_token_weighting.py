@@ -110,8 +110,8 @@ STEPS = {
     "vat": lambda m: advfunc.vat(m, epsilon=0.5, xi=0.1),
     "smart": lambda m: advfunc.smart(m, epsilon=0.05, step_size=0.02, noise_var=0.01),
     "r3f": lambda m: advfunc.r3f(m, sigma=0.05),
-    "cat": lambda m: advfunc.cat(m, epsilon=0.5, alpha=0.2, steps=2),
-    "lat": lambda m: advfunc.lat(m, layers="model.layers.0", epsilon=0.5, alpha=0.2, steps=2),
+    "cat": lambda m: advfunc.cat(m, epsilon=0.5, alpha=0.2, steps=2, away=10.0),
+    "lat": lambda m: advfunc.lat(m, layers="model.layers.0", epsilon=0.5, alpha=0.2, steps=2, away=10.0),
 }
 ADVERSARY = ("cat", "lat")  # the batch carries the adversary's completion
 
@@ -159,11 +159,16 @@ def test_accumulated_micro_batches_equal_one_large_batch_per_token(tmp_path, met
         oracle = step_grads(method, twin, collator(method)([_examples()[i] for i in order]))
         # and not what per-micro-batch weighting would give: the lengths are uneven enough
         halves = [collator(method)([_examples()[i] for i in order[k : k + 2]]) for k in (0, 2)]
-        per_batch = sum(step_grads(method, twin, h) / 2 for h in halves)
+        per_half = [step_grads(method, twin, h) for h in halves]
     (grads,) = recorder.grads
     flat = torch.cat([grads[n].flatten() for n in sorted(grads)])
     torch.testing.assert_close(flat, oracle, rtol=1e-5, atol=1e-7)
-    assert float((per_batch - oracle).norm() / oracle.norm()) > 1e-2
+    assert float((sum(per_half) / 2 - oracle).norm() / oracle.norm()) > 1e-2
+    if method in ADVERSARY:
+        # the labelled tokens' share alone would weigh the away term wrongly (away=10 makes it matter)
+        shares = [int(h["labels"].ne(-100).sum()) for h in halves]
+        labels_share = sum(g * n / sum(shares) for g, n in zip(per_half, shares, strict=True))
+        assert float((labels_share - oracle).norm() / oracle.norm()) > 1e-4  # ten times the tolerance
 
 
 @pytest.fixture(scope="module")
