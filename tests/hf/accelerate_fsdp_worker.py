@@ -2,7 +2,8 @@
 
 Run under ``torchrun --nproc_per_node 2 tests/hf/accelerate_fsdp_worker.py OUT_DIR`` on a
 machine with two or more CUDA devices (one per rank, NCCL). For each case of
-:data:`tests.hf.fsdp_trainer_worker.CASES` a tiny Llama trains one optimizer step through
+:data:`CASES` (the CPU test's, but SFTTrainer's, whose data preparation the test's
+tokenized examples do not go through) a tiny Llama trains one optimizer step through
 ``trainer.train()`` with ``fsdp=True, fsdp_config={"version": 2}``: accelerate applies
 ``fully_shard`` to each decoder layer and the root, and the Trainer's data loader deals
 the token-weighting test's four examples to two micro-batches of one on each rank. Each
@@ -24,9 +25,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from advfunc.hf import AdversarialTrainer
 from advfunc.scale.fsdp import is_sharded
-from tests.hf.fsdp_trainer_worker import ACCUMULATE, CASES, LR, whole
+from tests.hf import fsdp_trainer_worker
+from tests.hf.fsdp_trainer_worker import ACCUMULATE, LR, whole
 from tests.hf.test_token_weighting import _collate, _examples
 from tests.scale.fsdp_worker import model_for
+
+CASES = {case: spec for case, spec in fsdp_trainer_worker.CASES.items() if not case.startswith("sft")}
 
 
 class Record(TrainerCallback):

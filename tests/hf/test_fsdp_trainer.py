@@ -20,6 +20,7 @@ import torch
 import advfunc
 from advfunc.hf.trainer import refuse_unsupported_sharding
 from advfunc.methods.registry import build_step, parse_method
+from tests.hf import accelerate_fsdp_worker as accelerate_worker
 from tests.hf import fsdp_trainer_worker as worker
 from tests.hf.test_token_weighting import _collate, _examples
 from tests.scale.fsdp_worker import model_for
@@ -61,6 +62,7 @@ def test_trainer_step_on_a_sharded_model_equals_one_process_on_the_large_batch(r
         record = result[case]
         assert record["world"] == WORLD
         assert record["sharded_grads"] and record["sharded_after"], "grads and parameters stay sharded"
+        assert record["checkpointed"] == case.startswith("sft")
         assert sorted(record["grads"]) == sorted(grads)
         for name, value in grads.items():
             torch.testing.assert_close(record["grads"][name], value, rtol=1e-5, atol=1e-7, msg=f"rank {rank} {name}")
@@ -89,7 +91,7 @@ def accelerate_ranks(tmp_path_factory):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("case", list(worker.CASES))
+@pytest.mark.parametrize("case", list(accelerate_worker.CASES))
 def test_trainer_under_accelerate_fsdp2_trains_like_one_process(accelerate_ranks, case):
     """``trainer.train()`` with ``fsdp=True, fsdp_config={"version": 2}``: the optimizer step of the large batch.
 
