@@ -292,7 +292,10 @@ class AdversarialTrainer(Trainer):
         optimizer step's M adversary tokens are counted with it (:meth:`get_batch_samples`,
         over every process when N is), and the away term counts m_a / M where the rest of
         the objective counts n_a / N: the factor is (m_a / M) / (n_a / N), and the
-        accumulated step equals one batch of every example for the away term too.
+        accumulated step equals one batch of every example for the away term too. None
+        (the labelled tokens' share for the away term as well) for a method without
+        ``adv_labels``, without ``num_items_in_batch``, or when no M was counted (a
+        ``training_step`` called outside Trainer's loop).
         """
         method = METHODS.get(step.method)
         if method is None or ADV_LABELS not in method.batch_keys or ADV_LABELS not in inputs:

@@ -59,7 +59,7 @@ def toward_away_step(
     weighs each micro-batch's grads by its share n/N of the optimizer step's labelled
     tokens passes ``away_scale = (m/M) / (n/N)``, so that the away term counts by its share
     of the step's M adversary tokens and the accumulated step equals one batch of them all
-    (:meth:`advfunc.hf.AdversarialTrainer.micro_batch_weight` does).
+    (:meth:`advfunc.hf.AdversarialTrainer.away_scale` does).
     """
     engine, target, perturbed = attack.engine, attack.target, attack.perturbed
 
