@@ -27,9 +27,8 @@ import torch
 from advfunc.core.step import Grads, Step, StepOutput
 
 State = dict[str, Any]
-Update = Callable[
-    ["StatefulStep", Mapping[str, torch.Tensor], Mapping[str, Any], State], tuple[Grads, StepOutput, State]
-]
+# (step, params, batch, state, **keywords for the step's own call) -> (grads, out, state)
+Update = Callable[..., tuple[Grads, StepOutput, State]]
 
 
 def _no_state(params: Mapping[str, torch.Tensor]) -> State:
@@ -37,9 +36,9 @@ def _no_state(params: Mapping[str, torch.Tensor]) -> State:
 
 
 def _stateless(
-    step: StatefulStep, params: Mapping[str, torch.Tensor], batch: Mapping[str, Any], state: State
+    step: StatefulStep, params: Mapping[str, torch.Tensor], batch: Mapping[str, Any], state: State, **keywords: Any
 ) -> tuple[Grads, StepOutput, State]:
-    return (*step(params, batch), state)
+    return (*step(params, batch, **keywords), state)
 
 
 def _unchanged(state: State, params: Mapping[str, torch.Tensor]) -> State:
@@ -71,15 +70,18 @@ class StatefulStep(Step):
         return self.start(params)
 
     def update(
-        self, params: Mapping[str, torch.Tensor], batch: Mapping[str, Any], state: State
+        self, params: Mapping[str, torch.Tensor], batch: Mapping[str, Any], state: State, **keywords: Any
     ) -> tuple[Grads, StepOutput, State]:
-        """One step on ``batch`` from ``state``: ``grads, out, state``; nothing is mutated."""
+        """One step on ``batch`` from ``state``: ``grads, out, state``; nothing is mutated.
+
+        ``keywords`` go to the step's own call (CAT's and LAT's ``away_scale``).
+        """
         if not isinstance(state, Mapping):
             raise TypeError(
                 "state must be the dict that step.init(params) returned (or a later update's), "
                 f"got {type(state).__name__}"
             )
-        return self.carry(self, params, batch, dict(state))
+        return self.carry(self, params, batch, dict(state), **keywords)
 
     def after_update(self, state: State, params: Mapping[str, torch.Tensor]) -> State:
         """The state after an optimizer step has moved the parameters to ``params``."""

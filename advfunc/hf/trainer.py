@@ -25,9 +25,17 @@ here rather than through DDP's ``no_sync``: the step differentiates fresh leaves
 DDP's parameters, and nothing runs DDP's forward, so DDP's reducer never fires; the sum
 of the step's own grads is exact and costs no extra pass. A non-finite gradient
 on one process makes the reduced sum non-finite on all, so every process refuses it (or,
-with fp16, skips the update) together. FSDP and DeepSpeed are refused: ZeRO-3 and FSDP
-shard the parameters the step substitutes, and DeepSpeed reduces gradients in its own
-backward (an FSDP2 model trains in a loop of your own with :mod:`advfunc.scale.fsdp`).
+with fp16, skips the update) together.
+
+FSDP2 (``fsdp=True, fsdp_config={"version": 2}`` under accelerate, or a model the Trainer
+is given already sharded with ``fully_shard``): each micro-batch's step runs inside
+:func:`advfunc.scale.fsdp.unsharded` (every ``fully_shard`` module gathered once, so
+FSDP's hooks leave the step's parameters in place), and after the all-reduce
+:func:`advfunc.scale.fsdp.shard_grads` hands each rank its shard of ḡ, where the
+optimizer built on the sharded parameters reads it. During the step each rank holds the
+whole model, as under DDP; gradients and optimizer state stay sharded. DeepSpeed, FSDP
+(v1), FSDP's own activation checkpointing, CPU offload and fp16 under FSDP2 are refused
+before training (:func:`refuse_unsupported_sharding`).
 
 Methods with state of their own run through one protocol (:mod:`advfunc.core.stateful`:
 ``init`` at the first step, ``update`` per micro-batch, ``after_update`` after each
@@ -65,6 +73,7 @@ Example::
 
 from __future__ import annotations
 
+import contextlib
 import os
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -73,10 +82,12 @@ from typing import Any
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.distributed.fsdp import CPUOffloadPolicy
 from torch.utils.data import DataLoader, IterableDataset, Sampler
 from transformers import Trainer, TrainerCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
+from advfunc.core.completion import ADV_LABELS
 from advfunc.core.params import params_of, set_grads
 from advfunc.core.stateful import State, StatefulStep, stateful
 from advfunc.core.step import Grads, Step, all_finite
@@ -91,6 +102,7 @@ from advfunc.methods.registry import (
     seeded_generator,
 )
 from advfunc.scale.distributed import DEFAULT_BUCKET_MB, all_reduce_grads
+from advfunc.scale.fsdp import is_sharded, shard_grads, unsharded
 
 METHOD_STATE = "advfunc_method"
 GENERATOR = "generator"  # the method state's key for its noise generator's state
@@ -157,14 +169,12 @@ class AdversarialTrainer(Trainer):
         else:
             raise TypeError(f"step_factory must be callable as step_factory(model) -> Step, got {step_factory!r}")
         super().__init__(*args, **kwargs)
-        if self.is_fsdp_enabled or self.is_deepspeed_enabled:
-            raise ValueError(
-                "AdversarialTrainer runs under DDP only: FSDP and DeepSpeed ZeRO-3 shard the parameters that "
-                "advfunc's functional step substitutes (its gradients would be zero), and DeepSpeed reduces "
-                "gradients in its own backward; launch without --fsdp / --deepspeed (plain torchrun or "
-                "accelerate launch give DDP), or train an FSDP2 (fully_shard) model in a loop of your own "
-                "with advfunc.scale.fsdp"
-            )
+        refuse_unsupported_sharding(
+            getattr(self.accelerator.state, "fsdp_plugin", None) if self.is_fsdp_enabled else None,
+            deepspeed=self.is_deepspeed_enabled,
+            fp16=self.args.fp16,
+            sharded_model=is_sharded(self.accelerator.unwrap_model(self.model)),
+        )
         if getattr(self.args, "neftune_noise_alpha", None) is not None:
             raise ValueError(
                 f"neftune_noise_alpha={self.args.neftune_noise_alpha} adds Trainer's noise to every forward of the "
@@ -176,6 +186,7 @@ class AdversarialTrainer(Trainer):
         self._step_model: nn.Module | None = None
         self._pending: Grads | None = None  # Σ g / n_accum over the micro-batches of this optimizer step
         self._state: State | None = None  # the method's state; None until the first step
+        self._adversary_items: float | None = None  # M, the optimizer step's adversary tokens (get_batch_samples)
         step = self._current_step()[1]  # refuse a bad step now, not at the first batch
         if step.replays > 1 and self.args.gradient_accumulation_steps != 1:
             raise ValueError(
@@ -203,7 +214,8 @@ class AdversarialTrainer(Trainer):
     def _current_step(self) -> tuple[nn.Module, StatefulStep]:
         target = self.adversarial_model()
         if self._step is None or self._step_model is not target:
-            step = self.step_factory(target)
+            with self._whole_parameters():  # a step is refused on sharded parameters
+                step = self.step_factory(target)
             if not isinstance(step, Step):
                 raise TypeError(f"step_factory returned {type(step).__name__}, not an advfunc Step")
             self._step, self._step_model = stateful(step), target
@@ -220,12 +232,15 @@ class AdversarialTrainer(Trainer):
         target, step = self._current_step()
         model.train()
         inputs = self._prepare_inputs(inputs)
-        params = params_of(target)
-        if self._state is None:
-            self._state = step.init(params)
-        with self.accelerator.autocast():
-            grads, out, self._state = step.update(params, inputs, self._state)
         weight = self.micro_batch_weight(inputs, num_items_in_batch)
+        away = self.away_scale(step, inputs, num_items_in_batch)
+        keywords = {} if away is None else {"away_scale": away}
+        with self._whole_parameters():
+            params = params_of(target)
+            if self._state is None:
+                self._state = step.init(params)
+            with self.accelerator.autocast():
+                grads, out, self._state = step.update(params, inputs, self._state, **keywords)
         if self._pending is None:
             self._pending = {n: g.mul_(weight) if weight != 1 else g for n, g in grads.items()}
         else:
@@ -252,9 +267,10 @@ class AdversarialTrainer(Trainer):
               = \\frac1N \\sum_{r,a} \\sum_{t \\in r,a} ∇ℓ_t
 
         the gradient of one batch holding every example, per token. Every term of the
-        step's objective (VAT/SMART/R3F's KL over the completion positions, CAT/LAT's
-        toward, away and utility losses) is weighted by that same share n_a / N of
-        the labelled tokens.
+        step's objective that is a mean over the labelled tokens (VAT/SMART/R3F's KL over
+        the completion positions, CAT/LAT's toward and utility/retain losses) is weighted
+        by that same share n_a / N; CAT's and LAT's away term, a mean over the adversary's
+        tokens, by its share of those (:meth:`away_scale`).
         """
         accumulation = getattr(self, "current_gradient_accumulation_steps", None)
         accumulation = accumulation or self.args.gradient_accumulation_steps
@@ -265,6 +281,50 @@ class AdversarialTrainer(Trainer):
             labels = inputs["labels"][..., 1:] if getattr(self, "_loss_shifts_labels", False) else inputs["labels"]
         processes = self.args.world_size if self.args.average_tokens_across_devices else 1
         return float(labels.ne(-100).sum()) * processes / float(num_items_in_batch)
+
+    def away_scale(
+        self, step: Step, inputs: Mapping[str, Any], num_items_in_batch: torch.Tensor | int | None
+    ) -> float | None:
+        """CAT's and LAT's away term's factor, relative to :meth:`micro_batch_weight`; None: no factor.
+
+        The away term is a mean over the m_a tokens of the adversary's completion
+        (``adv_labels``), not over the n_a labelled ones. With ``num_items_in_batch``, the
+        optimizer step's M adversary tokens are counted with it (:meth:`get_batch_samples`,
+        over every process when N is), and the away term counts m_a / M where the rest of
+        the objective counts n_a / N: the factor is (m_a / M) / (n_a / N), and the
+        accumulated step equals one batch of every example for the away term too. None
+        (the labelled tokens' share for the away term as well) for a method without
+        ``adv_labels``, without ``num_items_in_batch``, or when no M was counted (a
+        ``training_step`` called outside Trainer's loop).
+        """
+        method = METHODS.get(step.method)
+        if method is None or ADV_LABELS not in method.batch_keys or ADV_LABELS not in inputs:
+            return None
+        if num_items_in_batch is None or self._adversary_items is None:
+            return None
+        weight = self.micro_batch_weight(inputs, num_items_in_batch)
+        if weight == 0:
+            return None  # CAT and LAT refuse a batch with nothing labelled
+        processes = self.args.world_size if self.args.average_tokens_across_devices else 1
+        share = float(_adversary_tokens(inputs)) * processes / float(self._adversary_items)
+        return share / weight
+
+    def get_batch_samples(
+        self, epoch_iterator: Any, num_batches: int, device: torch.device
+    ) -> tuple[list[Any], torch.Tensor | int | None]:
+        """Trainer's micro-batches of one optimizer step and their labelled-token count N.
+
+        Also counts the adversary's completion tokens M of the step (``adv_labels``, for
+        :meth:`away_scale`), over every process when Trainer counts N over them.
+        """
+        batch_samples, num_items = super().get_batch_samples(epoch_iterator, num_batches, device)
+        self._adversary_items = None
+        if num_items is not None and batch_samples and all(ADV_LABELS in b for b in batch_samples):
+            count = torch.stack([_adversary_tokens(b) for b in batch_samples]).sum()
+            if self.args.average_tokens_across_devices and self.args.world_size > 1:
+                count = self.accelerator.gather(count.to(device)).sum()
+            self._adversary_items = float(count)
+        return batch_samples, num_items
 
     def _backward(self, step: Step, target: nn.Module, grads: Grads) -> None:
         """All-reduce the optimizer step's gradient once, then hand it to ``p.grad`` (fp16: through the scaler)."""
@@ -288,7 +348,10 @@ class AdversarialTrainer(Trainer):
             )
         # Without a scaler the gradient goes to p.grad as it is: the surrogate's backward would
         # cost one more sweep over every parameter (13% of a MiniLM step on CPU).
-        set_grads(target, grads, accumulate=True)
+        if is_sharded(self.accelerator.unwrap_model(self.model)):
+            shard_grads(target, grads)  # the same on every rank: each keeps its own shard
+        else:
+            set_grads(target, grads, accumulate=True)
 
     def get_train_dataloader(self) -> DataLoader[Any]:
         # Trainer keeps only the keys the model's forward takes (remove_unused_columns); the
@@ -318,7 +381,13 @@ class AdversarialTrainer(Trainer):
         """The method's state after the optimizer moved the parameters (SMART's EMA teacher, free AT's replays)."""
         if self._state is not None:
             target, step = self._current_step()
-            self._state = step.after_update(self._state, params_of(target))
+            with self._whole_parameters():
+                self._state = step.after_update(self._state, params_of(target))
+
+    def _whole_parameters(self) -> contextlib.AbstractContextManager[Any]:
+        """FSDP2: every ``fully_shard`` module gathered for the step (:func:`advfunc.scale.fsdp.unsharded`)."""
+        model = self.accelerator.unwrap_model(self.model)
+        return unsharded(model) if is_sharded(model) else contextlib.nullcontext()
 
     def _get_train_sampler(self, train_dataset: Any = None) -> Sampler[int] | None:
         sampler = super()._get_train_sampler(train_dataset)
@@ -381,6 +450,50 @@ class AdversarialTrainer(Trainer):
                 f"{resume_from_checkpoint} has no {path.name}, the {self._current_step()[1].method} method's "
                 "teacher, replay perturbation or generator state; resuming without it would not continue the run"
             )
+
+
+def refuse_unsupported_sharding(fsdp_plugin: Any, *, deepspeed: bool, fp16: bool, sharded_model: bool) -> None:
+    """Raise ``ValueError``, naming the reason and what to use instead, for sharding the step cannot train under.
+
+    ``fsdp_plugin``: accelerate's ``FullyShardedDataParallelPlugin`` when the Trainer runs
+    FSDP, else None; ``sharded_model``: the model already holds ``fully_shard`` modules.
+    FSDP2 trains (the step runs on the gathered parameters, :func:`advfunc.scale.fsdp.unsharded`);
+    DeepSpeed, FSDP (v1), FSDP's own activation checkpointing, CPU offload and fp16 under
+    FSDP2 are refused.
+    """
+    if deepspeed:
+        raise ValueError(
+            "AdversarialTrainer does not run under DeepSpeed: ZeRO-3 shards the parameters that advfunc's "
+            "functional step substitutes (its gradients would be zero) and DeepSpeed reduces gradients in "
+            "its own backward; use FSDP2 (fsdp=True, fsdp_config={'version': 2}) or DDP (torchrun, accelerate launch)"
+        )
+    if fsdp_plugin is not None and getattr(fsdp_plugin, "fsdp_version", 1) != 2:
+        raise ValueError(
+            "AdversarialTrainer runs under FSDP2 only: FSDP (v1) flattens the parameters that advfunc's "
+            "functional step substitutes, so its gradients would be zero; set fsdp_config={'version': 2}"
+        )
+    if fsdp_plugin is not None and fsdp_plugin.activation_checkpointing:
+        raise ValueError(
+            "fsdp_config activation_checkpointing wraps the layers in torch's checkpoint wrapper, whose "
+            "recompute reads the layers' own parameters, not the step's; leave it off and set "
+            "gradient_checkpointing=True (transformers' checkpointing, which advfunc's step supports)"
+        )
+    if fsdp_plugin is not None and isinstance(fsdp_plugin.cpu_offload, CPUOffloadPolicy):
+        raise ValueError(
+            "FSDP2 with cpu_offload keeps the sharded parameters and their gradients on the CPU, while "
+            "advfunc's step hands back gradients on the GPU; leave cpu_offload off (or use DDP with LoRA)"
+        )
+    if fp16 and (fsdp_plugin is not None or sharded_model):
+        raise ValueError(
+            "fp16 under FSDP2 needs a sharded gradient scaler, which advfunc's step does not drive; "
+            "use bf16=True (or fp16 under DDP)"
+        )
+
+
+def _adversary_tokens(batch: Mapping[str, Any]) -> torch.Tensor:
+    """The tokens of the adversary's completion its away loss averages over (those after the first position)."""
+    adv_labels: torch.Tensor = batch[ADV_LABELS]
+    return adv_labels[..., 1:].ne(-100).sum()
 
 
 def _to_device(value: Any, device: torch.device) -> Any:

@@ -93,8 +93,12 @@ def lat(
         return {"reference": teacher_of({name: params[name] for name in trainable if name in params})}
 
     def carry(
-        self: StatefulStep, params: Mapping[str, torch.Tensor], batch: Mapping[str, Any], state: State
+        self: StatefulStep,
+        params: Mapping[str, torch.Tensor],
+        batch: Mapping[str, Any],
+        state: State,
+        **keywords: Any,
     ) -> tuple[Grads, StepOutput, State]:
-        return (*self(params, batch, state["reference"]), state)
+        return (*self(params, batch, state["reference"], **keywords), state)
 
     return StatefulStep(**fields, start=start, carry=carry)

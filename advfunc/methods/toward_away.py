@@ -53,6 +53,13 @@ def toward_away_step(
 
     ``out``: ``loss`` the clean loss of y, ``adv_loss`` L(θ, δ; x, y), ``delta`` δ in the
     attack's public form, ``logits`` the clean logits.
+
+    ``away_scale`` multiplies the away term alone, on top of ``loss_scale``. L and C are
+    means over the n labelled tokens of y, L_away over the m tokens of ỹ: a loop that
+    weighs each micro-batch's grads by its share n/N of the optimizer step's labelled
+    tokens passes ``away_scale = (m/M) / (n/N)``, so that the away term counts by its share
+    of the step's M adversary tokens and the accumulated step equals one batch of them all
+    (:meth:`advfunc.hf.AdversarialTrainer.away_scale` does).
     """
     engine, target, perturbed = attack.engine, attack.target, attack.perturbed
 
@@ -62,6 +69,7 @@ def toward_away_step(
         reference: Mapping[str, torch.Tensor] | None = None,
         *,
         loss_scale: float | torch.Tensor = 1.0,
+        away_scale: float = 1.0,
     ) -> tuple[Grads, StepOutput]:
         call, adversary = attack.calls(params, batch, loss_scale)
         anchor = None if reference is None else teacher_params(reference, call.params, 1.0)
@@ -76,7 +84,7 @@ def toward_away_step(
             objective = toward * toward_loss
             if away > 0:
                 pushed = logits_of(engine.outputs(theta, adversary.kwargs, call.layout, delta))
-                objective = objective + away * away_loss(pushed, adversary.kwargs["labels"])
+                objective = objective + away * away_scale * away_loss(pushed, adversary.kwargs["labels"])
             with torch.set_grad_enabled(clean > 0):
                 clean_loss, clean_outputs = perturbed.loss(theta, call.kwargs, None)
                 clean_logits = logits_of(clean_outputs)

@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator, Mapping
+from typing import Any
 
 import torch
 from torch import nn
@@ -44,28 +45,52 @@ def fsdp_modules(model: nn.Module) -> list[FSDPModule]:
     return [m for m in model.modules() if isinstance(m, FSDPModule)]
 
 
+def is_sharded(model: nn.Module) -> bool:
+    """Whether ``fully_shard`` was applied to ``model`` or any of its submodules."""
+    return bool(fsdp_modules(model))
+
+
 @contextlib.contextmanager
 def unsharded(model: nn.Module) -> Iterator[nn.Module]:
     """Gather every FSDP2 module's parameters for the length of the block, then shard them again.
 
     Steps built and called inside see whole parameters; one built inside and called
-    outside is refused (its parameters are sharded again). Raises ``ValueError`` when
-    ``model`` has no FSDP2 module.
+    outside is refused (its parameters are sharded again). Each module's
+    ``reshard_after_forward`` / ``reshard_after_backward`` is off inside the block and as
+    it was before after it. Raises ``ValueError`` when ``model`` has no FSDP2 module.
     """
     modules = fsdp_modules(model)
     if not modules:
         raise ValueError(f"{type(model).__name__} has no fully_shard module; call the step without unsharded()")
+    settings = [_reshard_settings(module) for module in modules]
     for module in modules:
-        module.set_reshard_after_forward(False)
-        module.set_reshard_after_backward(False)
+        module.set_reshard_after_forward(False, recurse=False)
+        module.set_reshard_after_backward(False, recurse=False)
         module.unshard()
     try:
         yield model
     finally:
-        for module in modules:
+        for module, setting in zip(modules, settings, strict=True):
             module.reshard()
-            module.set_reshard_after_forward(True)
-            module.set_reshard_after_backward(True)
+            _restore_reshard_settings(module, setting)
+
+
+# FSDP2 has setters for its reshard flags but no getters: the state they set is read and
+# put back as it was (the root's automatic "no reshard after forward" included).
+_ReshardSettings = tuple[bool | None, list[tuple[Any, bool]]]
+
+
+def _reshard_settings(module: FSDPModule) -> _ReshardSettings:
+    state = module._get_fsdp_state()
+    groups = [(g.post_forward_mesh_info, g.reshard_after_backward) for g in state._fsdp_param_groups]
+    return state._auto_reshard_after_forward, groups
+
+
+def _restore_reshard_settings(module: FSDPModule, settings: _ReshardSettings) -> None:
+    state = module._get_fsdp_state()
+    state._auto_reshard_after_forward, groups = settings
+    for group, (post_forward, after_backward) in zip(state._fsdp_param_groups, groups, strict=True):
+        group.post_forward_mesh_info, group.reshard_after_backward = post_forward, after_backward
 
 
 def shard_grads(model: nn.Module, grads: Mapping[str, torch.Tensor]) -> None:

@@ -2,8 +2,8 @@
 
 Run under ``torchrun --nproc_per_node 2 tests/hf/token_weighting_worker.py OUT_DIR``: for
 each method of the test, one optimizer step of two micro-batches of one example on each
-rank (the four examples of the test, uneven completions); the gradients it hands the
-optimizer saved to ``OUT_DIR/rank{r}.pt``.
+rank (the four examples of the test, uneven completions, each example's noise its own);
+the gradients it hands the optimizer saved to ``OUT_DIR/rank{r}.pt``.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from transformers import TrainingArguments
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from advfunc.hf import AdversarialTrainer
-from tests.hf.test_token_weighting import STEPS, GradsBeforeStep, _collate, _examples
+from tests.hf.test_token_weighting import STEPS, GradsBeforeStep, _examples, collator, example_noise
 from tests.support.tiny_decoders import tiny_decoder
 
 
@@ -38,9 +38,10 @@ def one_step(method: str, out: Path) -> list[dict[str, torch.Tensor]]:
             use_cpu=True,
             save_strategy="no",
             ddp_backend="gloo",
+            remove_unused_columns=False,  # the collator takes the fields it needs
         ),
         train_dataset=_examples(),
-        data_collator=_collate,
+        data_collator=collator(method),
         callbacks=[recorder],
         step_factory=STEPS[method],
     )
@@ -49,7 +50,8 @@ def one_step(method: str, out: Path) -> list[dict[str, torch.Tensor]]:
 
 
 def main(out: Path) -> None:
-    grads = {method: one_step(method, out) for method in STEPS}
+    with example_noise():
+        grads = {method: one_step(method, out) for method in STEPS}
     torch.save({"world": dist.get_world_size(), "grads": grads}, out / f"rank{dist.get_rank()}.pt")
 
 

@@ -49,10 +49,33 @@ def whole(value: torch.Tensor) -> torch.Tensor:
     return value.full_tensor() if isinstance(value, DTensor) else value
 
 
+def reshard_settings_after_unsharded() -> dict[str, bool]:
+    """Whether each layer's parameters are gathered after a forward that follows an ``unsharded`` block.
+
+    Layer 0 is sharded with ``reshard_after_forward=False`` (kept gathered after its
+    forward), layer 1 with the default (sharded again): the block must leave both as set.
+    """
+    model = tiny_decoder("llama")
+    model.config.use_cache = False
+    first, second = model.model.layers
+    fully_shard(first, reshard_after_forward=False)
+    fully_shard(second)
+    fully_shard(model)
+    with unsharded(model):
+        pass
+    with torch.no_grad():
+        model(**{k: v for k, v in completion_batch("right").items() if k != "labels"})
+    layers = {"0": first, "1": second}
+    gathered = {name: not isinstance(layer.mlp.up_proj.weight, DTensor) for name, layer in layers.items()}
+    for module in (first, second, model):
+        module.reshard()
+    return gathered
+
+
 def main(out: Path) -> None:
     dist.init_process_group("gloo")
     rank = dist.get_rank()
-    saved = {}
+    saved: dict = {"reshard_settings": reshard_settings_after_unsharded()}
     for case, build in CASES.items():
         model, prefix = model_for(case)
         decoder = model.get_base_model() if prefix else model

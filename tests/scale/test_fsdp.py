@@ -47,5 +47,13 @@ def test_sharded_step_and_update_equal_one_process_on_both_batches(ranks, case):
 @pytest.mark.slow
 def test_a_step_called_on_sharded_parameters_is_refused_naming_unsharded(ranks):
     for result in ranks:
-        for record in result.values():
+        for case in worker.CASES:
+            record = result[case]
             assert "DTensor" in record["refused"] and "advfunc.scale.fsdp.unsharded" in record["refused"]
+
+
+@pytest.mark.slow
+def test_unsharded_leaves_each_modules_reshard_setting_as_it_was(ranks):
+    """A layer sharded with reshard_after_forward=False stays gathered after its forward; a default one does not."""
+    for result in ranks:
+        assert result["reshard_settings"] == {"0": True, "1": False}
