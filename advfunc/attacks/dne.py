@@ -16,27 +16,45 @@ from advfunc.core.step import Call
 from advfunc.core.targets import Delta, Layout
 
 
+# Marsaglia–Tsang proposals drawn per entry: each is accepted with probability > 0.95 for
+# shape >= 1, so all 8 fail with probability < 4e-11 (the entry then takes its mode-like d).
+PROPOSALS = 8
+
+
+def gamma(shape: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+    """Gamma(shape, 1) draws [...] float32 on ``shape``'s device, from ``generator``, with no host read.
+
+    Marsaglia & Tsang (2000): d = a − 1/3, c = 1/√(9d), x ~ N(0, 1), v = (1 + c x)³,
+    accepted when log U < x²/2 + d − d v + d log v; the draw is d v. Shapes below 1 are
+    boosted: Gamma(a) = Gamma(a + 1) · U^{1/a}. A fixed number of proposals (one batch of
+    normals, then one of uniforms, then the boost's uniforms) keeps the draw order fixed.
+    """
+    a = shape.float()
+    boosted = torch.where(a < 1, a + 1, a)
+    d = boosted - 1 / 3
+    c = torch.rsqrt(9 * d)
+    x = torch.randn((PROPOSALS, *a.shape), generator=generator, device=a.device)
+    u = torch.rand((PROPOSALS, *a.shape), generator=generator, device=a.device)
+    v = (1 + c * x) ** 3
+    positive = v > 0
+    log_v = torch.log(torch.where(positive, v, torch.ones_like(v)))
+    accepted = positive & (torch.log(u) < 0.5 * x * x + d - d * v + d * log_v)
+    first = accepted.int().argmax(dim=0, keepdim=True)  # the first accepted proposal (0 when none)
+    draw = d * torch.where(accepted.any(dim=0), v.gather(0, first).squeeze(0), torch.ones_like(d))
+    boost = torch.rand(a.shape, generator=generator, device=a.device).pow(1 / a)
+    return torch.where(a < 1, draw * boost, draw)
+
+
 def dirichlet(concentration: torch.Tensor, valid: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
     """w ~ Dir(concentration) over the valid entries of the last axis, 0 elsewhere: [..., N] float32.
 
-    Drawn as normalised Gamma(α, 1) variables on the CPU. With ``generator`` the Gamma
-    draws run under a CPU seed taken from it (one 63-bit integer), so a generator seeded
-    the same way gives the same weights on any device; without one they come from the
-    global RNG. A row whose draws all underflow to 0 (tiny α) keeps all weight on column 0.
+    Normalised :func:`gamma` draws. A row whose draws all underflow to 0 (a tiny
+    concentration) keeps all its weight on column 0, the token itself.
     """
-    alpha = torch.where(valid, concentration, torch.ones_like(concentration)).float().cpu()
-    if generator is None:
-        gamma = torch.distributions.Gamma(alpha, torch.ones_like(alpha)).sample()
-    else:
-        seed = int(torch.randint(0, 2**62, (1,), generator=generator, device=generator.device))
-        with torch.random.fork_rng(devices=[]):
-            torch.random.default_generator.manual_seed(seed)
-            gamma = torch.distributions.Gamma(alpha, torch.ones_like(alpha)).sample()
-    gamma = gamma.to(valid.device) * valid
-    total = gamma.sum(dim=-1, keepdim=True)
-    vertex = torch.zeros_like(gamma)
-    vertex[..., 0] = 1.0
-    return torch.where(total > 0, gamma / torch.where(total > 0, total, torch.ones_like(total)), vertex)
+    draws = gamma(torch.where(valid, concentration, torch.ones_like(concentration)), generator) * valid
+    total = draws.sum(dim=-1, keepdim=True)
+    vertex = (torch.arange(draws.shape[-1], device=draws.device) == 0).to(draws.dtype)  # [N]: the token itself
+    return torch.where(total > 0, draws / torch.where(total > 0, total, torch.ones_like(total)), vertex)
 
 
 def project_simplex(values: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
@@ -49,7 +67,8 @@ def project_simplex(values: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
     real = torch.isfinite(ordered)
     sums = torch.where(real, ordered, torch.zeros_like(ordered)).cumsum(dim=-1) - 1  # [..., N]
     counts = torch.arange(1, values.shape[-1] + 1, device=values.device, dtype=values.dtype)
-    support = (real & (ordered > sums / counts)).sum(dim=-1, keepdim=True)  # ≥ 1: the largest entry always
+    # ≥ 1: the largest entry always belongs (in exact arithmetic; the clamp covers round-off at huge values).
+    support = (real & (ordered > sums / counts)).sum(dim=-1, keepdim=True).clamp_min(1)
     tau = sums.gather(-1, support - 1) / support
     return (values - tau).clamp_min(0) * valid
 
@@ -118,6 +137,8 @@ def dne(
     step_size = require_positive("step_size", step_size)
     alpha = require_positive("alpha", alpha)
     decay = require_positive("decay", decay)
+    if not alpha * decay > 0:
+        raise ValueError(f"alpha · decay (the concentration of synonyms' synonyms) must be > 0, got {alpha} · {decay}")
     width = require_steps("width", width)
     if width < 2:
         raise ValueError(f"width must be at least 2 (the token and one synonym), got {width}")

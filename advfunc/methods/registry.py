@@ -20,8 +20,10 @@ from torch import nn
 from advfunc.core.arguments import require_steps
 from advfunc.core.completion import ADV_LABELS
 from advfunc.core.step import Step
+from advfunc.methods.ascc import ascc
 from advfunc.methods.awp import awp
 from advfunc.methods.cat import cat
+from advfunc.methods.dne import dne
 from advfunc.methods.fgm import fgm
 from advfunc.methods.free_at import free_at
 from advfunc.methods.freelb import freelb
@@ -72,6 +74,8 @@ METHODS: dict[str, Method] = {
     "awp": Method(awp),
     "smart": Method(smart, driver="teacher"),
     "free_at": Method(free_at, driver="replay"),
+    "ascc": Method(ascc),
+    "dne": Method(dne),
 }
 
 # Options of the driver, not of the factory, given in the same method spec (smart:beta=0.999).
