@@ -1,4 +1,4 @@
-"""DNE's perturbation: a Dirichlet draw in each token's neighbourhood hull, then ascent on the simplex (Zhou et al., 2021)."""
+"""DNE's perturbation: a Dirichlet draw in each token's synonym hull, then ascent on the simplex (Zhou et al., 2021)."""
 
 from __future__ import annotations
 
@@ -14,7 +14,6 @@ from advfunc.core.norms import l2_direction
 from advfunc.core.params import Params
 from advfunc.core.step import Call
 from advfunc.core.targets import Delta, Layout
-
 
 # Marsaglia–Tsang proposals drawn per entry: each is accepted with probability > 0.95 for
 # shape >= 1, so all 8 fail with probability < 4e-11 (the entry then takes its mode-like d).

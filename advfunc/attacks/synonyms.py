@@ -51,7 +51,7 @@ class Neighbourhood(NamedTuple):
 
 
 def check_table(table: Any, vocab: int) -> SynonymTable:
-    """``table`` as a checked :class:`SynonymTable` for a vocabulary of ``vocab`` tokens; ``ValueError`` naming the fault."""
+    """``table`` checked for a vocabulary of ``vocab`` tokens, unused slots zeroed; an error names the fault."""
     if not isinstance(table, SynonymTable):
         raise TypeError(
             f"synonyms must be an advfunc.attacks.SynonymTable (ids [V, K], mask [V, K]), got {type(table).__name__}; "

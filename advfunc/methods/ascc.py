@@ -27,6 +27,7 @@ def ascc(
     *,
     loss_fn: LossFn | None = None,
     autocast: torch.dtype | None = None,
+    compile: bool | None = None,
 ) -> Step:
     """ASCC: train on the task loss plus β · KL between the clean and the adversarial combination's predictions.
 
@@ -47,7 +48,8 @@ def ascc(
     ``out``: ``loss`` the task loss, ``adv_loss`` the KL (before β), ``delta`` δ [B, L, H].
 
     Cost: ``steps`` passes that differentiate δ only, then 2 forwards and one backward
-    through both: steps + 2 passes. Eager only. Paper: Dong, Luu, Ji & Liu, "Towards
+    through both: steps + 2 passes. ``compile`` compiles the δ-only passes; the final
+    objective spans two forwards and stays eager. Paper: Dong, Luu, Ji & Liu, "Towards
     Robustness Against Natural Language Word Substitutions", ICLR 2021.
 
     Example::
@@ -58,7 +60,7 @@ def ascc(
     """
     beta = require_positive("beta", beta)
     attack = attacks.ascc(
-        model, synonyms, steps, lr, sparsity, "kl", loss_fn=loss_fn, autocast=autocast, compile=False
+        model, synonyms, steps, lr, sparsity, "kl", loss_fn=loss_fn, autocast=autocast, compile=compile
     )
     engine, target, perturbed = attack.engine, attack.target, attack.perturbed
 

@@ -1,4 +1,4 @@
-"""DNE training: the clean loss plus the losses at Dirichlet points of the synonym hulls, pushed uphill (Zhou et al., 2021)."""
+"""DNE training: the clean loss plus the losses at Dirichlet points of the synonym hulls (Zhou et al., 2021)."""
 
 from __future__ import annotations
 
@@ -29,7 +29,7 @@ def dne(
     autocast: torch.dtype | None = None,
     compile: bool | None = None,
 ) -> Step:
-    """DNE: the clean loss plus the loss at each of K points of the neighbourhood hulls, each an ascent step from the last.
+    """DNE: the clean loss plus the loss at K points of the synonym hulls, each an ascent step from the last.
 
     .. math::
         \\text{grads} = ∇_θ L(θ, 0) + \\sum_{t=1}^{K} ∇_θ L(θ, δ_{t-1})
@@ -79,9 +79,7 @@ def dne(
             total = clean.param_grads
             delta = rule.init(call, draw_from)
             for t in range(steps):
-                at = engine.full(
-                    call, delta, with_delta_grad=True, accumulate_into=total, final=t == steps - 1
-                )
+                at = engine.full(call, delta, with_delta_grad=True, accumulate_into=total, final=t == steps - 1)
                 total = at.param_grads
                 delta, finite = rule.ascend(delta, at.delta_grads, call.params, call.layout)
                 skipped = skipped | ~finite

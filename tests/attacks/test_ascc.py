@@ -91,7 +91,7 @@ def test_bad_tables_are_refused_naming_the_fault():
         advfunc.attacks.ascc(model, tiny_synonyms(vocab=50))
     with pytest.raises(TypeError, match="SynonymTable"):
         advfunc.attacks.ascc(model, {"good": ["fine"]})
-    with pytest.raises(ValueError, match="torch.long"):
+    with pytest.raises(ValueError, match=r"torch\.long"):
         advfunc.attacks.ascc(model, advfunc.attacks.SynonymTable(table.ids.int(), table.mask))
     own = table.ids.clone()
     own[1, 0] = 1
@@ -115,3 +115,14 @@ def test_the_loss_objective_needs_labels_and_ascends_the_loss():
     unlabelled = {k: v for k, v in batch.items() if k != "labels"}
     with pytest.raises(ValueError, match="labels"):
         advfunc.attacks.ascc(model, table, objective="loss")(params, unlabelled)
+
+
+@pytest.mark.slow
+def test_compiled_attack_equals_eager():
+    model = sharpened(tiny_model("bert"), 100.0)  # Adam's ε: see the parity test
+    batch = padded_batch("bert")
+    eager, compiled = (
+        advfunc.attacks.ascc(model, tiny_synonyms(), 2, compile=c)(advfunc.params_of(model), batch)
+        for c in (False, True)
+    )
+    torch.testing.assert_close(compiled, eager, rtol=1e-4, atol=1e-6)

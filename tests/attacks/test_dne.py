@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 import advfunc
@@ -45,7 +46,8 @@ def test_two_hop_neighbourhoods_match_a_set_based_expansion():
     found = two_hop(table, width=6)
     expected = neighbourhoods(table.ids, table.mask, ids, second_hop_width=6)
     for row, token in enumerate(ids.flatten().tolist()):
-        got = list(zip(found.ids[token][found.mask[token]].tolist(), found.hop[token][found.mask[token]].tolist()))
+        kept = found.mask[token]
+        got = list(zip(found.ids[token][kept].tolist(), found.hop[token][kept].tolist(), strict=True))
         assert got == expected[row // 12][row % 12]
     assert bool((found.hop == 2).any())  # the check covers the second hop
 
@@ -84,8 +86,26 @@ def test_delta_is_zero_at_padding_and_at_tokens_without_synonyms():
     model = tiny_model("bert")
     batch = padded_batch("bert")
     table = tiny_synonyms()
-    delta = advfunc.attacks.dne(model, table, generator=torch.Generator().manual_seed(0))(advfunc.params_of(model), batch)
+    delta = advfunc.attacks.dne(model, table, generator=torch.Generator().manual_seed(0))(
+        advfunc.params_of(model), batch
+    )
     without = ~table.mask[batch["input_ids"]].any(-1) | ~batch["attention_mask"].bool()
     assert bool(without.any()) and bool((~without).any())
     assert torch.all(delta[without] == 0)
     assert float((delta[~without].norm(dim=-1) > 0).float().mean()) > 0.5  # a token may end at its own vertex
+
+
+@pytest.mark.slow
+def test_compiled_step_equals_eager():
+    model = tiny_model("bert")
+    batch = padded_batch("bert")
+    params = advfunc.params_of(model)
+    steps = [
+        advfunc.dne(model, tiny_synonyms(), 2, generator=torch.Generator().manual_seed(0), compile=c)
+        for c in (False, True)
+    ]
+    (eager, eager_out), (compiled, compiled_out) = (step(params, batch) for step in steps)
+    a = torch.cat([eager[n].flatten() for n in eager])
+    c = torch.cat([compiled[n].flatten() for n in eager])
+    assert ((a - c).norm() / a.norm()).item() <= 1e-5
+    torch.testing.assert_close(compiled_out.delta, eager_out.delta, rtol=1e-4, atol=1e-6)

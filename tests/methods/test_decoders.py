@@ -174,7 +174,9 @@ def expected_losses(method: str, model, params, batch, out) -> tuple[torch.Tenso
         moved = {**params, **{name: params[name] + d for name, d in out.delta.items()}}
         return clean, independent(model, batch, params=moved)[0]
     perturbed_logits = independent(model, batch, embeds=out.delta)[1]
-    return clean, kl_by_position(clean_logits, perturbed_logits, completion(labels), symmetric=method not in ("vat", "ascc"))
+    return clean, kl_by_position(
+        clean_logits, perturbed_logits, completion(labels), symmetric=method not in ("vat", "ascc")
+    )
 
 
 @pytest.mark.parametrize("padding", PADDINGS)

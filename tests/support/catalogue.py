@@ -128,7 +128,7 @@ REFUSED, ANSWERED = _prompts(1), _prompts(2)
 
 
 def tiny_synonyms(vocab: int = CLASSIFIER_VOCAB, width: int = 4, seed: int = 0) -> advfunc.attacks.SynonymTable:
-    """Random distinct synonyms for the tiny vocabulary: up to ``width`` per token, every third token (padding 0 too) none."""
+    """Random distinct synonyms for a tiny vocabulary: up to ``width`` a token; every third token (0 too) has none."""
     g = seeded(seed)
     ids = torch.rand(vocab, vocab - 1, generator=g).argsort(dim=1)[:, :width] + 1
     mask = (torch.rand(vocab, width, generator=g) < 0.7) & (ids != torch.arange(vocab).unsqueeze(1))

@@ -229,7 +229,9 @@ def neighbourhoods(table_ids, table_mask, ids, second_hop_width=None):
     One hop: the token, then its synonyms in table order. Two hops (DNE): then the
     synonyms' synonyms in table order, each id once at its nearest hop, cut at the width.
     """
-    synonyms = [[int(t) for t, m in zip(row, keep, strict=True) if m] for row, keep in zip(table_ids, table_mask, strict=True)]
+    synonyms = [
+        [int(t) for t, m in zip(row, keep, strict=True) if m] for row, keep in zip(table_ids, table_mask, strict=True)
+    ]
     result = []
     for row in ids.tolist():
         out_row = []
@@ -256,7 +258,8 @@ def combination_delta(model, pairs, weights):
         rows.append(
             torch.stack(
                 [
-                    sum(w * embedding[n] for (n, _), w in zip(token_pairs, token_weights, strict=False)) - embedding[token_pairs[0][0]]
+                    sum(w * embedding[n] for (n, _), w in zip(token_pairs, token_weights, strict=False))
+                    - embedding[token_pairs[0][0]]
                     for token_pairs, token_weights in zip(row_pairs, row_weights, strict=True)
                 ]
             )
@@ -327,7 +330,7 @@ def simplex_projection_by_bisection(values, count):
 
 
 def reference_dne(model, batch, pairs, start, steps, step_size):
-    """DNE's ascent from the weights ``start`` (one list per token): per token, w ← Π_Δ(w + η g/‖g‖), g = ∂L/∂w by autograd.
+    """DNE's ascent from the weights ``start`` (a list per token): w ← Π_Δ(w + η g/‖g‖), g = ∂L/∂w by autograd.
 
     Returns (δ_K, the model's .grad of CE(clean) + Σ_{t<K} CE(δ_t)).
     """

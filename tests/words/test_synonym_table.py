@@ -7,7 +7,22 @@ from transformers import BertTokenizerFast
 
 from advfunc.words.synonym_table import from_words, wordnet_table
 
-WORDS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "good", "fine", "great", "film", "movie", "bad", "poor", "ex", "##cellent", "new"]
+WORDS = [
+    "[PAD]",
+    "[UNK]",
+    "[CLS]",
+    "[SEP]",
+    "good",
+    "fine",
+    "great",
+    "film",
+    "movie",
+    "bad",
+    "poor",
+    "ex",
+    "##cellent",
+    "new",
+]
 
 
 @pytest.fixture(scope="module")
@@ -27,7 +42,8 @@ def test_a_word_list_keeps_single_token_words_and_synonyms_in_order(tokenizer):
         width=4,
     )
     assert table.ids.shape == (len(tokenizer), 4) and table.mask.shape == (len(tokenizer), 4)
-    assert synonyms_of(table, tokenizer, "good") == ["fine", "great"]  # "excellent" is two tokens; repeats and itself dropped
+    # "excellent" is two tokens; the repeat and the word itself are dropped
+    assert synonyms_of(table, tokenizer, "good") == ["fine", "great"]
     assert synonyms_of(table, tokenizer, "movie") == ["film"]
     assert synonyms_of(table, tokenizer, "bad") == []
     assert int(table.mask.sum()) == 3
