@@ -130,8 +130,9 @@ REFUSED, ANSWERED = _prompts(1), _prompts(2)
 def tiny_synonyms(vocab: int = CLASSIFIER_VOCAB, width: int = 4, seed: int = 0) -> advfunc.attacks.SynonymTable:
     """Random distinct synonyms for a tiny vocabulary: up to ``width`` a token; every third token (0 too) has none."""
     g = seeded(seed)
-    ids = torch.rand(vocab, vocab - 1, generator=g).argsort(dim=1)[:, :width] + 1
-    mask = (torch.rand(vocab, width, generator=g) < 0.7) & (ids != torch.arange(vocab).unsqueeze(1))
+    ids = torch.randint(1, vocab, (vocab, width), generator=g)
+    repeated = (ids.unsqueeze(2) == ids.unsqueeze(1)).tril(diagonal=-1).any(dim=2)  # an id already in the row
+    mask = (torch.rand(vocab, width, generator=g) < 0.7) & (ids != torch.arange(vocab).unsqueeze(1)) & ~repeated
     mask[::3] = False
     return advfunc.attacks.SynonymTable(ids, mask)
 
