@@ -6,7 +6,14 @@ import torch
 from torch import nn
 
 from advfunc.attacks.attack import Attack, Rule
-from advfunc.attacks.synonyms import SynonymEmbeddings, SynonymTable, combination, synonym_target, weight_gradient
+from advfunc.attacks.synonyms import (
+    SynonymEmbeddings,
+    SynonymTable,
+    combination,
+    neighbours_of,
+    synonym_target,
+    weight_gradient,
+)
 from advfunc.core.arguments import require_non_negative, require_positive, require_steps
 from advfunc.core.divergence import kl_logits
 from advfunc.core.model import LossFn
@@ -40,8 +47,7 @@ def ascc_rule(target: SynonymEmbeddings, steps: int, lr: float, sparsity: float)
 
     def init(call: Call, generator: torch.Generator | None) -> Delta:
         layout = call.layout
-        assert layout.valid is not None  # type: ignore[attr-defined]
-        valid = layout.valid  # type: ignore[attr-defined]
+        valid = neighbours_of(layout).valid
         logits = torch.zeros(valid.shape, dtype=torch.float32, device=call.device)  # [B, L, N]
         weights = masked_softmax(logits, valid)
         delta = combination(weights, target.embeddings(call.params, layout), layout, target.dtype)
@@ -57,7 +63,7 @@ def ascc_rule(target: SynonymEmbeddings, steps: int, lr: float, sparsity: float)
         }
 
     def ascend(delta: Delta, grads: Delta, params: Params, layout: Layout) -> tuple[Delta, torch.Tensor]:
-        valid = layout.valid  # type: ignore[attr-defined]
+        valid = neighbours_of(layout).valid
         batch, length = layout.shape[0], layout.shape[1]
         neighbours = target.embeddings(params, layout)  # [B, L, N, H]
         weights = masked_softmax(delta["logits"], valid)

@@ -6,7 +6,14 @@ import torch
 from torch import nn
 
 from advfunc.attacks.attack import Attack, Rule
-from advfunc.attacks.synonyms import SynonymEmbeddings, SynonymTable, combination, synonym_target, weight_gradient
+from advfunc.attacks.synonyms import (
+    SynonymEmbeddings,
+    SynonymTable,
+    combination,
+    neighbours_of,
+    synonym_target,
+    weight_gradient,
+)
 from advfunc.core.arguments import require_positive, require_steps
 from advfunc.core.model import LossFn
 from advfunc.core.noise import require_generator
@@ -77,14 +84,15 @@ def dne_rule(target: SynonymEmbeddings, steps: int, step_size: float, alpha: flo
 
     def init(call: Call, generator: torch.Generator | None) -> Delta:
         layout = call.layout
-        valid, hop = layout.valid, layout.hop  # type: ignore[attr-defined]
+        neighbourhood = neighbours_of(layout)
+        valid, hop = neighbourhood.valid, neighbourhood.hop
         concentration = torch.where(hop == 2, alpha * decay, alpha).float()
         weights = dirichlet(concentration, valid, generator)  # [B, L, N]
         delta = combination(weights, target.embeddings(call.params, layout), layout, target.dtype)
         return {"embeds": delta, "weights": weights}
 
     def ascend(delta: Delta, grads: Delta, params: Params, layout: Layout) -> tuple[Delta, torch.Tensor]:
-        valid = layout.valid  # type: ignore[attr-defined]
+        valid = neighbours_of(layout).valid
         neighbours = target.embeddings(params, layout)  # [B, L, N, H]
         gradient = weight_gradient(grads["embeds"], neighbours) * valid  # [B, L, N]
         direction, finite = l2_direction(gradient, (2,))

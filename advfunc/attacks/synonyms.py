@@ -18,7 +18,7 @@ which is 0 at w = one-hot(0). Padding, and tokens without a synonym, are masked 
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
 import torch
@@ -91,7 +91,7 @@ def two_hop(table: SynonymTable, width: int) -> Neighbourhood:
     """Each token, its synonyms and their synonyms, each id once at its nearest hop: [V, width].
 
     Candidates are ordered by hop, then by their place in the table; those past ``width``
-    columns are dropped (synonyms before synonyms' synonyms). Cost: one sort of [V, K + K²].
+    columns are dropped (synonyms before synonyms' synonyms). Cost: two sorts of [V, 1 + K + K²].
     """
     vocab, k = table.ids.shape
     own = torch.arange(vocab, device=table.ids.device).unsqueeze(1)  # [V, 1]
@@ -122,9 +122,9 @@ class NeighbourLayout(Layout):
     """:class:`Layout` plus the batch's neighbourhoods: ``neighbours`` [B, L, N] ids, ``valid`` [B, L, N] bool,
     ``hop`` [B, L, N]. ``mask`` is 0 at padding and at tokens without a synonym."""
 
-    neighbours: torch.Tensor | None = None
-    valid: torch.Tensor | None = None
-    hop: torch.Tensor | None = None
+    neighbours: torch.Tensor = field(kw_only=True)
+    valid: torch.Tensor = field(kw_only=True)
+    hop: torch.Tensor = field(kw_only=True)
 
 
 class SynonymEmbeddings(EmbeddingOutput):
@@ -156,8 +156,14 @@ class SynonymEmbeddings(EmbeddingOutput):
 
     def embeddings(self, params: Params, layout: Layout) -> torch.Tensor:
         """e(n) for every neighbour of the batch: [B, L, N, H]."""
-        assert isinstance(layout, NeighbourLayout) and layout.neighbours is not None
-        return nn.functional.embedding(layout.neighbours, params[self.weight_name].detach())
+        return nn.functional.embedding(neighbours_of(layout).neighbours, params[self.weight_name].detach())
+
+
+def neighbours_of(layout: Layout) -> NeighbourLayout:
+    """``layout`` as the :class:`NeighbourLayout` a :class:`SynonymEmbeddings` target made."""
+    if not isinstance(layout, NeighbourLayout):
+        raise TypeError(f"a synonym rule needs the layout of a SynonymEmbeddings target, got {type(layout).__name__}")
+    return layout
 
 
 def synonym_target(model: nn.Module, synonyms: SynonymTable, width: int | None = None) -> SynonymEmbeddings:
