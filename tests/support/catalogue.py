@@ -176,7 +176,6 @@ CATALOGUE: dict[str, Entry] = {
             lambda c: c["steps"],
             seeded=True,
             cost_variants=_grid(steps=[1, 3]),
-            needs=synonyms_for,
         ),
         Entry("neftune", advfunc.neftune, {"alpha": 5.0}, lambda c: 1, seeded=True, aims_with_loss=False),
         Entry(
