@@ -11,6 +11,7 @@ from advfunc.attacks.synonyms import (
     SynonymTable,
     combination,
     neighbours_of,
+    require_own_start,
     synonym_target,
     weight_gradient,
 )
@@ -63,6 +64,7 @@ def ascc_rule(target: SynonymEmbeddings, steps: int, lr: float, sparsity: float)
         }
 
     def ascend(delta: Delta, grads: Delta, params: Params, layout: Layout) -> tuple[Delta, torch.Tensor]:
+        require_own_start(delta, "logits", "ascc")
         valid = neighbours_of(layout).valid
         batch, length = layout.shape[0], layout.shape[1]
         neighbours = target.embeddings(params, layout)  # [B, L, N, H]

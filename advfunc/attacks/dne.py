@@ -11,6 +11,7 @@ from advfunc.attacks.synonyms import (
     SynonymTable,
     combination,
     neighbours_of,
+    require_own_start,
     synonym_target,
     weight_gradient,
 )
@@ -92,6 +93,7 @@ def dne_rule(target: SynonymEmbeddings, steps: int, step_size: float, alpha: flo
         return {"embeds": delta, "weights": weights}
 
     def ascend(delta: Delta, grads: Delta, params: Params, layout: Layout) -> tuple[Delta, torch.Tensor]:
+        require_own_start(delta, "weights", "dne")
         valid = neighbours_of(layout).valid
         neighbours = target.embeddings(params, layout)  # [B, L, N, H]
         gradient = weight_gradient(grads["embeds"], neighbours) * valid  # [B, L, N]

@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from advfunc.core.params import Params
-from advfunc.core.targets import EmbeddingOutput, Layout, input_embedding
+from advfunc.core.targets import Delta, EmbeddingOutput, Layout, input_embedding
 
 _FAR = torch.iinfo(torch.long).max // 4  # sorts after every real key
 
@@ -185,6 +185,15 @@ def synonym_target(model: nn.Module, synonyms: SynonymTable, width: int | None =
         raise ValueError("the input embedding's weight is not a parameter of the model")
     neighbourhood = one_hop(table) if width is None else two_hop(table, width)
     return SynonymEmbeddings(embedding, names[0], neighbourhood)
+
+
+def require_own_start(delta: Delta, key: str, attack: str) -> None:
+    """Refuse an iterate without ``key``: a caller's ``start=`` δ, which fixes no weights over the neighbourhood."""
+    if key not in delta:
+        raise ValueError(
+            f"{attack} starts from weights over each token's neighbourhood, which a given start= δ does not fix; "
+            "call the attack without start="
+        )
 
 
 def combination(weights: torch.Tensor, neighbours: torch.Tensor, layout: Layout, dtype: torch.dtype) -> torch.Tensor:

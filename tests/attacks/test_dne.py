@@ -95,6 +95,15 @@ def test_delta_is_zero_at_padding_and_at_tokens_without_synonyms():
     assert float((delta[~without].norm(dim=-1) > 0).float().mean()) > 0.5  # a token may end at its own vertex
 
 
+@pytest.mark.parametrize("name", ["ascc", "dne"])
+def test_a_given_start_is_refused_naming_it(name):
+    model = tiny_model("bert")
+    batch = padded_batch("bert")
+    attack = getattr(advfunc.attacks, name)(model, tiny_synonyms())
+    with pytest.raises(ValueError, match="start="):
+        attack(advfunc.params_of(model), batch, start=torch.zeros(4, 12, 32))
+
+
 @pytest.mark.slow
 def test_compiled_step_equals_eager():
     model = tiny_model("bert")
