@@ -118,9 +118,10 @@ def ascc(
     𝒪 is KL(p(·|x) ‖ p(·|x + δ)) (``objective="kl"``, ASCC's training attack, no labels
     needed) or the loss (``"loss"``); B·𝒪 is the reference implementation's sum over the
     batch, and the entropy penalty (averaged over all B·L positions, as there) drives w
-    to a vertex: a real word substitution. z starts at 0 (uniform w; the reference draws
-    near-zero logits) and takes ``steps`` Adam steps of rate ``lr`` (β = 0.9, 0.999, ε = 1e-8)
-    on the analytic gradient ∂/∂z through ∂𝒪/∂δ. S(x) is the token's row of ``synonyms``
+    to a vertex: a real word substitution. z starts at 0 (uniform w) and takes ``steps``
+    Adam steps of rate ``lr`` (β = 0.9, 0.999, ε = 1e-8) on the analytic gradient ∂/∂z
+    through ∂𝒪/∂δ; the reference draws near-zero starting logits and adds an Adam weight
+    decay of 2e-5 on z, both left out here. S(x) is the token's row of ``synonyms``
     (:class:`advfunc.attacks.SynonymTable`); δ = 0 at padding and at tokens without
     synonyms. The input embedding must be a plain ``nn.Embedding``.
 

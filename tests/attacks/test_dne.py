@@ -9,7 +9,12 @@ import advfunc
 from advfunc.attacks.dne import dirichlet, project_simplex
 from advfunc.attacks.synonyms import two_hop
 from tests.support.catalogue import tiny_synonyms
-from tests.support.reference_methods import neighbourhoods, reference_dne, simplex_projection_by_bisection
+from tests.support.reference_methods import (
+    distance_to_hull,
+    neighbourhoods,
+    reference_dne,
+    simplex_projection_by_bisection,
+)
 from tests.support.tiny_models import padded_batch, tiny_model
 
 
@@ -93,6 +98,26 @@ def test_delta_is_zero_at_padding_and_at_tokens_without_synonyms():
     assert bool(without.any()) and bool((~without).any())
     assert torch.all(delta[without] == 0)
     assert float((delta[~without].norm(dim=-1) > 0).float().mean()) > 0.5  # a token may end at its own vertex
+
+
+def test_delta_lies_in_the_hull_of_the_two_hop_neighbourhood():
+    model = tiny_model("bert")
+    batch = padded_batch("bert")
+    table = tiny_synonyms()
+    delta = advfunc.attacks.dne(model, table, steps=3, width=8, generator=torch.Generator().manual_seed(0))(
+        advfunc.params_of(model), batch
+    )
+    embedding = model.get_input_embeddings().weight.detach()
+    pairs = neighbourhoods(table.ids, table.mask, batch["input_ids"], second_hop_width=8)
+    checked = 0
+    for b, row in enumerate(pairs):
+        for t, token_pairs in enumerate(row):
+            if batch["attention_mask"][b, t] and len(token_pairs) > 1:
+                vertices = embedding[[n for n, _ in token_pairs]]
+                point = embedding[token_pairs[0][0]] + delta[b, t]
+                assert distance_to_hull(point, vertices) < 1e-4 * float(vertices.norm(dim=1).max())
+                checked += any(hop == 2 for _, hop in token_pairs)
+    assert checked > 3  # hulls with second-hop vertices were among them
 
 
 @pytest.mark.parametrize("name", ["ascc", "dne"])

@@ -353,3 +353,17 @@ def reference_dne(model, batch, pairs, start, steps, step_size):
         weights = moved
     delta = combination_delta(model, pairs, weights)
     return delta * mask_of(batch), grads_of(model)
+
+
+def distance_to_hull(point: torch.Tensor, vertices: torch.Tensor, iterations: int = 3000) -> float:
+    """min over the simplex of ‖Σ w v − point‖, by projected gradient descent in float64 (sort-based projection)."""
+    v, p = vertices.double(), point.double()
+    w = torch.full((len(v),), 1.0 / len(v), dtype=torch.float64)
+    step = 1.0 / float(torch.linalg.matrix_norm(v @ v.T, ord=2))
+    for _ in range(iterations):
+        y = w - step * (v @ (w @ v - p))
+        u = y.sort(descending=True).values
+        css = u.cumsum(0) - 1
+        k = int((u > css / torch.arange(1, len(u) + 1)).sum())
+        w = (y - css[k - 1] / k).clamp_min(0)
+    return float((w @ v - p).norm())
