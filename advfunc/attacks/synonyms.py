@@ -87,22 +87,34 @@ def one_hop(table: SynonymTable) -> Neighbourhood:
     return Neighbourhood(ids, mask, hop)
 
 
+# Rows expanded at a time: bounds two_hop's temporaries to ROWS × (1 + K + K²) per tensor.
+ROWS = 4096
+
+
 def two_hop(table: SynonymTable, width: int) -> Neighbourhood:
-    """Each token, its synonyms and their synonyms, each id once at its nearest hop: [V, width].
+    """Each token, its synonyms and their synonyms, each id once at its nearest hop: [V, min(width, 1 + K + K²)].
 
     Candidates are ordered by hop, then by their place in the table; those past ``width``
-    columns are dropped (synonyms before synonyms' synonyms). Cost: two sorts of [V, 1 + K + K²].
+    columns are dropped (synonyms before synonyms' synonyms). Cost: two sorts of
+    [V, 1 + K + K²], :data:`ROWS` rows at a time.
     """
-    vocab, k = table.ids.shape
-    own = torch.arange(vocab, device=table.ids.device).unsqueeze(1)  # [V, 1]
-    second = table.ids[table.ids].reshape(vocab, k * k)  # [V, K²]
-    second_mask = (table.mask.unsqueeze(2) & table.mask[table.ids]).reshape(vocab, k * k)
-    ids = torch.cat([own, table.ids, second], dim=1)  # [V, C], C = 1 + K + K²
-    real = torch.cat([torch.ones_like(own, dtype=torch.bool), table.mask, second_mask], dim=1)
-    hop = torch.cat([torch.zeros_like(own), torch.ones_like(table.ids), torch.full_like(second, 2)], dim=1)
-    place = torch.arange(ids.shape[1], device=ids.device).expand_as(ids)
-    # Equal ids side by side, nearest hop and earliest place first: the first of each run is kept.
+    parts = [_two_hop_rows(table, start, width) for start in range(0, table.ids.shape[0], ROWS)]
+    return Neighbourhood(*(torch.cat(column) for column in zip(*parts, strict=True)))
+
+
+def _two_hop_rows(table: SynonymTable, start: int, width: int) -> Neighbourhood:
+    """:func:`two_hop` for the rows ``start`` to ``start + ROWS``."""
+    first_ids, first_mask = table.ids[start : start + ROWS], table.mask[start : start + ROWS]  # [R, K]
+    rows, k = first_ids.shape
+    own = torch.arange(start, start + rows, device=first_ids.device).unsqueeze(1)  # [R, 1]
+    second = table.ids[first_ids].reshape(rows, k * k)  # [R, K²]
+    second_mask = (first_mask.unsqueeze(2) & table.mask[first_ids]).reshape(rows, k * k)
+    ids = torch.cat([own, first_ids, second], dim=1)  # [R, C], C = 1 + K + K²
+    real = torch.cat([torch.ones_like(own, dtype=torch.bool), first_mask, second_mask], dim=1)
+    hop = torch.cat([torch.zeros_like(own), torch.ones_like(first_ids), torch.full_like(second, 2)], dim=1)
     columns = ids.shape[1]
+    place = torch.arange(columns, device=ids.device).expand_as(ids)
+    # Equal ids side by side, nearest hop and earliest place first: the first of each run is kept.
     key = torch.where(real, (ids * 3 + hop) * columns + place, torch.full_like(ids, _FAR))
     key, order = key.sort(dim=1)
     sorted_ids = ids.gather(1, order)

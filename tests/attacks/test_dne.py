@@ -6,6 +6,7 @@ import pytest
 import torch
 
 import advfunc
+from advfunc.attacks import synonyms
 from advfunc.attacks.dne import dirichlet, project_simplex
 from advfunc.attacks.synonyms import two_hop
 from tests.support.catalogue import tiny_synonyms
@@ -45,7 +46,9 @@ def test_projection_onto_the_simplex_matches_bisection():
         assert torch.all(projected[row][~keep] == 0)
 
 
-def test_two_hop_neighbourhoods_match_a_set_based_expansion():
+@pytest.mark.parametrize("rows", [7, 4096])  # expanded in blocks of rows, or all at once
+def test_two_hop_neighbourhoods_match_a_set_based_expansion(rows, monkeypatch):
+    monkeypatch.setattr(synonyms, "ROWS", rows)
     table = tiny_synonyms(width=3)
     ids = torch.arange(120).view(10, 12)
     found = two_hop(table, width=6)

@@ -1,4 +1,4 @@
-"""Straightforward imperative implementations of VAT, SMART, R3F, AWP and FreeAT: the oracle.
+"""Straightforward imperative implementations of VAT, SMART, R3F, AWP, FreeAT, ASCC and DNE: the oracle.
 
 Written from the papers' equations (and, for AWP, the AWP class common in Kaggle NLP
 solutions) the way a training script would: ``loss.backward()`` into ``.grad``,
