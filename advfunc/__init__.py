@@ -22,8 +22,10 @@ from advfunc.core.projection import project_l2, project_linf
 from advfunc.core.stateful import StatefulStep, stateful
 from advfunc.core.step import Step, StepOutput
 from advfunc.core.targets import PERTURB_MASK
+from advfunc.methods.ascc import ascc
 from advfunc.methods.awp import awp
 from advfunc.methods.cat import cat
+from advfunc.methods.dne import dne
 from advfunc.methods.fgm import fgm
 from advfunc.methods.free_at import free_at
 from advfunc.methods.freelb import freelb
@@ -51,12 +53,14 @@ __all__ = [
     "Step",
     "StepOutput",
     "accumulate",
+    "ascc",
     "attacks",
     "away_loss",
     "awp",
     "awp_parameters",
     "cat",
     "distributed",
+    "dne",
     "ema",
     "fgm",
     "free_at",

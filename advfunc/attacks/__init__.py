@@ -12,9 +12,11 @@ objective around an attack with :func:`advfunc.perturbed_loss`::
 """
 
 from advfunc.attacks.adaptive import AdaptiveAttack, SuccessRate, adaptive, success_rate
+from advfunc.attacks.ascc import ascc
 from advfunc.attacks.attack import Attack, Rule
 from advfunc.attacks.awp import awp, awp_parameters
 from advfunc.attacks.cat import CompletionAttack, cat
+from advfunc.attacks.dne import dne
 from advfunc.attacks.fgm import fgm
 from advfunc.attacks.free_at import free_at
 from advfunc.attacks.freelb import freelb
@@ -23,6 +25,7 @@ from advfunc.attacks.neftune import neftune
 from advfunc.attacks.pgd import pgd
 from advfunc.attacks.r3f import r3f
 from advfunc.attacks.smart import smart
+from advfunc.attacks.synonyms import SynonymTable
 from advfunc.attacks.vat import vat
 
 __all__ = [
@@ -31,10 +34,13 @@ __all__ = [
     "CompletionAttack",
     "Rule",
     "SuccessRate",
+    "SynonymTable",
     "adaptive",
+    "ascc",
     "awp",
     "awp_parameters",
     "cat",
+    "dne",
     "fgm",
     "free_at",
     "freelb",

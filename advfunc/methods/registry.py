@@ -19,8 +19,10 @@ from torch import nn
 
 from advfunc.core.completion import ADV_LABELS
 from advfunc.core.step import Step
+from advfunc.methods.ascc import ascc
 from advfunc.methods.awp import awp
 from advfunc.methods.cat import cat
+from advfunc.methods.dne import dne
 from advfunc.methods.fgm import fgm
 from advfunc.methods.free_at import free_at
 from advfunc.methods.freelb import freelb
@@ -65,6 +67,8 @@ METHODS: dict[str, Method] = {
     "awp": Method(awp),
     "smart": Method(smart),
     "free_at": Method(free_at),
+    "ascc": Method(ascc),
+    "dne": Method(dne),
 }
 
 # Factory arguments a training loop supplies itself, or that a command line cannot spell.

@@ -12,6 +12,7 @@ from hypothesis import strategies as st
 import advfunc
 from advfunc.app.classify.train import TrainConfig
 from advfunc.methods import registry
+from tests.support.catalogue import CATALOGUE
 from tests.support.tiny_models import padded_batch, tiny_model
 
 
@@ -29,7 +30,8 @@ def _finite(grads: dict[str, torch.Tensor]) -> bool:
 
 
 def _build(method: str, model, **options):
-    return registry.factory_of(method)(model, **options)
+    needs = CATALOGUE[method].needs(model)  # ASCC, DNE: the synonym table
+    return registry.factory_of(method)(model, **needs, **options)
 
 
 # ---- finite inputs that overflow are reported (issue point 11) ----------------------------------------------------

@@ -259,7 +259,7 @@ def test_every_attack_refuses_a_bad_batch_naming_the_key_before_any_pass(name, c
     classes = model.config.num_labels if entry.model == "classifier" else model.config.vocab_size
     corrupt, match = CORRUPTIONS[corruption]
     batch = corrupt(entry.make_batch(), classes)
-    attack = getattr(advfunc.attacks, name)(model)
+    attack = getattr(advfunc.attacks, name)(model, **entry.needs(model))
     with PassCounter(model) as count, pytest.raises(ValueError, match=match.replace("{classes}", str(classes))):
         attack(advfunc.params_of(model), batch)
     assert count.forwards == 0

@@ -127,6 +127,8 @@ ON_A_DECODER = {
     "lat": {"epsilon": 1.0, "alpha": 0.5, "steps": 2},
     "refat": {"p": 1.0},
     "rerouting": {},
+    "ascc": {"steps": 1},
+    "dne": {"steps": 1},
 }
 METHODS = sorted(set(CATALOGUE) - {"none"})  # a method missing from ON_A_DECODER fails by name
 LAYERED = ("lat", "refat", "rerouting")  # a layer of each family
@@ -153,6 +155,8 @@ def expected_losses(method: str, model, params, batch, out) -> tuple[torch.Tenso
         return clean, independent(model, batch, embeds=out.delta)[0]
     if method in ("freelb", "free_at"):  # one pass at δ = 0
         return clean, clean
+    if method == "dne":  # its last loss is at δ_{K-1}, a Dirichlet draw for K = 1; out.delta is δ_K
+        return clean, None
     if method == "lat":
         return clean, independent(model, batch, layer=(LAYER[model.config.model_type], out.delta))[0]
     if method == "refat":  # p = 1: each harmful row loses its component along r̂ at every token
@@ -170,7 +174,9 @@ def expected_losses(method: str, model, params, batch, out) -> tuple[torch.Tenso
         moved = {**params, **{name: params[name] + d for name, d in out.delta.items()}}
         return clean, independent(model, batch, params=moved)[0]
     perturbed_logits = independent(model, batch, embeds=out.delta)[1]
-    return clean, kl_by_position(clean_logits, perturbed_logits, completion(labels), symmetric=method != "vat")
+    return clean, kl_by_position(
+        clean_logits, perturbed_logits, completion(labels), symmetric=method not in ("vat", "ascc")
+    )
 
 
 @pytest.mark.parametrize("padding", PADDINGS)
@@ -213,7 +219,7 @@ def test_kl_terms_ignore_prompt_and_padding(method, family, padding):
     clean_logits = independent(model, batch)[1]
     at_delta = independent(model, batch, embeds=out.delta)[1]
     every = torch.ones(batch["labels"].shape, dtype=torch.bool)
-    everywhere = kl_by_position(clean_logits, at_delta, every, symmetric=method != "vat")
+    everywhere = kl_by_position(clean_logits, at_delta, every, symmetric=method not in ("vat", "ascc"))
     assert abs(float(everywhere) - float(out.adv_loss)) > 1e-3 * float(out.adv_loss)
     # Other tokens at the padding change the logits there, and nothing the step returns.
     g = torch.Generator().manual_seed(11)

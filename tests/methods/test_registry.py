@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import copy
+from functools import partial
 
 import pytest
 import torch
 from transformers import TrainingArguments, default_data_collator
 
+import advfunc
 from advfunc.hf import AdversarialTrainer
 from advfunc.methods import registry
+from tests.support.catalogue import tiny_synonyms
 from tests.support.tiny_models import padded_batch, tiny_model
 
 
@@ -67,6 +70,9 @@ SPECS = {
     "awp": "awp",
     "smart": "smart:beta=0.9",
     "free_at": "free_at:replays=2",
+    # The synonym table is no scalar option: these two take their factory with it.
+    "ascc": partial(advfunc.ascc, synonyms=tiny_synonyms(), steps=1),
+    "dne": partial(advfunc.dne, synonyms=tiny_synonyms(), steps=1),
 }
 
 

@@ -24,6 +24,7 @@ from advfunc.methods.plain import plain
 from advfunc.methods.registry import METHODS
 from advfunc.methods.residual import HARMFUL
 from tests.support.tiny_decoders import VOCAB, completion_batch, tiny_decoder, tiny_lora_decoder
+from tests.support.tiny_models import VOCAB as CLASSIFIER_VOCAB
 from tests.support.tiny_models import padded_batch, tiny_model
 
 
@@ -42,6 +43,8 @@ class Entry:
     Every call goes through the stateful protocol (:func:`advfunc.stateful`): the state
     from ``step.init(params)`` (SMART's teacher, free AT's δ, ReFAT's direction, LAT's KL
     reference), then ``step.update(params, batch, state)``.
+    ``needs(model)``: arguments the method and its attack take for that model (ASCC and
+    DNE: a synonym table of the model's vocabulary).
     ``labelled``: the batch has ``labels`` (rerouting's loss reads hidden states only).
     ``aims_with_loss``: the perturbation follows the loss's
     gradient (not a divergence's, nor noise alone), so a non-finite loss gradient must
@@ -58,9 +61,10 @@ class Entry:
     aims_with_loss: bool = True
     forward_only: Callable[[Mapping[str, Any]], int] = lambda settings: 0
     cost_variants: tuple[Mapping[str, Any], ...] = ({},)
+    needs: Callable[[torch.nn.Module], Mapping[str, Any]] = lambda model: {}
 
     def build(self, model: torch.nn.Module, **overrides: Any) -> Step:
-        kwargs = {**self.defaults, **overrides}
+        kwargs = {**self.needs(model), **self.defaults, **overrides}
         if self.seeded and "generator" not in kwargs:
             kwargs["generator"] = seeded()
         return self.factory(model, **kwargs)
@@ -121,6 +125,21 @@ def _prompts(seed: int) -> dict[str, torch.Tensor]:
 
 
 REFUSED, ANSWERED = _prompts(1), _prompts(2)
+
+
+def tiny_synonyms(vocab: int = CLASSIFIER_VOCAB, width: int = 4, seed: int = 0) -> advfunc.attacks.SynonymTable:
+    """Random distinct synonyms for a tiny vocabulary: up to ``width`` a token; every third token (0 too) has none."""
+    g = seeded(seed)
+    ids = torch.randint(1, vocab, (vocab, width), generator=g)
+    repeated = (ids.unsqueeze(2) == ids.unsqueeze(1)).tril(diagonal=-1).any(dim=2)  # an id already in the row
+    mask = (torch.rand(vocab, width, generator=g) < 0.7) & (ids != torch.arange(vocab).unsqueeze(1)) & ~repeated
+    mask[::3] = False
+    return advfunc.attacks.SynonymTable(ids, mask)
+
+
+def synonyms_for(model: torch.nn.Module) -> dict[str, Any]:
+    """``{"synonyms": table}`` for ``model``'s vocabulary (ASCC, DNE)."""
+    return {"synonyms": tiny_synonyms(model.get_input_embeddings().num_embeddings)}
 
 
 def _grid(**axes: list[Any]) -> tuple[dict[str, Any], ...]:
@@ -206,6 +225,24 @@ CATALOGUE: dict[str, Entry] = {
             cost_variants=({"mu": 1.0, "steps": 1}, {"mu": 1.0, "steps": 3}, {"mu": 0.0, "steps": 2}),
         ),
         Entry("free_at", advfunc.free_at, {"epsilon": 0.01}, lambda c: 1),
+        Entry(
+            "ascc",
+            advfunc.ascc,
+            {"steps": 2},
+            lambda c: c["steps"] + 2,
+            aims_with_loss=False,  # it ascends the KL from the clean prediction
+            cost_variants=_grid(steps=[1, 3]),
+            needs=synonyms_for,
+        ),
+        Entry(
+            "dne",
+            advfunc.dne,
+            {"steps": 2},
+            lambda c: c["steps"] + 1,
+            seeded=True,
+            cost_variants=_grid(steps=[1, 3]),
+            needs=synonyms_for,
+        ),
         Entry(
             "refat",
             advfunc.refat,

@@ -1,4 +1,4 @@
-"""Straightforward imperative implementations of VAT, SMART, R3F, AWP and FreeAT: the oracle.
+"""Straightforward imperative implementations of VAT, SMART, R3F, AWP, FreeAT, ASCC and DNE: the oracle.
 
 Written from the papers' equations (and, for AWP, the AWP class common in Kaggle NLP
 solutions) the way a training script would: ``loss.backward()`` into ``.grad``,
@@ -221,3 +221,149 @@ def reference_free_at(model, batch, delta, epsilon, alpha, norm, via="inputs_emb
         size = per_example_norm(following)
         following = torch.where(size > epsilon, following * epsilon / size, following)
     return grads_of(model), following
+
+
+def neighbourhoods(table_ids, table_mask, ids, second_hop_width=None):
+    """Per token of ``ids`` [B, L], a list of (neighbour id, hop) pairs, built with Python sets and loops.
+
+    One hop: the token, then its synonyms in table order. Two hops (DNE): then the
+    synonyms' synonyms in table order, each id once at its nearest hop, cut at the width.
+    """
+    synonyms = [
+        [int(t) for t, m in zip(row, keep, strict=True) if m] for row, keep in zip(table_ids, table_mask, strict=True)
+    ]
+    result = []
+    for row in ids.tolist():
+        out_row = []
+        for token in row:
+            pairs = [(token, 0)] + [(s, 1) for s in synonyms[token]]
+            if second_hop_width is not None:
+                seen = {t for t, _ in pairs}
+                for s in synonyms[token]:
+                    for s2 in synonyms[s]:
+                        if s2 not in seen:
+                            seen.add(s2)
+                            pairs.append((s2, 2))
+                pairs = pairs[:second_hop_width]
+            out_row.append(pairs)
+        result.append(out_row)
+    return result
+
+
+def combination_delta(model, pairs, weights):
+    """δ [B, L, H] = Σ_j w_j e(n_j) − e(x) per token, 0 at padding and at tokens without synonyms."""
+    embedding = model.get_input_embeddings().weight.detach()
+    rows = []
+    for row_pairs, row_weights in zip(pairs, weights, strict=True):
+        rows.append(
+            torch.stack(
+                [
+                    sum(w * embedding[n] for (n, _), w in zip(token_pairs, token_weights, strict=False))
+                    - embedding[token_pairs[0][0]]
+                    for token_pairs, token_weights in zip(row_pairs, row_weights, strict=True)
+                ]
+            )
+        )
+    return torch.stack(rows)
+
+
+def reference_ascc(model, batch, pairs, steps, lr, sparsity, beta):
+    """ASCC as its reference implementation writes it: logits z as a leaf, ``torch.optim.Adam``, ``loss.backward()``.
+
+    Minimises −(Σ_batch KL(p_clean ‖ p_adv)) + sparsity · mean_{b,l} H(softmax z), z₀ = 0,
+    invalid neighbours at −∞; then the training loss CE + β · KL (batch mean), both
+    forwards differentiated. Returns (δ, the model's .grad after backward).
+    """
+    batch_size, length = batch["input_ids"].shape
+    width = max(len(p) for row in pairs for p in row)
+    live = torch.zeros(batch_size, length, width, dtype=torch.bool)
+    for b, row in enumerate(pairs):
+        for t, token_pairs in enumerate(row):
+            live[b, t, : len(token_pairs)] = True
+    keep = (batch["attention_mask"].bool() & live[..., 1:].any(-1)).unsqueeze(-1).float()  # [B, L, 1]
+    embedding = model.get_input_embeddings().weight.detach()
+    neighbour_ids = torch.zeros(batch_size, length, width, dtype=torch.long)
+    for b, row in enumerate(pairs):
+        for t, token_pairs in enumerate(row):
+            neighbour_ids[b, t, : len(token_pairs)] = torch.tensor([n for n, _ in token_pairs])
+    neighbours = embedding[neighbour_ids]  # [B, L, N, H]
+    inputs = {k: v for k, v in batch.items() if k != "labels"}
+    with torch.no_grad():
+        clean = model(**inputs).logits
+    z = torch.zeros(batch_size, length, width, requires_grad=True)
+    optimizer = torch.optim.Adam([z], lr=lr)
+
+    def delta_of(logits):
+        w = torch.softmax(logits.masked_fill(~live, float("-inf")), -1)
+        return ((w.unsqueeze(-1) * neighbours).sum(2) - neighbours[:, :, 0]) * keep, w
+
+    for _ in range(steps):
+        optimizer.zero_grad()
+        delta, w = delta_of(z)
+        adversarial = forward(model, inputs, delta, via="hook").logits
+        divergence = F.kl_div(F.log_softmax(adversarial, -1), F.softmax(clean, -1), reduction="sum")
+        safe = torch.where(live, w, torch.ones_like(w))  # 1 · log 1 = 0 where no neighbour is, with a finite gradient
+        entropy = -(safe * safe.log()).sum(-1).mean()
+        (-divergence + sparsity * entropy).backward()
+        optimizer.step()
+    delta = delta_of(z.detach())[0]
+    model.zero_grad()
+    clean_out = model(**batch)
+    adversarial = forward(model, inputs, delta, via="hook").logits
+    (clean_out.loss + beta * kl(clean_out.logits, adversarial)).backward()
+    return delta, grads_of(model)
+
+
+def simplex_projection_by_bisection(values, count):
+    """The Euclidean projection of ``values[:count]`` onto the simplex, τ found by 200 bisections in float64."""
+    v = values[:count].double()
+    low, high = float(v.min()) - 1, float(v.max())
+    for _ in range(200):
+        tau = (low + high) / 2
+        if float((v - tau).clamp_min(0).sum()) > 1:
+            low = tau
+        else:
+            high = tau
+    out = torch.zeros_like(values, dtype=torch.float64)
+    out[:count] = (v - (low + high) / 2).clamp_min(0)
+    return out.float()
+
+
+def reference_dne(model, batch, pairs, start, steps, step_size):
+    """DNE's ascent from the weights ``start`` (a list per token): w ← Π_Δ(w + η g/‖g‖), g = ∂L/∂w by autograd.
+
+    Returns (δ_K, the model's .grad of CE(clean) + Σ_{t<K} CE(δ_t)).
+    """
+    weights = [[torch.tensor(w, dtype=torch.float32) for w in row] for row in start]
+    model.zero_grad()
+    model(**batch).loss.backward()
+    for _ in range(steps):
+        leaves = [[w.clone().requires_grad_(True) for w in row] for row in weights]
+        delta = combination_delta(model, pairs, leaves)
+        forward(model, batch, delta * mask_of(batch), via="hook").loss.backward()
+        moved = []
+        for row_pairs, row in zip(pairs, leaves, strict=True):
+            moved_row = []
+            for token_pairs, w in zip(row_pairs, row, strict=True):
+                g = w.grad
+                norm = float(g.norm())
+                step = w.detach() + (step_size * g / norm if norm > 0 else 0 * g)
+                moved_row.append(simplex_projection_by_bisection(step, len(token_pairs)))
+            moved.append(moved_row)
+        weights = moved
+    delta = combination_delta(model, pairs, weights)
+    return delta * mask_of(batch), grads_of(model)
+
+
+def distance_to_hull(point: torch.Tensor, vertices: torch.Tensor, iterations: int = 3000) -> float:
+    """min over the simplex of ‖Σ w v − point‖, by projected gradient descent in float64 (sort-based projection)."""
+    v, p = vertices.double(), point.double()
+    w = torch.full((len(v),), 1.0 / len(v), dtype=torch.float64)
+    step = 1.0 / float(torch.linalg.matrix_norm(v @ v.T, ord=2))
+    for _ in range(iterations):
+        y = w - step * (v @ (w @ v - p))
+        u = y.sort(descending=True).values
+        css = u.cumsum(0) - 1
+        k = int((u > css / torch.arange(1, len(u) + 1)).sum())
+        w = (y - css[k - 1] / k).clamp_min(0)
+    return float((w @ v - p).norm())
