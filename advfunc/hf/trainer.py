@@ -87,6 +87,7 @@ from torch.utils.data import DataLoader, IterableDataset, Sampler
 from transformers import Trainer, TrainerCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
+from advfunc.attacks.synonyms import SynonymTable
 from advfunc.core.completion import ADV_LABELS
 from advfunc.core.params import params_of, set_grads
 from advfunc.core.stateful import State, StatefulStep, stateful
@@ -98,11 +99,13 @@ from advfunc.methods.registry import (
     build_step,
     draws_noise,
     hyperparameters,
+    needs_synonyms,
     parse_method,
     seeded_generator,
 )
 from advfunc.scale.distributed import DEFAULT_BUCKET_MB, all_reduce_grads
 from advfunc.scale.fsdp import is_sharded, shard_grads, unsharded
+from advfunc.words.synonym_table import wordnet_table
 
 METHOD_STATE = "advfunc_method"
 GENERATOR = "generator"  # the method state's key for its noise generator's state
@@ -141,6 +144,7 @@ class AdversarialTrainer(Trainer):
         **kwargs: Any,
     ) -> None:
         self._generator: torch.Generator | None = None
+        self._synonyms: SynonymTable | None = None
         overrides: dict[str, Any] = {k: v for k, v in (("beta", beta), ("replays", replays)) if v is not None}
         if isinstance(step_factory, str):
             spec = parse_method(step_factory)
@@ -155,7 +159,8 @@ class AdversarialTrainer(Trainer):
                     self._generator = seeded_generator(model, self.args.seed + 100_003 * self.args.process_index)
                 # Trainer turns checkpointing on when training starts, after the step is built: build it eager then.
                 eager = compile if compile is not None else (False if self.args.gradient_checkpointing else None)
-                return build_step(spec, model, generator=self._generator, compile=eager, **overrides)
+                table = {"synonyms": self._synonym_table(model)} if needs_synonyms(spec) else {}
+                return build_step(spec, model, generator=self._generator, compile=eager, **overrides, **table)
 
             factory: Callable[[nn.Module], Step] = from_spec
         elif callable(step_factory):
@@ -194,6 +199,19 @@ class AdversarialTrainer(Trainer):
                 f"use gradient_accumulation_steps=1, not {self.args.gradient_accumulation_steps}"
             )
         self.add_callback(_AfterOptimizerStep(self))
+
+    def _synonym_table(self, model: nn.Module) -> SynonymTable:
+        """WordNet's synonyms of the tokenizer's vocabulary (ASCC, DNE given by name), built once."""
+        if self._synonyms is None:
+            if self.processing_class is None:
+                raise ValueError(
+                    "a method that substitutes synonyms needs the tokenizer to build its synonym table: pass "
+                    "processing_class=tokenizer, or step_factory=partial(advfunc.ascc, synonyms=table) with a table "
+                    "from advfunc.words.synonym_table"
+                )
+            rows = model.get_input_embeddings().num_embeddings
+            self._synonyms = wordnet_table(self.processing_class, vocab_size=rows)
+        return self._synonyms
 
     @property
     def replays(self) -> int:

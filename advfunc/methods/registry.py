@@ -203,6 +203,11 @@ def seeded_generator(model: nn.Module, seed: int) -> torch.Generator:
     return torch.Generator(device=device).manual_seed(10_000 + seed)
 
 
+def needs_synonyms(spec: MethodSpec) -> bool:
+    """Whether the method's factory takes a synonym table (``synonyms=``: ASCC, DNE), which a spec cannot spell."""
+    return "synonyms" in inspect.signature(factory_of(spec.name)).parameters
+
+
 def build_step(
     spec: MethodSpec, model: nn.Module, seed: int = 0, generator: torch.Generator | None = None, **extra: Any
 ) -> Step:

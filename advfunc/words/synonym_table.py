@@ -19,12 +19,16 @@ from advfunc.words.wordnet import Senses, WordNet
 
 
 def single_tokens(tokenizer: Any, words: Iterable[str]) -> dict[str, int]:
-    """``{word: token id}`` for the words ``tokenizer`` encodes as exactly one token (no special tokens)."""
+    """``{word: token id}`` for the words ``tokenizer`` encodes as exactly one token, not a special one.
+
+    A word outside the vocabulary encodes as the unknown token, which is not that word.
+    """
     words = list(dict.fromkeys(words))
     if not words:
         return {}
     encoded = tokenizer(words, add_special_tokens=False)["input_ids"]
-    return {word: ids[0] for word, ids in zip(words, encoded, strict=True) if len(ids) == 1}
+    special = set(tokenizer.all_special_ids)
+    return {word: ids[0] for word, ids in zip(words, encoded, strict=True) if len(ids) == 1 and ids[0] not in special}
 
 
 def from_words(

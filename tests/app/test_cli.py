@@ -250,3 +250,33 @@ def test_batches_padded_to_a_multiple_of_16_give_the_same_loss_and_gradients(fam
     torch.testing.assert_close(wide_out.loss, out.loss)
     for name, grad in grads.items():
         torch.testing.assert_close(wide_grads[name], grad, rtol=1e-5, atol=1e-6, msg=name)
+
+
+@pytest.mark.parametrize("method", ["ascc:steps=1", "dne:steps=1"])
+def test_a_synonym_method_trains_from_the_command_line_on_wordnet_synonyms(task, tmp_path, method):
+    """The Trainer builds the synonym table from the tokenizer, so a spec alone names ASCC or DNE."""
+    assert _train(task, tmp_path / "run", "--method", method, "--epochs", "1") == 0
+    assert json.loads((tmp_path / "run" / checkpoint.STATE_FILE).read_text())["finished"]
+
+
+def test_the_trainer_builds_wordnet_synonyms_of_the_vocabulary_once(task):
+    from transformers import AutoTokenizer, TrainingArguments
+
+    from advfunc.hf import AdversarialTrainer
+
+    tokenizer = AutoTokenizer.from_pretrained(task / "model")
+    model = AutoModelForSequenceClassification.from_pretrained(task / "model")
+    args = TrainingArguments(output_dir=str(task / "unused"), use_cpu=True, report_to=[])
+    trainer = AdversarialTrainer(model=model, args=args, processing_class=tokenizer, step_factory="dne:steps=1")
+    table = trainer._synonyms
+    vocab = tokenizer.get_vocab()
+
+    def synonyms(word: str) -> set[str]:
+        return set(tokenizer.convert_ids_to_tokens(table.ids[vocab[word]][table.mask[vocab[word]]].tolist()))
+
+    # WordNet 3.0's synonyms that the tiny vocabulary holds; the unknown token is never one
+    assert synonyms("dull") == {"boring"} and synonyms("boring") == {"dull"}
+    assert synonyms("movie") == {"film"} and synonyms("film") == {"movie"}
+    assert synonyms("the") == set()
+    with pytest.raises(ValueError, match="processing_class=tokenizer"):
+        AdversarialTrainer(model=model, args=args, step_factory="ascc:steps=1")

@@ -122,8 +122,14 @@ def _dataset(args: argparse.Namespace, split: str, path: Path | None) -> Any:
 
 
 def _check_method(spec: registry.MethodSpec, model: nn.Module, config: TrainConfig) -> None:
-    """Build the method's step now, so that its factory refuses a bad value before any work."""
-    if advfunc.stateful(registry.build_step(spec, model)).replays > 1 and config.grad_accum != 1:
+    """Build the method's step now, so that its factory refuses a bad value before any work.
+
+    A method that substitutes synonyms is checked with an empty table: the Trainer builds WordNet's.
+    """
+    rows = model.get_input_embeddings().num_embeddings
+    empty = advfunc.attacks.SynonymTable(torch.zeros(rows, 1, dtype=torch.long), torch.zeros(rows, 1, dtype=torch.bool))
+    table = {"synonyms": empty} if registry.needs_synonyms(spec) else {}
+    if advfunc.stateful(registry.build_step(spec, model, **table)).replays > 1 and config.grad_accum != 1:
         raise ValueError(f"{spec.name} replays each batch with an optimizer step in between; use --grad-accum 1")
 
 
