@@ -92,7 +92,7 @@ from advfunc.core.completion import ADV_LABELS
 from advfunc.core.params import params_of, set_grads
 from advfunc.core.stateful import State, StatefulStep, stateful
 from advfunc.core.step import Grads, Step, all_finite
-from advfunc.core.targets import PERTURB_MASK
+from advfunc.core.targets import PERTURB_MASK, input_embedding
 from advfunc.hf.replay import ReplaySampler
 from advfunc.methods.registry import (
     METHODS,
@@ -159,8 +159,9 @@ class AdversarialTrainer(Trainer):
                     self._generator = seeded_generator(model, self.args.seed + 100_003 * self.args.process_index)
                 # Trainer turns checkpointing on when training starts, after the step is built: build it eager then.
                 eager = compile if compile is not None else (False if self.args.gradient_checkpointing else None)
-                table = {"synonyms": self._synonym_table(model)} if needs_synonyms(spec) else {}
-                return build_step(spec, model, generator=self._generator, compile=eager, **overrides, **table)
+                if needs_synonyms(spec):
+                    overrides["synonyms"] = self._synonym_table(model)
+                return build_step(spec, model, generator=self._generator, compile=eager, **overrides)
 
             factory: Callable[[nn.Module], Step] = from_spec
         elif callable(step_factory):
@@ -209,7 +210,7 @@ class AdversarialTrainer(Trainer):
                     "processing_class=tokenizer, or step_factory=partial(advfunc.ascc, synonyms=table) with a table "
                     "from advfunc.words.synonym_table"
                 )
-            rows = model.get_input_embeddings().num_embeddings
+            rows = int(getattr(input_embedding(model), "num_embeddings", 1))  # the factory refuses a non-lookup one
             self._synonyms = wordnet_table(self.processing_class, vocab_size=rows)
         return self._synonyms
 

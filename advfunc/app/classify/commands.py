@@ -28,6 +28,7 @@ from advfunc.app.common.flags import COUNT, NATURAL, add_fields, build
 from advfunc.app.common.grid import RunGrid, add_grid_flags
 from advfunc.app.common.word_attacks import add_synonym_flags, describe_synonym_attack, synonym_config
 from advfunc.core.model import accepted_keywords
+from advfunc.core.targets import input_embedding
 from advfunc.methods import registry
 
 log = logging.getLogger("advfunc")
@@ -126,9 +127,9 @@ def _check_method(spec: registry.MethodSpec, model: nn.Module, config: TrainConf
 
     A method that substitutes synonyms is checked with an empty table: the Trainer builds WordNet's.
     """
-    rows = model.get_input_embeddings().num_embeddings
+    rows = int(getattr(input_embedding(model), "num_embeddings", 1))  # a non-lookup embedding is refused by the factory
     empty = advfunc.attacks.SynonymTable(torch.zeros(rows, 1, dtype=torch.long), torch.zeros(rows, 1, dtype=torch.bool))
-    table = {"synonyms": empty} if registry.needs_synonyms(spec) else {}
+    table: dict[str, Any] = {"synonyms": empty} if registry.needs_synonyms(spec) else {}
     if advfunc.stateful(registry.build_step(spec, model, **table)).replays > 1 and config.grad_accum != 1:
         raise ValueError(f"{spec.name} replays each batch with an optimizer step in between; use --grad-accum 1")
 
