@@ -3,18 +3,16 @@
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Mapping, Sequence
-from typing import Any
+from collections.abc import Sequence
 
 import torch
 from torch import nn
 
 from advfunc import attacks
 from advfunc.core.model import LossFn
-from advfunc.core.params import trainable_names
-from advfunc.core.stateful import State, StatefulStep
-from advfunc.core.step import Grads, Step, StepOutput
-from advfunc.methods.teacher import teacher_of
+from advfunc.core.stateful import StatefulStep
+from advfunc.core.step import Step
+from advfunc.methods.teacher import copy_of_trainable, passing
 from advfunc.methods.toward_away import toward_away_step, weights
 
 
@@ -87,14 +85,4 @@ def lat(
     fields["config"] = {**step.config, "retain_kl": retain_kl, "forward_only_passes": forward_only}
     if not retain_kl:
         return StatefulStep(**fields)
-    trainable = trainable_names(model)
-
-    def start(params: Mapping[str, torch.Tensor]) -> State:
-        return {"reference": teacher_of({name: params[name] for name in trainable if name in params})}
-
-    def carry(
-        self: StatefulStep, params: Mapping[str, torch.Tensor], batch: Mapping[str, Any], state: State
-    ) -> tuple[Grads, StepOutput, State]:
-        return (*self(params, batch, state["reference"]), state)
-
-    return StatefulStep(**fields, start=start, carry=carry)
+    return StatefulStep(**fields, start=copy_of_trainable(model, "reference"), carry=passing("reference"))
