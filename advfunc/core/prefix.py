@@ -124,7 +124,7 @@ class PrefixCache:
         restores = []
         try:
             for layer, output in zip(self.plan.stack, self.outputs, strict=False):
-                restores.append(_swapped_forward(layer, _replayer(output)))
+                restores.append(_swapped_forward(layer, _replayer(output, layer.forward)))
             yield
         finally:
             for restore in restores:
@@ -144,8 +144,19 @@ def _detached(value: Any) -> Any:
     return value.detach() if isinstance(value, torch.Tensor) else value
 
 
-def _replayer(output: Any) -> Callable[..., Any]:
+def _replayer(output: Any, forward: Callable[..., Any]) -> Callable[..., Any]:
+    """The recorded output for the pass's first call; the layer's own forward for any later one.
+
+    A later call is another forward inside the same pass (a ``loss_fn`` that runs the
+    model again), whose inputs the recording never saw.
+    """
+    served = False
+
     def replay(*args: Any, **kwargs: Any) -> Any:
+        nonlocal served
+        if served:
+            return forward(*args, **kwargs)
+        served = True
         return output
 
     return replay

@@ -60,8 +60,9 @@ def lat(
     ``out``: ``loss`` L(θ, 0; x, y), ``adv_loss`` L(θ, δ_K; x, y), ``delta`` δ_K
     (one tensor for one layer, a dict for several).
 
-    Cost: K + 3 passes: K that differentiate δ only, then three forwards (toward, away,
-    retain) with one shared backward; one pass fewer with ``away=0``, and with
+    Cost: K + 3 passes: K that differentiate δ only (all but the first run only the
+    layers after the target's, :mod:`advfunc.core.prefix`), then three forwards (toward,
+    away, retain) with one shared backward; one pass fewer with ``away=0``, and with
     ``retain=0`` the retain forward runs without backward (for ``out.loss``); one more
     forward without backward for the reference when given.
 

@@ -129,3 +129,30 @@ def test_parameters_are_untouched():
     step(advfunc.params_of(model), completion_batch("left", adversary=True))
     after = advfunc.params_of(model)
     assert all(torch.equal(before[k], after[k]) for k in before)
+
+
+def test_a_stack_that_runs_twice_in_one_pass_is_never_replayed(monkeypatch):
+    """A loss_fn that runs the model again calls each layer twice: the recording refuses to replay."""
+
+    def runs_again(outputs, batch):
+        other = model(input_ids=batch["input_ids"].flip(1), attention_mask=batch["attention_mask"].flip(1))
+        return outputs.loss + 1e-3 * other.logits.float().square().mean()
+
+    def run():
+        step = advfunc.pgd(model, epsilon=0.1, alpha=0.05, steps=STEPS, target="model.layers.0", loss_fn=runs_again)
+        counts, handles = _attention_calls(model, "llama", False)
+        try:
+            grads, out = step(advfunc.params_of(model), completion_batch("right"))
+        finally:
+            for handle in handles:
+                handle.remove()
+        return grads, out, counts
+
+    model = tiny_decoder("llama")
+    grads, out, counts = run()
+    with monkeypatch.context() as patched:
+        patched.setattr(Engine, "prefix_cache", lambda self: None)
+        expected, expected_out, whole = run()
+    assert counts == whole
+    assert _relative_error(grads, expected) <= 1e-5
+    torch.testing.assert_close(out.delta, expected_out.delta, rtol=1e-5, atol=1e-7)
