@@ -3,9 +3,10 @@
 A randomly initialised LlamaForCausalLM with SmolLM2-135M's configuration (30 layers,
 :data:`benchmarks.checkpointing_memory.SMOLLM2_135M`), fp32, eager, LAT with K δ-only
 passes at the middle layer (``model.layers.15``), a batch whose first half is the prompt.
-Three steps are timed in each round, in a rotating order, in one process: the plain step,
-LAT as advfunc runs it (the δ-only passes replay layers 0..15, :mod:`advfunc.core.prefix`)
-and LAT with every δ-only pass running the whole model (the replay turned off). Each
+Three steps are timed in each round (wall and process CPU time), in a rotating order, in
+one process: the plain step, LAT as advfunc runs it (the δ-only passes replay layers
+0..15, :mod:`advfunc.core.prefix`) and LAT with every δ-only pass running the whole model
+(the replay turned off). Each
 round's LAT times are divided by that round's plain time, so a machine whose load changes
 between rounds still gives comparable ratios; the medians over rounds are reported.
 
@@ -32,6 +33,10 @@ from advfunc.core.engine import Engine
 from advfunc.methods.plain import plain
 from benchmarks.checkpointing_memory import SMOLLM2_135M
 
+# wall: what a user waits; process_cpu: this process's CPU time, which a loaded machine
+# inflates far less (one thread: OMP_NUM_THREADS=1).
+CLOCKS = ("wall", "process_cpu")
+
 
 def _batch(size: int, length: int, device: str) -> dict[str, torch.Tensor]:
     g = torch.Generator().manual_seed(0)
@@ -42,14 +47,15 @@ def _batch(size: int, length: int, device: str) -> dict[str, torch.Tensor]:
     return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels, "adv_labels": adv_labels}
 
 
-def _timed(run: Callable[[], Any], device: str) -> float:
+def _timed(run: Callable[[], Any], device: str) -> tuple[float, float]:
+    """(wall seconds, this process's CPU seconds) of one call."""
     if device == "cuda":
         torch.cuda.synchronize()
-    start = time.perf_counter()
+    wall, cpu = time.perf_counter(), time.process_time()
     run()
     if device == "cuda":
         torch.cuda.synchronize()
-    return time.perf_counter() - start
+    return time.perf_counter() - wall, time.process_time() - cpu
 
 
 def measure(size: int, length: int, steps: int, rounds: int, device: str) -> dict[str, Any]:
@@ -74,13 +80,11 @@ def measure(size: int, length: int, steps: int, rounds: int, device: str) -> dic
     for run in settings.values():  # warm-up: allocator, first-call paths
         run()
     names = list(settings)
-    seconds: dict[str, list[float]] = {name: [] for name in names}
+    seconds: dict[str, dict[str, list[float]]] = {clock: {name: [] for name in names} for clock in CLOCKS}
     for r in range(rounds):
         for name in names[r % len(names) :] + names[: r % len(names)]:
-            seconds[name].append(_timed(settings[name], device))
-    ratios = {
-        name: [t / p for t, p in zip(seconds[name], seconds["plain"], strict=True)] for name in names if name != "plain"
-    }
+            for clock, value in zip(CLOCKS, _timed(settings[name], device), strict=True):
+                seconds[clock][name].append(value)
     return {
         "model": "LlamaForCausalLM, SmolLM2-135M configuration, random weights, fp32, eager",
         "target": list(lat_step.config["layers"]),
@@ -90,11 +94,20 @@ def measure(size: int, length: int, steps: int, rounds: int, device: str) -> dic
         "device": device,
         "threads": torch.get_num_threads(),
         "seconds": seconds,
+        **{clock: _summary(seconds[clock]) for clock in CLOCKS},
+    }
+
+
+def _summary(seconds: dict[str, list[float]]) -> dict[str, Any]:
+    """Medians over rounds: seconds per step, each LAT's ratio to the same round's plain step, replayed/whole."""
+
+    def paired(a: str, b: str) -> float:
+        return statistics.median(x / y for x, y in zip(seconds[a], seconds[b], strict=True))
+
+    return {
         "median_seconds": {name: statistics.median(v) for name, v in seconds.items()},
-        "median_ratio_to_plain": {name: statistics.median(v) for name, v in ratios.items()},
-        "median_replayed_over_whole": statistics.median(
-            a / b for a, b in zip(seconds["lat_replayed"], seconds["lat_whole_model"], strict=True)
-        ),
+        "median_ratio_to_plain": {name: paired(name, "plain") for name in seconds if name != "plain"},
+        "median_replayed_over_whole": paired("lat_replayed", "lat_whole_model"),
     }
 
 
