@@ -28,6 +28,7 @@ from advfunc.core.model import LossFn, PerturbedModel, logits_of
 from advfunc.core.noise import require_generator
 from advfunc.core.objective import frozen
 from advfunc.core.params import Params
+from advfunc.core.prefix import PrefixCache
 from advfunc.core.step import Call, check_hook_fired, drop_if_skipped, prepare
 from advfunc.core.targets import Delta, Layout, PublicDelta, Target
 
@@ -110,8 +111,9 @@ class Attack:
         delta: Delta,
         scale: torch.Tensor,
         reference: torch.Tensor | None,
+        prefix: PrefixCache | None,
     ) -> tuple[Delta, torch.Tensor]:
-        grads = self.engine.delta_only(params, kwargs, layout, delta, scale, reference)
+        grads = self.engine.delta_only(params, kwargs, layout, delta, scale, reference, prefix)
         return self.rule.ascend(delta, grads, params, layout)
 
     def run(
@@ -131,11 +133,12 @@ class Attack:
         draw_from = self.generator if generator is None else generator
         delta = self.rule.init(call, draw_from) if start is None else start
         skipped = torch.zeros((), dtype=torch.bool, device=call.device)
+        prefix = self.engine.prefix_cache()  # this call's: θ and the batch are fixed for its δ-only passes
         for t in range(self.rule.steps):
             if t == 0 and grads is not None and (self.rule.reads_grads or start is not None):
                 delta, finite = self.rule.ascend(delta, grads, call.params, call.layout)
             else:
-                delta, finite = self._inner(call.params, call.kwargs, call.layout, delta, call.scale, reference)
+                delta, finite = self._inner(call.params, call.kwargs, call.layout, delta, call.scale, reference, prefix)
             skipped = skipped | ~finite
         if self.rule.finish is not None:
             delta = self.rule.finish(delta)

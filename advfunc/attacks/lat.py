@@ -50,7 +50,8 @@ def lat(
     δ = 0, a deterministic PGD. Returns one tensor for one layer, a ``{name: tensor}``
     dict for several. ``grads`` is accepted for the protocol and never read.
 
-    Cost: K passes that differentiate δ only. Paper: Sheshadri et al., "Latent
+    Cost: K passes that differentiate δ only; all but the first run only the layers
+    after the target's (:mod:`advfunc.core.prefix`). Paper: Sheshadri et al., "Latent
     Adversarial Training Improves Robustness to Persistent Harmful Behaviors in LLMs"
     (targeted LAT), 2024; Casper et al., "Defending Against Unforeseen Failure Modes
     with Latent Adversarial Training", 2024.

@@ -12,6 +12,7 @@ Every pass takes a prepared :class:`~advfunc.core.step.Call` and a perturbation 
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable, Mapping
 from typing import Any, NamedTuple
 
@@ -22,6 +23,7 @@ from torch.func import grad, grad_and_value
 from advfunc.core.checkpointing import checkpointed_layers
 from advfunc.core.model import PerturbedModel, logits_of
 from advfunc.core.params import Params
+from advfunc.core.prefix import PrefixCache, prefix_plan
 from advfunc.core.step import Call
 from advfunc.core.targets import Delta, Layout, Target
 
@@ -84,6 +86,7 @@ class Engine:
         self.compiled = compiled
         self.divergence = divergence
         self._full_cache: dict[tuple[bool, str | None], Callable[..., Any]] = {}
+        self._prefix_plan = None if compiled else prefix_plan(model.model, target)
         differentiate = grad(self._delta_objective)
 
         def delta_grad(
@@ -256,6 +259,13 @@ class Engine:
         pending = at_output.clone() if into is None else into.add_(at_output)  # [B, L, H]
         return self.model.rows_gradient(ids, pending, None) if final else pending
 
+    def prefix_cache(self) -> PrefixCache | None:
+        """A new step's record of the layers before a module target (:mod:`advfunc.core.prefix`); None: none to skip.
+
+        Eager only: a compiled δ-only pass runs the whole model.
+        """
+        return None if self._prefix_plan is None else PrefixCache(self._prefix_plan)
+
     def delta_only(
         self,
         params: Params,
@@ -264,19 +274,23 @@ class Engine:
         delta: Delta,
         scale: torch.Tensor,
         reference: torch.Tensor | None = None,
+        prefix: PrefixCache | None = None,
     ) -> Delta:
         """One forward and a backward to δ only: ∂(scale·objective(θ, δ))/∂δ. No parameter gradient.
 
         Takes the call's pieces rather than the call, so that a compiled attack can trace
         it. ``scale`` is a 0-dim tensor (a loss scale keeps fp16 activation gradients from
         underflowing; an ascent direction does not depend on it). ``reference``: the clean
-        logits a divergence objective compares with.
+        logits a divergence objective compares with. ``prefix``: the step's
+        :meth:`prefix_cache`, shared by its δ-only passes (same θ and batch): the first
+        records the layers before a module target, the later ones skip them.
         """
         if self.compiled:
             return self._func_delta_grad(params, kwargs, layout, delta, scale, reference)
         delta_in = {k: v.detach().requires_grad_(True) for k, v in delta.items()}
         detached = {n: p.detach() for n, p in params.items()}
-        objective = self._delta_objective(delta_in, detached, kwargs, layout, scale, reference)
+        with contextlib.nullcontext() if prefix is None else prefix.forward():
+            objective = self._delta_objective(delta_in, detached, kwargs, layout, scale, reference)
         grads = torch.autograd.grad(objective, list(delta_in.values()), allow_unused=True, materialize_grads=True)
         return dict(zip(delta_in, grads, strict=True))
 

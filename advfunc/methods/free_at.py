@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Mapping
 from typing import Any
 
@@ -9,10 +10,12 @@ import torch
 from torch import nn
 
 from advfunc import attacks
+from advfunc.attacks.attack import Attack
 from advfunc.core.arguments import require_steps
 from advfunc.core.model import LossFn
 from advfunc.core.stateful import State, StatefulStep
-from advfunc.core.step import Grads, StepOutput, check_hook_fired, drop_if_skipped, prepare, report
+from advfunc.core.step import Call, Grads, StepOutput, check_hook_fired, drop_if_skipped, prepare, report
+from advfunc.core.targets import Delta, Target
 
 
 def free_at(
@@ -63,48 +66,69 @@ def free_at(
     """
     replays = require_steps("replays", replays)
     attack = attacks.free_at(model, epsilon, alpha, norm, loss_fn=loss_fn, autocast=autocast, compile=compile)
-    engine, target = attack.engine, attack.target
+    free = _Free(model, attack, replays)
+    config = {**attack.config, "replays": replays, "forward_only_passes": 0}
+    return StatefulStep(
+        "free_at",
+        1,
+        config,
+        free.step,
+        start=_start,
+        carry=_carry,
+        advance=free.advance,
+        replays=replays,
+    )
+
+
+@dataclasses.dataclass(frozen=True)
+class _Free:
+    """Free AT bound to a model: one pass at δ that also gives the next replay's δ'."""
+
+    model: nn.Module
+    attack: Attack
+    replays: int
 
     def step(
+        self,
         params: Mapping[str, torch.Tensor],
         batch: Mapping[str, Any],
         delta: torch.Tensor | None = None,
         *,
         loss_scale: float | torch.Tensor = 1.0,
     ) -> tuple[Grads, StepOutput]:
-        call = prepare(model, attack.perturbed, target, params, batch, loss_scale)
-        if delta is None:
-            current = call.zeros(target)
-        else:
-            if not isinstance(delta, torch.Tensor):
-                raise TypeError(
-                    f"delta must be a [batch, seq, hidden] tensor (a previous out.delta) or None, got {delta!r}"
-                )
-            if tuple(delta.shape) != tuple(call.layout.shape):
-                raise ValueError(
-                    f"delta has shape {tuple(delta.shape)} but this batch needs {tuple(call.layout.shape)}; "
-                    "pass delta=None to start a new batch's perturbation"
-                )
-            current = {"embeds": delta.detach().to(dtype=target.dtype, device=call.device)}  # type: ignore[attr-defined]
+        attack, target = self.attack, self.attack.target
+        call = prepare(self.model, attack.perturbed, target, params, batch, loss_scale)
+        current = call.zeros(target) if delta is None else _given_delta(delta, call, target)
         with attack.perturbed.hooked(count=not attack.compiled) as calls:
-            at = engine.full(call, current, with_delta_grad=True)
+            at = attack.engine.full(call, current, with_delta_grad=True)
             check_hook_fired(calls, target)
             following, skipped = attack.run(call, at.delta_grads, start=current)
         following = drop_if_skipped(following, skipped)
         return at.param_grads, report(target, call.layout, following, at.loss, at.loss, skipped, at.logits)
 
-    def start(params: Mapping[str, torch.Tensor]) -> State:
-        return {"delta": None, "replay": 0}
-
-    def carry(
-        self: StatefulStep, params: Mapping[str, torch.Tensor], batch: Mapping[str, Any], state: State
-    ) -> tuple[Grads, StepOutput, State]:
-        grads, out = self(params, batch, state["delta"])
-        return grads, out, {**state, "delta": out.delta}
-
-    def advance(state: State, params: Mapping[str, torch.Tensor]) -> State:
-        replay = (state["replay"] + 1) % replays
+    def advance(self, state: State, params: Mapping[str, torch.Tensor]) -> State:
+        replay = (state["replay"] + 1) % self.replays
         return {"delta": state["delta"] if replay else None, "replay": replay}
 
-    config = {**attack.config, "replays": replays, "forward_only_passes": 0}
-    return StatefulStep("free_at", 1, config, step, start=start, carry=carry, advance=advance, replays=replays)
+
+def _given_delta(delta: Any, call: Call, target: Target) -> Delta:
+    """The caller's δ [B, L, H] checked against this batch, as the target's δ."""
+    if not isinstance(delta, torch.Tensor):
+        raise TypeError(f"delta must be a [batch, seq, hidden] tensor (a previous out.delta) or None, got {delta!r}")
+    if tuple(delta.shape) != tuple(call.layout.shape):
+        raise ValueError(
+            f"delta has shape {tuple(delta.shape)} but this batch needs {tuple(call.layout.shape)}; "
+            "pass delta=None to start a new batch's perturbation"
+        )
+    return {"embeds": delta.detach().to(dtype=target.dtype, device=call.device)}  # type: ignore[attr-defined]
+
+
+def _start(params: Mapping[str, torch.Tensor]) -> State:
+    return {"delta": None, "replay": 0}
+
+
+def _carry(
+    step: StatefulStep, params: Mapping[str, torch.Tensor], batch: Mapping[str, Any], state: State
+) -> tuple[Grads, StepOutput, State]:
+    grads, out = step(params, batch, state["delta"])
+    return grads, out, {**state, "delta": out.delta}

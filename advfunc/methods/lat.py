@@ -3,18 +3,16 @@
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Mapping, Sequence
-from typing import Any
+from collections.abc import Sequence
 
 import torch
 from torch import nn
 
 from advfunc import attacks
 from advfunc.core.model import LossFn
-from advfunc.core.params import trainable_names
-from advfunc.core.stateful import State, StatefulStep
-from advfunc.core.step import Grads, Step, StepOutput
-from advfunc.methods.teacher import teacher_of
+from advfunc.core.stateful import StatefulStep
+from advfunc.core.step import Step
+from advfunc.methods.teacher import copy_of_trainable, passing
 from advfunc.methods.toward_away import toward_away_step, weights
 
 
@@ -62,8 +60,9 @@ def lat(
     ``out``: ``loss`` L(θ, 0; x, y), ``adv_loss`` L(θ, δ_K; x, y), ``delta`` δ_K
     (one tensor for one layer, a dict for several).
 
-    Cost: K + 3 passes: K that differentiate δ only, then three forwards (toward, away,
-    retain) with one shared backward; one pass fewer with ``away=0``, and with
+    Cost: K + 3 passes: K that differentiate δ only (all but the first run only the
+    layers after the target's, :mod:`advfunc.core.prefix`), then three forwards (toward,
+    away, retain) with one shared backward; one pass fewer with ``away=0``, and with
     ``retain=0`` the retain forward runs without backward (for ``out.loss``); one more
     forward without backward for the reference when given.
 
@@ -87,18 +86,4 @@ def lat(
     fields["config"] = {**step.config, "retain_kl": retain_kl, "forward_only_passes": forward_only}
     if not retain_kl:
         return StatefulStep(**fields)
-    trainable = trainable_names(model)
-
-    def start(params: Mapping[str, torch.Tensor]) -> State:
-        return {"reference": teacher_of({name: params[name] for name in trainable if name in params})}
-
-    def carry(
-        self: StatefulStep,
-        params: Mapping[str, torch.Tensor],
-        batch: Mapping[str, Any],
-        state: State,
-        **keywords: Any,
-    ) -> tuple[Grads, StepOutput, State]:
-        return (*self(params, batch, state["reference"], **keywords), state)
-
-    return StatefulStep(**fields, start=start, carry=carry)
+    return StatefulStep(**fields, start=copy_of_trainable(model, "reference"), carry=passing("reference"))

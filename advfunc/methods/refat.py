@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -15,7 +16,9 @@ from advfunc.core.noise import require_generator
 from advfunc.core.params import params_of
 from advfunc.core.stateful import State, StatefulStep
 from advfunc.core.step import Grads, StepOutput, prepare
+from advfunc.core.targets import ModuleOutput
 from advfunc.methods.residual import captured, edited, harmful_rows, last_real_token, layer_target
+from advfunc.methods.teacher import passing
 
 Direction = dict[str, torch.Tensor]  # {layer name: r [H]}, float32
 
@@ -55,11 +58,9 @@ def refat(
     answer on harmless ones), so the model learns to refuse without the feature an
     attack would remove; there is no inner attack loop.
 
-    The direction is state: ``step(params, batch, direction)`` takes it explicitly
-    (``{layer: r [H]}``, see :meth:`StatefulStep.init`), and without it computes it at
-    ``params`` first. Through the stateful protocol ``step.init(params)`` computes r,
-    ``step.update(params, batch, state)`` steps with the state's r, and
-    ``step.after_update(state, params)`` recomputes it every ``every`` optimizer steps.
+    The direction is state: ``step(params, batch, direction)`` takes it (``{layer: r [H]}``;
+    None: computed at ``params`` first); through the stateful protocol ``step.init``
+    computes r and ``step.after_update`` recomputes it every ``every`` optimizer steps.
 
     ``out``: ``loss`` and ``adv_loss`` L under the ablation, ``delta`` the unit
     directions r̂ used (one [H] tensor for one layer, a dict for several), ``logits`` the
@@ -78,32 +79,57 @@ def refat(
         step = advfunc.refat(model, layers="model.layers.4", harmful=bad_prompts, harmless=good_prompts)
         state = step.init(params)
         grads, out, state = step.update(params, {**batch, "harmful": rows_flag}, state)
-        advfunc.set_grads(model, grads); optimizer.step()
-        state = step.after_update(state, params)
     """
     if isinstance(p, bool) or not isinstance(p, (int, float)) or not (math.isfinite(p) and 0 <= p <= 1):
         raise ValueError(f"p must be a probability in [0, 1] (the chance that a harmful row is ablated), got {p!r}")
-    p = float(p)
     every = require_steps("every", every)
     default_generator = require_generator(generator)
     target = layer_target(model, layers)
     perturbed = PerturbedModel(model, loss_fn, autocast)
-    prompt_sets = {
+    prompts = {
         "harmful": _prompt_set(perturbed, harmful, "harmful"),
         "harmless": _prompt_set(perturbed, harmless, "harmless"),
     }
+    ablation = _Ablation(model, target, perturbed, prompts, float(p), every, default_generator)
+    # forward_only_passes counts per step; the direction's two forwards come once per ``every`` steps.
+    config = {"layers": list(target.module_names), "p": float(p), "every": every, "forward_only_passes": 0}
+    return StatefulStep(
+        "refat",
+        1,
+        {**config, "direction_passes": 2},
+        ablation.step,
+        start=ablation.start,
+        carry=passing("direction"),
+        advance=ablation.advance,
+    )
 
-    def direction_at(params: Mapping[str, torch.Tensor]) -> Direction:
-        full = {**params_of(model), **{name: value.detach() for name, value in params.items()}}
+
+@dataclasses.dataclass(frozen=True)
+class _Ablation:
+    """ReFAT bound to a model: the refusal direction at given params, and the step under its ablation."""
+
+    model: nn.Module
+    target: ModuleOutput
+    perturbed: PerturbedModel
+    prompt_sets: Mapping[str, dict[str, Any]]  # "harmful" / "harmless": the model's kwargs
+    p: float
+    every: int
+    generator: torch.Generator | None
+
+    def direction(self, params: Mapping[str, torch.Tensor]) -> Direction:
+        """{layer: r [H]}: the difference of the two prompt sets' mean last-token states (2 forwards)."""
+        full = {**params_of(self.model), **{name: value.detach() for name, value in params.items()}}
+        names = self.target.module_names
         means = {}
-        for which, kwargs in prompt_sets.items():
-            with torch.no_grad(), captured(target) as hidden:
-                perturbed.outputs(full, kwargs, None)
+        for which, kwargs in self.prompt_sets.items():
+            with torch.no_grad(), captured(self.target) as hidden:
+                self.perturbed.outputs(full, kwargs, None)
             mask = kwargs.get("attention_mask")
-            means[which] = {name: last_real_token(hidden[name], mask).float().mean(0) for name in target.module_names}
-        return {name: means["harmful"][name] - means["harmless"][name] for name in target.module_names}
+            means[which] = {name: last_real_token(hidden[name], mask).float().mean(0) for name in names}
+        return {name: means["harmful"][name] - means["harmless"][name] for name in names}
 
     def step(
+        self,
         params: Mapping[str, torch.Tensor],
         batch: Mapping[str, Any],
         direction: Mapping[str, torch.Tensor] | None = None,
@@ -112,54 +138,39 @@ def refat(
         generator: torch.Generator | None = None,
     ) -> tuple[Grads, StepOutput]:
         flagged, rest = harmful_rows(batch, "refat")
-        call = prepare(model, perturbed, target, params, rest, loss_scale)
-        unit = _unit(direction_at(call.params) if direction is None else direction, target.module_names, call.device)
-        draw_from = default_generator if generator is None else require_generator(generator)
-        picked = flagged.to(call.device) & (torch.rand(flagged.shape[0], generator=draw_from, device=call.device) < p)
-        ablate = picked.to(torch.float32)[:, None, None]  # [B, 1, 1]
+        call = prepare(self.model, self.perturbed, self.target, params, rest, loss_scale)
+        given = self.direction(call.params) if direction is None else direction
+        unit = _unit(given, self.target.module_names, call.device)
+        draw_from = self.generator if generator is None else require_generator(generator)
+        drawn = torch.rand(flagged.shape[0], generator=draw_from, device=call.device) < self.p
+        ablate = (flagged.to(call.device) & drawn).to(torch.float32)[:, None, None]  # [B, 1, 1]
 
         def remove_direction(name: str, hidden: torch.Tensor) -> torch.Tensor:
-            r = unit[name]
-            along = (hidden.float() @ r)[..., None] * r  # [B, L, H]: the component along r̂
+            along = (hidden.float() @ unit[name])[..., None] * unit[name]  # [B, L, H]: the component along r̂
             return (hidden.float() - ablate * along).to(hidden.dtype)
 
         leaves = {n: call.params[n].detach().requires_grad_(True) for n in call.trainable}
-        with edited(target, remove_direction):
-            loss, outputs = perturbed.loss({**call.params, **leaves}, call.kwargs, None)
+        with edited(self.target, remove_direction):
+            loss, outputs = self.perturbed.loss({**call.params, **leaves}, call.kwargs, None)
         found = torch.autograd.grad(loss * call.scale, list(leaves.values()), allow_unused=True, materialize_grads=True)
         logits = getattr(outputs, "logits", None)
         out = StepOutput(
             loss=loss.detach(),
             adv_loss=loss.detach(),
-            delta=target.public(dict(unit)),
+            delta=self.target.public(dict(unit)),
             skipped=torch.zeros((), dtype=torch.bool, device=call.device),
             logits=logits.detach() if isinstance(logits, torch.Tensor) else None,
         )
         return dict(zip(leaves, found, strict=True)), out
 
-    def start(params: Mapping[str, torch.Tensor]) -> State:
-        return {"direction": direction_at(params), "since": 0}
+    def start(self, params: Mapping[str, torch.Tensor]) -> State:
+        return {"direction": self.direction(params), "since": 0}
 
-    def carry(
-        self: StatefulStep, params: Mapping[str, torch.Tensor], batch: Mapping[str, Any], state: State
-    ) -> tuple[Grads, StepOutput, State]:
-        return (*self(params, batch, state["direction"]), state)
-
-    def advance(state: State, params: Mapping[str, torch.Tensor]) -> State:
+    def advance(self, state: State, params: Mapping[str, torch.Tensor]) -> State:
         since = state["since"] + 1
-        if since < every:
+        if since < self.every:
             return {**state, "since": since}
-        return {"direction": direction_at(params), "since": 0}
-
-    # forward_only_passes counts per step; the direction's two forwards come once per ``every`` steps.
-    config = {
-        "layers": list(target.module_names),
-        "p": p,
-        "every": every,
-        "forward_only_passes": 0,
-        "direction_passes": 2,
-    }
-    return StatefulStep("refat", 1, config, step, start=start, carry=carry, advance=advance)
+        return {"direction": self.direction(params), "since": 0}
 
 
 def _prompt_set(perturbed: PerturbedModel, prompts: Mapping[str, torch.Tensor], which: str) -> dict[str, Any]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
@@ -12,6 +13,7 @@ from torch import nn
 from advfunc.core.arguments import require_non_negative
 from advfunc.core.model import PerturbedModel
 from advfunc.core.step import Grads, Step, StepOutput, prepare
+from advfunc.core.targets import ModuleOutput
 from advfunc.methods.residual import captured, harmful_rows, layer_target
 
 
@@ -69,29 +71,43 @@ def rerouting(
     if reroute == 0 and retain == 0:
         raise ValueError("reroute and retain are both 0: the step would train on nothing")
     target = layer_target(model, layers)
-    perturbed = PerturbedModel(model, None, autocast)
-    names = target.module_names
+    rerouted = _Rerouted(model, adapters, target, PerturbedModel(model, None, autocast), reroute, retain)
+    config = {"layers": list(target.module_names), "reroute": reroute, "retain": retain, "forward_only_passes": 1}
+    return Step("rerouting", 1, config, rerouted.step)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Rerouted:
+    """Rerouting bound to a PEFT model: the reference forward with adapters off, the adapted pass."""
+
+    model: nn.Module
+    adapters: list[Any]
+    target: ModuleOutput
+    perturbed: PerturbedModel
+    reroute: float
+    retain: float
 
     def step(
-        params: Mapping[str, torch.Tensor], batch: Mapping[str, Any], *, loss_scale: float | torch.Tensor = 1.0
+        self, params: Mapping[str, torch.Tensor], batch: Mapping[str, Any], *, loss_scale: float | torch.Tensor = 1.0
     ) -> tuple[Grads, StepOutput]:
         flagged, rest = harmful_rows(batch, "rerouting")
-        call = prepare(model, perturbed, target, params, rest, loss_scale, needs_loss=False)
+        call = prepare(self.model, self.perturbed, self.target, params, rest, loss_scale, needs_loss=False)
         assert call.layout.mask is not None
         real = call.layout.mask[..., 0].float()  # [B, L]
         flagged = flagged.to(call.device)
-        with torch.no_grad(), _adapters_off(adapters, model), captured(target) as seen:
-            perturbed.outputs(call.params, call.kwargs, None)
+        names = self.target.module_names
+        with torch.no_grad(), _adapters_off(self.adapters, self.model), captured(self.target) as seen:
+            self.perturbed.outputs(call.params, call.kwargs, None)
             reference = {name: seen[name].float() for name in names}
         leaves = {n: call.params[n].detach().requires_grad_(True) for n in call.trainable}
-        with captured(target) as seen:
-            outputs = perturbed.outputs({**call.params, **leaves}, call.kwargs, None)
+        with captured(self.target) as seen:
+            outputs = self.perturbed.outputs({**call.params, **leaves}, call.kwargs, None)
             hidden = {name: seen[name].float() for name in names}
         cut = real * flagged[:, None].float()  # [B, L]: the harmful rows' tokens
         kept = real * (~flagged)[:, None].float()
         rerouted = torch.stack([_masked_mean(torch.relu(_cosine(hidden[n], reference[n])), cut) for n in names]).mean()
         distance = torch.stack([_masked_mean(_distance(hidden[n], reference[n]), kept) for n in names]).mean()
-        objective = reroute * rerouted + retain * distance
+        objective = self.reroute * rerouted + self.retain * distance
         found = torch.autograd.grad(
             objective * call.scale, list(leaves.values()), allow_unused=True, materialize_grads=True
         )
@@ -104,9 +120,6 @@ def rerouting(
             logits=logits.detach() if isinstance(logits, torch.Tensor) else None,
         )
         return dict(zip(leaves, found, strict=True)), out
-
-    config = {"layers": list(names), "reroute": reroute, "retain": retain, "forward_only_passes": 1}
-    return Step("rerouting", 1, config, step)
 
 
 def adapter_layers(model: nn.Module) -> list[Any]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Mapping
 from typing import Any
@@ -10,15 +11,16 @@ import torch
 from torch import nn
 
 from advfunc import attacks
+from advfunc.attacks.attack import Attack
 from advfunc.core.arguments import require_non_negative, require_positive
 from advfunc.core.divergence import symmetric_kl
 from advfunc.core.model import LossFn, logits_of
 from advfunc.core.noise import require_generator
 from advfunc.core.objective import Leaves, frozen
-from advfunc.core.params import Params, trainable_names
+from advfunc.core.params import Params
 from advfunc.core.stateful import State, StatefulStep
 from advfunc.core.step import Grads, StepOutput, check_hook_fired, prepare
-from advfunc.methods.teacher import ema, teacher_of
+from advfunc.methods.teacher import copy_of_trainable, ema, passing
 
 
 def smart(
@@ -50,8 +52,9 @@ def smart(
     LM over the completion positions its labels mark, never prompt or padding), x is the
     input-embedding output [B, L, H], δ_K is :func:`advfunc.attacks.smart`. ‖·‖ and Π_ε
     are per token over the hidden axis: L∞ (``norm="linf"``, the paper's) or L2. δ_K is
-    held fixed in the final gradient, which flows through both the clean and the perturbed outputs (the paper's R_s; the
-    authors' mt-dnn code stops it in the reference side of each KL). σ is ``noise_var``:
+    held fixed in the final gradient, which flows through both the clean and the
+    perturbed outputs (the paper's R_s; the authors' mt-dnn code stops it in the
+    reference side of each KL). σ is ``noise_var``:
     as in the authors' code it multiplies a standard normal (the paper's σ = 1e-5).
     θ̃ (the teacher) is an input: ``step(params, batch, teacher)``; update it with
     :func:`advfunc.ema`. Names the teacher lacks take the value in ``params``;
@@ -83,21 +86,26 @@ def smart(
     lambda_s = require_positive("lambda_s", lambda_s)
     mu = require_non_negative("mu", mu)
     beta = require_fraction("beta", beta)
-    attack = attacks.smart(
-        model,
-        epsilon,
-        step_size,
-        steps,
-        noise_var,
-        norm,
-        generator,
-        loss_fn=loss_fn,
-        autocast=autocast,
-        compile=compile,
-    )
-    engine, target, perturbed = attack.engine, attack.target, attack.perturbed
+    rule = (epsilon, step_size, steps, noise_var, norm, generator)
+    attack = attacks.smart(model, *rule, loss_fn=loss_fn, autocast=autocast, compile=compile)
+    smoothed = _Smoothed(model, attack, lambda_s, mu, beta)
+    config = {**attack.config, "lambda_s": lambda_s, "mu": mu, "beta": beta, "forward_only_passes": 1 if mu > 0 else 0}
+    start, carry = copy_of_trainable(model, "teacher"), passing("teacher")
+    return StatefulStep("smart", steps + 2, config, smoothed.step, start=start, carry=carry, advance=smoothed.advance)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Smoothed:
+    """SMART bound to a model: the step at a teacher, and the teacher's EMA after an optimizer step."""
+
+    model: nn.Module
+    attack: Attack
+    lambda_s: float
+    mu: float
+    beta: float
 
     def step(
+        self,
         params: Mapping[str, torch.Tensor],
         batch: Mapping[str, Any],
         teacher: Mapping[str, torch.Tensor] | None,
@@ -105,24 +113,25 @@ def smart(
         generator: torch.Generator | None = None,
         loss_scale: float | torch.Tensor = 1.0,
     ) -> tuple[Grads, StepOutput]:
-        call = prepare(model, perturbed, target, params, batch, loss_scale)
-        theta_tilde = teacher_params(teacher, call.params, mu)
+        attack, perturbed = self.attack, self.attack.perturbed
+        call = prepare(self.model, perturbed, attack.target, params, batch, loss_scale)
+        theta_tilde = teacher_params(teacher, call.params, self.mu)
         draw_from = None if generator is None else require_generator(generator)
         with perturbed.hooked(count=not attack.compiled) as calls:
-            leaves = Leaves(engine, call)
+            leaves = Leaves(attack.engine, call)
             task_loss, clean_outputs = perturbed.loss(leaves.params, call.kwargs, leaves.probe())
             clean = logits_of(clean_outputs)  # [B, C], carries θ's graph into the final backward
             reference = clean.detach()
             delta, skipped = attack.run(call, generator=draw_from, reference=reference)  # [B, L, H]
-            check_hook_fired(calls, target)
-            adversarial = engine.outputs(leaves.params, call.kwargs, call.layout, delta, leaves.probe())
+            check_hook_fired(calls, attack.target)
+            adversarial = attack.engine.outputs(leaves.params, call.kwargs, call.layout, delta, leaves.probe())
             positions = perturbed.counted_positions(call.kwargs, clean)  # a causal LM: completion only
             smoothness = symmetric_kl(clean, logits_of(adversarial), positions)
-            objective = task_loss + lambda_s * smoothness
+            objective = task_loss + self.lambda_s * smoothness
             if theta_tilde is not None:
                 with torch.no_grad():
                     anchor = logits_of(perturbed.outputs(theta_tilde, call.kwargs, None))
-                objective = objective + mu * symmetric_kl(clean, anchor, positions)
+                objective = objective + self.mu * symmetric_kl(clean, anchor, positions)
             grads = leaves.gradient(objective * call.scale)
         out = StepOutput(
             loss=task_loss.detach(),
@@ -133,21 +142,8 @@ def smart(
         )
         return grads, out
 
-    trainable = trainable_names(model)
-
-    def start(params: Mapping[str, torch.Tensor]) -> State:
-        return {"teacher": teacher_of({name: params[name] for name in trainable if name in params})}
-
-    def carry(
-        self: StatefulStep, params: Mapping[str, torch.Tensor], batch: Mapping[str, Any], state: State
-    ) -> tuple[Grads, StepOutput, State]:
-        return (*self(params, batch, state["teacher"]), state)
-
-    def advance(state: State, params: Mapping[str, torch.Tensor]) -> State:
-        return {**state, "teacher": ema(state["teacher"], params, beta)}
-
-    config = {**attack.config, "lambda_s": lambda_s, "mu": mu, "beta": beta, "forward_only_passes": 1 if mu > 0 else 0}
-    return StatefulStep("smart", steps + 2, config, step, start=start, carry=carry, advance=advance)
+    def advance(self, state: State, params: Mapping[str, torch.Tensor]) -> State:
+        return {**state, "teacher": ema(state["teacher"], params, self.beta)}
 
 
 def require_fraction(name: str, value: float) -> float:

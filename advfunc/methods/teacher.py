@@ -1,13 +1,17 @@
-"""The teacher θ̃ of SMART's proximal term, as pure functions of parameter dicts."""
+"""The teacher θ̃ of SMART's proximal term, as pure functions of parameter dicts, and the state that carries it."""
 
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
+from typing import Any
 
 import torch
+from torch import nn
 
-from advfunc.core.params import Params
+from advfunc.core.params import Params, trainable_names
+from advfunc.core.stateful import State, StatefulStep, Update
+from advfunc.core.step import Grads, StepOutput
 
 
 def teacher_of(params: Mapping[str, torch.Tensor]) -> Params:
@@ -59,3 +63,24 @@ def ema(teacher: Mapping[str, torch.Tensor], params: Mapping[str, torch.Tensor],
             continue
         updated[name] = (beta * old.detach() + (1 - beta) * new.detach().to(old.dtype)).detach()
     return updated
+
+
+def copy_of_trainable(model: nn.Module, key: str) -> Callable[[Mapping[str, torch.Tensor]], State]:
+    """A stateful ``start``: ``{key: a copy of the trainable parameters at the start}`` (θ̃₀ = θ₀, LAT's reference)."""
+    trainable = trainable_names(model)
+
+    def start(params: Mapping[str, torch.Tensor]) -> State:
+        return {key: teacher_of({name: params[name] for name in trainable if name in params})}
+
+    return start
+
+
+def passing(key: str) -> Update:
+    """A stateful ``carry``: ``step(params, batch, state[key], **keywords)``, the state kept."""
+
+    def carry(
+        step: StatefulStep, params: Mapping[str, torch.Tensor], batch: Mapping[str, Any], state: State, **keywords: Any
+    ) -> tuple[Grads, StepOutput, State]:
+        return (*step(params, batch, state[key], **keywords), state)
+
+    return carry

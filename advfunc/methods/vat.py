@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Mapping
 from typing import Any
 
@@ -9,6 +10,7 @@ import torch
 from torch import nn
 
 from advfunc import attacks
+from advfunc.attacks.attack import Attack
 from advfunc.core.arguments import require_positive
 from advfunc.core.model import LossFn, logits_of
 from advfunc.core.noise import require_generator
@@ -73,18 +75,31 @@ def vat(
     attack = attacks.vat(
         model, epsilon, xi, power_iters, generator, loss_fn=loss_fn, autocast=autocast, compile=compile
     )
-    engine, target, perturbed = attack.engine, attack.target, attack.perturbed
+    config = {**attack.config, "alpha": alpha, "forward_only_passes": 0}
+    return Step("vat", power_iters + 2, config, _Virtual(model, attack, alpha, loss_fn is not None).step)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Virtual:
+    """VAT bound to a model: the clean pass, the power iteration, the pass at r_vadv."""
+
+    model: nn.Module
+    attack: Attack
+    alpha: float
+    own_loss_fn: bool  # a loss_fn gives a supervised loss without labels
 
     def step(
+        self,
         params: Mapping[str, torch.Tensor],
         batch: Mapping[str, Any],
         *,
         generator: torch.Generator | None = None,
         loss_scale: float | torch.Tensor = 1.0,
     ) -> tuple[Grads, StepOutput]:
-        call = prepare(model, perturbed, target, params, batch, loss_scale, needs_loss=False)
+        attack, engine, target, perturbed = self.attack, self.attack.engine, self.attack.target, self.attack.perturbed
+        call = prepare(self.model, perturbed, target, params, batch, loss_scale, needs_loss=False)
         draw_from = None if generator is None else require_generator(generator)
-        supervised = loss_fn is not None or call.kwargs.get("labels") is not None
+        supervised = self.own_loss_fn or call.kwargs.get("labels") is not None
         with perturbed.hooked(count=not attack.compiled) as calls:
             # p is held fixed, so ∇_θ L and ∇_θ KL are separate backwards: the clean graph is
             # freed before the power iteration, as in the imperative loop.
@@ -97,8 +112,9 @@ def vat(
                 clean_loss, buffers = torch.full((), float("nan"), device=call.device), None
             r_vadv, skipped = attack.run(call, generator=draw_from, reference=clean)  # [B, L, H]
             check_hook_fired(calls, target)
+            scale = self.alpha * call.scale
             adversarial = engine.full(
-                call, r_vadv, with_delta_grad=False, scale=alpha * call.scale, accumulate_into=buffers, reference=clean
+                call, r_vadv, with_delta_grad=False, scale=scale, accumulate_into=buffers, reference=clean
             )
             grads, vat_loss = adversarial.param_grads, adversarial.loss
         out = StepOutput(
@@ -109,6 +125,3 @@ def vat(
             logits=clean,
         )
         return grads, out
-
-    config = {**attack.config, "alpha": alpha, "forward_only_passes": 0}
-    return Step("vat", power_iters + 2, config, step)
