@@ -34,7 +34,11 @@ Candidates and constraints, shared by both:
 * candidates: up to ``max_candidates`` single-word WordNet synonyms of the word, from
   every sense of it (``part_of_speech="any"``, as PWWS looks words up) or the senses of
   its usual part of speech (``"usual"``; :class:`advfunc.words.wordnet.WordNet`);
-* stop words are never changed; at most ``max_change`` of a text's words are changed;
+* only the words the classifier sees are attacked and counted: given ``seen_ids`` (each
+  text's token ids after the classifier's truncation), a text longer than the classifier
+  reads has its words cut at the first word whose end already gives the whole input
+  (:func:`visible_words`); the change budget and the share of words changed are of those;
+* stop words are never changed; at most ``max_change`` of a text's (visible) words are changed;
 * every query (one text classified) counts against ``query_budget``; a text classified
   twice is asked once;
 * a changed text must keep cosine similarity >= ``similarity`` to the original under a
@@ -61,7 +65,7 @@ import re
 import time
 from collections.abc import Callable, Generator, Sequence
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Literal, Protocol
 
 import torch
 
@@ -71,8 +75,20 @@ from advfunc.words.wordnet import Senses, WordNet
 Classify = Callable[[Sequence[str]], torch.Tensor]
 # Embeds texts: [N] strings -> [N, D] sentence embeddings (cosine is taken here).
 Encode = Callable[[Sequence[str]], torch.Tensor]
+# The token ids the classifier reads of each text, after its truncation: [N] strings -> [N] id lists.
+SeenIds = Callable[[Sequence[str]], list[list[int]]]
 # Word importance by gradient: (text, word spans, label) -> [W] scores.
 GradientImportance = Callable[[str, Sequence[tuple[int, int]], int], torch.Tensor]
+
+
+class TruncatingClassifier(Protocol):
+    """A :data:`Classify` that reads each text only up to its truncation, and says what it reads."""
+
+    def __call__(self, texts: Sequence[str]) -> torch.Tensor: ...
+
+    def seen_ids(self, texts: Sequence[str]) -> list[list[int]]: ...
+
+
 Order = Literal["delete", "gradient"]
 Search = Literal["pwws", "textfooler"]
 PartOfSpeech = Literal["any", "usual"]
@@ -160,7 +176,8 @@ class AttackResult:
     status: ``"skipped"`` (misclassified before any change), ``"succeeded"`` (the label
     flipped), ``"failed"`` (searched within the budgets, not flipped) or ``"untried"`` (the
     query budget cannot pay for the word ranking, so no search ran: never counted as robust).
-    ``queries`` counts classified texts; ``seconds`` is this text's share of the wall time
+    ``words`` counts the words the classifier sees (all of them unless truncated), of which
+    ``changed_share`` is taken; ``queries`` counts classified texts; ``seconds`` is this text's share of the wall time
     of the batch it was attacked in; ``search`` names the search
     (:attr:`SynonymAttackConfig.description`).
     """
@@ -236,6 +253,26 @@ def word_spans(text: str, whole_words: bool = True) -> list[tuple[int, int]]:
     return [match.span() for match in pattern.finditer(text)]
 
 
+def visible_words(text: str, spans: Sequence[tuple[int, int]], seen_ids: SeenIds) -> int:
+    """How many of ``text``'s leading words (``spans``) the classifier reads, a token of each at least.
+
+    The count is the first c for which the text cut before word c (trailing spaces
+    dropped) already gives the whole input, ``seen_ids(text[:start_c]) == seen_ids(text)``;
+    all the words when no cut gives it. A cut past the truncation point reads as the whole
+    text, so the test is monotone in c and a binary search finds it. Cost: about log2(W) + 1
+    tokenizations, no model call.
+    """
+    whole = seen_ids([text])[0]
+    low, high = 0, len(spans)  # the count lies in [low, high]
+    while low < high:
+        middle = (low + high) // 2
+        if seen_ids([text[: spans[middle][0]].rstrip()])[0] == whole:
+            high = middle
+        else:
+            low = middle + 1
+    return low
+
+
 def _replace(text: str, spans: Sequence[tuple[int, int]], words: dict[int, str | None]) -> str:
     """``text`` with word i replaced by ``words[i]`` (deleted when None), the rest untouched."""
     pieces, cursor = [], 0
@@ -276,18 +313,21 @@ _Search = Generator[_Request, torch.Tensor, AttackResult]
 class _Text:
     """One text under attack: its words, their candidates, the queries spent and the answers known."""
 
-    def __init__(self, text: str, label: int, wordnet: WordNet, config: SynonymAttackConfig) -> None:
+    def __init__(
+        self, text: str, label: int, wordnet: WordNet, config: SynonymAttackConfig, seen_ids: SeenIds | None
+    ) -> None:
         self.text, self.label, self.config = text, label, config
         self.spans = word_spans(text, config.whole_words)
         self.words = [text[s:e] for s, e in self.spans]
+        self.visible = len(self.spans) if seen_ids is None else visible_words(text, self.spans, seen_ids)
         senses: Senses = "all" if config.part_of_speech == "any" else "usual"
         candidates = {
             i: [_cased_like(s, w) for s in wordnet.synonyms(w, senses)[: config.max_candidates]]
-            for i, w in enumerate(self.words)
+            for i, w in enumerate(self.words[: self.visible])
             if w.lower() not in STOP_WORDS
         }
         self.candidates = {i: c for i, c in candidates.items() if c}
-        self.allowed = max(1, int(config.max_change * len(self.spans)))
+        self.allowed = max(1, int(config.max_change * self.visible))
         self.queries = 0
         self.probabilities: dict[str, torch.Tensor] = {}  # text -> [C], every text classified so far
         self.embeddings: dict[str, torch.Tensor] = {}  # text -> [D]
@@ -324,7 +364,7 @@ class _Text:
             adversarial,
             prediction,
             self.queries,
-            len(self.spans),
+            self.visible,
             substitutions,
             self.config.description,
         )
@@ -461,9 +501,10 @@ def attack_text(
     wordnet: WordNet,
     config: SynonymAttackConfig,
     gradient_importance: GradientImportance | None = None,
+    seen_ids: SeenIds | None = None,
 ) -> AttackResult:
     """Attack one text; see the module docstring for the searches and their constraints."""
-    return attack_texts([text], [label], classify, encode, wordnet, config, gradient_importance)[0]
+    return attack_texts([text], [label], classify, encode, wordnet, config, gradient_importance, seen_ids)[0]
 
 
 def attack_texts(
@@ -474,8 +515,12 @@ def attack_texts(
     wordnet: WordNet,
     config: SynonymAttackConfig,
     gradient_importance: GradientImportance | None = None,
+    seen_ids: SeenIds | None = None,
 ) -> list[AttackResult]:
     """:func:`attack_text` for each (text, label), ``config.texts_per_batch`` texts at a time.
+
+    ``seen_ids``: the classifier's token ids of each text after its truncation, so that
+    only the words it reads are attacked and counted; None: it reads every word.
 
     The texts of a batch advance together: every round, the classification requests of all
     of them go to one ``classify`` call and the encoding requests to one ``encode`` call,
@@ -490,13 +535,9 @@ def attack_texts(
     for start in range(0, len(texts), config.texts_per_batch):
         batch = range(start, min(start + config.texts_per_batch, len(texts)))
         began = time.perf_counter()
+        states = [_Text(texts[k], int(labels[k]), wordnet, config, seen_ids) for k in batch]
         finished = _run_together(
-            [
-                _pwws(_Text(texts[k], int(labels[k]), wordnet, config))
-                if config.search == "pwws"
-                else _textfooler(_Text(texts[k], int(labels[k]), wordnet, config), gradient_importance)
-                for k in batch
-            ],
+            [_pwws(state) if config.search == "pwws" else _textfooler(state, gradient_importance) for state in states],
             classify,
             encode,
             config.batch_size,

@@ -104,6 +104,10 @@ class DecoderVictim:
     max_length: int
     pad: int
 
+    def seen_ids(self, texts: Sequence[str]) -> list[list[int]]:
+        """[N] each text's prompt as the model reads it: the review cut so that prompt and answer fit."""
+        return prompts(texts, [0] * len(texts), self.tokenizer, self.answers, self.max_length).prompts
+
     def __call__(self, texts: Sequence[str]) -> torch.Tensor:
         data = prompts(texts, [0] * len(texts), self.tokenizer, self.answers, self.max_length)
         return torch.softmax(answer_scores(self.model, data, self.answers, self.pad), dim=-1)
