@@ -61,14 +61,16 @@ EMNLP 2021.
 from __future__ import annotations
 
 import dataclasses
+import operator
 import re
 import time
 from collections.abc import Callable, Generator, Sequence
 from dataclasses import dataclass, field
-from typing import Literal, Protocol
+from typing import Any, Literal, Protocol
 
 import torch
 
+from advfunc.core.arguments import require_steps
 from advfunc.words.wordnet import Senses, WordNet
 
 # Classifies texts: [N] strings -> [N, C] probabilities. Each text is one query.
@@ -131,12 +133,10 @@ class SynonymAttackConfig:
     batch_size: int = 16  # texts per classifier or encoder call (on a CPU larger batches are no faster per text)
 
     def check(self) -> None:
-        if self.max_candidates < 1:
-            raise ValueError(f"max_candidates must be >= 1, got {self.max_candidates}")
+        for name in ("max_candidates", "query_budget", "batch_size", "texts_per_batch"):
+            require_steps(name, getattr(self, name))
         if not 0 < self.max_change <= 1:
             raise ValueError(f"max_change must be a share in (0, 1], got {self.max_change}")
-        if self.query_budget < 1:
-            raise ValueError(f"query_budget must be >= 1, got {self.query_budget}")
         if not -1 <= self.similarity <= 1:
             raise ValueError(f"similarity must be a cosine in [-1, 1], got {self.similarity}")
         if self.order not in ("delete", "gradient"):
@@ -149,10 +149,6 @@ class SynonymAttackConfig:
             raise ValueError(f"part_of_speech must be 'any' or 'usual', got {self.part_of_speech!r}")
         if not self.unknown_word:
             raise ValueError("unknown_word must be a non-empty text, e.g. '[UNK]'")
-        if self.batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
-        if self.texts_per_batch < 1:
-            raise ValueError(f"texts_per_batch must be >= 1, got {self.texts_per_batch}")
 
     @property
     def description(self) -> str:
@@ -341,7 +337,13 @@ class _Text:
         assert len(new) <= self.left()
         if new:
             self.queries += len(new)
-            self.probabilities.update(zip(new, (yield _Classify(new)), strict=True))
+            answers = yield _Classify(new)  # [N, C]
+            if not 0 <= self.label < answers.shape[1]:
+                raise ValueError(
+                    f"label {self.label} of the text {self.text[:60]!r} is not one of the classifier's "
+                    f"{answers.shape[1]} classes (0 to {answers.shape[1] - 1})"
+                )
+            self.probabilities.update(zip(new, answers, strict=True))
         return torch.stack([self.probabilities[t] for t in texts])
 
     def similar(self, texts: list[str]) -> Generator[_Request, torch.Tensor, list[bool]]:
@@ -480,17 +482,34 @@ def _greedy(state: _Text, ranked: list[int], current: float, prediction: int) ->
 
 
 def _answer(
-    function: Callable[[Sequence[str]], torch.Tensor], requests: list[list[str]], batch_size: int
+    function: Callable[[Sequence[str]], torch.Tensor], requests: list[list[str]], batch_size: int, name: str
 ) -> list[torch.Tensor]:
     """Each request's rows of ``function`` on all their texts, sorted by length so that batches pad little,
-    ``batch_size`` texts per call."""
+    ``batch_size`` texts per call; ``name`` (``"classify"``, ``"encode"``) names it when it answers wrongly."""
     texts = [t for request in requests for t in request]
     order = sorted(range(len(texts)), key=lambda k: len(texts[k]))
     ordered = [texts[k] for k in order]
-    answers = torch.cat([function(ordered[k : k + batch_size]) for k in range(0, len(ordered), batch_size)])
+    answers = torch.cat(
+        [_checked(function, ordered[k : k + batch_size], name) for k in range(0, len(ordered), batch_size)]
+    )
     rows = torch.empty_like(answers)
     rows[torch.tensor(order)] = answers
     return list(rows.split([len(request) for request in requests]))
+
+
+def _checked(function: Callable[[Sequence[str]], torch.Tensor], texts: list[str], name: str) -> torch.Tensor:
+    """``function(texts)``, raising unless it is finite with one row per text (of two classes at least for
+    ``classify``)."""
+    answer = function(texts)
+    if not isinstance(answer, torch.Tensor) or answer.dim() != 2 or answer.shape[0] != len(texts):
+        got = tuple(answer.shape) if isinstance(answer, torch.Tensor) else type(answer).__name__
+        raise ValueError(f"{name} returned {got} for {len(texts)} texts; it must return one row per text, [N, C]")
+    if answer.shape[1] < (2 if name == "classify" else 1) or not bool(torch.isfinite(answer).all()):
+        raise ValueError(
+            f"{name} returned {answer.shape[1]} values per text, finite: {bool(torch.isfinite(answer).all())}, "
+            f"for texts such as {texts[0][:60]!r}; it must return finite values (class probabilities: two at least)"
+        )
+    return answer
 
 
 def attack_text(
@@ -527,15 +546,21 @@ def attack_texts(
     and a text leaves as soon as its search ends (a flip, the budgets, or its words spent).
     """
     config.check()
+    if isinstance(texts, str):
+        raise TypeError("texts must be a sequence of texts, got one str; pass [text]")
     if len(texts) != len(labels):
         raise ValueError(f"{len(texts)} texts but {len(labels)} labels")
+    for k, (text, label) in enumerate(zip(texts, labels, strict=True)):
+        if not isinstance(text, str):
+            raise TypeError(f"texts[{k}] must be a str, got {type(text).__name__}")
+        _class_id(label, f"labels[{k}]")
     if config.search == "textfooler" and config.order == "gradient" and gradient_importance is None:
         raise ValueError("order='gradient' needs gradient_importance(text, spans, label)")
     results: list[AttackResult] = []
     for start in range(0, len(texts), config.texts_per_batch):
         batch = range(start, min(start + config.texts_per_batch, len(texts)))
         began = time.perf_counter()
-        states = [_Text(texts[k], int(labels[k]), wordnet, config, seen_ids) for k in batch]
+        states = [_Text(texts[k], operator.index(labels[k]), wordnet, config, seen_ids) for k in batch]
         finished = _run_together(
             [_pwws(state) if config.search == "pwws" else _textfooler(state, gradient_importance) for state in states],
             classify,
@@ -545,6 +570,19 @@ def attack_texts(
         share = (time.perf_counter() - began) / len(batch)
         results.extend(dataclasses.replace(r, seconds=share) for r in finished)
     return results
+
+
+def _class_id(value: Any, where: str) -> int:
+    """``value`` as a class id (an int or integer scalar >= 0), else raise naming ``where``."""
+    try:
+        index = operator.index(value) if not isinstance(value, bool) else None
+    except TypeError:
+        index = None
+    if index is None:
+        raise TypeError(f"{where} must be a class id, an int >= 0, got {value!r}")
+    if index < 0:
+        raise ValueError(f"{where} must be a class id >= 0, got {index}")
+    return index
 
 
 def _run_together(searches: list[_Search], classify: Classify, encode: Encode, batch_size: int) -> list[AttackResult]:
@@ -558,6 +596,7 @@ def _run_together(searches: list[_Search], classify: Classify, encode: Encode, b
         except StopIteration as stop:
             results[k] = stop.value
 
+    function_name = {_Classify: "classify", _Encode: "encode"}
     for k in range(len(searches)):
         advance(k, None)
     while pending:
@@ -566,7 +605,7 @@ def _run_together(searches: list[_Search], classify: Classify, encode: Encode, b
         for kind, function in ((_Classify, classify), (_Encode, encode)):
             mine = [(k, r) for k, r in asked if isinstance(r, kind)]
             if mine:
-                answers = _answer(function, [r.texts for _, r in mine], batch_size)
+                answers = _answer(function, [r.texts for _, r in mine], batch_size, function_name[kind])
                 for (k, _), answer in zip(mine, answers, strict=True):
                     advance(k, answer)
     return [r for r in results if r is not None]
