@@ -92,8 +92,8 @@ def load_file(
     path = Path(path)
     if not path.exists():
         raise DataError(f"data file {path} does not exist")
-    if path.is_dir():
-        raise DataError(f"data file {path} is a directory; give a .csv, .tsv or .jsonl file")
+    if not path.is_file():  # a directory, or a pipe or device that reading would wait on
+        raise DataError(f"data file {path} is not a regular file; give a .csv, .tsv or .jsonl file")
     suffix = path.suffix.lower()
     if suffix in (".csv", ".tsv"):
         rows, columns = _read_csv(path, "\t" if suffix == ".tsv" else ",")
@@ -122,6 +122,8 @@ def load_file(
             raise DataError(f"data file {path}, row {number}: column {text_column!r} is empty")
         if not label:
             raise DataError(f"data file {path}, row {number}: column {label_column!r} (the label) is empty")
+        if not text.isprintable() and not _encodes(text):  # JSON's "\ud800": no tokenizer reads a lone surrogate
+            raise DataError(f"data file {path}, row {number}: column {text_column!r} holds a lone surrogate escape")
         texts.append(text)
         labels.append(label)
         if pair_column is not None:
@@ -153,19 +155,40 @@ def canonical_label(label: str) -> str:
     return str(int(number))
 
 
-def _text_of(path: Path) -> str:
-    """The file as UTF-8 text, or UTF-16 when a byte-order mark says so (spreadsheets' "Unicode text").
+def _encodes(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
-    The mark is dropped; ``DataError`` names the line of the first byte that does not decode.
+
+def _text_of(path: Path) -> str:
+    """The file as UTF-8 text, or UTF-16/32 when a byte-order mark says so (spreadsheets' "Unicode text").
+
+    The mark is dropped; ``DataError`` names the line of the first byte that does not decode,
+    or of the first NUL character (UTF-16 without a mark, or a binary file, decodes as UTF-8
+    with a NUL beside every ASCII character).
     """
     raw = path.read_bytes()
-    encoding = "utf-16" if raw.startswith((codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)) else "utf-8-sig"
+    encoding = "utf-8-sig"
+    if raw.startswith((codecs.BOM_UTF32_LE, codecs.BOM_UTF32_BE)):  # before UTF-16: FF FE starts both
+        encoding = "utf-32"
+    elif raw.startswith((codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)):
+        encoding = "utf-16"
+    name = encoding.removesuffix("-sig").upper()
     try:
-        return raw.decode(encoding)
+        text = raw.decode(encoding)
     except UnicodeDecodeError as error:
         line = raw[: error.start].decode(encoding, errors="replace").count("\n") + 1
-        name = "UTF-16" if encoding == "utf-16" else "UTF-8"
         raise DataError(f"data file {path}, line {line}: not {name} ({error.reason}); save it as UTF-8") from None
+    if "\0" in text:
+        line = text[: text.index("\0")].count("\n") + 1
+        raise DataError(
+            f"data file {path}, line {line}: a NUL character, so not {name} text (UTF-16 without a byte-order "
+            "mark, or a binary file?); save it as UTF-8"
+        )
+    return text
 
 
 def _read_csv(path: Path, delimiter: str) -> tuple[list[dict[str, Any]], set[str]]:
@@ -209,7 +232,7 @@ def _read_jsonl(path: Path) -> tuple[list[dict[str, Any]], set[str]]:
     stripped = text.lstrip()
     if stripped.startswith("["):  # a .json file holding one array of objects
         try:
-            rows = json.loads(stripped, object_pairs_hook=_unique_keys)
+            rows = json.loads(stripped, object_pairs_hook=_unique_keys, parse_constant=_no_constant)
         except json.JSONDecodeError as error:
             raise DataError(f"data file {path} is not valid JSON: {error}") from error
         except _RepeatedKey as error:
@@ -220,7 +243,7 @@ def _read_jsonl(path: Path) -> tuple[list[dict[str, Any]], set[str]]:
             if not line.strip():
                 continue
             try:
-                rows.append(json.loads(line, object_pairs_hook=_unique_keys))
+                rows.append(json.loads(line, object_pairs_hook=_unique_keys, parse_constant=_no_constant))
             except json.JSONDecodeError as error:
                 raise DataError(f"data file {path}, line {number}: not a JSON object ({error.msg})") from error
             except _RepeatedKey as error:
@@ -232,6 +255,11 @@ def _read_jsonl(path: Path) -> tuple[list[dict[str, Any]], set[str]]:
             raise DataError(f"data file {path}, record {number}: expected a JSON object, got {type(row).__name__}")
         columns |= set(row)
     return rows, columns
+
+
+def _no_constant(name: str) -> Any:
+    """``json`` reads NaN and Infinity, which are not JSON: as a label they would become a class of their own."""
+    raise json.JSONDecodeError(f"{name} is not a JSON value; write a number or a string", name, 0)
 
 
 class _RepeatedKey(Exception):
