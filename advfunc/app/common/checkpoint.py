@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import torch
 from torch import nn
 
 from advfunc.app.common import mean_pooled
@@ -125,6 +126,12 @@ def load(path: str | Path, labels: Labels | None = None, pooling: str = "cls") -
             fresh = [k for k in [*info.get("missing_keys", ()), *info.get("mismatched_keys", ())] if k]
     except (OSError, ValueError, KeyError, RuntimeError) as error:
         raise ModelError(f"cannot load a sequence classifier from {path}: {error}") from error
+    half = sorted({str(p.dtype) for p in model.parameters() if p.dtype in (torch.float16, torch.bfloat16)})
+    if labels is not None and half:
+        # AdamW on half-precision weights drops every update below their resolution (about 2**-8
+        # of a weight in bf16): most weights of a model saved in bf16 would never move.
+        log.info("%s holds %s weights; training keeps them in float32 and saves float32", path, ", ".join(half))
+        model = model.float()
     if labels is None:
         if fresh:
             raise ModelError(
