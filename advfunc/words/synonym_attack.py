@@ -96,8 +96,10 @@ Search = Literal["pwws", "textfooler"]
 PartOfSpeech = Literal["any", "usual"]
 PwwsStep = Literal["rescore", "fixed"]
 
-# A whole word: letters and digits, joined by apostrophes or hyphens to more of them.
-_WHOLE_WORD = re.compile(r"[A-Za-z0-9]+(?:['\u2019-][A-Za-z0-9]+)*")
+# A whole word: letters and digits of any script (with combining accents), joined by apostrophes or
+# hyphens to more of them. ASCII letters alone would cut "naïve" into "na" (WordNet: sodium) and "ve".
+_WORD_PART = r"[^\W_](?:[^\W_]|[\u0300-\u036f])*"
+_WHOLE_WORD = re.compile(rf"{_WORD_PART}(?:['\u2019-]{_WORD_PART})*")
 # Runs of letters only; cuts "it's" into "it" and "s" (the attack's earlier tokenisation).
 _LETTER_RUN = re.compile(r"[A-Za-z]+")
 # English function words, never substituted (the role of TextFooler's and TextDefender's stop lists).
@@ -241,9 +243,10 @@ class AttackSummary:
 def word_spans(text: str, whole_words: bool = True) -> list[tuple[int, int]]:
     """[start, end) character spans of the words of ``text``.
 
-    A word is a run of letters and digits, joined by apostrophes or hyphens to further
-    ones (``it's``, ``film's``, ``sad-sack``, ``mid-90s``); with ``whole_words=False`` only
-    the runs of letters, which cut those at the apostrophe, hyphen or digit.
+    A word is a run of letters and digits of any script (``naïve``, ``café`` with a combining
+    accent), joined by apostrophes or hyphens to further ones (``it's``, ``film's``,
+    ``sad-sack``, ``mid-90s``); with ``whole_words=False`` only the runs of ASCII letters,
+    which cut those at the apostrophe, hyphen, digit or accented letter.
     """
     pattern = _WHOLE_WORD if whole_words else _LETTER_RUN
     return [match.span() for match in pattern.finditer(text)]

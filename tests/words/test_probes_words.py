@@ -83,3 +83,18 @@ def test_hotflip_refuses_non_integer_budgets_and_unlabelled_examples():
         hotflip(perturbed, params, batch, vocabulary, 1, neighbours=0.5)  # type: ignore[arg-type]
     with pytest.raises(ValueError, match=r"one class id >= 0 per example.*\[-100, 0\]"):
         hotflip(perturbed, params, {**batch, "labels": torch.tensor([-100, 0])}, vocabulary, 1)
+
+
+def test_accented_words_stay_whole_and_are_never_half_replaced():
+    from advfunc.words.synonym_attack import word_spans
+
+    text = "a naïve café, über-cool Zoë and cafe\u0301 story"
+    assert [text[s:e] for s, e in word_spans(text)] == [
+        "a", "naïve", "café", "über-cool", "Zoë", "and", "cafe\u0301", "story",
+    ]  # fmt: skip
+    # "na" is a WordNet word (sodium): a fragment of "naïve" must never be looked up or replaced.
+    thesaurus = Thesaurus({"na": ["sodium"], "caf": ["cafeteria"], "story": ["tale"]})
+    model = Linear({"story": 2.0, "tale": -5.0, "sodium": -5.0, "cafeteria": -5.0})
+    (result,) = attack_texts([text], [1], model, letters, thesaurus, CONFIG)  # type: ignore[arg-type]
+    assert result.status == "succeeded" and result.adversarial == text.replace("story", "tale")
+    assert not [t for t in model.texts if "sodium" in t or "cafeteria" in t]
