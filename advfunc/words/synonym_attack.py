@@ -34,9 +34,9 @@ Candidates and constraints, shared by both:
 * candidates: up to ``max_candidates`` single-word WordNet synonyms of the word, from
   every sense of it (``part_of_speech="any"``, as PWWS looks words up) or the senses of
   its usual part of speech (``"usual"``; :class:`advfunc.words.wordnet.WordNet`);
-* only the words the classifier sees are attacked and counted: given ``seen_ids`` (each
+* only the words the classifier reads are attacked and counted: given ``seen_ids`` (each
   text's token ids after the classifier's truncation), a text longer than the classifier
-  reads has its words cut at the first word whose end already gives the whole input
+  reads keeps the words before the first cut that already gives the whole input
   (:func:`visible_words`); the change budget and the share of words changed are of those;
 * stop words are never changed; at most ``max_change`` of a text's (visible) words are changed;
 * every query (one text classified) counts against ``query_budget``; a text classified
