@@ -136,10 +136,10 @@ def _check_ids(ids: Any, vocabulary: int | None) -> None:
             f"batch['input_ids'] must be a [batch, seq] integer tensor, got "
             f"{type(ids).__name__ if not isinstance(ids, torch.Tensor) else tuple(ids.shape)}"
         )
-    if ids.dtype.is_floating_point or ids.dtype.is_complex or ids.dtype == torch.bool:
+    if ids.dtype not in (torch.long, torch.int32):  # the dtypes an embedding lookup takes
         raise BatchTypeError(
-            f"batch['input_ids'] must be integer token ids (torch.long), got {ids.dtype}; "
-            "tokenize with the model's tokenizer"
+            f"batch['input_ids'] must be integer token ids of dtype torch.long or torch.int32, got {ids.dtype}; "
+            "tokenize with the model's tokenizer, or convert with input_ids.long()"
         )
     if vocabulary is not None and ids.numel():
         require_on_device(

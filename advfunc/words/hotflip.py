@@ -17,6 +17,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from advfunc.core.arguments import require_steps
 from advfunc.core.model import PerturbedModel, logits_of
 from advfunc.core.objective import frozen
 
@@ -108,12 +109,16 @@ def hotflip(
     ``budget + 1`` when it survived ``budget`` changes. Cost: ``budget + 1`` forwards and
     ``budget`` backwards to the embedding output, on the examples still standing.
     """
-    if budget < 0:
-        raise ValueError(f"budget must be >= 0, got {budget!r}")
-    if neighbours < 1:
-        raise ValueError(f"neighbours must be >= 1, got {neighbours!r}")
+    if isinstance(budget, bool) or not isinstance(budget, int) or budget < 0:
+        raise TypeError(f"budget must be an int >= 0 (words changed per example), got {budget!r}")
+    require_steps("neighbours", neighbours)
     kwargs = perturbed.check_batch(batch)
     labels = kwargs["labels"]
+    if labels.dim() != 1 or bool((labels < 0).any()):
+        raise ValueError(
+            f"HotFlip needs one class id >= 0 per example in batch['labels'], got {labels.tolist()}; "
+            "drop the examples labelled -100"
+        )
     original = kwargs["input_ids"]
     mask = kwargs.get("attention_mask")
     mask = (mask if mask is not None else torch.ones_like(original)).bool()

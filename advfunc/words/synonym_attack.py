@@ -34,7 +34,11 @@ Candidates and constraints, shared by both:
 * candidates: up to ``max_candidates`` single-word WordNet synonyms of the word, from
   every sense of it (``part_of_speech="any"``, as PWWS looks words up) or the senses of
   its usual part of speech (``"usual"``; :class:`advfunc.words.wordnet.WordNet`);
-* stop words are never changed; at most ``max_change`` of a text's words are changed;
+* only the words the classifier reads are attacked and counted: given ``seen_ids`` (each
+  text's token ids after the classifier's truncation), a text longer than the classifier
+  reads keeps the words before the first cut that already gives the whole input
+  (:func:`visible_words`); the change budget and the share of words changed are of those;
+* stop words are never changed; at most ``max_change`` of a text's (visible) words are changed;
 * every query (one text classified) counts against ``query_budget``; a text classified
   twice is asked once;
 * a changed text must keep cosine similarity >= ``similarity`` to the original under a
@@ -57,29 +61,45 @@ EMNLP 2021.
 from __future__ import annotations
 
 import dataclasses
+import operator
 import re
 import time
 from collections.abc import Callable, Generator, Sequence
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, Literal, Protocol
 
 import torch
 
+from advfunc.core.arguments import require_steps
 from advfunc.words.wordnet import Senses, WordNet
 
 # Classifies texts: [N] strings -> [N, C] probabilities. Each text is one query.
 Classify = Callable[[Sequence[str]], torch.Tensor]
 # Embeds texts: [N] strings -> [N, D] sentence embeddings (cosine is taken here).
 Encode = Callable[[Sequence[str]], torch.Tensor]
+# The token ids the classifier reads of each text, after its truncation: [N] strings -> [N] id lists.
+SeenIds = Callable[[Sequence[str]], list[list[int]]]
 # Word importance by gradient: (text, word spans, label) -> [W] scores.
 GradientImportance = Callable[[str, Sequence[tuple[int, int]], int], torch.Tensor]
+
+
+class TruncatingClassifier(Protocol):
+    """A :data:`Classify` that reads each text only up to its truncation, and says what it reads."""
+
+    def __call__(self, texts: Sequence[str]) -> torch.Tensor: ...
+
+    def seen_ids(self, texts: Sequence[str]) -> list[list[int]]: ...
+
+
 Order = Literal["delete", "gradient"]
 Search = Literal["pwws", "textfooler"]
 PartOfSpeech = Literal["any", "usual"]
 PwwsStep = Literal["rescore", "fixed"]
 
-# A whole word: letters and digits, joined by apostrophes or hyphens to more of them.
-_WHOLE_WORD = re.compile(r"[A-Za-z0-9]+(?:['\u2019-][A-Za-z0-9]+)*")
+# A whole word: letters and digits of any script (with combining accents), joined by apostrophes or
+# hyphens to more of them. ASCII letters alone would cut "naïve" into "na" (WordNet: sodium) and "ve".
+_WORD_PART = r"[^\W_](?:[^\W_]|[\u0300-\u036f])*"
+_WHOLE_WORD = re.compile(rf"{_WORD_PART}(?:['\u2019-]{_WORD_PART})*")
 # Runs of letters only; cuts "it's" into "it" and "s" (the attack's earlier tokenisation).
 _LETTER_RUN = re.compile(r"[A-Za-z]+")
 # English function words, never substituted (the role of TextFooler's and TextDefender's stop lists).
@@ -115,12 +135,10 @@ class SynonymAttackConfig:
     batch_size: int = 16  # texts per classifier or encoder call (on a CPU larger batches are no faster per text)
 
     def check(self) -> None:
-        if self.max_candidates < 1:
-            raise ValueError(f"max_candidates must be >= 1, got {self.max_candidates}")
+        for name in ("max_candidates", "query_budget", "batch_size", "texts_per_batch"):
+            require_steps(name, getattr(self, name))
         if not 0 < self.max_change <= 1:
             raise ValueError(f"max_change must be a share in (0, 1], got {self.max_change}")
-        if self.query_budget < 1:
-            raise ValueError(f"query_budget must be >= 1, got {self.query_budget}")
         if not -1 <= self.similarity <= 1:
             raise ValueError(f"similarity must be a cosine in [-1, 1], got {self.similarity}")
         if self.order not in ("delete", "gradient"):
@@ -133,10 +151,6 @@ class SynonymAttackConfig:
             raise ValueError(f"part_of_speech must be 'any' or 'usual', got {self.part_of_speech!r}")
         if not self.unknown_word:
             raise ValueError("unknown_word must be a non-empty text, e.g. '[UNK]'")
-        if self.batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
-        if self.texts_per_batch < 1:
-            raise ValueError(f"texts_per_batch must be >= 1, got {self.texts_per_batch}")
 
     @property
     def description(self) -> str:
@@ -160,7 +174,8 @@ class AttackResult:
     status: ``"skipped"`` (misclassified before any change), ``"succeeded"`` (the label
     flipped), ``"failed"`` (searched within the budgets, not flipped) or ``"untried"`` (the
     query budget cannot pay for the word ranking, so no search ran: never counted as robust).
-    ``queries`` counts classified texts; ``seconds`` is this text's share of the wall time
+    ``words`` counts the words the classifier sees (all of them unless truncated), of which
+    ``changed_share`` is taken; ``queries`` counts classified texts; ``seconds`` is this text's share of the wall time
     of the batch it was attacked in; ``search`` names the search
     (:attr:`SynonymAttackConfig.description`).
     """
@@ -228,12 +243,33 @@ class AttackSummary:
 def word_spans(text: str, whole_words: bool = True) -> list[tuple[int, int]]:
     """[start, end) character spans of the words of ``text``.
 
-    A word is a run of letters and digits, joined by apostrophes or hyphens to further
-    ones (``it's``, ``film's``, ``sad-sack``, ``mid-90s``); with ``whole_words=False`` only
-    the runs of letters, which cut those at the apostrophe, hyphen or digit.
+    A word is a run of letters and digits of any script (``naïve``, ``café`` with a combining
+    accent), joined by apostrophes or hyphens to further ones (``it's``, ``film's``,
+    ``sad-sack``, ``mid-90s``); with ``whole_words=False`` only the runs of ASCII letters,
+    which cut those at the apostrophe, hyphen, digit or accented letter.
     """
     pattern = _WHOLE_WORD if whole_words else _LETTER_RUN
     return [match.span() for match in pattern.finditer(text)]
+
+
+def visible_words(text: str, spans: Sequence[tuple[int, int]], seen_ids: SeenIds) -> int:
+    """How many of ``text``'s leading words (``spans``) the classifier reads, a token of each at least.
+
+    The count is the first c for which the text cut before word c (trailing spaces
+    dropped) already gives the whole input, ``seen_ids(text[:start_c]) == seen_ids(text)``;
+    all the words when no cut gives it. A cut past the truncation point reads as the whole
+    text, so the test is monotone in c and a binary search finds it. Cost: about log2(W) + 1
+    tokenizations, no model call.
+    """
+    whole = seen_ids([text])[0]
+    low, high = 0, len(spans)  # the count lies in [low, high]
+    while low < high:
+        middle = (low + high) // 2
+        if seen_ids([text[: spans[middle][0]].rstrip()])[0] == whole:
+            high = middle
+        else:
+            low = middle + 1
+    return low
 
 
 def _replace(text: str, spans: Sequence[tuple[int, int]], words: dict[int, str | None]) -> str:
@@ -276,18 +312,21 @@ _Search = Generator[_Request, torch.Tensor, AttackResult]
 class _Text:
     """One text under attack: its words, their candidates, the queries spent and the answers known."""
 
-    def __init__(self, text: str, label: int, wordnet: WordNet, config: SynonymAttackConfig) -> None:
+    def __init__(
+        self, text: str, label: int, wordnet: WordNet, config: SynonymAttackConfig, seen_ids: SeenIds | None
+    ) -> None:
         self.text, self.label, self.config = text, label, config
         self.spans = word_spans(text, config.whole_words)
         self.words = [text[s:e] for s, e in self.spans]
+        self.visible = len(self.spans) if seen_ids is None else visible_words(text, self.spans, seen_ids)
         senses: Senses = "all" if config.part_of_speech == "any" else "usual"
         candidates = {
             i: [_cased_like(s, w) for s in wordnet.synonyms(w, senses)[: config.max_candidates]]
-            for i, w in enumerate(self.words)
+            for i, w in enumerate(self.words[: self.visible])
             if w.lower() not in STOP_WORDS
         }
         self.candidates = {i: c for i, c in candidates.items() if c}
-        self.allowed = max(1, int(config.max_change * len(self.spans)))
+        self.allowed = max(1, int(config.max_change * self.visible))
         self.queries = 0
         self.probabilities: dict[str, torch.Tensor] = {}  # text -> [C], every text classified so far
         self.embeddings: dict[str, torch.Tensor] = {}  # text -> [D]
@@ -301,7 +340,13 @@ class _Text:
         assert len(new) <= self.left()
         if new:
             self.queries += len(new)
-            self.probabilities.update(zip(new, (yield _Classify(new)), strict=True))
+            answers = yield _Classify(new)  # [N, C]
+            if not 0 <= self.label < answers.shape[1]:
+                raise ValueError(
+                    f"label {self.label} of the text {self.text[:60]!r} is not one of the classifier's "
+                    f"{answers.shape[1]} classes (0 to {answers.shape[1] - 1})"
+                )
+            self.probabilities.update(zip(new, answers, strict=True))
         return torch.stack([self.probabilities[t] for t in texts])
 
     def similar(self, texts: list[str]) -> Generator[_Request, torch.Tensor, list[bool]]:
@@ -324,7 +369,7 @@ class _Text:
             adversarial,
             prediction,
             self.queries,
-            len(self.spans),
+            self.visible,
             substitutions,
             self.config.description,
         )
@@ -440,17 +485,34 @@ def _greedy(state: _Text, ranked: list[int], current: float, prediction: int) ->
 
 
 def _answer(
-    function: Callable[[Sequence[str]], torch.Tensor], requests: list[list[str]], batch_size: int
+    function: Callable[[Sequence[str]], torch.Tensor], requests: list[list[str]], batch_size: int, name: str
 ) -> list[torch.Tensor]:
     """Each request's rows of ``function`` on all their texts, sorted by length so that batches pad little,
-    ``batch_size`` texts per call."""
+    ``batch_size`` texts per call; ``name`` (``"classify"``, ``"encode"``) names it when it answers wrongly."""
     texts = [t for request in requests for t in request]
     order = sorted(range(len(texts)), key=lambda k: len(texts[k]))
     ordered = [texts[k] for k in order]
-    answers = torch.cat([function(ordered[k : k + batch_size]) for k in range(0, len(ordered), batch_size)])
+    answers = torch.cat(
+        [_checked(function, ordered[k : k + batch_size], name) for k in range(0, len(ordered), batch_size)]
+    )
     rows = torch.empty_like(answers)
     rows[torch.tensor(order)] = answers
     return list(rows.split([len(request) for request in requests]))
+
+
+def _checked(function: Callable[[Sequence[str]], torch.Tensor], texts: list[str], name: str) -> torch.Tensor:
+    """``function(texts)``, raising unless it is finite with one row per text (of two classes at least for
+    ``classify``)."""
+    answer = function(texts)
+    if not isinstance(answer, torch.Tensor) or answer.dim() != 2 or answer.shape[0] != len(texts):
+        got = tuple(answer.shape) if isinstance(answer, torch.Tensor) else type(answer).__name__
+        raise ValueError(f"{name} returned {got} for {len(texts)} texts; it must return one row per text, [N, C]")
+    if answer.shape[1] < (2 if name == "classify" else 1) or not bool(torch.isfinite(answer).all()):
+        raise ValueError(
+            f"{name} returned {answer.shape[1]} values per text, finite: {bool(torch.isfinite(answer).all())}, "
+            f"for texts such as {texts[0][:60]!r}; it must return finite values (class probabilities: two at least)"
+        )
+    return answer
 
 
 def attack_text(
@@ -461,9 +523,10 @@ def attack_text(
     wordnet: WordNet,
     config: SynonymAttackConfig,
     gradient_importance: GradientImportance | None = None,
+    seen_ids: SeenIds | None = None,
 ) -> AttackResult:
     """Attack one text; see the module docstring for the searches and their constraints."""
-    return attack_texts([text], [label], classify, encode, wordnet, config, gradient_importance)[0]
+    return attack_texts([text], [label], classify, encode, wordnet, config, gradient_importance, seen_ids)[0]
 
 
 def attack_texts(
@@ -474,29 +537,35 @@ def attack_texts(
     wordnet: WordNet,
     config: SynonymAttackConfig,
     gradient_importance: GradientImportance | None = None,
+    seen_ids: SeenIds | None = None,
 ) -> list[AttackResult]:
     """:func:`attack_text` for each (text, label), ``config.texts_per_batch`` texts at a time.
+
+    ``seen_ids``: the classifier's token ids of each text after its truncation, so that
+    only the words it reads are attacked and counted; None: it reads every word.
 
     The texts of a batch advance together: every round, the classification requests of all
     of them go to one ``classify`` call and the encoding requests to one ``encode`` call,
     and a text leaves as soon as its search ends (a flip, the budgets, or its words spent).
     """
     config.check()
+    if isinstance(texts, str):
+        raise TypeError("texts must be a sequence of texts, got one str; pass [text]")
     if len(texts) != len(labels):
         raise ValueError(f"{len(texts)} texts but {len(labels)} labels")
+    for k, (text, label) in enumerate(zip(texts, labels, strict=True)):
+        if not isinstance(text, str):
+            raise TypeError(f"texts[{k}] must be a str, got {type(text).__name__}")
+        _class_id(label, f"labels[{k}]")
     if config.search == "textfooler" and config.order == "gradient" and gradient_importance is None:
         raise ValueError("order='gradient' needs gradient_importance(text, spans, label)")
     results: list[AttackResult] = []
     for start in range(0, len(texts), config.texts_per_batch):
         batch = range(start, min(start + config.texts_per_batch, len(texts)))
         began = time.perf_counter()
+        states = [_Text(texts[k], operator.index(labels[k]), wordnet, config, seen_ids) for k in batch]
         finished = _run_together(
-            [
-                _pwws(_Text(texts[k], int(labels[k]), wordnet, config))
-                if config.search == "pwws"
-                else _textfooler(_Text(texts[k], int(labels[k]), wordnet, config), gradient_importance)
-                for k in batch
-            ],
+            [_pwws(state) if config.search == "pwws" else _textfooler(state, gradient_importance) for state in states],
             classify,
             encode,
             config.batch_size,
@@ -504,6 +573,19 @@ def attack_texts(
         share = (time.perf_counter() - began) / len(batch)
         results.extend(dataclasses.replace(r, seconds=share) for r in finished)
     return results
+
+
+def _class_id(value: Any, where: str) -> int:
+    """``value`` as a class id (an int or integer scalar >= 0), else raise naming ``where``."""
+    try:
+        index = operator.index(value) if not isinstance(value, bool) else None
+    except TypeError:
+        index = None
+    if index is None:
+        raise TypeError(f"{where} must be a class id, an int >= 0, got {value!r}")
+    if index < 0:
+        raise ValueError(f"{where} must be a class id >= 0, got {index}")
+    return index
 
 
 def _run_together(searches: list[_Search], classify: Classify, encode: Encode, batch_size: int) -> list[AttackResult]:
@@ -517,6 +599,7 @@ def _run_together(searches: list[_Search], classify: Classify, encode: Encode, b
         except StopIteration as stop:
             results[k] = stop.value
 
+    function_name = {_Classify: "classify", _Encode: "encode"}
     for k in range(len(searches)):
         advance(k, None)
     while pending:
@@ -525,7 +608,7 @@ def _run_together(searches: list[_Search], classify: Classify, encode: Encode, b
         for kind, function in ((_Classify, classify), (_Encode, encode)):
             mine = [(k, r) for k, r in asked if isinstance(r, kind)]
             if mine:
-                answers = _answer(function, [r.texts for _, r in mine], batch_size)
+                answers = _answer(function, [r.texts for _, r in mine], batch_size, function_name[kind])
                 for (k, _), answer in zip(mine, answers, strict=True):
                     advance(k, answer)
     return [r for r in results if r is not None]

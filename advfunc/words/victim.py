@@ -50,6 +50,10 @@ class Victim:
 
         return _batched(probabilities, texts, self.batch_size)
 
+    def seen_ids(self, texts: Sequence[str]) -> list[list[int]]:
+        """[N] the token ids the model reads of each text: special tokens included, cut at ``max_length``."""
+        return self.tokenizer(list(texts), truncation=True, max_length=self.max_length)["input_ids"]
+
     def gradient_importance(self, text: str, spans: Sequence[tuple[int, int]], label: int) -> torch.Tensor:
         """[W] ‖∂L/∂e‖₂ summed over each word's tokens, e the embedding output [1, L, H]."""
         batch = self._encode([text], return_offsets_mapping=True)

@@ -63,6 +63,8 @@ def test_evaluate_names_labels_and_runs_no_hotflip_at_budget_zero(task, tmp_path
             changed = torch.tensor([text not in originals for text in batch])
             return torch.where(changed[:, None], probabilities.flip(-1), probabilities)
 
+        victim.seen_ids = classify.seen_ids  # type: ignore[attr-defined]  # it reads what the model reads
+
         return attack(victim, texts, labels, *rest, **options)
 
     monkeypatch.setattr(evaluation, "synonym_attack", any_change_flips)

