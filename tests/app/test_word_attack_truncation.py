@@ -11,7 +11,7 @@ from advfunc.app.decoder.evaluate import DecoderVictim
 from advfunc.words.synonym_attack import SynonymAttackConfig, visible_words, word_spans
 from advfunc.words.victim import Victim
 from advfunc.words.wordnet import WordNetError, shipped_folder
-from tests.app.test_decoder_job import ANSWERS, PAD, _tokenizer
+from tests.app.test_decoder_job import ANSWERS, _tokenizer
 from tests.support.tiny_decoders import tiny_decoder
 from tests.support.tiny_task import save_tiny_model
 
@@ -21,7 +21,7 @@ LONG = "the plot was dull and the acting was flat and the story was boring and t
 @pytest.mark.parametrize("max_length", [8, 12, 20, 64])
 def test_the_decoder_victim_reads_the_review_words_that_fit_its_prompt(max_length):
     tokenizer = _tokenizer()  # one token per word: "Review", ":", the review's words, "Sentiment", ":"
-    victim = DecoderVictim(tiny_decoder("llama"), tokenizer, Answers.of(ANSWERS, tokenizer), max_length, PAD)
+    victim = DecoderVictim(tiny_decoder("llama"), tokenizer, Answers.of(ANSWERS, tokenizer), max_length)
     room = max_length - 2 - 2 - 1  # the instruction's four tokens and the answer's one
     spans = word_spans(LONG)
     assert visible_words(LONG, spans, victim.seen_ids) == min(room, len(spans))
