@@ -7,6 +7,7 @@ continuation of every prompt ending in ``:`` is the refusal: an oracle for the m
 
 from __future__ import annotations
 
+import itertools
 import json
 
 import pytest
@@ -42,8 +43,8 @@ def _scripted(after_prompt: str):
     every other token is followed by ``after_prompt``."""
     model = tiny_decoder("llama").eval()
     ids = {word: i for i, word in enumerate(WORDS)}
-    refusal_words = REFUSAL.split()[:-1] + ["that", "."]  # " I cannot help with that." as the tokenizer splits it
-    follows = dict(zip(refusal_words, refusal_words[1:], strict=False))
+    refusal_words = [*REFUSAL.split()[:-1], "that", "."]  # " I cannot help with that." as the tokenizer splits it
+    follows = dict(itertools.pairwise(refusal_words))
     with torch.no_grad():
         for layer in model.model.layers:
             layer.self_attn.o_proj.weight.zero_()
@@ -127,8 +128,8 @@ def test_every_default_method_runs_resumes_and_scores_an_always_refusing_model_a
     assert set(document["differences"]) == set(methods[1:])
     assert all(d["refusal"]["mean"] == 0.0 for d in document["differences"].values())
     report = (out / "results.md").read_text()
-    header = "| method | seeds | refusal (forbidden) | over-refusal (allowed) | over-refusal (near) | ASR r=0.1 | ASR r=1 |"
-    assert report.count(header) == 2  # the table and the paired differences
+    header = "| method | seeds | refusal (forbidden) | over-refusal (allowed) | over-refusal (near) | ASR r=0.1 |"
+    assert report.count(header + " ASR r=1 |") == 2  # the table and the paired differences
     assert "| `none` | 2 | 1.000 ± 0.000 | 1.000 ± 0.000 | 1.000 ± 0.000 | 0.000 ± 0.000 | 0.000 ± 0.000 |" in report
     assert "A topic classifier's refusal" in report and "Difference to plain fine-tuning" in report
 
