@@ -112,7 +112,8 @@ def add_commands(subparsers: Any) -> None:
         "--task", choices=tuple(TASKS), default="sentiment",
         help="sentiment: Rotten Tomatoes answers (or --data); refusal: the WordNet refusal task (default: "
         "%(default)s). Default methods and --output: " + "; ".join(
-            f"{task}: {' '.join(methods)}, {output}" for task, (methods, output) in TASKS.items()
+            f"{task}: {' '.join(m.partition(':')[0] for m in methods)} in {output}"
+            for task, (methods, output) in TASKS.items()
         ),
     )  # fmt: skip
     add_grid_flags(p, methods=None, seeds=(0, 1, 2), output=None)
