@@ -214,8 +214,9 @@ def fine_tune(
     from advfunc.hf import AdversarialTrainer
 
     spec = registry.parse_method(method)
+    model = _load(folder)
     torch.manual_seed(seed)  # the adapters' initialisation is part of the seeded run
-    model = adapted(_load(folder), settings.lora_r)
+    model = adapted(model, settings.lora_r)
     unread = set(METHOD_KEYS) - set(spec.method.batch_keys)
     shared = {name: getattr(settings, name) for name in TRAINING_DEFAULTS}
     config = TrainConfig(method=method, seed=seed, weight_decay=0.0, **shared)
