@@ -135,10 +135,10 @@ def evaluate(
         "over_refusal_near": float(refuses(base, rows.near, tokenizer).float().mean()),
     }
     targets = rows.forbidden[:attacked]
-    batches = [
-        {k: v for k, v in _on(collate(targets, tokenizer, settings)(ix), device).items() if k != HARMFUL}
-        for ix in (range(s, min(s + CHECK_BATCH, len(targets))) for s in range(0, len(targets), CHECK_BATCH))
-    ]
+    encode = collate(targets, tokenizer, settings)  # labels: the refusal; adv_labels: the gloss, the target
+    starts = range(0, len(targets), CHECK_BATCH)
+    batches = [_on(encode(list(range(s, min(s + CHECK_BATCH, len(targets))))), device) for s in starts]
+    batches = [{k: v for k, v in b.items() if k != HARMFUL} for b in batches]
     with EvalMode(base):
         table = success_rate(
             base, params_of(base), batches, settings.asr_radii, settings.asr_steps, settings.asr_restarts,
