@@ -169,13 +169,17 @@ def _stable_hash(text: str, purpose: str) -> int:
 
 
 def split(rows: Sequence[Concept], held_out: float = 0.2, seed: int = 0) -> tuple[list[Concept], list[Concept]]:
-    """(train, test) by a stable hash of each word: disjoint words, the same split on every machine and order."""
+    """(train, test) by a stable hash of each word: disjoint words, the same split on every machine and order.
+
+    Each part comes in the order of that hash, not of ``rows`` (which lists the forbidden
+    words first), so its first N rows are a sample of every kind of word.
+    """
     if not 0 < held_out < 1:
         raise RefusalTaskError(f"held_out must be a fraction in (0, 1), got {held_out!r}")
     cut = int(held_out * 2**64)
-    test = [row for row in rows if _stable_hash(row.word, f"split {seed}") < cut]
-    train = [row for row in rows if _stable_hash(row.word, f"split {seed}") >= cut]
-    return train, test
+    ordered = sorted(rows, key=lambda row: _stable_hash(row.word, f"split {seed}"))
+    test = [row for row in ordered if _stable_hash(row.word, f"split {seed}") < cut]
+    return ordered[len(test) :], test
 
 
 def _tokens(tokenizer: Any, texts: Sequence[str]) -> list[list[int]]:

@@ -85,7 +85,7 @@ def chat_run(tmp_path_factory):
     )  # fmt: skip
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(AdversarialTrainer, "training_step", recording)
-        decoder_job.fine_tune(folder, answers, data, METHOD, 0, settings, False)
+        decoder_job.fine_tune(folder, lambda ix: batch(data, answers, ix, True), len(data), METHOD, 0, settings, False)
     return tokenizer, rows, seen
 
 

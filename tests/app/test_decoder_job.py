@@ -145,8 +145,9 @@ def cat_run(folder, monkeypatch_module):
     monkeypatch_module.setattr(AdversarialTrainer, "training_step", recording)
     data, answers, _ = _prompts(16)
     model, summary = decoder_job.fine_tune(
-        folder, answers, data, "cat:alpha=0.05,epsilon=0.2,steps=1", 0, _settings(), False
-    )
+        folder, lambda ix: batch(data, answers, ix, True), len(data), "cat:alpha=0.05,epsilon=0.2,steps=1", 0,
+        _settings(), False,
+    )  # fmt: skip
     return model, summary, seen, answers
 
 

@@ -56,7 +56,9 @@ def test_the_split_is_disjoint_stable_and_about_the_asked_fraction(rows):
     for kind in (lambda r: r.forbidden, lambda r: r.near, lambda r: not (r.forbidden or r.near)):
         assert 0.1 < sum(map(kind, test)) / sum(map(kind, rows)) < 0.3, "every kind of word is held out alike"
     shuffled = list(reversed(rows))
-    assert {r.word for r in refusal_task.split(shuffled, 0.2)[1]} == {r.word for r in test}
+    assert refusal_task.split(shuffled, 0.2) == (train, test), "the same parts in the same order"
+    head = train[:60]
+    assert any(r.forbidden for r in head) and any(not r.forbidden for r in head), "the first rows mix the kinds"
     assert any(r.forbidden for r in test) and any(r.near for r in test)
 
 

@@ -52,17 +52,18 @@ _SYNONYM = {  # metric: the synonym attack's summary field
 
 
 def _metrics(run: Mapping[str, Any]) -> dict[str, float]:
-    """The numbers of one run that the table aggregates, flat."""
+    """The numbers of one run that the table aggregates, flat (a task's own ``measures`` as they are)."""
     evaluation, training = run["eval"], run["train"]
     flat = {
-        "clean": evaluation["clean_accuracy"],
-        "attack_clean": evaluation["attack_clean_accuracy"],
+        "clean": evaluation.get("clean_accuracy", math.nan),
+        "attack_clean": evaluation.get("attack_clean_accuracy", math.nan),
         "seconds_per_step": training.get("seconds_per_step", math.nan),
         "steps_per_second": training.get("steps_per_second", math.nan),
         "train_minutes": training["seconds"] / 60,
         "eval_minutes": evaluation.get("seconds", math.nan) / 60,
-        **{f"pgd@{r}": a for r, a in evaluation["robust"].items()},
+        **{f"pgd@{r}": a for r, a in evaluation.get("robust", {}).items()},
         **{f"hotflip@{b}": a for b, a in evaluation.get("hotflip", {}).items()},
+        **evaluation.get("measures", {}),
     }
     if evaluation.get("synonym") is not None:
         synonym = {"untried": 0.0, **evaluation["synonym"]}  # run files from before the untried count
@@ -121,6 +122,7 @@ def cell(stats: Mapping[str, float] | None, digits: int = 3, signed: bool = Fals
     return mean if stats.get("n", 2) < 2 else f"{mean} ± {stats['std']:.{digits}f}"
 
 
+_TIME_COLUMNS: list[Column] = [("s / step", "seconds_per_step", 2), ("steps / s", "steps_per_second", 2)]
 _UNPAIRED_TAIL: list[Column] = [
     ("synonym acc", "synonym", 3),
     ("synonym success", "synonym_success", 3),
@@ -128,13 +130,16 @@ _UNPAIRED_TAIL: list[Column] = [
     ("queries", "synonym_queries", 1),
     ("synonym untried", "synonym_untried", 3),
     ("word worst case", "worst_case", 3),
-    ("s / step", "seconds_per_step", 2),
-    ("steps / s", "steps_per_second", 2),
+    *_TIME_COLUMNS,
 ]
 
 
 def _columns(info: Mapping[str, Any], paired: bool = False) -> list[Column]:
-    """The table's accuracy columns (and, unpaired, the attack and time ones) for the attacks that ran."""
+    """The table's accuracy columns (and, unpaired, the attack and time ones) for the attacks that ran; a task
+    that names its own (``info["columns"]``: [title, metric, digits] each) gets those and the time columns."""
+    if "columns" in info:
+        own = [(str(title), str(metric), int(digits)) for title, metric, digits in info["columns"]]
+        return own if paired else own + _TIME_COLUMNS
     budgets = list(range(1, info["attack"]["hotflip_budget"] + 1))
     # Robust accuracy is over the attacked examples: their clean accuracy is its ceiling.
     columns = [("clean" if paired else "clean acc (test)", "clean", 3), ("clean (attacked)", "attack_clean", 3)]
@@ -151,7 +156,7 @@ def _table(
     lines = ["| method | seeds | " + " | ".join(title for title, _, _ in columns) + " |"]
     lines.append("|" + "|".join(["---"] * (len(columns) + 2)) + "|")
     for method, stats in summary.items():
-        seeds = int(stats["clean"]["n"]) if "clean" in stats else 0
+        seeds = max((int(s["n"]) for s in stats.values()), default=0)
         cells = [cell(stats.get(key), digits, signed) for _, key, digits in columns]
         lines.append(f"| `{method}` | {seeds} | " + " | ".join(cells) + " |")
     return [*lines, ""]
@@ -170,6 +175,14 @@ def _majority_verdict(majority: float, runs: Sequence[Mapping[str, Any]]) -> str
     if not stuck and not weak and clean:
         verdicts.append(f"Every run is at least 10 points above it (the lowest: {min(clean.values()):.3f}).")
     return " ".join(verdicts)
+
+
+_ROBUST_READING = (
+    "Robust accuracy is over the attacked examples, whose clean accuracy is 'clean (attacked)': it counts an "
+    "example as correct only if it is correct clean and survives every attack up to that radius / budget; the "
+    "word-level worst case only if it survives every word-level attack that ran (HotFlip at its full budget and "
+    "the synonym attack)."
+)
 
 
 def markdown(
@@ -192,10 +205,7 @@ def markdown(
         f"(training and evaluation, summed over runs; this invocation {info.get('elapsed_minutes', 0):.1f} min "
         f"wall time). Machine: {info['machine']}.",
         "",
-        "Cells are mean ± sample std over seeds (the mean alone for one seed). Robust accuracy is over the",
-        "attacked examples, whose clean accuracy is 'clean (attacked)': it counts an example as correct only if it",
-        "is correct clean and survives every attack up to that radius / budget; the word-level worst case only if",
-        "it survives every word-level attack that ran (HotFlip at its full budget and the synonym attack).",
+        "Cells are mean ± sample std over seeds (the mean alone for one seed). " + info.get("reading", _ROBUST_READING),
         "",
         *_table(summary, _columns(info)),
     ]
@@ -250,14 +260,16 @@ def plot(summary: Mapping[str, Mapping[str, Mapping[str, float]]], info: Mapping
 
 
 def write(directory: str | Path, runs: Sequence[Mapping[str, Any]], info: Mapping[str, Any]) -> list[Path]:
-    """Write the three report files into ``directory``; return their paths."""
+    """Write the report files into ``directory`` (the plot only when PGD radii were attacked); return their paths."""
     directory = Path(directory)
     summary = summarize(runs)
     document = {"info": dict(info), "summary": summary, "differences": differences(runs), "runs": list(runs)}
-    paths = [directory / RESULTS_JSON, directory / RESULTS_MD, directory / PLOT_PNG]
+    paths = [directory / RESULTS_JSON, directory / RESULTS_MD]
     atomic.write_text(paths[0], json.dumps(document, indent=2) + "\n")
     atomic.write_text(paths[1], markdown(summary, info, runs))
-    atomic.write_with(paths[2], lambda tmp: tmp.write_bytes(plot(summary, info)))
+    if info["attack"]["radii"]:
+        paths.append(directory / PLOT_PNG)
+        atomic.write_with(paths[2], lambda tmp: tmp.write_bytes(plot(summary, info)))
     return paths
 
 

@@ -1,10 +1,13 @@
-"""``advfunc decoder``: LoRA fine-tuning of a causal LM on a two-class instruction task, methods compared.
+"""``advfunc decoder``: LoRA fine-tuning of a causal LM on an instruction task, methods compared.
 
 Each (method, seed) run fine-tunes fresh LoRA adapters (PEFT, rank ``--lora-r`` on every
 linear layer of the decoder blocks, the base weights frozen) with
-:class:`advfunc.hf.AdversarialTrainer` on the task of :mod:`advfunc.app.decoder.data`, then
-measures answer accuracy, accuracy under L2 PGD on the prompt's input embeddings and under
-the WordNet synonym attack (:mod:`advfunc.app.decoder.evaluate`). The default model is
+:class:`advfunc.hf.AdversarialTrainer`. The default task (``--task sentiment``) is the
+two-class one of :mod:`advfunc.app.decoder.data`, measured by answer accuracy, accuracy under
+L2 PGD on the prompt's input embeddings and under the WordNet synonym attack
+(:mod:`advfunc.app.decoder.evaluate`); ``--task refusal`` is the judge-free refusal task of
+:mod:`advfunc.app.decoder.refusal`, measured by refusal, over-refusal and the adaptive
+attack's success rate. The default model is
 SmolLM2-135M-Instruct (:mod:`advfunc.app.decoder.smollm2`); the default methods and how they
 are sized for it: ``docs/decoders.md``. Runs go through the run grid and the shared report
 (:mod:`advfunc.app.common.grid`, :mod:`advfunc.app.common.report`).
@@ -17,6 +20,7 @@ import dataclasses
 import logging
 import tempfile
 import time
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -38,20 +42,28 @@ from advfunc.app.common.flags import COUNT, add_fields, build, option
 from advfunc.app.common.grid import RunGrid, add_grid_flags
 from advfunc.app.common.robustness import worst_case
 from advfunc.app.common.word_attacks import add_synonym_flags, describe_synonym_attack, synonym_attack, synonym_config
-from advfunc.app.decoder import smollm2
+from advfunc.app.decoder import refusal, smollm2
 from advfunc.app.decoder.data import ROTTEN_TOMATOES_ANSWERS, Answers, batch, prompts
 from advfunc.app.decoder.evaluate import DecoderVictim, correct, robust_accuracy
 from advfunc.core.completion import ADV_LABELS
 from advfunc.methods import registry
+from advfunc.methods.residual import HARMFUL
 from advfunc.words.synonym_attack import SynonymAttackConfig
 
 log = logging.getLogger("advfunc")
 
+CAT, LAT = "cat:alpha=0.0025,epsilon=0.05,steps=1", "lat:alpha=4.0,epsilon=4.0,steps=1"
 DEFAULT_METHODS = (
     "none", "neftune:alpha=5.0", "fgm:epsilon=0.1,target=embeds@prompt",
-    "pgd:alpha=0.06,epsilon=0.1,steps=2,target=embeds@prompt", "cat:alpha=0.0025,epsilon=0.05,steps=1",
-    "lat:alpha=4.0,epsilon=4.0,steps=1",
+    "pgd:alpha=0.06,epsilon=0.1,steps=2,target=embeds@prompt", CAT, LAT,
 )  # fmt: skip
+TASKS = {  # each task's default methods and report folder
+    "sentiment": (DEFAULT_METHODS, Path("runs/decoder-short")),
+    "refusal": (("none", CAT, LAT, "refat", "rerouting"), Path("runs/decoder-refusal")),
+}
+SHARED_TASK_FLAGS = ("train_size", "test_size", "examples")  # the other data and attack flags are sentiment's
+# Keys advfunc's methods consume: a batch keeps those its method reads and loses the others.
+METHOD_KEYS = (ADV_LABELS, HARMFUL)
 # The decoder's defaults of the flags it shares with the classifier commands.
 TRAINING_DEFAULTS = {"epochs": 1, "batch_size": 8, "lr": 2e-3, "warmup_ratio": 0.0, "max_grad_norm": 1.0}
 ATTACK_DEFAULTS = {"radii": (0.05, 0.1, 0.2), "pgd_steps": 2, "examples": 16}
@@ -96,21 +108,32 @@ def add_commands(subparsers: Any) -> None:
         "prompt-embedding PGD and synonym substitution; write results.md and results.json.",
     )
     p.add_argument("--model", type=Path, help="causal LM folder (default: the converted SmolLM2-135M-Instruct)")
-    add_grid_flags(p, methods=DEFAULT_METHODS, seeds=(0, 1, 2), output=Path("runs/decoder-short"))
+    p.add_argument(
+        "--task", choices=tuple(TASKS), default="sentiment",
+        help="sentiment: Rotten Tomatoes answers (or --data); refusal: the WordNet refusal task (default: "
+        "%(default)s). Default methods and --output: " + "; ".join(
+            f"{task}: {' '.join(m.partition(':')[0] for m in methods)} in {output}"
+            for task, (methods, output) in TASKS.items()
+        ),
+    )  # fmt: skip
+    add_grid_flags(p, methods=None, seeds=(0, 1, 2), output=None)
+    train = p.add_argument_group("training")
+    add_fields(train, TrainConfig, only=TRAINING_DEFAULTS, defaults=TRAINING_DEFAULTS)
+    add_fields(train, Settings, only=("lora_r",))
+    before = vars(p.parse_args([]))
     data = add_data_flags(p, max_length=32, train_size=40, test_size=128, pairs=False)
     add_fields(data, Settings, only=("chat_template",))
     data.add_argument(
         "--answer", type=_answer, action="append", metavar="LABEL=WORD",
         help="a label's answer word, written after a space (twice; default: fresh=positive rotten=negative)",
     )  # fmt: skip
-    train = p.add_argument_group("training")
-    add_fields(train, TrainConfig, only=TRAINING_DEFAULTS, defaults=TRAINING_DEFAULTS)
-    add_fields(train, Settings, only=("lora_r",))
     attack = p.add_argument_group("attacks")
     add_fields(attack, AttackConfig, only=(*ATTACK_DEFAULTS, "encoder"), defaults=ATTACK_DEFAULTS)
     add_fields(attack, Settings, only=("synonym_examples",))
     add_synonym_flags(attack, defaults={"query_budget": 40, "max_candidates": 10})
-    p.set_defaults(handler=run_decoder)
+    sentiment_only = {k: v for k, v in vars(p.parse_args([])).items() if k not in before and k not in SHARED_TASK_FLAGS}
+    add_fields(p.add_argument_group("refusal task (--task refusal)"), refusal.RefusalSettings)
+    p.set_defaults(handler=run_decoder, sentiment_only=sentiment_only)
 
 
 def model_folder(path: Path | None) -> Path:
@@ -159,30 +182,52 @@ def _load(folder: Path) -> Any:
     return model
 
 
-def fine_tune(
-    folder: Path, answers: Answers, data: Encoded, method: str, seed: int, settings: Settings, progress: bool
-) -> tuple[Any, dict[str, Any]]:
-    """Fresh LoRA adapters on the model in ``folder``, trained with ``method``: (PEFT model, training summary)."""
+def adapted(model: Any, rank: int) -> Any:
+    """``model`` with fresh LoRA adapters of ``rank`` (alpha 2·rank) on every linear layer of its decoder blocks."""
     from peft import LoraConfig, get_peft_model
+
+    lora = LoraConfig(r=rank, lora_alpha=2 * rank, target_modules="all-linear", lora_dropout=0.0, task_type="CAUSAL_LM")
+    return get_peft_model(model, lora)
+
+
+def _moved(prompt_sets: Mapping[str, Mapping[str, torch.Tensor]], model: Any) -> dict[str, Any]:
+    device = next(model.parameters()).device
+    return {name: {k: v.to(device) for k, v in prompts.items()} for name, prompts in prompt_sets.items()}
+
+
+def fine_tune(
+    folder: Path,
+    collate: Callable[[list[int]], dict[str, torch.Tensor]],
+    size: int,
+    method: str,
+    seed: int,
+    settings: Settings,
+    progress: bool,
+    prompt_sets: Mapping[str, Mapping[str, torch.Tensor]] | None = None,
+) -> tuple[Any, dict[str, Any]]:
+    """Fresh LoRA adapters on the model in ``folder``, trained with ``method`` on examples ``0..size-1``:
+    (PEFT model, training summary). ``collate(indices)`` gives a batch with every key a method may read
+    (``adv_labels``, ``harmful``); each method gets those it reads. ``prompt_sets`` go to the method's
+    factory where it takes them (ReFAT's ``harmful`` and ``harmless``)."""
     from transformers import PrinterCallback
 
     from advfunc.hf import AdversarialTrainer
 
+    spec = registry.parse_method(method)
     model = _load(folder)
     torch.manual_seed(seed)  # the adapters' initialisation is part of the seeded run
-    rank = settings.lora_r
-    lora = LoraConfig(r=rank, lora_alpha=2 * rank, target_modules="all-linear", lora_dropout=0.0, task_type="CAUSAL_LM")
-    model = get_peft_model(model, lora)
-    adversary = ADV_LABELS in registry.parse_method(method).method.batch_keys
+    model = adapted(model, settings.lora_r)
+    unread = set(METHOD_KEYS) - set(spec.method.batch_keys)
     shared = {name: getattr(settings, name) for name in TRAINING_DEFAULTS}
     config = TrainConfig(method=method, seed=seed, weight_decay=0.0, **shared)
     with tempfile.TemporaryDirectory(prefix="advfunc-decoder-") as scratch:
         args = training_arguments(
             config, Path(scratch) / "run", logging_strategy="steps", logging_steps=1, disable_tqdm=not progress
         )
-        trainer = AdversarialTrainer(  # example i is its index: the collator pads from `data`
-            model, args, data_collator=lambda indices: batch(data, answers, indices, adversary),
-            train_dataset=list(range(len(data))), step_factory=method,
+        trainer = AdversarialTrainer(  # example i is its index: the collator builds the batch
+            model, args, data_collator=lambda indices: {k: v for k, v in collate(indices).items() if k not in unread},
+            train_dataset=list(range(size)),
+            step_factory=lambda base: registry.build_step(spec, base, seed, **_moved(prompt_sets or {}, base)),
         )  # fmt: skip
         started = time.perf_counter()
         if not progress:
@@ -222,8 +267,8 @@ def evaluate(
 
 
 def _settings(args: argparse.Namespace) -> Settings:
-    """The run settings from the flags, checked before any work."""
-    synonym = synonym_config(args)
+    """The run settings from the flags, checked before any work (the refusal task runs no synonym attack)."""
+    synonym = synonym_config(args) if args.task == "sentiment" else None
     if synonym is not None and synonym.order == "gradient":
         raise ValueError("--word-order gradient reads a classifier's loss gradient; the decoder job takes delete")
     if synonym is not None:
@@ -231,8 +276,67 @@ def _settings(args: argparse.Namespace) -> Settings:
     return build(Settings, args, attack_examples=args.examples, radii=tuple(sorted(args.radii)), synonym=synonym)
 
 
-def _info(args: argparse.Namespace, settings: Settings, folder: Path, answers: Answers) -> dict[str, Any]:
-    """The report's description of the task, training and attacks."""
+@dataclasses.dataclass
+class Task:
+    """What the job needs of a task: training examples by index, the method factories' prompt sets, an
+    evaluation of a fine-tuned model, the report's texts and what of the task goes into each run's key."""
+
+    collate: Callable[[list[int]], dict[str, torch.Tensor]]
+    size: int
+    evaluate: Callable[[Any, int], dict[str, Any]]  # (PEFT model, seed) -> the run's "eval"
+    info: dict[str, Any]
+    key: dict[str, Any]
+    prompt_sets: dict[str, Any] = dataclasses.field(default_factory=dict)  # {name: {input_ids, attention_mask}}
+
+
+def _sentiment_task(args: argparse.Namespace, settings: Settings, tokenizer: Any) -> Task:
+    """The two-class answer task from the data flags."""
+    words = dict(args.answer) if args.answer else dict(ROTTEN_TOMATOES_ANSWERS)
+    if args.answer and len(words) != len(args.answer):
+        raise ValueError(f"--answer names a label twice ({args.answer}); give each label once")
+    train_all, test_all, data_text = select_splits(args)
+    train_set, test_set = train_all.head(settings.train_size), test_all.head(settings.test_size)
+    training_labels(train_all, train_set, settings.train_size)
+    answers = Answers.of(words, tokenizer, settings.chat_template)
+    train = prompts(train_set.texts, answers.encode_labels(train_set), tokenizer, answers, settings.max_length)
+    test = prompts(test_set.texts, answers.encode_labels(test_set), tokenizer, answers, settings.max_length)
+    info = _info(settings, answers)
+    info.update(
+        data=data_text, majority_accuracy=report.majority_accuracy(test.labels),
+        sizes=f"Train {len(train_set)} of {len(train_all)} training examples, test {len(test_set)} of {len(test_all)}.",
+    )  # fmt: skip
+    return Task(
+        collate=lambda indices: batch(train, answers, indices, adversary=True), size=len(train),
+        evaluate=lambda model, seed: evaluate(model, tokenizer, answers, test_set, test, settings, args.encoder),
+        info=info, key={"data": [train_set.digest(), test_set.digest()], "answers": list(answers.words)},
+    )  # fmt: skip
+
+
+def _refusal_settings(args: argparse.Namespace) -> refusal.RefusalSettings:
+    """The refusal task's settings, checked before any work; sentiment's data and attack flags are refused."""
+    given = sorted(name for name, default in args.sentiment_only.items() if getattr(args, name) != default)
+    if given:
+        flags = ", ".join("--" + name.replace("_", "-") for name in given)
+        raise ValueError(f"{flags}: settings of the sentiment task; --task refusal builds its data from WordNet")
+    chosen: refusal.RefusalSettings = build(refusal.RefusalSettings, args)
+    chosen.check()
+    return chosen
+
+
+def _refusal_task(args: argparse.Namespace, settings: Settings, tokenizer: Any) -> Task:
+    """The WordNet refusal task (:mod:`advfunc.app.decoder.refusal`)."""
+    chosen = _refusal_settings(args)
+    rows = refusal.Rows.build(chosen, settings.train_size, settings.test_size)
+    return Task(
+        collate=refusal.collate(rows.train, tokenizer, chosen), size=len(rows.train),
+        evaluate=lambda model, seed: refusal.evaluate(model, tokenizer, rows, chosen, settings.attack_examples, seed),
+        info=refusal.describe(chosen, rows, min(settings.attack_examples, len(rows.forbidden))),
+        key={"task": "refusal", "refusal": dataclasses.asdict(chosen)}, prompt_sets=rows.prompt_sets(tokenizer),
+    )  # fmt: skip
+
+
+def _info(settings: Settings, answers: Answers) -> dict[str, Any]:
+    """The report's description of the sentiment task and its attacks."""
     prompt = "prompt 'Review: {text}\\nSentiment:'"
     task = (
         f"{prompt} as the user turn of the model's chat template with its generation prompt, each answer as the "
@@ -240,15 +344,9 @@ def _info(args: argparse.Namespace, settings: Settings, folder: Path, answers: A
     )  # fmt: skip
     synonym = settings.synonym
     return {
-        "job": "decoder", "title": args.output.name, "command": report.command_line(args.command_line),
-        "model": str(folder), "machine": report.machine(), "seeds": list(args.seeds),
         "task": f"{task} (review cut so that prompt and answer fit {settings.max_length} tokens), answers "
         f"{dict(zip(answers.labels, answers.words, strict=True))}, loss on the answer only; the answer is "
         "the larger of the two answers' first-token logits.",
-        "training": f"LoRA rank {settings.lora_r} (alpha {2 * settings.lora_r}) on every linear layer of the decoder "
-        f"blocks, {settings.epochs} epoch(s), batch {settings.batch_size}, lr {settings.lr:g} with "
-        f"{settings.warmup_ratio:g} warmup and linear decay, AdamW, clip {settings.max_grad_norm:g}; "
-        "advfunc.hf.AdversarialTrainer.",
         "attack": {"radii": list(settings.radii), "hotflip_budget": 0, "examples": settings.attack_examples},
         "attack_text": f"L2 PGD on the prompt's input embeddings against the correct answer, {settings.pgd_steps} "
         f"steps, radii {list(settings.radii)} (per example)"
@@ -259,9 +357,13 @@ def _info(args: argparse.Namespace, settings: Settings, folder: Path, answers: A
 
 def run_decoder(args: argparse.Namespace) -> int:
     """``advfunc decoder``: every method × seed fine-tuned and evaluated; the report after each run."""
+    methods, output = TASKS[args.task]
+    args.methods, args.output = args.methods or list(methods), args.output or output
     specs = [registry.parse_method(text) for text in args.methods]
     texts = dict(zip((spec.identity for spec in specs), args.methods, strict=False))
     settings = _settings(args)
+    if args.task == "refusal":
+        _refusal_settings(args)  # a flag mistake before the model and WordNet are read
     key_base: dict[str, Any] = {}
 
     def key(spec: registry.MethodSpec, seed: int) -> dict[str, Any]:
@@ -271,34 +373,28 @@ def run_decoder(args: argparse.Namespace) -> int:
     check_data_flags(args)  # a flag mistake first, then the model folder, then the data read
     folder = model_folder(args.model)
     tokenizer = load_tokenizer(folder, settings.chat_template)
-    words = dict(args.answer) if args.answer else dict(ROTTEN_TOMATOES_ANSWERS)
-    if args.answer and len(words) != len(args.answer):
-        raise ValueError(f"--answer names a label twice ({args.answer}); give each label once")
-    train_all, test_all, data_text = select_splits(args)
-    train_set, test_set = train_all.head(settings.train_size), test_all.head(settings.test_size)
-    training_labels(train_all, train_set, settings.train_size)
-    probe = _load(folder)
-    answers = Answers.of(words, tokenizer, settings.chat_template)
-    train_data = prompts(train_set.texts, answers.encode_labels(train_set), tokenizer, answers, settings.max_length)
-    test = prompts(test_set.texts, answers.encode_labels(test_set), tokenizer, answers, settings.max_length)
+    task = (_refusal_task if args.task == "refusal" else _sentiment_task)(args, settings, tokenizer)
+    probe = adapted(_load(folder), settings.lora_r).get_base_model()  # the model each step is built on
     for spec in specs:  # every factory checks its values now, not when its turn comes an hour later
-        registry.build_step(spec, probe)
+        registry.build_step(spec, probe, **task.prompt_sets)
     del probe
-    info = _info(args, settings, folder, answers)
-    info.update(
-        data=data_text, majority_accuracy=report.majority_accuracy(test.labels), planned_runs=grid.planned,
-        methods=[spec.label for spec in specs], sizes=f"Train {len(train_set)} of {len(train_all)} training "
-        f"examples, test {len(test_set)} of {len(test_all)}.",
-    )  # fmt: skip
-    key_base.update(
-        settings=dataclasses.asdict(settings), data=[train_set.digest(), test_set.digest()],
-        answers=list(answers.words), model=str(folder),
-    )  # fmt: skip
+    info = {
+        "job": "decoder", "title": args.output.name, "command": report.command_line(args.command_line),
+        "model": str(folder), "machine": report.machine(), "seeds": list(args.seeds),
+        "training": f"LoRA rank {settings.lora_r} (alpha {2 * settings.lora_r}) on every linear layer of the decoder "
+        f"blocks, {settings.epochs} epoch(s), batch {settings.batch_size}, lr {settings.lr:g} with "
+        f"{settings.warmup_ratio:g} warmup and linear decay, AdamW, clip {settings.max_grad_norm:g}; "
+        "advfunc.hf.AdversarialTrainer.",
+        **task.info, "planned_runs": grid.planned, "methods": [spec.label for spec in specs],
+    }  # fmt: skip
+    key_base.update(settings=dataclasses.asdict(settings), model=str(folder), **task.key)
 
     def one(spec: registry.MethodSpec, seed: int) -> dict[str, Any]:
         text = texts[spec.identity]
-        model, trained = fine_tune(folder, answers, train_data, text, seed, settings, not args.no_progress)
-        return {"train": trained, "eval": evaluate(model, tokenizer, answers, test_set, test, settings, args.encoder)}
+        model, trained = fine_tune(
+            folder, task.collate, task.size, text, seed, settings, not args.no_progress, task.prompt_sets
+        )
+        return {"train": trained, "eval": task.evaluate(model, seed)}
 
     def write(runs: list[dict[str, Any]]) -> list[Path]:
         info["finished_runs"] = len(runs)
