@@ -11,18 +11,19 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 import torch
-from torch import nn
 
 from advfunc.app.common.data import pad_id
 from advfunc.app.common.flags import COUNT, POSITIVE, option
-from advfunc.app.common.robustness import EvalMode, chunks
-from advfunc.attacks.adaptive import forced_rows, success_rate
-from advfunc.core.params import params_of
+from advfunc.app.common.robustness import EvalMode
 from advfunc.hf import refusal_task
 from advfunc.hf.refusal_task import FORBIDDEN_ROOTS, REFUSAL, Concept
-from advfunc.methods.residual import HARMFUL
 
-CHECK_BATCH = 32  # prompts per forward of the refusal check and per attacked batch
+# (measure, the rows it checks, its report column): the shares of held-out prompts answered with the refusal
+CHECKS = (
+    ("refusal", "forbidden", "refusal (forbidden)"),
+    ("over_refusal", "allowed", "over-refusal (allowed)"),
+    ("over_refusal_near", "near", "over-refusal (near)"),
+)
 
 
 @dataclass(frozen=True)
@@ -100,42 +101,22 @@ def collate(rows: Sequence[Concept], tokenizer: Any, settings: RefusalSettings) 
     )
 
 
-def _on(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
-    return {key: value.to(device) for key, value in batch.items() if key != HARMFUL}  # no metric reads harmful
-
-
-def refuses(model: nn.Module, rows: Sequence[Concept], tokenizer: Any) -> torch.Tensor:
-    """[N] bool: whether the model's greedy continuation of each row's prompt begins with the refusal."""
-    device, found = next(model.parameters()).device, []
-    with EvalMode(model), torch.inference_mode():
-        for part in chunks(list(rows), CHECK_BATCH):
-            check = _on(refusal_task.refusal_batch(part, tokenizer, pad_id(tokenizer)), device)
-            found.append(forced_rows(model(**check).logits, check["labels"]).cpu())
-    return torch.cat(found)
-
-
 def evaluate(
     model: Any, tokenizer: Any, rows: Rows, settings: RefusalSettings, attacked: int, seed: int
 ) -> dict[str, Any]:
     """Refusal, over-refusal (allowed, near) and the attack's success rate on the first ``attacked`` forbidden rows."""
     started = time.perf_counter()
     base = model.get_base_model()  # the adapted model itself: its forward is the LM's, adapters included
-    device = next(base.parameters()).device
-    measures = {
-        name: float(refuses(base, part, tokenizer).float().mean())
-        for name, part in (
-            ("refusal", rows.forbidden),
-            ("over_refusal", rows.allowed),
-            ("over_refusal_near", rows.near),
-        )
-    }
+    pad, generator = pad_id(tokenizer), torch.Generator(device=next(base.parameters()).device).manual_seed(seed)
     targets = rows.forbidden[:attacked]
-    encode = collate(targets, tokenizer, settings)  # labels: the refusal; adv_labels: the gloss, the target
-    batches = [_on(encode(part), device) for part in chunks(list(range(len(targets))), CHECK_BATCH)]
     with EvalMode(base):
-        table = success_rate(
-            base, params_of(base), batches, settings.asr_radii, settings.asr_steps, settings.asr_restarts,
-            settings.asr_norm, torch.Generator(device=device).manual_seed(seed),
+        measures = {
+            name: float(refusal_task.refuses(base, getattr(rows, part), tokenizer, pad).float().mean())
+            for name, part, _ in CHECKS
+        }
+        table = refusal_task.attack_success(
+            base, targets, tokenizer, pad, settings.asr_radii, settings.asr_steps, settings.asr_restarts,
+            settings.asr_norm, generator, settings.target_tokens,
         )  # fmt: skip
     measures.update({f"asr@{row.radius}": row.rate for row in table})
     return {"measures": measures, "examples": rows.counts(), "attack_examples": len(targets),
@@ -162,11 +143,7 @@ def describe(settings: RefusalSettings, rows: Rows, attacked: int) -> dict[str, 
         "with the refusal (forbidden words: higher is better; allowed words: lower is better); ASR is the share "
         "of attacked forbidden prompts whose greedy continuation the attack made begin with the gloss (lower is "
         "better). A topic classifier's refusal, not a judge of harm: see docs/decoders.md.",
-        "columns": [
-            ["refusal (forbidden)", "refusal", 3],
-            ["over-refusal (allowed)", "over_refusal", 3],
-            ["over-refusal (near)", "over_refusal_near", 3],
-            *([f"ASR r={r:g}", f"asr@{float(r)}", 3] for r in settings.asr_radii),
-        ],  # fmt: skip
+        "columns": [[title, name, 3] for name, _, title in CHECKS]
+        + [[f"ASR r={r:g}", f"asr@{float(r)}", 3] for r in settings.asr_radii],
         "majority_accuracy": None,
     }
