@@ -1,8 +1,5 @@
-"""A causal LM's answers to a two-class instruction task: clean, under prompt-embedding PGD, under synonyms.
-
-The answer is the larger of the two answers' first-token logits at the prompt's last position;
-robust accuracy counts survivors over increasing radii (:mod:`advfunc.app.common.robustness`).
-"""
+"""A causal LM's answers to a two-class instruction task (the larger of the two answers' first-token logits
+after the prompt): clean, under prompt-embedding PGD, under synonyms."""
 
 from __future__ import annotations
 
@@ -83,11 +80,8 @@ def robust_accuracy(
 
 @dataclass(frozen=True)
 class DecoderVictim:
-    """A causal LM as the two-class classifier the synonym attack queries: ``[N] texts -> [N, 2]``.
-
-    Each text is put in the prompt the model was trained on; the class probabilities are
-    the softmax of the two answers' first-token logits.
-    """
+    """A causal LM as the two-class classifier the synonym attack queries: ``[N] texts -> [N, 2]``, the softmax of
+    the two answers' first-token logits after each text's prompt."""
 
     model: nn.Module
     tokenizer: Any

@@ -229,11 +229,9 @@ def fine_tune(
 
 
 def evaluate(
-    model: Any, tokenizer: Any, answers: Answers, test_set: TextDataset, test: Encoded, settings: Settings, encoder: Any
+    base: Any, tokenizer: Any, answers: Answers, test_set: TextDataset, test: Encoded, settings: Settings, encoder: Any
 ) -> dict[str, Any]:
     """Answer accuracy on ``test``, prompt PGD on its first examples, the synonym attack on fewer."""
-    started = time.perf_counter()
-    base = model.get_base_model()  # the adapted model itself: its forward is the LM's, adapters included
     answered = correct(base, test, answers)  # [N] bool
     subset = test.select(range(min(settings.attack_examples, len(test))))
     attack_clean, pgd = robust_accuracy(
@@ -251,7 +249,7 @@ def evaluate(
     return {
         "clean_accuracy": clean, "examples": len(test), "attack_examples": len(subset),
         "attack_clean_accuracy": attack_clean, "robust": {str(r): a for r, a in pgd.items()}, "hotflip": {},
-        "synonym": synonym, "worst_case": worst, "seconds": time.perf_counter() - started,
+        "synonym": synonym, "worst_case": worst,
     }  # fmt: skip
 
 
@@ -271,7 +269,7 @@ class Task:
 
     collate: Callable[[list[int]], dict[str, torch.Tensor]]
     size: int
-    evaluate: Callable[[Any, int], dict[str, Any]]  # (PEFT model, seed) -> the run's "eval"
+    evaluate: Callable[[Any, int], dict[str, Any]]  # (the adapted model, seed) -> the run's "eval"
     info: dict[str, Any]
     key: dict[str, Any]
     prompt_sets: dict[str, Any] = dataclasses.field(default_factory=dict)  # {name: {input_ids, attention_mask}}
@@ -376,7 +374,9 @@ def run_decoder(args: argparse.Namespace) -> int:
             folder, task.collate, task.size, texts[spec.identity], seed, settings, not args.no_progress,
             task.prompt_sets,
         )  # fmt: skip
-        return {"train": trained, "eval": task.evaluate(model, seed)}
+        started = time.perf_counter()  # the adapted model's own forward is the LM's, adapters included:
+        measured = task.evaluate(model.get_base_model(), seed)
+        return {"train": trained, "eval": {**measured, "seconds": time.perf_counter() - started}}
 
     def write(runs: list[dict[str, Any]]) -> list[Path]:
         info["finished_runs"] = len(runs)

@@ -5,7 +5,6 @@ allowed (and near) words, and the adaptive embedding attack's success (:func:`ad
 
 from __future__ import annotations
 
-import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -102,11 +101,9 @@ def collate(rows: Sequence[Concept], tokenizer: Any, settings: RefusalSettings) 
 
 
 def evaluate(
-    model: Any, tokenizer: Any, rows: Rows, settings: RefusalSettings, attacked: int, seed: int
+    base: Any, tokenizer: Any, rows: Rows, settings: RefusalSettings, attacked: int, seed: int
 ) -> dict[str, Any]:
     """Refusal, over-refusal (allowed, near) and the attack's success rate on the first ``attacked`` forbidden rows."""
-    started = time.perf_counter()
-    base = model.get_base_model()  # the adapted model itself: its forward is the LM's, adapters included
     pad, generator = pad_id(tokenizer), torch.Generator(device=next(base.parameters()).device).manual_seed(seed)
     targets = rows.forbidden[:attacked]
     with EvalMode(base):
@@ -119,8 +116,7 @@ def evaluate(
             settings.asr_norm, generator, settings.target_tokens,
         )  # fmt: skip
     measures.update({f"asr@{row.radius}": row.rate for row in table})
-    return {"measures": measures, "examples": rows.counts(), "attack_examples": len(targets),
-            "seconds": time.perf_counter() - started}  # fmt: skip
+    return {"measures": measures, "examples": rows.counts(), "attack_examples": len(targets)}
 
 
 def describe(settings: RefusalSettings, rows: Rows, attacked: int) -> dict[str, Any]:
