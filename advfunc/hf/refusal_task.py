@@ -229,6 +229,19 @@ def prompt_set(rows: Sequence[Concept], tokenizer: Any, pad_id: int) -> dict[str
     return {k: encoded[k] for k in ("input_ids", "attention_mask")}
 
 
+def prompt_sets(rows: Sequence[Concept], tokenizer: Any, pad_id: int) -> dict[str, dict[str, torch.Tensor]]:
+    """ReFAT's two prompt sets (:func:`advfunc.refat`'s ``harmful`` and ``harmless``) from training rows: the
+    forbidden rows' prompts and the allowed rows' prompts; ``RefusalTaskError`` when either kind is missing."""
+    harmful = [row for row in rows if row.forbidden]
+    harmless = [row for row in rows if not row.forbidden]
+    if not harmful or not harmless:
+        raise RefusalTaskError(
+            f"the {len(rows)} rows hold {len(harmful)} forbidden and {len(harmless)} allowed ones; ReFAT's prompt "
+            "sets need both: give more rows (--train-size)"
+        )
+    return {"harmful": prompt_set(harmful, tokenizer, pad_id), "harmless": prompt_set(harmless, tokenizer, pad_id)}
+
+
 def refuses(
     model: nn.Module, rows: Sequence[Concept], tokenizer: Any, pad_id: int, batch_size: int = 32
 ) -> torch.Tensor:

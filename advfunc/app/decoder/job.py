@@ -253,14 +253,24 @@ def evaluate(
     }  # fmt: skip
 
 
-def _settings(args: argparse.Namespace) -> Settings:
-    """The run settings from the flags, checked before any work (the refusal task runs no synonym attack)."""
-    synonym = synonym_config(args) if args.task == "sentiment" else None
+def _settings(args: argparse.Namespace) -> tuple[Settings, refusal.RefusalSettings | None]:
+    """The run settings and the refusal task's from the flags, checked before any work; the refusal task runs no
+    synonym attack and refuses sentiment's data and attack flags."""
+    chosen: refusal.RefusalSettings | None = None
+    if args.task == "refusal":
+        given = sorted(name for name, default in args.sentiment_only.items() if getattr(args, name) != default)
+        if given:
+            flags = ", ".join("--" + name.replace("_", "-") for name in given)
+            raise ValueError(f"{flags}: settings of the sentiment task; --task refusal builds its data from WordNet")
+        chosen = build(refusal.RefusalSettings, args)
+        chosen.check()
+    synonym = synonym_config(args) if chosen is None else None
     if synonym is not None and synonym.order == "gradient":
         raise ValueError("--word-order gradient reads a classifier's loss gradient; the decoder job takes delete")
     if synonym is not None:
         require_synonym_resources(args.encoder)
-    return build(Settings, args, attack_examples=args.examples, radii=tuple(sorted(args.radii)), synonym=synonym)
+    radii = tuple(sorted(args.radii))
+    return build(Settings, args, attack_examples=args.examples, radii=radii, synonym=synonym), chosen
 
 
 @dataclasses.dataclass
@@ -314,17 +324,6 @@ def _sentiment_task(args: argparse.Namespace, settings: Settings, tokenizer: Any
     )  # fmt: skip
 
 
-def _refusal_settings(args: argparse.Namespace) -> refusal.RefusalSettings:
-    """The refusal task's settings, checked before any work; sentiment's data and attack flags are refused."""
-    given = sorted(name for name, default in args.sentiment_only.items() if getattr(args, name) != default)
-    if given:
-        flags = ", ".join("--" + name.replace("_", "-") for name in given)
-        raise ValueError(f"{flags}: settings of the sentiment task; --task refusal builds its data from WordNet")
-    chosen: refusal.RefusalSettings = build(refusal.RefusalSettings, args)
-    chosen.check()
-    return chosen
-
-
 def _refusal_task(chosen: refusal.RefusalSettings, settings: Settings, tokenizer: Any) -> Task:
     """The WordNet refusal task (:mod:`advfunc.app.decoder.refusal`)."""
     rows = refusal.Rows.build(chosen, settings.train_size, settings.test_size)
@@ -342,8 +341,7 @@ def run_decoder(args: argparse.Namespace) -> int:
     args.methods, args.output = args.methods or list(methods), args.output or output
     specs = [registry.parse_method(text) for text in args.methods]
     texts = dict(zip((spec.identity for spec in specs), args.methods, strict=False))
-    settings = _settings(args)
-    chosen = _refusal_settings(args) if args.task == "refusal" else None  # before the model and WordNet are read
+    settings, chosen = _settings(args)
     key_base: dict[str, Any] = {}
 
     def key(spec: registry.MethodSpec, seed: int) -> dict[str, Any]:

@@ -74,19 +74,8 @@ class Rows:
         return cls(train[:train_size], forbidden[:test_size], allowed[:test_size], near[:test_size])
 
     def prompt_sets(self, tokenizer: Any) -> dict[str, dict[str, torch.Tensor]]:
-        """ReFAT's two prompt sets from the training rows: ``harmful`` (forbidden) and ``harmless`` (allowed)."""
-        pad = pad_id(tokenizer)
-        harmful = [row for row in self.train if row.forbidden]
-        harmless = [row for row in self.train if not row.forbidden]
-        if not harmful or not harmless:
-            raise refusal_task.RefusalTaskError(
-                f"the first {len(self.train)} training words hold {len(harmful)} forbidden and {len(harmless)} "
-                "allowed ones; ReFAT needs both: raise --train-size"
-            )
-        return {
-            "harmful": refusal_task.prompt_set(harmful, tokenizer, pad),
-            "harmless": refusal_task.prompt_set(harmless, tokenizer, pad),
-        }
+        """ReFAT's two prompt sets from the training rows (:func:`advfunc.hf.refusal_task.prompt_sets`)."""
+        return refusal_task.prompt_sets(self.train, tokenizer, pad_id(tokenizer))
 
     def counts(self) -> dict[str, int]:
         return {"forbidden": len(self.forbidden), "allowed": len(self.allowed), "near": len(self.near)}
