@@ -117,7 +117,4 @@ def batch(data: Encoded, answers: Answers, indices: Sequence[int], adversary: bo
     """Rows ``indices`` as model arguments (:func:`advfunc.hf.chat.completion_batch`): prompt + answer, labels
     on the answer only; ``adversary`` adds ``adv_labels``, the other class's answer after the prompt."""
     rows = [(data.input_ids[i], answers.ids[data.labels[i]], answers.ids[1 - data.labels[i]]) for i in indices]
-    out = completion_batch(rows, data.pad_id)
-    if not adversary:
-        del out[ADV_LABELS]
-    return out
+    return {k: v for k, v in completion_batch(rows, data.pad_id).items() if adversary or k != ADV_LABELS}
