@@ -368,10 +368,8 @@ def run_decoder(args: argparse.Namespace) -> int:
     key_base.update(settings=dataclasses.asdict(settings), model=str(folder), **task.key)
 
     def one(spec: registry.MethodSpec, seed: int) -> dict[str, Any]:
-        model, trained = fine_tune(
-            folder, task.collate, task.size, texts[spec.identity], seed, settings, not args.no_progress,
-            task.prompt_sets,
-        )  # fmt: skip
+        text, progress = texts[spec.identity], not args.no_progress
+        model, trained = fine_tune(folder, task.collate, task.size, text, seed, settings, progress, task.prompt_sets)
         started = time.perf_counter()  # the adapted model's own forward is the LM's, adapters included:
         measured = task.evaluate(model.get_base_model(), seed)
         return {"train": trained, "eval": {**measured, "seconds": time.perf_counter() - started}}
