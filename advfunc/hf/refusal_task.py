@@ -16,7 +16,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch import nn
 
+from advfunc.attacks.adaptive import SuccessRate, forced_rows, success_rate
+from advfunc.core.params import params_of
 from advfunc.hf.chat import completion_batch
 from advfunc.methods.residual import HARMFUL
 from advfunc.words.wordnet import WordNetError, shipped_folder
@@ -224,3 +227,59 @@ def prompt_set(rows: Sequence[Concept], tokenizer: Any, pad_id: int) -> dict[str
         raise RefusalTaskError("no rows for a prompt set")
     encoded = completion_batch([(ids, [], []) for ids in _tokens(tokenizer, [row.prompt for row in rows])], pad_id)
     return {k: encoded[k] for k in ("input_ids", "attention_mask")}
+
+
+def prompt_sets(rows: Sequence[Concept], tokenizer: Any, pad_id: int) -> dict[str, dict[str, torch.Tensor]]:
+    """ReFAT's two prompt sets (:func:`advfunc.refat`'s ``harmful`` and ``harmless``) from training rows: the
+    forbidden rows' prompts and the allowed rows' prompts; ``RefusalTaskError`` when either kind is missing."""
+    harmful = [row for row in rows if row.forbidden]
+    harmless = [row for row in rows if not row.forbidden]
+    if not harmful or not harmless:
+        raise RefusalTaskError(
+            f"the {len(rows)} rows hold {len(harmful)} forbidden and {len(harmless)} allowed ones; ReFAT's prompt "
+            "sets need both: give more rows (--train-size)"
+        )
+    return {"harmful": prompt_set(harmful, tokenizer, pad_id), "harmless": prompt_set(harmless, tokenizer, pad_id)}
+
+
+def refuses(
+    model: nn.Module, rows: Sequence[Concept], tokenizer: Any, pad_id: int, batch_size: int = 32
+) -> torch.Tensor:
+    """[N] bool: whether the model's greedy continuation of each row's prompt begins with :data:`REFUSAL`.
+
+    One forward of :func:`refusal_batch` per ``batch_size`` rows, read by
+    :func:`advfunc.attacks.adaptive.forced_rows`; no gradients, in the model's own mode (eval mode for a
+    measurement). The refusal rate on forbidden rows and the over-refusal rate on allowed ones are its means.
+    """
+    device, found = next(model.parameters()).device, []
+    with torch.inference_mode():
+        for start in range(0, len(rows), batch_size):
+            check = refusal_batch(rows[start : start + batch_size], tokenizer, pad_id)
+            check = {key: value.to(device) for key, value in check.items()}
+            found.append(forced_rows(model(**check).logits, check["labels"]).cpu())
+    return torch.cat(found)
+
+
+def attack_success(
+    model: nn.Module,
+    rows: Sequence[Concept],
+    tokenizer: Any,
+    pad_id: int,
+    radii: Sequence[float],
+    steps: int,
+    restarts: int,
+    norm: str,
+    generator: torch.Generator | None = None,
+    target_tokens: int = 8,
+    batch_size: int = 32,
+) -> list[SuccessRate]:
+    """The adaptive embedding attack's success rate per radius (:func:`advfunc.attacks.success_rate`) at forcing
+    the first ``target_tokens`` tokens of each forbidden row's gloss (the ``adv_labels`` of :func:`batch`) where
+    the model should refuse; in the model's own mode (eval mode for a measurement)."""
+    if not rows or not all(row.forbidden for row in rows):
+        raise RefusalTaskError("the attack's rows must be forbidden ones (at least one): allowed rows have no target")
+    device, batches = next(model.parameters()).device, []
+    for start in range(0, len(rows), batch_size):
+        encoded = batch(rows[start : start + batch_size], tokenizer, pad_id, target_tokens=target_tokens)
+        batches.append({key: value.to(device) for key, value in encoded.items() if key != HARMFUL})
+    return success_rate(model, params_of(model), batches, radii, steps, restarts, norm, generator)

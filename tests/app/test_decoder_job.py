@@ -11,9 +11,10 @@ from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
 
 from advfunc.app.cli import main
+from advfunc.app.common.robustness import pgd_logits
 from advfunc.app.decoder import job as decoder_job
 from advfunc.app.decoder.data import Answers, batch, prompts
-from advfunc.app.decoder.evaluate import answer_positions, correct, prompt_pgd, robust_accuracy
+from advfunc.app.decoder.evaluate import answer_positions, correct, robust_accuracy
 from advfunc.core.params import params_of
 from advfunc.hf import AdversarialTrainer
 from advfunc.words.wordnet import WordNetError, shipped_folder
@@ -210,7 +211,7 @@ def test_prompt_pgd_stays_in_its_radius_on_the_prompt_and_never_raises_accuracy(
     model = tiny_decoder("llama", seed=1).eval()
     inputs = batch(data, answers, list(range(6)), adversary=False)
     kept = {k: v.clone() for k, v in inputs.items()}
-    delta, _ = prompt_pgd(model, params_of(model), inputs, answers, radius=0.7, steps=3)
+    delta, _ = pgd_logits(model, params_of(model), inputs, radius=0.7, steps=3, target="embeds@prompt")
     assert all(torch.equal(inputs[k], kept[k]) for k in kept)  # the batch is untouched
     prompt = inputs["attention_mask"].bool() & (inputs["labels"] == -100)  # [B, L]
     assert bool((delta[~prompt] == 0).all())

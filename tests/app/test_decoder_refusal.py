@@ -16,8 +16,7 @@ from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
 
 from advfunc.app.cli import main
-from advfunc.app.decoder import refusal
-from advfunc.hf.refusal_task import REFUSAL, Concept
+from advfunc.hf.refusal_task import REFUSAL, Concept, refuses
 from advfunc.words.wordnet import WordNetError, shipped_folder
 from tests.support.tiny_decoders import HIDDEN, tiny_decoder
 
@@ -76,13 +75,13 @@ ROWS = [
 
 def test_the_refusal_check_says_yes_to_a_model_that_always_refuses_and_no_to_one_that_never_does():
     tokenizer = _tokenizer()
-    assert refusal.refuses(_scripted("I"), ROWS, tokenizer).tolist() == [True, True, True]
-    assert refusal.refuses(_scripted("the"), ROWS, tokenizer).tolist() == [False, False, False]
+    assert refuses(_scripted("I"), ROWS, tokenizer, tokenizer.pad_token_id).tolist() == [True, True, True]
+    assert refuses(_scripted("the"), ROWS, tokenizer, tokenizer.pad_token_id).tolist() == [False, False, False]
     half = _scripted("I")
     with torch.no_grad():  # refuses, then stops one word early: no prefix match
         half.lm_head.weight[:, WORDS.index("with")] = 0
         half.lm_head.weight[WORDS.index("."), WORDS.index("with")] = 1
-    assert refusal.refuses(half, ROWS, tokenizer).tolist() == [False, False, False]
+    assert refuses(half, ROWS, tokenizer, tokenizer.pad_token_id).tolist() == [False, False, False]
 
 
 @pytest.fixture(scope="module")

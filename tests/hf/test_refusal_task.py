@@ -106,6 +106,22 @@ def test_prompt_sets_hold_prompts_only(rows):
         ) == len(ids)
 
 
+def test_refat_prompt_sets_split_the_rows_by_kind(rows):
+    tokenizer = _tokenizer(rows)
+    forbidden, allowed = [r for r in rows if r.forbidden][:2], [r for r in rows if not r.forbidden][:3]
+    sets = refusal_task.prompt_sets([allowed[0], *forbidden, *allowed[1:]], tokenizer, pad_id=0)
+    for name, kind in (("harmful", forbidden), ("harmless", allowed)):
+        assert torch.equal(sets[name]["input_ids"], refusal_task.prompt_set(kind, tokenizer, pad_id=0)["input_ids"])
+    with pytest.raises(RefusalTaskError, match="0 allowed"):
+        refusal_task.prompt_sets(forbidden, tokenizer, pad_id=0)
+
+
+def test_the_attack_takes_forbidden_rows_only(rows):
+    allowed = [r for r in rows if not r.forbidden][:1]
+    with pytest.raises(RefusalTaskError, match="must be forbidden"):
+        refusal_task.attack_success(torch.nn.Linear(1, 1), allowed, _tokenizer(rows), 0, (0.1,), 1, 1, "linf")
+
+
 def test_bad_input_is_named():
     with pytest.raises(RefusalTaskError, match="not WordNet nouns"):
         refusal_task.concepts(roots=("weapon", "qwertyuiop"))

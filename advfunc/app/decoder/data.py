@@ -1,14 +1,6 @@
-"""A two-class text task as instructions for a causal LM: prompt, answer word, completion-only labels.
-
-Each text becomes the plain prompt ``"Review: {text}\\nSentiment:"`` (why plain:
-``docs/decoders.md``) and each label an answer word (Rotten Tomatoes: ``fresh`` →
-``" positive"``, ``rotten`` → ``" negative"``). With ``chat`` (``--chat-template``) the
-instruction is the user turn of the tokenizer's template, with its generation prompt, and
-each answer the assistant turn the template writes after it (:func:`advfunc.hf.chat.reply_ids`).
-Batches are :func:`advfunc.hf.chat.completion_batch`: ``labels`` on the answer only,
-``adv_labels`` (:data:`advfunc.ADV_LABELS`) the wrong answer at the same positions, for CAT
-and LAT. A review is cut at the end, never the instruction, so that prompt and answer fit
-``max_length`` tokens.
+"""A two-class text task as instructions for a causal LM: the prompt ``"Review: {text}\\nSentiment:"`` (plain, or
+the user turn of the chat template; why plain: ``docs/decoders.md``), each label an answer word, the loss on the
+answer only and ``adv_labels`` the wrong answer (CAT, LAT). The review is cut, never the instruction.
 """
 
 from __future__ import annotations
@@ -30,8 +22,7 @@ ROTTEN_TOMATOES_ANSWERS = {"fresh": " positive", "rotten": " negative"}
 
 @dataclass(frozen=True)
 class Answers:
-    """The two labels in class order and the token ids of their answers (class i answers ``ids[i]``); ``chat``:
-    prompts and answers are rendered by the tokenizer's chat template."""
+    """The two labels in class order and the token ids of their answers (class i answers ``ids[i]``)."""
 
     labels: tuple[str, ...]
     words: tuple[str, ...]
@@ -40,8 +31,8 @@ class Answers:
 
     @classmethod
     def of(cls, words: Mapping[str, str], tokenizer: Any, chat: bool = False) -> Answers:
-        """Tokenize each label's answer word (``chat``: its assistant turn after the instruction's user turn); their
-        first tokens must differ, as the answer is a next-token choice."""
+        """Tokenize each label's answer word (``chat``: its assistant turn); their first tokens must differ, as the
+        answer is a next-token choice."""
         if len(words) != 2:
             raise DataError(f"the decoder task has two answers, got {len(words)}: {dict(words)}; give LABEL=WORD twice")
         if chat:
@@ -70,7 +61,6 @@ class Answers:
 
 
 def _instruction(review: str) -> list[Message]:
-    """The instruction as the user turn of a chat."""
     return [{"role": "user", "content": f"{PROMPT_HEAD}{review}{PROMPT_TAIL}"}]
 
 
@@ -127,7 +117,4 @@ def batch(data: Encoded, answers: Answers, indices: Sequence[int], adversary: bo
     """Rows ``indices`` as model arguments (:func:`advfunc.hf.chat.completion_batch`): prompt + answer, labels
     on the answer only; ``adversary`` adds ``adv_labels``, the other class's answer after the prompt."""
     rows = [(data.input_ids[i], answers.ids[data.labels[i]], answers.ids[1 - data.labels[i]]) for i in indices]
-    out = completion_batch(rows, data.pad_id)
-    if not adversary:
-        del out[ADV_LABELS]
-    return out
+    return {k: v for k, v in completion_batch(rows, data.pad_id).items() if adversary or k != ADV_LABELS}

@@ -1,12 +1,9 @@
-"""A causal LM's answers to a two-class instruction task: clean, under prompt-embedding PGD, under synonyms.
-
-The answer is the larger of the two answers' first-token logits at the prompt's last position;
-robust accuracy counts survivors over increasing radii (:mod:`advfunc.app.common.robustness`).
-"""
+"""A causal LM's answers to a two-class instruction task (the larger of the two answers' first-token logits
+after the prompt): clean, under prompt-embedding PGD, under synonyms."""
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -45,20 +42,6 @@ def correct(model: nn.Module, data: Encoded, answers: Answers, batch_size: int =
     return answer_scores(model, data, answers, batch_size).argmax(-1).cpu() == torch.tensor(data.labels)
 
 
-def prompt_pgd(
-    model: nn.Module,
-    params: Mapping[str, torch.Tensor],
-    inputs: Mapping[str, torch.Tensor],
-    answers: Answers,
-    radius: float,
-    steps: int,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """L2 PGD on the prompt's input embeddings against the correct answer (``labels``): (δ [B, L, H], answer
-    after it [B]); δ is zero outside the prompt, its norm per example over the prompt's (positions, hidden)."""
-    delta, logits = pgd_logits(model, params, inputs, radius, steps, "embeds@prompt")
-    return delta, answer_logits(logits, inputs["labels"], answers).argmax(-1)
-
-
 def robust_accuracy(
     model: nn.Module,
     data: Encoded,
@@ -68,14 +51,15 @@ def robust_accuracy(
     batch_size: int = 16,
     clean: torch.Tensor | None = None,
 ) -> tuple[float, dict[float, float]]:
-    """(clean accuracy, {radius: accuracy under prompt PGD within that radius}) on ``data``; ``clean``: [N] bool,
-    :func:`correct` of ``data`` when the caller has it already."""
+    """(clean accuracy, {radius: accuracy under L2 PGD on the prompt's input embeddings against the correct answer
+    within that radius}) on ``data``; ``clean``: [N] bool, :func:`correct` of ``data`` when the caller has it."""
     params = advfunc.params_of(model)
     clean = correct(model, data, answers, batch_size) if clean is None else clean
 
     def holds(indices: list[int], radius: float) -> torch.Tensor:
-        _, choice = prompt_pgd(model, params, batch(data, answers, indices, False), answers, radius, steps)
-        return choice == torch.tensor([data.labels[i] for i in indices])
+        inputs = batch(data, answers, indices, adversary=False)
+        _, logits = pgd_logits(model, params, inputs, radius, steps, "embeds@prompt")
+        return answer_logits(logits, inputs["labels"], answers).argmax(-1) == torch.tensor(data.labels)[indices]
 
     with EvalMode(model):
         return float(clean.float().mean()), survivors_over_radii(clean, radii, holds, lambda ix: chunks(ix, batch_size))
@@ -83,11 +67,8 @@ def robust_accuracy(
 
 @dataclass(frozen=True)
 class DecoderVictim:
-    """A causal LM as the two-class classifier the synonym attack queries: ``[N] texts -> [N, 2]``.
-
-    Each text is put in the prompt the model was trained on; the class probabilities are
-    the softmax of the two answers' first-token logits.
-    """
+    """A causal LM as the two-class classifier the synonym attack queries: ``[N] texts -> [N, 2]``, the softmax of
+    the two answers' first-token logits after each text's prompt."""
 
     model: nn.Module
     tokenizer: Any

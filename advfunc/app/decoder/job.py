@@ -1,16 +1,10 @@
 """``advfunc decoder``: LoRA fine-tuning of a causal LM on an instruction task, methods compared.
 
-Each (method, seed) run fine-tunes fresh LoRA adapters (PEFT, rank ``--lora-r`` on every
-linear layer of the decoder blocks, the base weights frozen) with
-:class:`advfunc.hf.AdversarialTrainer`. The default task (``--task sentiment``) is the
-two-class one of :mod:`advfunc.app.decoder.data`, measured by answer accuracy, accuracy under
-L2 PGD on the prompt's input embeddings and under the WordNet synonym attack
-(:mod:`advfunc.app.decoder.evaluate`); ``--task refusal`` is the judge-free refusal task of
-:mod:`advfunc.app.decoder.refusal`, measured by refusal, over-refusal and the adaptive
-attack's success rate. The default model is
-SmolLM2-135M-Instruct (:mod:`advfunc.app.decoder.smollm2`); the default methods and how they
-are sized for it: ``docs/decoders.md``. Runs go through the run grid and the shared report
-(:mod:`advfunc.app.common.grid`, :mod:`advfunc.app.common.report`).
+Each (method, seed) run trains fresh LoRA adapters (the base weights frozen) with
+:class:`advfunc.hf.AdversarialTrainer` on a task: ``sentiment``, the two-class answer task of
+:mod:`advfunc.app.decoder.data` measured by :mod:`advfunc.app.decoder.evaluate`, or ``refusal``
+(:mod:`advfunc.app.decoder.refusal`). Default model: SmolLM2-135M-Instruct; default methods and
+their sizes: ``docs/decoders.md``.
 """
 
 from __future__ import annotations
@@ -71,8 +65,7 @@ ATTACK_DEFAULTS = {"radii": (0.05, 0.1, 0.2), "pgd_steps": 2, "examples": 16}
 
 @dataclasses.dataclass(frozen=True)
 class Settings:
-    """Everything besides method and seed that decides a run's numbers (its key); the flags of the fields shared
-    with the classifier commands come from :class:`TrainConfig` and :class:`AttackConfig`."""
+    """Everything besides method, seed and task that decides a run's numbers (its key)."""
 
     train_size: int
     test_size: int
@@ -137,8 +130,7 @@ def add_commands(subparsers: Any) -> None:
 
 
 def model_folder(path: Path | None) -> Path:
-    """``path``, or the converted SmolLM2 folder, checked to hold a causal LM's config and weights; ``ModelError``
-    before any work says how to make the default folder, or names the architecture of another kind of model."""
+    """``path``, or the converted SmolLM2 folder, checked to hold a causal LM; else ``ModelError`` before any work."""
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
     folder = smollm2.default_cache() if path is None else path
@@ -162,8 +154,7 @@ def model_folder(path: Path | None) -> Path:
 
 
 def load_tokenizer(folder: Path, chat_template: bool) -> Any:
-    """The tokenizer in ``folder`` (:func:`~advfunc.app.common.checkpoint.read_tokenizer`), with the chat template
-    ``chat_template`` needs."""
+    """The tokenizer in ``folder``, with the chat template ``chat_template`` needs."""
     tokenizer = read_tokenizer(folder)
     if chat_template and getattr(tokenizer, "chat_template", None) is None:
         fix = "save the tokenizer there with its chat_template set, or leave --chat-template out"
@@ -176,10 +167,9 @@ def _load(folder: Path) -> Any:
     from transformers import AutoModelForCausalLM
 
     try:
-        model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, local_files_only=True)
+        return AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, local_files_only=True)
     except OSError as error:  # damaged or partial weight files
         raise ModelError(f"--model {folder}: its weights cannot be read ({error})") from error
-    return model
 
 
 def adapted(model: Any, rank: int) -> Any:
@@ -190,9 +180,10 @@ def adapted(model: Any, rank: int) -> Any:
     return get_peft_model(model, lora)
 
 
-def _moved(prompt_sets: Mapping[str, Mapping[str, torch.Tensor]], model: Any) -> dict[str, Any]:
+def on_device(prompt_sets: Mapping[str, Mapping[str, torch.Tensor]], model: Any) -> dict[str, Any]:
+    """``prompt_sets`` on the device of ``model``, where the trainer put it."""
     device = next(model.parameters()).device
-    return {name: {k: v.to(device) for k, v in prompts.items()} for name, prompts in prompt_sets.items()}
+    return {name: {k: v.to(device) for k, v in tensors.items()} for name, tensors in prompt_sets.items()}
 
 
 def fine_tune(
@@ -205,10 +196,8 @@ def fine_tune(
     progress: bool,
     prompt_sets: Mapping[str, Mapping[str, torch.Tensor]] | None = None,
 ) -> tuple[Any, dict[str, Any]]:
-    """Fresh LoRA adapters on the model in ``folder``, trained with ``method`` on examples ``0..size-1``:
-    (PEFT model, training summary). ``collate(indices)`` gives a batch with every key a method may read
-    (``adv_labels``, ``harmful``); each method gets those it reads. ``prompt_sets`` go to the method's
-    factory where it takes them (ReFAT's ``harmful`` and ``harmless``)."""
+    """(PEFT model, training summary): fresh LoRA adapters on the model in ``folder`` trained with ``method`` on
+    examples ``0..size-1``; ``collate(indices)`` gives every key a method may read, each method keeps its own."""
     from transformers import PrinterCallback
 
     from advfunc.hf import AdversarialTrainer
@@ -227,7 +216,7 @@ def fine_tune(
         trainer = AdversarialTrainer(  # example i is its index: the collator builds the batch
             model, args, data_collator=lambda indices: {k: v for k, v in collate(indices).items() if k not in unread},
             train_dataset=list(range(size)),
-            step_factory=lambda base: registry.build_step(spec, base, seed, **_moved(prompt_sets or {}, base)),
+            step_factory=lambda base: registry.build_step(spec, base, seed, **on_device(prompt_sets or {}, base)),
         )  # fmt: skip
         started = time.perf_counter()
         if not progress:
@@ -240,11 +229,9 @@ def fine_tune(
 
 
 def evaluate(
-    model: Any, tokenizer: Any, answers: Answers, test_set: TextDataset, test: Encoded, settings: Settings, encoder: Any
+    base: Any, tokenizer: Any, answers: Answers, test_set: TextDataset, test: Encoded, settings: Settings, encoder: Any
 ) -> dict[str, Any]:
     """Answer accuracy on ``test``, prompt PGD on its first examples, the synonym attack on fewer."""
-    started = time.perf_counter()
-    base = model.get_base_model()  # the adapted model itself: its forward is the LM's, adapters included
     answered = correct(base, test, answers)  # [N] bool
     subset = test.select(range(min(settings.attack_examples, len(test))))
     attack_clean, pgd = robust_accuracy(
@@ -262,28 +249,37 @@ def evaluate(
     return {
         "clean_accuracy": clean, "examples": len(test), "attack_examples": len(subset),
         "attack_clean_accuracy": attack_clean, "robust": {str(r): a for r, a in pgd.items()}, "hotflip": {},
-        "synonym": synonym, "worst_case": worst, "seconds": time.perf_counter() - started,
+        "synonym": synonym, "worst_case": worst,
     }  # fmt: skip
 
 
-def _settings(args: argparse.Namespace) -> Settings:
-    """The run settings from the flags, checked before any work (the refusal task runs no synonym attack)."""
-    synonym = synonym_config(args) if args.task == "sentiment" else None
+def _settings(args: argparse.Namespace) -> tuple[Settings, refusal.RefusalSettings | None]:
+    """The run settings and the refusal task's from the flags, checked before any work; the refusal task runs no
+    synonym attack and refuses sentiment's data and attack flags."""
+    chosen: refusal.RefusalSettings | None = None
+    if args.task == "refusal":
+        given = sorted(name for name, default in args.sentiment_only.items() if getattr(args, name) != default)
+        if given:
+            flags = ", ".join("--" + name.replace("_", "-") for name in given)
+            raise ValueError(f"{flags}: settings of the sentiment task; --task refusal builds its data from WordNet")
+        chosen = build(refusal.RefusalSettings, args)
+        chosen.check()
+    synonym = synonym_config(args) if chosen is None else None
     if synonym is not None and synonym.order == "gradient":
         raise ValueError("--word-order gradient reads a classifier's loss gradient; the decoder job takes delete")
     if synonym is not None:
         require_synonym_resources(args.encoder)
-    return build(Settings, args, attack_examples=args.examples, radii=tuple(sorted(args.radii)), synonym=synonym)
+    radii = tuple(sorted(args.radii))
+    return build(Settings, args, attack_examples=args.examples, radii=radii, synonym=synonym), chosen
 
 
 @dataclasses.dataclass
 class Task:
-    """What the job needs of a task: training examples by index, the method factories' prompt sets, an
-    evaluation of a fine-tuned model, the report's texts and what of the task goes into each run's key."""
+    """What the job needs of a task beside the model: its training batches, evaluation, report texts and key."""
 
     collate: Callable[[list[int]], dict[str, torch.Tensor]]
     size: int
-    evaluate: Callable[[Any, int], dict[str, Any]]  # (PEFT model, seed) -> the run's "eval"
+    evaluate: Callable[[Any, int], dict[str, Any]]  # (the adapted model, seed) -> the run's "eval"
     info: dict[str, Any]
     key: dict[str, Any]
     prompt_sets: dict[str, Any] = dataclasses.field(default_factory=dict)  # {name: {input_ids, attention_mask}}
@@ -298,13 +294,29 @@ def _sentiment_task(args: argparse.Namespace, settings: Settings, tokenizer: Any
     train_set, test_set = train_all.head(settings.train_size), test_all.head(settings.test_size)
     training_labels(train_all, train_set, settings.train_size)
     answers = Answers.of(words, tokenizer, settings.chat_template)
-    train = prompts(train_set.texts, answers.encode_labels(train_set), tokenizer, answers, settings.max_length)
-    test = prompts(test_set.texts, answers.encode_labels(test_set), tokenizer, answers, settings.max_length)
-    info = _info(settings, answers)
-    info.update(
-        data=data_text, majority_accuracy=report.majority_accuracy(test.labels),
-        sizes=f"Train {len(train_set)} of {len(train_all)} training examples, test {len(test_set)} of {len(test_all)}.",
+    train, test = (
+        prompts(part.texts, answers.encode_labels(part), tokenizer, answers, settings.max_length)
+        for part in (train_set, test_set)
+    )
+    prompt = "prompt 'Review: {text}\\nSentiment:'"
+    task = (
+        f"{prompt} as the user turn of the model's chat template with its generation prompt, each answer as the "
+        "assistant turn" if settings.chat_template else f"plain {prompt}"
     )  # fmt: skip
+    synonym, radii = settings.synonym, list(settings.radii)
+    info = {
+        "task": f"{task} (review cut so that prompt and answer fit {settings.max_length} tokens), answers "
+        f"{dict(zip(answers.labels, answers.words, strict=True))}, loss on the answer only; the answer is "
+        "the larger of the two answers' first-token logits.",
+        "attack": {"radii": radii, "hotflip_budget": 0, "examples": settings.attack_examples},
+        "attack_text": f"L2 PGD on the prompt's input embeddings against the correct answer, {settings.pgd_steps} "
+        f"steps, radii {radii} (per example)"
+        + ("" if synonym is None else f"; {describe_synonym_attack(synonym)} on the first {settings.synonym_examples}")
+        + ".",
+        "data": data_text, "majority_accuracy": report.majority_accuracy(test.labels),
+        "sizes": f"Train {len(train_set)} of {len(train_all)} training examples, test {len(test_set)} of "
+        f"{len(test_all)}.",
+    }  # fmt: skip
     return Task(
         collate=lambda indices: batch(train, answers, indices, adversary=True), size=len(train),
         evaluate=lambda model, seed: evaluate(model, tokenizer, answers, test_set, test, settings, args.encoder),
@@ -312,20 +324,8 @@ def _sentiment_task(args: argparse.Namespace, settings: Settings, tokenizer: Any
     )  # fmt: skip
 
 
-def _refusal_settings(args: argparse.Namespace) -> refusal.RefusalSettings:
-    """The refusal task's settings, checked before any work; sentiment's data and attack flags are refused."""
-    given = sorted(name for name, default in args.sentiment_only.items() if getattr(args, name) != default)
-    if given:
-        flags = ", ".join("--" + name.replace("_", "-") for name in given)
-        raise ValueError(f"{flags}: settings of the sentiment task; --task refusal builds its data from WordNet")
-    chosen: refusal.RefusalSettings = build(refusal.RefusalSettings, args)
-    chosen.check()
-    return chosen
-
-
-def _refusal_task(args: argparse.Namespace, settings: Settings, tokenizer: Any) -> Task:
+def _refusal_task(chosen: refusal.RefusalSettings, settings: Settings, tokenizer: Any) -> Task:
     """The WordNet refusal task (:mod:`advfunc.app.decoder.refusal`)."""
-    chosen = _refusal_settings(args)
     rows = refusal.Rows.build(chosen, settings.train_size, settings.test_size)
     return Task(
         collate=refusal.collate(rows.train, tokenizer, chosen), size=len(rows.train),
@@ -335,35 +335,13 @@ def _refusal_task(args: argparse.Namespace, settings: Settings, tokenizer: Any) 
     )  # fmt: skip
 
 
-def _info(settings: Settings, answers: Answers) -> dict[str, Any]:
-    """The report's description of the sentiment task and its attacks."""
-    prompt = "prompt 'Review: {text}\\nSentiment:'"
-    task = (
-        f"{prompt} as the user turn of the model's chat template with its generation prompt, each answer as the "
-        "assistant turn" if settings.chat_template else f"plain {prompt}"
-    )  # fmt: skip
-    synonym = settings.synonym
-    return {
-        "task": f"{task} (review cut so that prompt and answer fit {settings.max_length} tokens), answers "
-        f"{dict(zip(answers.labels, answers.words, strict=True))}, loss on the answer only; the answer is "
-        "the larger of the two answers' first-token logits.",
-        "attack": {"radii": list(settings.radii), "hotflip_budget": 0, "examples": settings.attack_examples},
-        "attack_text": f"L2 PGD on the prompt's input embeddings against the correct answer, {settings.pgd_steps} "
-        f"steps, radii {list(settings.radii)} (per example)"
-        + ("" if synonym is None else f"; {describe_synonym_attack(synonym)} on the first {settings.synonym_examples}")
-        + ".",
-    }  # fmt: skip
-
-
 def run_decoder(args: argparse.Namespace) -> int:
     """``advfunc decoder``: every method × seed fine-tuned and evaluated; the report after each run."""
     methods, output = TASKS[args.task]
     args.methods, args.output = args.methods or list(methods), args.output or output
     specs = [registry.parse_method(text) for text in args.methods]
     texts = dict(zip((spec.identity for spec in specs), args.methods, strict=False))
-    settings = _settings(args)
-    if args.task == "refusal":
-        _refusal_settings(args)  # a flag mistake before the model and WordNet are read
+    settings, chosen = _settings(args)
     key_base: dict[str, Any] = {}
 
     def key(spec: registry.MethodSpec, seed: int) -> dict[str, Any]:
@@ -373,7 +351,7 @@ def run_decoder(args: argparse.Namespace) -> int:
     check_data_flags(args)  # a flag mistake first, then the model folder, then the data read
     folder = model_folder(args.model)
     tokenizer = load_tokenizer(folder, settings.chat_template)
-    task = (_refusal_task if args.task == "refusal" else _sentiment_task)(args, settings, tokenizer)
+    task = _sentiment_task(args, settings, tokenizer) if chosen is None else _refusal_task(chosen, settings, tokenizer)
     probe = adapted(_load(folder), settings.lora_r).get_base_model()  # the model each step is built on
     for spec in specs:  # every factory checks its values now, not when its turn comes an hour later
         registry.build_step(spec, probe, **task.prompt_sets)
@@ -390,11 +368,11 @@ def run_decoder(args: argparse.Namespace) -> int:
     key_base.update(settings=dataclasses.asdict(settings), model=str(folder), **task.key)
 
     def one(spec: registry.MethodSpec, seed: int) -> dict[str, Any]:
-        text = texts[spec.identity]
-        model, trained = fine_tune(
-            folder, task.collate, task.size, text, seed, settings, not args.no_progress, task.prompt_sets
-        )
-        return {"train": trained, "eval": task.evaluate(model, seed)}
+        text, progress = texts[spec.identity], not args.no_progress
+        model, trained = fine_tune(folder, task.collate, task.size, text, seed, settings, progress, task.prompt_sets)
+        started = time.perf_counter()  # the adapted model's own forward is the LM's, adapters included:
+        measured = task.evaluate(model.get_base_model(), seed)
+        return {"train": trained, "eval": {**measured, "seconds": time.perf_counter() - started}}
 
     def write(runs: list[dict[str, Any]]) -> list[Path]:
         info["finished_runs"] = len(runs)

@@ -1,33 +1,28 @@
-"""``advfunc decoder --task refusal``: the judge-free refusal task as the job's data and evaluation.
-
-The rows are :mod:`advfunc.hf.refusal_task`'s WordNet nouns (a forbidden topic answered with
-one fixed refusal, every other noun with its gloss), split by a stable hash of the word. A
-run is measured by three exact token comparisons, no judge: the refusal rate on held-out
-forbidden words, the over-refusal on held-out allowed words (all of them, and the near ones
-alone), and the success rate of the adaptive embedding attack
-(:func:`advfunc.attacks.success_rate`) forcing a forbidden word's gloss at each radius.
+"""``advfunc decoder --task refusal``: :mod:`advfunc.hf.refusal_task`'s WordNet rows as the job's data, measured
+without a judge by exact token comparisons: refusal on held-out forbidden words, over-refusal on held-out
+allowed (and near) words, and the adaptive embedding attack's success (:func:`advfunc.attacks.success_rate`).
 """
 
 from __future__ import annotations
 
-import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
 import torch
-from torch import nn
 
 from advfunc.app.common.data import pad_id
 from advfunc.app.common.flags import COUNT, POSITIVE, option
 from advfunc.app.common.robustness import EvalMode
-from advfunc.attacks.adaptive import forced_rows, success_rate
-from advfunc.core.params import params_of
 from advfunc.hf import refusal_task
 from advfunc.hf.refusal_task import FORBIDDEN_ROOTS, REFUSAL, Concept
-from advfunc.methods.residual import HARMFUL
 
-CHECK_BATCH = 32  # prompts per forward of the refusal check and per attacked batch
+# (measure, the rows it checks, its report column): the shares of held-out prompts answered with the refusal
+CHECKS = (
+    ("refusal", "forbidden", "refusal (forbidden)"),
+    ("over_refusal", "allowed", "over-refusal (allowed)"),
+    ("over_refusal_near", "near", "over-refusal (near)"),
+)
 
 
 @dataclass(frozen=True)
@@ -79,19 +74,8 @@ class Rows:
         return cls(train[:train_size], forbidden[:test_size], allowed[:test_size], near[:test_size])
 
     def prompt_sets(self, tokenizer: Any) -> dict[str, dict[str, torch.Tensor]]:
-        """ReFAT's two prompt sets from the training rows: ``harmful`` (forbidden) and ``harmless`` (allowed)."""
-        pad = pad_id(tokenizer)
-        harmful = [row for row in self.train if row.forbidden]
-        harmless = [row for row in self.train if not row.forbidden]
-        if not harmful or not harmless:
-            raise refusal_task.RefusalTaskError(
-                f"the first {len(self.train)} training words hold {len(harmful)} forbidden and {len(harmless)} "
-                "allowed ones; ReFAT needs both: raise --train-size"
-            )
-        return {
-            "harmful": refusal_task.prompt_set(harmful, tokenizer, pad),
-            "harmless": refusal_task.prompt_set(harmless, tokenizer, pad),
-        }
+        """ReFAT's two prompt sets from the training rows (:func:`advfunc.hf.refusal_task.prompt_sets`)."""
+        return refusal_task.prompt_sets(self.train, tokenizer, pad_id(tokenizer))
 
     def counts(self) -> dict[str, int]:
         return {"forbidden": len(self.forbidden), "allowed": len(self.allowed), "near": len(self.near)}
@@ -105,57 +89,23 @@ def collate(rows: Sequence[Concept], tokenizer: Any, settings: RefusalSettings) 
     )
 
 
-def _on(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
-    return {key: value.to(device) for key, value in batch.items()}
-
-
-def refuses(model: nn.Module, rows: Sequence[Concept], tokenizer: Any) -> torch.Tensor:
-    """[N] bool: whether the model's greedy continuation of each row's prompt begins with the refusal."""
-    device = next(model.parameters()).device
-    found = []
-    with EvalMode(model), torch.inference_mode():
-        for start in range(0, len(rows), CHECK_BATCH):
-            check = _on(
-                refusal_task.refusal_batch(rows[start : start + CHECK_BATCH], tokenizer, pad_id(tokenizer)), device
-            )
-            found.append(forced_rows(model(**check).logits, check["labels"]).cpu())
-    return torch.cat(found)
-
-
 def evaluate(
-    model: Any, tokenizer: Any, rows: Rows, settings: RefusalSettings, attacked: int, seed: int
+    base: Any, tokenizer: Any, rows: Rows, settings: RefusalSettings, attacked: int, seed: int
 ) -> dict[str, Any]:
     """Refusal, over-refusal (allowed, near) and the attack's success rate on the first ``attacked`` forbidden rows."""
-    started = time.perf_counter()
-    base = model.get_base_model()  # the adapted model itself: its forward is the LM's, adapters included
-    device = next(base.parameters()).device
-    measures = {
-        "refusal": float(refuses(base, rows.forbidden, tokenizer).float().mean()),
-        "over_refusal": float(refuses(base, rows.allowed, tokenizer).float().mean()),
-        "over_refusal_near": float(refuses(base, rows.near, tokenizer).float().mean()),
-    }
+    pad, generator = pad_id(tokenizer), torch.Generator(device=next(base.parameters()).device).manual_seed(seed)
     targets = rows.forbidden[:attacked]
-    encode = collate(targets, tokenizer, settings)  # labels: the refusal; adv_labels: the gloss, the target
-    starts = range(0, len(targets), CHECK_BATCH)
-    batches = [_on(encode(list(range(s, min(s + CHECK_BATCH, len(targets))))), device) for s in starts]
-    batches = [{k: v for k, v in b.items() if k != HARMFUL} for b in batches]
     with EvalMode(base):
-        table = success_rate(
-            base, params_of(base), batches, settings.asr_radii, settings.asr_steps, settings.asr_restarts,
-            settings.asr_norm, torch.Generator(device=device).manual_seed(seed),
+        measures = {
+            name: float(refusal_task.refuses(base, getattr(rows, part), tokenizer, pad).float().mean())
+            for name, part, _ in CHECKS
+        }
+        table = refusal_task.attack_success(
+            base, targets, tokenizer, pad, settings.asr_radii, settings.asr_steps, settings.asr_restarts,
+            settings.asr_norm, generator, settings.target_tokens,
         )  # fmt: skip
     measures.update({f"asr@{row.radius}": row.rate for row in table})
-    return {"measures": measures, "examples": rows.counts(), "attack_examples": len(targets),
-            "seconds": time.perf_counter() - started}  # fmt: skip
-
-
-def columns(settings: RefusalSettings) -> list[list[Any]]:
-    """The report's columns ([title, metric, digits]): refusal, over-refusal and attack success per radius."""
-    own: list[list[Any]] = [
-        ["refusal (forbidden)", "refusal", 3], ["over-refusal (allowed)", "over_refusal", 3],
-        ["over-refusal (near)", "over_refusal_near", 3],
-    ]  # fmt: skip
-    return own + [[f"ASR r={r:g}", f"asr@{float(r)}", 3] for r in settings.asr_radii]
+    return {"measures": measures, "examples": rows.counts(), "attack_examples": len(targets)}
 
 
 def describe(settings: RefusalSettings, rows: Rows, attacked: int) -> dict[str, Any]:
@@ -178,6 +128,7 @@ def describe(settings: RefusalSettings, rows: Rows, attacked: int) -> dict[str, 
         "with the refusal (forbidden words: higher is better; allowed words: lower is better); ASR is the share "
         "of attacked forbidden prompts whose greedy continuation the attack made begin with the gloss (lower is "
         "better). A topic classifier's refusal, not a judge of harm: see docs/decoders.md.",
-        "columns": columns(settings),
+        "columns": [[title, name, 3] for name, _, title in CHECKS]
+        + [[f"ASR r={r:g}", f"asr@{float(r)}", 3] for r in settings.asr_radii],
         "majority_accuracy": None,
     }

