@@ -293,3 +293,10 @@ def training_summary(losses: Sequence[float], steps: int, seconds: float, **extr
 def majority_accuracy(labels: Sequence[Any]) -> float:
     """The accuracy of always answering the most frequent of ``labels``."""
     return max(labels.count(label) for label in set(labels)) / len(labels)
+
+
+def splits(train: int, whole_train: int, test_labels: Sequence[Any], whole_test: int) -> dict[str, Any]:
+    """The report's sizes sentence and the majority-class accuracy of the test labels."""
+    test = len(test_labels)
+    sizes = f"Train {train} of {whole_train} training examples, test {test} of {whole_test}."
+    return {"sizes": sizes, "majority_accuracy": majority_accuracy(test_labels)}
