@@ -88,12 +88,13 @@ def _aggregate(rows: Iterable[tuple[str, Mapping[str, float]]]) -> dict[str, dic
         for key, value in values.items():
             if math.isfinite(value):
                 found.setdefault(key, []).append(value)
-    return {method: {key: _stats(values) for key, values in found.items()} for method, found in grouped.items()}
-
-
-def _stats(values: Sequence[float]) -> Stats:
-    std = statistics.stdev(values) if len(values) > 1 else 0.0
-    return {"mean": statistics.fmean(values), "std": std, "n": len(values)}
+    return {
+        method: {
+            key: {"mean": statistics.fmean(v), "std": statistics.stdev(v) if len(v) > 1 else 0.0, "n": len(v)}
+            for key, v in found.items()
+        }
+        for method, found in grouped.items()
+    }
 
 
 def summarize(runs: Sequence[Mapping[str, Any]], metrics: Metrics = _metrics) -> dict[str, dict[str, Stats]]:
