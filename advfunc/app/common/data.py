@@ -218,9 +218,7 @@ def _finite(text: str) -> float:
     (``1e400``) becomes ``inf``: as a label, each would be a class of its own."""
     number = float(text)
     if not math.isfinite(number):
-        why = (
-            "beyond a float's range; write it as a string" if text[-1].isdigit() else "not a JSON value; write a number"
-        )
+        why = "beyond a float's range; write it as a string" if text[-1].isdigit() else "not a JSON value"
         raise json.JSONDecodeError(f"{text} is {why}", text, 0)
     return number
 
