@@ -121,10 +121,8 @@ def _dataset(args: argparse.Namespace, split: str, path: Path | None) -> Any:
 
 
 def _check_method(spec: registry.MethodSpec, model: nn.Module, config: TrainConfig) -> None:
-    """Build the method's step now, so that its factory refuses a bad value before any work.
-
-    A method that substitutes synonyms is checked with an empty table: the Trainer builds WordNet's.
-    """
+    """Build the method's step now, so that its factory refuses a bad value before any work (a synonym
+    method's with an empty table: the Trainer builds WordNet's)."""
     rows = int(getattr(input_embedding(model), "num_embeddings", 1))  # a non-lookup embedding is refused by the factory
     empty = advfunc.attacks.SynonymTable(torch.zeros(rows, 1, dtype=torch.long), torch.zeros(rows, 1, dtype=torch.bool))
     table: dict[str, Any] = {"synonyms": empty} if registry.needs_synonyms(spec) else {}

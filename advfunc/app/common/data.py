@@ -137,11 +137,9 @@ def canonical_label(label: str) -> str:
 
 
 def _text_of(path: Path) -> str:
-    """The file as UTF-8 text, or UTF-16/32 when a byte-order mark says so (spreadsheets' "Unicode text").
-
-    ``DataError`` names the line of the first byte that does not decode, or of the first NUL
-    (UTF-16 without a mark, or a binary file, decodes as UTF-8 with a NUL beside every ASCII character).
-    """
+    """The file as UTF-8 text, or UTF-16/32 when a byte-order mark says so (spreadsheets' "Unicode text");
+    ``DataError`` names the line of the first byte that does not decode, or of the first NUL (UTF-16 without
+    a mark, or a binary file, decodes as UTF-8 with a NUL beside every ASCII character)."""
     raw = path.read_bytes()
     encoding = "utf-8-sig"
     if raw.startswith((codecs.BOM_UTF32_LE, codecs.BOM_UTF32_BE)):  # before UTF-16: FF FE starts both
