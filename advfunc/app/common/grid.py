@@ -121,11 +121,9 @@ class RunGrid:
 
     def describe(self, job: str, title: str, argv: Sequence[str], **fields: Any) -> dict[str, Any]:
         """The report's description both jobs share; ``fields`` add the job's own (model, data, task, attack)."""
-        return {
-            "job": job, "title": title, "command": report.command_line(argv), "machine": report.machine(),
-            "methods": [spec.label for spec in self.methods], "seeds": list(self.seeds),
-            "planned_runs": self.planned, **fields,
-        }  # fmt: skip
+        shared = {"job": job, "title": title, "command": report.command_line(argv), "machine": report.machine()}
+        methods = [spec.label for spec in self.methods]
+        return {**shared, "methods": methods, "seeds": list(self.seeds), "planned_runs": self.planned, **fields}
 
     def run_reported(
         self, one: Callable[[MethodSpec, int], Run | None], info: dict[str, Any], reporting: bool = True
