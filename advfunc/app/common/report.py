@@ -13,7 +13,7 @@ import os
 import platform
 import shlex
 import statistics
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -75,7 +75,6 @@ def _metrics(run: Mapping[str, Any]) -> dict[str, float]:
     return flat
 
 
-Metrics = Callable[[Mapping[str, Any]], dict[str, float]]
 Stats = dict[str, float]
 Column = tuple[str, str, int]  # (title, metric, digits)
 
@@ -97,19 +96,17 @@ def _aggregate(rows: Iterable[tuple[str, Mapping[str, float]]]) -> dict[str, dic
     }
 
 
-def summarize(runs: Sequence[Mapping[str, Any]], metrics: Metrics = _metrics) -> dict[str, dict[str, Stats]]:
-    """{method: {metric: {mean, std, n}}} of ``metrics(run)`` over the seeds."""
-    return _aggregate((run["method"], metrics(run)) for run in runs)
+def summarize(runs: Sequence[Mapping[str, Any]]) -> dict[str, dict[str, Stats]]:
+    """{method: {metric: {mean, std, n}}} of each run's metrics over the seeds."""
+    return _aggregate((run["method"], _metrics(run)) for run in runs)
 
 
-def differences(
-    runs: Sequence[Mapping[str, Any]], plain: str = "none", metrics: Metrics = _metrics
-) -> dict[str, dict[str, Stats]]:
+def differences(runs: Sequence[Mapping[str, Any]], plain: str = "none") -> dict[str, dict[str, Stats]]:
     """{method: {metric: {mean, std, n}}} of (method − ``plain``) over the seeds both ran: paired by seed (same
     data order, initialisation and split), the spread is that of the difference itself."""
-    by_seed = {run["seed"]: metrics(run) for run in runs if run["method"] == plain}
+    by_seed = {run["seed"]: _metrics(run) for run in runs if run["method"] == plain}
     return _aggregate(
-        (run["method"], {key: value - reference[key] for key, value in metrics(run).items() if key in reference})
+        (run["method"], {key: value - reference[key] for key, value in _metrics(run).items() if key in reference})
         for run in runs
         if run["method"] != plain and (reference := by_seed.get(run["seed"])) is not None
     )
