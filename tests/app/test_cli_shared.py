@@ -16,6 +16,7 @@ from advfunc.app.classify.train import TrainConfig
 from advfunc.app.cli import build_parser, main
 from advfunc.app.common.flags import build
 from advfunc.app.common.grid import RunGrid, read_run, run_file_name
+from advfunc.app.common.report import splits as report_splits
 from advfunc.app.common.word_attacks import synonym_config
 from advfunc.methods import registry
 from advfunc.words.synonym_attack import SynonymAttackConfig
@@ -109,6 +110,33 @@ def test_the_grid_runs_each_pair_once_stops_after_n_and_resumes(tmp_path):
         RunGrid(tmp_path, methods, [1, 1], lambda spec, seed: {})
     with pytest.raises(ValueError, match="--methods lists one run twice"):
         RunGrid(tmp_path, [methods[0], registry.parse_method("none")], [0], lambda spec, seed: {})
+
+
+def test_the_grid_describes_both_jobs_alike_and_rewrites_the_report_after_each_run(tmp_path):
+    methods = [registry.parse_method(text) for text in ("none", "fgm:epsilon=0.5")]
+    grid = RunGrid(tmp_path, methods, [0, 3], lambda spec, seed: {"seed": seed}, stop_after=3)
+    attack = {"radii": [], "hotflip_budget": 0, "examples": 2}
+    info = grid.describe("decoder", "t", ["decoder", "--stop-after", "3", "--seeds", "0", "3"], attack=attack)
+    info.update(model="m", data="d", sizes="s", training="x", attack_text="a", majority_accuracy=None)
+    assert info["command"] == "advfunc decoder --seeds 0 3" and info["planned_runs"] == 4
+    assert info["methods"] == ["none", "fgm(epsilon=0.5)"] and info["seeds"] == [0, 3] and info["job"] == "decoder"
+    finished = []
+
+    def one(spec, seed):
+        if (tmp_path / "results.json").exists():  # the report of the runs before this one
+            finished.append(json.loads((tmp_path / "results.json").read_text())["info"]["finished_runs"])
+        return {"train": {"seconds": 1.0}, "eval": {"seconds": 1.0}}
+
+    assert len(grid.run_reported(one, info)) == 3 and finished == [1, 2]
+    document = json.loads((tmp_path / "results.json").read_text())
+    assert document["info"]["finished_runs"] == 3 and len(document["runs"]) == 3
+    quiet = tmp_path / "quiet"
+    RunGrid(quiet, methods, [0], lambda spec, seed: {}).run_reported(lambda spec, seed: None, {}, reporting=False)
+    assert not (quiet / "results.json").exists()
+    assert report_splits(2, 5, ["a", "b", "b"], 9) == {
+        "sizes": "Train 2 of 5 training examples, test 3 of 9.",
+        "majority_accuracy": 2 / 3,
+    }
 
 
 def test_run_files_of_the_earlier_reports_are_read_in_the_shared_form(tmp_path):

@@ -11,8 +11,6 @@ import datetime
 import json
 import logging
 import os
-import shlex
-import time
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -123,10 +121,8 @@ def _dataset(args: argparse.Namespace, split: str, path: Path | None) -> Any:
 
 
 def _check_method(spec: registry.MethodSpec, model: nn.Module, config: TrainConfig) -> None:
-    """Build the method's step now, so that its factory refuses a bad value before any work.
-
-    A method that substitutes synonyms is checked with an empty table: the Trainer builds WordNet's.
-    """
+    """Build the method's step now, so that its factory refuses a bad value before any work (a synonym
+    method's with an empty table: the Trainer builds WordNet's)."""
     rows = int(getattr(input_embedding(model), "num_embeddings", 1))  # a non-lookup embedding is refused by the factory
     empty = advfunc.attacks.SynonymTable(torch.zeros(rows, 1, dtype=torch.long), torch.zeros(rows, 1, dtype=torch.bool))
     table: dict[str, Any] = {"synonyms": empty} if registry.needs_synonyms(spec) else {}
@@ -288,21 +284,23 @@ class _Comparison:
         attacks = [f"embedding-output L2 PGD, {attack.pgd_steps} steps, radii {list(attack.radii)}"]
         attacks += [hotflip] * bool(attack.hotflip_budget)
         attacks += [describe_synonym_attack(attack.synonym)] if attack.synonym is not None else []
-        (train, test), (whole_train, whole_test) = (len(self.train_set), len(self.test_set)), self.sizes
-        sizes = f"Train {train} of {whole_train} training examples, test {test} of {whole_test}."
         training = (
             f"{config.epochs} epoch(s), batch {config.batch_size}, lr {config.lr:g} (task head on the {head}, "
             f"{config.head_lr or config.lr:g}) with {config.warmup_ratio:g} warmup and linear decay, AdamW weight "
             f"decay {config.weight_decay:g}, clip {config.max_grad_norm:g}, max length {args.max_length}, "
             "dynamic padding."
         )
-        return {
-            "title": self.title, "command": "advfunc " + shlex.join(args.command_line), "data": self.data_text,
-            "model": str(args.model or DEFAULT_MODEL_TEXT), "sizes": sizes, "training": training,
-            "attack": asdict(attack), "attack_text": "; ".join(attacks) + ".",
-            "majority_accuracy": report.majority_accuracy(self.test_set.labels), "machine": report.machine(),
-            "methods": [spec.label for spec in grid.methods], "seeds": list(grid.seeds), "planned_runs": grid.planned,
-        }  # fmt: skip
+        return grid.describe(
+            "compare",
+            self.title,
+            args.command_line,
+            data=self.data_text,
+            model=str(args.model or DEFAULT_MODEL_TEXT),
+            training=training,
+            attack=asdict(attack),
+            attack_text="; ".join(attacks) + ".",
+            **report.splits(len(self.train_set), self.sizes[0], self.test_set.labels, self.sizes[1]),
+        )
 
     def run(self, spec: registry.MethodSpec, seed: int, reporting: bool) -> dict[str, Any] | None:
         """Train, then (on the reporting process) attack; the others wait for it."""
@@ -345,15 +343,6 @@ def run_compare(args: argparse.Namespace) -> int:
     comparison: _Comparison
     grid = RunGrid(args.output, methods, args.seeds, lambda spec, seed: comparison.key(spec, seed), args.stop_after)
     comparison = _Comparison(args, title, methods)
-    info, started = comparison.info(grid), time.perf_counter()
-
-    def write(runs: list[dict[str, Any]]) -> list[Path]:
-        info.update(finished_runs=len(runs), elapsed_minutes=(time.perf_counter() - started) / 60)
-        return report.write(args.output, runs, info)
-
-    runs = grid.run(lambda spec, seed: comparison.run(spec, seed, reporting), write)
-    if reporting:
-        paths = write(runs)
-        log.info("report: %s (%.1f min)", ", ".join(str(p) for p in paths), info["elapsed_minutes"])
+    grid.run_reported(lambda spec, seed: comparison.run(spec, seed, reporting), comparison.info(grid), reporting)
     comparison.wait()
     return 0

@@ -183,11 +183,10 @@ def evaluate(
     model: nn.Module, tokenizer: Any, data: Encoded, config: AttackConfig, progress: bool = True,
     texts: Sequence[str] | None = None, max_length: int = 64, finished: Callable[[EvalResult], object] | None = None,
 ) -> EvalResult:  # fmt: skip
-    """Clean accuracy on ``data``; the attacks on its first ``config.examples`` examples.
-
-    The synonym attack needs ``data``'s ``texts`` and ``config.synonym``. The word-level worst case is over
-    the word-level attacks that ran (HotFlip at its full budget, synonyms). Before each of them ``finished``
-    gets the result so far (``pending`` lists it and those after it)."""
+    """Clean accuracy on ``data``; the attacks on its first ``config.examples`` examples (the synonym attack needs
+    ``data``'s ``texts`` and ``config.synonym``). The word-level worst case is over the word-level attacks that ran
+    (HotFlip at its full budget, synonyms). Before each of them ``finished`` gets the result so far (``pending``
+    lists it and those after it)."""
     config.check()
     if texts is not None and len(texts) != len(data):
         raise ValueError(f"{len(texts)} texts for {len(data)} encoded examples; pass the data set's own texts")

@@ -74,11 +74,9 @@ class TrainConfig:
 
 
 def make_optimizer(model: nn.Module, lr: float, weight_decay: float, head_lr: float | None = None) -> torch.optim.AdamW:
-    """AdamW over the trainable parameters; no decay on biases and LayerNorm weights (BERT recipe).
-
-    The task head (outside ``model.base_model``, new when fine-tuning starts) learns at ``head_lr``:
-    Adam moves each weight by about its learning rate per step, so a new head may need a larger one.
-    """
+    """AdamW over the trainable parameters; no decay on biases and LayerNorm weights (BERT recipe). The task head
+    (outside ``model.base_model``, new when fine-tuning starts) learns at ``head_lr``: Adam moves each weight by
+    about its learning rate per step, so a new head may need a larger one."""
     norm_params = {id(p) for module in model.modules() if isinstance(module, nn.LayerNorm) for p in module.parameters()}
     base = getattr(model, "base_model", model)
     body = {id(p) for p in base.parameters()} if isinstance(base, nn.Module) and base is not model else None
@@ -115,10 +113,8 @@ def training_arguments(config: TrainConfig, output: Path | None = None, **overri
 
 def padded(batch: dict[str, torch.Tensor], pad_id: int, multiple: int = 16, limit: int = 0) -> dict[str, torch.Tensor]:
     """``batch``'s ``[B, L]`` entries right-padded to a multiple of ``multiple`` columns, not past ``limit`` (0: none).
-
     A compiled step specialises the length inside ``torch.func.grad``: one graph per length would hit dynamo's
-    recompile limit, multiples of 16 make ⌈max length / 16⌉. New columns are masked: no loss or gradient changes.
-    """
+    recompile limit, multiples of 16 make ⌈max length / 16⌉. New columns are masked: no loss or gradient changes."""
     width = batch["input_ids"].shape[1]
     target = -(-width // multiple) * multiple
     if limit:
@@ -271,11 +267,9 @@ def train(
     compile: bool = True,
 ) -> dict[str, Any]:  # fmt: skip
     """Fine-tune ``model`` (it ends on the CPU): the report's training entry, with ``step`` counting a resume's too.
-
     ``resume``: go on from the checkpoint in ``output`` that ``model`` was loaded from (same settings, data,
     processes). Checkpoints: after each epoch, every ``save_every`` steps (0: never), at ``stop_after`` (stopping
-    there, in the full run's schedule), at the end. ``compile=False``: eager CUDA steps (same results).
-    """
+    there, in the full run's schedule), at the end. ``compile=False``: eager CUDA steps (same results)."""
     spec = config.check()
     if len(data) == 0:
         raise ValueError("the training set is empty")

@@ -70,12 +70,10 @@ def check_model_dir(path: Path) -> None:
 def load(path: str | Path, labels: Labels | None = None, pooling: str = "cls") -> Loaded:
     """Read tokenizer and ``AutoModelForSequenceClassification`` from a local directory, never downloading.
 
-    With ``labels`` (training) the head is sized for them, freshly initialised when the
-    checkpoint's head has other labels or none; ``pooling="mean"`` then puts a fresh head on
-    the mean of the encoder's token states (:mod:`advfunc.hf.mean_pooled`) unless the folder
-    already holds such a model. Without (evaluation) the model must carry a trained head,
-    whose labels its config names.
-    """
+    With ``labels`` (training) the head is sized for them, freshly initialised when the checkpoint's head has
+    other labels or none; ``pooling="mean"`` then puts a fresh head on the mean of the encoder's token states
+    (:mod:`advfunc.hf.mean_pooled`) unless the folder holds such a model. Without (evaluation) the model must
+    carry a trained head, whose labels its config names."""
     from transformers import AutoModelForSequenceClassification
 
     path = Path(path)

@@ -18,6 +18,7 @@ import hashlib
 import importlib.util
 import io
 import json
+import math
 import random
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -107,7 +108,7 @@ def load_file(
         for value, column, what in ((text, text_column, ""), (label, label_column, " (the label)")):
             if not value:
                 raise DataError(f"{where}: column {column!r}{what} is empty")
-        if not text.isprintable() and not _encodes(text):  # JSON's "\ud800": no tokenizer reads a lone surrogate
+        if not text.isprintable() and any("\ud800" <= c <= "\udfff" for c in text):  # JSON's lone "\ud800"
             raise DataError(f"{where}: column {text_column!r} holds a lone surrogate escape")
         cells.append((text, canonical_label(label), pair))
     texts, labels, pairs = (tuple(column) for column in zip(*cells, strict=True))
@@ -135,20 +136,10 @@ def canonical_label(label: str) -> str:
     return str(int(number))
 
 
-def _encodes(text: str) -> bool:
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError:
-        return False
-    return True
-
-
 def _text_of(path: Path) -> str:
-    """The file as UTF-8 text, or UTF-16/32 when a byte-order mark says so (spreadsheets' "Unicode text").
-
-    ``DataError`` names the line of the first byte that does not decode, or of the first NUL
-    (UTF-16 without a mark, or a binary file, decodes as UTF-8 with a NUL beside every ASCII character).
-    """
+    """The file as UTF-8 text, or UTF-16/32 when a byte-order mark says so (spreadsheets' "Unicode text");
+    ``DataError`` names the line of the first byte that does not decode, or of the first NUL (UTF-16 without
+    a mark, or a binary file, decodes as UTF-8 with a NUL beside every ASCII character)."""
     raw = path.read_bytes()
     encoding = "utf-8-sig"
     if raw.startswith((codecs.BOM_UTF32_LE, codecs.BOM_UTF32_BE)):  # before UTF-16: FF FE starts both
@@ -207,9 +198,7 @@ def _read_jsonl(path: Path) -> tuple[list[dict[str, Any]], set[str]]:
     for number, document in documents:
         where = f"data file {path}" + ("" if whole else f", line {number}")
         try:
-            found = json.loads(
-                document, object_pairs_hook=_unique_keys, parse_constant=_no_constant, parse_float=_finite
-            )
+            found = json.loads(document, object_pairs_hook=_unique_keys, parse_constant=_finite, parse_float=_finite)
         except json.JSONDecodeError as error:
             raise DataError(f"{where}: not {'valid JSON' if whole else 'a JSON object'} ({error.msg})") from None
         except ValueError as error:  # a key twice: json would keep the last value without a word
@@ -222,16 +211,13 @@ def _read_jsonl(path: Path) -> tuple[list[dict[str, Any]], set[str]]:
     return rows, {column for row in rows for column in row}
 
 
-def _no_constant(name: str) -> Any:
-    """``json`` reads NaN and Infinity, which are not JSON: as a label they would become a class of their own."""
-    raise json.JSONDecodeError(f"{name} is not a JSON value; write a number or a string", name, 0)
-
-
 def _finite(text: str) -> float:
-    """A JSON number as a float; one past float's range (``1e400``) would become the class ``inf``."""
+    """A JSON number as a float; ``json`` also reads NaN and Infinity (not JSON), and a number past a float's range
+    (``1e400``) becomes ``inf``: as a label, each would be a class of its own."""
     number = float(text)
-    if number in (float("inf"), float("-inf")):
-        raise json.JSONDecodeError(f"{text} is beyond a float's range; write it as a string", text, 0)
+    if not math.isfinite(number):
+        why = "beyond a float's range; write it as a string" if text[-1].isdigit() else "not a JSON value"
+        raise json.JSONDecodeError(f"{text} is {why}", text, 0)
     return number
 
 

@@ -11,12 +11,13 @@ import itertools
 import json
 import logging
 import re
+import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from advfunc.app.common import atomic
+from advfunc.app.common import atomic, report
 from advfunc.app.common.flags import COUNT, NATURAL
 from advfunc.methods.registry import MethodSpec
 
@@ -116,4 +117,27 @@ class RunGrid:
                 atomic.write_text(path, json.dumps(run, indent=2) + "\n")
                 runs.append(run)
                 report(runs)
+        return runs
+
+    def describe(self, job: str, title: str, argv: Sequence[str], **fields: Any) -> dict[str, Any]:
+        """The report's description both jobs share; ``fields`` add the job's own (model, data, task, attack)."""
+        shared = {"job": job, "title": title, "command": report.command_line(argv), "machine": report.machine()}
+        methods = [spec.label for spec in self.methods]
+        return {**shared, "methods": methods, "seeds": list(self.seeds), "planned_runs": self.planned, **fields}
+
+    def run_reported(
+        self, one: Callable[[MethodSpec, int], Run | None], info: dict[str, Any], reporting: bool = True
+    ) -> list[Run]:
+        """``run``, with the report in ``output`` rewritten after each run and, on the ``reporting`` process,
+        once at the end; ``info`` (from ``describe``) gains the finished runs and this invocation's minutes."""
+        started = time.perf_counter()
+
+        def write(runs: list[Run]) -> list[Path]:
+            info.update(finished_runs=len(runs), elapsed_minutes=(time.perf_counter() - started) / 60)
+            return report.write(self.output, runs, info)
+
+        runs = self.run(one, write)
+        if reporting:
+            paths = write(runs)
+            log.info("report: %s (%d of %d runs)", ", ".join(map(str, paths)), len(runs), self.planned)
         return runs

@@ -13,7 +13,7 @@ import os
 import platform
 import shlex
 import statistics
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -75,7 +75,6 @@ def _metrics(run: Mapping[str, Any]) -> dict[str, float]:
     return flat
 
 
-Metrics = Callable[[Mapping[str, Any]], dict[str, float]]
 Stats = dict[str, float]
 Column = tuple[str, str, int]  # (title, metric, digits)
 
@@ -88,27 +87,26 @@ def _aggregate(rows: Iterable[tuple[str, Mapping[str, float]]]) -> dict[str, dic
         for key, value in values.items():
             if math.isfinite(value):
                 found.setdefault(key, []).append(value)
-    return {method: {key: _stats(values) for key, values in found.items()} for method, found in grouped.items()}
+    return {
+        method: {
+            key: {"mean": statistics.fmean(v), "std": statistics.stdev(v) if len(v) > 1 else 0.0, "n": len(v)}
+            for key, v in found.items()
+        }
+        for method, found in grouped.items()
+    }
 
 
-def _stats(values: Sequence[float]) -> Stats:
-    std = statistics.stdev(values) if len(values) > 1 else 0.0
-    return {"mean": statistics.fmean(values), "std": std, "n": len(values)}
+def summarize(runs: Sequence[Mapping[str, Any]]) -> dict[str, dict[str, Stats]]:
+    """{method: {metric: {mean, std, n}}} of each run's metrics over the seeds."""
+    return _aggregate((run["method"], _metrics(run)) for run in runs)
 
 
-def summarize(runs: Sequence[Mapping[str, Any]], metrics: Metrics = _metrics) -> dict[str, dict[str, Stats]]:
-    """{method: {metric: {mean, std, n}}} of ``metrics(run)`` over the seeds."""
-    return _aggregate((run["method"], metrics(run)) for run in runs)
-
-
-def differences(
-    runs: Sequence[Mapping[str, Any]], plain: str = "none", metrics: Metrics = _metrics
-) -> dict[str, dict[str, Stats]]:
+def differences(runs: Sequence[Mapping[str, Any]], plain: str = "none") -> dict[str, dict[str, Stats]]:
     """{method: {metric: {mean, std, n}}} of (method − ``plain``) over the seeds both ran: paired by seed (same
     data order, initialisation and split), the spread is that of the difference itself."""
-    by_seed = {run["seed"]: metrics(run) for run in runs if run["method"] == plain}
+    by_seed = {run["seed"]: _metrics(run) for run in runs if run["method"] == plain}
     return _aggregate(
-        (run["method"], {key: value - reference[key] for key, value in metrics(run).items() if key in reference})
+        (run["method"], {key: value - reference[key] for key, value in _metrics(run).items() if key in reference})
         for run in runs
         if run["method"] != plain and (reference := by_seed.get(run["seed"])) is not None
     )
@@ -293,3 +291,10 @@ def training_summary(losses: Sequence[float], steps: int, seconds: float, **extr
 def majority_accuracy(labels: Sequence[Any]) -> float:
     """The accuracy of always answering the most frequent of ``labels``."""
     return max(labels.count(label) for label in set(labels)) / len(labels)
+
+
+def splits(train: int, whole_train: int, test_labels: Sequence[Any], whole_test: int) -> dict[str, Any]:
+    """The report's sizes sentence and the majority-class accuracy of the test labels."""
+    test = len(test_labels)
+    sizes = f"Train {train} of {whole_train} training examples, test {test} of {whole_test}."
+    return {"sizes": sizes, "majority_accuracy": majority_accuracy(test_labels)}

@@ -44,13 +44,10 @@ def synonym_attack(
     progress: bool = False,
     device: torch.device | str = "cpu",
 ) -> tuple[AttackSummary, list[bool]]:
-    """The synonym-substitution attack on each (text, label): (summary, [N] whether each example survived).
-
-    An example survives when it was classified correctly and the attack failed to flip it.
-    Only the words ``classify`` reads (:meth:`~TruncatingClassifier.seen_ids`) are attacked and counted.
-    The similarity constraint embeds texts with ``encoder`` (a folder; all-MiniLM-L6-v2,
-    mean-pooled, when None) on ``device``.
-    """
+    """The synonym-substitution attack on each (text, label): (summary, [N] whether each example survived: it was
+    classified correctly and the attack failed to flip it). Only the words ``classify`` reads
+    (:meth:`~TruncatingClassifier.seen_ids`) are attacked and counted. The similarity constraint embeds texts
+    with ``encoder`` (a folder; all-MiniLM-L6-v2, mean-pooled, when None) on ``device``."""
     config.check()
     folder = encoder if encoder is not None else default_model_dir()
     encode = shared_sentence_encoder(str(folder), max_length, device)
