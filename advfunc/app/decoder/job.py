@@ -313,9 +313,7 @@ def _sentiment_task(args: argparse.Namespace, settings: Settings, tokenizer: Any
         f"steps, radii {radii} (per example)"
         + ("" if synonym is None else f"; {describe_synonym_attack(synonym)} on the first {settings.synonym_examples}")
         + ".",
-        "data": data_text, "majority_accuracy": report.majority_accuracy(test.labels),
-        "sizes": f"Train {len(train_set)} of {len(train_all)} training examples, test {len(test_set)} of "
-        f"{len(test_all)}.",
+        "data": data_text, **report.splits(len(train_set), len(train_all), test.labels, len(test_all)),
     }  # fmt: skip
     return Task(
         collate=lambda indices: batch(train, answers, indices, adversary=True), size=len(train),
@@ -356,15 +354,14 @@ def run_decoder(args: argparse.Namespace) -> int:
     for spec in specs:  # every factory checks its values now, not when its turn comes an hour later
         registry.build_step(spec, probe, **task.prompt_sets)
     del probe
-    info = {
-        "job": "decoder", "title": args.output.name, "command": report.command_line(args.command_line),
-        "model": str(folder), "machine": report.machine(), "seeds": list(args.seeds),
-        "training": f"LoRA rank {settings.lora_r} (alpha {2 * settings.lora_r}) on every linear layer of the decoder "
+    info = grid.describe(
+        "decoder", args.output.name, args.command_line, model=str(folder),
+        training=f"LoRA rank {settings.lora_r} (alpha {2 * settings.lora_r}) on every linear layer of the decoder "
         f"blocks, {settings.epochs} epoch(s), batch {settings.batch_size}, lr {settings.lr:g} with "
         f"{settings.warmup_ratio:g} warmup and linear decay, AdamW, clip {settings.max_grad_norm:g}; "
         "advfunc.hf.AdversarialTrainer.",
-        **task.info, "planned_runs": grid.planned, "methods": [spec.label for spec in specs],
-    }  # fmt: skip
+        **task.info,
+    )  # fmt: skip
     key_base.update(settings=dataclasses.asdict(settings), model=str(folder), **task.key)
 
     def one(spec: registry.MethodSpec, seed: int) -> dict[str, Any]:
@@ -374,11 +371,5 @@ def run_decoder(args: argparse.Namespace) -> int:
         measured = task.evaluate(model.get_base_model(), seed)
         return {"train": trained, "eval": {**measured, "seconds": time.perf_counter() - started}}
 
-    def write(runs: list[dict[str, Any]]) -> list[Path]:
-        info["finished_runs"] = len(runs)
-        return report.write(args.output, runs, info)
-
-    runs = grid.run(one, write)
-    paths = write(runs)
-    log.info("report: %s (%d of %d runs)", ", ".join(str(p) for p in paths), len(runs), grid.planned)
+    grid.run_reported(one, info)
     return 0
