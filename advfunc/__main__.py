@@ -1,5 +1,5 @@
 """``python -m advfunc``: the same command as the ``advfunc`` console script."""
 
-from advfunc.app.cli import main
+from advfunc.app.cli import entry_point
 
-raise SystemExit(main())
+raise SystemExit(entry_point())

@@ -14,7 +14,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from advfunc.app.cli import main
+from advfunc.app.cli import entry_point, main
 
 METHOD = "freelb:init_mag=0.1,steps=2"  # draws noise: each process's generator must come back on resume
 
@@ -38,3 +38,4 @@ if __name__ == "__main__":
         code = main(argv)
         if code:
             raise SystemExit(code)
+    raise SystemExit(entry_point(["methods"]))  # the last command ends the process group, as the console script does

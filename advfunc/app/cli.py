@@ -68,6 +68,19 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 130
 
 
+def entry_point(argv: Sequence[str] | None = None) -> int:
+    """The ``advfunc`` process: :func:`main`, then the process group a launcher made torn down.
+
+    Left to interpreter shutdown, a gloo worker thread can free a finished collective after Python
+    has begun to exit, and the process aborts ("terminate called without an active exception")
+    after its work is saved. Not on an uncaught error: another rank may still wait in a collective.
+    """
+    code = main(argv)
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+    return code
+
+
 def run_methods(args: argparse.Namespace) -> int:
     """``advfunc methods``: what ``--method`` accepts."""
     for name in registry.available():

@@ -55,3 +55,18 @@ def test_two_processes_write_one_checkpoint_resume_it_exactly_and_compare(tmp_pa
     assert [run["method"] for run in document["runs"]] == ["none", "fgm(epsilon=0.05)"]
     assert [run["train"]["total_steps"] for run in document["runs"]] == [3, 3]
     assert len(list((out / "report" / "runs").iterdir())) == 2  # one file per run, no temporary left
+
+
+def test_the_command_ends_the_process_group_a_launcher_made(tmp_path, capsys):
+    """Left open to interpreter shutdown, gloo can abort the process after its work is saved."""
+    import torch.distributed as dist
+
+    from advfunc.app.cli import entry_point
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        assert entry_point(["methods"]) == 0
+        assert not dist.is_initialized()
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
