@@ -57,3 +57,4 @@ def main(out: Path) -> None:
 
 if __name__ == "__main__":
     main(Path(sys.argv[1]))
+    dist.destroy_process_group()  # left to interpreter shutdown, gloo can abort the process after its work
