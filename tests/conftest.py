@@ -7,12 +7,21 @@ method catalogue every all-methods test iterates over). Two commands:
 - ``python -m pytest -q``: everything, as CI runs it (``.ci/run``);
 - ``python -m pytest -m "not slow" -q``: the fast loop while editing, without the tests
   marked ``slow`` (they compile, train or spawn processes).
+
+Property tests draw their examples from a fixed seed (the ``repeatable`` profile), so a
+run on a fresh clone tests what the last run tested; ``--hypothesis-profile=explore``
+draws fresh examples each run, to hunt for new failures before a change lands.
 """
 
 from __future__ import annotations
 
 import pytest
 import torch
+from hypothesis import settings
+
+settings.register_profile("repeatable", derandomize=True)
+settings.register_profile("explore", derandomize=False)
+settings.load_profile("repeatable")
 
 
 @pytest.fixture(autouse=True, scope="session")

@@ -15,7 +15,7 @@ from advfunc.attacks.synonyms import (
     synonym_target,
     weight_gradient,
 )
-from advfunc.core.arguments import require_positive, require_steps
+from advfunc.core.arguments import LARGEST, require_positive, require_steps
 from advfunc.core.model import LossFn
 from advfunc.core.noise import require_generator
 from advfunc.core.norms import l2_direction
@@ -146,8 +146,11 @@ def dne(
     step_size = require_positive("step_size", step_size)
     alpha = require_positive("alpha", alpha)
     decay = require_positive("decay", decay)
-    if not alpha * decay > 0:
-        raise ValueError(f"alpha · decay (the concentration of synonyms' synonyms) must be > 0, got {alpha} · {decay}")
+    if not 0 < alpha * decay <= LARGEST:
+        raise ValueError(
+            f"alpha · decay (the concentration of synonyms' synonyms) must be > 0 and at most {LARGEST:.2g},"
+            f" got alpha={alpha} · decay={decay}: lower alpha or decay"
+        )
     width = require_steps("width", width)
     if width < 2:
         raise ValueError(f"width must be at least 2 (the token and one synonym), got {width}")

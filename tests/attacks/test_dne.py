@@ -132,6 +132,13 @@ def test_a_given_start_is_refused_naming_it(name):
         attack(advfunc.params_of(model), batch, start=torch.zeros(4, 12, 32))
 
 
+@pytest.mark.parametrize(("alpha", "decay"), [(340282347.0, 1e30), (1e-30, 1e-300)])
+def test_a_concentration_product_beyond_float32_is_refused_naming_both_factors(alpha, decay):
+    # Each factor passes on its own; their product overflows (or underflows) the float32 draw.
+    with pytest.raises(ValueError, match=r"alpha · decay .*alpha=.*decay="):
+        advfunc.attacks.dne(tiny_model("bert"), tiny_synonyms(), alpha=alpha, decay=decay)
+
+
 @pytest.mark.slow
 def test_compiled_step_equals_eager():
     model = tiny_model("bert")
