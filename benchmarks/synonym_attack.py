@@ -52,16 +52,17 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--texts and --chunk must be >= 1, got {args.texts} and {args.chunk}")
 
     from advfunc.app.common import checkpoint
-    from advfunc.app.common.data import fixed_split, rotten_tomatoes
+    from advfunc.app.common.data import Labels, fixed_split, rotten_tomatoes
+    from advfunc.hf.loading import load_classifier
     from advfunc.words import synonym_attack
     from advfunc.words.victim import SentenceEncoder, Victim
     from advfunc.words.wordnet import WordNet
 
     old = importlib.import_module(import_revision(args.baseline).__name__ + ".app.synonym_attack")
-    loaded = checkpoint.load(args.victim)
+    loaded = load_classifier(args.victim)
     loaded.model.eval()
     test = fixed_split(rotten_tomatoes())["test"].head(args.texts)
-    texts, labels = list(test.texts), loaded.labels.encode(test)
+    texts, labels = list(test.texts), Labels(loaded.labels).encode(test)
     victim = Victim(loaded.model, loaded.tokenizer, max_length=64)
     encode = SentenceEncoder(str(checkpoint.default_model_dir()), max_length=64)
     wordnet = WordNet()

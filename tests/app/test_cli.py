@@ -16,6 +16,7 @@ import advfunc
 from advfunc.app.classify.train import padded
 from advfunc.app.cli import main
 from advfunc.app.common import checkpoint
+from advfunc.hf.loading import load_classifier
 from tests.support.tiny_models import PAD_ID, padded_batch, tiny_model
 from tests.support.tiny_task import save_tiny_model, sentences, write_csv, write_jsonl
 
@@ -191,7 +192,7 @@ def test_unknown_label_at_evaluation_is_a_clear_error(task, tmp_path, capsys):
     assert "unknown label 'meh'" in err and "['neg', 'pos']" in err
     # A base model without a classification head is refused instead of evaluated at random.
     base = tmp_path / "base"
-    loaded = checkpoint.load(out)
+    loaded = load_classifier(out)
     loaded.model.bert.save_pretrained(base)
     loaded.tokenizer.save_pretrained(base)
     assert main([*QUIET, "evaluate", "--model", str(base), "--data", str(task / "test.csv")]) == 2

@@ -17,11 +17,12 @@ import torch
 from safetensors.torch import load_file as load_safetensors
 from transformers import BertTokenizerFast
 
-from advfunc.app.classify.evaluate import embedding_pgd
 from advfunc.app.cli import main
 from advfunc.app.common import atomic, checkpoint
 from advfunc.app.common.data import DataError, Labels, encode, load_file
+from advfunc.app.common.robustness import pgd_logits
 from advfunc.core.params import params_of
+from advfunc.hf.loading import load_classifier
 from tests.support.tiny_task import save_tiny_model, sentences, write_csv
 
 QUIET = ["--threads", "1", "--no-progress"]
@@ -225,16 +226,16 @@ def test_non_finite_or_non_positive_radii_are_refused(task, capsys, radius):
 
 
 def test_a_radius_that_overflows_is_an_error_not_an_attack_without_effect(task, capsys):
-    loaded = checkpoint.load(task / "model")
+    loaded = load_classifier(task / "model")
     batch = {
         "input_ids": torch.tensor([[2, 5, 6, 3], [2, 13, 3, 0]]),
         "attention_mask": torch.tensor([[1, 1, 1, 1], [1, 1, 1, 0]]),
         "labels": torch.tensor([0, 1]),
     }
     with pytest.raises(FloatingPointError, match="radius 1e\\+30 overflowed"):
-        embedding_pgd(loaded.model, params_of(loaded.model), batch, 1e30, steps=3)
-    _, broken = embedding_pgd(loaded.model, params_of(loaded.model), batch, 0.1, steps=3)
-    assert broken.shape == (2,)
+        pgd_logits(loaded.model, params_of(loaded.model), batch, 1e30, 3, "embeds")
+    _, logits = pgd_logits(loaded.model, params_of(loaded.model), batch, 0.1, 3, "embeds")
+    assert bool(torch.isfinite(logits).all())
     args = [*QUIET, "evaluate", "--model", str(task / "model"), "--data", str(task / "numbered.csv")]
     assert main([*args, "--radii", "1e30", "--attack-examples", "4", "--hotflip-budget", "0"]) == 2
     _one_line_error(capsys, "overflowed", "--radii")

@@ -4,10 +4,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import importlib
 import json
-import runpy
-import sys
 
 import pytest
 
@@ -170,19 +167,3 @@ def test_compare_stops_after_n_runs_and_reports_the_worst_case(task, tmp_path, c
         assert max(0.0, hotflip + synonym - evaluation["attack_clean_accuracy"]) - 1e-9 <= evaluation["worst_case"]
         assert evaluation["worst_case"] <= min(hotflip, synonym) + 1e-9
     assert "word worst case" in (out / "results.md").read_text()
-
-
-def test_the_old_module_names_still_work_with_a_warning(monkeypatch, capsys):
-    for name in ("advfunc.app.mean_pooled", "advfunc.app.smollm2"):
-        monkeypatch.delitem(sys.modules, name, raising=False)  # the warning comes with the first import
-    from advfunc.hf import mean_pooled
-
-    with pytest.warns(FutureWarning, match=r"advfunc\.hf\.mean_pooled"):
-        old = importlib.import_module("advfunc.app.mean_pooled")
-    assert old.MeanPooledForSequenceClassification is mean_pooled.MeanPooledForSequenceClassification
-    with pytest.warns(FutureWarning, match=r"python -m advfunc\.app\.decoder\.smollm2"):
-        importlib.import_module("advfunc.app.smollm2")
-    monkeypatch.setattr(sys, "argv", ["decoder_job", "--radii", "-1"])
-    with pytest.warns(FutureWarning, match="advfunc decoder"), pytest.raises(SystemExit) as exit:
-        runpy.run_module("advfunc.app.decoder_job", run_name="__main__")
-    assert exit.value.code == 2 and "--radii" in capsys.readouterr().err

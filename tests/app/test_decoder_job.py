@@ -17,6 +17,7 @@ from advfunc.app.decoder.data import Answers, batch, prompts
 from advfunc.app.decoder.evaluate import answer_positions, correct, robust_accuracy
 from advfunc.core.params import params_of
 from advfunc.hf import AdversarialTrainer
+from advfunc.hf.loading import load_causal_lm
 from advfunc.words.wordnet import WordNetError, shipped_folder
 from tests.support.tiny_decoders import tiny_decoder
 from tests.support.tiny_task import FILLER, NEGATIVE, POSITIVE, save_tiny_model, sentences, write_csv
@@ -160,7 +161,7 @@ def monkeypatch_module():
 
 def test_only_the_adapter_weights_change(folder, cat_run):
     model, summary, _, _ = cat_run
-    fresh = decoder_job._load(folder)
+    fresh = load_causal_lm(folder)
     before = dict(fresh.named_parameters())
     adapters = 0
     for name, value in model.get_base_model().named_parameters():

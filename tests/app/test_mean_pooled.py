@@ -13,6 +13,7 @@ from advfunc.app.cli import main
 from advfunc.app.common import checkpoint, report
 from advfunc.app.common.data import Labels
 from advfunc.hf import mean_pooled
+from advfunc.hf.loading import load_classifier
 from tests.support.tiny_task import save_tiny_model, sentences, write_csv
 
 LABELS = {"num_labels": 2, "id2label": {0: "neg", 1: "pos"}, "label2id": {"neg": 0, "pos": 1}}
@@ -62,11 +63,11 @@ def test_a_saved_model_loads_back_as_itself(encoder_dir, tmp_path):
 
 def test_the_head_is_new_and_the_encoder_is_the_pretrained_one(encoder_dir):
     labels = Labels(("neg", "pos"))
-    loaded = checkpoint.load(encoder_dir, labels, pooling="mean")
+    loaded = load_classifier(encoder_dir, labels.names, pooling="mean")
     assert isinstance(loaded.model, mean_pooled.MeanPooledForSequenceClassification)
     source = AutoModel.from_pretrained(encoder_dir, add_pooling_layer=False).state_dict()
     assert all(torch.equal(loaded.model.encoder.state_dict()[k], v) for k, v in source.items())
-    plain = checkpoint.load(encoder_dir, labels).model  # pooling="cls": the model's own head
+    plain = load_classifier(encoder_dir, labels.names).model  # pooling="cls": the model's own head
     assert not isinstance(plain, mean_pooled.MeanPooledForSequenceClassification) and hasattr(plain.bert, "pooler")
 
 

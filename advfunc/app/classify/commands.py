@@ -27,6 +27,7 @@ from advfunc.app.common.grid import RunGrid, add_grid_flags
 from advfunc.app.common.word_attacks import add_synonym_flags, describe_synonym_attack, synonym_config
 from advfunc.core.model import accepted_keywords
 from advfunc.core.targets import input_embedding
+from advfunc.hf.loading import Classifier, load_classifier
 from advfunc.methods import registry
 
 log = logging.getLogger("advfunc")
@@ -102,7 +103,7 @@ def add_commands(commands: Any) -> None:
     c.set_defaults(handler=run_compare)
 
 
-def _encode(dataset: data.TextDataset, loaded: checkpoint.Loaded, max_length: int) -> data.Encoded:
+def _encode(dataset: data.TextDataset, loaded: Classifier, max_length: int) -> data.Encoded:
     # Longer inputs would index past the model's position embeddings: a raw IndexError mid-run.
     limit = getattr(loaded.tokenizer, "model_max_length", None)
     if not isinstance(limit, int) or limit > 1_000_000:  # transformers' "no limit" sentinel
@@ -110,7 +111,7 @@ def _encode(dataset: data.TextDataset, loaded: checkpoint.Loaded, max_length: in
     if isinstance(limit, int) and max_length > limit:
         raise ValueError(f"--max-length {max_length} exceeds the {limit} positions {loaded.path} can embed; lower it")
     token_types = "token_type_ids" in accepted_keywords(loaded.model)
-    return data.encode(dataset, loaded.tokenizer, loaded.labels, max_length, token_types)
+    return data.encode(dataset, loaded.tokenizer, data.Labels(loaded.labels), max_length, token_types)
 
 
 def _dataset(args: argparse.Namespace, split: str, path: Path | None) -> Any:
@@ -184,13 +185,13 @@ def run_train(args: argparse.Namespace) -> int:
     train_set = whole.head(args.train_size)
     labels = data.training_labels(whole, train_set, args.train_size)
     torch.manual_seed(args.seed)  # the fresh classification head is part of the seeded run
-    loaded = checkpoint.load(
-        output if args.resume else (args.model or checkpoint.default_model_dir()), labels, args.pooling
+    loaded = load_classifier(
+        output if args.resume else (args.model or checkpoint.default_model_dir()), labels.names, args.pooling
     )
     if loaded.fresh_head:
         log.info("classification head for labels %s is newly initialised", list(labels.names))
-    if loaded.labels.names != labels.names:
-        raise checkpoint.CheckpointError(f"{output} was trained for labels {list(loaded.labels.names)}, not these")
+    if loaded.labels != labels.names:
+        raise checkpoint.CheckpointError(f"{output} was trained for labels {list(loaded.labels)}, not these")
     _check_method(spec, loaded.model, config)
     encoded = _encode(train_set, loaded, args.max_length)
     validation = _encode(validation_set, loaded, args.max_length) if validation_set is not None else None
@@ -223,7 +224,7 @@ def run_evaluate(args: argparse.Namespace) -> int:
     if args.output is not None:
         atomic.require_replaceable(args.output, "--output", directory=False)
     config = _attack_config(args)
-    loaded = checkpoint.load(args.model)
+    loaded = load_classifier(args.model)
     loaded.model.to(EVALUATION_DEVICE)
     state = checkpoint.read_state(args.model)
     if state is not None and not state.get("finished", True):
@@ -258,7 +259,7 @@ class _Comparison:
         self.sizes = (len(whole_train), len(whole_test))
         self.labels = data.training_labels(whole_train, self.train_set, args.train_size)
         self.model_dir = args.model or checkpoint.default_model_dir()
-        probe = checkpoint.load(self.model_dir, self.labels, args.pooling)  # fails fast on a bad model
+        probe = load_classifier(self.model_dir, self.labels.names, args.pooling)  # fails fast on a bad model
         for spec in methods:  # every factory checks its values now, not when its turn comes hours later
             _check_method(spec, probe.model, self.config(spec, 0))
         self.attack = _attack_config(args, args.synonym, examples=args.examples or len(self.test_set))
@@ -306,7 +307,7 @@ class _Comparison:
         """Train, then (on the reporting process) attack; the others wait for it."""
         config, args, progress = self.config(spec, seed), self.args, not self.args.no_progress
         torch.manual_seed(seed)
-        loaded = checkpoint.load(self.model_dir, self.labels, config.pooling)
+        loaded = load_classifier(self.model_dir, self.labels.names, config.pooling)
         compile = not args.no_compile
         trained = train(loaded.model, loaded.tokenizer, self.train_data, config, progress=progress, compile=compile)
         distributed = torch.distributed.is_available() and torch.distributed.is_initialized()

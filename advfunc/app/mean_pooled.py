@@ -1,7 +1,0 @@
-"""The old name of :mod:`advfunc.hf.mean_pooled` (importing it still registers the model type)."""
-
-import warnings
-
-from advfunc.hf.mean_pooled import *  # noqa: F403
-
-warnings.warn("advfunc.app.mean_pooled is now advfunc.hf.mean_pooled; import that name", FutureWarning, stacklevel=2)
