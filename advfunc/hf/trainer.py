@@ -215,9 +215,9 @@ class AdversarialTrainer(Trainer):
         return self._synonyms
 
     @property
-    def replays(self) -> int:
-        """How many times in a row each batch is fed (free AT's m; 1 for every other method)."""
-        return self._current_step()[1].replays
+    def step(self) -> StatefulStep:
+        """The method's step on the model being trained: its ``passes`` per batch, ``replays``, ``config``."""
+        return self._current_step()[1]
 
     def adversarial_model(self) -> nn.Module:
         """The module the step runs on: the unwrapped model, or a PEFT model's adapted base model."""

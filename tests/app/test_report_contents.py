@@ -41,6 +41,44 @@ def test_one_seed_cells_show_the_mean_alone_and_the_attacked_clean_accuracy_stan
     assert "± 0.000" not in text
 
 
+def _costed(method: str, seed: int, seconds_per_step: float, synonym: float, passes: int) -> dict:
+    run = _run(method, seed, 0.8, 0.8, 0.5)
+    run["train"].update(seconds_per_step=seconds_per_step, passes=passes)
+    run["eval"].update(synonym={"accuracy_under_attack": synonym, "success_rate": 0.0, "changed_share": 0.0,
+                                "queries": 1.0, "untried": 0.0}, worst_case=synonym - 0.1)  # fmt: skip
+    return run
+
+
+def test_cost_is_paired_by_seed_and_the_frontier_holds_exactly_the_undominated_methods(tmp_path):
+    # seed 1's machine is twice as slow: costs relative to none at the same seed stay exact.
+    runs = [
+        *(_costed("none", seed, 0.1 * (1 + seed), 0.30, 1) for seed in (0, 1)),
+        *(_costed("fgm", seed, 0.2 * (1 + seed), 0.40, 2) for seed in (0, 1)),  # 2×: more robust, on it
+        *(_costed("pgd", seed, 0.4 * (1 + seed), 0.35, 4) for seed in (0, 1)),  # 4×, less robust than fgm: off
+        *(_costed("ascc", seed, 0.6 * (1 + seed), 0.50 + 0.1 * seed, 6) for seed in (0, 1)),  # 6×: most robust
+    ]
+    summary = report.summarize(runs)
+    points = report.cost_points(summary, runs)
+    assert list(points) == ["none", "fgm", "pgd", "ascc"]  # by rising cost
+    assert [points[m]["cost"]["mean"] for m in points] == pytest.approx([1.0, 2.0, 4.0, 6.0])
+    assert [points[m]["cost"]["std"] for m in points] == pytest.approx([0.0] * 4, abs=1e-12)
+    assert {m for m, p in points.items() if p["frontier"]} == {"none", "fgm", "ascc"}
+    text = report.markdown(summary, {**INFO, "finished_runs": 8, "planned_runs": 8}, runs)
+    assert _row(text.split("Cost and robustness")[1], "pgd") == ["`pgd`", "4", "4.00 ± 0.00", "0.350 ± 0.000",
+                                                                   "0.250 ± 0.000", ""]  # fmt: skip
+    assert _row(text.split("Cost and robustness")[1], "ascc")[3:] == ["0.550 ± 0.071", "0.450 ± 0.071", "yes"]
+    paths = report.write(tmp_path, runs, {**INFO, "finished_runs": 8, "planned_runs": 8})
+    assert (tmp_path / report.COST_PNG) in paths and (tmp_path / report.COST_PNG).read_bytes()[:4] == b"\x89PNG"
+
+
+def test_no_cost_picture_without_plain_fine_tuning_or_the_synonym_attack(tmp_path):
+    without_none = [_costed("fgm", 0, 0.2, 0.4, 2), _costed("pgd", 0, 0.4, 0.35, 4)]
+    assert report.cost_points(report.summarize(without_none), without_none) == {}
+    no_synonym = [_run("none", 0, 0.7, 0.5, 0.4), _run("fgm", 0, 0.7, 0.5, 0.4)]
+    assert report.cost_points(report.summarize(no_synonym), no_synonym) == {}
+    assert report.COST_PNG not in {p.name for p in report.write(tmp_path, no_synonym, INFO)}
+
+
 @pytest.fixture(scope="module")
 def task(tmp_path_factory):
     root = tmp_path_factory.mktemp("report-contents")

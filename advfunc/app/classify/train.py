@@ -314,4 +314,6 @@ def train(
     trainer.train(resume_from_checkpoint=str(output) if resume else None)
     model.to("cpu")
     step, total = trainer.state.global_step, trainer.state.max_steps
-    return report.training_summary(losses, step - trainer.resumed_from, trainer.seconds, total_steps=total, step=step)
+    return report.training_summary(
+        losses, step - trainer.resumed_from, trainer.seconds, total_steps=total, step=step, passes=trainer.step.passes
+    )

@@ -24,6 +24,7 @@ from advfunc.app.common import atomic
 RESULTS_JSON = "results.json"
 RESULTS_MD = "results.md"
 PLOT_PNG = "accuracy_vs_radius.png"
+COST_PNG = "cost_vs_robustness.png"
 
 
 def command_line(argv: Sequence[str]) -> str:
@@ -59,6 +60,7 @@ def _metrics(run: Mapping[str, Any]) -> dict[str, float]:
         "attack_clean": evaluation.get("attack_clean_accuracy", math.nan),
         "seconds_per_step": training.get("seconds_per_step", math.nan),
         "steps_per_second": training.get("steps_per_second", math.nan),
+        "passes": training.get("passes", math.nan),
         "train_minutes": training["seconds"] / 60,
         "eval_minutes": evaluation.get("seconds", math.nan) / 60,
         **{f"pgd@{r}": a for r, a in evaluation.get("robust", {}).items()},
@@ -110,6 +112,31 @@ def differences(runs: Sequence[Mapping[str, Any]], plain: str = "none") -> dict[
         for run in runs
         if run["method"] != plain and (reference := by_seed.get(run["seed"])) is not None
     )
+
+
+def cost_points(
+    summary: Mapping[str, Mapping[str, Mapping[str, float]]], runs: Sequence[Mapping[str, Any]]
+) -> dict[str, dict[str, Any]]:
+    """{method: {cost, synonym, frontier}} for the methods with both: ``cost`` the seconds per training step over
+    plain fine-tuning's at the same seed (``none``: 1), ``synonym`` the accuracy under the synonym attack (each
+    {mean, std, n} over seeds); on the ``frontier`` when no other method is as cheap and as robust, with one of the
+    two strictly better."""
+    plain = {run["seed"]: _metrics(run)["seconds_per_step"] for run in runs if run["method"] == "none"}
+    costs = _aggregate(
+        (run["method"], {"cost": _metrics(run)["seconds_per_step"] / plain[run["seed"]]})
+        for run in runs
+        if plain.get(run["seed"], 0) > 0
+    )
+    points: dict[str, dict[str, Any]] = {
+        m: {"cost": costs[m]["cost"], "synonym": s["synonym"]}
+        for m, s in summary.items()
+        if "synonym" in s and "cost" in costs.get(m, {})
+    }
+    means = {m: (p["cost"]["mean"], p["synonym"]["mean"]) for m, p in points.items()}
+    for method, (cost, robust) in means.items():
+        beaten = any(c <= cost and r >= robust and (c, r) != (cost, robust) for c, r in means.values())
+        points[method]["frontier"] = not beaten
+    return {method: points[method] for method in sorted(means, key=means.__getitem__)}
 
 
 def cell(stats: Mapping[str, float] | None, digits: int = 3, signed: bool = False) -> str:
@@ -213,6 +240,9 @@ def markdown(
     if delta:
         lines += ["Difference to plain fine-tuning (`none`), paired by seed: mean ± sample std of (method − none).", ""]
         lines += _table(delta, _columns(info, paired=True), signed=True)
+    points = cost_points(summary, runs)
+    if "none" in points and len(points) > 1:
+        lines += _cost_table(summary, points)
     examples = [(r, e) for r in runs for e in (r["eval"].get("synonym") or {}).get("examples", [])][:5]
     if examples:
         lines += ["Successful synonym substitutions (original → changed, label → prediction):", ""]
@@ -224,13 +254,68 @@ def markdown(
     return "\n".join(lines)
 
 
-def plot(summary: Mapping[str, Mapping[str, Mapping[str, float]]], info: Mapping[str, Any]) -> bytes:
-    """PNG bytes: accuracy against PGD radius (left) and HotFlip budget (right, if it ran), one line per method."""
+def _cost_table(summary: Mapping[str, Mapping[str, Mapping[str, float]]], points: Mapping[str, Any]) -> list[str]:
+    """The cost–robustness table, by rising cost."""
+    lines = [
+        f"Cost and robustness ({COST_PNG}): seconds per training step over `none`'s at the same seed, passes per "
+        "step, accuracy under the synonym attack; on the frontier when no other method is as cheap and as robust, "
+        "with one of the two strictly better.",
+        "",
+        "| method | passes / step | cost (× none) | synonym acc | word worst case | frontier |",
+        "|---|---|---|---|---|---|",
+    ]
+    for method, point in points.items():
+        stats = summary[method]
+        cells = [
+            f"{stats['passes']['mean']:g}" if "passes" in stats else "—",
+            cell(point["cost"], 2),
+            cell(point["synonym"]),
+            cell(stats.get("worst_case")),
+        ]
+        lines.append(f"| `{method}` | {' | '.join(cells)} | {'yes' if point['frontier'] else ''} |")
+    return [*lines, ""]
+
+
+def _png(fig: Any) -> bytes:
+    from matplotlib import pyplot as plt
+
+    fig.tight_layout()
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=110)
+    plt.close(fig)
+    return buffer.getvalue()
+
+
+def _pyplot() -> Any:
     import matplotlib
 
     matplotlib.use("Agg")  # no display on a server; must precede pyplot
     from matplotlib import pyplot as plt
 
+    return plt
+
+
+def plot_cost(summary: Mapping[str, Mapping[str, Mapping[str, float]]], points: Mapping[str, Any], title: str) -> bytes:
+    """PNG bytes: accuracy under the synonym attack (filled) and the word-level worst case (hollow) against the
+    relative cost of a training step, mean ± std over seeds, the frontier joined."""
+    fig, axis = _pyplot().subplots(figsize=(6.5, 4.5))
+    for method, point in points.items():
+        cost, synonym = point["cost"], point["synonym"]
+        bars = axis.errorbar(cost["mean"], synonym["mean"], synonym["std"], cost["std"], "o", capsize=3, label=method)
+        if "worst_case" in summary[method]:
+            axis.plot(cost["mean"], summary[method]["worst_case"]["mean"], "o", mfc="none", color=bars[0].get_color())
+    best = [point for point in points.values() if point["frontier"]]
+    axis.plot([p["cost"]["mean"] for p in best], [p["synonym"]["mean"] for p in best], "k--", lw=0.8, label="frontier")
+    axis.set(xlabel="seconds per training step (× none)", ylabel="accuracy under the synonym attack", ylim=(0, 1))
+    axis.set_title(f"{title}: cost and robustness (hollow: word-level worst case)", fontsize=10)
+    axis.grid(alpha=0.3)
+    axis.legend(fontsize=8)
+    return _png(fig)
+
+
+def plot(summary: Mapping[str, Mapping[str, Mapping[str, float]]], info: Mapping[str, Any]) -> bytes:
+    """PNG bytes: accuracy against PGD radius (left) and HotFlip budget (right, if it ran), one line per method."""
+    plt = _pyplot()
     budgets = list(range(1, info["attack"]["hotflip_budget"] + 1))
     panels = [("pgd", info["attack"]["radii"], "embedding PGD radius (L2 per example)", "Embedding-space PGD")]
     if budgets:
@@ -250,11 +335,7 @@ def plot(summary: Mapping[str, Mapping[str, Mapping[str, float]]], info: Mapping
     axes[0][0].set_ylabel("accuracy")
     axes[0][0].legend(fontsize=8)
     fig.suptitle(f"{info['title']}: mean ± std over seeds, {info['attack']['examples']} test examples", fontsize=10)
-    fig.tight_layout()
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=110)
-    plt.close(fig)
-    return buffer.getvalue()
+    return _png(fig)
 
 
 def write(directory: str | Path, runs: Sequence[Mapping[str, Any]], info: Mapping[str, Any]) -> list[Path]:
@@ -267,7 +348,11 @@ def write(directory: str | Path, runs: Sequence[Mapping[str, Any]], info: Mappin
     atomic.write_text(paths[1], markdown(summary, info, runs))
     if info["attack"]["radii"]:
         paths.append(directory / PLOT_PNG)
-        atomic.write_with(paths[2], lambda tmp: tmp.write_bytes(plot(summary, info)))
+        atomic.write_with(paths[-1], lambda tmp: tmp.write_bytes(plot(summary, info)))
+    points = cost_points(summary, runs)
+    if "none" in points and len(points) > 1:
+        paths.append(directory / COST_PNG)
+        atomic.write_with(paths[-1], lambda tmp: tmp.write_bytes(plot_cost(summary, points, info["title"])))
     return paths
 
 

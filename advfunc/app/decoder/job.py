@@ -203,7 +203,9 @@ def fine_tune(
         seconds = time.perf_counter() - started
     losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    return model, report.training_summary(losses, trainer.state.global_step, seconds, trainable_parameters=trainable)
+    return model, report.training_summary(
+        losses, trainer.state.global_step, seconds, trainable_parameters=trainable, passes=trainer.step.passes
+    )
 
 
 def evaluate(
