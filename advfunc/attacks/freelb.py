@@ -25,11 +25,13 @@ def freelb_init(
     dtype: torch.dtype,
     device: torch.device,
     generator: torch.Generator | None,
+    per_token: bool = False,
 ) -> torch.Tensor:
     """δ₀ [B, L, H], padding masked.
 
-    l2: U(−1, 1) · mask · init_mag / √(len · H) per example; linf: U(−init_mag, init_mag) · mask;
-    zero when init_mag = 0. Draws come from ``generator`` (the global RNG when None).
+    l2: U(−1, 1) · mask · init_mag / √(len · H) per example (``per_token``: / √H, each token's own
+    ball); linf: U(−init_mag, init_mag) · mask; zero when init_mag = 0. Draws come from
+    ``generator`` (the global RNG when None).
     """
     assert layout.mask is not None
     if init_mag == 0:
@@ -37,25 +39,34 @@ def freelb_init(
     if norm == "l2":
         noise = torch.empty(layout.shape, dtype=dtype, device=device).uniform_(-1, 1, generator=generator)
         noise = noise * layout.mask
+        if per_token:
+            return noise * (init_mag / layout.shape[-1] ** 0.5)
         dims = layout.mask.sum(dim=(1, 2)) * layout.shape[-1]  # [B] len · H
         return noise * (init_mag / torch.sqrt(dims)).view(-1, 1, 1)
     noise = torch.empty(layout.shape, dtype=dtype, device=device).uniform_(-init_mag, init_mag, generator=generator)
     return noise * layout.mask
 
 
-def freelb_rule(target: EmbeddingOutput, steps: int, lr: float, init_mag: float, max_norm: float, norm: str) -> Rule:
-    """δ₀ from :func:`freelb_init`; δ_t = Π_{max_norm}(δ_{t-1} + lr · G_t / max(‖G_t‖, 1e-8))."""
+def freelb_rule(
+    target: EmbeddingOutput, steps: int, lr: float, init_mag: float, max_norm: float, norm: str, per_token: bool = False
+) -> Rule:
+    """δ₀ from :func:`freelb_init`; δ_t = Π_{max_norm}(δ_{t-1} + lr · G_t / max(‖G_t‖, 1e-8)), the norm per example
+    over (seq, hidden), or ``per_token`` over hidden with padding masked."""
     direction_of = l2_direction if norm == "l2" else linf_direction
+    dims = (2,) if per_token else (1, 2)
 
     def init(call: Call, generator: torch.Generator | None) -> Delta:
-        return {"embeds": freelb_init(call.layout, init_mag, norm, target.dtype, call.device, generator)}
+        return {"embeds": freelb_init(call.layout, init_mag, norm, target.dtype, call.device, generator, per_token)}
 
     def ascend(delta: Delta, grads: Delta, params: Params, layout: Layout) -> tuple[Delta, torch.Tensor]:
         embeds = delta["embeds"]  # [B, L, H]
-        direction, finite = direction_of(grads["embeds"], (1, 2), NORM_FLOOR)
+        direction, finite = direction_of(grads["embeds"], dims, NORM_FLOOR)
+        if per_token:  # a padding position's own unit step would otherwise move it
+            assert layout.mask is not None
+            direction = direction * layout.mask
         moved = (embeds.float() + lr * direction).to(embeds.dtype)
         if max_norm > 0:
-            moved = project_l2(moved, max_norm, (1, 2)) if norm == "l2" else project_linf(moved, max_norm)
+            moved = project_l2(moved, max_norm, dims) if norm == "l2" else project_linf(moved, max_norm)
         return {"embeds": moved}, finite
 
     return Rule(init, ascend, steps, reads_grads=init_mag == 0)
@@ -69,6 +80,7 @@ def freelb(
     max_norm: float = 0.0,
     norm: str = "l2",
     generator: torch.Generator | None = None,
+    per_token: bool = False,
     *,
     loss_fn: LossFn | None = None,
     autocast: torch.dtype | None = None,
@@ -80,7 +92,9 @@ def freelb(
         G_t = ∇_δ L(θ, δ_{t-1}),\\quad
         δ_t = Π_{max\\_norm}\\big(δ_{t-1} + lr · G_t / \\max(‖G_t‖, 10^{-8})\\big),\\quad δ = δ_K
 
-    ‖·‖ is the per-example L2 (``norm="l2"``) or L∞ (``"linf"``) norm over (seq, hidden);
+    ‖·‖ is the per-example L2 (``norm="l2"``) or L∞ (``"linf"``) norm over (seq, hidden),
+    or with ``per_token`` each token's L2 norm over hidden (every token its own step and
+    ball, padding masked; the per-token variant of FreeLB++'s search, Li et al., 2021);
     Π rescales (l2) or clamps (linf) to ``max_norm`` when ``max_norm > 0``; δ₀ is drawn by
     :func:`freelb_init` from ``generator`` (zero when ``init_mag = 0``: only then is the
     caller's ``grads``, taken at δ = 0, the first gradient). Cost: K passes that
@@ -93,9 +107,14 @@ def freelb(
     init_mag = require_non_negative("init_mag", init_mag)
     max_norm = require_non_negative("max_norm", max_norm)
     norm = require_norm(norm)
+    if not isinstance(per_token, bool):
+        raise TypeError(f"per_token must be True or False, got {per_token!r}")
+    if per_token and norm == "linf":
+        raise ValueError("per_token=True with norm='linf': L∞ is per entry, so per token it is the same; leave it out")
     chosen = EmbeddingOutput(input_embedding(model))
     config = {"steps": steps, "lr": lr, "init_mag": init_mag, "max_norm": max_norm, "norm": norm, "target": "embeds"}
-    rule = freelb_rule(chosen, steps, lr, init_mag, max_norm, norm)
+    config |= {"per_token": True} if per_token else {}
+    rule = freelb_rule(chosen, steps, lr, init_mag, max_norm, norm, per_token)
     return Attack(
         "freelb",
         model,

@@ -22,6 +22,7 @@ def freelb(
     max_norm: float = 0.0,
     norm: str = "l2",
     generator: torch.Generator | None = None,
+    per_token: bool = False,
     *,
     loss_fn: LossFn | None = None,
     autocast: torch.dtype | None = None,
@@ -37,7 +38,8 @@ def freelb(
     δ_1..δ_K are the iterates of :func:`advfunc.attacks.freelb`: each of the K passes
     gives both ∇_θ (averaged into the grads) and ∇_δ (the next ascent), so the attack
     costs no pass of its own. ‖·‖ is the per-example L2 (``norm="l2"``) or L∞
-    (``"linf"``) norm over (seq, hidden); Π rescales (l2) or clamps (linf) to
+    (``"linf"``) norm over (seq, hidden), or with ``per_token`` each token's L2 norm
+    over hidden (padding masked); Π rescales (l2) or clamps (linf) to
     ``max_norm`` when ``max_norm > 0``; δ₀ is drawn by
     :func:`advfunc.attacks.freelb.freelb_init` from ``generator``. Cost: K
     forward+backward passes. ``out.loss`` is the mean of the K losses, ``out.delta`` δ_K.
@@ -46,7 +48,17 @@ def freelb(
     ICLR 2020.
     """
     attack = attacks.freelb(
-        model, steps, lr, init_mag, max_norm, norm, generator, loss_fn=loss_fn, autocast=autocast, compile=compile
+        model,
+        steps,
+        lr,
+        init_mag,
+        max_norm,
+        norm,
+        generator,
+        per_token,
+        loss_fn=loss_fn,
+        autocast=autocast,
+        compile=compile,
     )
     engine, target, rule = attack.engine, attack.target, attack.rule
 
