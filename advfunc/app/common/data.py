@@ -432,22 +432,26 @@ def check_data_flags(args: Any) -> None:
         raise DataError("--eval-data needs --data (the training file)")
 
 
-def select_splits(args: Any) -> tuple[TextDataset, TextDataset, str]:
-    """(training split, test split, how they were chosen): without ``--data`` the embedded corpus's fixed split,
-    with ``--data`` alone its split by text hash, with ``--eval-data`` too the two files."""
+def select_splits(args: Any, evaluation: str = "test") -> tuple[TextDataset, TextDataset, str]:
+    """(training split, ``evaluation`` split, how they were chosen): without ``--data`` the embedded corpus's fixed
+    split, with ``--data`` alone its split by text hash, with ``--eval-data`` too the two files (test only)."""
     check_data_flags(args)
     if args.data is None:
         splits = fixed_split(rotten_tomatoes())
-        return splits["train"], splits["test"], ROTTEN_TOMATOES_TEXT
+        return splits["train"], splits[evaluation], ROTTEN_TOMATOES_TEXT
     if args.eval_data is not None:
+        if evaluation != "test":
+            raise DataError(
+                f"--eval-data is a test file; the {evaluation} split comes from the fixed split of --data alone"
+            )
         train, test = load_flagged(args, args.data), load_flagged(args, args.eval_data)
         return train, test, f"train {args.data}, test {args.eval_data}"
     whole = load_flagged(args, args.data)
     splits = fixed_split(whole)
-    for name in ("train", "test"):
+    for name in ("train", evaluation):
         if not splits[name]:
             raise DataError(
                 f"data file {args.data}: the fixed hash split (80/10/10 by text) leaves its {name} split "
                 f"empty ({len(whole)} rows); give more rows, or the test rows as --eval-data FILE"
             )
-    return splits["train"], splits["test"], f"{args.data}, fixed hash split"
+    return splits["train"], splits[evaluation], f"{args.data}, fixed hash split"

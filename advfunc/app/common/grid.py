@@ -85,6 +85,7 @@ class RunGrid:
     seeds: Sequence[int]
     key: Callable[[MethodSpec, int], Mapping[str, Any]]
     stop_after: int | None = None
+    started: int = 0  # runs the last ``run`` started
 
     def __post_init__(self) -> None:
         refuse_repeats("--seeds", list(self.seeds), list(self.seeds))
@@ -98,7 +99,7 @@ class RunGrid:
     def run(self, one: Callable[[MethodSpec, int], Run | None], report: Callable[[list[Run]], Any]) -> list[Run]:
         """Every run not done yet, the report after each; the finished runs in grid order."""
         runs: list[Run] = []
-        new = 0  # runs started by this invocation
+        self.started = 0
         for seed, spec in itertools.product(self.seeds, self.methods):
             key = json.loads(json.dumps(self.key(spec, seed)))  # tuples become lists, as in the file
             path = self.output / "runs" / run_file_name(spec.label, seed)
@@ -107,11 +108,11 @@ class RunGrid:
                 log.info("%s seed %d: already done (%s)", spec.label, seed, path)
                 runs.append(previous)
                 continue
-            if self.stop_after is not None and new >= self.stop_after:
+            if self.stop_after is not None and self.started >= self.stop_after:
                 continue
             log.info("=== %s, seed %d (%d/%d) ===", spec.label, seed, len(runs) + 1, self.planned)
             result = one(spec, seed)
-            new += 1
+            self.started += 1
             if result is not None:
                 run = {"method": spec.label, "seed": seed, "key": key, **result}
                 atomic.write_text(path, json.dumps(run, indent=2) + "\n")

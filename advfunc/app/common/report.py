@@ -225,6 +225,7 @@ def markdown(
         f"Model: {info['model']}. Data: {info['data']}. {info['sizes']}",
         *([f"Task: {info['task']}"] if info.get("task") else []),
         f"Training: {info['training']}",
+        *([f"Sweep: {info['sweep']}."] if info.get("sweep") else []),
         f"Attacks ({info['attack']['examples']} test examples): {info['attack_text']}",
         f"Finished runs: {info['finished_runs']} of {info['planned_runs']}, {minutes:.1f} min of run time "
         f"(training and evaluation, summed over runs; this invocation {info.get('elapsed_minutes', 0):.1f} min "
