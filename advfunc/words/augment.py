@@ -40,7 +40,7 @@ import dataclasses
 import math
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -64,8 +64,8 @@ A2T_ATTACK = SynonymAttackConfig(
 class A2TConfig:
     """A2T's settings: the share of each batch attacked, the adversarial loss's weight, the attack."""
 
-    ratio: float = 0.2  # γ: the share of each batch's examples attacked
-    weight: float = 1.0  # α: each adversarial example's loss weighs α times a clean example's
+    ratio: float = field(default=0.2, metadata={"help": "γ: the share of each batch's examples attacked"})
+    weight: float = field(default=1.0, metadata={"help": "α: an adversarial example's loss weighs α clean ones"})
     attack: SynonymAttackConfig = A2T_ATTACK
 
     def check(self) -> None:
