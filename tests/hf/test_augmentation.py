@@ -48,13 +48,14 @@ def task(tmp_path_factory):
     return model, tokenizer, rows[:BATCH], WordNet()
 
 
-def _trainer(tmp_path, model, tokenizer, rows, wordnet, **overrides):
+def _trainer(tmp_path, model, tokenizer, rows, wordnet, arguments=(), **overrides):
     examples = [{**tokenizer(text), "labels": int(label == "pos")} for text, label in rows]
-    args = TrainingArguments(
-        output_dir=str(tmp_path), per_device_train_batch_size=BATCH, max_steps=1, learning_rate=1e-3,
-        max_grad_norm=0.0, save_strategy="no", report_to=[], use_cpu=True, seed=0, disable_tqdm=True,
-        logging_strategy="steps", logging_steps=1, remove_unused_columns=False,
-    )  # fmt: skip
+    args = TrainingArguments(**{
+        "output_dir": str(tmp_path), "per_device_train_batch_size": BATCH, "max_steps": 1, "learning_rate": 1e-3,
+        "max_grad_norm": 0.0, "save_strategy": "no", "report_to": [], "use_cpu": True, "seed": 0,
+        "disable_tqdm": True, "logging_strategy": "steps", "logging_steps": 1, "remove_unused_columns": False,
+        **dict(arguments),
+    })  # fmt: skip
     settings = dict(
         model=model, args=args, train_dataset=examples, data_collator=DataCollatorWithPadding(tokenizer),
         processing_class=tokenizer, step_factory="none", augmentation=A2TConfig(ratio=1.0, weight=ALPHA, attack=ATTACK),
@@ -118,3 +119,24 @@ def test_text_pairs_are_refused(task, tmp_path):
     batch = tokenizer(["a good film"], ["the plot is dull"], return_tensors="pt")
     with pytest.raises(ValueError, match="pairs"):
         trainer._augmenter.texts(batch)  # type: ignore[union-attr]
+
+
+def test_resume_draws_the_examples_the_uninterrupted_run_draws(task, tmp_path):
+    """The generator choosing the attacked examples comes back from the checkpoint: the same weights at the end."""
+    fitted_model, tokenizer, rows, wordnet = task
+    config = A2TConfig(ratio=0.5, weight=ALPHA, attack=ATTACK)
+
+    def run(resume=None):
+        model = copy.deepcopy(fitted_model)
+        arguments = {"per_device_train_batch_size": 4, "max_steps": 5, "save_strategy": "steps", "save_steps": 2}
+        trainer = _trainer(tmp_path, model, tokenizer, rows, wordnet, arguments, augmentation=config)
+        trainer.train(resume_from_checkpoint=resume)
+        return trainer, {n: p.detach().clone() for n, p in model.named_parameters()}
+
+    first, whole = run()
+    assert first.augmentation_cost is not None and first.augmentation_cost.succeeded > 0
+    second, resumed = run(resume=str(tmp_path / "checkpoint-2"))
+    assert second.augmentation_cost is not None and second.augmentation_cost.examples == 3 * 4  # steps 3 to 5
+    assert torch.equal(second.method_state()["a2t_generator"], first.method_state()["a2t_generator"])
+    for name, value in whole.items():
+        torch.testing.assert_close(resumed[name], value, rtol=0, atol=0, msg=name)
