@@ -93,6 +93,7 @@ from advfunc.core.params import params_of, set_grads
 from advfunc.core.stateful import State, StatefulStep, stateful
 from advfunc.core.step import Grads, Step, all_finite
 from advfunc.core.targets import PERTURB_MASK, input_embedding
+from advfunc.hf.augmentation import A2TAugmenter
 from advfunc.hf.replay import ReplaySampler
 from advfunc.methods.registry import (
     METHODS,
@@ -105,10 +106,14 @@ from advfunc.methods.registry import (
 )
 from advfunc.scale.distributed import DEFAULT_BUCKET_MB, all_reduce_grads
 from advfunc.scale.fsdp import is_sharded, shard_grads, unsharded
+from advfunc.words.augment import A2TConfig, AugmentationCost
+from advfunc.words.synonym_attack import Encode
 from advfunc.words.synonym_table import wordnet_table
+from advfunc.words.wordnet import WordNet
 
 METHOD_STATE = "advfunc_method"
 GENERATOR = "generator"  # the method state's key for its noise generator's state
+A2T_GENERATOR = "a2t_generator"  # the key for the state of the generator drawing A2T's attacked examples
 
 
 class AdversarialTrainer(Trainer):
@@ -128,6 +133,15 @@ class AdversarialTrainer(Trainer):
     batch (free AT) gets each batch ``step.replays`` times in a row, which needs
     ``gradient_accumulation_steps=1`` and a dataset with a length.
 
+    ``augmentation``: A2T (:mod:`advfunc.hf.augmentation`): each batch, ``ratio`` of its
+    examples (drawn from a generator seeded from ``args.seed`` and the process index, saved
+    in checkpoints) is attacked by word substitution, and the gradient of α/B times the loss
+    of the adversarial examples that flipped the prediction is added to the step's; the
+    attack's similarity bound embeds texts with ``sentence_encoder`` and its candidates come
+    from ``wordnet`` (None: read once). It needs ``processing_class=tokenizer``.
+    :attr:`augmentation_cost` sums the attacks' cost, which the logged metrics carry as
+    ``a2t_*``; the logged loss is the whole objective, adversarial term included.
+
     ``beta`` / ``replays``: with a spec, override the spec's SMART teacher decay / free
     AT's m (they are the factories' arguments). ``compile``: for a spec, ``False`` builds
     eager steps on CUDA too (None: the method's default, compiled on CUDA; compiling costs
@@ -141,6 +155,9 @@ class AdversarialTrainer(Trainer):
         beta: float | None = None,
         replays: int | None = None,
         compile: bool | None = None,
+        augmentation: A2TConfig | None = None,
+        sentence_encoder: Encode | None = None,
+        wordnet: WordNet | None = None,
         **kwargs: Any,
     ) -> None:
         self._generator: torch.Generator | None = None
@@ -200,6 +217,22 @@ class AdversarialTrainer(Trainer):
                 f"use gradient_accumulation_steps=1, not {self.args.gradient_accumulation_steps}"
             )
         self.add_callback(_AfterOptimizerStep(self))
+        self._augmenter: A2TAugmenter | None = None
+        if augmentation is not None:
+            self._augmenter = A2TAugmenter(
+                augmentation, self.processing_class, seed=self.args.seed + 100_003 * self.args.process_index,
+                encode=sentence_encoder, wordnet=wordnet,
+            )  # fmt: skip
+
+    @property
+    def augmentation_cost(self) -> AugmentationCost | None:
+        """What A2T's attacks cost in this process so far (None without ``augmentation``)."""
+        return None if self._augmenter is None else self._augmenter.cost
+
+    def log(self, logs: dict[str, float], *args: Any, **kwargs: Any) -> None:
+        if self._augmenter is not None and "loss" in logs:  # training logs, not evaluation's
+            logs = {**logs, **{f"a2t_{k}": v for k, v in self._augmenter.cost.as_dict().items()}}
+        super().log(logs, *args, **kwargs)
 
     def _synonym_table(self, model: nn.Module) -> SynonymTable:
         """WordNet's synonyms of the tokenizer's vocabulary (ASCC, DNE given by name), built once."""
@@ -258,8 +291,14 @@ class AdversarialTrainer(Trainer):
             params = params_of(target)
             if self._state is None:
                 self._state = step.init(params)
+            augmented = None if self._augmenter is None else self._augmenter.grads(target, params, inputs)
             with self.accelerator.autocast():
                 grads, out, self._state = step.update(params, inputs, self._state, **keywords)
+        loss = out.loss.detach().float()
+        if augmented is not None:
+            for name, grad in augmented[0].items():
+                grads[name] = grads[name] + grad
+            loss = loss + augmented[1].float()
         if self._pending is None:
             self._pending = {n: g.mul_(weight) if weight != 1 else g for n, g in grads.items()}
         else:
@@ -268,7 +307,7 @@ class AdversarialTrainer(Trainer):
         if self.accelerator.sync_gradients:
             total, self._pending = self._pending, None
             self._backward(step, target, total)
-        return out.loss.detach().float() * weight
+        return loss * weight
 
     def micro_batch_weight(self, inputs: Mapping[str, Any], num_items_in_batch: torch.Tensor | int | None) -> float:
         """The factor of this micro-batch's grads in the optimizer step's gradient, as Trainer weighs its loss.
@@ -431,17 +470,23 @@ class AdversarialTrainer(Trainer):
         state: dict[str, Any] = dict(self._state or {})
         if self._generator is not None:
             state[GENERATOR] = self._generator.get_state()
+        if self._augmenter is not None:
+            state[A2T_GENERATOR] = self._augmenter.generator.get_state()
         return state
 
     def load_method_state(self, state: Mapping[str, Any]) -> None:
         """Restore what :meth:`method_state` returned."""
         device = next(self.adversarial_model().parameters()).device
-        saved = {k: _to_device(v, device) for k, v in state.items() if k != GENERATOR}
+        saved = {k: _to_device(v, device) for k, v in state.items() if k not in (GENERATOR, A2T_GENERATOR)}
         self._state = saved if saved or self._current_step()[1].carries_state else None
         if GENERATOR in state:
             if self._generator is None:
                 raise ValueError("the checkpoint holds a method generator's state, but this method draws no noise")
             self._generator.set_state(state[GENERATOR])
+        if A2T_GENERATOR in state:
+            if self._augmenter is None:
+                raise ValueError("the checkpoint holds A2T's generator state, but this Trainer has no augmentation")
+            self._augmenter.generator.set_state(state[A2T_GENERATOR])
 
     def _method_file(self, folder: str | os.PathLike[str]) -> Path:
         suffix = f"_{self.args.process_index}" if self.args.world_size > 1 else ""

@@ -38,7 +38,8 @@ class Victim:
         self._device = next(model.parameters()).device
         self._takes_types = "token_type_ids" in accepted_keywords(model)
 
-    def _encode(self, texts: Sequence[str], **extra: Any) -> dict[str, torch.Tensor]:
+    def inputs(self, texts: Sequence[str], **extra: Any) -> dict[str, torch.Tensor]:
+        """``texts`` as the model's keyword arguments on its device, tokenized as in training, padded."""
         encoded = _tokenize(self.tokenizer, texts, self.max_length, **extra)
         if not self._takes_types:
             encoded.pop("token_type_ids", None)
@@ -46,7 +47,7 @@ class Victim:
 
     def __call__(self, texts: Sequence[str]) -> torch.Tensor:
         def probabilities(chunk: Sequence[str]) -> torch.Tensor:
-            return torch.softmax(self.model(**self._encode(chunk)).logits.float(), dim=-1)
+            return torch.softmax(self.model(**self.inputs(chunk)).logits.float(), dim=-1)
 
         return _batched(probabilities, texts, self.batch_size)
 
@@ -56,7 +57,7 @@ class Victim:
 
     def gradient_importance(self, text: str, spans: Sequence[tuple[int, int]], label: int) -> torch.Tensor:
         """[W] ‖∂L/∂e‖₂ summed over each word's tokens, e the embedding output [1, L, H]."""
-        batch = self._encode([text], return_offsets_mapping=True)
+        batch = self.inputs([text], return_offsets_mapping=True)
         offsets = batch.pop("offset_mapping")[0].tolist()  # [L] (start, end) characters of each token
         batch["labels"] = torch.tensor([label], device=self._device)
         params = params_of(self.model)

@@ -73,3 +73,17 @@ def write_csv(path: Path, rows: list[tuple[str, str]], columns: tuple[str, str] 
 def write_jsonl(path: Path, rows: list[tuple[str, str]]) -> Path:
     path.write_text("".join(json.dumps({"text": t, "label": y}) + "\n" for t, y in rows), encoding="utf-8")
     return path
+
+
+def fitted(model: torch.nn.Module, tokenizer: object, rows: list[tuple[str, str]], steps: int = 40) -> torch.nn.Module:
+    """``model`` fitted in place to ``rows`` (labels "neg" 0, "pos" 1) by full-batch AdamW, then put in eval mode:
+    a classifier right on them, whose decisions hang on the sentiment words, for the word attacks to break."""
+    batch = tokenizer([text for text, _ in rows], padding=True, return_tensors="pt")  # type: ignore[operator]
+    labels = torch.tensor([int(label == "pos") for _, label in rows])
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    model.train()
+    for _ in range(steps):
+        optimizer.zero_grad()
+        model(**batch, labels=labels).loss.backward()
+        optimizer.step()
+    return model.eval()

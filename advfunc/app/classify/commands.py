@@ -25,7 +25,13 @@ from advfunc.app.classify.train import TrainConfig, train, training_arguments
 from advfunc.app.common import atomic, checkpoint, data, report
 from advfunc.app.common.flags import COUNT, NATURAL, add_fields, build
 from advfunc.app.common.grid import RunGrid, add_grid_flags
-from advfunc.app.common.word_attacks import add_synonym_flags, describe_synonym_attack, synonym_config
+from advfunc.app.common.word_attacks import (
+    a2t_config,
+    add_a2t_flags,
+    add_synonym_flags,
+    describe_synonym_attack,
+    synonym_config,
+)
 from advfunc.core.model import accepted_keywords
 from advfunc.core.targets import input_embedding
 from advfunc.hf.loading import Classifier, load_classifier
@@ -63,7 +69,8 @@ def _add_config_flags(parser: argparse.ArgumentParser, preset: bool, train: bool
     names = ("batch_size", "lr", "head_lr", "pooling") if train else ("radii", "examples")
     defaults = dict.fromkeys(names) if preset else {}
     if train:
-        add_fields(group, TrainConfig, skip=("method", "seed", "max_length"), defaults=defaults)
+        add_fields(group, TrainConfig, skip=("method", "seed", "max_length", "a2t"), defaults=defaults)
+        add_a2t_flags(group)
         group.add_argument("--no-compile", action="store_true", help="eager steps on a GPU too (default: compiled)")
         return
     add_fields(group, AttackConfig, skip=("synonym",) + (("batch_size",) if preset else ()), defaults=defaults)
@@ -181,7 +188,7 @@ def _prepare_output(args: argparse.Namespace) -> bool:
 
 def run_train(args: argparse.Namespace) -> int:
     """``advfunc train``: one run, on one process or on each process of ``torchrun`` / ``accelerate launch``."""
-    config: TrainConfig = build(TrainConfig, args)  # --method, --seed and --max-length included
+    config: TrainConfig = build(TrainConfig, args, a2t=a2t_config(args))  # --method, --seed, --max-length included
     spec = config.check()
     output: Path = args.output
     atomic.require_replaceable(output, "--output", directory=True)
@@ -284,12 +291,15 @@ class _Comparison:
     def config(self, spec: registry.MethodSpec, seed: int) -> TrainConfig:
         """A run's settings, its method spelt as ``TrainConfig.method`` holds it (``pgd:epsilon=0.5``)."""
         given = ",".join(f"{k}={v}" for k, v in sorted(spec.options.items()))
-        return build(TrainConfig, self.args, method=f"{spec.name}:{given}" if given else spec.name, seed=seed)
+        method = f"{spec.name}:{given}" if given else spec.name
+        return build(TrainConfig, self.args, method=method, seed=seed, a2t=a2t_config(self.args))
 
     def key(self, spec: registry.MethodSpec, seed: int) -> dict[str, Any]:
         """Everything that decides a run's numbers: a finished run with this key is not run again."""
         digests = [self.train_set.digest(), self.test_set.digest()]
         train, attack = asdict(self.config(spec, seed)), asdict(self.attack)
+        if train["a2t"] is None:  # a run without A2T keeps the key it was written with
+            del train["a2t"]
         return {"train": train, "attack": attack, "data": digests, "model": str(self.model_dir)}
 
     def info(self, grid: RunGrid) -> dict[str, Any]:

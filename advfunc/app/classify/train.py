@@ -29,9 +29,11 @@ from advfunc.app.common import atomic, checkpoint, report
 from advfunc.app.common.data import Encoded, training_batches
 from advfunc.app.common.flags import COUNT, FRACTION, NON_NEGATIVE, POSITIVE, option
 from advfunc.app.common.progress import Progress
+from advfunc.app.common.word_attacks import shared_sentence_encoder, shared_wordnet
 from advfunc.core.arguments import require_non_negative, require_positive, require_steps
 from advfunc.hf import AdversarialTrainer
 from advfunc.methods.registry import MethodSpec, parse_method
+from advfunc.words.augment import A2TConfig
 
 log = logging.getLogger("advfunc")
 POOLINGS = ("cls", "mean")
@@ -56,6 +58,7 @@ class TrainConfig:
     pooling: Literal["cls", "mean"] = option(
         "cls", help="the task head reads the model's own head (cls) or the mean token state (mean: sentence encoders)"
     )
+    a2t: A2TConfig | None = None  # A2T's word-substitution examples mixed into each batch (None: off)
 
     def check(self) -> MethodSpec:
         """Validate every field; return the parsed method spec."""
@@ -70,6 +73,8 @@ class TrainConfig:
         require_non_negative("max-grad-norm", self.max_grad_norm)
         if self.pooling not in POOLINGS:
             raise ValueError(f"pooling must be one of {list(POOLINGS)}, got {self.pooling!r}")
+        if self.a2t is not None:
+            self.a2t.check()
         return parse_method(self.method)
 
 
@@ -299,6 +304,11 @@ def train(
         losses = list(saved.get("losses", []))
     state = {**settings, "processes": arguments.world_size, "losses": losses, **(extra_state or {})}
     compiled = compile and arguments.device.type == "cuda"  # where steps compile: a few widths, a few graphs
+    a2t: dict[str, Any] = {}
+    if config.a2t is not None:  # the similarity bound's encoder is all-MiniLM-L6-v2's (none when the bound is off)
+        folder, bounded = str(checkpoint.default_model_dir()), config.a2t.attack.similarity > -1
+        encoder = shared_sentence_encoder(folder, config.max_length, arguments.device) if bounded else None
+        a2t = dict(augmentation=config.a2t, sentence_encoder=encoder, wordnet=shared_wordnet())
 
     def collate(ids: Sequence[int]) -> dict[str, torch.Tensor]:
         batch = data.batch(ids)
@@ -309,11 +319,19 @@ def train(
         train_dataset=list(range(len(data))), data_collator=collate,  # example i is its index: `data` holds it
         optimizers=(make_optimizer(model, config.lr, config.weight_decay, config.head_lr), None),
         compile=None if compile else False, lengths=data.lengths(), output=output, state=state,
-        save_every=save_every, stop_after=stop_after, progress=progress,
+        save_every=save_every, stop_after=stop_after, progress=progress, **a2t,
     )  # fmt: skip
     trainer.train(resume_from_checkpoint=str(output) if resume else None)
     model.to("cpu")
     step, total = trainer.state.global_step, trainer.state.max_steps
+    cost = trainer.augmentation_cost  # this invocation's, as the seconds
+    a2t_cost = {} if cost is None else {"a2t": cost.as_dict()}
     return report.training_summary(
-        losses, step - trainer.resumed_from, trainer.seconds, total_steps=total, step=step, passes=trainer.step.passes
+        losses,
+        step - trainer.resumed_from,
+        trainer.seconds,
+        total_steps=total,
+        step=step,
+        passes=trainer.step.passes,
+        **a2t_cost,
     )

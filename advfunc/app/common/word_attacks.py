@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from collections.abc import Sequence
 from pathlib import Path
@@ -12,6 +13,8 @@ import torch
 from advfunc.app.common.checkpoint import default_model_dir
 from advfunc.app.common.flags import add_fields, build
 from advfunc.app.common.progress import Progress
+from advfunc.hf.loading import check_model_dir
+from advfunc.words.augment import A2T_ATTACK, A2TConfig
 from advfunc.words.synonym_attack import (
     AttackSummary,
     GradientImportance,
@@ -20,7 +23,7 @@ from advfunc.words.synonym_attack import (
     attack_texts,
 )
 from advfunc.words.victim import SentenceEncoder
-from advfunc.words.wordnet import WordNet
+from advfunc.words.wordnet import WordNet, WordNetError, shipped_folder
 
 
 @functools.cache
@@ -98,3 +101,31 @@ def describe_synonym_attack(config: SynonymAttackConfig) -> str:
         f"{config.max_candidates} synonyms per word, {config.query_budget} queries, sentence cosine >= "
         f"{config.similarity:g})"
     )
+
+
+A2T_ATTACK_FLAGS = ("max_candidates", "max_change", "query_budget", "similarity")  # the rest: A2T_ATTACK's
+
+
+def add_a2t_flags(group: Any) -> None:
+    """``--a2t`` and ``--a2t-<field>`` for :class:`A2TConfig` and the bounds of its attack (A2T's defaults)."""
+    # not into args.a2t: build(TrainConfig, args) would take the switch for TrainConfig.a2t
+    group.add_argument("--a2t", dest="a2t_on", action="store_true", help="train on A2T's word substitutions too")
+    add_fields(group, A2TConfig, prefix="a2t_", skip=("attack",))
+    defaults = dataclasses.asdict(A2T_ATTACK)
+    add_fields(group, SynonymAttackConfig, prefix="a2t_", only=A2T_ATTACK_FLAGS, defaults=defaults)
+
+
+def a2t_config(args: Any) -> A2TConfig | None:
+    """A2T's settings from the flags, checked with WordNet and the sentence encoder found; None without ``--a2t``."""
+    if not args.a2t_on:
+        return None
+    attack = dataclasses.replace(A2T_ATTACK, **{name: getattr(args, f"a2t_{name}") for name in A2T_ATTACK_FLAGS})
+    config: A2TConfig = build(A2TConfig, args, prefix="a2t_", attack=attack)
+    config.check()
+    try:
+        shipped_folder()
+    except WordNetError as error:
+        raise ValueError(f"--a2t: {error}") from error
+    if attack.similarity > -1:
+        check_model_dir(default_model_dir())  # the similarity bound's encoder, all-MiniLM-L6-v2
+    return config
