@@ -49,3 +49,19 @@ def test_the_training_summary_carries_the_cost(tmp_path):
     cost = summary["a2t"]
     assert (cost["examples"], cost["attacked"]) == (16, 8)  # two batches of 8, four drawn of each
     assert 0 <= cost["succeeded"] <= 8 and cost["queries"] >= 8 and cost["seconds"] > 0
+
+
+def test_compare_runs_a_method_with_and_without_a2t_side_by_side(tmp_path):
+    model = save_tiny_model(tmp_path / "model")
+    rows = write_csv(tmp_path / "all.csv", sentences(80, seed=2))
+    folder = tmp_path / "report"
+    args = [*QUIET, "compare", "--model", str(model), "--data", str(rows), "--methods", "none", "none+a2t"]
+    args += ["--seeds", "0", "--batch-size", "16", "--radii", "0.1", "--attack-examples", "4", "--hotflip-budget", "0"]
+    args += ["--a2t-similarity", "-1", "--a2t-ratio", "0.5", "--output", str(folder)]
+    assert main(args) == 0
+    runs = {run["method"]: run for run in json.loads((folder / "results.json").read_text())["runs"]}
+    assert set(runs) == {"none", "none+a2t"}
+    assert "a2t" not in runs["none"]["train"] and "a2t" not in runs["none"]["key"]["train"]
+    assert runs["none+a2t"]["key"]["train"]["a2t"]["ratio"] == 0.5 and runs["none+a2t"]["train"]["a2t"]["attacked"] > 0
+    assert sorted(p.name for p in (folder / "runs").iterdir()) == ["none-seed0.json", "none_a2t-seed0.json"]
+    assert main([*args[:-2], "--output", str(tmp_path / "twice"), "--methods", "none+a2t", "none+a2t"]) == 2

@@ -12,7 +12,7 @@ import json
 import logging
 import os
 from collections.abc import Mapping
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -266,6 +266,28 @@ def run_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+@dataclass(frozen=True)
+class Arm(registry.MethodSpec):
+    """A compared method, trained on A2T's word substitutions too when written ``METHOD+a2t`` (the ``--a2t-*``
+    settings)."""
+
+    a2t: bool = False
+
+    @classmethod
+    def parse(cls, text: str) -> Arm:
+        spec = registry.parse_method(text.removesuffix("+a2t"))
+        return cls(spec.name, spec.options, text.endswith("+a2t"))
+
+    @property
+    def label(self) -> str:
+        return super().label + "+a2t" * self.a2t
+
+    @property
+    def identity(self) -> tuple[str, tuple[tuple[str, Any], ...]]:
+        name, settings = super().identity
+        return name + "+a2t" * self.a2t, settings
+
+
 class _Comparison:
     """A ``compare`` invocation, its flags filled from the preset: what every run shares, and one run."""
 
@@ -292,7 +314,8 @@ class _Comparison:
         """A run's settings, its method spelt as ``TrainConfig.method`` holds it (``pgd:epsilon=0.5``)."""
         given = ",".join(f"{k}={v}" for k, v in sorted(spec.options.items()))
         method = f"{spec.name}:{given}" if given else spec.name
-        return build(TrainConfig, self.args, method=method, seed=seed, a2t=a2t_config(self.args))
+        a2t = a2t_config(self.args, on=self.args.a2t_on or (isinstance(spec, Arm) and spec.a2t))
+        return build(TrainConfig, self.args, method=method, seed=seed, a2t=a2t)
 
     def key(self, spec: registry.MethodSpec, seed: int) -> dict[str, Any]:
         """Everything that decides a run's numbers: a finished run with this key is not run again."""
@@ -372,7 +395,7 @@ def robustness(run: Mapping[str, Any]) -> tuple[float, float]:
 def _sweep(args: argparse.Namespace, title: str, reporting: bool) -> tuple[registry.MethodSpec | None, int]:
     """(the most robust ``--sweep`` candidate on the validation split, each trained with the first seed and reported
     in ``OUTPUT/sweep``, or None while the sweep is unfinished; the runs this invocation started)."""
-    candidates = [registry.parse_method(text) for text in args.sweep]
+    candidates: list[registry.MethodSpec] = [Arm.parse(text) for text in args.sweep]
     comparison: _Comparison
     output, seeds = args.output / "sweep", args.seeds[:1]
     grid = RunGrid(output, candidates, seeds, lambda spec, seed: comparison.key(spec, seed), args.stop_after)
@@ -398,7 +421,7 @@ def run_compare(args: argparse.Namespace) -> int:
         if getattr(args, name) in (None, False):  # not given (none of these flags takes a 0)
             setattr(args, name, value)
     args.output = args.output or Path("runs") / f"compare-{title}"
-    methods = [registry.parse_method(text) for text in args.methods]
+    methods: list[registry.MethodSpec] = [Arm.parse(text) for text in args.methods]
     comparison = _Comparison(args, title, methods)  # the methods' settings refused before the sweep's hours
     info: dict[str, Any] = {}
     if args.sweep:

@@ -115,9 +115,10 @@ def add_a2t_flags(group: Any) -> None:
     add_fields(group, SynonymAttackConfig, prefix="a2t_", only=A2T_ATTACK_FLAGS, defaults=defaults)
 
 
-def a2t_config(args: Any) -> A2TConfig | None:
-    """A2T's settings from the flags, checked with WordNet and the sentence encoder found; None without ``--a2t``."""
-    if not args.a2t_on:
+def a2t_config(args: Any, on: bool | None = None) -> A2TConfig | None:
+    """A2T's settings from the flags, checked with WordNet and the sentence encoder found; None unless ``on``
+    (default: ``--a2t`` given)."""
+    if not (args.a2t_on if on is None else on):
         return None
     attack = dataclasses.replace(A2T_ATTACK, **{name: getattr(args, f"a2t_{name}") for name in A2T_ATTACK_FLAGS})
     config: A2TConfig = build(A2TConfig, args, prefix="a2t_", attack=attack)
