@@ -67,3 +67,12 @@ def test_the_freelb_plus_plus_search_is_six_valid_distinct_freelb_settings():
     assert all(
         spec.options["lr"] * spec.options["steps"] == pytest.approx(2 * spec.options["max_norm"]) for spec in specs
     )
+
+
+def test_the_full_preset_parses_into_distinct_arms_with_the_synonym_defences_and_a2t():
+    from advfunc.app.classify.commands import PRESETS, Arm
+
+    arms = [Arm.parse(text) for text in PRESETS["full"]["methods"]]  # a bad spec raises here
+    assert len({arm.identity for arm in arms}) == len(arms)
+    assert {"none", "fgm", "freelb", "ascc", "dne"} <= {arm.name for arm in arms}
+    assert [arm.name for arm in arms if arm.a2t] == ["none"]  # A2T as published: plain fine-tuning plus its examples

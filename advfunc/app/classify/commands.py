@@ -57,7 +57,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         synonym=False, head_lr=1e-2, pooling="mean", radii=(0.05, 0.1, 0.2), sweep=(),
     ),
     "full": dict(
-        methods=_COMPARED, seeds=(0, 1, 2), train_size=None, test_size=None, examples=None, lr=1e-4, batch_size=32,
+        methods=(*_COMPARED, "ascc", "dne", "none+a2t"), seeds=(0, 1, 2), train_size=None, test_size=None, examples=None, lr=1e-4, batch_size=32,
         synonym=True, head_lr=1e-3, pooling="mean", radii=AttackConfig().radii, sweep=FREELB_PLUS_PLUS,
     ),
 }  # fmt: skip
