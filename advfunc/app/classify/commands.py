@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 import advfunc
-from advfunc.app.classify.evaluate import AttackConfig, EvalResult, accuracy, evaluate, require_synonym_resources
+from advfunc.app.classify.evaluate import AttackConfig, EvalResult, accuracy, evaluate
 from advfunc.app.classify.train import TrainConfig, train, training_arguments
 from advfunc.app.common import atomic, checkpoint, data, report
 from advfunc.app.common.flags import COUNT, NATURAL, add_fields, build
@@ -30,6 +30,7 @@ from advfunc.app.common.word_attacks import (
     add_a2t_flags,
     add_synonym_flags,
     describe_synonym_attack,
+    require_synonym_resources,
     synonym_config,
 )
 from advfunc.core.model import accepted_keywords
@@ -57,7 +58,8 @@ PRESETS: dict[str, dict[str, Any]] = {
         synonym=False, head_lr=1e-2, pooling="mean", radii=(0.05, 0.1, 0.2), sweep=(),
     ),
     "full": dict(
-        methods=(*_COMPARED, "ascc", "dne", "none+a2t"), seeds=(0, 1, 2), train_size=None, test_size=None, examples=None, lr=1e-4, batch_size=32,
+        methods=(*_COMPARED, "ascc", "dne", "none+a2t"), seeds=(0, 1, 2), train_size=None, test_size=None,
+        examples=None, lr=1e-4, batch_size=32,
         synonym=True, head_lr=1e-3, pooling="mean", radii=AttackConfig().radii, sweep=FREELB_PLUS_PLUS,
     ),
 }  # fmt: skip

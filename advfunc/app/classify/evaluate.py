@@ -10,14 +10,12 @@ import logging
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
 import advfunc
-from advfunc.app.common import checkpoint
 from advfunc.app.common.data import Encoded, evaluation_batches
 from advfunc.app.common.flags import COUNT, NATURAL, POSITIVE, option
 from advfunc.app.common.progress import Progress
@@ -25,8 +23,6 @@ from advfunc.app.common.robustness import EvalMode, pgd_logits, survivors_over_r
 from advfunc.app.common.word_attacks import synonym_attack
 from advfunc.core.arguments import require_positive, require_steps
 from advfunc.core.model import PerturbedModel
-from advfunc.hf.loading import ModelError, check_model_dir
-from advfunc.words import wordnet
 from advfunc.words.hotflip import WordVocabulary, hotflip
 from advfunc.words.synonym_attack import SynonymAttackConfig
 from advfunc.words.victim import Victim
@@ -60,20 +56,6 @@ class AttackConfig:
             raise ValueError(f"hotflip-budget must be an integer >= 0, got {self.hotflip_budget!r}")
         if self.synonym is not None:
             self.synonym.check()
-
-
-def require_synonym_resources(encoder: str | Path | None) -> None:
-    """Raise ``ValueError`` unless the synonym attack's WordNet files and sentence encoder (None: default) are there."""
-    try:
-        wordnet.shipped_folder()
-    except wordnet.WordNetError as error:
-        raise ValueError(f"{error} (or pass --no-synonym)") from error
-    if encoder is None:
-        return check_model_dir(checkpoint.default_model_dir())
-    try:
-        check_model_dir(Path(encoder))
-    except ModelError as error:
-        raise ModelError(f"--encoder: {error}") from error
 
 
 @dataclass

@@ -13,7 +13,7 @@ import torch
 from advfunc.app.common.checkpoint import default_model_dir
 from advfunc.app.common.flags import add_fields, build
 from advfunc.app.common.progress import Progress
-from advfunc.hf.loading import check_model_dir
+from advfunc.hf.loading import ModelError, check_model_dir
 from advfunc.words.augment import A2T_ATTACK, A2TConfig
 from advfunc.words.synonym_attack import (
     AttackSummary,
@@ -123,10 +123,24 @@ def a2t_config(args: Any, on: bool | None = None) -> A2TConfig | None:
     attack = dataclasses.replace(A2T_ATTACK, **{name: getattr(args, f"a2t_{name}") for name in A2T_ATTACK_FLAGS})
     config: A2TConfig = build(A2TConfig, args, prefix="a2t_", attack=attack)
     config.check()
+    require_synonym_resources(None, "or leave out --a2t", similarity=attack.similarity > -1)
+    return config
+
+
+def require_synonym_resources(
+    encoder: str | Path | None, way_out: str = "or pass --no-synonym", similarity: bool = True
+) -> None:
+    """Raise ``ValueError`` unless WordNet's files are there and, for a ``similarity`` bound, the sentence encoder
+    folder (None: all-MiniLM-L6-v2's); the message ends with ``way_out``."""
     try:
         shipped_folder()
     except WordNetError as error:
-        raise ValueError(f"--a2t: {error}") from error
-    if attack.similarity > -1:
-        check_model_dir(default_model_dir())  # the similarity bound's encoder, all-MiniLM-L6-v2
-    return config
+        raise ValueError(f"{error} ({way_out})") from error
+    if not similarity:
+        return
+    if encoder is None:
+        return check_model_dir(default_model_dir())
+    try:
+        check_model_dir(Path(encoder))
+    except ModelError as error:
+        raise ModelError(f"--encoder: {error}") from error

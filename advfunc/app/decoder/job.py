@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 
-from advfunc.app.classify.evaluate import AttackConfig, name_classes, require_synonym_resources
+from advfunc.app.classify.evaluate import AttackConfig, name_classes
 from advfunc.app.classify.train import TrainConfig, training_arguments
 from advfunc.app.common import report
 from advfunc.app.common.data import (
@@ -34,7 +34,13 @@ from advfunc.app.common.data import (
 from advfunc.app.common.flags import COUNT, add_fields, build, option
 from advfunc.app.common.grid import RunGrid, add_grid_flags
 from advfunc.app.common.robustness import worst_case
-from advfunc.app.common.word_attacks import add_synonym_flags, describe_synonym_attack, synonym_attack, synonym_config
+from advfunc.app.common.word_attacks import (
+    add_synonym_flags,
+    describe_synonym_attack,
+    require_synonym_resources,
+    synonym_attack,
+    synonym_config,
+)
 from advfunc.app.decoder import refusal, smollm2
 from advfunc.app.decoder.data import ROTTEN_TOMATOES_ANSWERS, Answers, batch, prompts
 from advfunc.app.decoder.evaluate import DecoderVictim, correct, robust_accuracy
