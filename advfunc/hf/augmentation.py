@@ -95,6 +95,11 @@ class A2TAugmenter:
         ``model`` is the module ``params`` belong to (in eval mode for the attack, its modes
         restored); the loss is the model's own (``outputs.loss``), as in plain fine-tuning.
         """
+        if batch["labels"].dim() != 1:
+            raise ValueError(
+                f"A2T attacks a sequence classifier, whose labels are [B] class ids; these are "
+                f"{list(batch['labels'].shape)} (a language model's token labels?): train this model without A2T"
+            )
         victim, step = self._bound(model)
         texts, labels = self.texts(batch), batch["labels"].tolist()
         found = a2t_examples(

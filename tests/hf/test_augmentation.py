@@ -10,6 +10,7 @@ import torch
 from torch.nn import functional as F
 from transformers import DataCollatorWithPadding, TrainerCallback, TrainingArguments
 
+from advfunc.core.params import params_of
 from advfunc.hf import AdversarialTrainer
 from advfunc.words.augment import A2T_ATTACK, A2TConfig
 from advfunc.words.synonym_attack import attack_texts
@@ -119,6 +120,16 @@ def test_text_pairs_are_refused(task, tmp_path):
     batch = tokenizer(["a good film"], ["the plot is dull"], return_tensors="pt")
     with pytest.raises(ValueError, match="pairs"):
         trainer._augmenter.texts(batch)  # type: ignore[union-attr]
+
+
+def test_token_labels_of_a_language_model_are_refused_before_any_attack(task, tmp_path):
+    model, tokenizer, rows, wordnet = task
+    trainer = _trainer(tmp_path, copy.deepcopy(model), tokenizer, rows, wordnet)
+    batch = {**tokenizer(["a good film"], return_tensors="pt")}
+    batch["labels"] = batch["input_ids"].clone()  # [1, L]: a causal LM's labels
+    with pytest.raises(ValueError, match=r"\[B\] class ids; these are \[1, "):
+        trainer._augmenter.grads(model, params_of(model), batch)  # type: ignore[union-attr]
+    assert trainer._augmenter.cost.attacked == 0  # type: ignore[union-attr]
 
 
 def test_resume_draws_the_examples_the_uninterrupted_run_draws(task, tmp_path):
