@@ -90,8 +90,8 @@ def ascc_rule(target: SynonymEmbeddings, steps: int, lr: float, sparsity: float)
             "scale": delta["scale"],
         }, finite
 
-    def finish(delta: Delta) -> Delta:
-        return {"embeds": delta["embeds"]}
+    def finish(delta: Delta) -> Delta:  # the logits give the training step the weights of δ
+        return {"embeds": delta["embeds"], "logits": delta["logits"]}
 
     return Rule(init, ascend, steps, reads_grads=False, finish=finish)
 

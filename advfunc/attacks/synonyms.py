@@ -218,3 +218,29 @@ def combination(weights: torch.Tensor, neighbours: torch.Tensor, layout: Layout,
 def weight_gradient(grads: torch.Tensor, neighbours: torch.Tensor) -> torch.Tensor:
     """∂objective/∂w_j = ⟨∂objective/∂δ, e(n_j)⟩: [B, L, N] from ``grads`` [B, L, H]."""
     return torch.einsum("blh,blnh->bln", grads.float(), neighbours.float())
+
+
+def add_hull_rows(
+    into: torch.Tensor,
+    weights: torch.Tensor,
+    delta_grads: torch.Tensor,
+    layout: Layout,
+    skipped: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Add to W's gradient ``into`` [V, H] (in place, returned) what its rows receive through
+    δ = Σ_j w_j W[n_j] − W[x] with w held fixed.
+
+    A pass at δ gives W only the lookup's ∂L/∂W[x] = g (``delta_grads`` [B, L, H], the
+    gradient at the embedding output); the paper's forward of Σ_j w_j e(n_j) gives each
+    neighbour row w_j g and the token's own row w_0 g. The difference,
+    Σ_j (w_j − [j = 0]) g into rows n_j (``weights`` [B, L, N]), is 0 at masked positions
+    and, when ``skipped``, everywhere (δ was dropped to 0). Memory: one [B, L, N, H] term.
+    """
+    layout = neighbours_of(layout)
+    assert layout.mask is not None
+    own = (torch.arange(weights.shape[-1], device=weights.device) == 0).float()  # [N]: the token itself
+    coefficient = (weights.float() - own) * layout.valid * layout.mask  # [B, L, N]
+    if skipped is not None:
+        coefficient = torch.where(skipped, torch.zeros_like(coefficient), coefficient)
+    spread = coefficient.unsqueeze(-1) * delta_grads.float().unsqueeze(2)  # [B, L, N, H]
+    return into.index_add_(0, layout.neighbours.reshape(-1), spread.reshape(-1, into.shape[-1]).to(into.dtype))

@@ -61,8 +61,13 @@ class Leaves:
 
     def gradient(self, objective: torch.Tensor) -> Params:
         """∂objective/∂θ for every trainable θ, in ``call.trainable`` order."""
-        wrt = [*self.named.values(), *self.probes]
-        grads = torch.autograd.grad(objective, wrt, allow_unused=True, materialize_grads=True)
+        return self.gradients(objective)[0]
+
+    def gradients(self, objective: torch.Tensor, *extra: torch.Tensor) -> tuple[Params, tuple[torch.Tensor, ...]]:
+        """(∂objective/∂θ as :meth:`gradient`, ∂objective/∂e for each ``extra`` leaf e) in the one backward."""
+        wrt = [*self.named.values(), *self.probes, *extra]
+        found = torch.autograd.grad(objective, wrt, allow_unused=True, materialize_grads=True)
+        grads, at_extra = found[: len(found) - len(extra)], found[len(found) - len(extra) :]
         # owned: autograd may return one tensor for two inputs; a caller clipping in place
         # must not scale a neighbour's gradient too.
         result = owned(dict(zip(self.named, grads[: len(self.named)], strict=True)))
@@ -71,4 +76,4 @@ class Leaves:
             at_output = grads[len(self.named) :] or (self.model.probe(self.ids),)  # no forward: zero
             total = sum(at_output[1:], at_output[0])  # [B, L, H]: W[ids] summed over the forwards
             result[self.rows] = self.model.rows_gradient(self.ids, total, None)
-        return {name: result[name] for name in self.order}
+        return {name: result[name] for name in self.order}, tuple(at_extra)

@@ -9,7 +9,8 @@ import torch
 from torch import nn
 
 from advfunc import attacks
-from advfunc.attacks.synonyms import SynonymTable
+from advfunc.attacks.ascc import masked_softmax
+from advfunc.attacks.synonyms import SynonymEmbeddings, SynonymTable, add_hull_rows, neighbours_of
 from advfunc.core.arguments import require_positive
 from advfunc.core.divergence import kl_logits
 from advfunc.core.model import LossFn, logits_of
@@ -40,10 +41,9 @@ def ascc(
     :class:`advfunc.attacks.SynonymTable`) that ``steps`` Adam steps of rate ``lr`` find
     to maximise the KL, with the entropy penalty ``sparsity`` driving the weights to a
     vertex. The KL is the batch mean and is differentiated through both forwards, as
-    in the reference implementation (TextDefender: β = 4, sparsity 10, 5 steps). δ is
-    held fixed in the parameter gradient, as for every embedding-output perturbation:
-    the embedding matrix's gradient reaches the token's own row, where the paper's forward
-    of Σ w e(n) spreads it over the neighbours' rows by w.
+    in the reference implementation (TextDefender: β = 4, sparsity 10, 5 steps), and
+    through the paper's forward Σ_j w_j e(n_j) with w held fixed: the embedding matrix's
+    gradient reaches every neighbour's row, weighted by w (:func:`add_hull_rows`).
 
     ``out``: ``loss`` the task loss, ``adv_loss`` the KL (before β), ``delta`` δ [B, L, H].
 
@@ -63,6 +63,8 @@ def ascc(
         model, synonyms, steps, lr, sparsity, "kl", loss_fn=loss_fn, autocast=autocast, compile=compile
     )
     engine, target, perturbed = attack.engine, attack.target, attack.perturbed
+    assert isinstance(target, SynonymEmbeddings)  # the synonym attacks' own target: W by name
+    weight = target.weight_name
 
     def step(
         params: Mapping[str, torch.Tensor], batch: Mapping[str, Any], *, loss_scale: float | torch.Tensor = 1.0
@@ -72,15 +74,19 @@ def ascc(
             leaves = Leaves(engine, call)
             task_loss, clean_outputs = perturbed.loss(leaves.params, call.kwargs, leaves.probe())
             clean = logits_of(clean_outputs)  # [B, C]
-            delta, skipped = attack.run(call, reference=clean.detach())
-            adversarial = engine.outputs(leaves.params, call.kwargs, call.layout, delta, leaves.probe())
+            last, skipped = attack.run(call, reference=clean.detach())
+            delta = last["embeds"].detach().requires_grad_(True)
+            adversarial = engine.outputs(leaves.params, call.kwargs, call.layout, {"embeds": delta}, leaves.probe())
             check_hook_fired(calls, target)
             divergence = kl_logits(clean, logits_of(adversarial), perturbed.counted_positions(call.kwargs, clean))
-            grads = leaves.gradient((task_loss + beta * divergence) * call.scale)
+            grads, (at_delta,) = leaves.gradients((task_loss + beta * divergence) * call.scale, delta)
+        if weight in grads:  # the paper's forward Σ_j w_j e(n_j): every neighbour's row
+            weights = masked_softmax(last["logits"], neighbours_of(call.layout).valid)
+            add_hull_rows(grads[weight], weights, at_delta, call.layout, skipped)
         out = StepOutput(
             loss=task_loss.detach(),
             adv_loss=divergence.detach(),
-            delta=delta["embeds"].detach(),
+            delta=delta.detach(),
             skipped=skipped,
             logits=clean.detach(),
         )

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from advfunc import attacks
-from advfunc.attacks.synonyms import SynonymTable
+from advfunc.attacks.synonyms import SynonymEmbeddings, SynonymTable, add_hull_rows
 from advfunc.core.model import LossFn
 from advfunc.core.noise import require_generator
 from advfunc.core.step import Grads, Step, StepOutput, check_hook_fired, drop_if_skipped, prepare, report
@@ -39,7 +39,10 @@ def dne(
     synonyms at ``alpha · decay``, ``width`` columns), then projected ascent of the
     weights on the simplex. Each of the K adversarial passes gives both ∇_θ (added to the
     grads, as the TextDefender reference sums its adversarial losses) and ∇_δ (the next
-    ascent), so the attack costs no pass of its own. ``out.loss`` is the clean loss,
+    ascent), so the attack costs no pass of its own. Each pass differentiates the
+    paper's forward Σ_j w_j e(n_j) with w held fixed: the embedding matrix's gradient
+    reaches every neighbour's row, weighted by w (:func:`add_hull_rows`, from that
+    pass's ∇_δ at no extra pass). ``out.loss`` is the clean loss,
     ``adv_loss`` the last adversarial loss, ``delta`` δ_K. A step may override the
     generator: ``step(params, batch, generator=g)``.
 
@@ -61,6 +64,8 @@ def dne(
         compile=compile,
     )
     engine, target, rule = attack.engine, attack.target, attack.rule
+    assert isinstance(target, SynonymEmbeddings)  # the synonym attacks' own target: W by name
+    weight = target.weight_name
 
     def step(
         params: Mapping[str, torch.Tensor],
@@ -78,11 +83,16 @@ def dne(
             check_hook_fired(calls, target)
             total = clean.param_grads
             delta = rule.init(call, draw_from)
+            passes = []  # (w, ∂L/∂δ) of each pass: W's rows get their share once W's gradient is whole
             for t in range(steps):
                 at = engine.full(call, delta, with_delta_grad=True, accumulate_into=total, final=t == steps - 1)
                 total = at.param_grads
+                passes.append((delta["weights"], at.delta_grads["embeds"]))
                 delta, finite = rule.ascend(delta, at.delta_grads, call.params, call.layout)
                 skipped = skipped | ~finite
+        if weight in total:  # the paper's forward Σ_j w_j e(n_j): every neighbour's row of W, by w
+            for weights, at_delta in passes:
+                add_hull_rows(total[weight], weights, at_delta, call.layout)
         assert rule.finish is not None
         final = drop_if_skipped(rule.finish(delta), skipped)
         return total, report(target, call.layout, final, clean.loss, at.loss, skipped, clean.logits)

@@ -250,9 +250,12 @@ def neighbourhoods(table_ids, table_mask, ids, second_hop_width=None):
     return result
 
 
-def combination_delta(model, pairs, weights):
-    """δ [B, L, H] = Σ_j w_j e(n_j) − e(x) per token, 0 at padding and at tokens without synonyms."""
-    embedding = model.get_input_embeddings().weight.detach()
+def combination_delta(model, pairs, weights, through_embedding=False):
+    """δ [B, L, H] = Σ_j w_j e(n_j) − e(x) per token, 0 at padding and at tokens without synonyms; with
+    ``through_embedding`` differentiable in the embedding matrix, so that e(x) + δ is the papers' forward
+    Σ_j w_j e(n_j) for the parameter gradient."""
+    embedding = model.get_input_embeddings().weight
+    embedding = embedding if through_embedding else embedding.detach()
     rows = []
     for row_pairs, row_weights in zip(pairs, weights, strict=True):
         rows.append(
@@ -276,11 +279,11 @@ def reference_ascc(model, batch, pairs, steps, lr, sparsity, beta):
     """
     batch_size, length = batch["input_ids"].shape
     width = max(len(p) for row in pairs for p in row)
-    live = torch.zeros(batch_size, length, width, dtype=torch.bool)
+    live_mask = torch.zeros(batch_size, length, width, dtype=torch.bool)
     for b, row in enumerate(pairs):
         for t, token_pairs in enumerate(row):
-            live[b, t, : len(token_pairs)] = True
-    keep = (batch["attention_mask"].bool() & live[..., 1:].any(-1)).unsqueeze(-1).float()  # [B, L, 1]
+            live_mask[b, t, : len(token_pairs)] = True
+    keep = (batch["attention_mask"].bool() & live_mask[..., 1:].any(-1)).unsqueeze(-1).float()  # [B, L, 1]
     embedding = model.get_input_embeddings().weight.detach()
     neighbour_ids = torch.zeros(batch_size, length, width, dtype=torch.long)
     for b, row in enumerate(pairs):
@@ -294,7 +297,7 @@ def reference_ascc(model, batch, pairs, steps, lr, sparsity, beta):
     optimizer = torch.optim.Adam([z], lr=lr)
 
     def delta_of(logits):
-        w = torch.softmax(logits.masked_fill(~live, float("-inf")), -1)
+        w = torch.softmax(logits.masked_fill(~live_mask, float("-inf")), -1)
         return ((w.unsqueeze(-1) * neighbours).sum(2) - neighbours[:, :, 0]) * keep, w
 
     for _ in range(steps):
@@ -302,14 +305,18 @@ def reference_ascc(model, batch, pairs, steps, lr, sparsity, beta):
         delta, w = delta_of(z)
         adversarial = forward(model, inputs, delta, via="hook").logits
         divergence = F.kl_div(F.log_softmax(adversarial, -1), F.softmax(clean, -1), reduction="sum")
-        safe = torch.where(live, w, torch.ones_like(w))  # 1 · log 1 = 0 where no neighbour is, with a finite gradient
+        safe = torch.where(live_mask, w, torch.ones_like(w))  # 1 · log 1 = 0 where no neighbour is, with a finite gradient
         entropy = -(safe * safe.log()).sum(-1).mean()
         (-divergence + sparsity * entropy).backward()
         optimizer.step()
     delta = delta_of(z.detach())[0]
     model.zero_grad()
     clean_out = model(**batch)
-    adversarial = forward(model, inputs, delta, via="hook").logits
+    # The training forward is Σ_j w_j e(n_j) with the embedding matrix live: its rows get the gradient by w.
+    live = model.get_input_embeddings().weight[neighbour_ids]
+    w = torch.softmax(z.detach().masked_fill(~live_mask, float("-inf")), -1)
+    trained = ((w.unsqueeze(-1) * live).sum(2) - live[:, :, 0]) * keep
+    adversarial = forward(model, inputs, trained, via="hook").logits
     (clean_out.loss + beta * kl(clean_out.logits, adversarial)).backward()
     return delta, grads_of(model)
 
@@ -339,7 +346,7 @@ def reference_dne(model, batch, pairs, start, steps, step_size):
     model(**batch).loss.backward()
     for _ in range(steps):
         leaves = [[w.clone().requires_grad_(True) for w in row] for row in weights]
-        delta = combination_delta(model, pairs, leaves)
+        delta = combination_delta(model, pairs, leaves, through_embedding=True)
         forward(model, batch, delta * mask_of(batch), via="hook").loss.backward()
         moved = []
         for row_pairs, row in zip(pairs, leaves, strict=True):
