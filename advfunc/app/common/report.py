@@ -258,9 +258,9 @@ def markdown(
 def _cost_table(summary: Mapping[str, Mapping[str, Mapping[str, float]]], points: Mapping[str, Any]) -> list[str]:
     """The cost–robustness table, by rising cost."""
     lines = [
-        f"Cost and robustness ({COST_PNG}): seconds per training step over `none`'s at the same seed, passes per "
-        "step, accuracy under the synonym attack; on the frontier when no other method is as cheap and as robust, "
-        "with one of the two strictly better.",
+        f"Cost and robustness ({COST_PNG}): seconds per training step over `none`'s at the same seed, the method "
+        "step's passes (A2T's attack queries come on top, in the seconds), accuracy under the synonym attack; on "
+        "the frontier when no other method is as cheap and as robust, with one of the two strictly better.",
         "",
         "| method | passes / step | cost (× none) | synonym acc | word worst case | frontier |",
         "|---|---|---|---|---|---|",
