@@ -29,11 +29,16 @@ if __name__ == "__main__":
     compare = ["--data", str(task / "train.csv"), "--eval-data", str(task / "test.csv"), "--batch-size", "8"]
     compare += ["--methods", "none", "fgm:epsilon=0.05", "--seeds", "0", "--radii", "0.1", "--attack-examples", "4"]
     compare += ["--hotflip-budget", "1", "--no-synonym", "--output", str(out / "report")]
+    swept = ["--data", str(task / "train.csv"), "--batch-size", "8", "--methods", "none", "--seeds", "0"]
+    swept += ["--radii", "0.1", "--attack-examples", "4", "--hotflip-budget", "0", "--no-synonym"]
+    swept += ["--sweep", "fgm:epsilon=0.05", "fgm:epsilon=0.5", "--output", str(out / "swept")]
     for argv in (
         command(task, "train", *run, "--output", str(out / "whole")),
         command(task, "train", *run, "--output", str(out / "part"), "--stop-after", "4"),
         command(task, "train", *run, "--output", str(out / "part"), "--resume"),
         command(task, "compare", *compare),
+        # a sweep: the reporting process names the winner to the other, which holds no result of its own
+        command(task, "compare", *swept),
     ):
         code = main(argv)
         if code:

@@ -57,7 +57,8 @@ def load_classifier(path: str | Path, labels: Sequence[str] | None = None, pooli
     """Read tokenizer and ``AutoModelForSequenceClassification`` from a local directory, never downloading.
 
     With ``labels`` (training) the head is sized for them, freshly initialised when the checkpoint's head has
-    other labels or none; ``pooling="mean"`` then puts a fresh head on the mean of the encoder's token states
+    none or was trained for other labels (a head saved without names, ``LABEL_i``, is kept when the count
+    fits); ``pooling="mean"`` then puts a fresh head on the mean of the encoder's token states
     (:mod:`advfunc.hf.mean_pooled`) unless the folder holds such a model. Without (evaluation) the model must
     carry a trained head, whose labels its config names. Half-precision weights are trained in float32."""
     from transformers import AutoModelForSequenceClassification
@@ -78,6 +79,10 @@ def load_classifier(path: str | Path, labels: Sequence[str] | None = None, pooli
                 path, local_files_only=True, output_loading_info=True, **kwargs
             )
             fresh = [k for k in [*info.get("missing_keys", ()), *info.get("mismatched_keys", ())] if k]
+            saved = label_names(config)
+            if renamed and not fresh and saved != tuple(f"LABEL_{i}" for i in range(len(saved))):
+                # Same count, other names: the saved head would answer for its own labels under the new names.
+                fresh = _reset_head(model)
     except (OSError, ValueError, KeyError, RuntimeError) as error:
         raise ModelError(f"cannot load a sequence classifier from {path}: {error}") from error
     half = sorted({str(p.dtype) for p in model.parameters() if p.dtype in (torch.float16, torch.bfloat16)})
@@ -97,6 +102,21 @@ def load_classifier(path: str | Path, labels: Sequence[str] | None = None, pooli
         model.config.pad_token_id = tokenizer.pad_token_id
     names = tuple(labels) if labels is not None else label_names(model.config)
     return Classifier(path, tokenizer, model, names, fresh_head=bool(fresh))
+
+
+def _reset_head(model: nn.Module) -> list[str]:
+    """Re-initialise the parameters outside ``model.base_model``, the task head; their names."""
+    body = {id(p) for p in model.base_model.parameters()}  # type: ignore[union-attr]
+    for module in model.modules():
+        if any(id(p) not in body for p in module.parameters(recurse=False)):
+            reset = getattr(module, "reset_parameters", None)
+            if not callable(reset):
+                raise ModelError(
+                    f"the head's {type(module).__name__} cannot be re-initialised for new labels; train from the "
+                    "model without its head, or with the labels it was trained for"
+                )
+            reset()
+    return [name for name, p in model.named_parameters() if id(p) not in body]
 
 
 def require_causal_lm(path: Path) -> None:

@@ -35,7 +35,7 @@ def test_two_processes_write_one_checkpoint_resume_it_exactly_and_compare(tmp_pa
     # Process 0 writes each checkpoint and reports it; the other adds only its own random and method state.
     saves = re.findall(r"checkpoint at step (\d+) of 6 written to \S+/(\w+)", log)
     assert saves == [("3", "whole"), ("6", "whole"), ("3", "part"), ("4", "part"), ("6", "part")], log[-3000:]
-    assert sorted(p.name for p in out.iterdir()) == ["part", "report", "whole"], "a temporary or second folder was left"
+    assert sorted(p.name for p in out.iterdir()) == ["part", "report", "swept", "whole"], "a temporary folder was left"
     files = sorted(p.name for p in (out / "whole").iterdir())
     assert [name for name in files if name.endswith(".safetensors")] == ["model.safetensors"]
     assert {"rng_state_0.pth", "rng_state_1.pth", "advfunc_method_0.pt", "advfunc_method_1.pt"} <= set(files)
@@ -50,11 +50,20 @@ def test_two_processes_write_one_checkpoint_resume_it_exactly_and_compare(tmp_pa
         assert torch.equal(resumed[name], value), f"{name} differs after resuming in the second epoch"
 
     # compare: every run trained on both processes (3 steps of 2 × 8, not 6 of 8), attacked and reported once
-    assert log.count("=== none, seed 0") == 1 and log.count("report: ") == 1, log[-3000:]
+    # (each report once: this comparison's, then the sweep's and the comparison after it below)
+    assert log.count("=== none, seed 0") == 2 and log.count("report: ") == 3, log[-3000:]
     document = json.loads((out / "report" / "results.json").read_text())
     assert [run["method"] for run in document["runs"]] == ["none", "fgm(epsilon=0.05)"]
     assert [run["train"]["total_steps"] for run in document["runs"]] == [3, 3]
     assert len(list((out / "report" / "runs").iterdir())) == 2  # one file per run, no temporary left
+
+    # compare --sweep: both processes go on to the comparison with the winner the reporting one picked
+    swept = json.loads((out / "swept" / "sweep" / "results.json").read_text())
+    scores = {run["method"]: (run["eval"]["robust"]["0.1"], run["eval"]["clean_accuracy"]) for run in swept["runs"]}
+    winner = max(scores, key=scores.__getitem__)
+    document = json.loads((out / "swept" / "results.json").read_text())
+    assert [run["method"] for run in document["runs"]] == ["none", winner], log[-3000:]
+    assert log.count(f"sweep: {winner} is the most robust") == 1
 
 
 def test_the_command_ends_the_process_group_a_launcher_made(tmp_path, capsys):

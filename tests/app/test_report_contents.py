@@ -58,7 +58,7 @@ def test_cost_is_paired_by_seed_and_the_frontier_holds_exactly_the_undominated_m
         *(_costed("ascc", seed, 0.6 * (1 + seed), 0.50 + 0.1 * seed, 6) for seed in (0, 1)),  # 6×: most robust
     ]
     summary = report.summarize(runs)
-    points = report.cost_points(summary, runs)
+    points = report.cost_points(runs)
     assert list(points) == ["none", "fgm", "pgd", "ascc"]  # by rising cost
     assert [points[m]["cost"]["mean"] for m in points] == pytest.approx([1.0, 2.0, 4.0, 6.0])
     assert [points[m]["cost"]["std"] for m in points] == pytest.approx([0.0] * 4, abs=1e-12)
@@ -73,9 +73,9 @@ def test_cost_is_paired_by_seed_and_the_frontier_holds_exactly_the_undominated_m
 
 def test_no_cost_picture_without_plain_fine_tuning_or_the_synonym_attack(tmp_path):
     without_none = [_costed("fgm", 0, 0.2, 0.4, 2), _costed("pgd", 0, 0.4, 0.35, 4)]
-    assert report.cost_points(report.summarize(without_none), without_none) == {}
+    assert report.cost_points(without_none) == {}
     no_synonym = [_run("none", 0, 0.7, 0.5, 0.4), _run("fgm", 0, 0.7, 0.5, 0.4)]
-    assert report.cost_points(report.summarize(no_synonym), no_synonym) == {}
+    assert report.cost_points(no_synonym) == {}
     assert report.COST_PNG not in {p.name for p in report.write(tmp_path, no_synonym, INFO)}
 
 

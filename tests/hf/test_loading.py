@@ -35,7 +35,9 @@ def test_a_folder_without_a_model_is_refused_naming_what_is_missing(classifier_d
         load_classifier(no_vocabulary)
 
 
-def test_labels_size_a_fresh_head_and_a_folder_without_a_trained_head_is_refused_for_evaluation(classifier_dir):
+def test_labels_size_a_fresh_head_and_a_folder_without_a_trained_head_is_refused_for_evaluation(
+    classifier_dir, tmp_path
+):
     loaded = load_classifier(classifier_dir, ("a", "b", "c"))
     assert loaded.fresh_head and loaded.labels == ("a", "b", "c")
     assert loaded.model.config.id2label == {0: "a", 1: "b", 2: "c"} and loaded.model.classifier.out_features == 3
@@ -43,6 +45,25 @@ def test_labels_size_a_fresh_head_and_a_folder_without_a_trained_head_is_refused
     assert not same.fresh_head and len(same.labels) == 2
     mean = load_classifier(classifier_dir, ("a", "b"), pooling="mean")
     assert mean.fresh_head and bool((mean.model.classifier.weight == 0).all())
+    headless = tmp_path / "headless"
+    same.model.bert.save_pretrained(headless)
+    same.tokenizer.save_pretrained(headless)
+    with pytest.raises(ModelError, match="no trained classification head"):
+        load_classifier(headless)
+
+
+def test_a_head_trained_for_other_labels_of_the_same_count_starts_afresh(classifier_dir, tmp_path):
+    named = tmp_path / "named"
+    trained = load_classifier(classifier_dir, ("neg", "pos"))
+    trained.model.save_pretrained(named)
+    trained.tokenizer.save_pretrained(named)
+    saved = trained.model.classifier.weight.detach().clone()
+    kept = load_classifier(named, ("neg", "pos"))  # its own labels: the head it learned
+    assert not kept.fresh_head and torch.equal(kept.model.classifier.weight, saved)
+    for labels in (("pos", "neg"), ("bad", "good")):  # the saved rows would answer for neg and pos
+        renamed = load_classifier(named, labels)
+        assert renamed.fresh_head and not torch.equal(renamed.model.classifier.weight, saved)
+        assert torch.equal(renamed.model.bert.pooler.dense.weight, trained.model.bert.pooler.dense.weight)
 
 
 def test_a_causal_lm_loads_in_float32_and_a_classifier_folder_is_not_taken_for_one(classifier_dir, tmp_path):

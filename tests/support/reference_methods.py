@@ -305,7 +305,9 @@ def reference_ascc(model, batch, pairs, steps, lr, sparsity, beta):
         delta, w = delta_of(z)
         adversarial = forward(model, inputs, delta, via="hook").logits
         divergence = F.kl_div(F.log_softmax(adversarial, -1), F.softmax(clean, -1), reduction="sum")
-        safe = torch.where(live_mask, w, torch.ones_like(w))  # 1 · log 1 = 0 where no neighbour is, with a finite gradient
+        safe = torch.where(
+            live_mask, w, torch.ones_like(w)
+        )  # 1 · log 1 = 0 where no neighbour is, with a finite gradient
         entropy = -(safe * safe.log()).sum(-1).mean()
         (-divergence + sparsity * entropy).backward()
         optimizer.step()

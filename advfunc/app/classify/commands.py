@@ -211,8 +211,6 @@ def run_train(args: argparse.Namespace) -> int:
     )
     if loaded.fresh_head:
         log.info("classification head for labels %s is newly initialised", list(labels.names))
-    if loaded.labels != labels.names:
-        raise checkpoint.CheckpointError(f"{output} was trained for labels {list(loaded.labels)}, not these")
     _check_method(spec, loaded.model, config)
     encoded = _encode(train_set, loaded, args.max_length)
     validation = _encode(validation_set, loaded, args.max_length) if validation_set is not None else None
@@ -396,7 +394,8 @@ def robustness(run: Mapping[str, Any]) -> tuple[float, float]:
 
 def _sweep(args: argparse.Namespace, title: str, reporting: bool) -> tuple[registry.MethodSpec | None, int]:
     """(the most robust ``--sweep`` candidate on the validation split, each trained with the first seed and reported
-    in ``OUTPUT/sweep``, or None while the sweep is unfinished; the runs this invocation started)."""
+    in ``OUTPUT/sweep``, or None while the sweep is unfinished; the runs this invocation started). Under a
+    launcher the reporting process, the one that attacked this invocation's runs, names the winner to the others."""
     candidates: list[registry.MethodSpec] = [Arm.parse(text) for text in args.sweep]
     comparison: _Comparison
     output, seeds = args.output / "sweep", args.seeds[:1]
@@ -404,11 +403,15 @@ def _sweep(args: argparse.Namespace, title: str, reporting: bool) -> tuple[regis
     comparison = _Comparison(args, f"{title}, sweep on validation", candidates, evaluation="validation")
     runs = grid.run_reported(lambda spec, seed: comparison.run(spec, seed, reporting), comparison.info(grid), reporting)
     comparison.wait()
-    if len(runs) < grid.planned:
+    winner = [max(runs, key=robustness)["method"] if len(runs) == grid.planned else None]
+    if grid.started and torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.broadcast_object_list(winner, src=0)  # the others hold no result of the runs just made
+    if winner[0] is None:
         return None, grid.started
-    best = max(runs, key=robustness)
-    log.info("sweep: %s is the most robust on validation (%.3f, clean %.3f)", best["method"], *robustness(best))
-    return next(spec for spec in candidates if spec.label == best["method"]), grid.started
+    best = next(run for run in runs if run["method"] == winner[0]) if reporting else None
+    if best is not None:
+        log.info("sweep: %s is the most robust on validation (%.3f, clean %.3f)", winner[0], *robustness(best))
+    return next(spec for spec in candidates if spec.label == winner[0]), grid.started
 
 
 def run_compare(args: argparse.Namespace) -> int:

@@ -114,24 +114,26 @@ def differences(runs: Sequence[Mapping[str, Any]], plain: str = "none") -> dict[
     )
 
 
-def cost_points(
-    summary: Mapping[str, Mapping[str, Mapping[str, float]]], runs: Sequence[Mapping[str, Any]]
-) -> dict[str, dict[str, Any]]:
-    """{method: {cost, synonym, frontier}} for the methods with both: ``cost`` the seconds per training step over
-    plain fine-tuning's at the same seed (``none``: 1), ``synonym`` the accuracy under the synonym attack (each
-    {mean, std, n} over seeds); on the ``frontier`` when no other method is as cheap and as robust, with one of the
-    two strictly better."""
+def cost_points(runs: Sequence[Mapping[str, Any]]) -> dict[str, dict[str, Any]]:
+    """{method: {cost, synonym, worst_case, passes, frontier}} over the seeds plain fine-tuning ran too.
+
+    ``cost``: seconds per training step over ``none``'s at the same seed (``none``: 1); ``synonym`` and
+    ``worst_case``: accuracy under the synonym attack and over the word-level attacks; ``passes`` per step; each
+    {mean, std, n}. On the ``frontier`` when no other method is as cheap and as robust, with one of the two
+    strictly better. Methods without the synonym attack's numbers are left out."""
     plain = {run["seed"]: _metrics(run)["seconds_per_step"] for run in runs if run["method"] == "none"}
-    costs = _aggregate(
-        (run["method"], {"cost": _metrics(run)["seconds_per_step"] / plain[run["seed"]]})
+    paired = _aggregate(
+        (
+            run["method"],
+            {
+                "cost": metrics["seconds_per_step"] / plain[run["seed"]],
+                **{key: metrics.get(key, math.nan) for key in ("synonym", "worst_case", "passes")},
+            },
+        )
         for run in runs
-        if plain.get(run["seed"], 0) > 0
+        if plain.get(run["seed"], 0) > 0 and "synonym" in (metrics := _metrics(run))
     )
-    points: dict[str, dict[str, Any]] = {
-        m: {"cost": costs[m]["cost"], "synonym": s["synonym"]}
-        for m, s in summary.items()
-        if "synonym" in s and "cost" in costs.get(m, {})
-    }
+    points: dict[str, dict[str, Any]] = {m: dict(p) for m, p in paired.items() if {"cost", "synonym"} <= set(p)}
     means = {m: (p["cost"]["mean"], p["synonym"]["mean"]) for m, p in points.items()}
     for method, (cost, robust) in means.items():
         beaten = any(c <= cost and r >= robust and (c, r) != (cost, robust) for c, r in means.values())
@@ -241,9 +243,9 @@ def markdown(
     if delta:
         lines += ["Difference to plain fine-tuning (`none`), paired by seed: mean ± sample std of (method − none).", ""]
         lines += _table(delta, _columns(info, paired=True), signed=True)
-    points = cost_points(summary, runs)
+    points = cost_points(runs)
     if "none" in points and len(points) > 1:
-        lines += _cost_table(summary, points)
+        lines += _cost_table(points)
     examples = [(r, e) for r in runs for e in (r["eval"].get("synonym") or {}).get("examples", [])][:5]
     if examples:
         lines += ["Successful synonym substitutions (original → changed, label → prediction):", ""]
@@ -255,23 +257,23 @@ def markdown(
     return "\n".join(lines)
 
 
-def _cost_table(summary: Mapping[str, Mapping[str, Mapping[str, float]]], points: Mapping[str, Any]) -> list[str]:
+def _cost_table(points: Mapping[str, Any]) -> list[str]:
     """The cost–robustness table, by rising cost."""
     lines = [
-        f"Cost and robustness ({COST_PNG}): seconds per training step over `none`'s at the same seed, the method "
-        "step's passes (A2T's attack queries come on top, in the seconds), accuracy under the synonym attack; on "
-        "the frontier when no other method is as cheap and as robust, with one of the two strictly better.",
+        f"Cost and robustness ({COST_PNG}), over the seeds `none` ran: seconds per training step over `none`'s at "
+        "the same seed, the method step's passes (A2T's attack and its pass over the flipped examples come on top, "
+        "in the seconds), accuracy under the synonym attack; on the frontier when no other method is as cheap and "
+        "as robust, with one of the two strictly better.",
         "",
         "| method | passes / step | cost (× none) | synonym acc | word worst case | frontier |",
         "|---|---|---|---|---|---|",
     ]
     for method, point in points.items():
-        stats = summary[method]
         cells = [
-            f"{stats['passes']['mean']:g}" if "passes" in stats else "—",
+            f"{point['passes']['mean']:g}" if "passes" in point else "—",
             cell(point["cost"], 2),
             cell(point["synonym"]),
-            cell(stats.get("worst_case")),
+            cell(point.get("worst_case")),
         ]
         lines.append(f"| `{method}` | {' | '.join(cells)} | {'yes' if point['frontier'] else ''} |")
     return [*lines, ""]
@@ -296,15 +298,15 @@ def _pyplot() -> Any:
     return plt
 
 
-def plot_cost(summary: Mapping[str, Mapping[str, Mapping[str, float]]], points: Mapping[str, Any], title: str) -> bytes:
+def plot_cost(points: Mapping[str, Any], title: str) -> bytes:
     """PNG bytes: accuracy under the synonym attack (filled) and the word-level worst case (hollow) against the
     relative cost of a training step, mean ± std over seeds, the frontier joined."""
     fig, axis = _pyplot().subplots(figsize=(6.5, 4.5))
     for method, point in points.items():
         cost, synonym = point["cost"], point["synonym"]
         bars = axis.errorbar(cost["mean"], synonym["mean"], synonym["std"], cost["std"], "o", capsize=3, label=method)
-        if "worst_case" in summary[method]:
-            axis.plot(cost["mean"], summary[method]["worst_case"]["mean"], "o", mfc="none", color=bars[0].get_color())
+        if "worst_case" in point:
+            axis.plot(cost["mean"], point["worst_case"]["mean"], "o", mfc="none", color=bars[0].get_color())
     best = [point for point in points.values() if point["frontier"]]
     axis.plot([p["cost"]["mean"] for p in best], [p["synonym"]["mean"] for p in best], "k--", lw=0.8, label="frontier")
     axis.set(xlabel="seconds per training step (× none)", ylabel="accuracy under the synonym attack", ylim=(0, 1))
@@ -350,10 +352,10 @@ def write(directory: str | Path, runs: Sequence[Mapping[str, Any]], info: Mappin
     if info["attack"]["radii"]:
         paths.append(directory / PLOT_PNG)
         atomic.write_with(paths[-1], lambda tmp: tmp.write_bytes(plot(summary, info)))
-    points = cost_points(summary, runs)
+    points = cost_points(runs)
     if "none" in points and len(points) > 1:
         paths.append(directory / COST_PNG)
-        atomic.write_with(paths[-1], lambda tmp: tmp.write_bytes(plot_cost(summary, points, info["title"])))
+        atomic.write_with(paths[-1], lambda tmp: tmp.write_bytes(plot_cost(points, info["title"])))
     return paths
 
 
