@@ -234,7 +234,8 @@ def add_hull_rows(
     gradient at the embedding output); the paper's forward of Σ_j w_j e(n_j) gives each
     neighbour row w_j g and the token's own row w_0 g. The difference,
     Σ_j (w_j − [j = 0]) g into rows n_j (``weights`` [B, L, N]), is 0 at masked positions
-    and, when ``skipped``, everywhere (δ was dropped to 0). Memory: one [B, L, N, H] term.
+    and, when ``skipped``, everywhere (δ was dropped to 0). Memory: a [B, L, N, H] float32 term (and its cast
+    to W's dtype).
     """
     layout = neighbours_of(layout)
     assert layout.mask is not None

@@ -218,6 +218,12 @@ class AdversarialTrainer(Trainer):
             )
         self.add_callback(_AfterOptimizerStep(self))
         self._augmenter: A2TAugmenter | None = None
+        if augmentation is None and (sentence_encoder is not None or wordnet is not None):
+            raise ValueError("sentence_encoder= and wordnet= serve A2T's attack: give augmentation=A2TConfig(...) too")
+        if augmentation is not None and not isinstance(augmentation, A2TConfig):
+            raise TypeError(
+                f"augmentation must be an advfunc.words.augment.A2TConfig, got {type(augmentation).__name__}"
+            )
         if augmentation is not None:
             self._augmenter = A2TAugmenter(
                 augmentation, self.processing_class, seed=self.args.seed + 100_003 * self.args.process_index,

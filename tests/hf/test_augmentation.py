@@ -112,6 +112,10 @@ def test_augmentation_without_what_it_reads_is_refused_when_the_trainer_is_built
         _trainer(tmp_path, model, tokenizer, rows, wordnet, augmentation=A2TConfig())
     with pytest.raises(ValueError, match="ratio"):
         _trainer(tmp_path, model, tokenizer, rows, wordnet, augmentation=A2TConfig(ratio=0.0, attack=ATTACK))
+    with pytest.raises(TypeError, match="A2TConfig, got dict"):
+        _trainer(tmp_path, model, tokenizer, rows, wordnet, augmentation={"ratio": 0.2})
+    with pytest.raises(ValueError, match="give augmentation=A2TConfig"):
+        _trainer(tmp_path, model, tokenizer, rows, wordnet, augmentation=None)
 
 
 def test_text_pairs_are_refused(task, tmp_path):

@@ -30,6 +30,7 @@ from advfunc.app.common.word_attacks import (
     add_a2t_flags,
     add_synonym_flags,
     describe_synonym_attack,
+    refuse_unused_a2t_flags,
     require_synonym_resources,
     synonym_config,
 )
@@ -274,9 +275,10 @@ class Arm(registry.MethodSpec):
     a2t: bool = False
 
     @classmethod
-    def parse(cls, text: str) -> Arm:
+    def parse(cls, text: str, a2t: bool = False) -> Arm:
+        """``METHOD`` or ``METHOD+a2t``; ``a2t``: every arm with A2T (``compare --a2t``)."""
         spec = registry.parse_method(text.removesuffix("+a2t"))
-        return cls(spec.name, spec.options, text.endswith("+a2t"))
+        return cls(spec.name, spec.options, a2t or text.endswith("+a2t"))
 
     @property
     def label(self) -> str:
@@ -314,7 +316,7 @@ class _Comparison:
         """A run's settings, its method spelt as ``TrainConfig.method`` holds it (``pgd:epsilon=0.5``)."""
         given = ",".join(f"{k}={v}" for k, v in sorted(spec.options.items()))
         method = f"{spec.name}:{given}" if given else spec.name
-        a2t = a2t_config(self.args, on=self.args.a2t_on or (isinstance(spec, Arm) and spec.a2t))
+        a2t = a2t_config(self.args, on=isinstance(spec, Arm) and spec.a2t)
         return build(TrainConfig, self.args, method=method, seed=seed, a2t=a2t)
 
     def key(self, spec: registry.MethodSpec, seed: int) -> dict[str, Any]:
@@ -339,6 +341,13 @@ class _Comparison:
             f"decay {config.weight_decay:g}, clip {config.max_grad_norm:g}, max length {args.max_length}, "
             "dynamic padding."
         )
+        if any(isinstance(spec, Arm) and spec.a2t for spec in grid.methods):
+            a2t = a2t_config(args, on=True)
+            assert a2t is not None
+            training += (
+                f" `+a2t`: A2T attacks {a2t.ratio:g} of each batch, its flipped examples weighted {a2t.weight:g}, "
+                f"by {describe_synonym_attack(a2t.attack)}."
+            )
         return grid.describe(
             "compare",
             self.title,
@@ -396,7 +405,7 @@ def _sweep(args: argparse.Namespace, title: str, reporting: bool) -> tuple[regis
     """(the most robust ``--sweep`` candidate on the validation split, each trained with the first seed and reported
     in ``OUTPUT/sweep``, or None while the sweep is unfinished; the runs this invocation started). Under a
     launcher the reporting process, the one that attacked this invocation's runs, names the winner to the others."""
-    candidates: list[registry.MethodSpec] = [Arm.parse(text) for text in args.sweep]
+    candidates: list[registry.MethodSpec] = [Arm.parse(text, args.a2t_on) for text in args.sweep]
     comparison: _Comparison
     output, seeds = args.output / "sweep", args.seeds[:1]
     grid = RunGrid(output, candidates, seeds, lambda spec, seed: comparison.key(spec, seed), args.stop_after)
@@ -426,7 +435,9 @@ def run_compare(args: argparse.Namespace) -> int:
         if getattr(args, name) in (None, False):  # not given (none of these flags takes a 0)
             setattr(args, name, value)
     args.output = args.output or Path("runs") / f"compare-{title}"
-    methods: list[registry.MethodSpec] = [Arm.parse(text) for text in args.methods]
+    methods: list[registry.MethodSpec] = [Arm.parse(text, args.a2t_on) for text in args.methods]
+    if not any(isinstance(arm, Arm) and arm.a2t for arm in methods):
+        refuse_unused_a2t_flags(args)
     comparison = _Comparison(args, title, methods)  # the methods' settings refused before the sweep's hours
     info: dict[str, Any] = {}
     if args.sweep:

