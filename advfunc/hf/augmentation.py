@@ -39,7 +39,8 @@ class A2TAugmenter:
     texts for the similarity bound (None only with ``attack.similarity=-1``); ``wordnet``
     gives the candidates (None: WordNet read once here). The examples to attack are drawn
     from :attr:`generator`, seeded with ``seed``; :attr:`cost` sums every batch's.
-    Single texts only: a batch of text pairs (``token_type_ids`` not all 0) is refused.
+    Single texts only: a batch of text pairs (``token_type_ids`` not all 0, or a row with two separator
+    tokens) is refused; a tokenizer with neither marks no pairs.
     """
 
     def __init__(
@@ -82,6 +83,14 @@ class A2TAugmenter:
             )
         rows = batch["input_ids"].tolist()
         mask = batch["attention_mask"].tolist() if "attention_mask" in batch else [[1] * len(r) for r in rows]
+        separator = getattr(self.tokenizer, "sep_token_id", None)
+        if separator is not None and any(
+            sum(t == separator and keep for t, keep in zip(row, kept, strict=True)) > 1
+            for row, kept in zip(rows, mask, strict=True)
+        ):  # RoBERTa-style pairs carry no token_type_ids: a second separator gives them away
+            raise ValueError(
+                "A2T attacks single texts, but a row holds two separators (a text pair); train pairs without A2T"
+            )
         return [
             self.tokenizer.decode([t for t, keep in zip(row, kept, strict=True) if keep], skip_special_tokens=True)
             for row, kept in zip(rows, mask, strict=True)

@@ -124,6 +124,10 @@ def test_text_pairs_are_refused(task, tmp_path):
     batch = tokenizer(["a good film"], ["the plot is dull"], return_tensors="pt")
     with pytest.raises(ValueError, match="pairs"):
         trainer._augmenter.texts(batch)  # type: ignore[union-attr]
+    untyped = {k: v for k, v in batch.items() if k != "token_type_ids"}  # as RoBERTa's tokenizer gives a pair
+    with pytest.raises(ValueError, match="two separators"):
+        trainer._augmenter.texts(untyped)  # type: ignore[union-attr]
+    assert len(trainer._augmenter.texts(tokenizer(["a good film"], return_tensors="pt"))) == 1  # type: ignore[union-attr]
 
 
 def test_token_labels_of_a_language_model_are_refused_before_any_attack(task, tmp_path):
