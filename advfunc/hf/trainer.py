@@ -217,18 +217,22 @@ class AdversarialTrainer(Trainer):
                 f"use gradient_accumulation_steps=1, not {self.args.gradient_accumulation_steps}"
             )
         self.add_callback(_AfterOptimizerStep(self))
-        self._augmenter: A2TAugmenter | None = None
+        self._augmenter = self._a2t(augmentation, sentence_encoder, wordnet)
+
+    def _a2t(
+        self, augmentation: A2TConfig | None, sentence_encoder: Encode | None, wordnet: WordNet | None
+    ) -> A2TAugmenter | None:
+        """A2T's per-batch examples for ``augmentation`` (its generator seeded per process), or None."""
         if augmentation is None and (sentence_encoder is not None or wordnet is not None):
             raise ValueError("sentence_encoder= and wordnet= serve A2T's attack: give augmentation=A2TConfig(...) too")
-        if augmentation is not None and not isinstance(augmentation, A2TConfig):
+        if augmentation is None:
+            return None
+        if not isinstance(augmentation, A2TConfig):
             raise TypeError(
                 f"augmentation must be an advfunc.words.augment.A2TConfig, got {type(augmentation).__name__}"
             )
-        if augmentation is not None:
-            self._augmenter = A2TAugmenter(
-                augmentation, self.processing_class, seed=self.args.seed + 100_003 * self.args.process_index,
-                encode=sentence_encoder, wordnet=wordnet,
-            )  # fmt: skip
+        seed = self.args.seed + 100_003 * self.args.process_index
+        return A2TAugmenter(augmentation, self.processing_class, seed=seed, encode=sentence_encoder, wordnet=wordnet)
 
     @property
     def augmentation_cost(self) -> AugmentationCost | None:

@@ -51,18 +51,9 @@ def dne(
     Neighborhood Ensemble", ACL 2021.
     """
     attack = attacks.dne(
-        model,
-        synonyms,
-        steps,
-        step_size,
-        alpha,
-        decay,
-        width,
-        generator,
-        loss_fn=loss_fn,
-        autocast=autocast,
-        compile=compile,
-    )
+        model, synonyms, steps, step_size, alpha, decay, width, generator,
+        loss_fn=loss_fn, autocast=autocast, compile=compile,
+    )  # fmt: skip
     engine, target, rule = attack.engine, attack.target, attack.rule
     assert isinstance(target, SynonymEmbeddings)  # the synonym attacks' own target: W by name
     weight = target.weight_name
