@@ -18,8 +18,9 @@ from typing import Any
 import torch
 from torch.profiler import ProfilerActivity, profile
 
+from advfunc.hf import atomic
 from benchmarks.cases import IMPLS, METHODS, make_runner
-from benchmarks.report import print_stdout, write_atomic
+from benchmarks.report import print_stdout
 from benchmarks.shapes import SHAPES, Workload, build_model, make_batch, parse_autocast
 
 
@@ -99,7 +100,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, str]:
         f"floor {METHODS[args.method].floor.text}\n\n" + comparison(times["plain"], times[name], args.rows) + "\n"
     )
     for filename, text in written.items():
-        write_atomic(args.out / filename, text)
+        atomic.write_text(args.out / filename, text)
         print_stdout(text)
     return written
 

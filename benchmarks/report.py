@@ -7,13 +7,14 @@ import json
 import os
 import platform
 import sys
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
 import transformers
+
+from advfunc.hf import atomic
 
 
 def environment(device: str, argv: Sequence[str], settings: dict[str, Any]) -> dict[str, Any]:
@@ -44,24 +45,8 @@ def environment(device: str, argv: Sequence[str], settings: dict[str, Any]) -> d
     }
 
 
-def write_atomic(path: Path, text: str) -> None:
-    """Write ``text`` to ``path`` so that a reader sees the old file or the new one, never half."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            handle.write(text)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.chmod(temporary, 0o644)  # mkstemp's 0600 would hide results from other users
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
-
-
 def write_json(path: Path, payload: dict[str, Any]) -> None:
-    write_atomic(path, json.dumps(payload, indent=2, ensure_ascii=False) + "\n")
+    atomic.write_text(path, json.dumps(payload, indent=2, ensure_ascii=False) + "\n")
 
 
 def _cell(value: Any, digits: int = 2) -> str:

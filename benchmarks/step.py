@@ -36,6 +36,7 @@ import torch
 import torch._dynamo
 from torch.utils.benchmark import Compare, Measurement, Timer
 
+from advfunc.hf import atomic
 from benchmarks.baseline import import_revision
 from benchmarks.cases import (
     DECODER_METHODS,
@@ -50,7 +51,7 @@ from benchmarks.cases import (
 )
 from benchmarks.dynamic import VARIANT_KEYS, dynamic_study, rotten_tomatoes_lengths
 from benchmarks.memory import MemoryRecord, measure_cuda, measure_cuda_runner, measure_in_subprocess
-from benchmarks.report import environment, markdown, print_stdout, write_atomic, write_json
+from benchmarks.report import environment, markdown, print_stdout, write_json
 from benchmarks.shapes import (
     CPU_BATCHES,
     GPU_BATCHES,
@@ -362,7 +363,7 @@ def write_outputs(out: Path, payload: dict[str, Any]) -> str:
     """Write ``step.json`` and ``step.md`` into ``out``; return the Markdown."""
     text = markdown(payload)
     write_json(out / "step.json", payload)
-    write_atomic(out / "step.md", text)
+    atomic.write_text(out / "step.md", text)
     return text
 
 

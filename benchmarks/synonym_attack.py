@@ -51,9 +51,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.texts < 1 or args.chunk < 1:
         parser.error(f"--texts and --chunk must be >= 1, got {args.texts} and {args.chunk}")
 
-    from advfunc.app.common import checkpoint
     from advfunc.app.common.data import Labels, fixed_split, rotten_tomatoes
-    from advfunc.hf.loading import load_classifier
+    from advfunc.hf.loading import load_classifier, packaged_minilm
     from advfunc.words import synonym_attack
     from advfunc.words.victim import SentenceEncoder, Victim
     from advfunc.words.wordnet import WordNet
@@ -64,7 +63,7 @@ def main(argv: list[str] | None = None) -> int:
     test = fixed_split(rotten_tomatoes())["test"].head(args.texts)
     texts, labels = list(test.texts), Labels(loaded.labels).encode(test)
     victim = Victim(loaded.model, loaded.tokenizer, max_length=64)
-    encode = SentenceEncoder(str(checkpoint.default_model_dir()), max_length=64)
+    encode = SentenceEncoder(str(packaged_minilm()), max_length=64)
     wordnet = WordNet()
     same = synonym_attack.SynonymAttackConfig(
         search="textfooler", order="delete", part_of_speech="usual", whole_words=False

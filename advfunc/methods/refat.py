@@ -174,13 +174,16 @@ class _Ablation:
 
 
 def _prompt_set(perturbed: PerturbedModel, prompts: Mapping[str, torch.Tensor], which: str) -> dict[str, Any]:
-    """The model's kwargs for one prompt set, checked now: ``input_ids`` [N, L], an optional mask, no labels."""
+    """The model's kwargs for one prompt set, checked now: ``input_ids`` [N, L], an optional mask, no labels; moved
+    once to the model's device (a Trainer places the model after the prompts were built)."""
     if not isinstance(prompts, Mapping):
         raise TypeError(
             f"{which} must be a mapping with the prompts' input_ids [N, L] (and attention_mask), "
             f"got {type(prompts).__name__}"
         )
-    return perturbed.check_batch({k: v for k, v in prompts.items() if k != "labels"}, needs_loss=False)
+    device = next(perturbed.model.parameters()).device
+    kwargs = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in prompts.items() if k != "labels"}
+    return perturbed.check_batch(kwargs, needs_loss=False)
 
 
 def _unit(direction: Mapping[str, torch.Tensor], names: Sequence[str], device: torch.device) -> Direction:

@@ -538,11 +538,13 @@ def attack_texts(
     config: SynonymAttackConfig,
     gradient_importance: GradientImportance | None = None,
     seen_ids: SeenIds | None = None,
+    finished: Callable[[AttackResult], object] | None = None,
 ) -> list[AttackResult]:
     """:func:`attack_text` for each (text, label), ``config.texts_per_batch`` texts at a time.
 
     ``seen_ids``: the classifier's token ids of each text after its truncation, so that
     only the words it reads are attacked and counted; None: it reads every word.
+    ``finished``: called with each result as its batch ends (a progress bar).
 
     The texts of a batch advance together: every round, the classification requests of all
     of them go to one ``classify`` call and the encoding requests to one ``encode`` call,
@@ -564,14 +566,17 @@ def attack_texts(
         batch = range(start, min(start + config.texts_per_batch, len(texts)))
         began = time.perf_counter()
         states = [_Text(texts[k], operator.index(labels[k]), wordnet, config, seen_ids) for k in batch]
-        finished = _run_together(
+        ended = _run_together(
             [_pwws(state) if config.search == "pwws" else _textfooler(state, gradient_importance) for state in states],
             classify,
             encode,
             config.batch_size,
         )
         share = (time.perf_counter() - began) / len(batch)
-        results.extend(dataclasses.replace(r, seconds=share) for r in finished)
+        for result in ended:
+            results.append(dataclasses.replace(result, seconds=share))
+            if finished is not None:
+                finished(results[-1])
     return results
 
 

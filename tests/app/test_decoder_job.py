@@ -11,10 +11,10 @@ from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
 
 from advfunc.app.cli import main
-from advfunc.app.common.robustness import pgd_logits
 from advfunc.app.decoder import job as decoder_job
 from advfunc.app.decoder.data import Answers, batch, prompts
 from advfunc.app.decoder.evaluate import answer_positions, correct, robust_accuracy
+from advfunc.attacks.robustness import pgd_logits
 from advfunc.core.params import params_of
 from advfunc.hf import AdversarialTrainer
 from advfunc.hf.loading import load_causal_lm

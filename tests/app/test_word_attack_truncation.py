@@ -39,7 +39,7 @@ def test_the_command_line_attack_passes_what_the_victim_reads(tmp_path, monkeypa
     real = word_attacks.attack_texts
 
     def recorded(*args):
-        passed.append(args[-1])
+        passed.append(args[7])  # seen_ids
         return real(*args)
 
     monkeypatch.setattr(word_attacks, "attack_texts", recorded)

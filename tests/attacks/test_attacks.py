@@ -10,10 +10,10 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from advfunc.app.classify.evaluate import accuracy, hotflip_flips, robust_accuracy
+from advfunc.app.classify.evaluate import correct, hotflip_flips, robust_accuracy
 from advfunc.app.classify.train import TrainConfig, train
 from advfunc.app.common.data import Labels, TextDataset, encode
-from advfunc.app.common.robustness import pgd_logits
+from advfunc.attacks.robustness import pgd_logits
 from advfunc.core.model import PerturbedModel
 from advfunc.core.params import params_of
 from advfunc.hf.loading import load_classifier
@@ -22,6 +22,10 @@ from tests.support.purity import assert_step_is_pure
 from tests.support.tiny_task import VOCAB, save_tiny_model, sentences
 
 RADII = (0.05, 0.1, 0.2, 0.5, 1.0, 2.0)
+
+
+def accuracy_of(model, data):
+    return float(correct(model, data).float().mean())
 
 
 def _dataset(rows: list[tuple[str, str]]) -> TextDataset:
@@ -43,7 +47,7 @@ def trained(tmp_path_factory):
 
 def test_embedding_attack_lowers_accuracy_monotonically(trained):
     model, _, test = trained
-    clean = accuracy(model, test)
+    clean = accuracy_of(model, test)
     assert clean >= 0.85, "the fixture model should have learned the task"
     subset_clean, robust = robust_accuracy(model, test, RADII, steps=5)
     assert subset_clean == clean
@@ -121,7 +125,7 @@ def test_hotflip_changes_at_most_budget_whole_words(trained):
 
     flipped = hotflip_flips(model, tokenizer, test, budget=3, neighbours=5)  # words changed before each broke
     values = [float((flipped > b).float().mean()) for b in range(4)]
-    assert values[0] == accuracy(model, test)
+    assert values[0] == accuracy_of(model, test)
     assert all(a >= b for a, b in itertools.pairwise(values)), values
 
 
@@ -130,7 +134,7 @@ def test_evaluation_runs_where_the_model_is_and_agrees_with_the_cpu(trained):
     """On a GPU the batches are built on the model's device; the counts match the CPU's."""
     model, tokenizer, test = trained
     on_gpu = copy.deepcopy(model).cuda()
-    assert accuracy(on_gpu, test) == accuracy(model, test)
+    assert accuracy_of(on_gpu, test) == accuracy_of(model, test)
     (clean_gpu, robust_gpu), (clean_cpu, robust_cpu) = (
         robust_accuracy(m, test, (0.1, 1.0), steps=5) for m in (on_gpu, model)
     )

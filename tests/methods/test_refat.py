@@ -242,6 +242,17 @@ def test_a_batch_without_the_harmful_flag_is_refused():
         step(params, _batch(), {"model.layers.1": state["direction"][LAYER]})
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device: prompt sets built on the CPU")
+def test_prompt_sets_built_on_the_cpu_follow_a_model_on_the_gpu():
+    on_cpu = advfunc.refat(tiny_decoder("llama"), layers=LAYER, harmful=HARMFUL, harmless=HARMLESS)
+    model = tiny_decoder("llama").cuda()
+    on_gpu = advfunc.refat(model, layers=LAYER, harmful=HARMFUL, harmless=HARMLESS)
+    direction = on_gpu.init(advfunc.params_of(model))["direction"][LAYER]
+    reference = on_cpu.init(advfunc.params_of(tiny_decoder("llama")))["direction"][LAYER]
+    assert direction.device.type == "cuda"
+    torch.testing.assert_close(direction.cpu(), reference, rtol=1e-4, atol=1e-5)
+
+
 def test_refat_is_registered_and_built_from_a_spec_with_its_prompt_sets():
     assert METHODS["refat"].batch_keys == (advfunc.HARMFUL,)
     model = tiny_decoder("llama")

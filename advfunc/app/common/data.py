@@ -275,12 +275,6 @@ class Labels:
         numeric = all(label.removeprefix("-").isdecimal() for label in found)  # as canonical_label writes them
         return cls(tuple(sorted(found, key=int if numeric else str)))
 
-    @classmethod
-    def from_config(cls, config: Any) -> Labels:
-        """The labels a trained model's config names (``id2label``)."""
-        id2label = getattr(config, "id2label", None) or {}
-        return cls(tuple(str(id2label[i]) for i in sorted(id2label, key=int)))
-
     def encode(self, dataset: TextDataset, known: str = "") -> list[int]:
         """Label ids of ``dataset``; ``DataError`` naming the first unknown label and ``known`` (the model's labels)."""
         index = {name: i for i, name in enumerate(self.names)}

@@ -17,8 +17,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from advfunc.app.common import atomic, report
+from advfunc.app.common import report
 from advfunc.app.common.flags import COUNT, NATURAL
+from advfunc.hf import atomic
 from advfunc.methods.registry import MethodSpec
 
 log = logging.getLogger("advfunc")

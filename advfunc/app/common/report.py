@@ -1,6 +1,6 @@
 """The report of a comparison, either job's: ``results.json``, ``results.md`` (mean ± std over seeds) and a plot.
 
-Every file is written atomically (:mod:`advfunc.app.common.atomic`); the run grid
+Every file is written atomically (:mod:`advfunc.hf.atomic`); the run grid
 rewrites the report after each finished run (:mod:`advfunc.app.common.grid`).
 """
 
@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-from advfunc.app.common import atomic
+from advfunc.hf import atomic
 
 RESULTS_JSON = "results.json"
 RESULTS_MD = "results.md"
@@ -376,13 +376,9 @@ def training_summary(losses: Sequence[float], steps: int, seconds: float, **extr
     }
 
 
-def majority_accuracy(labels: Sequence[Any]) -> float:
-    """The accuracy of always answering the most frequent of ``labels``."""
-    return max(labels.count(label) for label in set(labels)) / len(labels)
-
-
 def splits(train: int, whole_train: int, test_labels: Sequence[Any], whole_test: int) -> dict[str, Any]:
-    """The report's sizes sentence and the majority-class accuracy of the test labels."""
+    """The report's sizes sentence and the majority-class accuracy of the test labels (always answering the most
+    frequent one)."""
     test = len(test_labels)
     sizes = f"Train {train} of {whole_train} training examples, test {test} of {whole_test}."
-    return {"sizes": sizes, "majority_accuracy": majority_accuracy(test_labels)}
+    return {"sizes": sizes, "majority_accuracy": max(map(list(test_labels).count, set(test_labels))) / test}

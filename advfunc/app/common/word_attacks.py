@@ -10,10 +10,9 @@ from typing import Any
 
 import torch
 
-from advfunc.app.common.checkpoint import DEFAULT_MODEL_INSTALL, default_model_dir
 from advfunc.app.common.flags import add_fields, build
 from advfunc.app.common.progress import Progress
-from advfunc.hf.loading import ModelError, check_model_dir
+from advfunc.hf.loading import MINILM_INSTALL, ModelError, check_model_dir, packaged_minilm
 from advfunc.words.augment import A2T_ATTACK, A2TConfig
 from advfunc.words.synonym_attack import (
     AttackSummary,
@@ -52,19 +51,11 @@ def synonym_attack(
     (:meth:`~TruncatingClassifier.seen_ids`) are attacked and counted. The similarity constraint embeds texts
     with ``encoder`` (a folder; all-MiniLM-L6-v2, mean-pooled, when None) on ``device``."""
     config.check()
-    folder = encoder if encoder is not None else default_model_dir()
+    folder = encoder if encoder is not None else packaged_minilm()
     encode = shared_sentence_encoder(str(folder), max_length, device)
-    results = []
-    chunk = config.texts_per_batch  # the texts attack_texts advances together; progress moves chunk by chunk
     with Progress(len(texts), "attack synonyms", progress) as bar:
-        for start in range(0, len(texts), chunk):
-            part = slice(start, start + chunk)
-            found = attack_texts(
-                texts[part], labels[part], classify, encode, shared_wordnet(), config, importance, classify.seen_ids
-            )
-            results += found
-            for _ in found:
-                bar.update()
+        wordnet, seen, advance = shared_wordnet(), classify.seen_ids, lambda _: bar.update()
+        results = attack_texts(texts, labels, classify, encode, wordnet, config, importance, seen, advance)
     return AttackSummary.of(results), [result.status == "failed" for result in results]
 
 
@@ -156,11 +147,11 @@ def require_synonym_resources(
         return
     if encoder is None:
         try:
-            folder = default_model_dir()
+            folder = packaged_minilm()
         except ModelError:
             other = f"or pass {encoder_flag} DIR, " if encoder_flag else ""
             raise ModelError(
-                f"the similarity bound's sentence encoder, all-MiniLM-L6-v2, needs `{DEFAULT_MODEL_INSTALL}` "
+                f"the similarity bound's sentence encoder, all-MiniLM-L6-v2, needs `{MINILM_INSTALL}` "
                 f"({other}{way_out})"
             ) from None
         return check_model_dir(folder)

@@ -12,8 +12,8 @@ from torch import nn
 
 import advfunc
 from advfunc.app.common.data import Encoded
-from advfunc.app.common.robustness import EvalMode, chunks, pgd_logits, survivors_over_radii
 from advfunc.app.decoder.data import Answers, batch, prompts
+from advfunc.attacks.robustness import EvalMode, chunks, pgd_logits, survivors_over_radii
 
 
 def answer_positions(labels: torch.Tensor) -> torch.Tensor:

@@ -33,7 +33,6 @@ from advfunc.app.common.data import (
 )
 from advfunc.app.common.flags import COUNT, add_fields, build, option
 from advfunc.app.common.grid import RunGrid, add_grid_flags
-from advfunc.app.common.robustness import worst_case
 from advfunc.app.common.word_attacks import (
     add_synonym_flags,
     describe_synonym_attack,
@@ -44,6 +43,7 @@ from advfunc.app.common.word_attacks import (
 from advfunc.app.decoder import refusal, smollm2
 from advfunc.app.decoder.data import ROTTEN_TOMATOES_ANSWERS, Answers, batch, prompts
 from advfunc.app.decoder.evaluate import DecoderVictim, correct, robust_accuracy
+from advfunc.attacks.robustness import worst_case
 from advfunc.core.completion import ADV_LABELS
 from advfunc.hf.loading import ModelError, load_causal_lm, read_tokenizer, require_causal_lm
 from advfunc.methods import registry
@@ -164,12 +164,6 @@ def adapted(model: Any, rank: int) -> Any:
     return get_peft_model(model, lora)
 
 
-def on_device(prompt_sets: Mapping[str, Mapping[str, torch.Tensor]], model: Any) -> dict[str, Any]:
-    """``prompt_sets`` on the device of ``model``, where the trainer put it."""
-    device = next(model.parameters()).device
-    return {name: {k: v.to(device) for k, v in tensors.items()} for name, tensors in prompt_sets.items()}
-
-
 def fine_tune(
     folder: Path,
     collate: Callable[[list[int]], dict[str, torch.Tensor]],
@@ -178,7 +172,7 @@ def fine_tune(
     seed: int,
     settings: Settings,
     progress: bool,
-    prompt_sets: Mapping[str, Mapping[str, torch.Tensor]] | None = None,
+    prompt_sets: Mapping[str, Any] | None = None,  # {name: {input_ids, attention_mask}}
 ) -> tuple[Any, dict[str, Any]]:
     """(PEFT model, training summary): fresh LoRA adapters on the model in ``folder`` trained with ``method`` on
     examples ``0..size-1``; ``collate(indices)`` gives every key a method may read, each method keeps its own."""
@@ -200,7 +194,7 @@ def fine_tune(
         trainer = AdversarialTrainer(  # example i is its index: the collator builds the batch
             model, args, data_collator=lambda indices: {k: v for k, v in collate(indices).items() if k not in unread},
             train_dataset=list(range(size)),
-            step_factory=lambda base: registry.build_step(spec, base, seed, **on_device(prompt_sets or {}, base)),
+            step_factory=lambda base: registry.build_step(spec, base, seed, **(prompt_sets or {})),
         )  # fmt: skip
         started = time.perf_counter()
         if not progress:

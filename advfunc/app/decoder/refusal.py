@@ -13,7 +13,7 @@ import torch
 
 from advfunc.app.common.data import pad_id
 from advfunc.app.common.flags import COUNT, POSITIVE, option
-from advfunc.app.common.robustness import EvalMode
+from advfunc.attacks.robustness import EvalMode
 from advfunc.hf import refusal_task
 from advfunc.hf.refusal_task import FORBIDDEN_ROOTS, REFUSAL, Concept
 

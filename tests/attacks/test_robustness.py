@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from advfunc.app.common.robustness import chunks, survivors_over_radii, worst_case
+from advfunc.attacks.robustness import chunks, survivors_over_radii, worst_case
 
 
 def test_survivors_match_a_direct_count_and_only_standing_examples_are_attacked():
