@@ -70,10 +70,10 @@ SYNONYM_FLAGS = {
 }
 
 
-def add_synonym_flags(group: Any, defaults: dict[str, Any] | None = None) -> None:
+def add_synonym_flags(group: Any) -> None:
     """``--no-synonym`` and a flag for each field of :class:`SynonymAttackConfig`."""
     group.add_argument("--no-synonym", action="store_true", help="skip the WordNet synonym-substitution attack")
-    add_fields(group, SynonymAttackConfig, prefix="synonym_", names=SYNONYM_FLAGS, defaults=defaults)
+    add_fields(group, SynonymAttackConfig, prefix="synonym_", names=SYNONYM_FLAGS)
 
 
 def synonym_config(args: Any) -> SynonymAttackConfig | None:

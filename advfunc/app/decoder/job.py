@@ -129,7 +129,7 @@ def add_commands(subparsers: Any) -> None:
     attack = p.add_argument_group("attacks")
     add_fields(attack, AttackConfig, only=(*ATTACK_DEFAULTS, "encoder"), defaults=ATTACK_DEFAULTS)
     add_fields(attack, Settings, only=("synonym_examples",))
-    add_synonym_flags(attack, defaults={"query_budget": 40, "max_candidates": 10})
+    add_synonym_flags(attack)
     sentiment_only = {k: v for k, v in vars(p.parse_args([])).items() if k not in before and k not in SHARED_TASK_FLAGS}
     add_fields(p.add_argument_group("refusal task (--task refusal)"), refusal.RefusalSettings)
     p.set_defaults(handler=run_decoder, sentiment_only=sentiment_only)
