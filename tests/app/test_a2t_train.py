@@ -51,6 +51,7 @@ def test_the_training_summary_carries_the_cost(tmp_path):
     assert 0 <= cost["succeeded"] <= 8 and cost["queries"] >= 8 and cost["seconds"] > 0
 
 
+@pytest.mark.slow
 def test_compare_runs_a_method_with_and_without_a2t_side_by_side(tmp_path):
     model = save_tiny_model(tmp_path / "model")
     rows = write_csv(tmp_path / "all.csv", sentences(80, seed=2))

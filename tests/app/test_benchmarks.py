@@ -103,6 +103,7 @@ def test_bucketing_pads_to_the_next_multiple():
     assert (padded["labels"] == batch["labels"]).all()
 
 
+@pytest.mark.slow
 def test_decoder_with_lora_runs_every_decoder_method_per_method(tmp_path):
     args = ["--model", "tiny-decoder", "--vocab", "120", "--batch-length", "2x8", "--threads", "1", *ONE_ITERATION]
     payload = main([*args, "--per-method", "--no-compile", "--no-memory", "--out", str(tmp_path)])

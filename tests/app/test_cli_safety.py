@@ -179,7 +179,17 @@ def test_a_tokenizer_that_knows_none_of_the_words_is_an_error(tmp_path):
 # ---- points 7 and 13: exact resume for methods that draw noise, leftovers removed ---------------------------------
 
 
-@pytest.mark.parametrize("method", ["vat:epsilon=0.5", "freelb:init_mag=0.1,steps=2", "r3f:sigma=0.01", "smart"])
+# SMART's run stays in the fast loop; the others, each drawing its noise its own way, run in the full suite.
+@pytest.mark.parametrize(
+    "method",
+    [
+        *(
+            pytest.param(m, marks=pytest.mark.slow)
+            for m in ("vat:epsilon=0.5", "freelb:init_mag=0.1,steps=2", "r3f:sigma=0.01")
+        ),
+        "smart",
+    ],
+)
 def test_resume_is_bitwise_exact_for_methods_that_draw_noise(task, tmp_path, method):
     whole, part = tmp_path / "whole", tmp_path / "part"
     assert main(_train_args(task, whole, "--method", method)) == 0

@@ -149,6 +149,7 @@ def test_run_files_of_the_earlier_reports_are_read_in_the_shared_form(tmp_path):
     assert "answer_accuracy" not in decoder["eval"] and "time_per_step" not in classifier["train"]
 
 
+@pytest.mark.slow
 def test_compare_stops_after_n_runs_and_reports_the_worst_case(task, tmp_path, capsys):
     out = tmp_path / "report"
     args = [*QUIET, "compare", "--model", str(task / "model"), "--data", str(task / "all.csv"), "--output", str(out)]

@@ -51,6 +51,7 @@ def test_the_sweep_picks_its_most_robust_candidate_on_validation_and_resumes_run
     assert "validation" not in compared["info"]["data"]  # the comparison itself is attacked on test
 
 
+@pytest.mark.slow
 def test_the_sweep_takes_the_candidate_its_robustness_ranks_first_not_the_first_listed(task, tmp_path, monkeypatch):
     from advfunc.app.classify import commands
 

@@ -374,5 +374,7 @@ def distance_to_hull(point: torch.Tensor, vertices: torch.Tensor, iterations: in
         u = y.sort(descending=True).values
         css = u.cumsum(0) - 1
         k = int((u > css / torch.arange(1, len(u) + 1)).sum())
-        w = (y - css[k - 1] / k).clamp_min(0)
+        w, previous = (y - css[k - 1] / k).clamp_min(0), w
+        if float((w - previous).abs().max()) < 1e-15:  # a fixed point of the projected step: the minimum
+            break
     return float((w @ v - p).norm())
