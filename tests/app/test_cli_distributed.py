@@ -1,6 +1,6 @@
 """``advfunc`` on two gloo processes under torchrun: one checkpoint folder, written once, resumed exactly; compare.
 
-The ranks run tests/cli_distributed_worker.py under ``torch.distributed.run`` (tests/torchrun.py).
+The ranks run tests/cli_distributed_worker.py under ``torch.distributed.run`` (tests/support/torchrun.py).
 """
 
 from __future__ import annotations
