@@ -11,7 +11,7 @@ import datetime
 import json
 import logging
 import os
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -23,7 +23,7 @@ import advfunc
 from advfunc.app.classify.evaluate import AttackConfig, EvalResult, correct, evaluate
 from advfunc.app.classify.train import TrainConfig, train, training_arguments
 from advfunc.app.common import checkpoint, data, report
-from advfunc.app.common.flags import COUNT, NATURAL, add_fields, build
+from advfunc.app.common.flags import COUNT, FRACTION, NATURAL, add_fields, build
 from advfunc.app.common.grid import RunGrid, add_grid_flags
 from advfunc.app.common.word_attacks import (
     a2t_config,
@@ -45,6 +45,9 @@ EVALUATION_DEVICE = "cuda" if torch.cuda.is_available() else "cpu"  # the attack
 
 
 _COMPARED = ("none", "fgm:epsilon=0.1,target=embeds", "pgd:alpha=0.04,epsilon=0.1,steps=3,target=embeds", "freelb")
+# The clean accuracy a sweep may trade for robustness: one point, the most a defence may cost in the
+# word-substitution goal it serves.
+SWEEP_CLEAN_DROP = 0.01
 # FreeLB++'s search (Li et al., 2021): more steps and larger balls, per example or per token (docs/main_job.md).
 FREELB_PLUS_PLUS = tuple(
     f"freelb:lr={2 * radius / steps:g},max_norm={radius:g},steps={steps}" + (",per_token=true" if per_token else "")
@@ -118,6 +121,11 @@ def add_commands(commands: Any) -> None:
         "--sweep", nargs="*", metavar="SPEC",
         help="candidates trained with the first seed and attacked on the validation split before the comparison; "
         "the most robust joins --methods (default: the preset's, FreeLB++'s search in --full; --sweep alone: none)",
+    )  # fmt: skip
+    c.add_argument(
+        "--sweep-clean-drop", type=FRACTION, metavar="D",
+        help="the sweep picks among the candidates whose clean accuracy on validation is within D of the most "
+        f"accurate candidate's (default: {SWEEP_CLEAN_DROP:g}, one point)",
     )  # fmt: skip
     data.add_data_flags(c, max_length=64)
     for train_flags in (True, False):
@@ -395,6 +403,16 @@ def robustness(run: Mapping[str, Any]) -> tuple[float, float]:
     return (worst if worst is not None else found["robust"][max(found["robust"], key=float)]), clean
 
 
+def sweep_winner(runs: Sequence[Mapping[str, Any]], clean_drop: float) -> Mapping[str, Any]:
+    """The most robust of the sweep's runs (by :func:`robustness`) among those whose clean accuracy is within
+    ``clean_drop`` of the most accurate run's. A model that learned little leaves an attack little to turn (a
+    constant classifier cannot be flipped at all), so robustness alone would crown the candidate whose training
+    failed: a too-large FreeLB ball can leave the model at the majority class."""
+    best_clean = max(run["eval"]["clean_accuracy"] for run in runs)
+    eligible = [run for run in runs if best_clean - run["eval"]["clean_accuracy"] <= clean_drop + 1e-9]
+    return max(eligible, key=robustness)
+
+
 def _sweep(args: argparse.Namespace, title: str, reporting: bool) -> tuple[registry.MethodSpec | None, int]:
     """(the most robust ``--sweep`` candidate on the validation split, each trained with the first seed and reported
     in ``OUTPUT/sweep``, or None while the sweep is unfinished; the runs this invocation started). Under a
@@ -406,14 +424,17 @@ def _sweep(args: argparse.Namespace, title: str, reporting: bool) -> tuple[regis
     comparison = _Comparison(args, f"{title}, sweep on validation", candidates, evaluation="validation")
     runs = grid.run_reported(lambda spec, seed: comparison.run(spec, seed, reporting), comparison.info(grid), reporting)
     comparison.wait()
-    winner = [max(runs, key=robustness)["method"] if len(runs) == grid.planned else None]
+    winner = [sweep_winner(runs, args.sweep_clean_drop)["method"] if len(runs) == grid.planned else None]
     if grid.started and torch.distributed.is_available() and torch.distributed.is_initialized():
         torch.distributed.broadcast_object_list(winner, src=0)  # the others hold no result of the runs just made
     if winner[0] is None:
         return None, grid.started
     best = next(run for run in runs if run["method"] == winner[0]) if reporting else None
     if best is not None:
-        log.info("sweep: %s is the most robust on validation (%.3f, clean %.3f)", winner[0], *robustness(best))
+        log.info(
+            "sweep: %s is the most robust on validation within %g of the best clean accuracy (%.3f, clean %.3f)",
+            winner[0], args.sweep_clean_drop, *robustness(best),
+        )  # fmt: skip
     return next(spec for spec in candidates if spec.label == winner[0]), grid.started
 
 
@@ -429,6 +450,10 @@ def run_compare(args: argparse.Namespace) -> int:
         if getattr(args, name) in (None, False):  # not given (none of these flags takes a 0)
             setattr(args, name, value)
     args.output = args.output or Path("runs") / f"compare-{title}"
+    if args.sweep_clean_drop is None:
+        args.sweep_clean_drop = SWEEP_CLEAN_DROP
+    elif not args.sweep:
+        raise ValueError(f"--sweep-clean-drop {args.sweep_clean_drop:g}: nothing is swept; add --sweep SPEC ...")
     methods: list[registry.MethodSpec] = [Arm.parse(text, args.a2t_on) for text in args.methods]
     if not any(isinstance(arm, Arm) and arm.a2t for arm in methods):
         refuse_unused_a2t_flags(args)
@@ -442,7 +467,10 @@ def run_compare(args: argparse.Namespace) -> int:
             return 0
         args.stop_after = left
         methods += [chosen] if chosen.identity not in {spec.identity for spec in methods} else []
-        info["sweep"] = f"{chosen.label}, the most robust on validation of {len(args.sweep)} candidates (sweep/)"
+        info["sweep"] = (
+            f"{chosen.label}, the most robust on validation of {len(args.sweep)} candidates within "
+            f"{args.sweep_clean_drop:g} of the best clean accuracy (sweep/)"
+        )
     grid = RunGrid(args.output, methods, args.seeds, comparison.key, args.stop_after)
     grid.run_reported(lambda spec, seed: comparison.run(spec, seed, reporting), comparison.info(grid) | info, reporting)
     comparison.wait()
