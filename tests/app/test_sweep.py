@@ -53,6 +53,13 @@ def test_the_sweep_picks_its_most_robust_candidate_on_validation_and_resumes_run
     assert expected in (folder / "results.md").read_text()
     assert "validation" not in compared["info"]["data"]  # the comparison itself is attacked on test
 
+    # an invocation of seed 1 alone shares the seed-0 sweep: no candidate trains again, and the same winner joins
+    swept_runs = {path.name: path.read_bytes() for path in (folder / "sweep" / "runs").iterdir()}
+    assert _compare(task, folder, "--seeds", "1", "--sweep", *CANDIDATES, "--sweep-seed", "0") == 0
+    assert {path.name: path.read_bytes() for path in (folder / "sweep" / "runs").iterdir()} == swept_runs
+    seed_one = json.loads((folder / "results.json").read_text())
+    assert {run["seed"] for run in seed_one["runs"]} == {1} and set(seed_one["summary"]) == {"none", winner}
+
 
 @pytest.mark.slow
 def test_the_sweep_takes_the_candidate_its_robustness_ranks_first_not_the_first_listed(task, tmp_path, monkeypatch):
@@ -94,10 +101,11 @@ def test_the_sweep_passes_over_a_candidate_that_trained_into_the_majority_class(
     assert sweep_winner(tied, 0.01)["method"] == "b"  # equal robustness: the more accurate
 
 
-def test_a_sweep_clean_drop_without_a_sweep_is_refused_before_any_training(task, tmp_path, capsys):
+@pytest.mark.parametrize("flag, value", [("--sweep-clean-drop", "0.02"), ("--sweep-seed", "3")])
+def test_a_sweep_setting_without_a_sweep_is_refused_before_any_training(task, tmp_path, capsys, flag, value):
     folder = tmp_path / "report"
-    assert _compare(task, folder, "--sweep-clean-drop", "0.02") == 2
-    assert "--sweep-clean-drop 0.02: nothing is swept; add --sweep SPEC" in capsys.readouterr().err
+    assert _compare(task, folder, flag, value) == 2
+    assert f"{flag} {value}: nothing is swept; add --sweep SPEC" in capsys.readouterr().err
     assert not folder.exists()
 
 

@@ -119,8 +119,13 @@ def add_commands(commands: Any) -> None:
     add_grid_flags(c, methods=None, seeds=None, output=None)  # None: the preset's (runs/compare-PRESET)
     c.add_argument(
         "--sweep", nargs="*", metavar="SPEC",
-        help="candidates trained with the first seed and attacked on the validation split before the comparison; "
+        help="candidates trained with --sweep-seed and attacked on the validation split before the comparison; "
         "the most robust joins --methods (default: the preset's, FreeLB++'s search in --full; --sweep alone: none)",
+    )  # fmt: skip
+    c.add_argument(
+        "--sweep-seed", type=NATURAL, metavar="S",
+        help="the seed the sweep's candidates train with (default: the first of --seeds), so that one invocation "
+        "per seed shares one sweep",
     )  # fmt: skip
     c.add_argument(
         "--sweep-clean-drop", type=FRACTION, metavar="D",
@@ -414,12 +419,12 @@ def sweep_winner(runs: Sequence[Mapping[str, Any]], clean_drop: float) -> Mappin
 
 
 def _sweep(args: argparse.Namespace, title: str, reporting: bool) -> tuple[registry.MethodSpec | None, int]:
-    """(the most robust ``--sweep`` candidate on the validation split, each trained with the first seed and reported
+    """(the most robust ``--sweep`` candidate on the validation split, each trained with ``--sweep-seed`` and reported
     in ``OUTPUT/sweep``, or None while the sweep is unfinished; the runs this invocation started). Under a
     launcher the reporting process, the one that attacked this invocation's runs, names the winner to the others."""
     candidates: list[registry.MethodSpec] = [Arm.parse(text, args.a2t_on) for text in args.sweep]
     comparison: _Comparison
-    output, seeds = args.output / "sweep", args.seeds[:1]
+    output, seeds = args.output / "sweep", [args.seeds[0] if args.sweep_seed is None else args.sweep_seed]
     grid = RunGrid(output, candidates, seeds, lambda spec, seed: comparison.key(spec, seed), args.stop_after)
     comparison = _Comparison(args, f"{title}, sweep on validation", candidates, evaluation="validation")
     runs = grid.run_reported(lambda spec, seed: comparison.run(spec, seed, reporting), comparison.info(grid), reporting)
@@ -454,6 +459,8 @@ def run_compare(args: argparse.Namespace) -> int:
         args.sweep_clean_drop = SWEEP_CLEAN_DROP
     elif not args.sweep:
         raise ValueError(f"--sweep-clean-drop {args.sweep_clean_drop:g}: nothing is swept; add --sweep SPEC ...")
+    if args.sweep_seed is not None and not args.sweep:
+        raise ValueError(f"--sweep-seed {args.sweep_seed}: nothing is swept; add --sweep SPEC ...")
     methods: list[registry.MethodSpec] = [Arm.parse(text, args.a2t_on) for text in args.methods]
     if not any(isinstance(arm, Arm) and arm.a2t for arm in methods):
         refuse_unused_a2t_flags(args)
